@@ -1,0 +1,1 @@
+//! The decode worker. Its service arrives with the disaggregated serving work; see README.md.

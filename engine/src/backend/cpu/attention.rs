@@ -1,0 +1,120 @@
+//! Causal grouped-query attention over the paged KV store.
+//!
+//! Each query row of a sequence at position `p` attends to positions `0..=p` of that sequence, read through its
+//! block table (vLLM's PagedAttention). Work is split into tasks of (sequence, KV head, tile of up to
+//! [`ROWS_PER_TASK`] query rows); a task gathers its KV head's keys and values once into contiguous scratch (from
+//! f32 or f16 blocks), then for each query head of the group computes scores = Q K^T as one SGEMM, applies the causal
+//! mask and a max-subtracted softmax, and writes P V with a second SGEMM. Prefill thus runs at matrix speed, and a
+//! decode row costs one pass over its context.
+
+use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
+use super::pool::SpinPool;
+use std::cell::RefCell;
+
+const ROWS_PER_TASK: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+// SAFETY: each task writes the head slices of its own query rows only; the pointer outlives the parallel region.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+pub fn attention(pool: &SpinPool, q: &CpuTensor, kv: &CpuKvStore, layer: usize, plan: &CpuPlan, out: &mut CpuTensor, heads: usize) {
+    let lay = &kv.layout;
+    let hd = lay.head_dim;
+    let group = heads / lay.kv_heads;
+    out.resize(q.rows, heads * hd);
+    let mut tasks = Vec::new();
+    for (si, s) in plan.layout.seqs.iter().enumerate() {
+        for kvh in 0..lay.kv_heads {
+            for r0 in (0..s.n_rows).step_by(ROWS_PER_TASK) {
+                tasks.push((si, kvh, r0, (r0 + ROWS_PER_TASK).min(s.n_rows)));
+            }
+        }
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let optr = Ptr(out.data.as_mut_ptr());
+    let (kbuf, vbuf) = (&kv.k[layer], &kv.v[layer]);
+    pool.run(tasks.len(), &|t| {
+        let (si, kvh, r0, r1) = tasks[t];
+        let s = &plan.layout.seqs[si];
+        let ctx = s.start_pos + r1;
+        let rows = r1 - r0;
+        SCRATCH.with(|cell| {
+            let sc = &mut *cell.borrow_mut();
+            gather(kbuf, lay, &s.block_table, kvh, ctx, &mut sc.k);
+            gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
+            sc.scores.resize(rows * ctx, 0.0);
+            for h in kvh * group..(kvh + 1) * group {
+                let qp = q.data[(s.first_row + r0) * q.cols + h * hd..].as_ptr();
+                // SAFETY: Q rows r0..r1 of head h are `rows` x hd with row stride q.cols, inside q; K is ctx x hd
+                // contiguous, read transposed; scores is rows x ctx contiguous and exclusively ours.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows, hd, ctx, scale,
+                        qp, q.cols as isize, 1,
+                        sc.k.as_ptr(), 1, hd as isize,
+                        0.0, sc.scores.as_mut_ptr(), ctx as isize, 1,
+                    );
+                }
+                for r in 0..rows {
+                    let visible = s.start_pos + r0 + r + 1;
+                    let row = &mut sc.scores[r * ctx..(r + 1) * ctx];
+                    let max = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut sum = 0.0;
+                    for x in &mut row[..visible] {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    for x in &mut row[..visible] {
+                        *x *= inv;
+                    }
+                    row[visible..].fill(0.0);
+                }
+                // SAFETY: the output rows r0..r1, head h slice, are written by this task only (row stride out.cols).
+                unsafe {
+                    let op = optr.get().add((s.first_row + r0) * heads * hd + h * hd);
+                    matrixmultiply::sgemm(
+                        rows, ctx, hd, 1.0,
+                        sc.scores.as_ptr(), ctx as isize, 1,
+                        sc.v.as_ptr(), hd as isize, 1,
+                        0.0, op, (heads * hd) as isize, 1,
+                    );
+                }
+            }
+        });
+    });
+}
+
+/// Copies positions `0..ctx` of one KV head into `dst` as a contiguous `ctx x head_dim` f32 matrix.
+fn gather(buf: &KvBuf, lay: &crate::kv::KvLayout, table: &[u32], kvh: usize, ctx: usize, dst: &mut Vec<f32>) {
+    let (bs, hd) = (lay.block_size, lay.head_dim);
+    dst.resize(ctx * hd, 0.0);
+    for (bi, &block) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
+        let n = bs.min(ctx - bi * bs);
+        let src = ((block as usize * lay.kv_heads + kvh) * bs) * hd;
+        let d = &mut dst[bi * bs * hd..(bi * bs + n) * hd];
+        match buf {
+            KvBuf::F32(v) => d.copy_from_slice(&v[src..src + n * hd]),
+            KvBuf::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[src..src + n * hd], d),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `out = x @ W^T` with W in its stored format, the bulk of every forward step.
+//!
+//! Two regimes (the split llama.cpp and every CPU engine make):
+//! - few rows (decode, up to [`INT_PATH_MAX_ROWS`]): activations are quantized to 8-bit blocks once and each
+//!   weight row is read once from memory and dotted, in integer SIMD, with every activation row. Bound by weight
+//!   bytes, which is the floor for decode.
+//! - many rows (prefill chunks): tiles of W are expanded to f32 in a per-thread scratch buffer and multiplied with
+//!   `matrixmultiply`'s packed SGEMM. Bound by FLOPs; the expansion is amortized over every row of the chunk.
+//!
+//! Work is split over output columns (weight rows) across the backend's [`SpinPool`]; tasks write disjoint column ranges of the
+//! output.
+
+use super::{CpuMatrix, CpuTensor};
+use crate::quant::dequant::dequantize_row;
+use crate::quant::dot::{dot_rows, has_kernel};
+use crate::quant::actq::{ActBlock, quantize_activations};
+use super::pool::SpinPool;
+use std::cell::RefCell;
+
+/// Above this many rows, dequantize + SGEMM beats the integer kernel.
+pub const INT_PATH_MAX_ROWS: usize = 16;
+
+/// Weight rows per SGEMM tile: 64 rows x 1536 cols of f32 is 384 KiB, about an L2.
+const GEMM_TILE_ROWS: usize = 64;
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output; the pointer outlives the parallel region.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+pub fn matmul(pool: &SpinPool, x: &CpuTensor, pairs: &mut [(&CpuMatrix, &mut CpuTensor)], use_simd: bool) {
+    let m = x.rows;
+    for (w, out) in pairs.iter_mut() {
+        assert_eq!(w.cols, x.cols, "matmul: x has {} cols, weight {}", x.cols, w.cols);
+        out.resize(m, w.rows);
+    }
+    if m == 0 {
+        return;
+    }
+    let int_path = m <= INT_PATH_MAX_ROWS && pairs.iter().all(|(w, _)| has_kernel(w.ty));
+    let xq = int_path.then(|| {
+        let bpr = x.cols / 32;
+        let mut q = vec![ActBlock::default(); m * bpr];
+        for r in 0..m {
+            quantize_activations(x.row(r), &mut q[r * bpr..(r + 1) * bpr]);
+        }
+        q
+    });
+    // One task list over all pairs, so that q/k/v (or gate/up) share one parallel region.
+    let threads = pool.threads();
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    for (pi, (w, _)) in pairs.iter().enumerate() {
+        let chunk = if int_path {
+            // Enough tasks to balance, big enough to amortize scheduling (a row is ~0.5 KiB of weights).
+            (w.rows / (threads * 4)).clamp(16, 512)
+        } else {
+            GEMM_TILE_ROWS
+        };
+        let mut r0 = 0;
+        while r0 < w.rows {
+            let r1 = (r0 + chunk).min(w.rows);
+            tasks.push((pi, r0, r1));
+            r0 = r1;
+        }
+    }
+    let outs: Vec<(OutPtr, usize)> = pairs.iter_mut().map(|(w, o)| (OutPtr(o.data.as_mut_ptr()), w.rows)).collect();
+    let weights: Vec<&CpuMatrix> = pairs.iter().map(|(w, _)| *w).collect();
+    pool.run(tasks.len(), &|t| {
+        let (pi, r0, r1) = tasks[t];
+        let w = weights[pi];
+        let (out, n) = outs[pi];
+        match &xq {
+            Some(xq) => int_rows(w, xq, m, r0, r1, out, n, use_simd),
+            None => gemm_rows(w, x, r0, r1, out, n),
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)] // a leaf kernel; bundling these would only add indirection
+fn int_rows(w: &CpuMatrix, xq: &[ActBlock], m: usize, r0: usize, r1: usize, out: OutPtr, n: usize, simd: bool) {
+    let bpr = w.cols / 32;
+    let row_bytes = w.row_bytes();
+    let bytes = w.bytes();
+    let xrows: Vec<&[ActBlock]> = (0..m).map(|r| &xq[r * bpr..(r + 1) * bpr]).collect();
+    let mut res = [0f32; 4];
+    for wr in r0..r1 {
+        let wrow = &bytes[wr * row_bytes..(wr + 1) * row_bytes];
+        for g in (0..m).step_by(4) {
+            let ge = (g + 4).min(m);
+            dot_rows(w.ty, wrow, &xrows[g..ge], &mut res[..ge - g], simd);
+            for (i, v) in res[..ge - g].iter().enumerate() {
+                // SAFETY: (g + i) < m rows and wr < n columns of an m x n output; column wr belongs to this task only.
+                unsafe { *out.0.add((g + i) * n + wr) = *v };
+            }
+        }
+    }
+}
+
+fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: OutPtr, n: usize) {
+    let k = w.cols;
+    let tile = r1 - r0;
+    let row_bytes = w.row_bytes();
+    let bytes = w.bytes();
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        s.resize(tile * k, 0.0);
+        for (i, wr) in (r0..r1).enumerate() {
+            dequantize_row(w.ty, &bytes[wr * row_bytes..(wr + 1) * row_bytes], &mut s[i * k..(i + 1) * k]);
+        }
+        // SAFETY: x is m x k row-major; the tile is `tile` x k row-major, read as its transpose (k x tile) through
+        // strides; the output block is columns r0..r1 of every row of the m x n output, owned by this task.
+        unsafe {
+            matrixmultiply::sgemm(
+                x.rows,
+                k,
+                tile,
+                1.0,
+                x.data.as_ptr(),
+                k as isize,
+                1,
+                s.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                out.0.add(r0),
+                n as isize,
+                1,
+            );
+        }
+    });
+}

@@ -1,0 +1,278 @@
+//! The CPU backend: quantized weights used in place from the model map, f32 activations, a paged KV store in host
+//! memory, and its own spinning thread pool (`pool`).
+//!
+//! Matrices are zero-copy views of the memory-mapped model file, so resident memory is the file plus the KV
+//! store plus activations. Kernels live in `matmul` (quantized GEMV / dequantize+SGEMM), `attention` (paged,
+//! grouped-query) and `simd` (run-time dispatched vector loops).
+
+mod attention;
+mod matmul;
+pub mod pool;
+pub mod simd;
+
+use super::{Backend, BatchLayout};
+use crate::error::{EngineError, Result};
+use crate::gguf::SharedBytes;
+use crate::kv::{KvFormat, KvLayout};
+use crate::model::config::{RopeConfig, RopeLayout};
+use crate::model::source::WeightView;
+use crate::quant::GgmlType;
+use crate::quant::dequant::dequantize_row;
+use half::f16;
+
+/// A weight matrix as stored in the model file, borrowed from its map.
+pub struct CpuMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    shared: SharedBytes,
+    offset: usize,
+    len: usize,
+}
+
+impl CpuMatrix {
+    fn bytes(&self) -> &[u8] {
+        &(*self.shared).as_ref()[self.offset..self.offset + self.len]
+    }
+    fn row_bytes(&self) -> usize {
+        self.len / self.rows
+    }
+}
+
+/// Row-major f32 activations. Buffers are reused across steps; `resize` only grows the allocation.
+#[derive(Debug, Clone, Default)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    pub fn resize(&mut self, rows: usize, cols: usize) {
+        self.rows = rows;
+        self.cols = cols;
+        self.data.resize(rows * cols, 0.0);
+    }
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+    pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// One layer's K or V for every block, in the cache's element format.
+pub enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+pub struct CpuKvStore {
+    pub layout: KvLayout,
+    k: Vec<KvBuf>,
+    v: Vec<KvBuf>,
+}
+
+/// A batch layout plus the RoPE angles of its tokens, computed once per step.
+pub struct CpuPlan {
+    pub layout: BatchLayout,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half_dim: usize,
+    rope_layout: RopeLayout,
+}
+
+/// The CPU backend: run-time chosen kernels and its own compute threads.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    use_simd: bool,
+    pool: std::sync::Arc<pool::SpinPool>,
+}
+
+impl CpuBackend {
+    /// A backend computing on `threads` threads (the calling thread included).
+    pub fn new(threads: usize) -> Self {
+        Self { use_simd: simd::has_avx2(), pool: std::sync::Arc::new(pool::SpinPool::new(threads)) }
+    }
+    /// As many threads as the machine has cores.
+    pub fn with_all_cores() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+    /// A backend that never uses SIMD kernels (for tests comparing the two paths).
+    pub fn portable(threads: usize) -> Self {
+        Self { use_simd: false, ..Self::new(threads) }
+    }
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+    /// Runs `f(i)` for `i in 0..n` on the backend's threads.
+    pub fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.pool.run(n, f)
+    }
+    pub fn simd_name(&self) -> &'static str {
+        if self.use_simd { "avx2+fma" } else { "portable" }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Matrix = CpuMatrix;
+    type Vector = Vec<f32>;
+    type Activations = CpuTensor;
+    type KvStore = CpuKvStore;
+    type Plan = CpuPlan;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn load_matrix(&self, w: &WeightView<'_>) -> Result<CpuMatrix> {
+        if w.cols % 32 != 0 {
+            return Err(EngineError::UnsupportedModel(format!("matrix with {} columns (must be a multiple of 32)", w.cols)));
+        }
+        Ok(CpuMatrix { ty: w.ty, rows: w.rows, cols: w.cols, shared: w.shared.clone(), offset: w.offset, len: w.bytes.len() })
+    }
+
+    fn load_vector(&self, w: &WeightView<'_>) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; w.rows * w.cols];
+        dequantize_row(w.ty, w.bytes, &mut v);
+        Ok(v)
+    }
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKvStore> {
+        let n = layout.num_blocks * layout.block_elems();
+        let make = || match layout.format {
+            KvFormat::F32 => KvBuf::F32(vec![0.0; n]),
+            KvFormat::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+        };
+        Ok(CpuKvStore { layout: *layout, k: (0..layout.layers).map(|_| make()).collect(), v: (0..layout.layers).map(|_| make()).collect() })
+    }
+
+    fn activations(&self, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor { rows, cols, data: vec![0.0; rows * cols] }
+    }
+
+    fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> CpuPlan {
+        let inv = rope.inv_freq(head_dim);
+        let half_dim = head_dim / 2;
+        let mut cos = Vec::with_capacity(layout.positions.len() * half_dim);
+        let mut sin = Vec::with_capacity(layout.positions.len() * half_dim);
+        for &p in &layout.positions {
+            for f in &inv {
+                let (s, c) = (p as f32 * f).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        CpuPlan { layout: layout.clone(), cos, sin, half_dim, rope_layout: rope.layout }
+    }
+
+    fn embed(&self, table: &CpuMatrix, plan: &CpuPlan, out: &mut CpuTensor) {
+        out.resize(plan.layout.tokens.len(), table.cols);
+        let rb = table.row_bytes();
+        for (r, &t) in plan.layout.tokens.iter().enumerate() {
+            let t = t as usize;
+            dequantize_row(table.ty, &table.bytes()[t * rb..(t + 1) * rb], out.row_mut(r));
+        }
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &Vec<f32>, eps: f32, out: &mut CpuTensor) {
+        out.resize(x.rows, x.cols);
+        for r in 0..x.rows {
+            let xr = x.row(r);
+            let ms = simd::dot(xr, xr) / x.cols as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            for ((o, v), g) in out.row_mut(r).iter_mut().zip(xr).zip(w) {
+                *o = v * scale * g;
+            }
+        }
+    }
+
+    fn matmul(&self, x: &CpuTensor, pairs: &mut [(&CpuMatrix, &mut CpuTensor)]) {
+        matmul::matmul(&self.pool, x, pairs, self.use_simd);
+    }
+
+    fn add_bias(&self, x: &mut CpuTensor, b: &Vec<f32>) {
+        for r in 0..x.rows {
+            for (v, bb) in x.row_mut(r).iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+
+    fn rope(&self, x: &mut CpuTensor, heads: usize, plan: &CpuPlan) {
+        let hd = plan.half_dim * 2;
+        for r in 0..x.rows {
+            let cos = &plan.cos[r * plan.half_dim..(r + 1) * plan.half_dim];
+            let sin = &plan.sin[r * plan.half_dim..(r + 1) * plan.half_dim];
+            let row = x.row_mut(r);
+            for h in 0..heads {
+                let v = &mut row[h * hd..(h + 1) * hd];
+                for i in 0..plan.half_dim {
+                    let (a, b) = match plan.rope_layout {
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        RopeLayout::Halves => (i, i + plan.half_dim),
+                    };
+                    let (x0, x1) = (v[a], v[b]);
+                    v[a] = x0 * cos[i] - x1 * sin[i];
+                    v[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
+    }
+
+    fn store_kv(&self, kv: &mut CpuKvStore, layer: usize, k: &CpuTensor, v: &CpuTensor, plan: &CpuPlan) {
+        let lay = kv.layout;
+        let hd = lay.head_dim;
+        for (buf, src) in [(&mut kv.k[layer], k), (&mut kv.v[layer], v)] {
+            for (r, &slot) in plan.layout.slots.iter().enumerate() {
+                let (block, off) = (slot as usize / lay.block_size, slot as usize % lay.block_size);
+                for h in 0..lay.kv_heads {
+                    let dst = ((block * lay.kv_heads + h) * lay.block_size + off) * hd;
+                    let s = &src.row(r)[h * hd..(h + 1) * hd];
+                    match buf {
+                        KvBuf::F32(b) => b[dst..dst + hd].copy_from_slice(s),
+                        KvBuf::F16(b) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut b[dst..dst + hd], s),
+                    }
+                }
+            }
+        }
+    }
+
+    fn attention(&self, q: &CpuTensor, kv: &CpuKvStore, layer: usize, plan: &CpuPlan, out: &mut CpuTensor) {
+        let heads = q.cols / kv.layout.head_dim;
+        attention::attention(&self.pool, q, kv, layer, plan, out, heads);
+    }
+
+    fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
+        for (g, u) in gate.data.iter_mut().zip(&up.data) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+    }
+
+    fn gather_logit_rows(&self, x: &CpuTensor, plan: &CpuPlan, out: &mut CpuTensor) {
+        out.resize(plan.layout.logit_rows.len(), x.cols);
+        for (i, &r) in plan.layout.logit_rows.iter().enumerate() {
+            out.row_mut(i).copy_from_slice(x.row(r));
+        }
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
+        x.data.clone()
+    }
+
+    fn read_kv_block(&self, kv: &CpuKvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>) {
+        let n = kv.layout.block_elems();
+        let at = block as usize * n;
+        let read = |b: &KvBuf| match b {
+            KvBuf::F32(v) => v[at..at + n].to_vec(),
+            KvBuf::F16(v) => v[at..at + n].iter().map(|x| x.to_f32()).collect(),
+        };
+        (read(&kv.k[layer]), read(&kv.v[layer]))
+    }
+}

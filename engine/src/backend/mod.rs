@@ -1,0 +1,85 @@
+//! The seam between model code and hardware.
+//!
+//! The transformer (`model::llama`) is written once against [`Backend`]; a backend owns its memory (weights,
+//! activations, the paged KV store) and its kernels. Everything a forward pass needs per step (positions, the slots
+//! new K/V go to, each sequence's block table) is handed over once as a [`BatchLayout`] and turned into the
+//! backend's own [`Backend::Plan`], so a GPU backend uploads it once per step and never round-trips per token or
+//! per layer. Only the logits of the rows asked for come back to the host.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::kv::KvLayout;
+use crate::model::config::RopeConfig;
+use crate::model::source::WeightView;
+
+/// One sequence's part of a batch.
+#[derive(Debug, Clone)]
+pub struct SeqSlice {
+    /// Rows of the batch (tokens) that belong to this sequence: `first_row..first_row + n_rows`.
+    pub first_row: usize,
+    pub n_rows: usize,
+    /// Position of the first of those tokens; the sequence's context after this step is `start_pos + n_rows`.
+    pub start_pos: usize,
+    /// Physical KV block ids in logical order, covering at least `start_pos + n_rows` tokens.
+    pub block_table: Vec<u32>,
+}
+
+/// What a forward step computes: tokens of several sequences, each attending to its own cached prefix.
+#[derive(Debug, Clone, Default)]
+pub struct BatchLayout {
+    pub tokens: Vec<u32>,
+    /// Absolute position of each token.
+    pub positions: Vec<u32>,
+    /// KV slot (`block * block_size + offset`) each token's K/V is written to.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+    /// Rows whose logits are wanted, in output order.
+    pub logit_rows: Vec<usize>,
+}
+
+/// A backend: memory and kernels for one device.
+pub trait Backend: Send + Sync + 'static {
+    /// A weight matrix in its stored (possibly quantized) format.
+    type Matrix: Send + Sync;
+    /// A small f32 parameter vector (norm weights, biases).
+    type Vector: Send + Sync;
+    /// A `rows x cols` f32 activation buffer.
+    type Activations: Send;
+    /// The paged K/V store for all layers.
+    type KvStore: Send;
+    /// A [`BatchLayout`] prepared for this device.
+    type Plan;
+
+    fn name(&self) -> &'static str;
+    fn load_matrix(&self, w: &WeightView<'_>) -> Result<Self::Matrix>;
+    fn load_vector(&self, w: &WeightView<'_>) -> Result<Self::Vector>;
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::KvStore>;
+    fn activations(&self, rows: usize, cols: usize) -> Self::Activations;
+    fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> Self::Plan;
+
+    /// `out[r] = table[tokens[r]]`.
+    fn embed(&self, table: &Self::Matrix, plan: &Self::Plan, out: &mut Self::Activations);
+    /// `out = x / rms(x) * w`, per row.
+    fn rms_norm(&self, x: &Self::Activations, w: &Self::Vector, eps: f32, out: &mut Self::Activations);
+    /// For each pair, `out = x @ w^T`. Several weights sharing one input run as one parallel region.
+    fn matmul(&self, x: &Self::Activations, pairs: &mut [(&Self::Matrix, &mut Self::Activations)]);
+    /// `x[r] += b` for every row.
+    fn add_bias(&self, x: &mut Self::Activations, b: &Self::Vector);
+    /// Rotates each head of `x` by its token's position.
+    fn rope(&self, x: &mut Self::Activations, heads: usize, plan: &Self::Plan);
+    /// Writes each row's K and V into its slot of `layer`.
+    fn store_kv(&self, kv: &mut Self::KvStore, layer: usize, k: &Self::Activations, v: &Self::Activations, plan: &Self::Plan);
+    /// Causal attention of every query row over its sequence's cached K/V (grouped-query aware).
+    fn attention(&self, q: &Self::Activations, kv: &Self::KvStore, layer: usize, plan: &Self::Plan, out: &mut Self::Activations);
+    /// `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Activations, up: &Self::Activations);
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Activations, y: &Self::Activations);
+    /// Copies the plan's logit rows of `x` into `out` (`logit_rows.len()` rows).
+    fn gather_logit_rows(&self, x: &Self::Activations, plan: &Self::Plan, out: &mut Self::Activations);
+    /// Copies activations to the host.
+    fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
+    /// Copies one block's K and V of `layer` to the host (`[kv_heads][block_size][head_dim]` each), for transfer and tests.
+    fn read_kv_block(&self, kv: &Self::KvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>);
+}

@@ -1,0 +1,283 @@
+//! The batched API the nodes call: sequences with block tables over one paged KV store, advanced by steps.
+//!
+//! A sequence is a list of tokens of which the first `kv_len` have K/V in the cache. A [`StepItem`] asks for the
+//! next `n` pending tokens of a sequence to be computed; one [`Engine::step`] runs any mix of prefill chunks and
+//! decode tokens (one each) as a single forward pass and returns the requested logits. Blocks are allocated before
+//! the step (all-or-nothing, so a failed step leaves every sequence as it was) and completed blocks are hashed and
+//! committed to the prefix cache after it. A new sequence starts from the longest cached prefix of its prompt.
+//!
+//! The engine is single-owner state (`&mut self`): a node runs it on one task and sends it commands.
+
+use crate::backend::{Backend, BatchLayout, SeqSlice};
+use crate::error::{EngineError, Result};
+use crate::kv::{BlockHash, BlockId, BlockPool, HashSeed, KvEvent, KvFormat, KvLayout, PoolStats, hash::hash_block};
+use crate::model::{LlamaModel, ModelSource, Scratch};
+use std::collections::HashMap;
+
+/// Identifies a sequence inside one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// Engine construction options.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the pool; with `block_size` this is the KV budget.
+    pub num_blocks: usize,
+    pub kv_format: KvFormat,
+    pub hash_seed: HashSeed,
+    /// Largest number of tokens computed in one step (prefill chunk size).
+    pub max_batch_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { block_size: 16, num_blocks: 1024, kv_format: KvFormat::F32, hash_seed: HashSeed::default(), max_batch_tokens: 512 }
+    }
+}
+
+impl EngineConfig {
+    /// Sizes the pool to fit a byte budget.
+    pub fn with_kv_budget_bytes(mut self, model: &crate::model::ModelConfig, bytes: usize) -> Self {
+        let per_block = 2 * model.layers * model.kv_dim() * self.kv_format.bytes_per_elem() * self.block_size;
+        self.num_blocks = (bytes / per_block.max(1)).max(1);
+        self
+    }
+}
+
+/// Which logits a step item wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    /// The last computed token's (to sample the next one).
+    Last,
+    /// Every computed token's (perplexity, fixtures).
+    All,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepItem {
+    pub seq: SeqId,
+    /// Pending tokens to compute now (at most what is pending).
+    pub n_tokens: usize,
+    pub logits: LogitsWanted,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    tokens: Vec<u32>,
+    kv_len: usize,
+    blocks: Vec<BlockId>,
+    /// Hashes of the complete blocks committed so far.
+    hashes: Vec<BlockHash>,
+}
+
+/// Model + backend + KV store + block pool + sequences.
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    pub model: LlamaModel<B>,
+    kv: B::KvStore,
+    pool: BlockPool,
+    layout: KvLayout,
+    seqs: HashMap<SeqId, Sequence>,
+    next_id: u64,
+    scratch: Scratch<B>,
+    config: EngineConfig,
+    prefix_hit_tokens: u64,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: B, src: &ModelSource, config: EngineConfig, progress: impl FnMut(usize, usize)) -> Result<Self> {
+        if config.block_size == 0 || config.block_size > 256 {
+            return Err(EngineError::invalid(format!("block_size {} must be in 1..=256", config.block_size)));
+        }
+        if config.max_batch_tokens == 0 {
+            return Err(EngineError::invalid("max_batch_tokens must be at least 1"));
+        }
+        let model = LlamaModel::load(src, &backend, progress)?;
+        let c = &model.config;
+        let layout = KvLayout {
+            layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            block_size: config.block_size,
+            num_blocks: config.num_blocks,
+            format: config.kv_format,
+        };
+        let kv = backend.alloc_kv(&layout)?;
+        let scratch = Scratch::new(&backend);
+        Ok(Self { backend, model, kv, pool: BlockPool::new(config.num_blocks), layout, seqs: HashMap::new(), next_id: 0, scratch, config, prefix_hit_tokens: 0 })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+    pub fn kv_layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+    pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
+        self.pool.drain_events()
+    }
+    /// Prompt tokens served from the prefix cache since the engine started.
+    pub fn prefix_hit_tokens(&self) -> u64 {
+        self.prefix_hit_tokens
+    }
+
+    /// Starts a sequence with `prompt`, reusing the longest cached prefix (always leaving at least one token to
+    /// compute, since its logits are what the caller samples from).
+    pub fn add_sequence(&mut self, prompt: &[u32]) -> Result<SeqId> {
+        let ctx = self.model.config.context_len;
+        if prompt.is_empty() {
+            return Err(EngineError::invalid("prompt is empty"));
+        }
+        if prompt.len() >= ctx {
+            return Err(EngineError::invalid(format!("prompt has {} tokens; the model's context is {ctx}", prompt.len())));
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.model.config.vocab) {
+            return Err(EngineError::invalid(format!("token id {t} is outside the vocabulary of {}", self.model.config.vocab)));
+        }
+        let bs = self.layout.block_size;
+        let reusable = (prompt.len() - 1) / bs;
+        let hashes = crate::kv::block_hashes(self.config.hash_seed, &prompt[..reusable * bs], bs);
+        let blocks = self.pool.acquire_prefix(&hashes);
+        let kv_len = blocks.len() * bs;
+        self.prefix_hit_tokens += kv_len as u64;
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        let hashes = hashes[..blocks.len()].to_vec();
+        self.seqs.insert(id, Sequence { tokens: prompt.to_vec(), kv_len, blocks, hashes });
+        Ok(id)
+    }
+
+    /// Appends a token (usually the one just sampled); it is computed by the next step that includes the sequence.
+    pub fn append_token(&mut self, seq: SeqId, token: u32) -> Result<()> {
+        let ctx = self.model.config.context_len;
+        let s = self.seqs.get_mut(&seq).ok_or(EngineError::UnknownSequence(seq.0))?;
+        if s.tokens.len() >= ctx {
+            return Err(EngineError::invalid(format!("sequence reached the model's context of {ctx} tokens")));
+        }
+        s.tokens.push(token);
+        Ok(())
+    }
+
+    /// Frees a sequence's blocks (cached blocks stay reusable by later prompts).
+    pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        let s = self.seqs.remove(&seq).ok_or(EngineError::UnknownSequence(seq.0))?;
+        self.pool.release(&s.blocks);
+        Ok(())
+    }
+
+    /// Tokens of a sequence whose K/V is cached, and all its tokens.
+    pub fn seq_progress(&self, seq: SeqId) -> Result<(usize, usize)> {
+        let s = self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq.0))?;
+        Ok((s.kv_len, s.tokens.len()))
+    }
+
+    pub fn seq_tokens(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq.0))?.tokens)
+    }
+
+    pub fn seq_blocks(&self, seq: SeqId) -> Result<&[BlockId]> {
+        Ok(&self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq.0))?.blocks)
+    }
+
+    /// Runs one forward pass over `items`; returns, per item, its logits rows (`vocab` floats each; none, the last,
+    /// or all computed tokens, as asked).
+    pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<Vec<f32>>> {
+        let bs = self.layout.block_size;
+        let total: usize = items.iter().map(|i| i.n_tokens).sum();
+        if total == 0 {
+            return Err(EngineError::invalid("step with no tokens"));
+        }
+        if total > self.config.max_batch_tokens {
+            return Err(EngineError::invalid(format!("step of {total} tokens exceeds max_batch_tokens {}", self.config.max_batch_tokens)));
+        }
+        // Validate and count the blocks every item needs before touching anything.
+        let mut need = 0;
+        let mut seen = std::collections::HashSet::new();
+        for it in items {
+            if !seen.insert(it.seq) {
+                return Err(EngineError::invalid(format!("sequence {} appears twice in one step", it.seq.0)));
+            }
+            let s = self.seqs.get(&it.seq).ok_or(EngineError::UnknownSequence(it.seq.0))?;
+            let pending = s.tokens.len() - s.kv_len;
+            if it.n_tokens == 0 || it.n_tokens > pending {
+                return Err(EngineError::invalid(format!("sequence {}: {} tokens asked, {pending} pending", it.seq.0, it.n_tokens)));
+            }
+            need += (s.kv_len + it.n_tokens).div_ceil(bs).saturating_sub(s.blocks.len());
+        }
+        let mut fresh = self.pool.allocate(need)?.into_iter();
+        let mut batch = BatchLayout::default();
+        let mut rows_of = Vec::with_capacity(items.len());
+        for it in items {
+            let s = self.seqs.get_mut(&it.seq).expect("validated above");
+            let want_blocks = (s.kv_len + it.n_tokens).div_ceil(bs);
+            while s.blocks.len() < want_blocks {
+                s.blocks.push(fresh.next().expect("allocated above"));
+            }
+            let first_row = batch.tokens.len();
+            for p in s.kv_len..s.kv_len + it.n_tokens {
+                batch.tokens.push(s.tokens[p]);
+                batch.positions.push(p as u32);
+                batch.slots.push(s.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
+            }
+            let logit_rows: Vec<usize> = match it.logits {
+                LogitsWanted::None => vec![],
+                LogitsWanted::Last => vec![first_row + it.n_tokens - 1],
+                LogitsWanted::All => (first_row..first_row + it.n_tokens).collect(),
+            };
+            rows_of.push(logit_rows.len());
+            batch.logit_rows.extend(logit_rows);
+            batch.seqs.push(SeqSlice {
+                first_row,
+                n_rows: it.n_tokens,
+                start_pos: s.kv_len,
+                block_table: s.blocks.iter().map(|b| b.0).collect(),
+            });
+        }
+        let logits = self.model.forward(&self.backend, &mut self.kv, &batch, &mut self.scratch)?;
+        // Commit progress and newly completed blocks.
+        for it in items {
+            let s = self.seqs.get_mut(&it.seq).expect("validated above");
+            s.kv_len += it.n_tokens;
+            while s.hashes.len() < s.kv_len / bs {
+                let i = s.hashes.len();
+                let h = hash_block(self.config.hash_seed, s.hashes.last().copied(), &s.tokens[i * bs..(i + 1) * bs]);
+                self.pool.commit(s.blocks[i], h);
+                s.hashes.push(h);
+            }
+        }
+        let vocab = self.model.config.vocab;
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for n in rows_of {
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Computes every pending token of `seq` in chunks of at most `max_batch_tokens`; returns the last token's logits.
+    pub fn prefill(&mut self, seq: SeqId) -> Result<Vec<f32>> {
+        let mut last = Vec::new();
+        loop {
+            let (kv_len, len) = self.seq_progress(seq)?;
+            let pending = len - kv_len;
+            if pending == 0 {
+                return Ok(last);
+            }
+            let n = pending.min(self.config.max_batch_tokens);
+            let logits = if n == pending { LogitsWanted::Last } else { LogitsWanted::None };
+            last = self.step(&[StepItem { seq, n_tokens: n, logits }])?.pop().unwrap_or_default();
+        }
+    }
+
+    /// Copies a block of one layer out of the store (for tests and, later, transfer).
+    pub fn read_kv_block(&self, layer: usize, block: BlockId) -> (Vec<f32>, Vec<f32>) {
+        self.backend.read_kv_block(&self.kv, layer, block.0)
+    }
+}

@@ -1,0 +1,147 @@
+//! The Llama-family transformer forward pass, written once against [`Backend`].
+//!
+//! Per layer: RMSNorm -> Q/K/V projections (+ bias for Qwen2) -> RoPE -> write K/V into the paged store ->
+//! grouped-query causal attention -> output projection -> residual; RMSNorm -> SwiGLU MLP -> residual. Then the
+//! final norm and the output head (tied to the embeddings when the file has no `output.weight`), computed only for
+//! the rows whose logits were asked for. The same function serves prefill chunks and batched decode: a batch is
+//! just rows of tokens, each with a position and a sequence.
+
+use crate::backend::{Backend, BatchLayout};
+use crate::error::{EngineError, Result};
+use crate::model::config::ModelConfig;
+use crate::model::source::ModelSource;
+
+struct Layer<B: Backend> {
+    attn_norm: B::Vector,
+    wq: B::Matrix,
+    wk: B::Matrix,
+    wv: B::Matrix,
+    bias: Option<[B::Vector; 3]>,
+    wo: B::Matrix,
+    ffn_norm: B::Vector,
+    w_gate: B::Matrix,
+    w_up: B::Matrix,
+    w_down: B::Matrix,
+}
+
+/// A loaded model on one backend.
+pub struct LlamaModel<B: Backend> {
+    pub config: ModelConfig,
+    embed: B::Matrix,
+    /// `None` when the output head is tied to the embeddings.
+    output: Option<B::Matrix>,
+    output_norm: B::Vector,
+    layers: Vec<Layer<B>>,
+}
+
+/// Activation buffers reused across steps (one set per engine).
+pub struct Scratch<B: Backend> {
+    x: B::Activations,
+    h: B::Activations,
+    q: B::Activations,
+    k: B::Activations,
+    v: B::Activations,
+    att: B::Activations,
+    gate: B::Activations,
+    up: B::Activations,
+    sel: B::Activations,
+    logits: B::Activations,
+}
+
+impl<B: Backend> Scratch<B> {
+    pub fn new(backend: &B) -> Self {
+        let a = || backend.activations(0, 0);
+        Self { x: a(), h: a(), q: a(), k: a(), v: a(), att: a(), gate: a(), up: a(), sel: a(), logits: a() }
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Loads every tensor the config calls for, checking names and shapes; `progress` is told after each layer.
+    pub fn load(src: &ModelSource, backend: &B, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+        let c = src.config()?;
+        let (d, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        let embed_view = src.require("token_embd.weight", c.vocab, d)?;
+        let embed = backend.load_matrix(&embed_view)?;
+        let output = match src.tensor("output.weight")? {
+            Some(_) => Some(backend.load_matrix(&src.require("output.weight", c.vocab, d)?)?),
+            None => None,
+        };
+        let vec = |name: &str, n: usize| -> Result<B::Vector> { backend.load_vector(&src.require(name, 1, n)?) };
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix> {
+            backend.load_matrix(&src.require(name, rows, cols)?)
+        };
+        let output_norm = vec("output_norm.weight", d)?;
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let bias = if c.qkv_bias {
+                Some([vec(&p("attn_q.bias"), qd)?, vec(&p("attn_k.bias"), kvd)?, vec(&p("attn_v.bias"), kvd)?])
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: vec(&p("attn_norm.weight"), d)?,
+                wq: mat(&p("attn_q.weight"), qd, d)?,
+                wk: mat(&p("attn_k.weight"), kvd, d)?,
+                wv: mat(&p("attn_v.weight"), kvd, d)?,
+                bias,
+                wo: mat(&p("attn_output.weight"), d, qd)?,
+                ffn_norm: vec(&p("ffn_norm.weight"), d)?,
+                w_gate: mat(&p("ffn_gate.weight"), c.ffn, d)?,
+                w_up: mat(&p("ffn_up.weight"), c.ffn, d)?,
+                w_down: mat(&p("ffn_down.weight"), d, c.ffn)?,
+            });
+            progress(i + 1, c.layers);
+        }
+        Ok(Self { config: c, embed, output, output_norm, layers })
+    }
+
+    /// Runs one step over `batch`, writing every token's K/V into `kv`, and returns the logits of
+    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`).
+    pub fn forward(&self, backend: &B, kv: &mut B::KvStore, batch: &BatchLayout, s: &mut Scratch<B>) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = batch.tokens.len();
+        if n == 0 || batch.positions.len() != n || batch.slots.len() != n {
+            return Err(EngineError::invalid(format!(
+                "batch of {n} tokens with {} positions and {} slots",
+                batch.positions.len(),
+                batch.slots.len()
+            )));
+        }
+        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(EngineError::invalid(format!("token id {t} is outside the vocabulary of {}", c.vocab)));
+        }
+        let plan = backend.plan(batch, &c.rope, c.head_dim);
+        backend.embed(&self.embed, &plan, &mut s.x);
+        for (li, l) in self.layers.iter().enumerate() {
+            backend.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
+            backend.matmul(&s.h, &mut [(&l.wq, &mut s.q), (&l.wk, &mut s.k), (&l.wv, &mut s.v)]);
+            if let Some([bq, bk, bv]) = &l.bias {
+                backend.add_bias(&mut s.q, bq);
+                backend.add_bias(&mut s.k, bk);
+                backend.add_bias(&mut s.v, bv);
+            }
+            backend.rope(&mut s.q, c.heads, &plan);
+            backend.rope(&mut s.k, c.kv_heads, &plan);
+            backend.store_kv(kv, li, &s.k, &s.v, &plan);
+            backend.attention(&s.q, kv, li, &plan, &mut s.att);
+            backend.matmul(&s.att, &mut [(&l.wo, &mut s.h)]);
+            backend.add(&mut s.x, &s.h);
+
+            backend.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
+            backend.matmul(&s.h, &mut [(&l.w_gate, &mut s.gate), (&l.w_up, &mut s.up)]);
+            backend.silu_mul(&mut s.gate, &s.up);
+            backend.matmul(&s.gate, &mut [(&l.w_down, &mut s.h)]);
+            backend.add(&mut s.x, &s.h);
+        }
+        if batch.logit_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        backend.gather_logit_rows(&s.x, &plan, &mut s.sel);
+        backend.rms_norm(&s.sel, &self.output_norm, c.rms_eps, &mut s.h);
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        backend.matmul(&s.h, &mut [(head, &mut s.logits)]);
+        Ok(backend.to_host(&s.logits))
+    }
+}
+

@@ -1,0 +1,134 @@
+//! Scalar dequantization of one row of any supported type into f32.
+//!
+//! Used for embeddings lookups, for the prefill path (a weight panel is expanded once and reused by every token of
+//! the chunk), and as the generic decode path for types without a dedicated dot kernel. Layouts follow ggml's
+//! `ggml-common.h`; the unit tests compare against values produced by the `gguf` Python package.
+
+use super::GgmlType;
+use half::{bf16, f16};
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Expands `src` (exactly `out.len()` elements of type `ty`) into `out`.
+///
+/// Panics only on a caller bug (length mismatch); tensor sizes are validated when the file is opened.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    assert_eq!(src.len() * ty.block_elems(), out.len() * ty.block_bytes(), "dequantize_row: size mismatch");
+    let blocks = src.chunks_exact(ty.block_bytes());
+    match ty {
+        GgmlType::F32 => {
+            for (o, b) in out.iter_mut().zip(blocks) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, b) in out.iter_mut().zip(blocks) {
+                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, b) in out.iter_mut().zip(blocks) {
+                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(blocks) {
+                let d = f16_at(b, 0);
+                for j in 0..16 {
+                    o[j] = ((b[2 + j] & 0x0f) as i32 - 8) as f32 * d;
+                    o[j + 16] = ((b[2 + j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(blocks) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                for j in 0..16 {
+                    o[j] = (b[4 + j] & 0x0f) as f32 * d + m;
+                    o[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(blocks) {
+                let d = f16_at(b, 0);
+                for j in 0..32 {
+                    o[j] = b[2 + j] as i8 as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(blocks) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (g, (o64, q32)) in o.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
+                    let (s1, m1) = scale_min_k4(2 * g, scales);
+                    let (s2, m2) = scale_min_k4(2 * g + 1, scales);
+                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    for l in 0..32 {
+                        o64[l] = d1 * (q32[l] & 0x0f) as f32 - m1;
+                        o64[l + 32] = d2 * (q32[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(blocks) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let qs = &b[48..176];
+                for (g, (o64, q32)) in o.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
+                    let (s1, m1) = scale_min_k4(2 * g, scales);
+                    let (s2, m2) = scale_min_k4(2 * g + 1, scales);
+                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
+                    for l in 0..32 {
+                        let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                        let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                        o64[l] = d1 * ((q32[l] & 0x0f) + hi1) as f32 - m1;
+                        o64[l + 32] = d2 * ((q32[l] >> 4) + hi2) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(blocks) {
+                let d = f16_at(b, 208);
+                for half_block in 0..2 {
+                    let ql = &b[64 * half_block..64 * half_block + 64];
+                    let qh = &b[128 + 32 * half_block..128 + 32 * half_block + 32];
+                    let sc = &b[192 + 8 * half_block..192 + 8 * half_block + 8];
+                    let o128 = &mut o[128 * half_block..128 * half_block + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        o128[l] = d * (sc[is] as i8 as f32) * q1 as f32;
+                        o128[l + 32] = d * (sc[is + 2] as i8 as f32) * q2 as f32;
+                        o128[l + 64] = d * (sc[is + 4] as i8 as f32) * q3 as f32;
+                        o128[l + 96] = d * (sc[is + 6] as i8 as f32) * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) packed in the 12 scale bytes of Q4_K / Q5_K.
+#[inline]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}

@@ -1,0 +1,318 @@
+//! Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, a seeded RNG, logprobs.
+//!
+//! Order (the one vLLM and llama.cpp use): repetition penalty (prompt and output tokens, divides positive logits and
+//! multiplies negative ones), presence and frequency penalties (output tokens), then greedy if temperature is 0,
+//! else temperature, top-k, softmax, min-p, top-p, and a draw. Logprobs are of the model's raw distribution, before
+//! any of this, as OpenAI reports them. With a seed, the same logits give the same tokens on every run.
+
+use crate::error::{EngineError, Result};
+use std::collections::HashMap;
+
+/// How to sample; defaults are greedy decoding with no penalties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
+    /// 1 disables.
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+    /// Number of most likely alternatives to report with each token (`None`: no logprobs at all).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+/// Most alternatives a caller may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl SamplingParams {
+    /// Checks every field against its range; the error names the field and the limit.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::invalid(m));
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return bad(format!("temperature {} must be between 0 and 100", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p {} must be in [0, 1]", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return bad(format!("repetition_penalty {} must be in (0, 10]", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} {v} must be between -2 and 2"));
+            }
+        }
+        if let Some(n) = self.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return bad(format!("top_logprobs {n} must be at most {MAX_TOP_LOGPROBS}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chosen token with its log-probability and the top alternatives (when asked for).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// SplitMix64: tiny, fast, and good enough for sampling; fully determined by its seed.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Per-sequence sampling state: the RNG and the token counts penalties need.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    prompt_tokens: std::collections::HashSet<u32>,
+    output_counts: HashMap<u32, u32>,
+    scratch: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+            h.finish()
+        });
+        let prompt_tokens = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { Default::default() };
+        Self { params, rng: Rng(seed), prompt_tokens, output_counts: HashMap::new(), scratch: Vec::new() }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (modified in place) and records it for later penalties.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        let (logprob_of, top_logprobs) = match self.params.logprobs {
+            Some(n) => {
+                let lse = log_sum_exp(logits);
+                let top = top_n(logits, n).into_iter().map(|(t, l)| (t, l - lse)).collect();
+                (Some(lse), top)
+            }
+            None => (None, Vec::new()),
+        };
+        let raw_logit = |logits: &[f32], t: u32| logits[t as usize];
+        // Keep the raw logit of whatever we choose: penalties below change `logits`.
+        let raw = logprob_of.map(|_| logits.to_vec());
+        self.apply_penalties(logits);
+        let token = if self.params.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
+        *self.output_counts.entry(token).or_insert(0) += 1;
+        Sampled { token, logprob: logprob_of.zip(raw).map(|(lse, r)| raw_logit(&r, token) - lse), top_logprobs }
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
+                let l = &mut logits[t as usize];
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.output_counts {
+                logits[t as usize] -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let c = &mut self.scratch;
+        c.clear();
+        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            c.truncate(p.top_k);
+        }
+        let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
+        let mut sum = 0.0;
+        for x in c.iter_mut() {
+            x.1 = (x.1 - max).exp();
+            sum += x.1;
+        }
+        for x in c.iter_mut() {
+            x.1 /= sum;
+        }
+        if p.min_p > 0.0 {
+            // The max probability is exp(0)/sum.
+            let floor = p.min_p / sum;
+            c.retain(|x| x.1 >= floor);
+        }
+        if p.top_p < 1.0 {
+            c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+            let mut acc = 0.0;
+            let mut keep = c.len();
+            for (i, x) in c.iter().enumerate() {
+                acc += x.1;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+        }
+        let total: f32 = c.iter().map(|x| x.1).sum();
+        let mut r = self.rng.next_f32() * total;
+        for x in c.iter() {
+            r -= x.1;
+            if r < 0.0 {
+                return x.0;
+            }
+        }
+        c.last().map_or(0, |x| x.0)
+    }
+}
+
+/// Index of the largest logit (the lowest index among equals).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let s: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    max + s.ln() as f32
+}
+
+/// The `n` largest logits with their ids, largest first.
+pub fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    if n == 0 {
+        return Vec::new();
+    }
+    if n < v.len() {
+        v.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1));
+        v.truncate(n);
+    }
+    v.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_reports_logprobs() {
+        let mut s = Sampler::new(SamplingParams { logprobs: Some(2), ..Default::default() }, &[]);
+        let out = s.sample(&mut logits());
+        assert_eq!(out.token, 1);
+        let lse = log_sum_exp(&logits());
+        assert!((out.logprob.unwrap() - (3.0 - lse)).abs() < 1e-6);
+        assert_eq!(out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4]);
+    }
+
+    #[test]
+    fn seed_makes_sampling_reproducible_and_top_k_restricts() {
+        let p = SamplingParams { temperature: 1.0, top_k: 2, seed: Some(42), ..Default::default() };
+        let run = || {
+            let mut s = Sampler::new(p.clone(), &[]);
+            (0..200).map(|_| s.sample(&mut logits()).token).collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        assert!(a.iter().all(|&t| t == 1 || t == 4), "top_k=2 allows only tokens 1 and 4");
+        assert!(a.contains(&1) && a.contains(&4), "both candidates are drawn");
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(1), ..Default::default() };
+        let mut s = Sampler::new(p, &[]);
+        // p(1) ~ 0.37, p(4) ~ 0.33: top_p 0.5 keeps exactly those two.
+        assert!((0..100).all(|_| matches!(s.sample(&mut logits()).token, 1 | 4)));
+        let p = SamplingParams { temperature: 1.0, min_p: 0.95, seed: Some(1), ..Default::default() };
+        let mut s = Sampler::new(p, &[]);
+        // Only tokens within 95% of the best probability survive: 4 has exp(-0.1) = 0.905 < 0.95.
+        assert!((0..100).all(|_| s.sample(&mut logits()).token == 1));
+    }
+
+    #[test]
+    fn penalties_discourage_repeats() {
+        let p = SamplingParams { frequency_penalty: 2.0, ..Default::default() };
+        let mut s = Sampler::new(p, &[]);
+        assert_eq!(s.sample(&mut logits()).token, 1);
+        // Token 1 is penalized by 2.0 -> 1.0 < 2.9.
+        assert_eq!(s.sample(&mut logits()).token, 4);
+        let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let mut s = Sampler::new(p, &[1]);
+        // 3.0 / 2 = 1.5 < 2.9: the prompt token is penalized too.
+        assert_eq!(s.sample(&mut logits()).token, 4);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        for (p, field) in [
+            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
+            (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { presence_penalty: 5.0, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { logprobs: Some(99), ..Default::default() }, "top_logprobs"),
+        ] {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,1 @@
+//! The prefill worker. Its service arrives with the disaggregated serving work; see README.md.

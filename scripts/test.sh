@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test: fetches the default model if needed, builds the release binary (the end-to-end tests run it),
+# then the whole workspace's tests in release mode (the engine is too slow unoptimized to test on the real model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-model.sh >/dev/null
+cargo build --release -p tandem
+cargo test --release --workspace

@@ -1,0 +1,88 @@
+//! Subcommands, one module each, plus the model loading they share.
+
+pub mod bench;
+pub mod eval;
+pub mod generate;
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use tandem_engine::backend::cpu::CpuBackend;
+use tandem_engine::kv::KvFormat;
+use tandem_engine::model::ModelSource;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_engine::{Engine, EngineConfig};
+
+/// Options every command that loads a model shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a .gguf file or an HF directory (config.json + *.safetensors + tokenizer.json).
+    #[arg(long, env = "TANDEM_MODEL", default_value_os_t = default_model_path())]
+    pub model: PathBuf,
+    /// KV cache budget in MiB (sets the number of KV blocks).
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mib: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Element format of the KV cache: f32 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
+    pub kv_format: KvFormat,
+    /// Most tokens computed in one forward pass (prefill chunk size).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+}
+
+fn parse_kv_format(s: &str) -> std::result::Result<KvFormat, String> {
+    KvFormat::parse(s).map_err(|e| e.to_string())
+}
+
+/// Where `scripts/fetch-model.sh` puts the default model.
+pub fn default_model_path() -> PathBuf {
+    let base = std::env::var_os("TANDEM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tandem")))
+        .unwrap_or_else(|| PathBuf::from(".cache/tandem"));
+    base.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub struct Loaded {
+    pub engine: Engine<CpuBackend>,
+    pub tokenizer: Tokenizer,
+    pub weight_bytes: u64,
+    /// Weight bytes one batch-1 decode step must read: every matrix, the embeddings only when they double as the
+    /// output head (otherwise a token reads just its own embedding row).
+    pub decode_floor_bytes: u64,
+}
+
+/// Opens the model, builds its tokenizer and a CPU engine, with a progress bar over the layers.
+pub fn load(args: &ModelArgs, threads: usize) -> Result<Loaded> {
+    let path = &args.model;
+    if !path.exists() {
+        anyhow::bail!(
+            "model {} not found (run scripts/fetch-model.sh to download the default model, or pass --model PATH)",
+            path.display()
+        );
+    }
+    let src = ModelSource::open(path).with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
+    let cfg = src.config()?;
+    if args.kv_cache_mib == 0 {
+        anyhow::bail!("--kv-cache-mib must be at least 1");
+    }
+    let config = EngineConfig {
+        block_size: args.block_size,
+        kv_format: args.kv_format,
+        max_batch_tokens: args.max_batch_tokens,
+        ..Default::default()
+    }
+    .with_kv_budget_bytes(&cfg, args.kv_cache_mib << 20);
+    let pb = crate::progress::bar(cfg.layers as u64, "loading");
+    let engine = Engine::new(CpuBackend::new(threads), &src, config, |done, _| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    tracing::info!(layers = cfg.layers, hidden = cfg.hidden, vocab = cfg.vocab, "model loaded");
+    let weight_bytes = src.weight_bytes();
+    let separate_head = src.tensor("output.weight")?.is_some();
+    let embed_bytes = src.tensor("token_embd.weight")?.map_or(0, |t| t.bytes.len() as u64);
+    let decode_floor_bytes = if separate_head { weight_bytes - embed_bytes } else { weight_bytes };
+    Ok(Loaded { engine, tokenizer, weight_bytes, decode_floor_bytes })
+}

@@ -1,0 +1,59 @@
+//! The `tandem` binary: parses the command line once into typed options and dispatches to a subcommand.
+//! Each subcommand lives in `cmd/`; this file only parses and sets up logging and threads.
+
+mod cmd;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Tandem: a disaggregated LLM serving cluster (engine, prefill and decode workers, router).
+#[derive(Parser)]
+#[command(name = "tandem", version, about)]
+struct Cli {
+    /// Worker threads for model compute (default: all cores).
+    #[arg(long, global = true, env = "TANDEM_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for one prompt, streamed to stdout (no servers involved).
+    Generate(cmd::generate::GenerateArgs),
+    /// Measure model quality.
+    #[command(subcommand)]
+    Eval(cmd::eval::EvalCommand),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        eprintln!("error: --threads must be at least 1");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Generate(a) => cmd::generate::run(a, threads),
+        Command::Eval(c) => cmd::eval::run(c, threads),
+        Command::Bench(c) => cmd::bench::run(c, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined, so scripts and people both get the whole reason.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end tests of the `tandem` binary and its nodes; the tests live in `tests/tests/`.
