@@ -132,3 +132,38 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
         ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every type against values produced by the `gguf` Python package (`tests/reference/quant_fixtures.py`).
+    #[test]
+    fn matches_gguf_python_reference() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/reference/fixtures/dequant.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases = v["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 8);
+        for c in cases {
+            let ty = match c["type"].as_str().unwrap() {
+                "F16" => GgmlType::F16,
+                "BF16" => GgmlType::BF16,
+                "Q8_0" => GgmlType::Q8_0,
+                "Q4_0" => GgmlType::Q4_0,
+                "Q4_1" => GgmlType::Q4_1,
+                "Q4_K" => GgmlType::Q4K,
+                "Q5_K" => GgmlType::Q5K,
+                "Q6_K" => GgmlType::Q6K,
+                other => panic!("unexpected type {other}"),
+            };
+            let hex = c["raw_hex"].as_str().unwrap();
+            let raw: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            let want: Vec<f32> = c["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let mut got = vec![0f32; want.len()];
+            dequantize_row(ty, &raw, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "{ty} element {i}: {g} vs {w}");
+            }
+        }
+    }
+}

@@ -152,3 +152,10 @@ impl Tokenizer {
         chat::ChatTemplate::new(src, &name(self.bos), &name(self.eos))
     }
 }
+
+impl Tokenizer {
+    /// Writes the tokenizer in HF `tokenizer.json` form (used to export a GGUF vocabulary to an HF directory).
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(tok_err)
+    }
+}
