@@ -10,7 +10,10 @@
 
 use crate::backend::{Backend, BatchLayout, SeqSlice};
 use crate::error::{EngineError, Result};
-use crate::kv::{BlockHash, BlockId, BlockPool, HashSeed, KvEvent, KvFormat, KvLayout, PoolStats, hash::hash_block};
+use crate::kv::{
+    BlockHash, BlockId, BlockPool, HashSeed, KvEvent, KvFormat, KvLayout, PoolStats,
+    hash::hash_block,
+};
 use crate::model::{LlamaModel, ModelSource, Scratch};
 use std::collections::HashMap;
 
@@ -33,14 +36,21 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { block_size: 16, num_blocks: 1024, kv_format: KvFormat::F32, hash_seed: HashSeed::default(), max_batch_tokens: 512 }
+        Self {
+            block_size: 16,
+            num_blocks: 1024,
+            kv_format: KvFormat::F32,
+            hash_seed: HashSeed::default(),
+            max_batch_tokens: 512,
+        }
     }
 }
 
 impl EngineConfig {
     /// Sizes the pool to fit a byte budget.
     pub fn with_kv_budget_bytes(mut self, model: &crate::model::ModelConfig, bytes: usize) -> Self {
-        let per_block = 2 * model.layers * model.kv_dim() * self.kv_format.bytes_per_elem() * self.block_size;
+        let per_block =
+            2 * model.layers * model.kv_dim() * self.kv_format.bytes_per_elem() * self.block_size;
         self.num_blocks = (bytes / per_block.max(1)).max(1);
         self
     }
@@ -88,9 +98,17 @@ pub struct Engine<B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
-    pub fn new(backend: B, src: &ModelSource, config: EngineConfig, progress: impl FnMut(usize, usize)) -> Result<Self> {
+    pub fn new(
+        backend: B,
+        src: &ModelSource,
+        config: EngineConfig,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         if config.block_size == 0 || config.block_size > 256 {
-            return Err(EngineError::invalid(format!("block_size {} must be in 1..=256", config.block_size)));
+            return Err(EngineError::invalid(format!(
+                "block_size {} must be in 1..=256",
+                config.block_size
+            )));
         }
         if config.max_batch_tokens == 0 {
             return Err(EngineError::invalid("max_batch_tokens must be at least 1"));
@@ -107,7 +125,18 @@ impl<B: Backend> Engine<B> {
         };
         let kv = backend.alloc_kv(&layout)?;
         let scratch = Scratch::new(&backend);
-        Ok(Self { backend, model, kv, pool: BlockPool::new(config.num_blocks), layout, seqs: HashMap::new(), next_id: 0, scratch, config, prefix_hit_tokens: 0 })
+        Ok(Self {
+            backend,
+            model,
+            kv,
+            pool: BlockPool::new(config.num_blocks),
+            layout,
+            seqs: HashMap::new(),
+            next_id: 0,
+            scratch,
+            config,
+            prefix_hit_tokens: 0,
+        })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -135,10 +164,19 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::invalid("prompt is empty"));
         }
         if prompt.len() >= ctx {
-            return Err(EngineError::invalid(format!("prompt has {} tokens; the model's context is {ctx}", prompt.len())));
+            return Err(EngineError::invalid(format!(
+                "prompt has {} tokens; the model's context is {ctx}",
+                prompt.len()
+            )));
         }
-        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.model.config.vocab) {
-            return Err(EngineError::invalid(format!("token id {t} is outside the vocabulary of {}", self.model.config.vocab)));
+        if let Some(&t) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.vocab)
+        {
+            return Err(EngineError::invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.model.config.vocab
+            )));
         }
         let bs = self.layout.block_size;
         let reusable = (prompt.len() - 1) / bs;
@@ -149,16 +187,29 @@ impl<B: Backend> Engine<B> {
         let id = SeqId(self.next_id);
         self.next_id += 1;
         let hashes = hashes[..blocks.len()].to_vec();
-        self.seqs.insert(id, Sequence { tokens: prompt.to_vec(), kv_len, blocks, hashes });
+        self.seqs.insert(
+            id,
+            Sequence {
+                tokens: prompt.to_vec(),
+                kv_len,
+                blocks,
+                hashes,
+            },
+        );
         Ok(id)
     }
 
     /// Appends a token (usually the one just sampled); it is computed by the next step that includes the sequence.
     pub fn append_token(&mut self, seq: SeqId, token: u32) -> Result<()> {
         let ctx = self.model.config.context_len;
-        let s = self.seqs.get_mut(&seq).ok_or(EngineError::UnknownSequence(seq.0))?;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
         if s.tokens.len() >= ctx {
-            return Err(EngineError::invalid(format!("sequence reached the model's context of {ctx} tokens")));
+            return Err(EngineError::invalid(format!(
+                "sequence reached the model's context of {ctx} tokens"
+            )));
         }
         s.tokens.push(token);
         Ok(())
@@ -166,23 +217,37 @@ impl<B: Backend> Engine<B> {
 
     /// Frees a sequence's blocks (cached blocks stay reusable by later prompts).
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
-        let s = self.seqs.remove(&seq).ok_or(EngineError::UnknownSequence(seq.0))?;
+        let s = self
+            .seqs
+            .remove(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
         self.pool.release(&s.blocks);
         Ok(())
     }
 
     /// Tokens of a sequence whose K/V is cached, and all its tokens.
     pub fn seq_progress(&self, seq: SeqId) -> Result<(usize, usize)> {
-        let s = self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq.0))?;
+        let s = self
+            .seqs
+            .get(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
         Ok((s.kv_len, s.tokens.len()))
     }
 
     pub fn seq_tokens(&self, seq: SeqId) -> Result<&[u32]> {
-        Ok(&self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq.0))?.tokens)
+        Ok(&self
+            .seqs
+            .get(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?
+            .tokens)
     }
 
     pub fn seq_blocks(&self, seq: SeqId) -> Result<&[BlockId]> {
-        Ok(&self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq.0))?.blocks)
+        Ok(&self
+            .seqs
+            .get(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?
+            .blocks)
     }
 
     /// Runs one forward pass over `items`; returns, per item, its logits rows (`vocab` floats each; none, the last,
@@ -194,21 +259,35 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::invalid("step with no tokens"));
         }
         if total > self.config.max_batch_tokens {
-            return Err(EngineError::invalid(format!("step of {total} tokens exceeds max_batch_tokens {}", self.config.max_batch_tokens)));
+            return Err(EngineError::invalid(format!(
+                "step of {total} tokens exceeds max_batch_tokens {}",
+                self.config.max_batch_tokens
+            )));
         }
         // Validate and count the blocks every item needs before touching anything.
         let mut need = 0;
         let mut seen = std::collections::HashSet::new();
         for it in items {
             if !seen.insert(it.seq) {
-                return Err(EngineError::invalid(format!("sequence {} appears twice in one step", it.seq.0)));
+                return Err(EngineError::invalid(format!(
+                    "sequence {} appears twice in one step",
+                    it.seq.0
+                )));
             }
-            let s = self.seqs.get(&it.seq).ok_or(EngineError::UnknownSequence(it.seq.0))?;
+            let s = self
+                .seqs
+                .get(&it.seq)
+                .ok_or(EngineError::UnknownSequence(it.seq.0))?;
             let pending = s.tokens.len() - s.kv_len;
             if it.n_tokens == 0 || it.n_tokens > pending {
-                return Err(EngineError::invalid(format!("sequence {}: {} tokens asked, {pending} pending", it.seq.0, it.n_tokens)));
+                return Err(EngineError::invalid(format!(
+                    "sequence {}: {} tokens asked, {pending} pending",
+                    it.seq.0, it.n_tokens
+                )));
             }
-            need += (s.kv_len + it.n_tokens).div_ceil(bs).saturating_sub(s.blocks.len());
+            need += (s.kv_len + it.n_tokens)
+                .div_ceil(bs)
+                .saturating_sub(s.blocks.len());
         }
         let mut fresh = self.pool.allocate(need)?.into_iter();
         let mut batch = BatchLayout::default();
@@ -223,7 +302,9 @@ impl<B: Backend> Engine<B> {
             for p in s.kv_len..s.kv_len + it.n_tokens {
                 batch.tokens.push(s.tokens[p]);
                 batch.positions.push(p as u32);
-                batch.slots.push(s.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
+                batch
+                    .slots
+                    .push(s.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
             }
             let logit_rows: Vec<usize> = match it.logits {
                 LogitsWanted::None => vec![],
@@ -239,14 +320,20 @@ impl<B: Backend> Engine<B> {
                 block_table: s.blocks.iter().map(|b| b.0).collect(),
             });
         }
-        let logits = self.model.forward(&self.backend, &mut self.kv, &batch, &mut self.scratch)?;
+        let logits = self
+            .model
+            .forward(&self.backend, &mut self.kv, &batch, &mut self.scratch)?;
         // Commit progress and newly completed blocks.
         for it in items {
             let s = self.seqs.get_mut(&it.seq).expect("validated above");
             s.kv_len += it.n_tokens;
             while s.hashes.len() < s.kv_len / bs {
                 let i = s.hashes.len();
-                let h = hash_block(self.config.hash_seed, s.hashes.last().copied(), &s.tokens[i * bs..(i + 1) * bs]);
+                let h = hash_block(
+                    self.config.hash_seed,
+                    s.hashes.last().copied(),
+                    &s.tokens[i * bs..(i + 1) * bs],
+                );
                 self.pool.commit(s.blocks[i], h);
                 s.hashes.push(h);
             }
@@ -271,8 +358,19 @@ impl<B: Backend> Engine<B> {
                 return Ok(last);
             }
             let n = pending.min(self.config.max_batch_tokens);
-            let logits = if n == pending { LogitsWanted::Last } else { LogitsWanted::None };
-            last = self.step(&[StepItem { seq, n_tokens: n, logits }])?.pop().unwrap_or_default();
+            let logits = if n == pending {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            last = self
+                .step(&[StepItem {
+                    seq,
+                    n_tokens: n,
+                    logits,
+                }])?
+                .pop()
+                .unwrap_or_default();
         }
     }
 

@@ -32,14 +32,22 @@ pub const MAX_STOP_STRINGS: usize = 16;
 impl StopConditions {
     pub fn validate(&self, context_len: usize) -> Result<()> {
         if self.max_tokens == 0 || self.max_tokens > context_len {
-            return Err(EngineError::invalid(format!("max_tokens {} must be between 1 and the context length {context_len}", self.max_tokens)));
+            return Err(EngineError::invalid(format!(
+                "max_tokens {} must be between 1 and the context length {context_len}",
+                self.max_tokens
+            )));
         }
         if self.stop_strings.len() > MAX_STOP_STRINGS {
-            return Err(EngineError::invalid(format!("stop: {} strings given, at most {MAX_STOP_STRINGS}", self.stop_strings.len())));
+            return Err(EngineError::invalid(format!(
+                "stop: {} strings given, at most {MAX_STOP_STRINGS}",
+                self.stop_strings.len()
+            )));
         }
         for s in &self.stop_strings {
             if s.is_empty() || s.len() > MAX_STOP_STRING_BYTES {
-                return Err(EngineError::invalid(format!("stop: each string must be 1 to {MAX_STOP_STRING_BYTES} bytes")));
+                return Err(EngineError::invalid(format!(
+                    "stop: each string must be 1 to {MAX_STOP_STRING_BYTES} bytes"
+                )));
             }
         }
         Ok(())
@@ -155,14 +163,22 @@ pub fn run_batch<B: Backend>(
             let items: Vec<StepItem> = active
                 .iter()
                 .filter(|a| a.done.is_none())
-                .map(|a| StepItem { seq: a.seq, n_tokens: 1, logits: LogitsWanted::Last })
+                .map(|a| StepItem {
+                    seq: a.seq,
+                    n_tokens: 1,
+                    logits: LogitsWanted::Last,
+                })
                 .collect();
             if items.is_empty() {
                 return Ok(());
             }
             let logits = engine.step(&items)?;
             let mut li = logits.into_iter();
-            for (i, a) in active.iter_mut().enumerate().filter(|(_, a)| a.done.is_none()) {
+            for (i, a) in active
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, a)| a.done.is_none())
+            {
                 let mut l = li.next().expect("one logits row per item");
                 accept(engine, tok, a, i, &mut l, &mut on_delta)?;
             }
@@ -235,7 +251,11 @@ fn accept<B: Backend>(
         a.held.clear();
     }
     a.text.push_str(&emitted);
-    on_delta(Delta { index, text: &emitted, token: a.tokens.last().expect("pushed above") });
+    on_delta(Delta {
+        index,
+        text: &emitted,
+        token: a.tokens.last().expect("pushed above"),
+    });
     if a.done.is_none() {
         engine.append_token(a.seq, id)?;
     }
@@ -243,13 +263,23 @@ fn accept<B: Backend>(
 }
 
 /// On a stop token: what was held back for a possible stop string is plain text after all.
-fn release_held(a: &mut Active, index: usize, s: &Sampled, on_delta: &mut impl FnMut(Delta<'_>), tok: &Tokenizer) -> Result<()> {
+fn release_held(
+    a: &mut Active,
+    index: usize,
+    s: &Sampled,
+    on_delta: &mut impl FnMut(Delta<'_>),
+    tok: &Tokenizer,
+) -> Result<()> {
     if let Some(rest) = a.decoder.flush(tok)? {
         a.held.push_str(&rest);
     }
     let text = std::mem::take(&mut a.held);
     a.text.push_str(&text);
-    on_delta(Delta { index, text: &text, token: s });
+    on_delta(Delta {
+        index,
+        text: &text,
+        token: s,
+    });
     Ok(())
 }
 
@@ -288,13 +318,35 @@ mod tests {
 
     #[test]
     fn stop_conditions_are_validated() {
-        let ok = StopConditions { max_tokens: 10, ..Default::default() };
+        let ok = StopConditions {
+            max_tokens: 10,
+            ..Default::default()
+        };
         assert!(ok.validate(100).is_ok());
-        let e = StopConditions { max_tokens: 0, ..Default::default() }.validate(100).unwrap_err().to_string();
+        let e = StopConditions {
+            max_tokens: 0,
+            ..Default::default()
+        }
+        .validate(100)
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("max_tokens"), "{e}");
-        let e = StopConditions { max_tokens: 1000, ..Default::default() }.validate(100).unwrap_err().to_string();
+        let e = StopConditions {
+            max_tokens: 1000,
+            ..Default::default()
+        }
+        .validate(100)
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("max_tokens"), "{e}");
-        let e = StopConditions { max_tokens: 1, stop_strings: vec![String::new()], ..Default::default() }.validate(100).unwrap_err().to_string();
+        let e = StopConditions {
+            max_tokens: 1,
+            stop_strings: vec![String::new()],
+            ..Default::default()
+        }
+        .validate(100)
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("stop"), "{e}");
     }
 }

@@ -52,7 +52,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::invalid(m));
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return bad(format!("temperature {} must be between 0 and 100", self.temperature));
+            return bad(format!(
+                "temperature {} must be between 0 and 100",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p {} must be in (0, 1]", self.top_p));
@@ -61,17 +64,25 @@ impl SamplingParams {
             return bad(format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
-            return bad(format!("repetition_penalty {} must be in (0, 10]", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty {} must be in (0, 10]",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} {v} must be between -2 and 2"));
             }
         }
-        if let Some(n) = self.logprobs {
-            if n > MAX_TOP_LOGPROBS {
-                return bad(format!("top_logprobs {n} must be at most {MAX_TOP_LOGPROBS}"));
-            }
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return bad(format!(
+                "top_logprobs {n} must be at most {MAX_TOP_LOGPROBS}"
+            ));
         }
         Ok(())
     }
@@ -118,11 +129,25 @@ impl Sampler {
         let seed = params.seed.unwrap_or_else(|| {
             use std::hash::{BuildHasher, Hasher};
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
             h.finish()
         });
-        let prompt_tokens = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { Default::default() };
-        Self { params, rng: Rng(seed), prompt_tokens, output_counts: HashMap::new(), scratch: Vec::new() }
+        let prompt_tokens = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            Default::default()
+        };
+        Self {
+            params,
+            rng: Rng(seed),
+            prompt_tokens,
+            output_counts: HashMap::new(),
+            scratch: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -134,7 +159,10 @@ impl Sampler {
         let (logprob_of, top_logprobs) = match self.params.logprobs {
             Some(n) => {
                 let lse = log_sum_exp(logits);
-                let top = top_n(logits, n).into_iter().map(|(t, l)| (t, l - lse)).collect();
+                let top = top_n(logits, n)
+                    .into_iter()
+                    .map(|(t, l)| (t, l - lse))
+                    .collect();
                 (Some(lse), top)
             }
             None => (None, Vec::new()),
@@ -143,9 +171,19 @@ impl Sampler {
         // Keep the raw logit of whatever we choose: penalties below change `logits`.
         let raw = logprob_of.map(|_| logits.to_vec());
         self.apply_penalties(logits);
-        let token = if self.params.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
+        let token = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
         *self.output_counts.entry(token).or_insert(0) += 1;
-        Sampled { token, logprob: logprob_of.zip(raw).map(|(lse, r)| raw_logit(&r, token) - lse), top_logprobs }
+        Sampled {
+            token,
+            logprob: logprob_of
+                .zip(raw)
+                .map(|(lse, r)| raw_logit(&r, token) - lse),
+            top_logprobs,
+        }
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -153,7 +191,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
                 let l = &mut logits[t as usize];
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -168,7 +210,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let c = &mut self.scratch;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             c.truncate(p.top_k);
@@ -231,7 +278,11 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
 
 /// The `n` largest logits with their ids, largest first.
 pub fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut v: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut v: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     if n == 0 {
         return Vec::new();
     }
@@ -253,34 +304,66 @@ mod tests {
 
     #[test]
     fn greedy_picks_argmax_and_reports_logprobs() {
-        let mut s = Sampler::new(SamplingParams { logprobs: Some(2), ..Default::default() }, &[]);
+        let mut s = Sampler::new(
+            SamplingParams {
+                logprobs: Some(2),
+                ..Default::default()
+            },
+            &[],
+        );
         let out = s.sample(&mut logits());
         assert_eq!(out.token, 1);
         let lse = log_sum_exp(&logits());
         assert!((out.logprob.unwrap() - (3.0 - lse)).abs() < 1e-6);
-        assert_eq!(out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4]);
+        assert_eq!(
+            out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![1, 4]
+        );
     }
 
     #[test]
     fn seed_makes_sampling_reproducible_and_top_k_restricts() {
-        let p = SamplingParams { temperature: 1.0, top_k: 2, seed: Some(42), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: Some(42),
+            ..Default::default()
+        };
         let run = || {
             let mut s = Sampler::new(p.clone(), &[]);
-            (0..200).map(|_| s.sample(&mut logits()).token).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&mut logits()).token)
+                .collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
-        assert!(a.iter().all(|&t| t == 1 || t == 4), "top_k=2 allows only tokens 1 and 4");
-        assert!(a.contains(&1) && a.contains(&4), "both candidates are drawn");
+        assert!(
+            a.iter().all(|&t| t == 1 || t == 4),
+            "top_k=2 allows only tokens 1 and 4"
+        );
+        assert!(
+            a.contains(&1) && a.contains(&4),
+            "both candidates are drawn"
+        );
     }
 
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(1), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, &[]);
         // p(1) ~ 0.37, p(4) ~ 0.33: top_p 0.5 keeps exactly those two.
         assert!((0..100).all(|_| matches!(s.sample(&mut logits()).token, 1 | 4)));
-        let p = SamplingParams { temperature: 1.0, min_p: 0.95, seed: Some(1), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.95,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, &[]);
         // Only tokens within 95% of the best probability survive: 4 has exp(-0.1) = 0.905 < 0.95.
         assert!((0..100).all(|_| s.sample(&mut logits()).token == 1));
@@ -288,12 +371,18 @@ mod tests {
 
     #[test]
     fn penalties_discourage_repeats() {
-        let p = SamplingParams { frequency_penalty: 2.0, ..Default::default() };
+        let p = SamplingParams {
+            frequency_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, &[]);
         assert_eq!(s.sample(&mut logits()).token, 1);
         // Token 1 is penalized by 2.0 -> 1.0 < 2.9.
         assert_eq!(s.sample(&mut logits()).token, 4);
-        let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, &[1]);
         // 3.0 / 2 = 1.5 < 2.9: the prompt token is penalized too.
         assert_eq!(s.sample(&mut logits()).token, 4);
@@ -302,13 +391,55 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         for (p, field) in [
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
-            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
-            (SamplingParams { presence_penalty: 5.0, ..Default::default() }, "presence_penalty"),
-            (SamplingParams { logprobs: Some(99), ..Default::default() }, "top_logprobs"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 2.0,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 5.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(99),
+                    ..Default::default()
+                },
+                "top_logprobs",
+            ),
         ] {
             let e = p.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{e}");

@@ -11,17 +11,27 @@ use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 
 fn model_path() -> PathBuf {
-    std::env::var_os("TANDEM_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var_os("TANDEM_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 fn setup(config: EngineConfig) -> (Engine<CpuBackend>, Tokenizer) {
     let path = model_path();
-    assert!(path.exists(), "model {} missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "model {} missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     let src = ModelSource::open(&path).unwrap();
     let tok = Tokenizer::for_model(&src).unwrap();
-    (Engine::new(CpuBackend::with_all_cores(), &src, config, |_, _| {}).unwrap(), tok)
+    (
+        Engine::new(CpuBackend::with_all_cores(), &src, config, |_, _| {}).unwrap(),
+        tok,
+    )
 }
 
 /// Greedy tokens for each prompt, decoding all prompts together in one batch per step.
@@ -34,7 +44,14 @@ fn greedy_batch(e: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], n: usize) -> V
         e.append_token(s, argmax(&l)).unwrap();
     }
     for _ in 1..n {
-        let items: Vec<_> = seqs.iter().map(|&seq| StepItem { seq, n_tokens: 1, logits: LogitsWanted::Last }).collect();
+        let items: Vec<_> = seqs
+            .iter()
+            .map(|&seq| StepItem {
+                seq,
+                n_tokens: 1,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
         let logits = e.step(&items).unwrap();
         for (i, (&s, l)) in seqs.iter().zip(logits).enumerate() {
             let t = argmax(&l);
@@ -63,7 +80,10 @@ fn prompts(tok: &Tokenizer) -> Vec<Vec<u32>> {
 
 #[test]
 fn batched_decode_equals_one_at_a_time() {
-    let (mut e, tok) = setup(EngineConfig { num_blocks: 128, ..Default::default() });
+    let (mut e, tok) = setup(EngineConfig {
+        num_blocks: 128,
+        ..Default::default()
+    });
     let ps = prompts(&tok);
     let batched = greedy_batch(&mut e, &ps, 24);
     for (p, want) in ps.iter().zip(&batched) {
@@ -75,45 +95,87 @@ fn batched_decode_equals_one_at_a_time() {
 
 #[test]
 fn prefix_cache_hit_equals_cold_prefill() {
-    let (mut e, tok) = setup(EngineConfig { num_blocks: 128, block_size: 8, ..Default::default() });
+    let (mut e, tok) = setup(EngineConfig {
+        num_blocks: 128,
+        block_size: 8,
+        ..Default::default()
+    });
     let system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
-    let a = tok.encode(&format!("{system}<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n")).unwrap();
-    let b = tok.encode(&format!("{system}<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n")).unwrap();
+    let a = tok
+        .encode(&format!(
+            "{system}<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
+        ))
+        .unwrap();
+    let b = tok
+        .encode(&format!(
+            "{system}<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"
+        ))
+        .unwrap();
     let cold = greedy_batch(&mut e, std::slice::from_ref(&b), 16);
     // A fresh engine: b cold again, after a has filled the cache with the shared system prompt.
-    let (mut e2, _) = setup(EngineConfig { num_blocks: 128, block_size: 8, ..Default::default() });
+    let (mut e2, _) = setup(EngineConfig {
+        num_blocks: 128,
+        block_size: 8,
+        ..Default::default()
+    });
     greedy_batch(&mut e2, std::slice::from_ref(&a), 4);
     let hits_before = e2.prefix_hit_tokens();
     let warm = greedy_batch(&mut e2, std::slice::from_ref(&b), 16);
     let reused = e2.prefix_hit_tokens() - hits_before;
-    assert!(reused >= 16, "the shared system prompt came from the cache ({reused} tokens)");
+    assert!(
+        reused >= 16,
+        "the shared system prompt came from the cache ({reused} tokens)"
+    );
     assert_eq!(warm, cold);
 }
 
 #[test]
 fn chunked_prefill_equals_one_shot() {
-    let (mut one, tok) = setup(EngineConfig { num_blocks: 128, max_batch_tokens: 512, ..Default::default() });
-    let (mut chunked, _) = setup(EngineConfig { num_blocks: 128, max_batch_tokens: 7, ..Default::default() });
+    let (mut one, tok) = setup(EngineConfig {
+        num_blocks: 128,
+        max_batch_tokens: 512,
+        ..Default::default()
+    });
+    let (mut chunked, _) = setup(EngineConfig {
+        num_blocks: 128,
+        max_batch_tokens: 7,
+        ..Default::default()
+    });
     let p = tok.encode("In the beginning the universe was created. This has made a lot of people very angry and been widely regarded as a bad move.").unwrap();
     assert!(p.len() > 14, "the prompt spans several chunks");
     let a = one.add_sequence(&p).unwrap();
     let b = chunked.add_sequence(&p).unwrap();
     let la = one.prefill(a).unwrap();
     let lb = chunked.prefill(b).unwrap();
-    let max_diff = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let max_diff = la
+        .iter()
+        .zip(&lb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(max_diff < 1e-2, "last-token logits differ by {max_diff}");
     assert_eq!(argmax(&la), argmax(&lb));
     // K/V written by both paths agree too.
     let (ka, _) = one.read_kv_block(3, one.seq_blocks(a).unwrap()[0]);
     let (kb, _) = chunked.read_kv_block(3, chunked.seq_blocks(b).unwrap()[0]);
-    let kd = ka.iter().zip(&kb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let kd = ka
+        .iter()
+        .zip(&kb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(kd < 1e-2, "layer-3 keys differ by {kd}");
 }
 
 #[test]
 fn f16_cache_stays_close_to_f32() {
-    let (mut a, tok) = setup(EngineConfig { num_blocks: 64, ..Default::default() });
-    let (mut b, _) = setup(EngineConfig { num_blocks: 64, kv_format: KvFormat::F16, ..Default::default() });
+    let (mut a, tok) = setup(EngineConfig {
+        num_blocks: 64,
+        ..Default::default()
+    });
+    let (mut b, _) = setup(EngineConfig {
+        num_blocks: 64,
+        kv_format: KvFormat::F16,
+        ..Default::default()
+    });
     let ps = prompts(&tok);
     let ga = greedy_batch(&mut a, &ps[..2], 12);
     let gb = greedy_batch(&mut b, &ps[..2], 12);
@@ -122,12 +184,25 @@ fn f16_cache_stays_close_to_f32() {
 
 #[test]
 fn exhausting_the_pool_is_a_clean_error() {
-    let (mut e, tok) = setup(EngineConfig { num_blocks: 2, block_size: 4, ..Default::default() });
-    let p = tok.encode("one two three four five six seven eight nine ten eleven twelve").unwrap();
+    let (mut e, tok) = setup(EngineConfig {
+        num_blocks: 2,
+        block_size: 4,
+        ..Default::default()
+    });
+    let p = tok
+        .encode("one two three four five six seven eight nine ten eleven twelve")
+        .unwrap();
     let s = e.add_sequence(&p).unwrap();
     let err = e.prefill(s).unwrap_err();
-    assert!(matches!(err, tandem_engine::EngineError::OutOfBlocks { .. }), "{err}");
-    assert_eq!(e.seq_progress(s).unwrap().0, 0, "a failed step changes nothing");
+    assert!(
+        matches!(err, tandem_engine::EngineError::OutOfBlocks { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        e.seq_progress(s).unwrap().0,
+        0,
+        "a failed step changes nothing"
+    );
     e.remove_sequence(s).unwrap();
     assert_eq!(e.pool_stats().used, 0);
 }

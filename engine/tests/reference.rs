@@ -29,7 +29,11 @@ pub fn fixtures_dir() -> PathBuf {
 
 fn open() -> (ModelSource, Tokenizer) {
     let path = model_path();
-    assert!(path.exists(), "model {} missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "model {} missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     let src = ModelSource::open(&path).unwrap();
     let tok = Tokenizer::for_model(&src).unwrap();
     (src, tok)
@@ -42,7 +46,11 @@ fn fixtures() -> Vec<Value> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -59,7 +67,12 @@ fn tokenizer_matches_reference() {
         assert_eq!(tok.decode(&want).unwrap(), s, "round trip of {s:?}");
     }
     for f in fixtures() {
-        assert_eq!(tok.encode(f["prompt"].as_str().unwrap()).unwrap(), ids(&f["token_ids"]), "prompt {}", f["name"]);
+        assert_eq!(
+            tok.encode(f["prompt"].as_str().unwrap()).unwrap(),
+            ids(&f["token_ids"]),
+            "prompt {}",
+            f["name"]
+        );
     }
 }
 
@@ -68,9 +81,18 @@ fn chat_template_matches_reference() {
     let (_, tok) = open();
     let tmpl = tok.chat_template().unwrap();
     let mut checked = 0;
-    for f in fixtures().iter().filter(|f| f["chat"].as_bool() == Some(true)) {
-        let messages: Vec<tandem_engine::tokenizer::chat::ChatMessage> = serde_json::from_value(f["messages"].clone()).unwrap();
-        assert_eq!(tmpl.render(&messages, true).unwrap(), f["prompt"].as_str().unwrap(), "{}", f["name"]);
+    for f in fixtures()
+        .iter()
+        .filter(|f| f["chat"].as_bool() == Some(true))
+    {
+        let messages: Vec<tandem_engine::tokenizer::chat::ChatMessage> =
+            serde_json::from_value(f["messages"].clone()).unwrap();
+        assert_eq!(
+            tmpl.render(&messages, true).unwrap(),
+            f["prompt"].as_str().unwrap(),
+            "{}",
+            f["name"]
+        );
         checked += 1;
     }
     assert!(checked >= 2);
@@ -79,7 +101,16 @@ fn chat_template_matches_reference() {
 #[test]
 fn logits_and_greedy_match_reference() {
     let (src, _) = open();
-    let mut engine = Engine::new(CpuBackend::with_all_cores(), &src, EngineConfig { num_blocks: 256, ..Default::default() }, |_, _| {}).unwrap();
+    let mut engine = Engine::new(
+        CpuBackend::with_all_cores(),
+        &src,
+        EngineConfig {
+            num_blocks: 256,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap();
     let vocab = engine.model.config.vocab;
     let mut worst = 0f32;
     for f in fixtures() {
@@ -87,15 +118,34 @@ fn logits_and_greedy_match_reference() {
         let prompt = ids(&f["token_ids"]);
         let top1 = ids(&f["top1"]);
         let seq = engine.add_sequence(&prompt).unwrap();
-        assert_eq!(engine.seq_progress(seq).unwrap().0, 0, "{name}: a fresh engine per prompt has no cached prefix");
-        let logits = engine.step(&[StepItem { seq, n_tokens: prompt.len(), logits: LogitsWanted::All }]).unwrap().pop().unwrap();
+        assert_eq!(
+            engine.seq_progress(seq).unwrap().0,
+            0,
+            "{name}: a fresh engine per prompt has no cached prefix"
+        );
+        let logits = engine
+            .step(&[StepItem {
+                seq,
+                n_tokens: prompt.len(),
+                logits: LogitsWanted::All,
+            }])
+            .unwrap()
+            .pop()
+            .unwrap();
         for (pos, row) in logits.chunks_exact(vocab).enumerate() {
             let ours = tandem_engine::sampling::argmax(row);
             for pair in f["logits"][pos].as_array().unwrap() {
-                let (t, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                let (t, want) = (
+                    pair[0].as_u64().unwrap() as usize,
+                    pair[1].as_f64().unwrap() as f32,
+                );
                 let d = (row[t] - want).abs();
                 worst = worst.max(d);
-                assert!(d <= LOGIT_TOLERANCE, "{name} pos {pos} token {t}: {} vs reference {want}", row[t]);
+                assert!(
+                    d <= LOGIT_TOLERANCE,
+                    "{name} pos {pos} token {t}: {} vs reference {want}",
+                    row[t]
+                );
             }
             assert_eq!(ours, top1[pos], "{name}: top-1 at position {pos}");
         }
@@ -107,11 +157,28 @@ fn logits_and_greedy_match_reference() {
             let t = tandem_engine::sampling::argmax(&last);
             got.push(t);
             engine.append_token(seq, t).unwrap();
-            last = engine.step(&[StepItem { seq, n_tokens: 1, logits: LogitsWanted::Last }]).unwrap().pop().unwrap();
+            last = engine
+                .step(&[StepItem {
+                    seq,
+                    n_tokens: 1,
+                    logits: LogitsWanted::Last,
+                }])
+                .unwrap()
+                .pop()
+                .unwrap();
         }
         assert_eq!(got, want, "{name}: greedy continuation");
         engine.remove_sequence(seq).unwrap();
-        engine = Engine::new(CpuBackend::with_all_cores(), &src, EngineConfig { num_blocks: 256, ..Default::default() }, |_, _| {}).unwrap();
+        engine = Engine::new(
+            CpuBackend::with_all_cores(),
+            &src,
+            EngineConfig {
+                num_blocks: 256,
+                ..Default::default()
+            },
+            |_, _| {},
+        )
+        .unwrap();
     }
     eprintln!("largest logit difference from the reference: {worst:.4}");
 }

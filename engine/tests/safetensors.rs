@@ -13,13 +13,20 @@ use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 
 fn model_path() -> PathBuf {
-    std::env::var_os("TANDEM_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var_os("TANDEM_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 fn gguf_to_hf_name(name: &str) -> String {
-    let fixed = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+    let fixed = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ];
     if let Some((_, h)) = fixed.iter().find(|(g, _)| *g == name) {
         return h.to_string();
     }
@@ -70,12 +77,26 @@ fn export(src: &ModelSource, tok: &Tokenizer, dir: &Path) {
         } else if t.name.ends_with("attn_k.weight") {
             f = unpermute(&f, cfg.kv_heads, view.cols);
         }
-        let shape = if view.rows == 1 { vec![view.cols] } else { vec![view.rows, view.cols] };
-        tensors.push((gguf_to_hf_name(&t.name), f.iter().flat_map(|v| v.to_le_bytes()).collect(), shape));
+        let shape = if view.rows == 1 {
+            vec![view.cols]
+        } else {
+            vec![view.rows, view.cols]
+        };
+        tensors.push((
+            gguf_to_hf_name(&t.name),
+            f.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            shape,
+        ));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
     safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     let config = serde_json::json!({
@@ -100,7 +121,11 @@ fn export(src: &ModelSource, tok: &Tokenizer, dir: &Path) {
 #[test]
 fn hf_directory_matches_gguf() {
     let path = model_path();
-    assert!(path.exists(), "model {} missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "model {} missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     let gsrc = ModelSource::open(&path).unwrap();
     let gtok = Tokenizer::for_model(&gsrc).unwrap();
     let dir = std::env::temp_dir().join(format!("tandem-hf-{}", std::process::id()));
@@ -109,31 +134,67 @@ fn hf_directory_matches_gguf() {
 
     let hsrc = ModelSource::open(&dir).unwrap();
     let htok = Tokenizer::for_model(&hsrc).unwrap();
-    let text = "<|im_start|>user\nWhat is 12 + 30? Answer briefly.<|im_end|>\n<|im_start|>assistant\n";
+    let text =
+        "<|im_start|>user\nWhat is 12 + 30? Answer briefly.<|im_end|>\n<|im_start|>assistant\n";
     let ids = gtok.encode(text).unwrap();
     assert_eq!(htok.encode(text).unwrap(), ids);
     assert_eq!(htok.eos, gtok.eos);
     assert!(htok.chat_template().is_ok());
 
-    let config = EngineConfig { num_blocks: 64, ..Default::default() };
-    let mut ge = Engine::new(CpuBackend::with_all_cores(), &gsrc, config.clone(), |_, _| {}).unwrap();
+    let config = EngineConfig {
+        num_blocks: 64,
+        ..Default::default()
+    };
+    let mut ge = Engine::new(
+        CpuBackend::with_all_cores(),
+        &gsrc,
+        config.clone(),
+        |_, _| {},
+    )
+    .unwrap();
     let mut he = Engine::new(CpuBackend::with_all_cores(), &hsrc, config, |_, _| {}).unwrap();
-    assert_eq!(ge.model.config.rope.layout, tandem_engine::model::RopeLayout::Interleaved);
-    assert_eq!(he.model.config.rope.layout, tandem_engine::model::RopeLayout::Halves);
+    assert_eq!(
+        ge.model.config.rope.layout,
+        tandem_engine::model::RopeLayout::Interleaved
+    );
+    assert_eq!(
+        he.model.config.rope.layout,
+        tandem_engine::model::RopeLayout::Halves
+    );
     let run = |e: &mut Engine<CpuBackend>| {
         let s = e.add_sequence(&ids).unwrap();
-        let first = e.step(&[StepItem { seq: s, n_tokens: ids.len(), logits: LogitsWanted::Last }]).unwrap().pop().unwrap();
+        let first = e
+            .step(&[StepItem {
+                seq: s,
+                n_tokens: ids.len(),
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .pop()
+            .unwrap();
         let mut toks = vec![argmax(&first)];
         for _ in 0..12 {
             e.append_token(s, *toks.last().unwrap()).unwrap();
-            let l = e.step(&[StepItem { seq: s, n_tokens: 1, logits: LogitsWanted::Last }]).unwrap().pop().unwrap();
+            let l = e
+                .step(&[StepItem {
+                    seq: s,
+                    n_tokens: 1,
+                    logits: LogitsWanted::Last,
+                }])
+                .unwrap()
+                .pop()
+                .unwrap();
             toks.push(argmax(&l));
         }
         (first, toks)
     };
     let (gl, gt) = run(&mut ge);
     let (hl, ht) = run(&mut he);
-    let diff = gl.iter().zip(&hl).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = gl
+        .iter()
+        .zip(&hl)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(diff < 0.02, "first-token logits differ by {diff}");
     assert_eq!(gt, ht);
     let _ = std::fs::remove_dir_all(&dir);

@@ -41,17 +41,23 @@ fn main() -> ExitCode {
         Err(e) => {
             // Usage errors in one line (clap's first line names the argument); `--help` has the rest.
             let text = e.render().to_string();
-            eprintln!("{} (see --help)", text.lines().next().unwrap_or("invalid arguments"));
+            eprintln!(
+                "{} (see --help)",
+                text.lines().next().unwrap_or("invalid arguments")
+            );
             return ExitCode::from(2);
         }
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if threads == 0 {
         eprintln!("error: --threads must be at least 1");
         return ExitCode::from(2);

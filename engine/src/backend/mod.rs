@@ -61,7 +61,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `out[r] = table[tokens[r]]`.
     fn embed(&self, table: &Self::Matrix, plan: &Self::Plan, out: &mut Self::Activations);
     /// `out = x / rms(x) * w`, per row.
-    fn rms_norm(&self, x: &Self::Activations, w: &Self::Vector, eps: f32, out: &mut Self::Activations);
+    fn rms_norm(
+        &self,
+        x: &Self::Activations,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Activations,
+    );
     /// For each pair, `out = x @ w^T`. Several weights sharing one input run as one parallel region.
     fn matmul(&self, x: &Self::Activations, pairs: &mut [(&Self::Matrix, &mut Self::Activations)]);
     /// `x[r] += b` for every row.
@@ -69,15 +75,34 @@ pub trait Backend: Send + Sync + 'static {
     /// Rotates each head of `x` by its token's position.
     fn rope(&self, x: &mut Self::Activations, heads: usize, plan: &Self::Plan);
     /// Writes each row's K and V into its slot of `layer`.
-    fn store_kv(&self, kv: &mut Self::KvStore, layer: usize, k: &Self::Activations, v: &Self::Activations, plan: &Self::Plan);
+    fn store_kv(
+        &self,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        k: &Self::Activations,
+        v: &Self::Activations,
+        plan: &Self::Plan,
+    );
     /// Causal attention of every query row over its sequence's cached K/V (grouped-query aware).
-    fn attention(&self, q: &Self::Activations, kv: &Self::KvStore, layer: usize, plan: &Self::Plan, out: &mut Self::Activations);
+    fn attention(
+        &self,
+        q: &Self::Activations,
+        kv: &Self::KvStore,
+        layer: usize,
+        plan: &Self::Plan,
+        out: &mut Self::Activations,
+    );
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Activations, up: &Self::Activations);
     /// `x += y`.
     fn add(&self, x: &mut Self::Activations, y: &Self::Activations);
     /// Copies the plan's logit rows of `x` into `out` (`logit_rows.len()` rows).
-    fn gather_logit_rows(&self, x: &Self::Activations, plan: &Self::Plan, out: &mut Self::Activations);
+    fn gather_logit_rows(
+        &self,
+        x: &Self::Activations,
+        plan: &Self::Plan,
+        out: &mut Self::Activations,
+    );
     /// Copies activations to the host.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
     /// Copies one block's K and V of `layer` to the host (`[kv_heads][block_size][head_dim]` each), for transfer and tests.

@@ -65,7 +65,10 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Maps and parses `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| EngineError::ModelIo { path: path.to_path_buf(), source };
+        let io = |source| EngineError::ModelIo {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY (not an unsafe block of ours, but the contract of `Mmap::map`): the file must not be truncated
         // while mapped. Model files are read-only inputs; every access is bounds-checked against the length seen
@@ -93,12 +96,20 @@ impl GgufFile {
         let mut c = Cursor::new(bytes);
         let magic = c.take(4, "magic")?;
         if magic != MAGIC {
-            return Err(EngineError::malformed(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
+            return Err(EngineError::malformed(format!(
+                "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
+            )));
         }
         let version = c.u32("version")?;
         if version != 2 && version != 3 {
-            let hint = if version.swap_bytes() == 2 || version.swap_bytes() == 3 { " (big-endian files are not supported)" } else { "" };
-            return Err(EngineError::UnsupportedModel(format!("GGUF version {version}{hint}; supported: 2, 3")));
+            let hint = if version.swap_bytes() == 2 || version.swap_bytes() == 3 {
+                " (big-endian files are not supported)"
+            } else {
+                ""
+            };
+            return Err(EngineError::UnsupportedModel(format!(
+                "GGUF version {version}{hint}; supported: 2, 3"
+            )));
         }
         // A tensor descriptor takes at least 8 (name len) + 4 (n_dims) + 4 (type) + 8 (offset) bytes.
         let tensor_count = c.count("tensor count", 24)?;
@@ -111,14 +122,20 @@ impl GgufFile {
             let type_id = c.u32("metadata value type")?;
             let value = c.value(type_id, &key)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(EngineError::malformed(format!("metadata key {key:?} appears twice")));
+                return Err(EngineError::malformed(format!(
+                    "metadata key {key:?} appears twice"
+                )));
             }
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
-                _ => return Err(EngineError::malformed(format!("general.alignment {v:?} is not a power of two"))),
+                _ => {
+                    return Err(EngineError::malformed(format!(
+                        "general.alignment {v:?} is not a power of two"
+                    )));
+                }
             },
         };
 
@@ -133,16 +150,24 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor dims")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(EngineError::malformed(format!("tensor {name:?} has {n_dims} dims (1..={MAX_DIMS} allowed)")));
+                return Err(EngineError::malformed(format!(
+                    "tensor {name:?} has {n_dims} dims (1..={MAX_DIMS} allowed)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 dims.push(c.u64("tensor dim")?);
             }
-            let ty = GgmlType::from_id(c.u32("tensor type")?)
-                .map_err(|e| EngineError::UnsupportedModel(format!("tensor {name:?} (#{i}): {e}")))?;
+            let ty = GgmlType::from_id(c.u32("tensor type")?).map_err(|e| {
+                EngineError::UnsupportedModel(format!("tensor {name:?} (#{i}): {e}"))
+            })?;
             let offset = c.u64("tensor offset")?;
-            raws.push(Raw { name, dims, ty, offset });
+            raws.push(Raw {
+                name,
+                dims,
+                ty,
+                offset,
+            });
         }
         let data_start = (c.pos() as u64).div_ceil(alignment) * alignment;
         let file_len = bytes.len() as u64;
@@ -150,7 +175,10 @@ impl GgufFile {
         let mut seen = std::collections::HashSet::new();
         for r in raws {
             if !seen.insert(r.name.clone()) {
-                return Err(EngineError::malformed(format!("tensor {:?} appears twice", r.name)));
+                return Err(EngineError::malformed(format!(
+                    "tensor {:?} appears twice",
+                    r.name
+                )));
             }
             let elems = r.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let row = r.dims[0];
@@ -165,7 +193,10 @@ impl GgufFile {
                 )));
             };
             if r.offset % alignment != 0 {
-                return Err(EngineError::malformed(format!("tensor {:?} offset {} is not aligned to {alignment}", r.name, r.offset)));
+                return Err(EngineError::malformed(format!(
+                    "tensor {:?} offset {} is not aligned to {alignment}",
+                    r.name, r.offset
+                )));
             }
             let start = data_start.checked_add(r.offset);
             let end = start.and_then(|s| s.checked_add(len));
@@ -185,7 +216,13 @@ impl GgufFile {
                 }
             }
         }
-        Ok(Self { backing, version, metadata, tensors, alignment })
+        Ok(Self {
+            backing,
+            version,
+            metadata,
+            tensors,
+            alignment,
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -219,7 +256,11 @@ impl GgufFile {
             EngineError::malformed(format!("metadata {key} is missing or not an array"))
         })?;
         arr.iter()
-            .map(|v| v.as_str().ok_or_else(|| EngineError::malformed(format!("metadata {key} holds a non-string"))))
+            .map(|v| {
+                v.as_str().ok_or_else(|| {
+                    EngineError::malformed(format!("metadata {key} holds a non-string"))
+                })
+            })
             .collect()
     }
 }

@@ -34,7 +34,7 @@ impl Writer {
         self.out.extend(offset.to_le_bytes());
     }
     fn pad(&mut self, align: usize) {
-        while self.out.len() % align != 0 {
+        while !self.out.len().is_multiple_of(align) {
             self.out.push(0);
         }
     }
@@ -76,7 +76,7 @@ fn sample(version: u32, align: Option<u32>) -> Vec<u8> {
         w.out.extend((i as f32).to_le_bytes());
     }
     w.pad(align as usize);
-    while (w.out.len() as u64) % align != 0 || w.out.len() % 32 != 0 {
+    while !(w.out.len() as u64).is_multiple_of(align) || !w.out.len().is_multiple_of(32) {
         w.out.push(0);
     }
     // Q8_0 block: scale 1.0 then 32 quants.
@@ -99,7 +99,10 @@ fn reads_every_value_type_in_v2_and_v3() {
         assert_eq!(f.get("f32"), Some(&MetaValue::F32(1.5)));
         assert_eq!(f.get("bool"), Some(&MetaValue::Bool(true)));
         assert_eq!(f.get_str("str"), Some("hello"));
-        assert_eq!(f.get("arr").and_then(|a| a.as_array()).map(|a| a.len()), Some(3));
+        assert_eq!(
+            f.get("arr").and_then(|a| a.as_array()).map(|a| a.len()),
+            Some(3)
+        );
         assert_eq!(f.get_u64("u64"), Some(1 << 40));
         assert_eq!(f.get("i64"), Some(&MetaValue::I64(-1)));
         assert_eq!(f.get_f64("f64"), Some(2.25));
@@ -148,9 +151,13 @@ fn lying_counts_do_not_allocate() {
 
 #[test]
 fn rejects_bad_magic_version_type_and_ranges() {
-    let e = GgufFile::from_bytes(b"GGML\x03\0\0\0".to_vec()).unwrap_err().to_string();
+    let e = GgufFile::from_bytes(b"GGML\x03\0\0\0".to_vec())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a GGUF file"), "{e}");
-    let e = GgufFile::from_bytes(Writer::new(1, 0, 0).out).unwrap_err().to_string();
+    let e = GgufFile::from_bytes(Writer::new(1, 0, 0).out)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("version 1"), "{e}");
 
     let mut w = Writer::new(3, 1, 0);

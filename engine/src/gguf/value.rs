@@ -94,7 +94,10 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
     pub(crate) fn u32(&mut self, what: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(what)?))
@@ -140,12 +143,18 @@ impl<'a> Cursor<'a> {
             7 => match self.array::<1>(what)?[0] {
                 0 => MetaValue::Bool(false),
                 1 => MetaValue::Bool(true),
-                b => return Err(EngineError::malformed(format!("{what}: bool byte {b} is neither 0 nor 1"))),
+                b => {
+                    return Err(EngineError::malformed(format!(
+                        "{what}: bool byte {b} is neither 0 nor 1"
+                    )));
+                }
             },
             8 => MetaValue::String(self.string(what)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(EngineError::malformed(format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                    return Err(EngineError::malformed(format!(
+                        "{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
                 }
                 let elem_type = self.u32(what)?;
                 let n = self.count(what, min_value_bytes(elem_type))?;
@@ -158,7 +167,11 @@ impl<'a> Cursor<'a> {
             10 => MetaValue::U64(self.u64(what)?),
             11 => MetaValue::I64(i64::from_le_bytes(self.array(what)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array(what)?)),
-            other => return Err(EngineError::malformed(format!("{what}: unknown metadata value type {other}"))),
+            other => {
+                return Err(EngineError::malformed(format!(
+                    "{what}: unknown metadata value type {other}"
+                )));
+            }
         })
     }
 }

@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn partial_blocks_are_not_hashed() {
         assert_eq!(block_hashes(HashSeed::default(), &[1, 2, 3], 4).len(), 0);
-        assert_eq!(block_hashes(HashSeed::default(), &[1, 2, 3, 4, 5], 4).len(), 1);
+        assert_eq!(
+            block_hashes(HashSeed::default(), &[1, 2, 3, 4, 5], 4).len(),
+            1
+        );
     }
 
     #[test]

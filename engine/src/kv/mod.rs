@@ -33,7 +33,9 @@ impl KvFormat {
         match s {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
-            other => Err(EngineError::invalid(format!("kv format {other:?}: expected f32 or f16"))),
+            other => Err(EngineError::invalid(format!(
+                "kv format {other:?}: expected f32 or f16"
+            ))),
         }
     }
 }

@@ -71,7 +71,12 @@ impl BlockPool {
     pub fn stats(&self) -> PoolStats {
         let cached = self.lru.len();
         let free = self.free.len();
-        PoolStats { total: self.meta.len(), free, cached, used: self.meta.len() - free - cached }
+        PoolStats {
+            total: self.meta.len(),
+            free,
+            cached,
+            used: self.meta.len() - free - cached,
+        }
     }
 
     /// Blocks an allocation can obtain right now (free plus evictable).
@@ -82,7 +87,10 @@ impl BlockPool {
     /// Takes `n` blocks, evicting least-recently-used cached blocks when the free list runs out.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>> {
         if n > self.available() {
-            return Err(EngineError::OutOfBlocks { needed: n, available: self.available() });
+            return Err(EngineError::OutOfBlocks {
+                needed: n,
+                available: self.available(),
+            });
         }
         let mut out = Vec::with_capacity(n);
         let mut evicted = Vec::new();
@@ -90,14 +98,17 @@ impl BlockPool {
             let id = match self.free.pop() {
                 Some(id) => id,
                 None => {
-                    let (_, id) = self.lru.pop_first().expect("available() counted this block");
+                    let (_, id) = self
+                        .lru
+                        .pop_first()
+                        .expect("available() counted this block");
                     let m = &mut self.meta[id.0 as usize];
                     m.lru_tick = None;
-                    if let Some(h) = m.hash.take() {
-                        if self.by_hash.get(&h) == Some(&id) {
-                            self.by_hash.remove(&h);
-                            evicted.push(h);
-                        }
+                    if let Some(h) = m.hash.take()
+                        && self.by_hash.get(&h) == Some(&id)
+                    {
+                        self.by_hash.remove(&h);
+                        evicted.push(h);
                     }
                     id
                 }
@@ -106,7 +117,10 @@ impl BlockPool {
             out.push(id);
         }
         if !evicted.is_empty() {
-            self.push_event(|seq| KvEvent::Removed { seq, hashes: evicted });
+            self.push_event(|seq| KvEvent::Removed {
+                seq,
+                hashes: evicted,
+            });
         }
         Ok(out)
     }
@@ -115,7 +129,9 @@ impl BlockPool {
     pub fn acquire_prefix(&mut self, hashes: &[BlockHash]) -> Vec<BlockId> {
         let mut out = Vec::new();
         for h in hashes {
-            let Some(&id) = self.by_hash.get(h) else { break };
+            let Some(&id) = self.by_hash.get(h) else {
+                break;
+            };
             let m = &mut self.meta[id.0 as usize];
             if let Some(t) = m.lru_tick.take() {
                 self.lru.remove(&t);
@@ -128,7 +144,10 @@ impl BlockPool {
 
     /// How many leading `hashes` this pool holds, without taking references.
     pub fn cached_prefix_len(&self, hashes: &[BlockHash]) -> usize {
-        hashes.iter().take_while(|h| self.by_hash.contains_key(h)).count()
+        hashes
+            .iter()
+            .take_while(|h| self.by_hash.contains_key(h))
+            .count()
     }
 
     /// Marks an owned, completely filled block as holding `hash`, making it findable by later sequences.
@@ -142,7 +161,10 @@ impl BlockPool {
         // If another block already holds this prefix, keep the first: both are valid, one is enough to index.
         if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(hash) {
             e.insert(id);
-            self.push_event(|seq| KvEvent::Stored { seq, hashes: vec![hash] });
+            self.push_event(|seq| KvEvent::Stored {
+                seq,
+                hashes: vec![hash],
+            });
         }
     }
 
@@ -199,7 +221,10 @@ impl BlockPool {
                 seen[i] += 1;
             }
         }
-        assert!(seen.iter().all(|&s| s == 1), "a block is in more or fewer than one state: {seen:?}");
+        assert!(
+            seen.iter().all(|&s| s == 1),
+            "a block is in more or fewer than one state: {seen:?}"
+        );
         for (h, id) in &self.by_hash {
             assert_eq!(self.meta[id.0 as usize].hash, Some(*h));
         }
@@ -218,7 +243,15 @@ mod tests {
         p.commit(a[0], BlockHash(10));
         p.commit(a[1], BlockHash(11));
         p.release(&a);
-        assert_eq!(p.stats(), PoolStats { total: 4, free: 2, cached: 2, used: 0 });
+        assert_eq!(
+            p.stats(),
+            PoolStats {
+                total: 4,
+                free: 2,
+                cached: 2,
+                used: 0
+            }
+        );
         let hit = p.acquire_prefix(&[BlockHash(10), BlockHash(11), BlockHash(12)]);
         assert_eq!(hit, a);
         p.release(&hit);
@@ -236,7 +269,13 @@ mod tests {
         let a = p.allocate(2).unwrap();
         let before = p.stats();
         let e = p.allocate(2).unwrap_err();
-        assert!(matches!(e, EngineError::OutOfBlocks { needed: 2, available: 1 }));
+        assert!(matches!(
+            e,
+            EngineError::OutOfBlocks {
+                needed: 2,
+                available: 1
+            }
+        ));
         assert_eq!(p.stats(), before);
         p.release(&a);
     }

@@ -76,7 +76,8 @@ pub fn llama3_freq_factors(
             } else if wavelen > low_wavelen {
                 factor
             } else {
-                let smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth = (original_context / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
                 // The scaled frequency is (1 - s) * f / factor + s * f; express it as a divisor of f.
                 1.0 / ((1.0 - smooth) / factor + smooth)
             }
@@ -110,16 +111,21 @@ impl ModelConfig {
         let architecture = Architecture::parse(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let req = |k: &str| -> Result<usize> {
-            let v = f.get_u64(&key(k)).ok_or_else(|| EngineError::malformed(format!("metadata {} is missing", key(k))))?;
-            usize::try_from(v).map_err(|_| EngineError::malformed(format!("metadata {} = {v} is too large", key(k))))
+            let v = f
+                .get_u64(&key(k))
+                .ok_or_else(|| EngineError::malformed(format!("metadata {} is missing", key(k))))?;
+            usize::try_from(v).map_err(|_| {
+                EngineError::malformed(format!("metadata {} = {v} is too large", key(k)))
+            })
         };
         let hidden = req("embedding_length")?;
         let heads = req("attention.head_count")?;
-        let kv_heads = f.get_u64(&key("attention.head_count_kv")).map_or(heads, |v| v as usize);
+        let kv_heads = f
+            .get_u64(&key("attention.head_count_kv"))
+            .map_or(heads, |v| v as usize);
         let head_dim = match f.get_u64(&key("attention.key_length")) {
             Some(v) => v as usize,
-            None if heads > 0 => hidden / heads,
-            None => 0,
+            None => hidden.checked_div(heads).unwrap_or(0),
         };
         let vocab = match f.get_u64(&key("vocab_size")) {
             Some(v) => v as usize,
@@ -140,8 +146,14 @@ impl ModelConfig {
             ffn: req("feed_forward_length")?,
             vocab,
             context_len: req("context_length")?,
-            rms_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
-            rope: RopeConfig { theta, layout, freq_factors: None },
+            rms_eps: f
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
+            rope: RopeConfig {
+                theta,
+                layout,
+                freq_factors: None,
+            },
             qkv_bias: architecture == Architecture::Qwen2,
         };
         cfg.validate()?;
@@ -151,22 +163,33 @@ impl ModelConfig {
     /// Reads an HF `config.json`.
     pub fn from_hf_config(json: &serde_json::Value) -> Result<Self> {
         let get = |k: &str| json.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-        let req = |k: &str| get(k).ok_or_else(|| EngineError::malformed(format!("config.json: {k} is missing")));
+        let req = |k: &str| {
+            get(k).ok_or_else(|| EngineError::malformed(format!("config.json: {k} is missing")))
+        };
         let arch_name = json
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(|a| a.as_str())
             .or_else(|| json.get("model_type").and_then(|m| m.as_str()))
-            .ok_or_else(|| EngineError::malformed("config.json: architectures and model_type are missing"))?;
+            .ok_or_else(|| {
+                EngineError::malformed("config.json: architectures and model_type are missing")
+            })?;
         let architecture = Architecture::parse(arch_name)?;
         let hidden = req("hidden_size")?;
         let heads = req("num_attention_heads")?;
-        let head_dim = get("head_dim").unwrap_or(if heads > 0 { hidden / heads } else { 0 });
-        let theta = json.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
+        let head_dim = get("head_dim").unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+        let theta = json
+            .get("rope_theta")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0) as f32;
         let freq_factors = match json.get("rope_scaling").filter(|v| !v.is_null()) {
             None => None,
             Some(s) => {
-                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
                 let num = |k: &str, d: f64| s.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
                 match kind {
                     "llama3" => Some(llama3_freq_factors(
@@ -179,7 +202,9 @@ impl ModelConfig {
                     )),
                     "default" | "" => None,
                     other => {
-                        return Err(EngineError::UnsupportedModel(format!("config.json: rope_scaling type {other:?}")));
+                        return Err(EngineError::UnsupportedModel(format!(
+                            "config.json: rope_scaling type {other:?}"
+                        )));
                     }
                 }
             }
@@ -194,8 +219,15 @@ impl ModelConfig {
             ffn: req("intermediate_size")?,
             vocab: req("vocab_size")?,
             context_len: get("max_position_embeddings").unwrap_or(4096),
-            rms_eps: json.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
-            rope: RopeConfig { theta, layout: RopeLayout::Halves, freq_factors },
+            rms_eps: json
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5) as f32,
+            rope: RopeConfig {
+                theta,
+                layout: RopeLayout::Halves,
+                freq_factors,
+            },
             qkv_bias: architecture == Architecture::Qwen2,
         };
         cfg.validate()?;
@@ -204,17 +236,31 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::malformed(m));
-        if self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 || self.layers == 0 || self.vocab == 0 {
+        if self.hidden == 0
+            || self.heads == 0
+            || self.kv_heads == 0
+            || self.layers == 0
+            || self.vocab == 0
+        {
             return bad(format!("model has a zero dimension: {self:?}"));
         }
-        if self.heads % self.kv_heads != 0 {
-            return bad(format!("{} attention heads are not a multiple of {} KV heads", self.heads, self.kv_heads));
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                self.heads, self.kv_heads
+            ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim > 512 {
-            return bad(format!("head_dim {} must be even and at most 512", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) || self.head_dim > 512 {
+            return bad(format!(
+                "head_dim {} must be even and at most 512",
+                self.head_dim
+            ));
         }
-        if self.hidden % 32 != 0 || self.ffn % 32 != 0 {
-            return bad(format!("hidden {} and ffn {} must be multiples of 32", self.hidden, self.ffn));
+        if !self.hidden.is_multiple_of(32) || !self.ffn.is_multiple_of(32) {
+            return bad(format!(
+                "hidden {} and ffn {} must be multiples of 32",
+                self.hidden, self.ffn
+            ));
         }
         if self.rope.theta <= 0.0 || !self.rope.theta.is_finite() {
             return bad(format!("rope theta {} must be positive", self.rope.theta));
@@ -230,7 +276,9 @@ impl ModelConfig {
     }
     /// Parameters in the matrices a token passes through (embeddings excluded, output head included).
     pub fn matmul_params(&self) -> u64 {
-        let per_layer = self.hidden * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.hidden + 3 * self.hidden * self.ffn;
+        let per_layer = self.hidden * (self.q_dim() + 2 * self.kv_dim())
+            + self.q_dim() * self.hidden
+            + 3 * self.hidden * self.ffn;
         (per_layer * self.layers + self.vocab * self.hidden) as u64
     }
 }

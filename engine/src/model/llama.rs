@@ -51,13 +51,28 @@ pub struct Scratch<B: Backend> {
 impl<B: Backend> Scratch<B> {
     pub fn new(backend: &B) -> Self {
         let a = || backend.activations(0, 0);
-        Self { x: a(), h: a(), q: a(), k: a(), v: a(), att: a(), gate: a(), up: a(), sel: a(), logits: a() }
+        Self {
+            x: a(),
+            h: a(),
+            q: a(),
+            k: a(),
+            v: a(),
+            att: a(),
+            gate: a(),
+            up: a(),
+            sel: a(),
+            logits: a(),
+        }
     }
 }
 
 impl<B: Backend> LlamaModel<B> {
     /// Loads every tensor the config calls for, checking names and shapes; `progress` is told after each layer.
-    pub fn load(src: &ModelSource, backend: &B, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        src: &ModelSource,
+        backend: &B,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         let c = src.config()?;
         let (d, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
         let embed_view = src.require("token_embd.weight", c.vocab, d)?;
@@ -66,7 +81,9 @@ impl<B: Backend> LlamaModel<B> {
             Some(_) => Some(backend.load_matrix(&src.require("output.weight", c.vocab, d)?)?),
             None => None,
         };
-        let vec = |name: &str, n: usize| -> Result<B::Vector> { backend.load_vector(&src.require(name, 1, n)?) };
+        let vec = |name: &str, n: usize| -> Result<B::Vector> {
+            backend.load_vector(&src.require(name, 1, n)?)
+        };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix> {
             backend.load_matrix(&src.require(name, rows, cols)?)
         };
@@ -75,7 +92,11 @@ impl<B: Backend> LlamaModel<B> {
         for i in 0..c.layers {
             let p = |s: &str| format!("blk.{i}.{s}");
             let bias = if c.qkv_bias {
-                Some([vec(&p("attn_q.bias"), qd)?, vec(&p("attn_k.bias"), kvd)?, vec(&p("attn_v.bias"), kvd)?])
+                Some([
+                    vec(&p("attn_q.bias"), qd)?,
+                    vec(&p("attn_k.bias"), kvd)?,
+                    vec(&p("attn_v.bias"), kvd)?,
+                ])
             } else {
                 None
             };
@@ -93,12 +114,24 @@ impl<B: Backend> LlamaModel<B> {
             });
             progress(i + 1, c.layers);
         }
-        Ok(Self { config: c, embed, output, output_norm, layers })
+        Ok(Self {
+            config: c,
+            embed,
+            output,
+            output_norm,
+            layers,
+        })
     }
 
     /// Runs one step over `batch`, writing every token's K/V into `kv`, and returns the logits of
     /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`).
-    pub fn forward(&self, backend: &B, kv: &mut B::KvStore, batch: &BatchLayout, s: &mut Scratch<B>) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        backend: &B,
+        kv: &mut B::KvStore,
+        batch: &BatchLayout,
+        s: &mut Scratch<B>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = batch.tokens.len();
         if n == 0 || batch.positions.len() != n || batch.slots.len() != n {
@@ -109,13 +142,19 @@ impl<B: Backend> LlamaModel<B> {
             )));
         }
         if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(EngineError::invalid(format!("token id {t} is outside the vocabulary of {}", c.vocab)));
+            return Err(EngineError::invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab
+            )));
         }
         let plan = backend.plan(batch, &c.rope, c.head_dim);
         backend.embed(&self.embed, &plan, &mut s.x);
         for (li, l) in self.layers.iter().enumerate() {
             backend.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
-            backend.matmul(&s.h, &mut [(&l.wq, &mut s.q), (&l.wk, &mut s.k), (&l.wv, &mut s.v)]);
+            backend.matmul(
+                &s.h,
+                &mut [(&l.wq, &mut s.q), (&l.wk, &mut s.k), (&l.wv, &mut s.v)],
+            );
             if let Some([bq, bk, bv]) = &l.bias {
                 backend.add_bias(&mut s.q, bq);
                 backend.add_bias(&mut s.k, bk);
@@ -144,4 +183,3 @@ impl<B: Backend> LlamaModel<B> {
         Ok(backend.to_host(&s.logits))
     }
 }
-

@@ -46,14 +46,24 @@ pub struct StEntry {
 /// An opened model: its config and its tensors.
 pub enum ModelSource {
     Gguf(GgufFile),
-    Safetensors { dir: PathBuf, shards: Vec<SafetensorsShard>, tensors: HashMap<String, StEntry>, config: serde_json::Value },
+    Safetensors {
+        dir: PathBuf,
+        shards: Vec<SafetensorsShard>,
+        tensors: HashMap<String, StEntry>,
+        config: serde_json::Value,
+    },
 }
 
 impl std::fmt::Debug for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Gguf(g) => write!(f, "ModelSource::Gguf({g:?})"),
-            Self::Safetensors { dir, tensors, .. } => write!(f, "ModelSource::Safetensors({}, {} tensors)", dir.display(), tensors.len()),
+            Self::Safetensors { dir, tensors, .. } => write!(
+                f,
+                "ModelSource::Safetensors({}, {} tensors)",
+                dir.display(),
+                tensors.len()
+            ),
         }
     }
 }
@@ -61,7 +71,10 @@ impl std::fmt::Debug for ModelSource {
 impl ModelSource {
     /// Opens a `.gguf` file or a directory holding `config.json` and safetensors shards.
     pub fn open(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|source| EngineError::ModelIo { path: path.to_path_buf(), source })?;
+        let meta = std::fs::metadata(path).map_err(|source| EngineError::ModelIo {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if meta.is_dir() {
             Self::open_safetensors(path)
         } else {
@@ -85,7 +98,10 @@ impl ModelSource {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(EngineError::malformed(format!("{} has config.json but no .safetensors files", dir.display())));
+            return Err(EngineError::malformed(format!(
+                "{} has config.json but no .safetensors files",
+                dir.display()
+            )));
         }
         let mut shards = Vec::new();
         let mut tensors = HashMap::new();
@@ -102,19 +118,41 @@ impl ModelSource {
                     safetensors::Dtype::F16 => GgmlType::F16,
                     safetensors::Dtype::BF16 => GgmlType::BF16,
                     other => {
-                        return Err(EngineError::UnsupportedModel(format!("tensor {name}: safetensors dtype {other:?}")));
+                        return Err(EngineError::UnsupportedModel(format!(
+                            "tensor {name}: safetensors dtype {other:?}"
+                        )));
                     }
                 };
                 let (start, end) = info.data_offsets;
                 if data_start + end > map.len() || start > end {
-                    return Err(EngineError::malformed(format!("tensor {name} runs past the end of {}", file.display())));
+                    return Err(EngineError::malformed(format!(
+                        "tensor {name} runs past the end of {}",
+                        file.display()
+                    )));
                 }
                 let gguf_name = hf_to_gguf_name(&name);
-                tensors.insert(gguf_name, StEntry { shard: si, ty, shape: info.shape.clone(), start, end });
+                tensors.insert(
+                    gguf_name,
+                    StEntry {
+                        shard: si,
+                        ty,
+                        shape: info.shape.clone(),
+                        start,
+                        end,
+                    },
+                );
             }
-            shards.push(SafetensorsShard { map: std::sync::Arc::new(map), data_start });
+            shards.push(SafetensorsShard {
+                map: std::sync::Arc::new(map),
+                data_start,
+            });
         }
-        Ok(Self::Safetensors { dir: dir.to_path_buf(), shards, tensors, config })
+        Ok(Self::Safetensors {
+            dir: dir.to_path_buf(),
+            shards,
+            tensors,
+            config,
+        })
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
@@ -136,34 +174,63 @@ impl ModelSource {
     pub fn tensor(&self, name: &str) -> Result<Option<WeightView<'_>>> {
         match self {
             Self::Gguf(g) => {
-                let Some(t) = g.tensor(name) else { return Ok(None) };
+                let Some(t) = g.tensor(name) else {
+                    return Ok(None);
+                };
                 let cols = t.dims[0] as usize;
                 let rows = (t.elems() / t.dims[0].max(1)) as usize;
-                Ok(Some(WeightView { ty: t.ty, rows, cols, bytes: g.tensor_bytes(t), shared: g.shared(), offset: t.start }))
+                Ok(Some(WeightView {
+                    ty: t.ty,
+                    rows,
+                    cols,
+                    bytes: g.tensor_bytes(t),
+                    shared: g.shared(),
+                    offset: t.start,
+                }))
             }
-            Self::Safetensors { shards, tensors, .. } => {
-                let Some(e) = tensors.get(name) else { return Ok(None) };
+            Self::Safetensors {
+                shards, tensors, ..
+            } => {
+                let Some(e) = tensors.get(name) else {
+                    return Ok(None);
+                };
                 let (rows, cols) = match e.shape.as_slice() {
                     [c] => (1, *c),
                     [r, c] => (*r, *c),
                     other => {
-                        return Err(EngineError::BadTensor { name: name.into(), reason: format!("shape {other:?} is not 1-D or 2-D") });
+                        return Err(EngineError::BadTensor {
+                            name: name.into(),
+                            reason: format!("shape {other:?} is not 1-D or 2-D"),
+                        });
                     }
                 };
                 let s = &shards[e.shard];
                 let offset = s.data_start + e.start;
                 let bytes = &(*s.map).as_ref()[offset..s.data_start + e.end];
                 if bytes.len() != rows * cols * e.ty.block_bytes() {
-                    return Err(EngineError::BadTensor { name: name.into(), reason: format!("{} bytes for shape {:?}", bytes.len(), e.shape) });
+                    return Err(EngineError::BadTensor {
+                        name: name.into(),
+                        reason: format!("{} bytes for shape {:?}", bytes.len(), e.shape),
+                    });
                 }
-                Ok(Some(WeightView { ty: e.ty, rows, cols, bytes, shared: &s.map, offset }))
+                Ok(Some(WeightView {
+                    ty: e.ty,
+                    rows,
+                    cols,
+                    bytes,
+                    shared: &s.map,
+                    offset,
+                }))
             }
         }
     }
 
     /// A tensor that must exist with the given shape.
     pub fn require(&self, name: &str, rows: usize, cols: usize) -> Result<WeightView<'_>> {
-        let v = self.tensor(name)?.ok_or_else(|| EngineError::BadTensor { name: name.into(), reason: "missing".into() })?;
+        let v = self.tensor(name)?.ok_or_else(|| EngineError::BadTensor {
+            name: name.into(),
+            reason: "missing".into(),
+        })?;
         if v.rows != rows || v.cols != cols {
             return Err(EngineError::BadTensor {
                 name: name.into(),
@@ -192,7 +259,9 @@ impl ModelSource {
     pub fn weight_bytes(&self) -> u64 {
         match self {
             Self::Gguf(g) => g.tensors.iter().map(|t| t.len as u64).sum(),
-            Self::Safetensors { tensors, .. } => tensors.values().map(|e| (e.end - e.start) as u64).sum(),
+            Self::Safetensors { tensors, .. } => {
+                tensors.values().map(|e| (e.end - e.start) as u64).sum()
+            }
         }
     }
 }
@@ -207,8 +276,12 @@ pub fn hf_to_gguf_name(name: &str) -> String {
     if let Some((_, g)) = simple.iter().find(|(h, _)| *h == name) {
         return (*g).to_string();
     }
-    let Some(rest) = name.strip_prefix("model.layers.") else { return name.to_string() };
-    let Some((layer, field)) = rest.split_once('.') else { return name.to_string() };
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return name.to_string();
+    };
+    let Some((layer, field)) = rest.split_once('.') else {
+        return name.to_string();
+    };
     let mapped = match field {
         "input_layernorm.weight" => "attn_norm.weight",
         "post_attention_layernorm.weight" => "ffn_norm.weight",

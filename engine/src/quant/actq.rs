@@ -17,17 +17,28 @@ pub struct ActBlock {
     pub qs: [i16; 32],
     pub d: f32,
     pub qsum: i32,
+    /// `d * qsum`, precomputed: the Q4_1 minimum and Q4_0 offset terms multiply it.
+    pub dsum: f32,
 }
 
 impl Default for ActBlock {
     fn default() -> Self {
-        Self { d: 0.0, qsum: 0, qs: [0; 32] }
+        Self {
+            d: 0.0,
+            qsum: 0,
+            dsum: 0.0,
+            qs: [0; 32],
+        }
     }
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
 pub fn quantize_activations(x: &[f32], out: &mut [ActBlock]) {
-    assert_eq!(x.len(), out.len() * 32, "quantize_activations: size mismatch");
+    assert_eq!(
+        x.len(),
+        out.len() * 32,
+        "quantize_activations: size mismatch"
+    );
     for (xs, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / QMAX;
@@ -40,6 +51,7 @@ pub fn quantize_activations(x: &[f32], out: &mut [ActBlock]) {
         }
         blk.d = d;
         blk.qsum = sum;
+        blk.dsum = d * sum as f32;
     }
 }
 
@@ -49,13 +61,18 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_at_most_half_a_step() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37)
+            .collect();
         let mut q = vec![ActBlock::default(); 2];
         quantize_activations(&x, &mut q);
         for (i, v) in x.iter().enumerate() {
             let b = &q[i / 32];
             let back = b.d * b.qs[i % 32] as f32;
-            assert!((back - v).abs() <= b.d * 0.5 + 1e-6, "element {i}: {v} -> {back}");
+            assert!(
+                (back - v).abs() <= b.d * 0.5 + 1e-6,
+                "element {i}: {v} -> {back}"
+            );
         }
         assert_eq!(q[0].qsum, q[0].qs.iter().map(|&v| v as i32).sum::<i32>());
     }

@@ -20,7 +20,9 @@ pub fn has_kernel(ty: GgmlType) -> bool {
 pub fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -28,20 +30,43 @@ pub fn avx2_available() -> bool {
     }
 }
 
-/// `out[i] = dot(w_row, xs[i])` for each activation row in `xs` (1 to 4 rows). `ty` must satisfy [`has_kernel`].
-#[inline]
-pub fn dot_rows(ty: GgmlType, w_row: &[u8], xs: &[&[ActBlock]], out: &mut [f32], use_simd: bool) {
-    debug_assert!((1..=4).contains(&xs.len()) && out.len() == xs.len());
+/// Dot products of weight rows `rows` (each `row_bytes` long in `w`) with every activation row in `xs`:
+/// `out[(r - rows.start) * xs.len() + i] = dot(w_row(r), xs[i])`. `ty` must satisfy [`has_kernel`].
+///
+/// The row loop lives inside the SIMD function so that the kernel is inlined and dispatch happens once per call;
+/// activation rows are taken four at a time, each weight row staying in L1 while all groups use it.
+pub fn dot_rows(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    xs: &[&[ActBlock]],
+    out: &mut [f32],
+    use_simd: bool,
+) {
+    assert_eq!(out.len(), rows.len() * xs.len(), "dot_rows: output size");
+    assert!(
+        rows.end * row_bytes <= w.len(),
+        "dot_rows: rows out of range"
+    );
+    let blocks = row_bytes / ty.block_bytes();
+    assert!(
+        xs.iter().all(|x| x.len() >= blocks),
+        "dot_rows: activation rows too short"
+    );
     #[cfg(target_arch = "x86_64")]
     if use_simd {
-        // SAFETY: `use_simd` is only true when `avx2_available()` returned true; every activation row has one block
-        // per 32 weights (checked by the caller's shapes, asserted in debug builds).
-        unsafe { avx2::dispatch(ty, w_row, xs, out) };
+        // SAFETY: `use_simd` is only true when `avx2_available()` returned true; sizes were checked above.
+        unsafe { avx2::dot_rows(ty, w, row_bytes, rows, xs, out) };
         return;
     }
     let _ = use_simd;
-    for (o, x) in out.iter_mut().zip(xs) {
-        *o = dot_scalar(ty, w_row, x);
+    let n = xs.len();
+    for (i, r) in rows.enumerate() {
+        let w_row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (j, x) in xs.iter().enumerate() {
+            out[i * n + j] = dot_scalar(ty, w_row, x);
+        }
     }
 }
 
@@ -88,18 +113,39 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `xs` rows must hold `w_row.len() / block_bytes` blocks each.
+    /// AVX2, FMA and F16C must be available; sizes as checked by `super::dot_rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dispatch(ty: GgmlType, w: &[u8], xs: &[&[ActBlock]], out: &mut [f32]) {
+    pub(super) unsafe fn dot_rows(
+        ty: GgmlType,
+        w: &[u8],
+        row_bytes: usize,
+        rows: std::ops::Range<usize>,
+        xs: &[&[ActBlock]],
+        out: &mut [f32],
+    ) {
         macro_rules! go {
-            ($kernel:ident) => {
-                match xs.len() {
-                    1 => out.copy_from_slice(&$kernel::<1>(w, [xs[0]])),
-                    2 => out.copy_from_slice(&$kernel::<2>(w, [xs[0], xs[1]])),
-                    3 => out.copy_from_slice(&$kernel::<3>(w, [xs[0], xs[1], xs[2]])),
-                    _ => out.copy_from_slice(&$kernel::<4>(w, [xs[0], xs[1], xs[2], xs[3]])),
+            ($kernel:ident) => {{
+                let n = xs.len();
+                for (i, r) in rows.clone().enumerate() {
+                    let w_row = &w[r * row_bytes..(r + 1) * row_bytes];
+                    let o = &mut out[i * n..(i + 1) * n];
+                    for g in (0..n).step_by(4) {
+                        match n - g {
+                            1 => o[g..g + 1].copy_from_slice(&$kernel::<1>(w_row, [xs[g]])),
+                            2 => o[g..g + 2]
+                                .copy_from_slice(&$kernel::<2>(w_row, [xs[g], xs[g + 1]])),
+                            3 => o[g..g + 3].copy_from_slice(&$kernel::<3>(
+                                w_row,
+                                [xs[g], xs[g + 1], xs[g + 2]],
+                            )),
+                            _ => o[g..g + 4].copy_from_slice(&$kernel::<4>(
+                                w_row,
+                                [xs[g], xs[g + 1], xs[g + 2], xs[g + 3]],
+                            )),
+                        }
+                    }
                 }
-            };
+            }};
         }
         match ty {
             GgmlType::Q4_1 => go!(q4_1),
@@ -121,7 +167,19 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn f16_at(b: &[u8], at: usize) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([b[at], b[at + 1]]) as i32)))
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([b[at], b[at + 1]]) as i32,
+        )))
+    }
+
+    /// The two f16 values at the start of a Q4_1 block (scale and minimum), converted in one instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16_pair(b: &[u8]) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            b[0], b[1], b[2], b[3],
+        ])));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
     }
 
     /// 16 bytes of nibbles -> (elements 0..16, elements 16..32) as unsigned 16-bit lanes.
@@ -156,12 +214,12 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); N];
         let mut extra = [0f32; N];
         for (bi, b) in w.chunks_exact(20).enumerate() {
-            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            let (d, m) = f16_pair(b);
             let (lo, hi) = nibbles_i16(&b[4..20]);
             for r in 0..N {
                 let x = &xs[r][bi];
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), block_dot(lo, hi, x), acc[r]);
-                extra[r] += m * x.d * x.qsum as f32;
+                extra[r] = m.mul_add(x.dsum, extra[r]);
             }
         }
         std::array::from_fn(|r| hsum(acc[r]) + extra[r])
@@ -177,9 +235,8 @@ mod avx2 {
             let (lo, hi) = nibbles_i16(&b[2..18]);
             for r in 0..N {
                 let x = &xs[r][bi];
-                let dd = d * x.d;
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd), block_dot(lo, hi, x), acc[r]);
-                extra[r] -= 8.0 * dd * x.qsum as f32;
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), block_dot(lo, hi, x), acc[r]);
+                extra[r] = (-8.0 * d).mul_add(x.dsum, extra[r]);
             }
         }
         std::array::from_fn(|r| hsum(acc[r]) + extra[r])
@@ -195,7 +252,10 @@ mod avx2 {
             // SAFETY: 32 quant bytes follow the scale; loadu has no alignment requirement.
             let (lo, hi) = unsafe {
                 let p = q.as_ptr() as *const __m128i;
-                (_mm256_cvtepi8_epi16(_mm_loadu_si128(p)), _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(1))))
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p)),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(1))),
+                )
             };
             for r in 0..N {
                 let x = &xs[r][bi];
@@ -242,7 +302,13 @@ mod tests {
             let w = random_blocks(ty, k / 32, 7 + ty as u64);
             let mut wf = vec![0f32; k];
             dequantize_row(ty, &w, &mut wf);
-            let xs: Vec<Vec<f32>> = (0..4).map(|r| (0..k).map(|i| ((i * 7 + r * 3) % 23) as f32 * 0.1 - 1.1).collect()).collect();
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|r| {
+                    (0..k)
+                        .map(|i| ((i * 7 + r * 3) % 23) as f32 * 0.1 - 1.1)
+                        .collect()
+                })
+                .collect();
             let xq: Vec<Vec<ActBlock>> = xs
                 .iter()
                 .map(|x| {
@@ -255,13 +321,20 @@ mod tests {
             for n in 1..=4 {
                 for simd in [false, avx2_available()] {
                     let mut out = [0f32; 4];
-                    dot_rows(ty, &w, &refs[..n], &mut out[..n], simd);
+                    dot_rows(ty, &w, w.len(), 0..1, &refs[..n], &mut out[..n], simd);
                     for r in 0..n {
                         let exact: f32 = wf.iter().zip(&xs[r]).map(|(a, b)| a * b).sum();
                         let scalar = dot_scalar(ty, &w, &xq[r]);
-                        assert!((out[r] - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()), "{ty} n={n} simd={simd} row {r}");
+                        assert!(
+                            (out[r] - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()),
+                            "{ty} n={n} simd={simd} row {r}"
+                        );
                         // 16-bit activations: the error is tiny against the f32 dot.
-                        assert!((out[r] - exact).abs() <= 1e-3 * (1.0 + exact.abs()), "{ty} row {r}: {} vs {exact}", out[r]);
+                        assert!(
+                            (out[r] - exact).abs() <= 1e-3 * (1.0 + exact.abs()),
+                            "{ty} row {r}: {} vs {exact}",
+                            out[r]
+                        );
                     }
                 }
             }

@@ -5,9 +5,9 @@
 //! SIMD dot products that let the decode path read quantized weights directly (`dot`). Weights are never expanded
 //! to f32 wholesale: decode is bound by the bytes it reads, and a 4-bit weight is 8x fewer bytes than f32.
 
+pub mod actq;
 pub mod dequant;
 pub mod dot;
-pub mod actq;
 
 use crate::error::{EngineError, Result};
 
@@ -88,7 +88,7 @@ impl GgmlType {
 
     /// Bytes of a row of `elems` elements, or an error when `elems` is not a whole number of blocks.
     pub fn row_bytes(self, elems: usize) -> Result<usize> {
-        if elems % self.block_elems() != 0 {
+        if !elems.is_multiple_of(self.block_elems()) {
             return Err(EngineError::malformed(format!(
                 "row of {elems} elements is not a multiple of the {self:?} block size {}",
                 self.block_elems()

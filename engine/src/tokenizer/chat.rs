@@ -25,7 +25,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self {
+            role,
+            content: content.into(),
+        }
     }
 }
 
@@ -50,19 +53,35 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template_owned("chat", source.to_owned()).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        Ok(Self { env, bos: bos.into(), eos: eos.into() })
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source.to_owned())
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        Ok(Self {
+            env,
+            bos: bos.into(),
+            eos: eos.into(),
+        })
     }
 
     /// Renders `messages`, ending with the assistant's turn header when `add_generation_prompt` is set.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         if messages.is_empty() {
-            return Err(EngineError::invalid("messages: at least one message is required"));
+            return Err(EngineError::invalid(
+                "messages: at least one message is required",
+            ));
         }
-        let t = self.env.get_template("chat").map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         t.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -80,7 +99,9 @@ mod tests {
     #[test]
     fn renders_chatml_with_generation_prompt() {
         let t = ChatTemplate::new(CHATML_TEMPLATE, "", "").unwrap();
-        let s = t.render(&[ChatMessage::new(Role::User, "hi")], true).unwrap();
+        let s = t
+            .render(&[ChatMessage::new(Role::User, "hi")], true)
+            .unwrap();
         assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
@@ -88,8 +109,14 @@ mod tests {
     fn python_methods_and_raise_exception_work() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(t.render(&[ChatMessage::new(Role::User, "  x ")], false).unwrap(), "X");
-        let e = t.render(&[ChatMessage::new(Role::System, "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[ChatMessage::new(Role::User, "  x ")], false)
+                .unwrap(),
+            "X"
+        );
+        let e = t
+            .render(&[ChatMessage::new(Role::System, "x")], false)
+            .unwrap_err();
         assert!(e.to_string().contains("first must be user"), "{e}");
     }
 

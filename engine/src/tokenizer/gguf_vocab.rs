@@ -35,13 +35,25 @@ fn err(e: impl std::fmt::Display) -> EngineError {
 }
 
 pub(super) fn build(f: &GgufFile) -> Result<Built> {
-    let model = f.get_str("tokenizer.ggml.model").ok_or_else(|| err("GGUF has no tokenizer.ggml.model"))?;
+    let model = f
+        .get_str("tokenizer.ggml.model")
+        .ok_or_else(|| err("GGUF has no tokenizer.ggml.model"))?;
     let tokens = f.get_str_array("tokenizer.ggml.tokens")?;
-    let types: Vec<i64> = match f.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
-        Some(a) => a.iter().map(|v| v.as_u64().map_or(1, |x| x as i64)).collect(),
+    let types: Vec<i64> = match f
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+    {
+        Some(a) => a
+            .iter()
+            .map(|v| v.as_u64().map_or(1, |x| x as i64))
+            .collect(),
         None => vec![1; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
     let (mut tokenizer, default_add_bos) = match model {
         "gpt2" => {
             let merges: Vec<(String, String)> = f
@@ -53,7 +65,10 @@ pub(super) fn build(f: &GgufFile) -> Result<Built> {
                         .ok_or_else(|| err(format!("merge {m:?} is not two pieces")))
                 })
                 .collect::<Result<_>>()?;
-            let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(err)?;
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .build()
+                .map_err(err)?;
             let mut t = tokenizers::Tokenizer::new(bpe);
             let pre = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
             t.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
@@ -79,14 +94,25 @@ pub(super) fn build(f: &GgufFile) -> Result<Built> {
         })
         .collect();
     tokenizer.add_special_tokens(added).map_err(err)?;
-    Ok(Built { tokenizer, special, vocab_size: tokens.len(), default_add_bos })
+    Ok(Built {
+        tokenizer,
+        special,
+        vocab_size: tokens.len(),
+        default_add_bos,
+    })
 }
 
 fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let byte_level =
+        |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
         Ok(PreTokenizerWrapper::Split(
-            Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false).map_err(err)?,
+            Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(err)?,
         ))
     };
     Ok(match pre {
@@ -94,18 +120,31 @@ fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level(true),
         ])),
-        "llama-bpe" | "llama3" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false)])),
-        "qwen2" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false)])),
+        "llama-bpe" | "llama3" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            split(LLAMA3_SPLIT)?,
+            byte_level(false),
+        ])),
+        "qwen2" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            split(QWEN2_SPLIT)?,
+            byte_level(false),
+        ])),
         "default" | "gpt2" | "gpt-2" => byte_level(true),
         other => {
-            tracing::warn!(pre = other, "unknown GGUF pre-tokenizer; using the GPT-2 split");
+            tracing::warn!(
+                pre = other,
+                "unknown GGUF pre-tokenizer; using the GPT-2 split"
+            );
             byte_level(true)
         }
     })
 }
 
 /// A SentencePiece (llama) vocabulary as a byte-fallback BPE.
-fn spm(f: &GgufFile, tokens: &[&str], vocab: tokenizers::models::bpe::Vocab) -> Result<tokenizers::Tokenizer> {
+fn spm(
+    f: &GgufFile,
+    tokens: &[&str],
+    vocab: tokenizers::models::bpe::Vocab,
+) -> Result<tokenizers::Tokenizer> {
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
     let scores: Vec<f64> = match f.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
@@ -118,34 +157,55 @@ fn spm(f: &GgufFile, tokens: &[&str], vocab: tokenizers::models::bpe::Vocab) -> 
         for &(at, _) in chars.iter().skip(1) {
             let (a, b) = piece.split_at(at);
             if let (Some(&ia), Some(&ib)) = (vocab.get(a), vocab.get(b)) {
-                merges.push((scores.get(i).copied().unwrap_or(0.0), ia.max(ib), a.to_string(), b.to_string()));
+                merges.push((
+                    scores.get(i).copied().unwrap_or(0.0),
+                    ia.max(ib),
+                    a.to_string(),
+                    b.to_string(),
+                ));
             }
         }
     }
     // Higher piece score merges first; ties by the later component id, as HF's extractor orders them.
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
     let merges = merges.into_iter().map(|(_, _, a, b)| (a, b)).collect();
-    let unk = f.get_u64("tokenizer.ggml.unknown_token_id").and_then(|u| tokens.get(u as usize)).map(|s| s.to_string());
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    let unk = f
+        .get_u64("tokenizer.ggml.unknown_token_id")
+        .and_then(|u| tokens.get(u as usize))
+        .map(|s| s.to_string());
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(u) = unk {
         builder = builder.unk_token(u);
     }
     let mut t = tokenizers::Tokenizer::new(builder.build().map_err(err)?);
-    let add_space = f.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(true);
+    let add_space = f
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
     let mut norms = Vec::new();
     if add_space {
         norms.push(NormalizerWrapper::Prepend(Prepend::new("\u{2581}".into())));
     }
-    norms.push(NormalizerWrapper::Replace(Replace::new(" ", "\u{2581}").map_err(err)?));
-    t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms))).map_err(err)?;
+    norms.push(NormalizerWrapper::Replace(
+        Replace::new(" ", "\u{2581}").map_err(err)?,
+    ));
+    t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
+        .map_err(err)?;
     let mut decoders = vec![
         DecoderWrapper::Replace(Replace::new("\u{2581}", " ").map_err(err)?),
         DecoderWrapper::ByteFallback(tokenizers::decoders::byte_fallback::ByteFallback::new()),
         DecoderWrapper::Fuse(tokenizers::decoders::fuse::Fuse::new()),
     ];
     if add_space {
-        decoders.push(DecoderWrapper::Strip(tokenizers::decoders::strip::Strip::new(' ', 1, 0)));
+        decoders.push(DecoderWrapper::Strip(
+            tokenizers::decoders::strip::Strip::new(' ', 1, 0),
+        ));
     }
-    t.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(decoders)));
+    t.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(
+        decoders,
+    )));
     Ok(t)
 }

@@ -34,7 +34,11 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size).field("bos", &self.bos).field("eos", &self.eos).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
     }
 }
 
@@ -50,11 +54,18 @@ impl Tokenizer {
         let eos = id("tokenizer.ggml.eos_token_id");
         let eot = id("tokenizer.ggml.eot_token_id");
         let mut stop_tokens: Vec<TokenId> = eos.into_iter().chain(eot).collect();
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"] {
-            if let Some(t) = built.tokenizer.token_to_id(name) {
-                if !stop_tokens.contains(&t) && built.special.contains(&t) {
-                    stop_tokens.push(t);
-                }
+        for name in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+        ] {
+            if let Some(t) = built.tokenizer.token_to_id(name)
+                && !stop_tokens.contains(&t)
+                && built.special.contains(&t)
+            {
+                stop_tokens.push(t);
             }
         }
         Ok(Self {
@@ -62,7 +73,10 @@ impl Tokenizer {
             inner: built.tokenizer,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos,
-            add_bos: f.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(built.default_add_bos),
+            add_bos: f
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(built.default_add_bos),
             stop_tokens,
             chat_template: f.get_str("tokenizer.chat_template").map(str::to_owned),
         })
@@ -70,29 +84,38 @@ impl Tokenizer {
 
     /// Loads `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS and the chat template) from an HF directory.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(tok_err)?;
+        let inner =
+            tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(tok_err)?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(serde_json::Value::Null);
         let token_of = |k: &str| -> Option<TokenId> {
             let v = cfg.get(k)?;
-            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             inner.token_to_id(s)
         };
         let (bos, eos) = (token_of("bos_token"), token_of("eos_token"));
         let mut stop_tokens: Vec<TokenId> = eos.into_iter().collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
-            if let Some(t) = inner.token_to_id(name) {
-                if !stop_tokens.contains(&t) {
-                    stop_tokens.push(t);
-                }
+            if let Some(t) = inner.token_to_id(name)
+                && !stop_tokens.contains(&t)
+            {
+                stop_tokens.push(t);
             }
         }
-        let chat_template = cfg.get("chat_template").and_then(|c| c.as_str()).map(str::to_owned);
+        let chat_template = cfg
+            .get("chat_template")
+            .and_then(|c| c.as_str())
+            .map(str::to_owned);
         Ok(Self {
             vocab_size: inner.get_vocab_size(true),
-            add_bos: cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
             inner,
             bos,
             eos,
@@ -105,10 +128,10 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<TokenId>> {
         let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
-        if self.add_bos {
-            if let Some(b) = self.bos {
-                ids.push(b);
-            }
+        if self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
@@ -117,7 +140,10 @@ impl Tokenizer {
     /// Decodes ids to text, special tokens included (so a round trip is exact).
     pub fn decode(&self, ids: &[TokenId]) -> Result<String> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(EngineError::Tokenizer(format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
         }
         self.inner.decode(ids, false).map_err(tok_err)
     }
@@ -141,14 +167,22 @@ impl Tokenizer {
         match (src.gguf(), src.hf_dir()) {
             (Some(g), _) => Self::from_gguf(g),
             (None, Some(dir)) => Self::from_hf_dir(dir),
-            (None, None) => Err(EngineError::Tokenizer("model has neither GGUF metadata nor a tokenizer.json".into())),
+            (None, None) => Err(EngineError::Tokenizer(
+                "model has neither GGUF metadata nor a tokenizer.json".into(),
+            )),
         }
     }
 
     /// The model's chat template, or ChatML when it ships none.
     pub fn chat_template(&self) -> Result<chat::ChatTemplate> {
-        let name = |t: Option<TokenId>| t.and_then(|t| self.inner.id_to_token(t)).unwrap_or_default();
-        let src = self.chat_template.as_deref().unwrap_or(chat::CHATML_TEMPLATE);
+        let name = |t: Option<TokenId>| {
+            t.and_then(|t| self.inner.id_to_token(t))
+                .unwrap_or_default()
+        };
+        let src = self
+            .chat_template
+            .as_deref()
+            .unwrap_or(chat::CHATML_TEMPLATE);
         chat::ChatTemplate::new(src, &name(self.bos), &name(self.eos))
     }
 }

@@ -87,10 +87,14 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
     let eng = &mut loaded.engine;
     let max_prompt = a.prefill_tokens.iter().copied().max().unwrap_or(0);
     if max_prompt >= cfg.context_len || a.prefill_tokens.contains(&0) {
-        anyhow::bail!("--prefill-tokens must be between 1 and {}", cfg.context_len - 1);
+        anyhow::bail!(
+            "--prefill-tokens must be between 1 and {}",
+            cfg.context_len - 1
+        );
     }
     // A deterministic token stream that avoids special tokens (ids below 100 are control/byte tokens in most vocabularies).
-    let token_at = |i: usize, salt: usize| (100 + (i * 7919 + salt * 104_729) % (cfg.vocab - 100)) as u32;
+    let token_at =
+        |i: usize, salt: usize| (100 + (i * 7919 + salt * 104_729) % (cfg.vocab - 100)) as u32;
     let total_runs = a.prefill_tokens.len() * (a.runs + 1) + a.decode_batch.len() * (a.runs + 1);
     let pb = crate::progress::bar(total_runs as u64, "benchmark");
     let mut salt = 1;
@@ -133,7 +137,14 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
             let t = Instant::now();
             let steps = a.decode_steps.min(cfg.context_len - 40);
             for _ in 0..steps {
-                let items: Vec<StepItem> = seqs.iter().map(|&seq| StepItem { seq, n_tokens: 1, logits: LogitsWanted::Last }).collect();
+                let items: Vec<StepItem> = seqs
+                    .iter()
+                    .map(|&seq| StepItem {
+                        seq,
+                        n_tokens: 1,
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
                 let out = eng.step(&items)?;
                 for (&seq, l) in seqs.iter().zip(out) {
                     eng.append_token(seq, argmax(&l))?;
@@ -174,14 +185,31 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
         println!("{report}");
         return Ok(());
     }
-    println!("engine benchmark ({threads} threads, {} kernels)", loaded.engine.backend.simd_name());
+    println!(
+        "engine benchmark ({threads} threads, {} kernels)",
+        loaded.engine.backend.simd_name()
+    );
     for p in &prefill {
-        println!("prefill {:>5} tokens: {:>8.1} tok/s  ({:.1} GFLOP/s)", p["tokens"], p["tokens_per_s"].as_f64().unwrap_or(0.0), p["gflops"].as_f64().unwrap_or(0.0));
+        println!(
+            "prefill {:>5} tokens: {:>8.1} tok/s  ({:.1} GFLOP/s)",
+            p["tokens"],
+            p["tokens_per_s"].as_f64().unwrap_or(0.0),
+            p["gflops"].as_f64().unwrap_or(0.0)
+        );
     }
-    let b1 = decode.first().and_then(|d| d["tokens_per_s"].as_f64()).unwrap_or(0.0);
+    let b1 = decode
+        .first()
+        .and_then(|d| d["tokens_per_s"].as_f64())
+        .unwrap_or(0.0);
     for d in &decode {
         let tps = d["tokens_per_s"].as_f64().unwrap_or(0.0);
-        println!("decode batch {:>3}:     {:>8.1} tok/s  ({:.2}x batch {})", d["batch"], tps, tps / b1, decode[0]["batch"]);
+        println!(
+            "decode batch {:>3}:     {:>8.1} tok/s  ({:.2}x batch {})",
+            d["batch"],
+            tps,
+            tps / b1,
+            decode[0]["batch"]
+        );
     }
     println!(
         "decode floor: {:.1} MB read per token at batch 1; memory reads at {:.1} GB/s -> ceiling {:.0} tok/s; batch-1 achieves {:.0}% of it",
@@ -201,4 +229,3 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
     }
     Ok(())
 }
-

@@ -43,16 +43,30 @@ const EVAL_ROWS_PER_STEP: usize = 128;
 
 fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{} is not valid UTF-8 (byte {})", a.file.display(), e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (byte {})",
+            a.file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let mut loaded = load(&a.model, threads)?;
     let ctx = loaded.engine.model.config.context_len;
     if a.context < 4 || a.context > ctx {
-        anyhow::bail!("--context {} must be between 4 and the model's context {ctx}", a.context);
+        anyhow::bail!(
+            "--context {} must be between 4 and the model's context {ctx}",
+            a.context
+        );
     }
     let tokens = loaded.tokenizer.encode(&text)?;
     let mut windows = tokens.len() / a.context;
     if windows == 0 {
-        anyhow::bail!("{} has {} tokens, fewer than one window of --context {}", a.file.display(), tokens.len(), a.context);
+        anyhow::bail!(
+            "{} has {} tokens, fewer than one window of --context {}",
+            a.file.display(),
+            tokens.len(),
+            a.context
+        );
     }
     if a.max_windows > 0 {
         windows = windows.min(a.max_windows);
@@ -74,8 +88,19 @@ fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
                     return Ok(());
                 }
                 let n = (len - done).min(step_rows);
-                let wants = if done + n > first_scored { LogitsWanted::All } else { LogitsWanted::None };
-                let logits = engine.step(&[StepItem { seq, n_tokens: n, logits: wants }])?.pop().unwrap_or_default();
+                let wants = if done + n > first_scored {
+                    LogitsWanted::All
+                } else {
+                    LogitsWanted::None
+                };
+                let logits = engine
+                    .step(&[StepItem {
+                        seq,
+                        n_tokens: n,
+                        logits: wants,
+                    }])?
+                    .pop()
+                    .unwrap_or_default();
                 for (r, row) in logits.chunks_exact(vocab).enumerate() {
                     let pos = done + r;
                     if pos >= first_scored && pos + 1 < win.len() {
@@ -107,7 +132,10 @@ fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
         );
     } else {
         println!("perplexity: {ppl:.4}");
-        eprintln!("[{windows} windows of {} tokens, {count} tokens scored, {secs:.1} s]", a.context);
+        eprintln!(
+            "[{windows} windows of {} tokens, {count} tokens scored, {secs:.1} s]",
+            a.context
+        );
     }
     Ok(())
 }

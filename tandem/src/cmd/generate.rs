@@ -55,12 +55,16 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     let text = if a.raw {
         user_text.clone()
     } else {
-        tok.chat_template()?.render(&[ChatMessage::new(Role::User, user_text.clone())], true)?
+        tok.chat_template()?
+            .render(&[ChatMessage::new(Role::User, user_text.clone())], true)?
     };
     let prompt = tok.encode(&text).context("tokenizing the prompt")?;
     let ctx = loaded.engine.model.config.context_len;
     if prompt.len() >= ctx {
-        anyhow::bail!("prompt is {} tokens; the model's context is {ctx} tokens", prompt.len());
+        anyhow::bail!(
+            "prompt is {} tokens; the model's context is {ctx} tokens",
+            prompt.len()
+        );
     }
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -71,21 +75,30 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let stop = StopConditions { max_tokens: a.max_tokens, stop_strings: a.stop.clone(), ..Default::default() };
-    let req = Request { prompt, sampling, stop };
+    let stop = StopConditions {
+        max_tokens: a.max_tokens,
+        stop_strings: a.stop.clone(),
+        ..Default::default()
+    };
+    let req = Request {
+        prompt,
+        sampling,
+        stop,
+    };
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
     let done = run_batch(&mut loaded.engine, tok, std::slice::from_ref(&req), |d| {
-        if write_err.is_none() && !d.text.is_empty() {
-            if let Err(e) = out.write_all(d.text.as_bytes()).and_then(|_| out.flush()) {
-                write_err = Some(e);
-            }
+        if write_err.is_none()
+            && !d.text.is_empty()
+            && let Err(e) = out.write_all(d.text.as_bytes()).and_then(|_| out.flush())
+        {
+            write_err = Some(e);
         }
     })?;
-    if let Some(e) = write_err {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e.into());
-        }
+    if let Some(e) = write_err
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e.into());
     }
     writeln!(out)?;
     let c = &done[0];
@@ -96,7 +109,11 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
         generated,
         finish = c.finish_reason.as_str(),
         ttft_ms = c.time_to_first_token.as_millis() as u64,
-        decode_tok_s = if decode_s > 0.0 { (generated.saturating_sub(1)) as f64 / decode_s } else { 0.0 },
+        decode_tok_s = if decode_s > 0.0 {
+            (generated.saturating_sub(1)) as f64 / decode_s
+        } else {
+            0.0
+        },
         "done"
     );
     if !a.raw {
@@ -106,7 +123,11 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
             generated,
             c.finish_reason.as_str(),
             c.time_to_first_token.as_secs_f64() * 1e3,
-            if decode_s > 0.0 { generated.saturating_sub(1) as f64 / decode_s } else { 0.0 }
+            if decode_s > 0.0 {
+                generated.saturating_sub(1) as f64 / decode_s
+            } else {
+                0.0
+            }
         );
     }
     Ok(())

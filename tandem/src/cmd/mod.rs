@@ -64,7 +64,8 @@ pub fn load(args: &ModelArgs, threads: usize) -> Result<Loaded> {
         );
     }
     let src = ModelSource::open(path).with_context(|| format!("loading {}", path.display()))?;
-    let tokenizer = Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
+    let tokenizer =
+        Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
     let cfg = src.config()?;
     if args.kv_cache_mib == 0 {
         anyhow::bail!("--kv-cache-mib must be at least 1");
@@ -77,12 +78,30 @@ pub fn load(args: &ModelArgs, threads: usize) -> Result<Loaded> {
     }
     .with_kv_budget_bytes(&cfg, args.kv_cache_mib << 20);
     let pb = crate::progress::bar(cfg.layers as u64, "loading");
-    let engine = Engine::new(CpuBackend::new(threads), &src, config, |done, _| pb.set_position(done as u64))?;
+    let engine = Engine::new(CpuBackend::new(threads), &src, config, |done, _| {
+        pb.set_position(done as u64)
+    })?;
     pb.finish_and_clear();
-    tracing::info!(layers = cfg.layers, hidden = cfg.hidden, vocab = cfg.vocab, "model loaded");
+    tracing::info!(
+        layers = cfg.layers,
+        hidden = cfg.hidden,
+        vocab = cfg.vocab,
+        "model loaded"
+    );
     let weight_bytes = src.weight_bytes();
     let separate_head = src.tensor("output.weight")?.is_some();
-    let embed_bytes = src.tensor("token_embd.weight")?.map_or(0, |t| t.bytes.len() as u64);
-    let decode_floor_bytes = if separate_head { weight_bytes - embed_bytes } else { weight_bytes };
-    Ok(Loaded { engine, tokenizer, weight_bytes, decode_floor_bytes })
+    let embed_bytes = src
+        .tensor("token_embd.weight")?
+        .map_or(0, |t| t.bytes.len() as u64);
+    let decode_floor_bytes = if separate_head {
+        weight_bytes - embed_bytes
+    } else {
+        weight_bytes
+    };
+    Ok(Loaded {
+        engine,
+        tokenizer,
+        weight_bytes,
+        decode_floor_bytes,
+    })
 }

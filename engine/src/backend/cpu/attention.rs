@@ -7,11 +7,15 @@
 //! mask and a max-subtracted softmax, and writes P V with a second SGEMM. Prefill thus runs at matrix speed, and a
 //! decode row costs one pass over its context.
 
-use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
 use super::pool::SpinPool;
+use super::simd::{axpy, dot};
+use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
 use std::cell::RefCell;
 
 const ROWS_PER_TASK: usize = 64;
+
+/// Tiles this small are computed with vector loops instead of SGEMM.
+const VECTOR_MAX_ROWS: usize = 2;
 
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
@@ -36,7 +40,15 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-pub fn attention(pool: &SpinPool, q: &CpuTensor, kv: &CpuKvStore, layer: usize, plan: &CpuPlan, out: &mut CpuTensor, heads: usize) {
+pub fn attention(
+    pool: &SpinPool,
+    q: &CpuTensor,
+    kv: &CpuKvStore,
+    layer: usize,
+    plan: &CpuPlan,
+    out: &mut CpuTensor,
+    heads: usize,
+) {
     let lay = &kv.layout;
     let hd = lay.head_dim;
     let group = heads / lay.kv_heads;
@@ -63,40 +75,75 @@ pub fn attention(pool: &SpinPool, q: &CpuTensor, kv: &CpuKvStore, layer: usize, 
             gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
             sc.scores.resize(rows * ctx, 0.0);
             for h in kvh * group..(kvh + 1) * group {
+                if rows <= VECTOR_MAX_ROWS {
+                    for r in 0..rows {
+                        let row = s.first_row + r0 + r;
+                        let visible = s.start_pos + r0 + r + 1;
+                        let qv = &q.row(row)[h * hd..(h + 1) * hd];
+                        let scores = &mut sc.scores[..visible];
+                        for (j, x) in scores.iter_mut().enumerate() {
+                            *x = dot(qv, &sc.k[j * hd..(j + 1) * hd]) * scale;
+                        }
+                        softmax_in_place(scores);
+                        // SAFETY: this task alone writes head h of this row; the slice lies inside `out`.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                optr.get().add(row * heads * hd + h * hd),
+                                hd,
+                            )
+                        };
+                        o.fill(0.0);
+                        for (j, &p) in scores.iter().enumerate() {
+                            axpy(o, p, &sc.v[j * hd..(j + 1) * hd]);
+                        }
+                    }
+                    continue;
+                }
                 let qp = q.data[(s.first_row + r0) * q.cols + h * hd..].as_ptr();
                 // SAFETY: Q rows r0..r1 of head h are `rows` x hd with row stride q.cols, inside q; K is ctx x hd
                 // contiguous, read transposed; scores is rows x ctx contiguous and exclusively ours.
                 unsafe {
                     matrixmultiply::sgemm(
-                        rows, hd, ctx, scale,
-                        qp, q.cols as isize, 1,
-                        sc.k.as_ptr(), 1, hd as isize,
-                        0.0, sc.scores.as_mut_ptr(), ctx as isize, 1,
+                        rows,
+                        hd,
+                        ctx,
+                        scale,
+                        qp,
+                        q.cols as isize,
+                        1,
+                        sc.k.as_ptr(),
+                        1,
+                        hd as isize,
+                        0.0,
+                        sc.scores.as_mut_ptr(),
+                        ctx as isize,
+                        1,
                     );
                 }
                 for r in 0..rows {
                     let visible = s.start_pos + r0 + r + 1;
                     let row = &mut sc.scores[r * ctx..(r + 1) * ctx];
-                    let max = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut sum = 0.0;
-                    for x in &mut row[..visible] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    for x in &mut row[..visible] {
-                        *x *= inv;
-                    }
+                    softmax_in_place(&mut row[..visible]);
                     row[visible..].fill(0.0);
                 }
                 // SAFETY: the output rows r0..r1, head h slice, are written by this task only (row stride out.cols).
                 unsafe {
                     let op = optr.get().add((s.first_row + r0) * heads * hd + h * hd);
                     matrixmultiply::sgemm(
-                        rows, ctx, hd, 1.0,
-                        sc.scores.as_ptr(), ctx as isize, 1,
-                        sc.v.as_ptr(), hd as isize, 1,
-                        0.0, op, (heads * hd) as isize, 1,
+                        rows,
+                        ctx,
+                        hd,
+                        1.0,
+                        sc.scores.as_ptr(),
+                        ctx as isize,
+                        1,
+                        sc.v.as_ptr(),
+                        hd as isize,
+                        1,
+                        0.0,
+                        op,
+                        (heads * hd) as isize,
+                        1,
                     );
                 }
             }
@@ -104,8 +151,29 @@ pub fn attention(pool: &SpinPool, q: &CpuTensor, kv: &CpuKvStore, layer: usize, 
     });
 }
 
+/// Max-subtracted softmax.
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// Copies positions `0..ctx` of one KV head into `dst` as a contiguous `ctx x head_dim` f32 matrix.
-fn gather(buf: &KvBuf, lay: &crate::kv::KvLayout, table: &[u32], kvh: usize, ctx: usize, dst: &mut Vec<f32>) {
+fn gather(
+    buf: &KvBuf,
+    lay: &crate::kv::KvLayout,
+    table: &[u32],
+    kvh: usize,
+    ctx: usize,
+    dst: &mut Vec<f32>,
+) {
     let (bs, hd) = (lay.block_size, lay.head_dim);
     dst.resize(ctx * hd, 0.0);
     for (bi, &block) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
@@ -114,7 +182,9 @@ fn gather(buf: &KvBuf, lay: &crate::kv::KvLayout, table: &[u32], kvh: usize, ctx
         let d = &mut dst[bi * bs * hd..(bi * bs + n) * hd];
         match buf {
             KvBuf::F32(v) => d.copy_from_slice(&v[src..src + n * hd]),
-            KvBuf::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[src..src + n * hd], d),
+            KvBuf::F16(v) => {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[src..src + n * hd], d)
+            }
         }
     }
 }

@@ -92,7 +92,10 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend computing on `threads` threads (the calling thread included).
     pub fn new(threads: usize) -> Self {
-        Self { use_simd: simd::has_avx2(), pool: std::sync::Arc::new(pool::SpinPool::new(threads)) }
+        Self {
+            use_simd: simd::has_avx2(),
+            pool: std::sync::Arc::new(pool::SpinPool::new(threads)),
+        }
     }
     /// As many threads as the machine has cores.
     pub fn with_all_cores() -> Self {
@@ -100,7 +103,10 @@ impl CpuBackend {
     }
     /// A backend that never uses SIMD kernels (for tests comparing the two paths).
     pub fn portable(threads: usize) -> Self {
-        Self { use_simd: false, ..Self::new(threads) }
+        Self {
+            use_simd: false,
+            ..Self::new(threads)
+        }
     }
     pub fn threads(&self) -> usize {
         self.pool.threads()
@@ -110,7 +116,11 @@ impl CpuBackend {
         self.pool.run(n, f)
     }
     pub fn simd_name(&self) -> &'static str {
-        if self.use_simd { "avx2+fma" } else { "portable" }
+        if self.use_simd {
+            "avx2+fma"
+        } else {
+            "portable"
+        }
     }
 }
 
@@ -126,10 +136,20 @@ impl Backend for CpuBackend {
     }
 
     fn load_matrix(&self, w: &WeightView<'_>) -> Result<CpuMatrix> {
-        if w.cols % 32 != 0 {
-            return Err(EngineError::UnsupportedModel(format!("matrix with {} columns (must be a multiple of 32)", w.cols)));
+        if !w.cols.is_multiple_of(32) {
+            return Err(EngineError::UnsupportedModel(format!(
+                "matrix with {} columns (must be a multiple of 32)",
+                w.cols
+            )));
         }
-        Ok(CpuMatrix { ty: w.ty, rows: w.rows, cols: w.cols, shared: w.shared.clone(), offset: w.offset, len: w.bytes.len() })
+        Ok(CpuMatrix {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            shared: w.shared.clone(),
+            offset: w.offset,
+            len: w.bytes.len(),
+        })
     }
 
     fn load_vector(&self, w: &WeightView<'_>) -> Result<Vec<f32>> {
@@ -144,11 +164,19 @@ impl Backend for CpuBackend {
             KvFormat::F32 => KvBuf::F32(vec![0.0; n]),
             KvFormat::F16 => KvBuf::F16(vec![f16::ZERO; n]),
         };
-        Ok(CpuKvStore { layout: *layout, k: (0..layout.layers).map(|_| make()).collect(), v: (0..layout.layers).map(|_| make()).collect() })
+        Ok(CpuKvStore {
+            layout: *layout,
+            k: (0..layout.layers).map(|_| make()).collect(),
+            v: (0..layout.layers).map(|_| make()).collect(),
+        })
     }
 
     fn activations(&self, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor { rows, cols, data: vec![0.0; rows * cols] }
+        CpuTensor {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
     }
 
     fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> CpuPlan {
@@ -163,7 +191,13 @@ impl Backend for CpuBackend {
                 sin.push(s);
             }
         }
-        CpuPlan { layout: layout.clone(), cos, sin, half_dim, rope_layout: rope.layout }
+        CpuPlan {
+            layout: layout.clone(),
+            cos,
+            sin,
+            half_dim,
+            rope_layout: rope.layout,
+        }
     }
 
     fn embed(&self, table: &CpuMatrix, plan: &CpuPlan, out: &mut CpuTensor) {
@@ -171,7 +205,11 @@ impl Backend for CpuBackend {
         let rb = table.row_bytes();
         for (r, &t) in plan.layout.tokens.iter().enumerate() {
             let t = t as usize;
-            dequantize_row(table.ty, &table.bytes()[t * rb..(t + 1) * rb], out.row_mut(r));
+            dequantize_row(
+                table.ty,
+                &table.bytes()[t * rb..(t + 1) * rb],
+                out.row_mut(r),
+            );
         }
     }
 
@@ -220,25 +258,45 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn store_kv(&self, kv: &mut CpuKvStore, layer: usize, k: &CpuTensor, v: &CpuTensor, plan: &CpuPlan) {
+    fn store_kv(
+        &self,
+        kv: &mut CpuKvStore,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        plan: &CpuPlan,
+    ) {
         let lay = kv.layout;
         let hd = lay.head_dim;
         for (buf, src) in [(&mut kv.k[layer], k), (&mut kv.v[layer], v)] {
             for (r, &slot) in plan.layout.slots.iter().enumerate() {
-                let (block, off) = (slot as usize / lay.block_size, slot as usize % lay.block_size);
+                let (block, off) = (
+                    slot as usize / lay.block_size,
+                    slot as usize % lay.block_size,
+                );
                 for h in 0..lay.kv_heads {
                     let dst = ((block * lay.kv_heads + h) * lay.block_size + off) * hd;
                     let s = &src.row(r)[h * hd..(h + 1) * hd];
                     match buf {
                         KvBuf::F32(b) => b[dst..dst + hd].copy_from_slice(s),
-                        KvBuf::F16(b) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut b[dst..dst + hd], s),
+                        KvBuf::F16(b) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(
+                            &mut b[dst..dst + hd],
+                            s,
+                        ),
                     }
                 }
             }
         }
     }
 
-    fn attention(&self, q: &CpuTensor, kv: &CpuKvStore, layer: usize, plan: &CpuPlan, out: &mut CpuTensor) {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        kv: &CpuKvStore,
+        layer: usize,
+        plan: &CpuPlan,
+        out: &mut CpuTensor,
+    ) {
         let heads = q.cols / kv.layout.head_dim;
         attention::attention(&self.pool, q, kv, layer, plan, out, heads);
     }

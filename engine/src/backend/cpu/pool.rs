@@ -74,7 +74,11 @@ impl SpinPool {
                     .expect("spawning a compute thread")
             })
             .collect();
-        Self { shared, workers, run_lock: Mutex::new(()) }
+        Self {
+            shared,
+            workers,
+            run_lock: Mutex::new(()),
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -91,7 +95,9 @@ impl SpinPool {
         let s = &*self.shared;
         // SAFETY: erasing the lifetime is sound because this function does not return before every worker has
         // decremented `busy`, after which no worker touches the job again.
-        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f) };
+        let job: Job = unsafe {
+            std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f)
+        };
         // SAFETY: no worker reads `job` while busy == 0 (the previous run waited for that).
         unsafe { *s.job.get() = Some(job) };
         s.n_tasks.store(n_tasks, Ordering::Relaxed);
