@@ -182,3 +182,23 @@ fn logits_and_greedy_match_reference() {
     }
     eprintln!("largest logit difference from the reference: {worst:.4}");
 }
+
+#[test]
+fn streaming_detokenization_never_splits_a_character() {
+    let (_, tok) = open();
+    for text in ["In 2024, the café sold 1,234 crêpes — ça va? 🙂", "日本語のテキストと絵文字 🎉🎉 mixed with English", "plain ascii"] {
+        let ids = tok.encode(text).unwrap();
+        let mut dec = tandem_engine::tokenizer::stream::StreamDecoder::new();
+        let mut out = String::new();
+        for &id in &ids {
+            if let Some(delta) = dec.push(&tok, id).unwrap() {
+                assert!(!delta.contains('\u{FFFD}'), "delta {delta:?} holds half a character");
+                out.push_str(&delta);
+            }
+        }
+        if let Some(rest) = dec.flush(&tok).unwrap() {
+            out.push_str(&rest);
+        }
+        assert_eq!(out, text);
+    }
+}

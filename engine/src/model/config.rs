@@ -282,3 +282,35 @@ impl ModelConfig {
         (per_layer * self.layers + self.vocab * self.hidden) as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        // Llama 3.1's published parameters: theta 500000, factor 8, low 1, high 4, original context 8192.
+        let f = llama3_freq_factors(500_000.0, 128, 8.0, 1.0, 4.0, 8192.0);
+        assert_eq!(f.len(), 64);
+        assert_eq!(f[0], 1.0, "the fastest-rotating pair is untouched");
+        assert_eq!(f[63], 8.0, "the slowest pair is divided by the full factor");
+        assert!(f.windows(2).all(|w| w[0] <= w[1] + 1e-6), "factors grow monotonically");
+        let rope = RopeConfig { theta: 500_000.0, layout: RopeLayout::Halves, freq_factors: Some(f) };
+        let inv = rope.inv_freq(128);
+        assert!((inv[0] - 1.0).abs() < 1e-6);
+        assert!((inv[63] * 8.0 - 1.0 / 500_000f32.powf(126.0 / 128.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn hf_config_reads_shape_and_rejects_bad_values() {
+        let j = serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
+        let c = ModelConfig::from_hf_config(&j).unwrap();
+        assert_eq!((c.architecture, c.head_dim, c.kv_heads, c.qkv_bias), (Architecture::Qwen2, 16, 2, true));
+        let bad = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3, "vocab_size": 100});
+        assert!(ModelConfig::from_hf_config(&bad).unwrap_err().to_string().contains("KV heads"));
+        let unknown = serde_json::json!({"architectures": ["GPT2LMHeadModel"]});
+        assert!(ModelConfig::from_hf_config(&unknown).unwrap_err().to_string().contains("architecture"));
+    }
+}

@@ -209,3 +209,78 @@ fn spm(
     )));
     Ok(t)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::gguf::GgufFile;
+    use crate::tokenizer::Tokenizer;
+
+    /// A tiny SentencePiece-style ("llama") vocabulary in a synthesized GGUF: pieces with scores, byte tokens,
+    /// control tokens.
+    fn spm_gguf() -> Vec<u8> {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        for p in ["\u{2581}", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "\u{2581}hello", "\u{2581}w", "or", "\u{2581}wor", "\u{2581}world", "ld"] {
+            tokens.push(p.into());
+        }
+        let n = tokens.len();
+        let mut types = vec![2i32, 3, 3];
+        types.extend(std::iter::repeat_n(6, 256));
+        types.extend(std::iter::repeat_n(1, n - 259));
+        // Longer pieces score higher, so they merge first.
+        let scores: Vec<f32> = tokens.iter().map(|t| t.chars().count() as f32).collect();
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        out.extend(6u64.to_le_bytes());
+        let s = |out: &mut Vec<u8>, v: &str| {
+            out.extend((v.len() as u64).to_le_bytes());
+            out.extend(v.as_bytes());
+        };
+        s(&mut out, "tokenizer.ggml.model");
+        out.extend(8u32.to_le_bytes());
+        s(&mut out, "llama");
+        s(&mut out, "tokenizer.ggml.tokens");
+        out.extend(9u32.to_le_bytes());
+        out.extend(8u32.to_le_bytes());
+        out.extend((n as u64).to_le_bytes());
+        for t in &tokens {
+            s(&mut out, t);
+        }
+        s(&mut out, "tokenizer.ggml.scores");
+        out.extend(9u32.to_le_bytes());
+        out.extend(6u32.to_le_bytes());
+        out.extend((n as u64).to_le_bytes());
+        for v in &scores {
+            out.extend(v.to_le_bytes());
+        }
+        s(&mut out, "tokenizer.ggml.token_type");
+        out.extend(9u32.to_le_bytes());
+        out.extend(5u32.to_le_bytes());
+        out.extend((n as u64).to_le_bytes());
+        for v in &types {
+            out.extend(v.to_le_bytes());
+        }
+        s(&mut out, "tokenizer.ggml.bos_token_id");
+        out.extend(4u32.to_le_bytes());
+        out.extend(1u32.to_le_bytes());
+        s(&mut out, "tokenizer.ggml.eos_token_id");
+        out.extend(4u32.to_le_bytes());
+        out.extend(2u32.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary_encodes_with_merges_and_byte_fallback() {
+        let f = GgufFile::from_bytes(spm_gguf()).unwrap();
+        let tok = Tokenizer::from_gguf(&f).unwrap();
+        let id = |p: &str| tok.token_to_id(p).unwrap();
+        // BOS is added by default for llama vocabularies; words merge to their longest pieces.
+        assert_eq!(tok.encode("hello world").unwrap(), vec![1, id("\u{2581}hello"), id("\u{2581}world")]);
+        // An unknown character falls back to its UTF-8 bytes and decodes back exactly.
+        let ids = tok.encode("hello é").unwrap();
+        assert!(ids.contains(&id("<0xC3>")) && ids.contains(&id("<0xA9>")), "{ids:?}");
+        assert_eq!(tok.decode(&ids[1..]).unwrap(), "hello é");
+        assert_eq!(tok.eos, Some(2));
+    }
+}
