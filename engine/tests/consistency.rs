@@ -2,32 +2,16 @@
 //! hit equals a cold prefill, chunked prefill equals one-shot prefill, f16 KV stays close to f32, and blocks are
 //! all returned when sequences end.
 
-use std::path::PathBuf;
+mod common;
+
 use tandem_engine::backend::cpu::CpuBackend;
 use tandem_engine::kv::KvFormat;
-use tandem_engine::model::ModelSource;
 use tandem_engine::sampling::argmax;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 
-fn model_path() -> PathBuf {
-    std::env::var_os("TANDEM_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                .join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
-}
-
 fn setup(config: EngineConfig) -> (Engine<CpuBackend>, Tokenizer) {
-    let path = model_path();
-    assert!(
-        path.exists(),
-        "model {} missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    let src = ModelSource::open(&path).unwrap();
-    let tok = Tokenizer::for_model(&src).unwrap();
+    let (src, tok) = common::open_model();
     (
         Engine::new(CpuBackend::with_all_cores(), &src, config, |_, _| {}).unwrap(),
         tok,

@@ -3,6 +3,8 @@
 //!
 //! Needs the default model (`scripts/fetch-model.sh`); `TANDEM_MODEL` overrides its path.
 
+mod common;
+
 use serde_json::Value;
 use std::path::PathBuf;
 use tandem_engine::backend::cpu::CpuBackend;
@@ -15,28 +17,12 @@ use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 /// elsewhere); the smallest top-2 gap in the fixtures is 0.0078, so this bound also keeps every greedy choice.
 pub const LOGIT_TOLERANCE: f32 = 0.02;
 
-pub fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("TANDEM_MODEL") {
-        return p.into();
-    }
-    let home = std::env::var_os("HOME").expect("HOME is set");
-    PathBuf::from(home).join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
 }
 
 fn open() -> (ModelSource, Tokenizer) {
-    let path = model_path();
-    assert!(
-        path.exists(),
-        "model {} missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    let src = ModelSource::open(&path).unwrap();
-    let tok = Tokenizer::for_model(&src).unwrap();
-    (src, tok)
+    common::open_model()
 }
 
 fn fixtures() -> Vec<Value> {
@@ -186,13 +172,20 @@ fn logits_and_greedy_match_reference() {
 #[test]
 fn streaming_detokenization_never_splits_a_character() {
     let (_, tok) = open();
-    for text in ["In 2024, the café sold 1,234 crêpes — ça va? 🙂", "日本語のテキストと絵文字 🎉🎉 mixed with English", "plain ascii"] {
+    for text in [
+        "In 2024, the café sold 1,234 crêpes — ça va? 🙂",
+        "日本語のテキストと絵文字 🎉🎉 mixed with English",
+        "plain ascii",
+    ] {
         let ids = tok.encode(text).unwrap();
         let mut dec = tandem_engine::tokenizer::stream::StreamDecoder::new();
         let mut out = String::new();
         for &id in &ids {
             if let Some(delta) = dec.push(&tok, id).unwrap() {
-                assert!(!delta.contains('\u{FFFD}'), "delta {delta:?} holds half a character");
+                assert!(
+                    !delta.contains('\u{FFFD}'),
+                    "delta {delta:?} holds half a character"
+                );
                 out.push_str(&delta);
             }
         }

@@ -4,22 +4,15 @@
 //! Q/K rows permuted back to HF's half-split RoPE layout, the tokenizer saved as tokenizer.json. Loading that
 //! directory must give the same tokens and, within f32 rounding, the same logits and greedy continuation.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use tandem_engine::backend::cpu::CpuBackend;
 use tandem_engine::model::ModelSource;
 use tandem_engine::quant::dequant::dequantize_row;
 use tandem_engine::sampling::argmax;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
-
-fn model_path() -> PathBuf {
-    std::env::var_os("TANDEM_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                .join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
-}
 
 fn gguf_to_hf_name(name: &str) -> String {
     let fixed = [
@@ -120,14 +113,7 @@ fn export(src: &ModelSource, tok: &Tokenizer, dir: &Path) {
 
 #[test]
 fn hf_directory_matches_gguf() {
-    let path = model_path();
-    assert!(
-        path.exists(),
-        "model {} missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    let gsrc = ModelSource::open(&path).unwrap();
-    let gtok = Tokenizer::for_model(&gsrc).unwrap();
+    let (gsrc, gtok) = common::open_model();
     let dir = std::env::temp_dir().join(format!("tandem-hf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     export(&gsrc, &gtok, &dir);

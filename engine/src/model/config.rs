@@ -294,8 +294,15 @@ mod tests {
         assert_eq!(f.len(), 64);
         assert_eq!(f[0], 1.0, "the fastest-rotating pair is untouched");
         assert_eq!(f[63], 8.0, "the slowest pair is divided by the full factor");
-        assert!(f.windows(2).all(|w| w[0] <= w[1] + 1e-6), "factors grow monotonically");
-        let rope = RopeConfig { theta: 500_000.0, layout: RopeLayout::Halves, freq_factors: Some(f) };
+        assert!(
+            f.windows(2).all(|w| w[0] <= w[1] + 1e-6),
+            "factors grow monotonically"
+        );
+        let rope = RopeConfig {
+            theta: 500_000.0,
+            layout: RopeLayout::Halves,
+            freq_factors: Some(f),
+        };
         let inv = rope.inv_freq(128);
         assert!((inv[0] - 1.0).abs() < 1e-6);
         assert!((inv[63] * 8.0 - 1.0 / 500_000f32.powf(126.0 / 128.0)).abs() < 1e-9);
@@ -306,11 +313,24 @@ mod tests {
         let j = serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
         let c = ModelConfig::from_hf_config(&j).unwrap();
-        assert_eq!((c.architecture, c.head_dim, c.kv_heads, c.qkv_bias), (Architecture::Qwen2, 16, 2, true));
+        assert_eq!(
+            (c.architecture, c.head_dim, c.kv_heads, c.qkv_bias),
+            (Architecture::Qwen2, 16, 2, true)
+        );
         let bad = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3, "vocab_size": 100});
-        assert!(ModelConfig::from_hf_config(&bad).unwrap_err().to_string().contains("KV heads"));
+        assert!(
+            ModelConfig::from_hf_config(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("KV heads")
+        );
         let unknown = serde_json::json!({"architectures": ["GPT2LMHeadModel"]});
-        assert!(ModelConfig::from_hf_config(&unknown).unwrap_err().to_string().contains("architecture"));
+        assert!(
+            ModelConfig::from_hf_config(&unknown)
+                .unwrap_err()
+                .to_string()
+                .contains("architecture")
+        );
     }
 }

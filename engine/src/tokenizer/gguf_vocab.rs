@@ -220,7 +220,26 @@ mod tests {
     fn spm_gguf() -> Vec<u8> {
         let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
         tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
-        for p in ["\u{2581}", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "\u{2581}hello", "\u{2581}w", "or", "\u{2581}wor", "\u{2581}world", "ld"] {
+        for p in [
+            "\u{2581}",
+            "h",
+            "e",
+            "l",
+            "o",
+            "w",
+            "r",
+            "d",
+            "he",
+            "ll",
+            "llo",
+            "hello",
+            "\u{2581}hello",
+            "\u{2581}w",
+            "or",
+            "\u{2581}wor",
+            "\u{2581}world",
+            "ld",
+        ] {
             tokens.push(p.into());
         }
         let n = tokens.len();
@@ -276,10 +295,16 @@ mod tests {
         let tok = Tokenizer::from_gguf(&f).unwrap();
         let id = |p: &str| tok.token_to_id(p).unwrap();
         // BOS is added by default for llama vocabularies; words merge to their longest pieces.
-        assert_eq!(tok.encode("hello world").unwrap(), vec![1, id("\u{2581}hello"), id("\u{2581}world")]);
+        assert_eq!(
+            tok.encode("hello world").unwrap(),
+            vec![1, id("\u{2581}hello"), id("\u{2581}world")]
+        );
         // An unknown character falls back to its UTF-8 bytes and decodes back exactly.
         let ids = tok.encode("hello é").unwrap();
-        assert!(ids.contains(&id("<0xC3>")) && ids.contains(&id("<0xA9>")), "{ids:?}");
+        assert!(
+            ids.contains(&id("<0xC3>")) && ids.contains(&id("<0xA9>")),
+            "{ids:?}"
+        );
         assert_eq!(tok.decode(&ids[1..]).unwrap(), "hello é");
         assert_eq!(tok.eos, Some(2));
     }
