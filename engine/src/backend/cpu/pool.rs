@@ -17,6 +17,20 @@ use std::thread::JoinHandle;
 /// Spin iterations (each a `spin_loop` hint, tens of nanoseconds) before an idle worker sleeps: about a millisecond.
 const SPIN_LIMIT: u32 = 20_000;
 
+/// Pure spinning lasts this many iterations (tens of microseconds, longer than the serial work between regions);
+/// after that a spinner yields its core on every iteration, so that pools oversubscribing the machine (several
+/// engines in one test process, a busy host) still make progress instead of burning each other's time slices.
+const SPIN_BEFORE_YIELD: u32 = 2_000;
+
+#[inline]
+fn backoff(spins: u32) {
+    if spins < SPIN_BEFORE_YIELD {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
 type Job = *const (dyn Fn(usize) + Sync);
 
 struct Shared {
@@ -109,8 +123,10 @@ impl SpinPool {
             s.wake.notify_all();
         }
         claim_tasks(s, f);
+        let mut spins = 0u32;
         while s.busy.load(Ordering::Acquire) > 0 {
-            std::hint::spin_loop();
+            backoff(spins);
+            spins = spins.saturating_add(1);
         }
     }
 }
@@ -137,7 +153,7 @@ fn worker(s: &Shared) {
             }
             spins += 1;
             if spins < SPIN_LIMIT {
-                std::hint::spin_loop();
+                backoff(spins);
                 continue;
             }
             let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
