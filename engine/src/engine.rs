@@ -374,6 +374,27 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// One decode step for every sequence in `seqs` (each with exactly one pending token): appends each one's
+    /// greedy next token and returns them. Benchmarks and tests drive decoding with it.
+    pub fn step_greedy(&mut self, seqs: &[SeqId]) -> Result<Vec<u32>> {
+        let items: Vec<StepItem> = seqs
+            .iter()
+            .map(|&seq| StepItem {
+                seq,
+                n_tokens: 1,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let logits = self.step(&items)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for (&seq, l) in seqs.iter().zip(logits) {
+            let t = crate::sampling::argmax(&l);
+            self.append_token(seq, t)?;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
     /// Copies a block of one layer out of the store (for tests and, later, transfer).
     pub fn read_kv_block(&self, layer: usize, block: BlockId) -> (Vec<f32>, Vec<f32>) {
         self.backend.read_kv_block(&self.kv, layer, block.0)

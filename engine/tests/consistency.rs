@@ -8,7 +8,7 @@ use tandem_engine::backend::cpu::CpuBackend;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::sampling::argmax;
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
+use tandem_engine::{Engine, EngineConfig};
 
 fn setup(config: EngineConfig) -> (Engine<CpuBackend>, Tokenizer) {
     let (src, tok) = common::open_model();
@@ -28,19 +28,8 @@ fn greedy_batch(e: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], n: usize) -> V
         e.append_token(s, argmax(&l)).unwrap();
     }
     for _ in 1..n {
-        let items: Vec<_> = seqs
-            .iter()
-            .map(|&seq| StepItem {
-                seq,
-                n_tokens: 1,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let logits = e.step(&items).unwrap();
-        for (i, (&s, l)) in seqs.iter().zip(logits).enumerate() {
-            let t = argmax(&l);
+        for (i, t) in e.step_greedy(&seqs).unwrap().into_iter().enumerate() {
             out[i].push(t);
-            e.append_token(s, t).unwrap();
         }
     }
     for s in seqs {

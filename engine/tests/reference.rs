@@ -87,16 +87,15 @@ fn chat_template_matches_reference() {
 #[test]
 fn logits_and_greedy_match_reference() {
     let (src, _) = open();
-    let mut engine = Engine::new(
-        CpuBackend::with_all_cores(),
-        &src,
-        EngineConfig {
+    // A fresh engine per prompt, so that no prompt is served from another's cached prefix.
+    let new_engine = || {
+        let config = EngineConfig {
             num_blocks: 256,
             ..Default::default()
-        },
-        |_, _| {},
-    )
-    .unwrap();
+        };
+        Engine::new(CpuBackend::with_all_cores(), &src, config, |_, _| {}).unwrap()
+    };
+    let mut engine = new_engine();
     let vocab = engine.model.config.vocab;
     let mut worst = 0f32;
     for f in fixtures() {
@@ -155,16 +154,7 @@ fn logits_and_greedy_match_reference() {
         }
         assert_eq!(got, want, "{name}: greedy continuation");
         engine.remove_sequence(seq).unwrap();
-        engine = Engine::new(
-            CpuBackend::with_all_cores(),
-            &src,
-            EngineConfig {
-                num_blocks: 256,
-                ..Default::default()
-            },
-            |_, _| {},
-        )
-        .unwrap();
+        engine = new_engine();
     }
     eprintln!("largest logit difference from the reference: {worst:.4}");
 }

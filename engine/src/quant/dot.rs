@@ -79,19 +79,11 @@ pub fn dot_scalar(ty: GgmlType, w_row: &[u8], x: &[ActBlock]) -> f32 {
         match ty {
             GgmlType::Q4_1 => {
                 let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
-                let mut s = 0i64;
-                for j in 0..16 {
-                    s += (b[4 + j] & 0x0f) as i64 * xb.qs[j] as i64;
-                    s += (b[4 + j] >> 4) as i64 * xb.qs[j + 16] as i64;
-                }
+                let s = nibble_dot(&b[4..20], xb);
                 acc += d * xb.d * s as f32 + m * xb.d * xb.qsum as f32;
             }
             GgmlType::Q4_0 => {
-                let mut s = 0i64;
-                for j in 0..16 {
-                    s += (b[2 + j] & 0x0f) as i64 * xb.qs[j] as i64;
-                    s += (b[2 + j] >> 4) as i64 * xb.qs[j + 16] as i64;
-                }
+                let s = nibble_dot(&b[2..18], xb);
                 acc += d * xb.d * (s - 8 * xb.qsum as i64) as f32;
             }
             GgmlType::Q8_0 => {
@@ -105,6 +97,15 @@ pub fn dot_scalar(ty: GgmlType, w_row: &[u8], x: &[ActBlock]) -> f32 {
         }
     }
     acc
+}
+
+/// Integer dot of 16 bytes of nibbles (low nibbles are elements 0..16, high ones 16..32) with a block.
+fn nibble_dot(qs: &[u8], x: &ActBlock) -> i64 {
+    let (lo, hi) = x.qs.split_at(16);
+    qs.iter()
+        .zip(lo.iter().zip(hi))
+        .map(|(&q, (&a, &b))| (q & 0x0f) as i64 * a as i64 + (q >> 4) as i64 * b as i64)
+        .sum()
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -10,7 +10,6 @@ use super::{ModelArgs, load};
 use anyhow::Result;
 use std::time::Instant;
 use tandem_engine::sampling::argmax;
-use tandem_engine::{LogitsWanted, StepItem};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
@@ -137,18 +136,7 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
             let t = Instant::now();
             let steps = a.decode_steps.min(cfg.context_len - 40);
             for _ in 0..steps {
-                let items: Vec<StepItem> = seqs
-                    .iter()
-                    .map(|&seq| StepItem {
-                        seq,
-                        n_tokens: 1,
-                        logits: LogitsWanted::Last,
-                    })
-                    .collect();
-                let out = eng.step(&items)?;
-                for (&seq, l) in seqs.iter().zip(out) {
-                    eng.append_token(seq, argmax(&l))?;
-                }
+                eng.step_greedy(&seqs)?;
             }
             let dt = t.elapsed().as_secs_f64();
             for s in seqs {
