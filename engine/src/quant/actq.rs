@@ -45,7 +45,13 @@ pub fn quantize_activations(x: &[f32], out: &mut [ActBlock]) {
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in blk.qs.iter_mut().zip(xs) {
-            let r = (v * inv).round() as i32;
+            // Round half away from zero without a libm call (baseline x86_64 has no rounding instruction).
+            let t = v * inv;
+            let r = if t >= 0.0 {
+                (t + 0.5) as i32
+            } else {
+                (t - 0.5) as i32
+            };
             *q = r.clamp(-(QMAX as i32), QMAX as i32) as i16;
             sum += *q as i32;
         }

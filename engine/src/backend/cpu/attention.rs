@@ -71,18 +71,47 @@ pub fn attention(
         let rows = r1 - r0;
         SCRATCH.with(|cell| {
             let sc = &mut *cell.borrow_mut();
-            gather(kbuf, lay, &s.block_table, kvh, ctx, &mut sc.k);
-            gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
+            // Decode rows over an f32 store read K/V in place through the block table; everything else works on
+            // a contiguous copy.
+            let in_place = match (kbuf, vbuf) {
+                (KvBuf::F32(k), KvBuf::F32(v)) if rows <= VECTOR_MAX_ROWS => {
+                    Some((k.as_slice(), v.as_slice()))
+                }
+                _ => None,
+            };
+            if in_place.is_none() {
+                gather(kbuf, lay, &s.block_table, kvh, ctx, &mut sc.k);
+                gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
+            }
             sc.scores.resize(rows * ctx, 0.0);
+            let Scratch {
+                k: gk,
+                v: gv,
+                scores: all_scores,
+            } = sc;
+            let key = |j: usize| match in_place {
+                Some((k, _)) => {
+                    let at = slot_offset(lay, &s.block_table, kvh, j);
+                    &k[at..at + hd]
+                }
+                None => &gk[j * hd..(j + 1) * hd],
+            };
+            let value = |j: usize| match in_place {
+                Some((_, v)) => {
+                    let at = slot_offset(lay, &s.block_table, kvh, j);
+                    &v[at..at + hd]
+                }
+                None => &gv[j * hd..(j + 1) * hd],
+            };
             for h in kvh * group..(kvh + 1) * group {
                 if rows <= VECTOR_MAX_ROWS {
                     for r in 0..rows {
                         let row = s.first_row + r0 + r;
                         let visible = s.start_pos + r0 + r + 1;
                         let qv = &q.row(row)[h * hd..(h + 1) * hd];
-                        let scores = &mut sc.scores[..visible];
+                        let scores = &mut all_scores[..visible];
                         for (j, x) in scores.iter_mut().enumerate() {
-                            *x = dot(qv, &sc.k[j * hd..(j + 1) * hd]) * scale;
+                            *x = dot(qv, key(j)) * scale;
                         }
                         softmax_in_place(scores);
                         // SAFETY: this task alone writes head h of this row; the slice lies inside `out`.
@@ -94,7 +123,7 @@ pub fn attention(
                         };
                         o.fill(0.0);
                         for (j, &p) in scores.iter().enumerate() {
-                            axpy(o, p, &sc.v[j * hd..(j + 1) * hd]);
+                            axpy(o, p, value(j));
                         }
                     }
                     continue;
@@ -111,18 +140,18 @@ pub fn attention(
                         qp,
                         q.cols as isize,
                         1,
-                        sc.k.as_ptr(),
+                        gk.as_ptr(),
                         1,
                         hd as isize,
                         0.0,
-                        sc.scores.as_mut_ptr(),
+                        all_scores.as_mut_ptr(),
                         ctx as isize,
                         1,
                     );
                 }
                 for r in 0..rows {
                     let visible = s.start_pos + r0 + r + 1;
-                    let row = &mut sc.scores[r * ctx..(r + 1) * ctx];
+                    let row = &mut all_scores[r * ctx..(r + 1) * ctx];
                     softmax_in_place(&mut row[..visible]);
                     row[visible..].fill(0.0);
                 }
@@ -134,10 +163,10 @@ pub fn attention(
                         ctx,
                         hd,
                         1.0,
-                        sc.scores.as_ptr(),
+                        all_scores.as_ptr(),
                         ctx as isize,
                         1,
-                        sc.v.as_ptr(),
+                        gv.as_ptr(),
                         hd as isize,
                         1,
                         0.0,
@@ -163,6 +192,13 @@ fn softmax_in_place(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Element offset of position `pos`'s vector for KV head `kvh` in a layer laid out `[block][kv_head][slot][dim]`.
+#[inline]
+fn slot_offset(lay: &crate::kv::KvLayout, table: &[u32], kvh: usize, pos: usize) -> usize {
+    let block = table[pos / lay.block_size] as usize;
+    ((block * lay.kv_heads + kvh) * lay.block_size + pos % lay.block_size) * lay.head_dim
 }
 
 /// Copies positions `0..ctx` of one KV head into `dst` as a contiguous `ctx x head_dim` f32 matrix.
