@@ -124,15 +124,15 @@ fn perplexity_is_sane_and_json_parses() {
     let file = dir.join("text.txt");
     let text = std::fs::read_to_string(repo().join("tests/data/wiki_excerpt.txt")).unwrap();
     std::fs::write(&file, &text).unwrap();
-    let o = run(&[
+    let ppl_args = [
         "eval",
         "perplexity",
         "--file",
         file.to_str().unwrap(),
         "--context",
         "128",
-        "--json",
-    ]);
+    ];
+    let o = run(&[&ppl_args[..], &["--json"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let ppl = v["perplexity"].as_f64().unwrap();
@@ -141,14 +141,7 @@ fn perplexity_is_sane_and_json_parses() {
         "perplexity {ppl} of English prose is out of the plausible range"
     );
     assert!(v["tokens_scored"].as_u64().unwrap() >= 63);
-    let o = run(&[
-        "eval",
-        "perplexity",
-        "--file",
-        file.to_str().unwrap(),
-        "--context",
-        "128",
-    ]);
+    let o = run(&ppl_args);
     assert!(stdout(&o).starts_with("perplexity: "), "{}", stdout(&o));
 }
 

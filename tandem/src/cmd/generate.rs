@@ -104,30 +104,26 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     let c = &done[0];
     let decode_s = (c.total_time - c.time_to_first_token).as_secs_f64();
     let generated = c.tokens.len();
+    // The first token comes from prefill; the rest are decode steps.
+    let decode_tok_s = if decode_s > 0.0 {
+        generated.saturating_sub(1) as f64 / decode_s
+    } else {
+        0.0
+    };
     tracing::info!(
         prompt_tokens = c.prompt_tokens,
         generated,
         finish = c.finish_reason.as_str(),
         ttft_ms = c.time_to_first_token.as_millis() as u64,
-        decode_tok_s = if decode_s > 0.0 {
-            (generated.saturating_sub(1)) as f64 / decode_s
-        } else {
-            0.0
-        },
+        decode_tok_s,
         "done"
     );
     if !a.raw {
         eprintln!(
-            "[{} prompt tokens, {} generated, finish: {}, {:.0} ms to first token, {:.1} tok/s]",
+            "[{} prompt tokens, {generated} generated, finish: {}, {:.0} ms to first token, {decode_tok_s:.1} tok/s]",
             c.prompt_tokens,
-            generated,
             c.finish_reason.as_str(),
             c.time_to_first_token.as_secs_f64() * 1e3,
-            if decode_s > 0.0 {
-                generated.saturating_sub(1) as f64 / decode_s
-            } else {
-                0.0
-            }
         );
     }
     Ok(())

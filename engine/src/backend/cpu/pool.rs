@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Spin iterations (each a `spin_loop` hint, tens of nanoseconds) before an idle worker sleeps: about a millisecond.
+/// Wait iterations before an idle worker sleeps: the first `SPIN_BEFORE_YIELD` are `spin_loop` hints (tens of
+/// microseconds in all), the rest yield the core (a few milliseconds in all on an idle machine).
 const SPIN_LIMIT: u32 = 20_000;
 
 /// Pure spinning lasts this many iterations (tens of microseconds, longer than the serial work between regions);
