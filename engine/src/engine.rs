@@ -17,6 +17,9 @@ use crate::kv::{
 use crate::model::{LlamaModel, ModelSource, Scratch};
 use std::collections::HashMap;
 
+mod external;
+pub use external::{KvView, TransferTarget};
+
 /// Identifies a sequence inside one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(pub u64);
@@ -159,25 +162,7 @@ impl<B: Backend> Engine<B> {
     /// Starts a sequence with `prompt`, reusing the longest cached prefix (always leaving at least one token to
     /// compute, since its logits are what the caller samples from).
     pub fn add_sequence(&mut self, prompt: &[u32]) -> Result<SeqId> {
-        let ctx = self.model.config.context_len;
-        if prompt.is_empty() {
-            return Err(EngineError::invalid("prompt is empty"));
-        }
-        if prompt.len() >= ctx {
-            return Err(EngineError::invalid(format!(
-                "prompt has {} tokens; the model's context is {ctx}",
-                prompt.len()
-            )));
-        }
-        if let Some(&t) = prompt
-            .iter()
-            .find(|&&t| t as usize >= self.model.config.vocab)
-        {
-            return Err(EngineError::invalid(format!(
-                "token id {t} is outside the vocabulary of {}",
-                self.model.config.vocab
-            )));
-        }
+        self.validate_prompt(prompt)?;
         let bs = self.layout.block_size;
         let reusable = (prompt.len() - 1) / bs;
         let hashes = crate::kv::block_hashes(self.config.hash_seed, &prompt[..reusable * bs], bs);
@@ -197,6 +182,30 @@ impl<B: Backend> Engine<B> {
             },
         );
         Ok(id)
+    }
+
+    /// Checks a prompt against the model: not empty, shorter than the context, every id in the vocabulary.
+    pub fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let ctx = self.model.config.context_len;
+        if prompt.is_empty() {
+            return Err(EngineError::invalid("prompt is empty"));
+        }
+        if prompt.len() >= ctx {
+            return Err(EngineError::invalid(format!(
+                "prompt has {} tokens; the model's context is {ctx}",
+                prompt.len()
+            )));
+        }
+        if let Some(&t) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.vocab)
+        {
+            return Err(EngineError::invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.model.config.vocab
+            )));
+        }
+        Ok(())
     }
 
     /// Appends a token (usually the one just sampled); it is computed by the next step that includes the sequence.
@@ -253,6 +262,16 @@ impl<B: Backend> Engine<B> {
     /// Runs one forward pass over `items`; returns, per item, its logits rows (`vocab` floats each; none, the last,
     /// or all computed tokens, as asked).
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<Vec<f32>>> {
+        self.step_observed(items, &mut |_, _| {})
+    }
+
+    /// [`Engine::step`], calling `after_layer(layer, view)` as soon as each layer's K/V of this step is stored (a
+    /// prefill worker ships blocks from there while later layers compute).
+    pub fn step_observed(
+        &mut self,
+        items: &[StepItem],
+        after_layer: &mut dyn FnMut(usize, &KvView<'_, B>),
+    ) -> Result<Vec<Vec<f32>>> {
         let bs = self.layout.block_size;
         let total: usize = items.iter().map(|i| i.n_tokens).sum();
         if total == 0 {
@@ -320,23 +339,19 @@ impl<B: Backend> Engine<B> {
                 block_table: s.blocks.iter().map(|b| b.0).collect(),
             });
         }
-        let logits = self
-            .model
-            .forward(&self.backend, &mut self.kv, &batch, &mut self.scratch)?;
+        let backend = &self.backend;
+        let logits = self.model.forward(
+            backend,
+            &mut self.kv,
+            &batch,
+            &mut self.scratch,
+            &mut |layer, kv| after_layer(layer, &KvView::new(backend, kv)),
+        )?;
         // Commit progress and newly completed blocks.
         for it in items {
             let s = self.seqs.get_mut(&it.seq).expect("validated above");
             s.kv_len += it.n_tokens;
-            while s.hashes.len() < s.kv_len / bs {
-                let i = s.hashes.len();
-                let h = hash_block(
-                    self.config.hash_seed,
-                    s.hashes.last().copied(),
-                    &s.tokens[i * bs..(i + 1) * bs],
-                );
-                self.pool.commit(s.blocks[i], h);
-                s.hashes.push(h);
-            }
+            commit_complete_blocks(s, &mut self.pool, self.config.hash_seed, bs);
         }
         let vocab = self.model.config.vocab;
         let mut out = Vec::with_capacity(items.len());
@@ -395,8 +410,18 @@ impl<B: Backend> Engine<B> {
         Ok(out)
     }
 
-    /// Copies a block of one layer out of the store (for tests and, later, transfer).
+    /// Copies a block of one layer out of the store (tests and transfer).
     pub fn read_kv_block(&self, layer: usize, block: BlockId) -> (Vec<f32>, Vec<f32>) {
         self.backend.read_kv_block(&self.kv, layer, block.0)
+    }
+}
+
+/// Hashes the sequence's newly complete blocks and offers them to the prefix cache.
+fn commit_complete_blocks(s: &mut Sequence, pool: &mut BlockPool, seed: HashSeed, bs: usize) {
+    while s.hashes.len() < s.kv_len / bs {
+        let i = s.hashes.len();
+        let h = hash_block(seed, s.hashes.last().copied(), &s.tokens[i * bs..(i + 1) * bs]);
+        pool.commit(s.blocks[i], h);
+        s.hashes.push(h);
     }
 }

@@ -100,20 +100,131 @@ pub struct Delta<'a> {
     pub token: &'a Sampled,
 }
 
-struct Active {
-    seq: SeqId,
+/// What one accepted token produced.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    /// Text that became final (may be empty while text is held back for a possible stop string).
+    pub text: String,
+    pub token: Sampled,
+    /// Set when this token ended the generation; the token must then not be appended to the sequence.
+    pub finished: Option<FinishReason>,
+}
+
+/// One request's generation state: its sampler, streaming detokenizer and stop conditions. The serving nodes and
+/// [`run_batch`] drive it the same way: sample (or take a token sampled elsewhere), [`Generation::accept`] it, and
+/// append the token to the engine's sequence unless it finished.
+#[derive(Debug)]
+pub struct Generation {
     sampler: Sampler,
     decoder: StreamDecoder,
     stop: StopConditions,
-    tokens: Vec<Sampled>,
-    /// Text released to the caller.
-    text: String,
+    generated: usize,
     /// Decoded text held back because it may begin a stop string.
     held: String,
+    done: Option<FinishReason>,
+}
+
+impl Generation {
+    /// `stop` as the caller gave it; the tokenizer's stop tokens are added unless `ignore_eos`.
+    pub fn new(sampling: SamplingParams, stop: StopConditions, prompt: &[u32], tok: &Tokenizer) -> Self {
+        let mut stop = stop;
+        if !stop.ignore_eos {
+            stop.stop_token_ids.extend(tok.stop_tokens.iter().copied());
+        }
+        Self {
+            sampler: Sampler::new(sampling, prompt),
+            decoder: StreamDecoder::new(),
+            stop,
+            generated: 0,
+            held: String::new(),
+            done: None,
+        }
+    }
+
+    pub fn sampler_mut(&mut self) -> &mut Sampler {
+        &mut self.sampler
+    }
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.done
+    }
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    /// Samples the next token from `logits` (modified in place) and accepts it.
+    pub fn sample(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &mut [f32],
+        seq_len: usize,
+        context_len: usize,
+    ) -> Result<Emitted> {
+        let s = self.sampler.sample(logits);
+        self.accept(tok, s, seq_len, context_len)
+    }
+
+    /// Applies stop conditions to a sampled token and releases the text that became final. `seq_len` is the
+    /// sequence's length before this token; the generation ends when the next token would not fit `context_len`.
+    pub fn accept(
+        &mut self,
+        tok: &Tokenizer,
+        s: Sampled,
+        seq_len: usize,
+        context_len: usize,
+    ) -> Result<Emitted> {
+        let id = s.token;
+        self.generated += 1;
+        if self.stop.stop_token_ids.contains(&id) {
+            self.done = Some(FinishReason::Stop);
+            if let Some(rest) = self.decoder.flush(tok)? {
+                self.held.push_str(&rest);
+            }
+            return Ok(Emitted {
+                text: std::mem::take(&mut self.held),
+                token: s,
+                finished: self.done,
+            });
+        }
+        if let Some(delta) = self.decoder.push(tok, id)? {
+            self.held.push_str(&delta);
+        }
+        let mut text = String::new();
+        if let Some(cut) = find_stop(&self.held, &self.stop.stop_strings) {
+            text.push_str(&self.held[..cut]);
+            self.held.clear();
+            self.done = Some(FinishReason::Stop);
+        } else {
+            let keep = held_back_len(&self.held, &self.stop.stop_strings);
+            let release = self.held.len() - keep;
+            text.push_str(&self.held[..release]);
+            self.held.drain(..release);
+        }
+        if self.done.is_none()
+            && (self.generated >= self.stop.max_tokens || seq_len + 1 >= context_len)
+        {
+            self.done = Some(FinishReason::Length);
+            if let Some(rest) = self.decoder.flush(tok)? {
+                self.held.push_str(&rest);
+            }
+            text.push_str(&self.held);
+            self.held.clear();
+        }
+        Ok(Emitted {
+            text,
+            token: s,
+            finished: self.done,
+        })
+    }
+}
+
+struct Active {
+    seq: SeqId,
+    generation: Generation,
+    tokens: Vec<Sampled>,
+    text: String,
     prompt_tokens: usize,
     cached: usize,
     ttft: Duration,
-    done: Option<FinishReason>,
 }
 
 /// Runs `requests` to completion as one batch; `on_delta` sees text as it becomes final.
@@ -134,22 +245,14 @@ pub fn run_batch<B: Backend>(
         for r in requests {
             let seq = engine.add_sequence(&r.prompt)?;
             let cached = engine.seq_progress(seq)?.0;
-            let mut stop = r.stop.clone();
-            if !stop.ignore_eos {
-                stop.stop_token_ids.extend(tok.stop_tokens.iter().copied());
-            }
             active.push(Active {
                 seq,
-                sampler: Sampler::new(r.sampling.clone(), &r.prompt),
-                decoder: StreamDecoder::new(),
-                stop,
+                generation: Generation::new(r.sampling.clone(), r.stop.clone(), &r.prompt, tok),
                 tokens: Vec::new(),
                 text: String::new(),
-                held: String::new(),
                 prompt_tokens: r.prompt.len(),
                 cached,
                 ttft: Duration::ZERO,
-                done: None,
             });
         }
         // Prefill each request, then sample its first token.
@@ -162,7 +265,7 @@ pub fn run_batch<B: Backend>(
         loop {
             let items: Vec<StepItem> = active
                 .iter()
-                .filter(|a| a.done.is_none())
+                .filter(|a| a.generation.finished().is_none())
                 .map(|a| StepItem {
                     seq: a.seq,
                     n_tokens: 1,
@@ -177,7 +280,7 @@ pub fn run_batch<B: Backend>(
             for (i, a) in active
                 .iter_mut()
                 .enumerate()
-                .filter(|(_, a)| a.done.is_none())
+                .filter(|(_, a)| a.generation.finished().is_none())
             {
                 let mut l = li.next().expect("one logits row per item");
                 accept(engine, tok, a, i, &mut l, &mut on_delta)?;
@@ -192,9 +295,9 @@ pub fn run_batch<B: Backend>(
     Ok(active
         .into_iter()
         .map(|a| Completion {
+            finish_reason: a.generation.finished().unwrap_or(FinishReason::Length),
             tokens: a.tokens,
             text: a.text,
-            finish_reason: a.done.unwrap_or(FinishReason::Length),
             prompt_tokens: a.prompt_tokens,
             cached_prompt_tokens: a.cached,
             time_to_first_token: a.ttft,
@@ -203,7 +306,7 @@ pub fn run_batch<B: Backend>(
         .collect())
 }
 
-/// Samples from `logits`, applies stop conditions, streams text, and appends the token for the next step.
+/// Samples from `logits`, streams the text that became final, and appends the token for the next step.
 fn accept<B: Backend>(
     engine: &mut Engine<B>,
     tok: &Tokenizer,
@@ -212,74 +315,21 @@ fn accept<B: Backend>(
     logits: &mut [f32],
     on_delta: &mut impl FnMut(Delta<'_>),
 ) -> Result<()> {
-    let s = a.sampler.sample(logits);
-    let id = s.token;
-    if a.stop.stop_token_ids.contains(&id) {
-        a.done = Some(FinishReason::Stop);
-        release_held(a, index, &s, on_delta, tok)?;
-        a.tokens.push(s);
-        return Ok(());
-    }
-    if let Some(delta) = a.decoder.push(tok, id)? {
-        a.held.push_str(&delta);
-    }
-    let mut emitted = String::new();
-    if let Some(cut) = find_stop(&a.held, &a.stop.stop_strings) {
-        emitted.push_str(&a.held[..cut]);
-        a.held.clear();
-        a.done = Some(FinishReason::Stop);
-    } else {
-        let keep = held_back_len(&a.held, &a.stop.stop_strings);
-        let release = a.held.len() - keep;
-        emitted.push_str(&a.held[..release]);
-        a.held.drain(..release);
-    }
-    a.tokens.push(s);
-    if a.done.is_none() && a.tokens.len() >= a.stop.max_tokens {
-        a.done = Some(FinishReason::Length);
-    }
     let (kv_len, len) = engine.seq_progress(a.seq)?;
     debug_assert_eq!(kv_len, len);
-    if a.done.is_none() && len + 1 >= engine.model.config.context_len {
-        a.done = Some(FinishReason::Length);
-    }
-    if a.done == Some(FinishReason::Length) {
-        if let Some(rest) = a.decoder.flush(tok)? {
-            a.held.push_str(&rest);
-        }
-        emitted.push_str(&a.held);
-        a.held.clear();
-    }
-    a.text.push_str(&emitted);
+    let e = a
+        .generation
+        .sample(tok, logits, len, engine.model.config.context_len)?;
+    a.text.push_str(&e.text);
     on_delta(Delta {
         index,
-        text: &emitted,
-        token: a.tokens.last().expect("pushed above"),
+        text: &e.text,
+        token: &e.token,
     });
-    if a.done.is_none() {
-        engine.append_token(a.seq, id)?;
+    if e.finished.is_none() {
+        engine.append_token(a.seq, e.token.token)?;
     }
-    Ok(())
-}
-
-/// On a stop token: what was held back for a possible stop string is plain text after all.
-fn release_held(
-    a: &mut Active,
-    index: usize,
-    s: &Sampled,
-    on_delta: &mut impl FnMut(Delta<'_>),
-    tok: &Tokenizer,
-) -> Result<()> {
-    if let Some(rest) = a.decoder.flush(tok)? {
-        a.held.push_str(&rest);
-    }
-    let text = std::mem::take(&mut a.held);
-    a.text.push_str(&text);
-    on_delta(Delta {
-        index,
-        text: &text,
-        token: s,
-    });
+    a.tokens.push(e.token);
     Ok(())
 }
 

@@ -126,16 +126,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
-        let seed = params.seed.unwrap_or_else(|| {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            h.finish()
-        });
+        let seed = params.seed.unwrap_or_else(fresh_seed);
         let prompt_tokens = if params.repetition_penalty != 1.0 {
             prompt.iter().copied().collect()
         } else {
@@ -152,6 +143,16 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// Records a token that the same parameters and seed sampled elsewhere (a prefill worker samples the first
+    /// token), advancing the RNG exactly as [`Sampler::sample`] would have, so the rest of the stream is the one a
+    /// single node would produce.
+    pub fn record_external(&mut self, token: u32) {
+        if self.params.temperature != 0.0 {
+            self.rng.next_u64();
+        }
+        *self.output_counts.entry(token).or_insert(0) += 1;
     }
 
     /// Picks the next token from `logits` (modified in place) and records it for later penalties.
@@ -259,6 +260,18 @@ impl Sampler {
     }
 }
 
+/// A seed that differs between calls, for requests that gave none.
+pub fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// Index of the largest logit (the lowest index among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -319,6 +332,23 @@ mod tests {
             out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(),
             vec![1, 4]
         );
+    }
+
+    #[test]
+    fn record_external_continues_the_same_stream() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            frequency_penalty: 0.5,
+            seed: Some(11),
+            ..Default::default()
+        };
+        let mut one = Sampler::new(params.clone(), &[]);
+        let first = one.sample(&mut logits()).token;
+        let rest: Vec<u32> = (0..20).map(|_| one.sample(&mut logits()).token).collect();
+        let mut split = Sampler::new(params, &[]);
+        split.record_external(first);
+        let rest2: Vec<u32> = (0..20).map(|_| split.sample(&mut logits()).token).collect();
+        assert_eq!(rest, rest2);
     }
 
     #[test]

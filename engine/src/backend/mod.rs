@@ -107,4 +107,7 @@ pub trait Backend: Send + Sync + 'static {
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
     /// Copies one block's K and V of `layer` to the host (`[kv_heads][block_size][head_dim]` each), for transfer and tests.
     fn read_kv_block(&self, kv: &Self::KvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>);
+    /// Overwrites one block's K and V of `layer` (same shapes as [`Backend::read_kv_block`]); the caller checks
+    /// `layer`, `block` and the lengths against the layout.
+    fn write_kv_block(&self, kv: &mut Self::KvStore, layer: usize, block: u32, k: &[f32], v: &[f32]);
 }

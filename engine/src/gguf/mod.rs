@@ -184,7 +184,11 @@ impl GgufFile {
             let row = r.dims[0];
             let len = elems.and_then(|e| {
                 let be = r.ty.block_elems() as u64;
-                (row % be == 0).then(|| e / be * r.ty.block_bytes() as u64)
+                if row % be == 0 {
+                    (e / be).checked_mul(r.ty.block_bytes() as u64)
+                } else {
+                    None
+                }
             });
             let Some(len) = len else {
                 return Err(EngineError::malformed(format!(

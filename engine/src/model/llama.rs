@@ -124,13 +124,15 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// Runs one step over `batch`, writing every token's K/V into `kv`, and returns the logits of
-    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`).
+    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`). `after_layer(i, kv)` runs as soon as layer `i`'s
+    /// K/V of this step are in the store, so a caller can ship them while later layers compute.
     pub fn forward(
         &self,
         backend: &B,
         kv: &mut B::KvStore,
         batch: &BatchLayout,
         s: &mut Scratch<B>,
+        after_layer: &mut dyn FnMut(usize, &B::KvStore),
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = batch.tokens.len();
@@ -163,6 +165,7 @@ impl<B: Backend> LlamaModel<B> {
             backend.rope(&mut s.q, c.heads, &plan);
             backend.rope(&mut s.k, c.kv_heads, &plan);
             backend.store_kv(kv, li, &s.k, &s.v, &plan);
+            after_layer(li, kv);
             backend.attention(&s.q, kv, li, &plan, &mut s.att);
             backend.matmul(&s.att, &mut [(&l.wo, &mut s.h)]);
             backend.add(&mut s.x, &s.h);

@@ -333,4 +333,19 @@ impl Backend for CpuBackend {
         };
         (read(&kv.k[layer]), read(&kv.v[layer]))
     }
+
+    fn write_kv_block(&self, kv: &mut CpuKvStore, layer: usize, block: u32, k: &[f32], v: &[f32]) {
+        let n = kv.layout.block_elems();
+        let at = block as usize * n;
+        let write = |b: &mut KvBuf, src: &[f32]| match b {
+            KvBuf::F32(d) => d[at..at + n].copy_from_slice(src),
+            KvBuf::F16(d) => {
+                for (o, &x) in d[at..at + n].iter_mut().zip(src) {
+                    *o = half::f16::from_f32(x);
+                }
+            }
+        };
+        write(&mut kv.k[layer], k);
+        write(&mut kv.v[layer], v);
+    }
 }

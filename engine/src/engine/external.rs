@@ -1,0 +1,125 @@
+//! Sequences whose prompt K/V comes from outside the engine (a prefill worker) instead of a forward pass.
+//!
+//! Flow on the receiving side: [`Engine::add_sequence_for_transfer`] matches the local prefix cache and allocates
+//! every block the rest of the prompt needs, before any byte arrives; [`Engine::write_transferred_block`] fills
+//! them, accepting only blocks of that sequence past its cached prefix; [`Engine::complete_transfer`] marks the
+//! prompt computed and commits its full blocks to the prefix cache. Removing the sequence at any point gives every
+//! block back, so a failed or cancelled transfer strands nothing. On the sending side, [`KvView`] reads blocks
+//! during a step, layer by layer.
+
+use super::{Engine, SeqId, commit_complete_blocks};
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
+use crate::kv::BlockId;
+
+/// Read access to the KV store while a step runs (handed to a step's layer observer).
+pub struct KvView<'a, B: Backend> {
+    backend: &'a B,
+    kv: &'a B::KvStore,
+}
+
+impl<'a, B: Backend> KvView<'a, B> {
+    pub(super) fn new(backend: &'a B, kv: &'a B::KvStore) -> Self {
+        Self { backend, kv }
+    }
+
+    /// One block of `layer`: K and V, each `[kv_heads][block_size][head_dim]` as f32.
+    pub fn read_block(&self, layer: usize, block: BlockId) -> (Vec<f32>, Vec<f32>) {
+        self.backend.read_kv_block(self.kv, layer, block.0)
+    }
+}
+
+/// Where a transferred prompt's K/V must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferTarget {
+    pub seq: SeqId,
+    /// Leading blocks of the prompt already served from the local prefix cache (not transferred).
+    pub cached_blocks: usize,
+    /// Blocks to fill, for the prompt's blocks `cached_blocks..`, in order.
+    pub blocks: Vec<BlockId>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Starts a sequence for `prompt` whose uncached K/V will be written by [`Engine::write_transferred_block`];
+    /// allocates all its blocks now (all or nothing).
+    pub fn add_sequence_for_transfer(&mut self, prompt: &[u32]) -> Result<TransferTarget> {
+        let seq = self.add_sequence(prompt)?;
+        let bs = self.layout.block_size;
+        let s = self.seqs.get_mut(&seq).expect("just added");
+        let cached_blocks = s.blocks.len();
+        let need = prompt.len().div_ceil(bs) - cached_blocks;
+        match self.pool.allocate(need) {
+            Ok(fresh) => {
+                s.blocks.extend_from_slice(&fresh);
+                Ok(TransferTarget {
+                    seq,
+                    cached_blocks,
+                    blocks: fresh,
+                })
+            }
+            Err(e) => {
+                self.remove_sequence(seq)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes one transferred block of `layer` into `seq`'s block `block`, which must be one of the blocks
+    /// [`Engine::add_sequence_for_transfer`] returned for it.
+    pub fn write_transferred_block(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        block: BlockId,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let bs = self.layout.block_size;
+        let s = self
+            .seqs
+            .get(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
+        if s.kv_len == s.tokens.len() {
+            return Err(EngineError::invalid(format!(
+                "sequence {} is not waiting for transferred K/V",
+                seq.0
+            )));
+        }
+        if !s.blocks[s.kv_len / bs..].contains(&block) {
+            return Err(EngineError::invalid(format!(
+                "block {} is not a transfer destination of sequence {}",
+                block.0, seq.0
+            )));
+        }
+        if layer >= self.layout.layers {
+            return Err(EngineError::invalid(format!(
+                "layer {layer} out of range (model has {})",
+                self.layout.layers
+            )));
+        }
+        let n = self.layout.block_elems();
+        if k.len() != n || v.len() != n {
+            return Err(EngineError::invalid(format!(
+                "block data has {} K and {} V elements; the layout needs {n}",
+                k.len(),
+                v.len()
+            )));
+        }
+        self.backend
+            .write_kv_block(&mut self.kv, layer, block.0, k, v);
+        Ok(())
+    }
+
+    /// Marks `seq`'s whole prompt as computed (its K/V was written) and offers its full blocks to the prefix cache.
+    /// Called once every block of every layer arrived; the caller keeps that count.
+    pub fn complete_transfer(&mut self, seq: SeqId) -> Result<()> {
+        let bs = self.layout.block_size;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
+        s.kv_len = s.tokens.len();
+        commit_complete_blocks(s, &mut self.pool, self.config.hash_seed, bs);
+        Ok(())
+    }
+}
