@@ -339,13 +339,13 @@ impl<B: Backend> Engine<B> {
                 block_table: s.blocks.iter().map(|b| b.0).collect(),
             });
         }
-        let backend = &self.backend;
+        let (backend, seqs) = (&self.backend, &self.seqs);
         let logits = self.model.forward(
             backend,
             &mut self.kv,
             &batch,
             &mut self.scratch,
-            &mut |layer, kv| after_layer(layer, &KvView::new(backend, kv)),
+            &mut |layer, kv| after_layer(layer, &KvView::new(backend, kv, seqs)),
         )?;
         // Commit progress and newly completed blocks.
         for it in items {

@@ -1,1 +1,61 @@
-//! The prefill worker. Its service arrives with the disaggregated serving work; see README.md.
+//! The prefill worker: turns prompts into KV caches and pushes them to decode workers layer by layer.
+//!
+//! [`run`] serves the `PrefillWorker` gRPC service (plus health and reflection) on a listener the caller bound,
+//! until `shutdown` resolves. The engine runs on its own thread ([`worker`]); the async side only validates,
+//! opens the transfer stream and waits. See DESIGN.md, steps 4-5 of the request flow.
+
+pub mod error;
+pub mod runtime;
+pub mod service;
+pub mod worker;
+
+pub use error::PrefillError;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_engine::Engine;
+use tandem_engine::backend::Backend;
+use tandem_proto::v1;
+use tokio::net::TcpListener;
+
+/// Prefill worker options.
+#[derive(Debug, Clone)]
+pub struct PrefillConfig {
+    /// Deadline for prefill + transfer when a request gives none.
+    pub default_deadline: Duration,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        Self {
+            default_deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Serves a prefill worker on `listener` with `engine` until `shutdown` resolves.
+pub async fn run<B: Backend>(
+    listener: TcpListener,
+    config: PrefillConfig,
+    engine: Engine<B>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), runtime::ServeError>
+where
+    Engine<B>: Send,
+{
+    let hub = runtime::EventHub::new();
+    let thread = Arc::new(worker::EngineThread::spawn(engine, hub.clone())?);
+    let service = service::PrefillService::new(thread, hub, config.default_deadline);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(v1::prefill_worker_server::PrefillWorkerServer::new(service));
+    runtime::serve_grpc(
+        listener,
+        routes,
+        &["tandem.v1.PrefillWorker"],
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+

@@ -7,7 +7,8 @@
 //! block back, so a failed or cancelled transfer strands nothing. On the sending side, [`KvView`] reads blocks
 //! during a step, layer by layer.
 
-use super::{Engine, SeqId, commit_complete_blocks};
+use super::{Engine, SeqId, Sequence, commit_complete_blocks};
+use std::collections::HashMap;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv::BlockId;
@@ -16,16 +17,26 @@ use crate::kv::BlockId;
 pub struct KvView<'a, B: Backend> {
     backend: &'a B,
     kv: &'a B::KvStore,
+    seqs: &'a HashMap<SeqId, Sequence>,
 }
 
 impl<'a, B: Backend> KvView<'a, B> {
-    pub(super) fn new(backend: &'a B, kv: &'a B::KvStore) -> Self {
-        Self { backend, kv }
+    pub(super) fn new(
+        backend: &'a B,
+        kv: &'a B::KvStore,
+        seqs: &'a HashMap<SeqId, Sequence>,
+    ) -> Self {
+        Self { backend, kv, seqs }
     }
 
     /// One block of `layer`: K and V, each `[kv_heads][block_size][head_dim]` as f32.
     pub fn read_block(&self, layer: usize, block: BlockId) -> (Vec<f32>, Vec<f32>) {
         self.backend.read_kv_block(self.kv, layer, block.0)
+    }
+
+    /// The physical id of `seq`'s logical block `index` (blocks of the running step are already allocated).
+    pub fn seq_block(&self, seq: SeqId, index: usize) -> Option<BlockId> {
+        self.seqs.get(&seq)?.blocks.get(index).copied()
     }
 }
 

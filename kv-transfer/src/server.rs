@@ -1,0 +1,66 @@
+//! The receiving end: the gRPC `KvTransfer.Push` service. Each chunk of the inbound stream is checked and handed to
+//! its session ([`Sessions::deliver`]) and answered by one ack, in order: ACCEPTED, CORRUPT (resend it) or REFUSED
+//! (with the reason). A broken or cancelled stream just ends; the session's owner decides what that means.
+
+use crate::error::TransferError;
+use crate::session::Sessions;
+use tandem_proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct KvTransferService {
+    sessions: Sessions,
+}
+
+impl KvTransferService {
+    pub fn new(sessions: Sessions) -> Self {
+        Self { sessions }
+    }
+    pub fn into_server(self) -> v1::kv_transfer_server::KvTransferServer<Self> {
+        // Chunks are a few MiB at most (one layer's blocks of one prompt); allow up to 64 MiB.
+        v1::kv_transfer_server::KvTransferServer::new(self).max_decoding_message_size(64 << 20)
+    }
+}
+
+/// The ack for one chunk.
+pub fn ack_for(c: &v1::KvChunk, result: Result<(), TransferError>) -> v1::KvAck {
+    let (status, error) = match result {
+        Ok(()) => (v1::KvAckStatus::Accepted, String::new()),
+        Err(e @ TransferError::Corrupt { .. }) => (v1::KvAckStatus::Corrupt, e.to_string()),
+        Err(e) => (v1::KvAckStatus::Refused, e.to_string()),
+    };
+    v1::KvAck {
+        session_id: c.session_id,
+        chunk_index: c.chunk_index,
+        status: status as i32,
+        error,
+    }
+}
+
+#[tonic::async_trait]
+impl v1::kv_transfer_server::KvTransfer for KvTransferService {
+    type PushStream = ReceiverStream<Result<v1::KvAck, Status>>;
+
+    async fn push(
+        &self,
+        request: Request<Streaming<v1::KvChunk>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let sessions = self.sessions.clone();
+        // Owned by the response stream: it ends when the sender closes its side or stops reading acks.
+        tokio::spawn(async move {
+            while let Ok(Some(c)) = inbound.message().await {
+                let result = sessions.deliver(&c);
+                if let Err(e) = &result {
+                    tracing::warn!(session = c.session_id, chunk = c.chunk_index, "kv chunk not accepted: {e}");
+                }
+                if tx.send(Ok(ack_for(&c, result))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

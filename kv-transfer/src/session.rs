@@ -1,0 +1,227 @@
+//! The receiver's open transfer sessions: which blocks each may write, until when, and where its chunks go.
+//!
+//! A decode worker opens a session per remote prefill, naming the destination blocks it allocated and a deadline,
+//! and holds the returned [`SessionGuard`] for as long as the request waits for KV. Dropping the guard (request
+//! done, failed, timed out or cancelled) closes the session: later chunks for it are refused, so nothing can write
+//! into blocks that were given back. Chunks are checked (checksum, layout, blocks, deadline) before the sink sees
+//! them. The table is the only shared state here; its lock is never held while a sink runs.
+
+use crate::chunk::{self, ChunkLayout, DecodedChunk};
+use crate::error::TransferError;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tandem_engine::kv::BlockId;
+use tandem_proto::v1;
+
+/// Names one transfer on its receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Where a session's verified chunks go; an `Err` refuses the chunk with that reason.
+pub type SessionSink = Box<dyn Fn(DecodedChunk) -> Result<(), String> + Send + Sync>;
+
+struct Entry {
+    allowed: HashSet<BlockId>,
+    deadline: Instant,
+    sink: Arc<SessionSink>,
+}
+
+struct Inner {
+    next: u64,
+    open: HashMap<SessionId, Entry>,
+}
+
+/// The session table of one receiver.
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Mutex<Inner>>,
+    layout: ChunkLayout,
+    layers: usize,
+}
+
+impl Sessions {
+    /// A table for a cache of `layers` layers in `layout`.
+    pub fn new(layout: ChunkLayout, layers: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                // Start at a random point so ids from an earlier run of this worker are not reused.
+                next: tandem_engine::sampling::fresh_seed(),
+                open: HashMap::new(),
+            })),
+            layout,
+            layers,
+        }
+    }
+
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.lock().open.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Opens a session that may write `blocks` until `deadline`.
+    pub fn open(&self, blocks: &[BlockId], deadline: Instant, sink: SessionSink) -> SessionGuard {
+        let mut g = self.lock();
+        let id = loop {
+            g.next = g.next.wrapping_add(1);
+            let id = SessionId(g.next);
+            if !g.open.contains_key(&id) {
+                break id;
+            }
+        };
+        g.open.insert(
+            id,
+            Entry {
+                allowed: blocks.iter().copied().collect(),
+                deadline,
+                sink: Arc::new(sink),
+            },
+        );
+        SessionGuard {
+            id,
+            sessions: self.clone(),
+        }
+    }
+
+    /// Verifies one chunk and hands it to its session's sink.
+    pub fn deliver(&self, c: &v1::KvChunk) -> Result<(), TransferError> {
+        let d = chunk::decode(c, &self.layout)?;
+        if d.layers.end > self.layers {
+            return Err(TransferError::Refused(format!(
+                "layers {}..{} beyond the receiver's {}",
+                d.layers.start, d.layers.end, self.layers
+            )));
+        }
+        let sink = {
+            let mut g = self.lock();
+            let Some(e) = g.open.get(&d.session) else {
+                return Err(TransferError::Refused(format!(
+                    "session {} is not open (finished, cancelled or never opened)",
+                    d.session
+                )));
+            };
+            if Instant::now() > e.deadline {
+                g.open.remove(&d.session);
+                return Err(TransferError::DeadlineExceeded(d.session));
+            }
+            if let Some(b) = d.blocks.iter().find(|b| !e.allowed.contains(b)) {
+                return Err(TransferError::Refused(format!(
+                    "block {} is not a destination of session {}",
+                    b.0, d.session
+                )));
+            }
+            e.sink.clone()
+        };
+        sink(d).map_err(TransferError::Refused)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves the map consistent (every operation is one insert or remove).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Keeps a session open; dropping it closes the session.
+pub struct SessionGuard {
+    id: SessionId,
+    sessions: Sessions,
+}
+
+impl SessionGuard {
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions.lock().open.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{BlockData, ChunkHeader, encode};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tandem_engine::kv::KvFormat;
+
+    fn layout() -> ChunkLayout {
+        ChunkLayout {
+            kv_heads: 1,
+            head_dim: 2,
+            block_size: 2,
+            dtype: KvFormat::F32,
+        }
+    }
+
+    fn chunk(session: SessionId, blocks: &[u32], layer: usize) -> v1::KvChunk {
+        let h = ChunkHeader {
+            session,
+            index: 0,
+            layers: layer..layer + 1,
+            blocks: blocks.iter().copied().map(BlockId).collect(),
+        };
+        let data = vec![
+            BlockData {
+                k: vec![1.0; 4],
+                v: vec![2.0; 4]
+            };
+            blocks.len()
+        ];
+        encode(&h, layout(), &data)
+    }
+
+    #[test]
+    fn delivers_only_to_open_sessions_and_their_blocks() {
+        let s = Sessions::new(layout(), 2);
+        let got = Arc::new(AtomicUsize::new(0));
+        let g2 = got.clone();
+        let guard = s.open(
+            &[BlockId(4), BlockId(5)],
+            Instant::now() + Duration::from_secs(60),
+            Box::new(move |d| {
+                g2.fetch_add(d.data.len(), Ordering::SeqCst);
+                Ok(())
+            }),
+        );
+        let id = guard.id();
+        s.deliver(&chunk(id, &[4, 5], 1)).unwrap();
+        assert_eq!(got.load(Ordering::SeqCst), 2);
+        let e = s.deliver(&chunk(id, &[4, 6], 0)).unwrap_err().to_string();
+        assert!(e.contains("block 6"), "{e}");
+        let e = s.deliver(&chunk(id, &[4], 2)).unwrap_err().to_string();
+        assert!(e.contains("beyond"), "{e}");
+        drop(guard);
+        assert!(s.is_empty());
+        let e = s.deliver(&chunk(id, &[4], 0)).unwrap_err().to_string();
+        assert!(e.contains("not open"), "{e}");
+        assert_eq!(got.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn expired_sessions_refuse_and_close() {
+        let s = Sessions::new(layout(), 1);
+        let guard = s.open(&[BlockId(0)], Instant::now(), Box::new(|_| Ok(())));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(
+            s.deliver(&chunk(guard.id(), &[0], 0)),
+            Err(TransferError::DeadlineExceeded(guard.id()))
+        );
+        assert!(s.is_empty());
+    }
+}

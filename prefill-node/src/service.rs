@@ -1,0 +1,155 @@
+//! The gRPC `PrefillWorker` service: checks a request, opens the KV push stream to the decode worker, hands the job
+//! to the engine thread, and answers once the first token is sampled and every chunk was acknowledged.
+
+use crate::error::PrefillError;
+use crate::runtime::EventHub;
+use crate::worker::{EngineThread, PrefillJob};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_engine::kv::BlockId;
+use tandem_kv_transfer::{Sender, SessionId};
+use tandem_proto::{convert, v1};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+pub struct PrefillService {
+    engine: Arc<EngineThread>,
+    hub: EventHub,
+    channels: Mutex<HashMap<String, Channel>>,
+    default_deadline: Duration,
+}
+
+impl PrefillService {
+    pub fn new(engine: Arc<EngineThread>, hub: EventHub, default_deadline: Duration) -> Self {
+        Self {
+            engine,
+            hub,
+            channels: Mutex::new(HashMap::new()),
+            default_deadline,
+        }
+    }
+
+    /// One lazily connected channel per decode worker, reused across transfers.
+    fn channel(&self, endpoint: &str) -> Result<Channel, PrefillError> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| PrefillError::Invalid(format!("dest_endpoint {endpoint:?}: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        map.insert(endpoint.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn prefill(&self, r: v1::PrefillRequest) -> Result<v1::PrefillResponse, PrefillError> {
+        if r.dest_endpoint.is_empty() {
+            return Err(PrefillError::Invalid("dest_endpoint is empty".into()));
+        }
+        match v1::KvCodec::try_from(r.codec) {
+            Ok(v1::KvCodec::None | v1::KvCodec::Unspecified) => {}
+            _ => {
+                return Err(PrefillError::Invalid(format!(
+                    "codec {} is not supported by this worker (NONE is)",
+                    r.codec
+                )));
+            }
+        }
+        let mut sampling = convert::sampling_from_wire(&r.sampling.unwrap_or_default());
+        if sampling.seed.is_none() {
+            // The decode worker always sets it; a direct caller gets a fresh one.
+            sampling.seed = Some(tandem_engine::sampling::fresh_seed());
+        }
+        let deadline = Instant::now()
+            + if r.deadline_ms == 0 {
+                self.default_deadline
+            } else {
+                Duration::from_millis(r.deadline_ms as u64)
+            };
+        let session = SessionId(r.transfer_session_id);
+        let sender = Sender::open(self.channel(&r.dest_endpoint)?, session, deadline);
+        let job = PrefillJob {
+            prompt: r.prompt_token_ids,
+            blocks_on_decode: r.blocks_on_decode as usize,
+            dest_blocks: r.dest_block_ids.into_iter().map(BlockId).collect(),
+            session,
+            sampling,
+            pusher: sender.pusher(),
+        };
+        let outcome = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(tandem_kv_transfer::TransferError::DeadlineExceeded(session).into());
+            }
+        };
+        let stats = sender.finish().await?;
+        let first = &outcome.first;
+        Ok(v1::PrefillResponse {
+            first_token_id: first.token,
+            first_token_logprob: first.logprob.map(|lp| v1::TokenLogprob {
+                token_id: first.token,
+                text: String::new(),
+                logprob: lp,
+                top: first
+                    .top_logprobs
+                    .iter()
+                    .map(|&(t, l)| v1::TopLogprob {
+                        token_id: t,
+                        text: String::new(),
+                        logprob: l,
+                    })
+                    .collect(),
+            }),
+            cached_tokens: outcome.cached_tokens as u32,
+            computed_tokens: outcome.computed_tokens as u32,
+            prefill_us: outcome.compute_time.as_micros() as u64,
+            transfer_us: stats.elapsed.as_micros() as u64,
+            kv_bytes_sent: stats.payload_bytes,
+            chunks_sent: stats.chunks,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl v1::prefill_worker_server::PrefillWorker for PrefillService {
+    async fn prefill(
+        &self,
+        request: Request<v1::PrefillRequest>,
+    ) -> Result<Response<v1::PrefillResponse>, Status> {
+        let r = request.into_inner();
+        let id = r.request_id.clone();
+        let span = tracing::info_span!("prefill", request_id = %id, prompt_tokens = r.prompt_token_ids.len());
+        match self.prefill(r).instrument(span).await {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e) => {
+                tracing::warn!(request_id = %id, "prefill failed: {e}");
+                Err(e.to_status())
+            }
+        }
+    }
+
+    async fn load(
+        &self,
+        _: Request<v1::LoadRequest>,
+    ) -> Result<Response<v1::LoadReport>, Status> {
+        self.engine
+            .load()
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
+
+    type SubscribeKvEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>>;
+
+    async fn subscribe_kv_events(
+        &self,
+        _: Request<v1::SubscribeKvEventsRequest>,
+    ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
+        Ok(Response::new(Box::pin(self.hub.subscribe())))
+    }
+}

@@ -1,0 +1,256 @@
+//! The engine thread of a prefill worker: it owns the [`Engine`] and runs one prefill job at a time, in arrival
+//! order, streaming each layer's new KV blocks to the decode worker as soon as the layer is stored.
+//!
+//! A job: match the prompt against this worker's own prefix cache; send the blocks the decode worker lacks that
+//! are already cached here (all layers); then compute the rest in chunks of `max_batch_tokens`, and after each
+//! layer of each chunk send that layer's blocks completed by the chunk (the partial last block with the last
+//! chunk). Finally sample the first token and remove the sequence (its blocks stay in the prefix cache). Prefill
+//! is compute-bound, so jobs are not batched together; a job whose caller went away stops after its current chunk.
+
+use crate::error::PrefillError;
+use crate::runtime::EventHub;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tandem_engine::backend::Backend;
+use tandem_engine::kv::BlockId;
+use tandem_engine::sampling::{Sampled, Sampler, SamplingParams};
+use tandem_engine::{Engine, LogitsWanted, StepItem};
+use tandem_kv_transfer::chunk::{self, ChunkHeader, ChunkLayout};
+use tandem_kv_transfer::sender::Pusher;
+use tandem_kv_transfer::{BlockData, SessionId};
+use tandem_proto::v1;
+use tokio::sync::{mpsc, oneshot};
+
+/// One prompt to prefill for a decode worker.
+pub struct PrefillJob {
+    pub prompt: Vec<u32>,
+    /// Leading whole blocks the decode worker already holds (not sent).
+    pub blocks_on_decode: usize,
+    /// Destination block ids for prompt blocks `blocks_on_decode..`, in order.
+    pub dest_blocks: Vec<BlockId>,
+    pub session: SessionId,
+    /// With the seed set, so the decode worker can continue the same random stream.
+    pub sampling: SamplingParams,
+    pub pusher: Pusher,
+}
+
+/// What a finished job reports.
+#[derive(Debug, Clone)]
+pub struct PrefillOutcome {
+    pub first: Sampled,
+    pub cached_tokens: usize,
+    pub computed_tokens: usize,
+    pub compute_time: Duration,
+    pub chunks: u32,
+}
+
+enum Command {
+    Prefill(
+        Box<PrefillJob>,
+        oneshot::Sender<Result<PrefillOutcome, PrefillError>>,
+    ),
+    Load(oneshot::Sender<v1::LoadReport>),
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: AtomicUsize,
+    tokens: AtomicU64,
+}
+
+/// Owns the engine thread; dropping it stops the thread after its current job and joins it.
+pub struct EngineThread {
+    tx: Option<mpsc::UnboundedSender<Command>>,
+    queue: Arc<Queue>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineThread {
+    pub fn spawn<B: Backend>(engine: Engine<B>, hub: EventHub) -> std::io::Result<Self>
+    where
+        Engine<B>: Send,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
+        let join = std::thread::Builder::new()
+            .name("prefill-engine".into())
+            .spawn(move || engine_loop(engine, hub, rx, q))?;
+        Ok(Self {
+            tx: Some(tx),
+            queue,
+            join: Some(join),
+        })
+    }
+
+    pub async fn prefill(&self, job: PrefillJob) -> Result<PrefillOutcome, PrefillError> {
+        let (reply, rx) = oneshot::channel();
+        let tokens = job.prompt.len() as u64;
+        self.queue.jobs.fetch_add(1, Ordering::Relaxed);
+        self.queue.tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.send(Command::Prefill(Box::new(job), reply))?;
+        rx.await
+            .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))?
+    }
+
+    pub async fn load(&self) -> Result<v1::LoadReport, PrefillError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Load(reply))?;
+        rx.await
+            .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))
+    }
+
+    fn send(&self, c: Command) -> Result<(), PrefillError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(c).ok())
+            .ok_or_else(|| PrefillError::Unavailable("shutting down".into()))
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn engine_loop<B: Backend>(
+    mut engine: Engine<B>,
+    hub: EventHub,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    queue: Arc<Queue>,
+) {
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            Command::Prefill(job, reply) => {
+                let tokens = job.prompt.len() as u64;
+                let result = if reply.is_closed() {
+                    Err(PrefillError::Unavailable("caller went away".into()))
+                } else {
+                    run_job(&mut engine, &job, &|| reply.is_closed())
+                };
+                if let Err(e) = &result {
+                    tracing::warn!(session = %job.session, "prefill failed: {e}");
+                }
+                queue.jobs.fetch_sub(1, Ordering::Relaxed);
+                queue.tokens.fetch_sub(tokens, Ordering::Relaxed);
+                hub.publish(engine.drain_kv_events());
+                let _ = reply.send(result);
+            }
+            Command::Load(reply) => {
+                let s = engine.pool_stats();
+                let _ = reply.send(v1::LoadReport {
+                    role: v1::WorkerRole::Prefill as i32,
+                    running_requests: 0,
+                    waiting_requests: queue.jobs.load(Ordering::Relaxed) as u32,
+                    kv_blocks_total: s.total as u32,
+                    kv_blocks_free: s.free as u32,
+                    kv_blocks_cached: s.cached as u32,
+                    queued_prefill_tokens: queue.tokens.load(Ordering::Relaxed),
+                });
+            }
+        }
+    }
+}
+
+fn run_job<B: Backend>(
+    engine: &mut Engine<B>,
+    job: &PrefillJob,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<PrefillOutcome, PrefillError> {
+    let started = Instant::now();
+    engine.validate_prompt(&job.prompt)?;
+    job.sampling.validate()?;
+    let bs = engine.config().block_size;
+    let prompt_len = job.prompt.len();
+    let total_blocks = prompt_len.div_ceil(bs);
+    let on_decode = job.blocks_on_decode;
+    if on_decode >= total_blocks {
+        return Err(PrefillError::Invalid(format!(
+            "blocks_on_decode {on_decode} must be below the prompt's {total_blocks} blocks"
+        )));
+    }
+    if job.dest_blocks.len() != total_blocks - on_decode {
+        return Err(PrefillError::Invalid(format!(
+            "dest_block_ids has {} ids; the prompt needs {} beyond the {on_decode} on the decode worker",
+            job.dest_blocks.len(),
+            total_blocks - on_decode
+        )));
+    }
+    let seq = engine.add_sequence(&job.prompt)?;
+    let result = (|| {
+        let layers = engine.kv_layout().layers;
+        let layout = ChunkLayout::of(engine.kv_layout());
+        let cached_tokens = engine.seq_progress(seq)?.0;
+        let cached_blocks = cached_tokens / bs;
+        let mut index = 0u32;
+        let mut send = |layer: usize, blocks: std::ops::Range<usize>, read: &dyn Fn(usize) -> BlockData| {
+            let header = ChunkHeader {
+                session: job.session,
+                index,
+                layers: layer..layer + 1,
+                blocks: job.dest_blocks[blocks.start - on_decode..blocks.end - on_decode].to_vec(),
+            };
+            let data: Vec<BlockData> = blocks.map(read).collect();
+            job.pusher.push(chunk::encode(&header, layout, &data));
+            index += 1;
+        };
+        // Blocks this worker had cached that the decode worker lacks: all layers at once.
+        if cached_blocks > on_decode {
+            let ids = engine.seq_blocks(seq)?.to_vec();
+            for layer in 0..layers {
+                send(layer, on_decode..cached_blocks, &|i| {
+                    let (k, v) = engine.read_kv_block(layer, ids[i]);
+                    BlockData { k, v }
+                });
+            }
+        }
+        let mut sent_upto = on_decode.max(cached_blocks);
+        let max_chunk = engine.config().max_batch_tokens;
+        loop {
+            let (kv_len, len) = engine.seq_progress(seq)?;
+            let n = (len - kv_len).min(max_chunk);
+            let end = kv_len + n;
+            let last = end == len;
+            let upto = if last { total_blocks } else { end / bs };
+            let range = sent_upto..upto.max(sent_upto);
+            let logits = engine.step_observed(
+                &[StepItem {
+                    seq,
+                    n_tokens: n,
+                    logits: if last { LogitsWanted::Last } else { LogitsWanted::None },
+                }],
+                &mut |layer, view| {
+                    if !range.is_empty() {
+                        send(layer, range.clone(), &|i| {
+                            let id = view.seq_block(seq, i).expect("blocks of this step are allocated");
+                            let (k, v) = view.read_block(layer, id);
+                            BlockData { k, v }
+                        });
+                    }
+                },
+            )?;
+            sent_upto = range.end;
+            if last {
+                let mut logits = logits.into_iter().next().unwrap_or_default();
+                let first = Sampler::new(job.sampling.clone(), &job.prompt).sample(&mut logits);
+                return Ok(PrefillOutcome {
+                    first,
+                    cached_tokens,
+                    computed_tokens: prompt_len - cached_tokens,
+                    compute_time: started.elapsed(),
+                    chunks: index,
+                });
+            }
+            if cancelled() {
+                return Err(PrefillError::Unavailable("caller went away".into()));
+            }
+        }
+    })();
+    engine.remove_sequence(seq)?;
+    result
+}
