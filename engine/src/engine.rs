@@ -184,6 +184,14 @@ impl<B: Backend> Engine<B> {
         Ok(id)
     }
 
+    /// Leading blocks of `prompt` that [`Engine::add_sequence`] would take from the prefix cache now.
+    pub fn cached_prefix_blocks(&self, prompt: &[u32]) -> usize {
+        let bs = self.layout.block_size;
+        let reusable = prompt.len().saturating_sub(1) / bs;
+        let hashes = crate::kv::block_hashes(self.config.hash_seed, &prompt[..reusable * bs], bs);
+        self.pool.cached_prefix_len(&hashes)
+    }
+
     /// Checks a prompt against the model: not empty, shorter than the context, every id in the vocabulary.
     pub fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
         let ctx = self.model.config.context_len;

@@ -1,0 +1,640 @@
+//! The decode worker's scheduler: one thread that owns the [`Engine`] and every request's state, driven by
+//! commands from the async side.
+//!
+//! A request is admitted when its worst-case blocks (prompt + max_tokens, capped by the context) fit beside the
+//! reservations of the requests already admitted; otherwise it waits, in arrival order, so a running request never
+//! runs out of blocks mid-generation. An admitted request either waits for its KV from a prefill worker (its
+//! blocks are allocated first, and transferred chunks are written into exactly those), or is prefilled here in
+//! chunks mixed into the decode steps (Sarathi-style, within `max_batch_tokens`). Then it decodes in the running
+//! batch, one token per step, and new requests join between steps (continuous batching, as Orca and vLLM do).
+//! Every token goes out on the request's event channel as soon as it is sampled; a closed channel (the client
+//! went away) or a `Cancel` removes the request and frees its blocks at once.
+
+use crate::error::DecodeError;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_engine::backend::Backend;
+use tandem_engine::generate::{Emitted, Generation, StopConditions};
+use tandem_engine::kv::BlockId;
+use tandem_engine::sampling::{Sampled, SamplingParams};
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
+use tandem_kv_transfer::DecodedChunk;
+use tandem_prefill_node::runtime::EventHub;
+use tandem_proto::v1;
+use tokio::sync::{mpsc, oneshot};
+
+/// A tokenized request as the scheduler takes it.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest {
+    pub prompt: Vec<u32>,
+    /// The seed is always set (the prefill worker samples the first token with it).
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    /// A prefill worker is available for this request.
+    pub remote_prefill: bool,
+}
+
+/// How an admitted request gets its prompt's K/V.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    /// From a prefill worker, into `dest_blocks` (the prompt's blocks from `cached_blocks` on).
+    Remote {
+        key: SeqId,
+        cached_blocks: usize,
+        dest_blocks: Vec<BlockId>,
+    },
+    /// Prefilled here; tokens follow on the event channel.
+    Local { key: SeqId },
+}
+
+/// What a finished remote prefill reports.
+#[derive(Debug, Clone)]
+pub struct RemotePrefill {
+    pub first: Sampled,
+    pub prefill_cached_tokens: usize,
+    pub prefill_time: Duration,
+    pub kv_bytes: u64,
+}
+
+/// Totals sent with a request's last token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_prompt_tokens: usize,
+    pub time_to_first_token: Duration,
+    pub remote_prefill_time: Duration,
+    pub kv_bytes: u64,
+    pub prefilled_locally: bool,
+}
+
+/// What a request's stream receives.
+#[derive(Debug)]
+pub enum Event {
+    /// A token; `summary` is set on the last one.
+    Token {
+        emitted: Emitted,
+        summary: Option<Summary>,
+    },
+    Failed(DecodeError),
+}
+
+enum Command {
+    Admit {
+        req: AdmitRequest,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<Admitted, DecodeError>>,
+    },
+    WriteKv {
+        key: SeqId,
+        chunk: DecodedChunk,
+    },
+    KvReady {
+        key: SeqId,
+        prefill: Box<RemotePrefill>,
+    },
+    PrefillLocally {
+        key: SeqId,
+    },
+    Cancel {
+        key: SeqId,
+    },
+    Load(oneshot::Sender<v1::LoadReport>),
+    /// Fail every request and stop.
+    Shutdown,
+}
+
+/// Scheduler options.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Uncached prompt tokens below this are prefilled here even when a prefill worker is available.
+    pub local_prefill_threshold_tokens: usize,
+}
+
+/// Sends commands to the scheduler thread; dropping the last handle stops the thread.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+/// Owns the scheduler thread: dropping it stops the thread (failing what is still running) and joins it.
+pub struct SchedulerThread {
+    tx: mpsc::UnboundedSender<Command>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SchedulerThread {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+impl SchedulerHandle {
+    fn send(&self, c: Command) -> Result<(), DecodeError> {
+        self.tx
+            .send(c)
+            .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))
+    }
+
+    /// Admits a request (waiting for room in the KV cache if needed).
+    pub async fn admit(
+        &self,
+        req: AdmitRequest,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Admitted, DecodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Admit { req, events, reply })?;
+        rx.await
+            .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))?
+    }
+    pub fn write_kv(&self, key: SeqId, chunk: DecodedChunk) -> Result<(), DecodeError> {
+        self.send(Command::WriteKv { key, chunk })
+    }
+    pub fn kv_ready(&self, key: SeqId, prefill: RemotePrefill) -> Result<(), DecodeError> {
+        self.send(Command::KvReady {
+            key,
+            prefill: Box::new(prefill),
+        })
+    }
+    pub fn prefill_locally(&self, key: SeqId) -> Result<(), DecodeError> {
+        self.send(Command::PrefillLocally { key })
+    }
+    /// Removes a request and frees its blocks (no-op if it already ended).
+    pub fn cancel(&self, key: SeqId) {
+        let _ = self.send(Command::Cancel { key });
+    }
+    pub async fn load(&self) -> Result<v1::LoadReport, DecodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Load(reply))?;
+        rx.await
+            .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))
+    }
+}
+
+/// Starts the scheduler thread over `engine`.
+pub fn spawn<B: Backend>(
+    engine: Engine<B>,
+    tokenizer: Arc<Tokenizer>,
+    hub: EventHub,
+    config: SchedulerConfig,
+) -> std::io::Result<(SchedulerHandle, SchedulerThread)>
+where
+    Engine<B>: Send,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let join = std::thread::Builder::new()
+        .name("decode-scheduler".into())
+        .spawn(move || {
+            Scheduler {
+                engine,
+                tok: tokenizer,
+                hub,
+                config,
+                active: HashMap::new(),
+                order: Vec::new(),
+                waiting: VecDeque::new(),
+                reserved_blocks: 0,
+            }
+            .run(rx)
+        })?;
+    Ok((
+        SchedulerHandle { tx: tx.clone() },
+        SchedulerThread {
+            tx,
+            join: Some(join),
+        },
+    ))
+}
+
+enum Phase {
+    /// Waiting for a prefill worker: `received[layer * dest.len() + i]` marks block `dest[i]` of `layer` written.
+    AwaitingKv {
+        dest: Vec<BlockId>,
+        received: Vec<bool>,
+    },
+    Prefilling,
+    Running,
+}
+
+struct Active {
+    phase: Phase,
+    generation: Generation,
+    events: mpsc::UnboundedSender<Event>,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    reserved_blocks: usize,
+    admitted_at: Instant,
+    ttft: Duration,
+    remote: Option<(Duration, u64)>,
+}
+
+struct Waiting {
+    req: AdmitRequest,
+    events: mpsc::UnboundedSender<Event>,
+    reply: oneshot::Sender<Result<Admitted, DecodeError>>,
+    blocks: usize,
+}
+
+struct Scheduler<B: Backend> {
+    engine: Engine<B>,
+    tok: Arc<Tokenizer>,
+    hub: EventHub,
+    config: SchedulerConfig,
+    active: HashMap<SeqId, Active>,
+    /// Admission order, for fair step composition.
+    order: Vec<SeqId>,
+    waiting: VecDeque<Waiting>,
+    reserved_blocks: usize,
+}
+
+impl<B: Backend> Scheduler<B> {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            let runnable = self
+                .active
+                .values()
+                .any(|a| matches!(a.phase, Phase::Running | Phase::Prefilling));
+            if !runnable {
+                match rx.blocking_recv() {
+                    Some(Command::Shutdown) | None => break,
+                    Some(c) => self.handle(c),
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(Command::Shutdown) => return self.shutdown(),
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return self.shutdown(),
+                }
+            }
+            self.admit_waiting();
+            self.step();
+            self.hub.publish(self.engine.drain_kv_events());
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        for key in self.order.clone() {
+            self.fail(key, DecodeError::Unavailable("shutting down".into()));
+        }
+        for w in self.waiting.drain(..) {
+            let _ = w
+                .reply
+                .send(Err(DecodeError::Unavailable("shutting down".into())));
+        }
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Admit { req, events, reply } => self.enqueue(req, events, reply),
+            Command::WriteKv { key, chunk } => self.write_kv(key, chunk),
+            Command::KvReady { key, prefill } => self.kv_ready(key, *prefill),
+            Command::PrefillLocally { key } => {
+                if let Some(a) = self.active.get_mut(&key)
+                    && matches!(a.phase, Phase::AwaitingKv { .. })
+                {
+                    // The blocks are allocated; whatever arrived is overwritten by the local computation.
+                    a.phase = Phase::Prefilling;
+                    a.remote = None;
+                }
+            }
+            Command::Cancel { key } => self.remove(key),
+            Command::Load(reply) => {
+                let _ = reply.send(self.load());
+            }
+            Command::Shutdown => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn enqueue(
+        &mut self,
+        req: AdmitRequest,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<Admitted, DecodeError>>,
+    ) {
+        let ctx = self.engine.model.config.context_len;
+        let checked = (|| {
+            self.engine.validate_prompt(&req.prompt)?;
+            req.sampling.validate()?;
+            req.stop.validate(ctx)?;
+            Ok::<_, tandem_engine::EngineError>(())
+        })();
+        if let Err(e) = checked {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+        let bs = self.engine.config().block_size;
+        let blocks = (req.prompt.len() + req.stop.max_tokens).min(ctx).div_ceil(bs);
+        let total = self.engine.pool_stats().total;
+        if blocks > total {
+            let _ = reply.send(Err(DecodeError::TooLarge(format!(
+                "prompt ({} tokens) + max_tokens ({}) needs {blocks} KV blocks; this worker has {total}",
+                req.prompt.len(),
+                req.stop.max_tokens
+            ))));
+            return;
+        }
+        self.waiting.push_back(Waiting {
+            req,
+            events,
+            reply,
+            blocks,
+        });
+    }
+
+    /// Admits waiting requests in order while their reservations fit.
+    fn admit_waiting(&mut self) {
+        let total = self.engine.pool_stats().total;
+        while let Some(w) = self.waiting.front() {
+            if w.reply.is_closed() {
+                self.waiting.pop_front();
+                continue;
+            }
+            if self.reserved_blocks + w.blocks > total {
+                return;
+            }
+            let w = self.waiting.pop_front().expect("peeked");
+            match self.start(&w.req, w.events, w.blocks) {
+                Ok((admitted, active)) => {
+                    let key = match &admitted {
+                        Admitted::Remote { key, .. } | Admitted::Local { key } => *key,
+                    };
+                    self.reserved_blocks += w.blocks;
+                    self.active.insert(key, active);
+                    self.order.push(key);
+                    if w.reply.send(Ok(admitted)).is_err() {
+                        self.remove(key);
+                    }
+                }
+                Err(e) => {
+                    let _ = w.reply.send(Err(e));
+                }
+            }
+        }
+    }
+
+    /// Creates the engine sequence for an admitted request.
+    fn start(
+        &mut self,
+        req: &AdmitRequest,
+        events: mpsc::UnboundedSender<Event>,
+        reserved_blocks: usize,
+    ) -> Result<(Admitted, Active), DecodeError> {
+        let bs = self.engine.config().block_size;
+        let layers = self.engine.kv_layout().layers;
+        let cached_blocks = self.engine.cached_prefix_blocks(&req.prompt);
+        let uncached = req.prompt.len() - cached_blocks * bs;
+        let remote = req.remote_prefill && uncached >= self.config.local_prefill_threshold_tokens;
+        let (admitted, phase, key) = if remote {
+            let t = self.engine.add_sequence_for_transfer(&req.prompt)?;
+            let received = vec![false; layers * t.blocks.len()];
+            let key = t.seq;
+            (
+                Admitted::Remote {
+                    key,
+                    cached_blocks: t.cached_blocks,
+                    dest_blocks: t.blocks.clone(),
+                },
+                Phase::AwaitingKv {
+                    dest: t.blocks,
+                    received,
+                },
+                key,
+            )
+        } else {
+            let key = self.engine.add_sequence(&req.prompt)?;
+            (Admitted::Local { key }, Phase::Prefilling, key)
+        };
+        let cached_tokens = self.engine.seq_progress(key)?.0;
+        Ok((
+            admitted,
+            Active {
+                phase,
+                generation: Generation::new(
+                    req.sampling.clone(),
+                    req.stop.clone(),
+                    &req.prompt,
+                    &self.tok,
+                ),
+                events,
+                prompt_tokens: req.prompt.len(),
+                cached_tokens,
+                reserved_blocks,
+                admitted_at: Instant::now(),
+                ttft: Duration::ZERO,
+                remote: None,
+            },
+        ))
+    }
+
+    fn write_kv(&mut self, key: SeqId, chunk: DecodedChunk) {
+        let Some(a) = self.active.get_mut(&key) else {
+            return;
+        };
+        let Phase::AwaitingKv { dest, received } = &mut a.phase else {
+            return;
+        };
+        let nb = chunk.blocks.len();
+        let mut result = Ok(());
+        for (li, layer) in chunk.layers.clone().enumerate() {
+            for (bi, &block) in chunk.blocks.iter().enumerate() {
+                let d = &chunk.data[li * nb + bi];
+                result = self
+                    .engine
+                    .write_transferred_block(key, layer, block, &d.k, &d.v);
+                if result.is_err() {
+                    break;
+                }
+                if let Some(i) = dest.iter().position(|&b| b == block) {
+                    received[layer * dest.len() + i] = true;
+                }
+            }
+        }
+        if let Err(e) = result {
+            self.fail(key, e.into());
+        }
+    }
+
+    fn kv_ready(&mut self, key: SeqId, p: RemotePrefill) {
+        let Some(a) = self.active.get_mut(&key) else {
+            return;
+        };
+        let Phase::AwaitingKv { received, .. } = &a.phase else {
+            return;
+        };
+        let got = received.iter().filter(|&&r| r).count();
+        if got != received.len() {
+            let expected = received.len();
+            return self.fail(
+                key,
+                DecodeError::TransferIncomplete {
+                    received: got,
+                    expected,
+                },
+            );
+        }
+        a.phase = Phase::Running;
+        a.remote = Some((p.prefill_time, p.kv_bytes));
+        a.cached_tokens = a.cached_tokens.max(p.prefill_cached_tokens);
+        if let Err(e) = self.engine.complete_transfer(key) {
+            return self.fail(key, e.into());
+        }
+        let a = self.active.get_mut(&key).expect("checked above");
+        a.generation.sampler_mut().record_external(p.first.token);
+        let ctx = self.engine.model.config.context_len;
+        let emitted = a.generation.accept(&self.tok, p.first, a.prompt_tokens, ctx);
+        a.ttft = a.admitted_at.elapsed();
+        match emitted {
+            Ok(e) => self.deliver(key, e),
+            Err(e) => self.fail(key, e.into()),
+        }
+    }
+
+    /// One forward pass: every running request's next token, then prefill chunks with the budget left.
+    fn step(&mut self) {
+        let budget = self.engine.config().max_batch_tokens;
+        let mut items = Vec::new();
+        for key in &self.order {
+            if items.len() == budget {
+                break;
+            }
+            if matches!(self.active[key].phase, Phase::Running) {
+                items.push(StepItem {
+                    seq: *key,
+                    n_tokens: 1,
+                    logits: LogitsWanted::Last,
+                });
+            }
+        }
+        let mut left = budget - items.len();
+        for key in &self.order {
+            if left == 0 {
+                break;
+            }
+            if matches!(self.active[key].phase, Phase::Prefilling) {
+                let Ok((kv_len, len)) = self.engine.seq_progress(*key) else {
+                    continue;
+                };
+                let n = (len - kv_len).min(left);
+                left -= n;
+                items.push(StepItem {
+                    seq: *key,
+                    n_tokens: n,
+                    logits: if kv_len + n == len {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                });
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        let logits = match self.engine.step(&items) {
+            Ok(l) => l,
+            Err(e) => {
+                let e = DecodeError::from(e);
+                for it in &items {
+                    self.fail(it.seq, e.clone());
+                }
+                return;
+            }
+        };
+        let ctx = self.engine.model.config.context_len;
+        for (it, mut l) in items.iter().zip(logits) {
+            if it.logits == LogitsWanted::None {
+                continue;
+            }
+            let key = it.seq;
+            let Ok((_, len)) = self.engine.seq_progress(key) else {
+                continue;
+            };
+            let a = self.active.get_mut(&key).expect("stepped requests are active");
+            if matches!(a.phase, Phase::Prefilling) {
+                a.phase = Phase::Running;
+                a.ttft = a.admitted_at.elapsed();
+            }
+            match a.generation.sample(&self.tok, &mut l, len, ctx) {
+                Ok(e) => self.deliver(key, e),
+                Err(e) => self.fail(key, e.into()),
+            }
+        }
+    }
+
+    /// Sends a token to its request; appends it for the next step, or ends the request.
+    fn deliver(&mut self, key: SeqId, emitted: Emitted) {
+        let a = &self.active[&key];
+        let finished = emitted.finished.is_some();
+        let summary = finished.then(|| Summary {
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: a.generation.generated(),
+            cached_prompt_tokens: a.cached_tokens,
+            time_to_first_token: a.ttft,
+            remote_prefill_time: a.remote.map_or(Duration::ZERO, |r| r.0),
+            kv_bytes: a.remote.map_or(0, |r| r.1),
+            prefilled_locally: a.remote.is_none(),
+        });
+        let token = emitted.token.token;
+        let gone = a.events.send(Event::Token { emitted, summary }).is_err();
+        if finished || gone {
+            return self.remove(key);
+        }
+        if let Err(e) = self.engine.append_token(key, token) {
+            self.fail(key, e.into());
+        }
+    }
+
+    fn fail(&mut self, key: SeqId, e: DecodeError) {
+        if let Some(a) = self.active.get(&key) {
+            tracing::warn!(seq = key.0, "request failed: {e}");
+            let _ = a.events.send(Event::Failed(e));
+        }
+        self.remove(key);
+    }
+
+    fn remove(&mut self, key: SeqId) {
+        if let Some(a) = self.active.remove(&key) {
+            self.reserved_blocks -= a.reserved_blocks;
+            self.order.retain(|k| *k != key);
+            let _ = self.engine.remove_sequence(key);
+        }
+    }
+
+    fn load(&self) -> v1::LoadReport {
+        let s = self.engine.pool_stats();
+        let mut running = 0;
+        let mut queued_tokens = 0u64;
+        for (key, a) in &self.active {
+            match a.phase {
+                Phase::Running => running += 1,
+                _ => {
+                    if let Ok((kv, len)) = self.engine.seq_progress(*key) {
+                        queued_tokens += (len - kv) as u64;
+                    }
+                }
+            }
+        }
+        queued_tokens += self
+            .waiting
+            .iter()
+            .map(|w| w.req.prompt.len() as u64)
+            .sum::<u64>();
+        v1::LoadReport {
+            role: v1::WorkerRole::Decode as i32,
+            running_requests: running,
+            waiting_requests: (self.active.len() as u32 - running) + self.waiting.len() as u32,
+            kv_blocks_total: s.total as u32,
+            kv_blocks_free: s.free as u32,
+            kv_blocks_cached: s.cached as u32,
+            queued_prefill_tokens: queued_tokens,
+        }
+    }
+}
