@@ -1,1 +1,98 @@
-//! The router. Its HTTP and gRPC front door arrives with the disaggregated serving work; see README.md.
+//! The router: the cluster's front door.
+//!
+//! [`run`] serves the OpenAI-compatible HTTP API ([`openai`]) and the client gRPC API ([`grpc`]) over one core
+//! ([`frontend::Frontend`]): template and tokenize, check against the model, pick workers ([`workers`]), relay the
+//! decode worker's stream. A poller asks every worker for its load report, marking unreachable ones unhealthy;
+//! `/ready` turns true once every worker answered. The prefix-aware policy and discovery come later (DESIGN.md).
+
+pub mod error;
+pub mod frontend;
+pub mod grpc;
+pub mod openai;
+pub mod workers;
+
+pub use error::RouterError;
+pub use frontend::{Frontend, ModelInfo};
+pub use workers::{WorkerEndpoint, Workers};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_prefill_node::runtime;
+use tandem_proto::v1;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Router options.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub prefill: Vec<WorkerEndpoint>,
+    pub decode: Vec<WorkerEndpoint>,
+    pub model: ModelInfo,
+    /// How often workers are asked for their load (and health).
+    pub poll_interval: Duration,
+}
+
+/// Why the router could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterServeError {
+    #[error("router config: {0}")]
+    Config(String),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Serves HTTP on `http` and the gRPC client API on `grpc` until `shutdown` resolves; in-flight requests finish.
+pub async fn run(
+    http: TcpListener,
+    grpc: TcpListener,
+    config: RouterConfig,
+    tokenizer: Arc<Tokenizer>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RouterServeError> {
+    if config.decode.is_empty() {
+        return Err(RouterServeError::Config("at least one decode worker is needed".into()));
+    }
+    let workers = Workers::new(&config.prefill, &config.decode).map_err(RouterServeError::Config)?;
+    let frontend = Arc::new(Frontend::new(tokenizer, config.model.clone(), workers));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http_server = axum::serve(http, openai::routes(frontend.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(v1::generation_server::GenerationServer::new(grpc::GenerationService::new(
+        frontend.clone(),
+    )));
+    let grpc_server = runtime::serve_grpc(grpc, routes, &["tandem.v1.Generation"], stopped(stop_rx.clone()));
+    let poller = {
+        let f = frontend.clone();
+        let mut rx = stop_rx.clone();
+        async move {
+            loop {
+                f.workers.poll_once(Duration::from_secs(2)).await;
+                tokio::select! {
+                    _ = rx.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(config.poll_interval) => {}
+                }
+            }
+        }
+    };
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let (h, g, (), ()) = tokio::join!(
+        async { http_server.await },
+        grpc_server,
+        poller,
+        signal
+    );
+    h?;
+    g?;
+    Ok(())
+}

@@ -28,6 +28,14 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// Run a whole local cluster in one process: router + prefill + decode workers (the embedded default).
+    Up(cmd::up::UpArgs),
+    /// Run a prefill worker.
+    Prefill(cmd::serve::PrefillArgs),
+    /// Run a decode worker.
+    Decode(cmd::serve::DecodeArgs),
+    /// Run a router (OpenAI HTTP + gRPC) in front of prefill and decode workers.
+    Router(cmd::serve::RouterArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +74,10 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd::generate::run(a, threads),
         Command::Eval(c) => cmd::eval::run(c, threads),
         Command::Bench(c) => cmd::bench::run(c, threads),
+        Command::Up(a) => cmd::up::run(a, threads),
+        Command::Prefill(a) => cmd::serve::run_prefill(a, threads),
+        Command::Decode(a) => cmd::serve::run_decode(a, threads),
+        Command::Router(a) => cmd::serve::run_router(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

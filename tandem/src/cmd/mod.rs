@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod serve;
+pub mod up;
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,91 @@
+//! Router failures, classified once. [`RouterError::http_status`] and [`RouterError::to_status`] are the only places
+//! they become HTTP or gRPC codes; the OpenAI error body is built from [`RouterError::kind`].
+
+use tonic::{Code, Status};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RouterError {
+    /// The request is malformed or out of range; `param` names the field when there is one.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        param: Option<String>,
+    },
+    /// The request names a model this cluster does not serve.
+    #[error("model {0:?} is not served here (see /v1/models)")]
+    UnknownModel(String),
+    /// No healthy decode worker.
+    #[error("no decode worker is available")]
+    NoWorker,
+    /// A worker failed the request; its status is kept.
+    #[error("{message}")]
+    Worker { code: Code, message: String },
+}
+
+impl RouterError {
+    pub fn invalid(message: impl Into<String>, param: &str) -> Self {
+        Self::Invalid {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+
+    /// A worker's status, keeping whether it was the caller's fault.
+    pub fn from_worker(s: &Status) -> Self {
+        match s.code() {
+            Code::InvalidArgument | Code::ResourceExhausted => Self::Invalid {
+                message: s.message().to_string(),
+                param: None,
+            },
+            code => Self::Worker {
+                code,
+                message: s.message().to_string(),
+            },
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Invalid { .. } | Self::UnknownModel(_) => 400,
+            Self::NoWorker => 503,
+            Self::Worker { code, .. } => match code {
+                Code::Unavailable => 503,
+                Code::DeadlineExceeded => 504,
+                _ => 500,
+            },
+        }
+    }
+
+    /// OpenAI's error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } | Self::UnknownModel(_) => "invalid_request_error",
+            Self::NoWorker | Self::Worker { .. } => "server_error",
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { param, .. } => param.as_deref(),
+            Self::UnknownModel(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::UnknownModel(_) => Some("model_not_found"),
+            _ => None,
+        }
+    }
+
+    pub fn to_status(&self) -> Status {
+        let code = match self {
+            Self::Invalid { .. } => Code::InvalidArgument,
+            Self::UnknownModel(_) => Code::NotFound,
+            Self::NoWorker => Code::Unavailable,
+            Self::Worker { code, .. } => *code,
+        };
+        Status::new(code, self.to_string())
+    }
+}

@@ -1,0 +1,266 @@
+//! The router's core, shared by the HTTP and gRPC front ends: turn a request into prompt tokens (chat template,
+//! tokenizer), check it against the model, pick a decode and a prefill worker, and open the decode worker's token
+//! stream. Dropping the returned [`TokenStream`] cancels the call, which cancels the work on every node.
+
+use crate::error::RouterError;
+use crate::workers::{Lease, Workers};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tandem_engine::generate::StopConditions;
+use tandem_engine::sampling::SamplingParams;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_engine::tokenizer::chat::{ChatMessage, ChatTemplate};
+use tandem_proto::{convert, v1};
+use tokio_stream::Stream;
+use tonic::Streaming;
+
+/// The model this router serves.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The id clients name in `model`.
+    pub id: String,
+    pub context_len: usize,
+}
+
+/// What to complete.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Raw text, no template.
+    Text(String),
+    /// Chat messages, rendered with the model's template and an open assistant turn.
+    Chat(Vec<ChatMessage>),
+    Tokens(Vec<u32>),
+}
+
+/// A generation request as both front ends hand it over.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// `None` or empty = the served model.
+    pub model: Option<String>,
+    pub input: Input,
+    pub sampling: SamplingParams,
+    /// `max_tokens` of `None` = as many as the context leaves.
+    pub max_tokens: Option<usize>,
+    pub stop: StopConditions,
+    pub request_id: Option<String>,
+}
+
+/// A request's id across nodes, in logs and traces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub struct Frontend {
+    pub tokenizer: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+    pub model: ModelInfo,
+    pub workers: Workers,
+    next_id: AtomicU64,
+}
+
+/// The decode worker's token stream, holding the worker leases until it ends.
+pub struct TokenStream {
+    pub request_id: RequestId,
+    pub prompt_tokens: usize,
+    inner: Streaming<v1::GenerateResponse>,
+    _decode: Lease,
+    _prefill: Option<Lease>,
+}
+
+impl TokenStream {
+    /// The next message, or `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<v1::GenerateResponse>, RouterError> {
+        self.inner
+            .message()
+            .await
+            .map_err(|s| RouterError::from_worker(&s))
+    }
+
+    /// The stream as a `Stream` of wire messages (for the gRPC relay).
+    pub fn into_stream(
+        self,
+    ) -> impl Stream<Item = Result<v1::GenerateResponse, tonic::Status>> + Send + 'static {
+        let mut s = self;
+        async_stream_lite(move |tx| async move {
+            loop {
+                match s.inner.message().await {
+                    Ok(Some(m)) => {
+                        if tx.send(Ok(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(st) => {
+                        let _ = tx.send(Err(st)).await;
+                        return;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Runs `f` as a task feeding a channel and returns the channel as a stream; the task ends when the stream is
+/// dropped (its sends fail), so it never outlives its consumer for more than one message.
+pub fn async_stream_lite<T, F, Fut>(f: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+impl Frontend {
+    pub fn new(tokenizer: Arc<Tokenizer>, model: ModelInfo, workers: Workers) -> Self {
+        let template = match tokenizer.chat_template() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("the model has no usable chat template ({e}); chat requests will be refused");
+                None
+            }
+        };
+        Self {
+            tokenizer,
+            template,
+            model,
+            workers,
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks the `model` field against the served model.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), RouterError> {
+        match model {
+            None | Some("") => Ok(()),
+            Some(m) if m == self.model.id => Ok(()),
+            Some(m) => Err(RouterError::UnknownModel(m.to_string())),
+        }
+    }
+
+    /// Prompt token ids and the text they came from.
+    pub fn tokenize(&self, input: &Input) -> Result<(Vec<u32>, String), RouterError> {
+        let text = match input {
+            Input::Tokens(ids) => {
+                let vocab = self.tokenizer.vocab_size();
+                if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(RouterError::invalid(
+                        format!("token id {t} is outside the vocabulary of {vocab}"),
+                        "prompt",
+                    ));
+                }
+                let text = self.tokenizer.decode(ids).unwrap_or_default();
+                return Ok((ids.clone(), text));
+            }
+            Input::Text(t) => t.clone(),
+            Input::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(RouterError::invalid("messages is empty", "messages"));
+                }
+                let Some(template) = &self.template else {
+                    return Err(RouterError::invalid(
+                        "this model has no chat template; use /v1/completions",
+                        "messages",
+                    ));
+                };
+                template
+                    .render(messages, true)
+                    .map_err(|e| RouterError::invalid(e.to_string(), "messages"))?
+            }
+        };
+        let ids = self
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| RouterError::invalid(e.to_string(), "prompt"))?;
+        Ok((ids, text))
+    }
+
+    fn request_id(&self, given: Option<&str>) -> RequestId {
+        match given {
+            Some(id) if !id.is_empty() => RequestId(id.to_string()),
+            _ => RequestId(format!(
+                "req-{:x}-{}",
+                std::process::id(),
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            )),
+        }
+    }
+
+    /// Validates, routes and opens the token stream of one request.
+    pub async fn generate(&self, p: GenerateParams) -> Result<TokenStream, RouterError> {
+        self.check_model(p.model.as_deref())?;
+        let param = match p.input {
+            Input::Chat(_) => "messages",
+            _ => "prompt",
+        };
+        let (prompt, _) = self.tokenize(&p.input)?;
+        let ctx = self.model.context_len;
+        if prompt.is_empty() {
+            return Err(RouterError::invalid("the prompt is empty", param));
+        }
+        if prompt.len() >= ctx {
+            return Err(RouterError::invalid(
+                format!(
+                    "the prompt is {} tokens; this model's context is {ctx} tokens",
+                    prompt.len()
+                ),
+                param,
+            ));
+        }
+        let room = ctx - prompt.len();
+        let max_tokens = p.max_tokens.unwrap_or(room);
+        if max_tokens == 0 || max_tokens > room {
+            return Err(RouterError::invalid(
+                format!(
+                    "max_tokens {max_tokens} must be between 1 and {room} (context {ctx} minus {} prompt tokens)",
+                    prompt.len()
+                ),
+                "max_tokens",
+            ));
+        }
+        let mut stop = p.stop;
+        stop.max_tokens = max_tokens;
+        stop.validate(ctx)
+            .map_err(|e| RouterError::invalid(e.to_string(), "stop"))?;
+        p.sampling
+            .validate()
+            .map_err(|e| RouterError::Invalid {
+                message: e.to_string(),
+                param: None,
+            })?;
+        let request_id = self.request_id(p.request_id.as_deref());
+        let decode = self.workers.pick_decode().ok_or(RouterError::NoWorker)?;
+        let prefill = self.workers.pick_prefill();
+        let request = v1::DecodeRequest {
+            request_id: request_id.0.clone(),
+            prompt_token_ids: prompt.clone(),
+            sampling: Some(convert::sampling_to_wire(&p.sampling)),
+            stop: Some(convert::stop_to_wire(&stop)),
+            prefill_endpoint: prefill
+                .as_ref()
+                .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
+            codec: v1::KvCodec::None as i32,
+        };
+        tracing::debug!(%request_id, decode = %decode.worker.endpoint, prompt_tokens = prompt.len(), "routing");
+        let mut client = v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
+        let inner = client
+            .generate(request)
+            .await
+            .map_err(|s| RouterError::from_worker(&s))?
+            .into_inner();
+        Ok(TokenStream {
+            request_id,
+            prompt_tokens: prompt.len(),
+            inner,
+            _decode: decode,
+            _prefill: prefill,
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions` and `/v1/completions` (whole or streamed as server-sent
+//! events), `/v1/models`, and the `/health` (process up) and `/ready` (workers answering) probes.
+//!
+//! A handler parses the body ([`request`]), asks the [`Frontend`] for a token stream, and either gathers it into
+//! one response or relays it as SSE chunks ([`response`]). The relay watches the client: when the connection
+//! goes away the stream is dropped, which cancels the decode call and with it the work on every node.
+
+pub mod request;
+pub mod response;
+
+use crate::error::RouterError;
+use crate::frontend::{Frontend, TokenStream, async_stream_lite};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use request::{Endpoint, Parsed};
+use response::{Logprobs, Meta};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+pub fn routes(frontend: Arc<Frontend>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(not_found)
+        .with_state(frontend)
+}
+
+fn error_response(e: &RouterError) -> Response {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(response::error_body(e))).into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"message": "no such endpoint", "type": "invalid_request_error", "param": null, "code": "not_found"}})),
+    )
+        .into_response()
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(f): State<Arc<Frontend>>) -> Response {
+    if f.workers.all_seen() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "waiting for workers"}))).into_response()
+    }
+}
+
+async fn models(State(f): State<Arc<Frontend>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": f.model.id, "object": "model", "created": 0, "owned_by": "tandem", "max_model_len": f.model.context_len,
+    }]}))
+}
+
+async fn chat(State(f): State<Arc<Frontend>>, body: Bytes) -> Response {
+    handle(f, &body, Endpoint::Chat).await
+}
+
+async fn completions(State(f): State<Arc<Frontend>>, body: Bytes) -> Response {
+    handle(f, &body, Endpoint::Completions).await
+}
+
+async fn handle(f: Arc<Frontend>, body: &[u8], endpoint: Endpoint) -> Response {
+    let parsed = match request::parse(body, endpoint) {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let meta = Meta {
+        id: String::new(),
+        created: response::now_unix(),
+        model: f.model.id.clone(),
+        endpoint,
+    };
+    let stream = match f.generate(parsed.params.clone()).await {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
+    };
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    let meta = Meta {
+        id: format!("{prefix}-{}", stream.request_id),
+        ..meta
+    };
+    if parsed.stream {
+        sse(stream, meta, parsed).into_response()
+    } else {
+        whole(stream, meta, &parsed).await
+    }
+}
+
+async fn whole(mut stream: TokenStream, meta: Meta, parsed: &Parsed) -> Response {
+    let mut text = String::new();
+    let mut logprobs = Logprobs::default();
+    loop {
+        match stream.next().await {
+            Ok(Some(m)) => {
+                text.push_str(&m.text);
+                logprobs.extend(&m);
+                if let Some(u) = &m.usage {
+                    let finish = response::finish_reason(&m);
+                    let lp = parsed.logprobs.then_some(&logprobs);
+                    return Json(response::whole(&meta, &text, finish, lp, response::usage(u))).into_response();
+                }
+            }
+            Ok(None) => {
+                return error_response(&RouterError::Worker {
+                    code: tonic::Code::Unavailable,
+                    message: "the decode worker ended the stream early".into(),
+                });
+            }
+            Err(e) => return error_response(&e),
+        }
+    }
+}
+
+fn sse(
+    mut stream: TokenStream,
+    meta: Meta,
+    parsed: Parsed,
+) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
+    let events = async_stream_lite(move |tx| async move {
+        let send = |v: Value| Ok::<_, Infallible>(Event::default().data(v.to_string()));
+        let mut first = true;
+        let mut offset = 0;
+        loop {
+            let next = tokio::select! {
+                m = stream.next() => m,
+                _ = tx.closed() => return,
+            };
+            let m = match next {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(send(response::error_body(&e))).await;
+                    return;
+                }
+            };
+            let finish = response::finish_reason(&m);
+            let lp = parsed.logprobs.then(|| {
+                let mut l = Logprobs::default();
+                l.extend(&m);
+                match meta.endpoint {
+                    Endpoint::Chat => l.chat(),
+                    Endpoint::Completions => l.completion(offset),
+                }
+            });
+            offset += m.text.len();
+            if first || !m.text.is_empty() || finish.is_some() || lp.is_some() {
+                let c = response::chunk(&meta, &m.text, first, finish, lp);
+                first = false;
+                if tx.send(send(c)).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(u) = &m.usage {
+                if parsed.include_usage {
+                    let _ = tx.send(send(response::usage_chunk(&meta, response::usage(u)))).await;
+                }
+                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                return;
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,208 @@
+//! The server subcommands: `tandem prefill`, `tandem decode`, `tandem router` (one node per process) and what they
+//! share: the async runtime, binding listeners with a clear error, and the shutdown signal (Ctrl-C or SIGTERM).
+
+use super::{ModelArgs, load};
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_decode_node::DecodeConfig;
+use tandem_engine::model::ModelSource;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_prefill_node::PrefillConfig;
+use tandem_router::{ModelInfo, RouterConfig, WorkerEndpoint};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(clap::Args, Debug)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    pub listen: SocketAddr,
+    /// Deadline for prefill + KV transfer when a request gives none, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub default_deadline_ms: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecodeOptions {
+    /// Uncached prompt tokens below this are prefilled on the decode worker itself.
+    #[arg(long, default_value_t = 32)]
+    pub local_prefill_threshold_tokens: usize,
+    /// Fail requests whose prefill worker is unreachable instead of prefilling them locally.
+    #[arg(long)]
+    pub no_local_fallback: bool,
+    /// Deadline for a remote prefill and its KV transfer, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub transfer_timeout_ms: u64,
+}
+
+impl DecodeOptions {
+    pub fn config(&self, advertise: Option<String>) -> DecodeConfig {
+        DecodeConfig {
+            local_prefill_threshold_tokens: self.local_prefill_threshold_tokens,
+            fallback_to_local_prefill: !self.no_local_fallback,
+            transfer_timeout: Duration::from_millis(self.transfer_timeout_ms),
+            advertise_endpoint: advertise,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub options: DecodeOptions,
+    /// Address to serve gRPC (DecodeWorker and KvTransfer) on.
+    #[arg(long, default_value = "127.0.0.1:7200")]
+    pub listen: SocketAddr,
+    /// The URL prefill workers push KV to (default: http:// + the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RouterArgs {
+    /// Model file or directory (the router needs its tokenizer, chat template and context length).
+    #[arg(long, env = "TANDEM_MODEL", default_value_os_t = super::default_model_path())]
+    pub model: std::path::PathBuf,
+    /// The id clients use in `model` (default: the model file's name without extension).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Address for the OpenAI-compatible HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub http: SocketAddr,
+    /// Address for the gRPC client API.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    pub grpc: SocketAddr,
+    /// A prefill worker's URL (repeat for several); none = decode workers prefill locally.
+    #[arg(long = "prefill-worker")]
+    pub prefill: Vec<String>,
+    /// A decode worker's URL (repeat for several); at least one.
+    #[arg(long = "decode-worker", required = true)]
+    pub decode: Vec<String>,
+    /// How often workers are asked for their load, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+}
+
+/// A multi-threaded runtime for the async side (the engines run on their own threads).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tandem-io")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM; every clone of the receiver sees it.
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Tokenizer and model facts the router needs, without loading weights.
+pub fn router_model(path: &std::path::Path, id: Option<String>) -> Result<(Arc<Tokenizer>, ModelInfo)> {
+    if !path.exists() {
+        anyhow::bail!(
+            "model {} not found (run scripts/fetch-model.sh, or pass --model PATH)",
+            path.display()
+        );
+    }
+    let src = ModelSource::open(path).with_context(|| format!("loading {}", path.display()))?;
+    let tok = Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
+    let cfg = src.config()?;
+    let id = id.unwrap_or_else(|| {
+        path.file_stem()
+            .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned())
+    });
+    Ok((
+        Arc::new(tok),
+        ModelInfo {
+            id,
+            context_len: cfg.context_len,
+        },
+    ))
+}
+
+pub fn endpoints(urls: &[String]) -> Vec<WorkerEndpoint> {
+    urls.iter().map(|u| WorkerEndpoint(u.clone())).collect()
+}
+
+pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
+    let loaded = load(&a.model, threads)?;
+    runtime()?.block_on(async {
+        let listener = bind(a.listen, "the prefill worker").await?;
+        eprintln!("prefill worker serving on http://{}", listener.local_addr()?);
+        let config = PrefillConfig {
+            default_deadline: Duration::from_millis(a.default_deadline_ms),
+        };
+        tandem_prefill_node::run(listener, config, loaded.engine, stopped(shutdown_signal())).await?;
+        Ok(())
+    })
+}
+
+pub fn run_decode(a: DecodeArgs, threads: usize) -> Result<()> {
+    let loaded = load(&a.model, threads)?;
+    runtime()?.block_on(async {
+        let listener = bind(a.listen, "the decode worker").await?;
+        eprintln!("decode worker serving on http://{}", listener.local_addr()?);
+        tandem_decode_node::run(
+            listener,
+            a.options.config(a.advertise.clone()),
+            loaded.engine,
+            Arc::new(loaded.tokenizer),
+            stopped(shutdown_signal()),
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn run_router(a: RouterArgs) -> Result<()> {
+    let (tok, model) = router_model(&a.model, a.model_id.clone())?;
+    runtime()?.block_on(async {
+        let http = bind(a.http, "the router's HTTP API").await?;
+        let grpc = bind(a.grpc, "the router's gRPC API").await?;
+        eprintln!("router gRPC API on http://{}", grpc.local_addr()?);
+        println!("http://{}", http.local_addr()?);
+        let config = RouterConfig {
+            prefill: endpoints(&a.prefill),
+            decode: endpoints(&a.decode),
+            model,
+            poll_interval: Duration::from_millis(a.poll_interval_ms.max(10)),
+        };
+        tandem_router::run(http, grpc, config, tok, stopped(shutdown_signal())).await?;
+        Ok(())
+    })
+}
