@@ -61,7 +61,10 @@ where
         Some(e) => e.clone(),
         None => format!("http://{}", listener.local_addr()?),
     };
-    let sessions = Sessions::new(ChunkLayout::of(engine.kv_layout()), engine.kv_layout().layers);
+    let sessions = Sessions::new(
+        ChunkLayout::of(engine.kv_layout()),
+        engine.kv_layout().layers,
+    );
     let hub = EventHub::new();
     let (sched, thread) = scheduler::spawn(
         engine,
@@ -71,7 +74,8 @@ where
             local_prefill_threshold_tokens: config.local_prefill_threshold_tokens,
         },
     )?;
-    let service = service::DecodeService::new(sched, tokenizer, sessions.clone(), hub, config, endpoint);
+    let service =
+        service::DecodeService::new(sched, tokenizer, sessions.clone(), hub, config, endpoint);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(v1::decode_worker_server::DecodeWorkerServer::new(service))

@@ -331,7 +331,9 @@ impl<B: Backend> Scheduler<B> {
             return;
         }
         let bs = self.engine.config().block_size;
-        let blocks = (req.prompt.len() + req.stop.max_tokens).min(ctx).div_ceil(bs);
+        let blocks = (req.prompt.len() + req.stop.max_tokens)
+            .min(ctx)
+            .div_ceil(bs);
         let total = self.engine.pool_stats().total;
         if blocks > total {
             let _ = reply.send(Err(DecodeError::TooLarge(format!(
@@ -489,7 +491,9 @@ impl<B: Backend> Scheduler<B> {
         let a = self.active.get_mut(&key).expect("checked above");
         a.generation.sampler_mut().record_external(p.first.token);
         let ctx = self.engine.model.config.context_len;
-        let emitted = a.generation.accept(&self.tok, p.first, a.prompt_tokens, ctx);
+        let emitted = a
+            .generation
+            .accept(&self.tok, p.first, a.prompt_tokens, ctx);
         a.ttft = a.admitted_at.elapsed();
         match emitted {
             Ok(e) => self.deliver(key, e),
@@ -557,7 +561,10 @@ impl<B: Backend> Scheduler<B> {
             let Ok((_, len)) = self.engine.seq_progress(key) else {
                 continue;
             };
-            let a = self.active.get_mut(&key).expect("stepped requests are active");
+            let a = self
+                .active
+                .get_mut(&key)
+                .expect("stepped requests are active");
             if matches!(a.phase, Phase::Prefilling) {
                 a.phase = Phase::Running;
                 a.ttft = a.admitted_at.elapsed();

@@ -101,7 +101,11 @@ impl Shared {
     }
 
     /// Asks the prefill worker for the prompt's KV; returns once every block arrived (or failed).
-    async fn remote_prefill(&self, key: SeqId, job: RemoteJob) -> Result<RemotePrefill, DecodeError> {
+    async fn remote_prefill(
+        &self,
+        key: SeqId,
+        job: RemoteJob,
+    ) -> Result<RemotePrefill, DecodeError> {
         let timeout = self.config.transfer_timeout;
         let deadline = Instant::now() + timeout;
         let sched = self.sched.clone();
@@ -121,7 +125,8 @@ impl Shared {
             deadline_ms: timeout.as_millis() as u32,
             sampling: Some(convert::sampling_to_wire(&job.sampling)),
         };
-        let mut client = v1::prefill_worker_client::PrefillWorkerClient::new(self.channel(&job.endpoint)?);
+        let mut client =
+            v1::prefill_worker_client::PrefillWorkerClient::new(self.channel(&job.endpoint)?);
         let prefill_error = |s: Status| DecodeError::Prefill {
             endpoint: job.endpoint.clone(),
             code: s.code(),
@@ -181,10 +186,10 @@ impl Shared {
                 })
                 .into_iter()
                 .collect(),
-            finish_reason: e
-                .finished
-                .map_or(v1::FinishReason::Unspecified, convert::finish_reason_to_wire)
-                as i32,
+            finish_reason: e.finished.map_or(
+                v1::FinishReason::Unspecified,
+                convert::finish_reason_to_wire,
+            ) as i32,
             usage: summary.as_ref().map(|s| v1::Usage {
                 prompt_tokens: s.prompt_tokens as u32,
                 completion_tokens: s.completion_tokens as u32,
@@ -218,9 +223,11 @@ async fn drive(
         };
         let next = match result {
             Ok(p) => shared.sched.kv_ready(key, p),
-            Err(DecodeError::Prefill { code: Code::Unavailable, message, .. })
-                if shared.config.fallback_to_local_prefill =>
-            {
+            Err(DecodeError::Prefill {
+                code: Code::Unavailable,
+                message,
+                ..
+            }) if shared.config.fallback_to_local_prefill => {
                 tracing::warn!(%endpoint, "prefill worker unavailable ({message}); prefilling locally");
                 shared.sched.prefill_locally(key)
             }
@@ -239,7 +246,12 @@ async fn drive(
         match event {
             Some(Event::Token { emitted, summary }) => {
                 let last = summary.is_some();
-                if out.send(Ok(shared.response(emitted, summary))).await.is_err() || last {
+                if out
+                    .send(Ok(shared.response(emitted, summary)))
+                    .await
+                    .is_err()
+                    || last
+                {
                     return;
                 }
             }
@@ -249,7 +261,9 @@ async fn drive(
             }
             None => {
                 let _ = out
-                    .send(Err(DecodeError::Unavailable("scheduler stopped".into()).to_status()))
+                    .send(Err(
+                        DecodeError::Unavailable("scheduler stopped".into()).to_status()
+                    ))
                     .await;
                 return;
             }
@@ -277,7 +291,11 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
             }
         }
         let mut sampling = convert::sampling_from_wire(&r.sampling.unwrap_or_default());
-        sampling.seed = Some(sampling.seed.unwrap_or_else(tandem_engine::sampling::fresh_seed));
+        sampling.seed = Some(
+            sampling
+                .seed
+                .unwrap_or_else(tandem_engine::sampling::fresh_seed),
+        );
         let stop = convert::stop_from_wire(&r.stop.unwrap_or_default());
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let admitted = self
@@ -334,8 +352,9 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
             .map_err(|e| e.to_status())
     }
 
-    type SubscribeKvEventsStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>>;
+    type SubscribeKvEventsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>,
+    >;
 
     async fn subscribe_kv_events(
         &self,

@@ -428,7 +428,11 @@ impl<B: Backend> Engine<B> {
 fn commit_complete_blocks(s: &mut Sequence, pool: &mut BlockPool, seed: HashSeed, bs: usize) {
     while s.hashes.len() < s.kv_len / bs {
         let i = s.hashes.len();
-        let h = hash_block(seed, s.hashes.last().copied(), &s.tokens[i * bs..(i + 1) * bs]);
+        let h = hash_block(
+            seed,
+            s.hashes.last().copied(),
+            &s.tokens[i * bs..(i + 1) * bs],
+        );
         pool.commit(s.blocks[i], h);
         s.hashes.push(h);
     }

@@ -126,7 +126,12 @@ pub struct Generation {
 
 impl Generation {
     /// `stop` as the caller gave it; the tokenizer's stop tokens are added unless `ignore_eos`.
-    pub fn new(sampling: SamplingParams, stop: StopConditions, prompt: &[u32], tok: &Tokenizer) -> Self {
+    pub fn new(
+        sampling: SamplingParams,
+        stop: StopConditions,
+        prompt: &[u32],
+        tok: &Tokenizer,
+    ) -> Self {
         let mut stop = stop;
         if !stop.ignore_eos {
             stop.stop_token_ids.extend(tok.stop_tokens.iter().copied());

@@ -87,10 +87,12 @@ pub fn encode(header: &ChunkHeader, layout: ChunkLayout, data: &[BlockData]) -> 
     for b in data {
         for half in [&b.k, &b.v] {
             match layout.dtype {
-                KvFormat::F32 => half.iter().for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
-                KvFormat::F16 => half
+                KvFormat::F32 => half
                     .iter()
-                    .for_each(|&x| payload.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())),
+                    .for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
+                KvFormat::F16 => half.iter().for_each(|&x| {
+                    payload.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())
+                }),
             }
         }
     }
@@ -148,7 +150,9 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
     }
     if c.codec != v1::KvCodec::None as i32 {
         let name = v1::KvCodec::try_from(c.codec).map_or("unknown", |k| k.as_str_name());
-        return refuse(format!("codec {name} is not supported by this receiver (NONE is)"));
+        return refuse(format!(
+            "codec {name} is not supported by this receiver (NONE is)"
+        ));
     }
     let Some(wl) = c.layout else {
         return refuse("layout is missing".into());
@@ -165,7 +169,12 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
     {
         return refuse(format!(
             "layout kv_heads={} head_dim={} block_size={} differs from the receiver's {}/{}/{}",
-            got.kv_heads, got.head_dim, got.block_size, expect.kv_heads, expect.head_dim, expect.block_size
+            got.kv_heads,
+            got.head_dim,
+            got.block_size,
+            expect.kv_heads,
+            expect.head_dim,
+            expect.block_size
         ));
     }
     let (ls, le) = (c.layer_start as usize, c.layer_end as usize);
@@ -174,13 +183,18 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
     }
     let nb = c.dest_block_ids.len();
     if nb == 0 || nb > MAX_BLOCKS_PER_CHUNK {
-        return refuse(format!("{nb} destination blocks (1..={MAX_BLOCKS_PER_CHUNK} allowed)"));
+        return refuse(format!(
+            "{nb} destination blocks (1..={MAX_BLOCKS_PER_CHUNK} allowed)"
+        ));
     }
     let n = got.block_elems();
     let elem = dtype.bytes_per_elem();
     let want = (le - ls) * nb * 2 * n * elem;
     if c.payload.len() != want {
-        return refuse(format!("payload has {} bytes; the header implies {want}", c.payload.len()));
+        return refuse(format!(
+            "payload has {} bytes; the header implies {want}",
+            c.payload.len()
+        ));
     }
     let read = |bytes: &[u8]| -> Vec<f32> {
         match dtype {
@@ -271,7 +285,12 @@ mod tests {
         assert!(resealed(&|c| c.format_version = 2).contains("format_version"));
         assert!(resealed(&|c| c.codec = v1::KvCodec::Int8 as i32).contains("KV_CODEC_INT8"));
         assert!(resealed(&|c| c.layout.as_mut().unwrap().head_dim = 8).contains("layout"));
-        assert!(resealed(&|c| { c.payload.pop(); }).contains("payload"));
+        assert!(
+            resealed(&|c| {
+                c.payload.pop();
+            })
+            .contains("payload")
+        );
         assert!(resealed(&|c| c.layer_end = c.layer_start).contains("layer range"));
         assert!(resealed(&|c| c.dest_block_ids.clear()).contains("destination blocks"));
         // A receiver with f16 cache still reads an f32 chunk (the dtype may differ, the shape may not).

@@ -70,7 +70,9 @@ impl Sender {
         let driver = self.driver.take().expect("finish consumes the sender");
         match driver.await {
             Ok(r) => r,
-            Err(e) => Err(TransferError::Transport(format!("transfer task failed: {e}"))),
+            Err(e) => Err(TransferError::Transport(format!(
+                "transfer task failed: {e}"
+            ))),
         }
     }
 }

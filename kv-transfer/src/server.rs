@@ -54,7 +54,11 @@ impl v1::kv_transfer_server::KvTransfer for KvTransferService {
             while let Ok(Some(c)) = inbound.message().await {
                 let result = sessions.deliver(&c);
                 if let Err(e) = &result {
-                    tracing::warn!(session = c.session_id, chunk = c.chunk_index, "kv chunk not accepted: {e}");
+                    tracing::warn!(
+                        session = c.session_id,
+                        chunk = c.chunk_index,
+                        "kv chunk not accepted: {e}"
+                    );
                 }
                 if tx.send(Ok(ack_for(&c, result))).await.is_err() {
                     break;

@@ -49,13 +49,6 @@ where
     let service = service::PrefillService::new(thread, hub, config.default_deadline);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(v1::prefill_worker_server::PrefillWorkerServer::new(service));
-    runtime::serve_grpc(
-        listener,
-        routes,
-        &["tandem.v1.PrefillWorker"],
-        shutdown,
-    )
-    .await?;
+    runtime::serve_grpc(listener, routes, &["tandem.v1.PrefillWorker"], shutdown).await?;
     Ok(())
 }
-

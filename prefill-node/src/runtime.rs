@@ -82,7 +82,9 @@ impl EventHub {
     }
 
     /// A stream of event batches from now on; ends if the subscriber lags so far that events were dropped.
-    pub fn subscribe(&self) -> impl Stream<Item = Result<v1::KvEventBatch, Status>> + Send + 'static {
+    pub fn subscribe(
+        &self,
+    ) -> impl Stream<Item = Result<v1::KvEventBatch, Status>> + Send + 'static {
         tokio_stream::wrappers::BroadcastStream::new(self.tx.subscribe())
             .map_while(|r| r.ok())
             .map(|events| {

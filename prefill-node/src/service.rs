@@ -80,7 +80,8 @@ impl PrefillService {
             sampling,
             pusher: sender.pusher(),
         };
-        let outcome = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await {
+        let outcome = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await
+        {
             Ok(r) => r?,
             Err(_) => {
                 return Err(tandem_kv_transfer::TransferError::DeadlineExceeded(session).into());
@@ -132,10 +133,7 @@ impl v1::prefill_worker_server::PrefillWorker for PrefillService {
         }
     }
 
-    async fn load(
-        &self,
-        _: Request<v1::LoadRequest>,
-    ) -> Result<Response<v1::LoadReport>, Status> {
+    async fn load(&self, _: Request<v1::LoadRequest>) -> Result<Response<v1::LoadReport>, Status> {
         self.engine
             .load()
             .await
@@ -143,8 +141,9 @@ impl v1::prefill_worker_server::PrefillWorker for PrefillService {
             .map_err(|e| e.to_status())
     }
 
-    type SubscribeKvEventsStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>>;
+    type SubscribeKvEventsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>,
+    >;
 
     async fn subscribe_kv_events(
         &self,

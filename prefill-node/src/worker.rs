@@ -188,7 +188,9 @@ fn run_job<B: Backend>(
         let cached_tokens = engine.seq_progress(seq)?.0;
         let cached_blocks = cached_tokens / bs;
         let mut index = 0u32;
-        let mut send = |layer: usize, blocks: std::ops::Range<usize>, read: &dyn Fn(usize) -> BlockData| {
+        let mut send = |layer: usize,
+                        blocks: std::ops::Range<usize>,
+                        read: &dyn Fn(usize) -> BlockData| {
             let header = ChunkHeader {
                 session: job.session,
                 index,
@@ -222,12 +224,18 @@ fn run_job<B: Backend>(
                 &[StepItem {
                     seq,
                     n_tokens: n,
-                    logits: if last { LogitsWanted::Last } else { LogitsWanted::None },
+                    logits: if last {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
                 }],
                 &mut |layer, view| {
                     if !range.is_empty() {
                         send(layer, range.clone(), &|i| {
-                            let id = view.seq_block(seq, i).expect("blocks of this step are allocated");
+                            let id = view
+                                .seq_block(seq, i)
+                                .expect("blocks of this step are allocated");
                             let (k, v) = view.read_block(layer, id);
                             BlockData { k, v }
                         });

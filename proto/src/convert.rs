@@ -116,7 +116,9 @@ pub fn kv_format_from_wire(d: i32) -> Result<KvFormat, ConvertError> {
 
 pub fn kv_event_to_wire(e: &KvEvent) -> v1::KvEvent {
     let (seq, kind) = match e {
-        KvEvent::Stored { seq, hashes } => (*seq, v1::kv_event::Kind::Stored(hashes_to_wire(hashes))),
+        KvEvent::Stored { seq, hashes } => {
+            (*seq, v1::kv_event::Kind::Stored(hashes_to_wire(hashes)))
+        }
         KvEvent::Removed { seq, hashes } => {
             (*seq, v1::kv_event::Kind::Removed(hashes_to_wire(hashes)))
         }
@@ -242,8 +244,14 @@ mod tests {
                 Ok(r)
             );
         }
-        assert_eq!(finish_reason_from_wire(0).unwrap_err().field, "finish_reason");
-        assert_eq!(finish_reason_from_wire(99).unwrap_err().field, "finish_reason");
+        assert_eq!(
+            finish_reason_from_wire(0).unwrap_err().field,
+            "finish_reason"
+        );
+        assert_eq!(
+            finish_reason_from_wire(99).unwrap_err().field,
+            "finish_reason"
+        );
         for f in [KvFormat::F32, KvFormat::F16] {
             assert_eq!(kv_format_from_wire(kv_format_to_wire(f) as i32), Ok(f));
         }
@@ -282,6 +290,9 @@ mod tests {
                 content: "x".into(),
             }],
         };
-        assert_eq!(chat_from_wire(&bad).unwrap_err().field, "chat.messages.role");
+        assert_eq!(
+            chat_from_wire(&bad).unwrap_err().field,
+            "chat.messages.role"
+        );
     }
 }

@@ -123,7 +123,9 @@ impl Frontend {
         let template = match tokenizer.chat_template() {
             Ok(t) => Some(t),
             Err(e) => {
-                tracing::warn!("the model has no usable chat template ({e}); chat requests will be refused");
+                tracing::warn!(
+                    "the model has no usable chat template ({e}); chat requests will be refused"
+                );
                 None
             }
         };
@@ -229,12 +231,10 @@ impl Frontend {
         stop.max_tokens = max_tokens;
         stop.validate(ctx)
             .map_err(|e| RouterError::invalid(e.to_string(), "stop"))?;
-        p.sampling
-            .validate()
-            .map_err(|e| RouterError::Invalid {
-                message: e.to_string(),
-                param: None,
-            })?;
+        p.sampling.validate().map_err(|e| RouterError::Invalid {
+            message: e.to_string(),
+            param: None,
+        })?;
         let request_id = self.request_id(p.request_id.as_deref());
         let decode = self.workers.pick_decode().ok_or(RouterError::NoWorker)?;
         let prefill = self.workers.pick_prefill();
@@ -249,7 +249,8 @@ impl Frontend {
             codec: v1::KvCodec::None as i32,
         };
         tracing::debug!(%request_id, decode = %decode.worker.endpoint, prompt_tokens = prompt.len(), "routing");
-        let mut client = v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
+        let mut client =
+            v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
         let inner = client
             .generate(request)
             .await

@@ -32,13 +32,16 @@ fn input(
     if let Some(t) = tokens {
         return Ok(Input::Tokens(t.ids.clone()));
     }
-    Err(Status::invalid_argument("input: one of prompt, chat or token_ids is required"))
+    Err(Status::invalid_argument(
+        "input: one of prompt, chat or token_ids is required",
+    ))
 }
 
 #[tonic::async_trait]
 impl v1::generation_server::Generation for GenerationService {
-    type GenerateStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
+    type GenerateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::GenerateResponse, Status>> + Send>,
+    >;
 
     async fn generate(
         &self,

@@ -54,9 +54,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RouterServeError> {
     if config.decode.is_empty() {
-        return Err(RouterServeError::Config("at least one decode worker is needed".into()));
+        return Err(RouterServeError::Config(
+            "at least one decode worker is needed".into(),
+        ));
     }
-    let workers = Workers::new(&config.prefill, &config.decode).map_err(RouterServeError::Config)?;
+    let workers =
+        Workers::new(&config.prefill, &config.decode).map_err(RouterServeError::Config)?;
     let frontend = Arc::new(Frontend::new(tokenizer, config.model.clone(), workers));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -65,10 +68,15 @@ pub async fn run(
     let http_server = axum::serve(http, openai::routes(frontend.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(v1::generation_server::GenerationServer::new(grpc::GenerationService::new(
-        frontend.clone(),
-    )));
-    let grpc_server = runtime::serve_grpc(grpc, routes, &["tandem.v1.Generation"], stopped(stop_rx.clone()));
+    routes.add_service(v1::generation_server::GenerationServer::new(
+        grpc::GenerationService::new(frontend.clone()),
+    ));
+    let grpc_server = runtime::serve_grpc(
+        grpc,
+        routes,
+        &["tandem.v1.Generation"],
+        stopped(stop_rx.clone()),
+    );
     let poller = {
         let f = frontend.clone();
         let mut rx = stop_rx.clone();
@@ -86,12 +94,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let (h, g, (), ()) = tokio::join!(
-        async { http_server.await },
-        grpc_server,
-        poller,
-        signal
-    );
+    let (h, g, (), ()) = tokio::join!(async { http_server.await }, grpc_server, poller, signal);
     h?;
     g?;
     Ok(())

@@ -135,13 +135,15 @@ impl Workers {
         for w in self.prefill.iter().chain(&self.decode) {
             let ok = match w.role {
                 WorkerRole::Prefill => {
-                    let mut c = v1::prefill_worker_client::PrefillWorkerClient::new(w.channel.clone());
+                    let mut c =
+                        v1::prefill_worker_client::PrefillWorkerClient::new(w.channel.clone());
                     tokio::time::timeout(timeout, c.load(v1::LoadRequest {}))
                         .await
                         .is_ok_and(|r| r.is_ok())
                 }
                 WorkerRole::Decode => {
-                    let mut c = v1::decode_worker_client::DecodeWorkerClient::new(w.channel.clone());
+                    let mut c =
+                        v1::decode_worker_client::DecodeWorkerClient::new(w.channel.clone());
                     tokio::time::timeout(timeout, c.load(v1::LoadRequest {}))
                         .await
                         .is_ok_and(|r| r.is_ok())

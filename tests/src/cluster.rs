@@ -52,10 +52,8 @@ pub struct Cluster {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 pub async fn loopback() -> TcpListener {
@@ -82,7 +80,9 @@ impl Cluster {
                 let e = engine(spec.prefill_engine);
                 let s = stopped(stop_rx.clone());
                 tasks.push(tokio::spawn(async move {
-                    tandem_prefill_node::run(l, PrefillConfig::default(), e, s).await.unwrap();
+                    tandem_prefill_node::run(l, PrefillConfig::default(), e, s)
+                        .await
+                        .unwrap();
                 }));
             }
             let mut decode_urls = Vec::new();
@@ -90,14 +90,25 @@ impl Cluster {
                 let l = loopback().await;
                 decode_urls.push(format!("http://{}", l.local_addr().unwrap()));
                 let e = engine(spec.decode_engine);
-                let (s, t, c) = (stopped(stop_rx.clone()), tok.clone(), spec.decode_config.clone());
+                let (s, t, c) = (
+                    stopped(stop_rx.clone()),
+                    tok.clone(),
+                    spec.decode_config.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
                     tandem_decode_node::run(l, c, e, t, s).await.unwrap();
                 }));
             }
             let (h, g) = (loopback().await, loopback().await);
-            let (http, grpc) = (h.local_addr().unwrap().to_string(), format!("http://{}", g.local_addr().unwrap()));
-            let ends = |v: &[String]| v.iter().map(|u| WorkerEndpoint(u.clone())).collect::<Vec<_>>();
+            let (http, grpc) = (
+                h.local_addr().unwrap().to_string(),
+                format!("http://{}", g.local_addr().unwrap()),
+            );
+            let ends = |v: &[String]| {
+                v.iter()
+                    .map(|u| WorkerEndpoint(u.clone()))
+                    .collect::<Vec<_>>()
+            };
             let mut all_prefill = prefill_urls.clone();
             all_prefill.extend(spec.extra_prefill_urls.iter().cloned());
             let config = RouterConfig {
@@ -137,15 +148,18 @@ impl Cluster {
     /// A decode worker's load report.
     pub fn decode_load(&self, i: usize) -> v1::LoadReport {
         self.rt.block_on(async {
-            let mut c = v1::decode_worker_client::DecodeWorkerClient::new(Self::channel(&self.decode_urls[i]).await);
+            let mut c = v1::decode_worker_client::DecodeWorkerClient::new(
+                Self::channel(&self.decode_urls[i]).await,
+            );
             c.load(v1::LoadRequest {}).await.unwrap().into_inner()
         })
     }
 
     pub fn prefill_load(&self, i: usize) -> v1::LoadReport {
         self.rt.block_on(async {
-            let mut c =
-                v1::prefill_worker_client::PrefillWorkerClient::new(Self::channel(&self.prefill_urls[i]).await);
+            let mut c = v1::prefill_worker_client::PrefillWorkerClient::new(
+                Self::channel(&self.prefill_urls[i]).await,
+            );
             c.load(v1::LoadRequest {}).await.unwrap().into_inner()
         })
     }
@@ -155,9 +169,15 @@ impl Cluster {
     pub fn wait_idle(&self, timeout: Duration) -> (Vec<v1::LoadReport>, Vec<v1::LoadReport>) {
         let until = Instant::now() + timeout;
         loop {
-            let d: Vec<_> = (0..self.decode_urls.len()).map(|i| self.decode_load(i)).collect();
-            let p: Vec<_> = (0..self.prefill_urls.len()).map(|i| self.prefill_load(i)).collect();
-            if d.iter().chain(&p).all(|r| used_blocks(r) == 0 && r.running_requests == 0 && r.waiting_requests == 0)
+            let d: Vec<_> = (0..self.decode_urls.len())
+                .map(|i| self.decode_load(i))
+                .collect();
+            let p: Vec<_> = (0..self.prefill_urls.len())
+                .map(|i| self.prefill_load(i))
+                .collect();
+            if d.iter()
+                .chain(&p)
+                .all(|r| used_blocks(r) == 0 && r.running_requests == 0 && r.waiting_requests == 0)
                 || Instant::now() > until
             {
                 return (d, p);

@@ -36,7 +36,11 @@ fn send(addr: &str, method: &str, path: &str, body: &[u8]) -> BufReader<TcpStrea
 fn head(r: &mut BufReader<TcpStream>) -> (u16, bool, Option<usize>) {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
     let (mut chunked, mut len) = (false, None);
     loop {
         line.clear();

@@ -26,7 +26,11 @@ pub fn model_path() -> PathBuf {
 
 pub fn open_model() -> (ModelSource, Tokenizer) {
     let path = model_path();
-    assert!(path.exists(), "model {} missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "model {} missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     let src = ModelSource::open(&path).unwrap();
     let tok = Tokenizer::for_model(&src).unwrap();
     (src, tok)

@@ -11,8 +11,12 @@ use tandem_tests::{EngineOptions, chat_prompt, http, open_model, reference_greed
 
 /// Long enough for several prefill chunks of 64 tokens and many blocks.
 fn long_question() -> String {
-    let facts = "The river flows north past the old mill, where the miller keeps three cats and a goat. ";
-    format!("{}Where does the river flow, and what does the miller keep?", facts.repeat(12))
+    let facts =
+        "The river flows north past the old mill, where the miller keeps three cats and a goat. ";
+    format!(
+        "{}Where does the river flow, and what does the miller keep?",
+        facts.repeat(12)
+    )
 }
 
 fn chat_body(user: &str, max_tokens: usize, stream: bool) -> Value {
@@ -23,18 +27,31 @@ fn chat_body(user: &str, max_tokens: usize, stream: bool) -> Value {
 /// The text of a whole chat or completion response.
 fn content(v: &Value) -> String {
     let c = &v["choices"][0];
-    c["message"]["content"].as_str().or(c["text"].as_str()).unwrap().to_string()
+    c["message"]["content"]
+        .as_str()
+        .or(c["text"].as_str())
+        .unwrap()
+        .to_string()
 }
 
 /// The concatenated text of an SSE stream, and its last data chunk before `[DONE]`.
 fn streamed(events: Vec<String>) -> (String, Value) {
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     let mut text = String::new();
     let mut last = Value::Null;
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
         let c = &v["choices"][0];
-        text.push_str(c["delta"]["content"].as_str().or(c["text"].as_str()).unwrap_or(""));
+        text.push_str(
+            c["delta"]["content"]
+                .as_str()
+                .or(c["text"].as_str())
+                .unwrap_or(""),
+        );
         last = v;
     }
     (text, last)
@@ -70,18 +87,30 @@ fn greedy_output_through_the_cluster_matches_a_single_engine() {
                one river that runs through it, and one dish people like to eat there.";
     let users = ["Hi!", mid, &long_question()];
     let prompts: Vec<Vec<u32>> = users.iter().map(|u| chat_prompt(&tok, u)).collect();
-    assert!(prompts[0].len() < LOCAL_PREFILL_BELOW && prompts[1].len() > LOCAL_PREFILL_BELOW + 16 && prompts[2].len() > 200, "{:?}", prompts.iter().map(Vec::len).collect::<Vec<_>>());
+    assert!(
+        prompts[0].len() < LOCAL_PREFILL_BELOW
+            && prompts[1].len() > LOCAL_PREFILL_BELOW + 16
+            && prompts[2].len() > 200,
+        "{:?}",
+        prompts.iter().map(Vec::len).collect::<Vec<_>>()
+    );
     let want = reference_greedy(&prompts, 24);
     let c = Cluster::start(small_chunks());
     // First, on a cold decode worker, the long prompt goes through the prefill worker: timings say so, and every
     // block of every layer crossed (K and V, f32). Later requests for it hit the decode worker's own cache.
     let (timings, text) = c.rt.block_on(async {
-        let mut client = v1::generation_client::GenerationClient::new(Cluster::channel(&c.grpc).await);
+        let mut client =
+            v1::generation_client::GenerationClient::new(Cluster::channel(&c.grpc).await);
         let mut s = client
             .generate(v1::GenerateRequest {
                 model: MODEL_ID.into(),
-                input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds { ids: prompts[2].clone() })),
-                stop: Some(v1::StopConditions { max_tokens: 24, ..Default::default() }),
+                input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                    ids: prompts[2].clone(),
+                })),
+                stop: Some(v1::StopConditions {
+                    max_tokens: 24,
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .await
@@ -97,7 +126,11 @@ fn greedy_output_through_the_cluster_matches_a_single_engine() {
     });
     assert!(!timings.prefilled_locally, "{timings:?}");
     let bytes_per_block = 2 * 30 * 3 * 64 * 16 * 4;
-    assert_eq!(timings.kv_bytes_transferred, prompts[2].len().div_ceil(16) as u64 * bytes_per_block, "{timings:?}");
+    assert_eq!(
+        timings.kv_bytes_transferred,
+        prompts[2].len().div_ceil(16) as u64 * bytes_per_block,
+        "{timings:?}"
+    );
 
     assert_eq!(text, want[2]);
     for (user, want) in users.iter().zip(&want) {
@@ -117,16 +150,27 @@ fn greedy_output_through_the_cluster_matches_a_single_engine() {
     // Completions on raw text agree with the engine on the same raw prompt.
     let raw = "The three primary colors are";
     let want = reference_greedy(&[tok.encode(raw).unwrap()], 16);
-    let r = http::post(&c.http, "/v1/completions", &json!({"model": MODEL_ID, "prompt": raw, "max_tokens": 16, "temperature": 0}));
+    let r = http::post(
+        &c.http,
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": raw, "max_tokens": 16, "temperature": 0}),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(content(&r.json()), want[0]);
-    let ev = http::stream(&c.http, "/v1/completions", &json!({"model": MODEL_ID, "prompt": raw, "max_tokens": 16, "temperature": 0, "stream": true}));
+    let ev = http::stream(
+        &c.http,
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": raw, "max_tokens": 16, "temperature": 0, "stream": true}),
+    );
     assert_eq!(streamed(ev.collect()).0, want[0]);
 
     let (d, p) = c.wait_idle(Duration::from_secs(5));
     assert_eq!(used_blocks(&d[0]), 0, "{d:?}");
     assert_eq!(used_blocks(&p[0]), 0, "{p:?}");
-    assert!(d[0].kv_blocks_cached > 0, "finished prompts stay in the prefix cache: {d:?}");
+    assert!(
+        d[0].kv_blocks_cached > 0,
+        "finished prompts stay in the prefix cache: {d:?}"
+    );
 }
 
 #[test]
@@ -134,14 +178,30 @@ fn the_tandem_generate_binary_and_the_cluster_agree() {
     let _s = serial();
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("tandem");
-    assert!(bin.exists(), "{} missing: cargo build --release -p tandem", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build --release -p tandem",
+        bin.display()
+    );
     let q = long_question();
     let out = std::process::Command::new(bin)
-        .args(["generate", "--prompt", &q, "--max-tokens", "20", "--threads", "2"])
+        .args([
+            "generate",
+            "--prompt",
+            &q,
+            "--max-tokens",
+            "20",
+            "--threads",
+            "2",
+        ])
         .env_remove("TANDEM_LOG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli = String::from_utf8(out.stdout).unwrap();
     let c = Cluster::start(small_chunks());
     let r = http::post(&c.http, "/v1/chat/completions", &chat_body(&q, 20, false));
@@ -158,7 +218,10 @@ fn concurrent_requests_of_mixed_lengths_all_complete_correctly() {
         .map(|i| {
             let user = match i % 4 {
                 0 => format!("Count from {i} to {}.", i + 5),
-                1 => format!("Name a color that starts with the letter {}.", (b'a' + i as u8 % 26) as char),
+                1 => format!(
+                    "Name a color that starts with the letter {}.",
+                    (b'a' + i as u8 % 26) as char
+                ),
                 2 => format!("{long} Also, what is {i} plus {i}?"),
                 _ => format!("Write one sentence about the number {i}."),
             };
@@ -180,11 +243,16 @@ fn concurrent_requests_of_mixed_lengths_all_complete_correctly() {
                 let http = c.http.clone();
                 s.spawn(move || {
                     if i % 2 == 0 {
-                        let r = http::post(&http, "/v1/chat/completions", &chat_body(user, *n, false));
+                        let r =
+                            http::post(&http, "/v1/chat/completions", &chat_body(user, *n, false));
                         assert_eq!(r.status, 200, "{}", r.body);
                         content(&r.json())
                     } else {
-                        streamed(http::stream(&http, "/v1/chat/completions", &chat_body(user, *n, true)).collect()).0
+                        streamed(
+                            http::stream(&http, "/v1/chat/completions", &chat_body(user, *n, true))
+                                .collect(),
+                        )
+                        .0
                     }
                 })
             })
@@ -195,7 +263,11 @@ fn concurrent_requests_of_mixed_lengths_all_complete_correctly() {
         assert_eq!(g, w, "request {i}: {:?}", cases[i].0);
     }
     let (d, p) = c.wait_idle(Duration::from_secs(5));
-    assert_eq!((used_blocks(&d[0]), used_blocks(&p[0])), (0, 0), "{d:?} {p:?}");
+    assert_eq!(
+        (used_blocks(&d[0]), used_blocks(&p[0])),
+        (0, 0),
+        "{d:?} {p:?}"
+    );
 }
 
 #[test]
@@ -221,7 +293,11 @@ fn a_client_that_disconnects_frees_every_block_on_both_nodes() {
     drop(ev);
     let (d, p) = c.wait_idle(Duration::from_secs(10));
     assert_eq!(d[0].running_requests, 0, "{d:?}");
-    assert_eq!((used_blocks(&d[0]), used_blocks(&p[0])), (0, 0), "{d:?} {p:?}");
+    assert_eq!(
+        (used_blocks(&d[0]), used_blocks(&p[0])),
+        (0, 0),
+        "{d:?} {p:?}"
+    );
 }
 
 /// A prefill worker that accepts requests and never answers: a transfer that stalls.
@@ -229,10 +305,16 @@ struct StalledPrefill;
 
 #[tonic::async_trait]
 impl v1::prefill_worker_server::PrefillWorker for StalledPrefill {
-    async fn prefill(&self, _: tonic::Request<v1::PrefillRequest>) -> Result<tonic::Response<v1::PrefillResponse>, tonic::Status> {
+    async fn prefill(
+        &self,
+        _: tonic::Request<v1::PrefillRequest>,
+    ) -> Result<tonic::Response<v1::PrefillResponse>, tonic::Status> {
         std::future::pending().await
     }
-    async fn load(&self, _: tonic::Request<v1::LoadRequest>) -> Result<tonic::Response<v1::LoadReport>, tonic::Status> {
+    async fn load(
+        &self,
+        _: tonic::Request<v1::LoadRequest>,
+    ) -> Result<tonic::Response<v1::LoadReport>, tonic::Status> {
         Ok(tonic::Response::new(v1::LoadReport::default()))
     }
     type SubscribeKvEventsStream = tokio_stream_empty::Empty;
@@ -246,20 +328,34 @@ impl v1::prefill_worker_server::PrefillWorker for StalledPrefill {
 
 mod tokio_stream_empty {
     /// A stream type for the unimplemented subscription.
-    pub type Empty = std::pin::Pin<Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<tandem_proto::v1::KvEventBatch, tonic::Status>> + Send>>;
+    pub type Empty = std::pin::Pin<
+        Box<
+            dyn tonic::codegen::tokio_stream::Stream<
+                    Item = Result<tandem_proto::v1::KvEventBatch, tonic::Status>,
+                > + Send,
+        >,
+    >;
 }
 
 #[test]
 fn a_transfer_stalled_past_its_deadline_fails_cleanly_and_frees_its_blocks() {
     let _s = serial();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let (stalled_url, _server) = rt.block_on(async {
         let l = loopback().await;
         let url = format!("http://{}", l.local_addr().unwrap());
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(v1::prefill_worker_server::PrefillWorkerServer::new(StalledPrefill))
-                .serve_with_incoming(tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(l)),
+                .add_service(v1::prefill_worker_server::PrefillWorkerServer::new(
+                    StalledPrefill,
+                ))
+                .serve_with_incoming(
+                    tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(l),
+                ),
         );
         (url, server)
     });
@@ -273,9 +369,17 @@ fn a_transfer_stalled_past_its_deadline_fails_cleanly_and_frees_its_blocks() {
         ..Default::default()
     });
     let started = std::time::Instant::now();
-    let r = http::post(&c.http, "/v1/chat/completions", &chat_body(&long_question(), 8, false));
+    let r = http::post(
+        &c.http,
+        "/v1/chat/completions",
+        &chat_body(&long_question(), 8, false),
+    );
     assert_eq!(r.status, 504, "{}", r.body);
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("deadline"), "{msg}");
     let (d, _) = c.wait_idle(Duration::from_secs(5));
@@ -298,11 +402,16 @@ fn a_prefill_worker_that_is_down_means_local_prefill_or_a_clear_error() {
     };
     let generate = |c: &Cluster, i: usize| -> Result<(String, v1::Timings), tonic::Status> {
         c.rt.block_on(async {
-            let mut client = v1::decode_worker_client::DecodeWorkerClient::new(Cluster::channel(&c.decode_urls[i]).await);
+            let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
+                Cluster::channel(&c.decode_urls[i]).await,
+            );
             let mut s = client
                 .generate(v1::DecodeRequest {
                     prompt_token_ids: prompt.clone(),
-                    stop: Some(v1::StopConditions { max_tokens: 12, ..Default::default() }),
+                    stop: Some(v1::StopConditions {
+                        max_tokens: 12,
+                        ..Default::default()
+                    }),
                     prefill_endpoint: dead.clone(),
                     ..Default::default()
                 })
@@ -316,14 +425,20 @@ fn a_prefill_worker_that_is_down_means_local_prefill_or_a_clear_error() {
             Ok((text, timings.unwrap()))
         })
     };
-    let c = Cluster::start(ClusterSpec { prefill: 0, ..Default::default() });
+    let c = Cluster::start(ClusterSpec {
+        prefill: 0,
+        ..Default::default()
+    });
     let (text, timings) = generate(&c, 0).unwrap();
     assert_eq!(text, want);
     assert!(timings.prefilled_locally);
     drop(c);
     let c = Cluster::start(ClusterSpec {
         prefill: 0,
-        decode_config: DecodeConfig { fallback_to_local_prefill: false, ..Default::default() },
+        decode_config: DecodeConfig {
+            fallback_to_local_prefill: false,
+            ..Default::default()
+        },
         ..Default::default()
     });
     let e = generate(&c, 0).unwrap_err();
@@ -349,14 +464,42 @@ fn bad_requests_get_openai_errors_and_the_next_good_request_works() {
         ("malformed JSON", "{\"model\": ".to_string(), None),
         ("not an object", "[1, 2]".to_string(), None),
         ("unknown model", m(json!({"model": "gpt-9"})), Some("model")),
-        ("negative max_tokens", m(json!({"max_tokens": -1})), Some("max_tokens")),
-        ("huge max_tokens", m(json!({"max_tokens": 10_000_000})), Some("max_tokens")),
-        ("prompt over the context", m(json!({"messages": [{"role": "user", "content": too_long}]})), Some("messages")),
-        ("temperature as a string", m(json!({"temperature": "hot"})), Some("temperature")),
-        ("temperature out of range", m(json!({"temperature": 500})), None),
-        ("messages as a string", m(json!({"messages": "hello"})), Some("messages")),
+        (
+            "negative max_tokens",
+            m(json!({"max_tokens": -1})),
+            Some("max_tokens"),
+        ),
+        (
+            "huge max_tokens",
+            m(json!({"max_tokens": 10_000_000})),
+            Some("max_tokens"),
+        ),
+        (
+            "prompt over the context",
+            m(json!({"messages": [{"role": "user", "content": too_long}]})),
+            Some("messages"),
+        ),
+        (
+            "temperature as a string",
+            m(json!({"temperature": "hot"})),
+            Some("temperature"),
+        ),
+        (
+            "temperature out of range",
+            m(json!({"temperature": 500})),
+            None,
+        ),
+        (
+            "messages as a string",
+            m(json!({"messages": "hello"})),
+            Some("messages"),
+        ),
         ("stop as a number", m(json!({"stop": 3})), Some("stop")),
-        ("missing model", json!({"messages": []}).to_string(), Some("model")),
+        (
+            "missing model",
+            json!({"messages": []}).to_string(),
+            Some("model"),
+        ),
     ];
     for (what, body, param) in &cases {
         let r = http::request(&c.http, "POST", "/v1/chat/completions", body.as_bytes());
@@ -368,9 +511,16 @@ fn bad_requests_get_openai_errors_and_the_next_good_request_works() {
             assert_eq!(e["param"], *p, "{what}: {e}");
         }
     }
-    let r = http::post(&c.http, "/v1/completions", &json!({"model": MODEL_ID, "prompt": {"a": 1}}));
+    let r = http::post(
+        &c.http,
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": {"a": 1}}),
+    );
     assert_eq!(r.status, 400, "{}", r.body);
-    assert_eq!(http::request(&c.http, "GET", "/v1/nothing", b"").status, 404);
+    assert_eq!(
+        http::request(&c.http, "GET", "/v1/nothing", b"").status,
+        404
+    );
     let r = http::post(&c.http, "/v1/chat/completions", &chat_body("Hi!", 4, false));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 4);

@@ -109,5 +109,12 @@ pub trait Backend: Send + Sync + 'static {
     fn read_kv_block(&self, kv: &Self::KvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>);
     /// Overwrites one block's K and V of `layer` (same shapes as [`Backend::read_kv_block`]); the caller checks
     /// `layer`, `block` and the lengths against the layout.
-    fn write_kv_block(&self, kv: &mut Self::KvStore, layer: usize, block: u32, k: &[f32], v: &[f32]);
+    fn write_kv_block(
+        &self,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        block: u32,
+        k: &[f32],
+        v: &[f32],
+    );
 }

@@ -8,10 +8,10 @@
 //! during a step, layer by layer.
 
 use super::{Engine, SeqId, Sequence, commit_complete_blocks};
-use std::collections::HashMap;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv::BlockId;
+use std::collections::HashMap;
 
 /// Read access to the KV store while a step runs (handed to a step's layer observer).
 pub struct KvView<'a, B: Backend> {

@@ -55,7 +55,11 @@ async fn ready(State(f): State<Arc<Frontend>>) -> Response {
     if f.workers.all_seen() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "waiting for workers"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "waiting for workers"})),
+        )
+            .into_response()
     }
 }
 
@@ -114,7 +118,14 @@ async fn whole(mut stream: TokenStream, meta: Meta, parsed: &Parsed) -> Response
                 if let Some(u) = &m.usage {
                     let finish = response::finish_reason(&m);
                     let lp = parsed.logprobs.then_some(&logprobs);
-                    return Json(response::whole(&meta, &text, finish, lp, response::usage(u))).into_response();
+                    return Json(response::whole(
+                        &meta,
+                        &text,
+                        finish,
+                        lp,
+                        response::usage(u),
+                    ))
+                    .into_response();
                 }
             }
             Ok(None) => {
@@ -169,7 +180,9 @@ fn sse(
             }
             if let Some(u) = &m.usage {
                 if parsed.include_usage {
-                    let _ = tx.send(send(response::usage_chunk(&meta, response::usage(u)))).await;
+                    let _ = tx
+                        .send(send(response::usage_chunk(&meta, response::usage(u))))
+                        .await;
                 }
                 let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                 return;

@@ -55,9 +55,15 @@ impl<'a> Fields<'a> {
                 if let Some(x) = v.as_u64() {
                     Ok(Some(x))
                 } else if v.as_i64().is_some() {
-                    Err(RouterError::invalid(format!("{name} must not be negative (got {v})"), name))
+                    Err(RouterError::invalid(
+                        format!("{name} must not be negative (got {v})"),
+                        name,
+                    ))
                 } else {
-                    Err(RouterError::invalid(format!("{name} must be an integer (got {v})"), name))
+                    Err(RouterError::invalid(
+                        format!("{name} must be an integer (got {v})"),
+                        name,
+                    ))
                 }
             }
         }
@@ -136,7 +142,11 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
     if let Some(n) = top_logprobs
         && n > MAX_TOP_LOGPROBS as u64
     {
-        let name = if endpoint == Endpoint::Chat { "top_logprobs" } else { "logprobs" };
+        let name = if endpoint == Endpoint::Chat {
+            "top_logprobs"
+        } else {
+            "logprobs"
+        };
         return Err(RouterError::invalid(
             format!("{name} must be at most {MAX_TOP_LOGPROBS} (got {n})"),
             name,
@@ -153,9 +163,11 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
         seed: match f.get("seed") {
             None => None,
             // OpenAI seeds may be negative; any integer names a stream.
-            Some(v) => Some(v.as_u64().or_else(|| v.as_i64().map(|x| x as u64)).ok_or_else(|| {
-                RouterError::invalid("seed must be an integer", "seed")
-            })?),
+            Some(v) => Some(
+                v.as_u64()
+                    .or_else(|| v.as_i64().map(|x| x as u64))
+                    .ok_or_else(|| RouterError::invalid("seed must be an integer", "seed"))?,
+            ),
         },
         logprobs: top_logprobs.map(|n| n as usize),
     };
@@ -241,7 +253,10 @@ fn messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, RouterError> {
                 Some(Value::Array(parts)) => {
                     let mut text = String::new();
                     for p in parts {
-                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        match (
+                            p.get("type").and_then(Value::as_str),
+                            p.get("text").and_then(Value::as_str),
+                        ) {
                             (Some("text"), Some(t)) => text.push_str(t),
                             _ => return Err(bad("only text content parts are supported")),
                         }
@@ -300,7 +315,9 @@ mod tests {
         assert_eq!(p.params.sampling.seed, Some(u64::MAX));
         assert_eq!(p.params.sampling.logprobs, Some(2));
         assert_eq!(p.params.stop.stop_strings, vec!["END".to_string()]);
-        let Input::Chat(m) = &p.params.input else { panic!("chat input") };
+        let Input::Chat(m) = &p.params.input else {
+            panic!("chat input")
+        };
         assert_eq!(m[1], ChatMessage::new(Role::User, "hi"));
     }
 
@@ -310,7 +327,11 @@ mod tests {
         assert_eq!(p.params.max_tokens, Some(16));
         assert_eq!(p.params.sampling.temperature, 1.0);
         assert!(!p.stream && !p.logprobs);
-        let p = parse(br#"{"model":"m","prompt":[1,2,3],"logprobs":3}"#, Endpoint::Completions).unwrap();
+        let p = parse(
+            br#"{"model":"m","prompt":[1,2,3],"logprobs":3}"#,
+            Endpoint::Completions,
+        )
+        .unwrap();
         assert!(matches!(p.params.input, Input::Tokens(ref t) if t == &[1, 2, 3]));
         assert_eq!(p.params.sampling.logprobs, Some(3));
     }
@@ -324,15 +345,50 @@ mod tests {
         let e = err(r#"{"model":"m","messages":[],"max_tokens":-5}"#, c);
         assert_eq!(e.param(), Some("max_tokens"));
         assert!(e.to_string().contains("negative"), "{e}");
-        assert_eq!(err(r#"{"model":"m","messages":[],"temperature":"hot"}"#, c).param(), Some("temperature"));
-        assert_eq!(err(r#"{"model":"m","messages":"hi"}"#, c).param(), Some("messages"));
-        assert_eq!(err(r#"{"model":"m","messages":[{"role":"pirate","content":"x"}]}"#, c).param(), Some("messages[0]"));
-        assert_eq!(err(r#"{"model":"m","messages":[],"stop":5}"#, c).param(), Some("stop"));
-        assert_eq!(err(r#"{"model":"m","messages":[],"n":2}"#, c).param(), Some("n"));
-        assert_eq!(err(r#"{"model":"m","messages":[],"logprobs":true,"top_logprobs":50}"#, c).param(), Some("top_logprobs"));
+        assert_eq!(
+            err(r#"{"model":"m","messages":[],"temperature":"hot"}"#, c).param(),
+            Some("temperature")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":"hi"}"#, c).param(),
+            Some("messages")
+        );
+        assert_eq!(
+            err(
+                r#"{"model":"m","messages":[{"role":"pirate","content":"x"}]}"#,
+                c
+            )
+            .param(),
+            Some("messages[0]")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":[],"stop":5}"#, c).param(),
+            Some("stop")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":[],"n":2}"#, c).param(),
+            Some("n")
+        );
+        assert_eq!(
+            err(
+                r#"{"model":"m","messages":[],"logprobs":true,"top_logprobs":50}"#,
+                c
+            )
+            .param(),
+            Some("top_logprobs")
+        );
         let p = Endpoint::Completions;
-        assert_eq!(err(r#"{"model":"m","prompt":["a","b"]}"#, p).param(), Some("prompt"));
-        assert_eq!(err(r#"{"model":"m","prompt":{}}"#, p).param(), Some("prompt"));
-        assert_eq!(err(r#"{"model":"m","prompt":"x","max_tokens":1.5}"#, p).param(), Some("max_tokens"));
+        assert_eq!(
+            err(r#"{"model":"m","prompt":["a","b"]}"#, p).param(),
+            Some("prompt")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":{}}"#, p).param(),
+            Some("prompt")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"x","max_tokens":1.5}"#, p).param(),
+            Some("max_tokens")
+        );
     }
 }

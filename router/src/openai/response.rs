@@ -55,9 +55,7 @@ impl Logprobs {
 
     /// Chat shape: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
     pub fn chat(&self) -> Value {
-        let entry = |token: &str, logprob: f32| {
-            json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
-        };
+        let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
         json!({"content": self.entries.iter().map(|e| {
             let mut v = entry(&e.text, e.logprob);
             v["top_logprobs"] = e.top.iter().map(|t| entry(&t.text, t.logprob)).collect();

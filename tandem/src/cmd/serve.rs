@@ -112,8 +112,9 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -132,7 +133,10 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Tokenizer and model facts the router needs, without loading weights.
-pub fn router_model(path: &std::path::Path, id: Option<String>) -> Result<(Arc<Tokenizer>, ModelInfo)> {
+pub fn router_model(
+    path: &std::path::Path,
+    id: Option<String>,
+) -> Result<(Arc<Tokenizer>, ModelInfo)> {
     if !path.exists() {
         anyhow::bail!(
             "model {} not found (run scripts/fetch-model.sh, or pass --model PATH)",
@@ -140,7 +144,8 @@ pub fn router_model(path: &std::path::Path, id: Option<String>) -> Result<(Arc<T
         );
     }
     let src = ModelSource::open(path).with_context(|| format!("loading {}", path.display()))?;
-    let tok = Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
+    let tok =
+        Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
     let cfg = src.config()?;
     let id = id.unwrap_or_else(|| {
         path.file_stem()
@@ -163,11 +168,15 @@ pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
     let loaded = load(&a.model, threads)?;
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the prefill worker").await?;
-        eprintln!("prefill worker serving on http://{}", listener.local_addr()?);
+        eprintln!(
+            "prefill worker serving on http://{}",
+            listener.local_addr()?
+        );
         let config = PrefillConfig {
             default_deadline: Duration::from_millis(a.default_deadline_ms),
         };
-        tandem_prefill_node::run(listener, config, loaded.engine, stopped(shutdown_signal())).await?;
+        tandem_prefill_node::run(listener, config, loaded.engine, stopped(shutdown_signal()))
+            .await?;
         Ok(())
     })
 }

@@ -2,7 +2,9 @@
 //! loopback port, talking gRPC over real sockets exactly as separate processes would. Prints the router's HTTP
 //! address on stdout once every node is listening and every engine is loaded; Ctrl-C stops them all cleanly.
 
-use super::serve::{DecodeOptions, bind, endpoints, router_model, runtime, shutdown_signal, stopped};
+use super::serve::{
+    DecodeOptions, bind, endpoints, router_model, runtime, shutdown_signal, stopped,
+};
 use super::{ModelArgs, load};
 use anyhow::Result;
 use std::net::SocketAddr;
@@ -92,7 +94,11 @@ pub fn run(a: UpArgs, threads: usize) -> Result<()> {
         };
         eprintln!(
             "prefill workers: {}; decode workers: {}; router gRPC: http://{}",
-            if prefill_urls.is_empty() { "none (colocated)".to_string() } else { prefill_urls.join(" ") },
+            if prefill_urls.is_empty() {
+                "none (colocated)".to_string()
+            } else {
+                prefill_urls.join(" ")
+            },
             decode_urls.join(" "),
             grpc.local_addr()?
         );
