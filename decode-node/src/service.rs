@@ -10,8 +10,7 @@
 use crate::DecodeConfig;
 use crate::error::DecodeError;
 use crate::scheduler::{AdmitRequest, Admitted, Event, RemotePrefill, SchedulerHandle, Summary};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_engine::SeqId;
 use tandem_engine::generate::Emitted;
@@ -23,7 +22,7 @@ use tandem_prefill_node::runtime::EventHub;
 use tandem_proto::{convert, v1};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 pub struct DecodeService {
@@ -38,7 +37,7 @@ struct Shared {
     config: DecodeConfig,
     /// Where prefill workers send this worker's KV.
     transfer_endpoint: String,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: tandem_prefill_node::runtime::ChannelCache,
 }
 
 impl DecodeService {
@@ -58,7 +57,7 @@ impl DecodeService {
                 hub,
                 config,
                 transfer_endpoint,
-                channels: Mutex::new(HashMap::new()),
+                channels: Default::default(),
             }),
         }
     }
@@ -87,17 +86,9 @@ struct RemoteJob {
 
 impl Shared {
     fn channel(&self, endpoint: &str) -> Result<Channel, DecodeError> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let c = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| DecodeError::Invalid(format!("prefill_endpoint {endpoint:?}: {e}")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        map.insert(endpoint.to_string(), c.clone());
-        Ok(c)
+        self.channels
+            .get(endpoint)
+            .map_err(|e| DecodeError::Invalid(format!("prefill_endpoint {e}")))
     }
 
     /// Asks the prefill worker for the prompt's KV; returns once every block arrived (or failed).

@@ -4,20 +4,19 @@
 use crate::error::PrefillError;
 use crate::runtime::EventHub;
 use crate::worker::{EngineThread, PrefillJob};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_engine::kv::BlockId;
 use tandem_kv_transfer::{Sender, SessionId};
 use tandem_proto::{convert, v1};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 pub struct PrefillService {
     engine: Arc<EngineThread>,
     hub: EventHub,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: crate::runtime::ChannelCache,
     default_deadline: Duration,
 }
 
@@ -26,24 +25,15 @@ impl PrefillService {
         Self {
             engine,
             hub,
-            channels: Mutex::new(HashMap::new()),
+            channels: Default::default(),
             default_deadline,
         }
     }
 
-    /// One lazily connected channel per decode worker, reused across transfers.
     fn channel(&self, endpoint: &str) -> Result<Channel, PrefillError> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let c = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| PrefillError::Invalid(format!("dest_endpoint {endpoint:?}: {e}")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        map.insert(endpoint.to_string(), c.clone());
-        Ok(c)
+        self.channels
+            .get(endpoint)
+            .map_err(|e| PrefillError::Invalid(format!("dest_endpoint {e}")))
     }
 
     async fn prefill(&self, r: v1::PrefillRequest) -> Result<v1::PrefillResponse, PrefillError> {
@@ -134,11 +124,7 @@ impl v1::prefill_worker_server::PrefillWorker for PrefillService {
     }
 
     async fn load(&self, _: Request<v1::LoadRequest>) -> Result<Response<v1::LoadReport>, Status> {
-        self.engine
-            .load()
-            .await
-            .map(Response::new)
-            .map_err(|e| e.to_status())
+        Ok(Response::new(self.engine.load()))
     }
 
     type SubscribeKvEventsStream = std::pin::Pin<

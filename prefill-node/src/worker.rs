@@ -50,13 +50,25 @@ enum Command {
         Box<PrefillJob>,
         oneshot::Sender<Result<PrefillOutcome, PrefillError>>,
     ),
-    Load(oneshot::Sender<v1::LoadReport>),
 }
 
+/// Queue depth and the pool's block counts as of the last job, readable without waiting for the engine thread
+/// (a load report must answer while a long prefill runs).
 #[derive(Default)]
 struct Queue {
     jobs: AtomicUsize,
     tokens: AtomicU64,
+    blocks_total: AtomicUsize,
+    blocks_free: AtomicUsize,
+    blocks_cached: AtomicUsize,
+}
+
+impl Queue {
+    fn record_pool(&self, s: tandem_engine::kv::PoolStats) {
+        self.blocks_total.store(s.total, Ordering::Relaxed);
+        self.blocks_free.store(s.free, Ordering::Relaxed);
+        self.blocks_cached.store(s.cached, Ordering::Relaxed);
+    }
 }
 
 /// Owns the engine thread; dropping it stops the thread after its current job and joins it.
@@ -73,6 +85,7 @@ impl EngineThread {
     {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue::default());
+        queue.record_pool(engine.pool_stats());
         let q = queue.clone();
         let join = std::thread::Builder::new()
             .name("prefill-engine".into())
@@ -94,11 +107,17 @@ impl EngineThread {
             .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))?
     }
 
-    pub async fn load(&self) -> Result<v1::LoadReport, PrefillError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Load(reply))?;
-        rx.await
-            .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))
+    pub fn load(&self) -> v1::LoadReport {
+        let q = &self.queue;
+        v1::LoadReport {
+            role: v1::WorkerRole::Prefill as i32,
+            running_requests: 0,
+            waiting_requests: q.jobs.load(Ordering::Relaxed) as u32,
+            kv_blocks_total: q.blocks_total.load(Ordering::Relaxed) as u32,
+            kv_blocks_free: q.blocks_free.load(Ordering::Relaxed) as u32,
+            kv_blocks_cached: q.blocks_cached.load(Ordering::Relaxed) as u32,
+            queued_prefill_tokens: q.tokens.load(Ordering::Relaxed),
+        }
     }
 
     fn send(&self, c: Command) -> Result<(), PrefillError> {
@@ -136,22 +155,11 @@ fn engine_loop<B: Backend>(
                 if let Err(e) = &result {
                     tracing::warn!(session = %job.session, "prefill failed: {e}");
                 }
+                queue.record_pool(engine.pool_stats());
                 queue.jobs.fetch_sub(1, Ordering::Relaxed);
                 queue.tokens.fetch_sub(tokens, Ordering::Relaxed);
                 hub.publish(engine.drain_kv_events());
                 let _ = reply.send(result);
-            }
-            Command::Load(reply) => {
-                let s = engine.pool_stats();
-                let _ = reply.send(v1::LoadReport {
-                    role: v1::WorkerRole::Prefill as i32,
-                    running_requests: 0,
-                    waiting_requests: queue.jobs.load(Ordering::Relaxed) as u32,
-                    kv_blocks_total: s.total as u32,
-                    kv_blocks_free: s.free as u32,
-                    kv_blocks_cached: s.cached as u32,
-                    queued_prefill_tokens: queue.tokens.load(Ordering::Relaxed),
-                });
             }
         }
     }

@@ -20,8 +20,7 @@ pub fn model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("TANDEM_MODEL") {
         return p.into();
     }
-    let home = std::env::var_os("HOME").expect("HOME is set");
-    PathBuf::from(home).join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tandem_engine::model::default_model_path()
 }
 
 pub fn open_model() -> (ModelSource, Tokenizer) {

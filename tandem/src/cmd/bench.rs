@@ -15,6 +15,8 @@ use tandem_engine::sampling::argmax;
 pub enum BenchCommand {
     /// Engine throughput: prefill at 128/512 tokens, decode at batch 1/4/16.
     Engine(EngineBenchArgs),
+    /// Serving latency and throughput through the router, against a baseline in the same run.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -41,6 +43,7 @@ pub struct EngineBenchArgs {
 pub fn run(c: BenchCommand, threads: usize) -> Result<()> {
     match c {
         BenchCommand::Engine(a) => engine(a, threads),
+        BenchCommand::Serve(a) => super::bench_serve::run(a, threads),
     }
 }
 

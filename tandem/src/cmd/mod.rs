@@ -1,13 +1,14 @@
 //! Subcommands, one module each, plus the model loading they share.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod eval;
 pub mod generate;
 pub mod serve;
 pub mod up;
 
 use anyhow::{Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tandem_engine::backend::cpu::CpuBackend;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
@@ -38,14 +39,7 @@ fn parse_kv_format(s: &str) -> std::result::Result<KvFormat, String> {
     KvFormat::parse(s).map_err(|e| e.to_string())
 }
 
-/// Where `scripts/fetch-model.sh` puts the default model.
-pub fn default_model_path() -> PathBuf {
-    let base = std::env::var_os("TANDEM_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tandem")))
-        .unwrap_or_else(|| PathBuf::from(".cache/tandem"));
-    base.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
+pub use tandem_engine::model::default_model_path;
 
 pub struct Loaded {
     pub engine: Engine<CpuBackend>,

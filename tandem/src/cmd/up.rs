@@ -1,6 +1,7 @@
 //! `tandem up`: the embedded default. A router, N prefill and M decode workers in one process, each on its own
 //! loopback port, talking gRPC over real sockets exactly as separate processes would. Prints the router's HTTP
 //! address on stdout once every node is listening and every engine is loaded; Ctrl-C stops them all cleanly.
+//! [`LocalCluster`] is the same thing as a value, for `tandem bench serve`.
 
 use super::serve::{
     DecodeOptions, bind, endpoints, router_model, runtime, shutdown_signal, stopped,
@@ -12,9 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_prefill_node::PrefillConfig;
 use tandem_router::RouterConfig;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
-#[derive(clap::Args, Debug)]
-pub struct UpArgs {
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -28,43 +31,55 @@ pub struct UpArgs {
     /// No prefill workers: decode workers prefill locally (the baseline disaggregation is measured against).
     #[arg(long)]
     pub colocated: bool,
+    /// The id clients use in `model` (default: the model file's name without extension).
+    #[arg(long)]
+    pub model_id: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Address for the router's OpenAI-compatible HTTP API.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub http: SocketAddr,
     /// Address for the router's gRPC client API (port 0 = any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub grpc: SocketAddr,
-    /// The id clients use in `model` (default: the model file's name without extension).
-    #[arg(long)]
-    pub model_id: Option<String>,
 }
 
-pub fn run(a: UpArgs, threads: usize) -> Result<()> {
-    let n_prefill = if a.colocated { 0 } else { a.prefill };
-    if a.decode == 0 {
-        anyhow::bail!("--decode must be at least 1");
-    }
-    let (tok, model) = router_model(&a.model.model, a.model_id.clone())?;
-    let mut prefill_engines = Vec::new();
-    for i in 0..n_prefill {
-        eprintln!("loading prefill worker {}/{n_prefill}", i + 1);
-        prefill_engines.push(load(&a.model, threads)?.engine);
-    }
-    let mut decode_engines = Vec::new();
-    for i in 0..a.decode {
-        eprintln!("loading decode worker {}/{}", i + 1, a.decode);
-        let l = load(&a.model, threads)?;
-        decode_engines.push((l.engine, Arc::new(l.tokenizer)));
-    }
-    runtime()?.block_on(async move {
-        let http = bind(a.http, "the router's HTTP API").await?;
-        let grpc = bind(a.grpc, "the router's gRPC API").await?;
-        let http_addr = http.local_addr()?;
+/// A running local cluster.
+pub struct LocalCluster {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub prefill_urls: Vec<String>,
+    pub decode_urls: Vec<String>,
+    nodes: JoinSet<Result<()>>,
+}
+
+impl LocalCluster {
+    /// Loads every engine, binds every listener and starts every node; `stop` ends them.
+    pub async fn start(
+        a: &ClusterArgs,
+        http: SocketAddr,
+        grpc: SocketAddr,
+        threads: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self> {
+        let n_prefill = if a.colocated { 0 } else { a.prefill };
+        if a.decode == 0 {
+            anyhow::bail!("--decode must be at least 1");
+        }
+        let (tok, model) = router_model(&a.model.model, a.model_id.clone())?;
+        let http = bind(http, "the router's HTTP API").await?;
+        let grpc = bind(grpc, "the router's gRPC API").await?;
+        let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
         let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-        let stop = shutdown_signal();
-        let mut nodes = tokio::task::JoinSet::new();
+        let mut nodes = JoinSet::new();
         let mut prefill_urls = Vec::new();
-        for engine in prefill_engines {
+        for i in 0..n_prefill {
+            eprintln!("loading prefill worker {}/{n_prefill}", i + 1);
+            let engine = load(&a.model, threads)?.engine;
             let l = bind(loopback, "a prefill worker").await?;
             prefill_urls.push(format!("http://{}", l.local_addr()?));
             let s = stopped(stop.clone());
@@ -75,13 +90,16 @@ pub fn run(a: UpArgs, threads: usize) -> Result<()> {
             });
         }
         let mut decode_urls = Vec::new();
-        for (engine, tok) in decode_engines {
+        for i in 0..a.decode {
+            eprintln!("loading decode worker {}/{}", i + 1, a.decode);
+            let loaded = load(&a.model, threads)?;
             let l = bind(loopback, "a decode worker").await?;
             decode_urls.push(format!("http://{}", l.local_addr()?));
             let s = stopped(stop.clone());
             let config = a.decode_options.config(None);
+            let tok = Arc::new(loaded.tokenizer);
             nodes.spawn(async move {
-                tandem_decode_node::run(l, config, engine, tok, s)
+                tandem_decode_node::run(l, config, loaded.engine, tok, s)
                     .await
                     .map_err(anyhow::Error::from)
             });
@@ -92,29 +110,28 @@ pub fn run(a: UpArgs, threads: usize) -> Result<()> {
             model,
             poll_interval: Duration::from_secs(1),
         };
-        eprintln!(
-            "prefill workers: {}; decode workers: {}; router gRPC: http://{}",
-            if prefill_urls.is_empty() {
-                "none (colocated)".to_string()
-            } else {
-                prefill_urls.join(" ")
-            },
-            decode_urls.join(" "),
-            grpc.local_addr()?
-        );
         let s = stopped(stop.clone());
         nodes.spawn(async move {
             tandem_router::run(http, grpc, config, tok, s)
                 .await
                 .map_err(anyhow::Error::from)
         });
-        println!("http://{http_addr}");
-        // The first node to fail stops the rest; on Ctrl-C all end by themselves.
-        while let Some(r) = nodes.join_next().await {
+        Ok(Self {
+            http: http_addr,
+            grpc: grpc_addr,
+            prefill_urls,
+            decode_urls,
+            nodes,
+        })
+    }
+
+    /// Waits for every node to end; the first failure stops the rest and is returned.
+    pub async fn join(mut self) -> Result<()> {
+        while let Some(r) = self.nodes.join_next().await {
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    nodes.abort_all();
+                    self.nodes.abort_all();
                     return Err(e);
                 }
                 Err(e) if e.is_cancelled() => {}
@@ -122,5 +139,24 @@ pub fn run(a: UpArgs, threads: usize) -> Result<()> {
             }
         }
         Ok(())
+    }
+}
+
+pub fn run(a: UpArgs, threads: usize) -> Result<()> {
+    runtime()?.block_on(async move {
+        let stop = shutdown_signal();
+        let c = LocalCluster::start(&a.cluster, a.http, a.grpc, threads, stop).await?;
+        eprintln!(
+            "prefill workers: {}; decode workers: {}; router gRPC: http://{}",
+            if c.prefill_urls.is_empty() {
+                "none (colocated)".to_string()
+            } else {
+                c.prefill_urls.join(" ")
+            },
+            c.decode_urls.join(" "),
+            c.grpc
+        );
+        println!("http://{}", c.http);
+        c.join().await
     })
 }
