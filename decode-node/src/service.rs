@@ -343,14 +343,12 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
             .map_err(|e| e.to_status())
     }
 
-    type SubscribeKvEventsStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>,
-    >;
+    type SubscribeKvEventsStream = tandem_prefill_node::runtime::KvEventStream;
 
     async fn subscribe_kv_events(
         &self,
         _: Request<v1::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
-        Ok(Response::new(Box::pin(self.shared.hub.subscribe())))
+        Ok(Response::new(self.shared.hub.subscribe()))
     }
 }

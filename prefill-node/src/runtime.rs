@@ -57,6 +57,10 @@ pub async fn serve_grpc(
         .await
 }
 
+/// The response stream of `SubscribeKvEvents`, the same type on every worker.
+pub type KvEventStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<v1::KvEventBatch, Status>> + Send>>;
+
 /// Fans a worker's KV events out to subscribed routers. Events carry their pool's sequence numbers, so a
 /// subscriber that falls behind (and misses events) sees the gap and can resynchronise.
 #[derive(Clone)]
@@ -85,16 +89,16 @@ impl EventHub {
     }
 
     /// A stream of event batches from now on; ends if the subscriber lags so far that events were dropped.
-    pub fn subscribe(
-        &self,
-    ) -> impl Stream<Item = Result<v1::KvEventBatch, Status>> + Send + 'static {
-        tokio_stream::wrappers::BroadcastStream::new(self.tx.subscribe())
-            .map_while(|r| r.ok())
-            .map(|events| {
-                Ok(v1::KvEventBatch {
-                    events: events.iter().map(convert::kv_event_to_wire).collect(),
-                })
-            })
+    pub fn subscribe(&self) -> KvEventStream {
+        Box::pin(
+            tokio_stream::wrappers::BroadcastStream::new(self.tx.subscribe())
+                .map_while(|r| r.ok())
+                .map(|events| {
+                    Ok(v1::KvEventBatch {
+                        events: events.iter().map(convert::kv_event_to_wire).collect(),
+                    })
+                }),
+        )
     }
 }
 

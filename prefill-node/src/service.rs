@@ -127,14 +127,12 @@ impl v1::prefill_worker_server::PrefillWorker for PrefillService {
         Ok(Response::new(self.engine.load()))
     }
 
-    type SubscribeKvEventsStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<v1::KvEventBatch, Status>> + Send>,
-    >;
+    type SubscribeKvEventsStream = crate::runtime::KvEventStream;
 
     async fn subscribe_kv_events(
         &self,
         _: Request<v1::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
-        Ok(Response::new(Box::pin(self.hub.subscribe())))
+        Ok(Response::new(self.hub.subscribe()))
     }
 }

@@ -35,6 +35,19 @@ pub fn open_model() -> (ModelSource, Tokenizer) {
     (src, tok)
 }
 
+/// The release `tandem` binary beside the test executables (`scripts/test.sh` builds it first).
+pub fn tandem_bin() -> PathBuf {
+    // target/release/deps/<test>-<hash> -> target/release/tandem
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("tandem");
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build --release -p tandem`",
+        bin.display()
+    );
+    bin
+}
+
 /// Engine options for tests: a KV budget in MiB and a prefill chunk size.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {

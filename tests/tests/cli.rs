@@ -6,18 +6,7 @@
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-fn tandem_bin() -> PathBuf {
-    // target/release/deps/cli-<hash> -> target/release/tandem
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("tandem");
-    assert!(
-        bin.exists(),
-        "{} missing: build it with `cargo build --release -p tandem`",
-        bin.display()
-    );
-    bin
-}
+use tandem_tests::tandem_bin;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

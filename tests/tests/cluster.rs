@@ -176,13 +176,7 @@ fn greedy_output_through_the_cluster_matches_a_single_engine() {
 #[test]
 fn the_tandem_generate_binary_and_the_cluster_agree() {
     let _s = serial();
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("tandem");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p tandem",
-        bin.display()
-    );
+    let bin = tandem_tests::tandem_bin();
     let q = long_question();
     let out = std::process::Command::new(bin)
         .args([

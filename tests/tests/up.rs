@@ -13,13 +13,7 @@ use tandem_tests::{chat_prompt, http, open_model, serial};
 #[test]
 fn tandem_up_serves_once_it_prints_its_address_and_stops_on_sigterm() {
     let _s = serial();
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("tandem");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p tandem",
-        bin.display()
-    );
+    let bin = tandem_tests::tandem_bin();
     let mut child = Command::new(bin)
         .args(["up", "--http", "127.0.0.1:0", "--threads", "2"])
         .env_remove("TANDEM_LOG")
