@@ -1,6 +1,6 @@
 //! The sending end: one `KvTransfer.Push` stream per transfer session.
 //!
-//! [`Sender::open`] starts a driver task that owns the stream; [`Sender::push`] queues a chunk without blocking, so
+//! [`Sender::open`] starts a driver task that owns the stream; [`Pusher::push`] (from [`Sender::pusher`]) queues a chunk without blocking, so
 //! the engine thread can call it from inside a forward pass (after each layer) and go on computing while the chunk
 //! travels. The driver keeps every chunk until it is acknowledged, resends one the receiver found corrupt (up to
 //! [`MAX_RESENDS`] times), and fails the whole transfer on a refusal, a broken stream or the deadline.
@@ -49,14 +49,6 @@ impl Sender {
 
     pub fn session(&self) -> SessionId {
         self.session
-    }
-
-    /// Queues a chunk; never blocks. A chunk queued after the transfer failed is dropped (the failure is reported
-    /// by [`Sender::finish`]).
-    pub fn push(&self, chunk: v1::KvChunk) {
-        if let Some(tx) = &self.chunks {
-            let _ = tx.send(chunk);
-        }
     }
 
     /// A handle that can queue chunks from another thread.
