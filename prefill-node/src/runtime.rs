@@ -14,10 +14,10 @@ use tandem_engine::kv::KvEvent;
 use tandem_proto::{FILE_DESCRIPTOR_SET, convert, v1};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use tonic::service::RoutesBuilder;
+use tonic::transport::server::TcpIncoming;
 
 /// Serves `routes` plus the standard health service (reporting SERVING for `health_names`) and server reflection
 /// (v1 and v1alpha) on `listener` until `shutdown` resolves; in-flight calls finish first.
@@ -50,10 +50,12 @@ pub async fn serve_grpc(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    // The builder's own `tcp_nodelay` only covers listeners it binds itself; on ours it must be set per accepted
+    // socket, or Nagle's algorithm holds each small streamed message until the peer's delayed ACK (up to 40 ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

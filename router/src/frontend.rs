@@ -81,41 +81,24 @@ impl TokenStream {
             .map_err(|s| RouterError::from_worker(&s))
     }
 
-    /// The stream as a `Stream` of wire messages (for the gRPC relay).
+    /// The stream as a `Stream` of wire messages (for the gRPC relay). It polls the decode worker's stream in the
+    /// caller's task: no task or channel in between, so relaying a token costs no extra wake-up.
     pub fn into_stream(
         self,
     ) -> impl Stream<Item = Result<v1::GenerateResponse, tonic::Status>> + Send + 'static {
-        let mut s = self;
-        async_stream_lite(move |tx| async move {
-            loop {
-                match s.inner.message().await {
-                    Ok(Some(m)) => {
-                        if tx.send(Ok(m)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(st) => {
-                        let _ = tx.send(Err(st)).await;
-                        return;
-                    }
-                }
-            }
-        })
+        self
     }
 }
 
-/// Runs `f` as a task feeding a channel and returns the channel as a stream; the task ends when the stream is
-/// dropped (its sends fail), so it never outlives its consumer for more than one message.
-pub fn async_stream_lite<T, F, Fut>(f: F) -> impl Stream<Item = T> + Send + 'static
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+impl Stream for TokenStream {
+    type Item = Result<v1::GenerateResponse, tonic::Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_next(cx)
+    }
 }
 
 impl Frontend {

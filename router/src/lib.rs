@@ -8,6 +8,7 @@
 pub mod error;
 pub mod frontend;
 pub mod grpc;
+pub mod mock;
 pub mod openai;
 pub mod workers;
 
@@ -15,6 +16,7 @@ pub use error::RouterError;
 pub use frontend::{Frontend, ModelInfo};
 pub use workers::{WorkerEndpoint, Workers};
 
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +67,12 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // TCP_NODELAY on every accepted connection: an SSE event is one small write that must leave at once.
+    let http = http.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+        }
+    });
     let http_server = axum::serve(http, openai::routes(frontend.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let mut routes = tonic::service::RoutesBuilder::default();

@@ -7,20 +7,20 @@
 
 pub mod request;
 pub mod response;
+mod sse;
 
 use crate::error::RouterError;
-use crate::frontend::{Frontend, TokenStream, async_stream_lite};
+use crate::frontend::{Frontend, TokenStream};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use request::{Endpoint, Parsed};
 use response::{Logprobs, Meta};
 use serde_json::{Value, json};
-use std::convert::Infallible;
 use std::sync::Arc;
 
 pub fn routes(frontend: Arc<Frontend>) -> Router {
@@ -101,7 +101,7 @@ async fn handle(f: Arc<Frontend>, body: &[u8], endpoint: Endpoint) -> Response {
         ..meta
     };
     if parsed.stream {
-        sse(stream, meta, parsed).into_response()
+        sse(stream, meta, &parsed).into_response()
     } else {
         whole(stream, meta, &parsed).await
     }
@@ -139,55 +139,6 @@ async fn whole(mut stream: TokenStream, meta: Meta, parsed: &Parsed) -> Response
     }
 }
 
-fn sse(
-    mut stream: TokenStream,
-    meta: Meta,
-    parsed: Parsed,
-) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
-    let events = async_stream_lite(move |tx| async move {
-        let send = |v: Value| Ok::<_, Infallible>(Event::default().data(v.to_string()));
-        let mut first = true;
-        let mut offset = 0;
-        loop {
-            let next = tokio::select! {
-                m = stream.next() => m,
-                _ = tx.closed() => return,
-            };
-            let m = match next {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.send(send(response::error_body(&e))).await;
-                    return;
-                }
-            };
-            let finish = response::finish_reason(&m);
-            let lp = parsed.logprobs.then(|| {
-                let mut l = Logprobs::default();
-                l.extend(&m);
-                match meta.endpoint {
-                    Endpoint::Chat => l.chat(),
-                    Endpoint::Completions => l.completion(offset),
-                }
-            });
-            offset += m.text.len();
-            if first || !m.text.is_empty() || finish.is_some() || lp.is_some() {
-                let c = response::chunk(&meta, &m.text, first, finish, lp);
-                first = false;
-                if tx.send(send(c)).await.is_err() {
-                    return;
-                }
-            }
-            if let Some(u) = &m.usage {
-                if parsed.include_usage {
-                    let _ = tx
-                        .send(send(response::usage_chunk(&meta, response::usage(u))))
-                        .await;
-                }
-                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-                return;
-            }
-        }
-    });
-    Sse::new(events).keep_alive(KeepAlive::default())
+fn sse(stream: TokenStream, meta: Meta, parsed: &Parsed) -> impl IntoResponse {
+    Sse::new(sse::SseRelay::new(stream, meta, parsed)).keep_alive(KeepAlive::default())
 }

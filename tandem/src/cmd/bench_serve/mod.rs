@@ -7,6 +7,7 @@
 //! disaggregation is measured against) or `--baseline direct` (requests sent to the decode worker itself, so the
 //! difference is what the router adds). Requests ask for exactly their output length (`ignore_eos`).
 
+mod mock;
 mod report;
 mod workload;
 
@@ -74,6 +75,17 @@ pub struct ServeBenchArgs {
     /// Write an SVG of latency against offered load here.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
+    /// Measure the router alone: serve from a model-free decode worker that streams tokens on a fixed clock
+    /// (--mock-ttft-ms, --mock-itl-ms) and compare with calling that worker directly. Only the model's tokenizer is
+    /// loaded; --baseline is ignored.
+    #[arg(long)]
+    pub mock_workers: bool,
+    /// With --mock-workers: the mock's time to first token, in milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub mock_ttft_ms: f64,
+    /// With --mock-workers: the mock's time between tokens, in milliseconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub mock_itl_ms: f64,
 }
 
 /// Where requests go.
@@ -283,6 +295,14 @@ pub fn run(a: ServeBenchArgs, threads: usize) -> Result<()> {
     if a.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         anyhow::bail!("--rate values must be positive");
     }
+    for (flag, ms) in [
+        ("--mock-ttft-ms", a.mock_ttft_ms),
+        ("--mock-itl-ms", a.mock_itl_ms),
+    ] {
+        if !(ms.is_finite() && (0.0..=60_000.0).contains(&ms)) {
+            anyhow::bail!("{flag} must be between 0 and 60000, got {ms}");
+        }
+    }
     let plan = Plan {
         args: &a,
         slo: Slo {
@@ -298,6 +318,15 @@ pub fn run(a: ServeBenchArgs, threads: usize) -> Result<()> {
                     .await,
             );
             return Ok::<_, anyhow::Error>(points);
+        }
+        if a.mock_workers {
+            let m = mock::MockSetup::start(&a).await?;
+            let router = Target::Router(m.router.clone());
+            points.extend(plan.measure("router -> mock decode", &router, a.seed).await);
+            let direct = Target::Decode(m.decode.clone(), None);
+            points.extend(plan.measure("mock decode direct", &direct, a.seed).await);
+            m.stop().await?;
+            return Ok(points);
         }
         let loopback = "127.0.0.1:0".parse().expect("valid address");
         let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -1,0 +1,156 @@
+//! The router's relay in front of a model-free decode worker (`tandem_router::mock`) that streams on a fixed
+//! clock, over real loopback sockets: every token arrives, in order, over gRPC and SSE; and a token leaves the
+//! router as soon as the worker sends it (no socket holds small writes back: a first token that took 40 ms
+//! extra was Nagle's algorithm meeting a delayed ACK). The real-model path is tested in `cluster.rs`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_prefill_node::runtime::serve_grpc;
+use tandem_proto::v1;
+use tandem_router::mock::{MockDecodeWorker, MockTiming};
+use tandem_router::{ModelInfo, RouterConfig, WorkerEndpoint};
+use tandem_tests::http;
+use tokio::net::TcpListener;
+
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    http: String,
+    grpc: String,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn start(timing: MockTiming) -> Setup {
+    let (_, tok) = tandem_tests::open_model();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let (http, grpc) = rt.block_on(async {
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let (mock, h, g) = (
+            bind().await.unwrap(),
+            bind().await.unwrap(),
+            bind().await.unwrap(),
+        );
+        let mock_url = format!("http://{}", mock.local_addr().unwrap());
+        let (h_addr, g_addr) = (h.local_addr().unwrap(), g.local_addr().unwrap());
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut routes = tonic::service::RoutesBuilder::default();
+        routes.add_service(MockDecodeWorker::new(timing).server());
+        tokio::spawn(serve_grpc(mock, routes, &[], stopped(rx.clone())));
+        let config = RouterConfig {
+            prefill: Vec::new(),
+            decode: vec![WorkerEndpoint(mock_url)],
+            model: ModelInfo {
+                id: "mock".into(),
+                context_len: 2048,
+            },
+            poll_interval: Duration::from_millis(200),
+        };
+        tokio::spawn(tandem_router::run(h, g, config, Arc::new(tok), stopped(rx)));
+        (h_addr.to_string(), format!("http://{g_addr}"))
+    });
+    Setup {
+        rt,
+        http,
+        grpc,
+        _stop: stop,
+    }
+}
+
+/// Token ids and arrival times (from the call) of one gRPC generation of `n` tokens.
+async fn generate(grpc: &str, n: u32) -> (Vec<u32>, Vec<Duration>, i32) {
+    let mut c = v1::generation_client::GenerationClient::connect(grpc.to_string())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut s = c
+        .generate(v1::GenerateRequest {
+            model: "mock".into(),
+            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                ids: vec![1000, 1001, 1002],
+            })),
+            stop: Some(v1::StopConditions {
+                max_tokens: n,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut ids, mut at, mut finish) = (Vec::new(), Vec::new(), 0);
+    while let Some(m) = s.message().await.unwrap() {
+        ids.extend(&m.token_ids);
+        at.push(start.elapsed());
+        finish = m.finish_reason;
+    }
+    (ids, at, finish)
+}
+
+#[test]
+fn router_relays_every_token_in_order_over_grpc_and_sse() {
+    let s = start(MockTiming {
+        ttft: Duration::from_millis(1),
+        itl: Duration::from_millis(1),
+    });
+    let (ids, _, finish) = s.rt.block_on(generate(&s.grpc, 20));
+    // The mock answers a 3-token prompt with 3, 4, 5, ...
+    assert_eq!(ids, (3..23).collect::<Vec<u32>>());
+    assert_eq!(finish, v1::FinishReason::Length as i32);
+
+    let body = serde_json::json!({"model": "mock", "prompt": [1000, 1001, 1002], "max_tokens": 20, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let events = http::stream(&s.http, "/v1/completions", &body).collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let usage = chunks.last().unwrap()["usage"].clone();
+    assert_eq!(usage["completion_tokens"], 20, "{usage}");
+    assert_eq!(usage["prompt_tokens"], 3, "{usage}");
+    let finishes: Vec<_> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .collect();
+    assert_eq!(finishes, ["length"]);
+}
+
+#[test]
+fn router_forwards_each_token_without_waiting_for_acks() {
+    // With Nagle's algorithm on any socket of the path, a token written while an earlier one is unacknowledged
+    // waits for the delayed ACK (40 ms on Linux); with TCP_NODELAY everywhere it leaves at once. Tokens 10 ms apart
+    // then arrive about 10 ms apart; the median gap and first-token time stay far below the 40 ms stall.
+    let s = start(MockTiming {
+        ttft: Duration::from_millis(5),
+        itl: Duration::from_millis(10),
+    });
+    let (ttfts, mut gaps) = s.rt.block_on(async {
+        let (mut ttfts, mut gaps) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let (ids, at, _) = generate(&s.grpc, 12).await;
+            assert_eq!(ids.len(), 12);
+            ttfts.push(at[0]);
+            gaps.extend(at.windows(2).map(|w| w[1] - w[0]));
+        }
+        (ttfts, gaps)
+    });
+    gaps.sort();
+    let median_gap = gaps[gaps.len() / 2];
+    let mut sorted = ttfts.clone();
+    sorted.sort();
+    let median_ttft = sorted[sorted.len() / 2];
+    assert!(
+        median_gap >= Duration::from_millis(7) && median_gap <= Duration::from_millis(25),
+        "median gap between tokens {median_gap:?} (mock sends every 10 ms); all: {gaps:?}"
+    );
+    assert!(
+        median_ttft <= Duration::from_millis(30),
+        "median time to first token {median_ttft:?} (mock answers after 5 ms); all: {ttfts:?}"
+    );
+}
