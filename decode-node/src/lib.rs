@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_engine::Engine;
 use tandem_engine::backend::Backend;
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kv_transfer::{ChunkLayout, KvTransferService, Sessions};
 use tandem_prefill_node::runtime::{self, EventHub, ServeError};
@@ -33,6 +34,8 @@ pub struct DecodeConfig {
     pub transfer_timeout: Duration,
     /// The address prefill workers push KV to (default: `http://` + the listener's address).
     pub advertise_endpoint: Option<String>,
+    /// KV codec for transfers of requests that name none.
+    pub kv_codec: Codec,
 }
 
 impl Default for DecodeConfig {
@@ -42,6 +45,7 @@ impl Default for DecodeConfig {
             fallback_to_local_prefill: true,
             transfer_timeout: Duration::from_secs(30),
             advertise_endpoint: None,
+            kv_codec: Codec::None,
         }
     }
 }

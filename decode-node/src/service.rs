@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_engine::SeqId;
 use tandem_engine::generate::Emitted;
 use tandem_engine::kv::BlockId;
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::sampling::{Sampled, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kv_transfer::Sessions;
@@ -82,6 +83,7 @@ struct RemoteJob {
     sampling: SamplingParams,
     cached_blocks: usize,
     dest_blocks: Vec<BlockId>,
+    codec: Codec,
 }
 
 impl Shared {
@@ -112,7 +114,7 @@ impl Shared {
             dest_endpoint: self.transfer_endpoint.clone(),
             transfer_session_id: _session.id().0,
             dest_block_ids: job.dest_blocks.iter().map(|b| b.0).collect(),
-            codec: v1::KvCodec::None as i32,
+            codec: convert::kv_codec_to_wire(job.codec) as i32,
             deadline_ms: timeout.as_millis() as u32,
             sampling: Some(convert::sampling_to_wire(&job.sampling)),
         };
@@ -271,16 +273,10 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
         request: Request<v1::DecodeRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = request.into_inner();
-        match v1::KvCodec::try_from(r.codec) {
-            Ok(v1::KvCodec::None | v1::KvCodec::Unspecified) => {}
-            _ => {
-                return Err(DecodeError::Invalid(format!(
-                    "codec {} is not supported by this worker (NONE is)",
-                    r.codec
-                ))
-                .to_status());
-            }
-        }
+        // Negotiation: a codec this worker cannot read is refused here, before a block is allocated or a byte moves.
+        let codec = convert::kv_codec_from_wire(r.codec)
+            .map_err(|e| DecodeError::Invalid(e.to_string()).to_status())?
+            .unwrap_or(self.shared.config.kv_codec);
         let mut sampling = convert::sampling_from_wire(&r.sampling.unwrap_or_default());
         sampling.seed = Some(
             sampling
@@ -318,6 +314,7 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                     sampling,
                     cached_blocks,
                     dest_blocks,
+                    codec,
                 }),
             ),
         };

@@ -418,6 +418,12 @@ impl<B: Backend> Engine<B> {
         Ok(out)
     }
 
+    /// Forgets every cached prefix no sequence uses (see [`BlockPool::reset_prefix_cache`]); returns the number of
+    /// blocks dropped. Evaluations use it so that one run's blocks are never another's cache hit.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.pool.reset_prefix_cache()
+    }
+
     /// Copies a block of one layer out of the store (tests and transfer).
     pub fn read_kv_block(&self, layer: usize, block: BlockId) -> (Vec<f32>, Vec<f32>) {
         self.backend.read_kv_block(&self.kv, layer, block.0)

@@ -1,24 +1,31 @@
-//! One transfer chunk: K and V of some destination blocks for a range of layers.
+//! One transfer chunk: K and V of some destination blocks for a range of layers, encoded by a codec.
 //!
-//! Payload (format version 1, codec NONE): for each layer of the range, for each destination block in order, K then
-//! V, each `[kv_heads][block_size][head_dim]` little-endian elements of the layout's dtype (f32 or f16). The
-//! checksum is CRC32C (hardware-accelerated where the CPU has it) over every header field, little-endian, then the
-//! payload, so a flipped bit anywhere is caught, not only in the data. A chunk is decoded only after its version,
-//! codec, layout, sizes and checksum all check out; nothing is written from a chunk that fails any of them.
+//! Payload (format version 2, documented in docs/kv-wire-format.md): for each layer of the range, for each
+//! destination block in order, the codec's encoding of that block's K and V ([`tandem_engine::kv::codec`]); then,
+//! if the sender chose the lossless stage, all of that compressed as one LZ4 block. Each block's fill (tokens
+//! holding data) travels in the header, so every size is known before a byte is read. The checksum is CRC32C
+//! (hardware-accelerated where the CPU has it) over every header field, little-endian, then the payload, so a
+//! flipped bit anywhere is caught, not only in the data. A chunk is decoded only after its version, codec, layout,
+//! sizes and checksum all check out; nothing is written from a chunk that fails any of them.
 
 use crate::error::TransferError;
 use crate::session::SessionId;
 use std::ops::Range;
+use tandem_engine::kv::codec::{self, BlockRef, BlockShape, Codec};
 use tandem_engine::kv::{BlockId, KvFormat, KvLayout};
-use tandem_proto::convert::{kv_format_from_wire, kv_format_to_wire};
+use tandem_proto::convert::{
+    kv_codec_from_wire, kv_codec_to_wire, kv_format_from_wire, kv_format_to_wire,
+};
 use tandem_proto::v1;
 
 /// The payload format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Most blocks and layers one chunk may name (bounds every size computation).
 pub const MAX_BLOCKS_PER_CHUNK: usize = 4096;
 pub const MAX_LAYERS_PER_CHUNK: usize = 1024;
+/// Largest encoded payload (before the lossless stage) a receiver accepts in one chunk.
+pub const MAX_CHUNK_BYTES: usize = 256 << 20;
 
 /// Shape and element type of the blocks in a chunk; sender and receiver must agree on all but the dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +47,14 @@ impl ChunkLayout {
     }
     /// Elements of one block's K (or V).
     pub fn block_elems(&self) -> usize {
-        self.kv_heads as usize * self.block_size as usize * self.head_dim as usize
+        self.shape().elems()
+    }
+    pub fn shape(&self) -> BlockShape {
+        BlockShape {
+            kv_heads: self.kv_heads as usize,
+            block_size: self.block_size as usize,
+            head_dim: self.head_dim as usize,
+        }
     }
     fn to_wire(self) -> v1::KvChunkLayout {
         v1::KvChunkLayout {
@@ -68,6 +82,7 @@ pub struct DecodedChunk {
     pub blocks: Vec<BlockId>,
     /// `data[(layer - layers.start) * blocks.len() + i]` is block `blocks[i]` of `layer`.
     pub data: Vec<BlockData>,
+    pub codec: Codec,
 }
 
 /// What a sender says about a chunk besides its data.
@@ -77,25 +92,55 @@ pub struct ChunkHeader {
     pub index: u32,
     pub layers: Range<usize>,
     pub blocks: Vec<BlockId>,
+    /// Tokens holding data in each of `blocks` (the same for every layer).
+    pub fills: Vec<usize>,
 }
 
-/// Builds a chunk from `data` (ordered as [`DecodedChunk::data`]) in `layout`'s dtype.
-pub fn encode(header: &ChunkHeader, layout: ChunkLayout, data: &[BlockData]) -> v1::KvChunk {
+/// How a sender encodes its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Encoding {
+    pub codec: Codec,
+    /// Try the LZ4 stage over each chunk and keep it where the chunk gets smaller.
+    pub lossless: bool,
+}
+
+/// Builds a chunk from `data` (ordered as [`DecodedChunk::data`]); `layout.dtype` is the element type `none` sends.
+pub fn encode(
+    header: &ChunkHeader,
+    layout: ChunkLayout,
+    enc: Encoding,
+    data: &[BlockData],
+) -> v1::KvChunk {
     debug_assert_eq!(data.len(), header.layers.len() * header.blocks.len());
-    let elem = layout.dtype.bytes_per_elem();
-    let mut payload = Vec::with_capacity(data.len() * 2 * layout.block_elems() * elem);
-    for b in data {
-        for half in [&b.k, &b.v] {
-            match layout.dtype {
-                KvFormat::F32 => half
-                    .iter()
-                    .for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
-                KvFormat::F16 => half.iter().for_each(|&x| {
-                    payload.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())
-                }),
-            }
+    debug_assert_eq!(header.fills.len(), header.blocks.len());
+    let shape = layout.shape();
+    let mut payload = Vec::with_capacity(raw_len(
+        enc.codec,
+        layout,
+        header.layers.len(),
+        &header.fills,
+    ));
+    for (i, b) in data.iter().enumerate() {
+        let fill = header.fills[i % header.blocks.len()];
+        let block = BlockRef {
+            k: &b.k,
+            v: &b.v,
+            fill,
+        };
+        codec::encode_block(enc.codec, layout.dtype, shape, block, &mut payload);
+    }
+    let mut lossless = v1::KvLossless::None;
+    if enc.lossless {
+        let packed = lz4_flex::block::compress(&payload);
+        if packed.len() < payload.len() {
+            payload = packed;
+            lossless = v1::KvLossless::Lz4;
         }
     }
+    let full = header
+        .fills
+        .iter()
+        .all(|&f| f == layout.block_size as usize);
     let mut c = v1::KvChunk {
         format_version: FORMAT_VERSION,
         session_id: header.session.0,
@@ -103,13 +148,28 @@ pub fn encode(header: &ChunkHeader, layout: ChunkLayout, data: &[BlockData]) -> 
         layer_start: header.layers.start as u32,
         layer_end: header.layers.end as u32,
         dest_block_ids: header.blocks.iter().map(|b| b.0).collect(),
-        codec: v1::KvCodec::None as i32,
+        codec: kv_codec_to_wire(enc.codec) as i32,
         layout: Some(layout.to_wire()),
         payload,
         checksum: 0,
+        block_fill: if full {
+            Vec::new()
+        } else {
+            header.fills.iter().map(|&f| f as u32).collect()
+        },
+        lossless: lossless as i32,
     };
     c.checksum = checksum(&c);
     c
+}
+
+/// Encoded bytes of `layers` layers of blocks with these fills, before the lossless stage.
+fn raw_len(codec: Codec, layout: ChunkLayout, layers: usize, fills: &[usize]) -> usize {
+    let per_layer: usize = fills
+        .iter()
+        .map(|&f| codec::encoded_len(codec, layout.dtype, layout.shape(), f))
+        .sum();
+    layers.saturating_mul(per_layer)
 }
 
 /// CRC32C over the header fields and the payload.
@@ -129,6 +189,11 @@ pub fn checksum(c: &v1::KvChunk) -> u32 {
     for x in [l.kv_heads, l.head_dim, l.block_size, l.dtype as u32] {
         head.extend_from_slice(&x.to_le_bytes());
     }
+    head.extend_from_slice(&(c.block_fill.len() as u32).to_le_bytes());
+    for f in &c.block_fill {
+        head.extend_from_slice(&f.to_le_bytes());
+    }
+    head.extend_from_slice(&c.lossless.to_le_bytes());
     crc32c::crc32c_append(crc32c::crc32c(&head), &c.payload)
 }
 
@@ -148,12 +213,9 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
             c.format_version
         ));
     }
-    if c.codec != v1::KvCodec::None as i32 {
-        let name = v1::KvCodec::try_from(c.codec).map_or("unknown", |k| k.as_str_name());
-        return refuse(format!(
-            "codec {name} is not supported by this receiver (NONE is)"
-        ));
-    }
+    let codec = kv_codec_from_wire(c.codec)
+        .map_err(|e| TransferError::Refused(e.to_string()))?
+        .unwrap_or(Codec::None);
     let Some(wl) = c.layout else {
         return refuse("layout is missing".into());
     };
@@ -187,41 +249,67 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
             "{nb} destination blocks (1..={MAX_BLOCKS_PER_CHUNK} allowed)"
         ));
     }
-    let n = got.block_elems();
-    let elem = dtype.bytes_per_elem();
-    let want = (le - ls) * nb * 2 * n * elem;
-    if c.payload.len() != want {
+    let bs = got.block_size as usize;
+    let fills: Vec<usize> = match c.block_fill.len() {
+        0 => vec![bs; nb],
+        n if n == nb => c.block_fill.iter().map(|&f| f as usize).collect(),
+        n => return refuse(format!("{n} block fills for {nb} destination blocks")),
+    };
+    if let Some(f) = fills.iter().find(|&&f| f > bs) {
+        return refuse(format!("block fill {f} exceeds the block size {bs}"));
+    }
+    let want = raw_len(codec, got, le - ls, &fills);
+    if want > MAX_CHUNK_BYTES {
         return refuse(format!(
-            "payload has {} bytes; the header implies {want}",
-            c.payload.len()
+            "the header implies {want} payload bytes (at most {MAX_CHUNK_BYTES} per chunk)"
         ));
     }
-    let read = |bytes: &[u8]| -> Vec<f32> {
-        match dtype {
-            KvFormat::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            KvFormat::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+    let unpacked;
+    let payload: &[u8] = match v1::KvLossless::try_from(c.lossless) {
+        Ok(v1::KvLossless::None) => &c.payload,
+        Ok(v1::KvLossless::Lz4) => {
+            unpacked = lz4_flex::block::decompress(&c.payload, want)
+                .map_err(|e| TransferError::Refused(format!("LZ4 stage: {e}")))?;
+            &unpacked
         }
+        Err(_) => return refuse(format!("lossless stage {} is unknown", c.lossless)),
     };
-    let data = c
-        .payload
-        .chunks_exact(2 * n * elem)
-        .map(|b| BlockData {
-            k: read(&b[..n * elem]),
-            v: read(&b[n * elem..]),
-        })
-        .collect();
+    if payload.len() != want {
+        return refuse(format!(
+            "payload has {} bytes; the header implies {want}",
+            payload.len()
+        ));
+    }
+    let n = got.block_elems();
+    let mut data = Vec::with_capacity((le - ls) * nb);
+    let mut pos = 0;
+    for i in 0..(le - ls) * nb {
+        let fill = fills[i % nb];
+        let len = codec::encoded_len(codec, dtype, got.shape(), fill);
+        let mut b = BlockData {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        };
+        codec::decode_block(
+            codec,
+            dtype,
+            got.shape(),
+            fill,
+            &payload[pos..pos + len],
+            &mut b.k,
+            &mut b.v,
+        )
+        .map_err(|e| TransferError::Refused(e.to_string()))?;
+        pos += len;
+        data.push(b);
+    }
     Ok(DecodedChunk {
         session,
         index: c.chunk_index,
         layers: ls..le,
         blocks: c.dest_block_ids.iter().copied().map(BlockId).collect(),
         data,
+        codec,
     })
 }
 
@@ -252,6 +340,7 @@ mod tests {
             index: 3,
             layers: 2..2 + layers,
             blocks: (0..blocks as u32).map(|b| BlockId(b * 5 + 1)).collect(),
+            fills: vec![l.block_size as usize; blocks],
         };
         (header, data)
     }
@@ -261,7 +350,7 @@ mod tests {
         for dtype in [KvFormat::F32, KvFormat::F16] {
             let l = layout(dtype);
             let (h, data) = sample(2, 3, &l);
-            let d = decode(&encode(&h, l, &data), &l).unwrap();
+            let d = decode(&encode(&h, l, Encoding::default(), &data), &l).unwrap();
             assert_eq!(d.session, h.session);
             assert_eq!(d.index, 3);
             assert_eq!(d.layers, 2..4);
@@ -275,15 +364,18 @@ mod tests {
     fn refuses_wrong_version_codec_layout_and_size() {
         let l = layout(KvFormat::F32);
         let (h, data) = sample(1, 2, &l);
-        let good = encode(&h, l, &data);
+        let good = encode(&h, l, Encoding::default(), &data);
         let resealed = |f: &dyn Fn(&mut v1::KvChunk)| {
             let mut c = good.clone();
             f(&mut c);
             c.checksum = checksum(&c);
             decode(&c, &l).unwrap_err().to_string()
         };
-        assert!(resealed(&|c| c.format_version = 2).contains("format_version"));
-        assert!(resealed(&|c| c.codec = v1::KvCodec::Int8 as i32).contains("KV_CODEC_INT8"));
+        assert!(resealed(&|c| c.format_version = 1).contains("format_version"));
+        assert!(resealed(&|c| c.codec = 42).contains("kv_codec"));
+        assert!(resealed(&|c| c.lossless = 9).contains("lossless"));
+        assert!(resealed(&|c| c.block_fill = vec![1]).contains("block fills"));
+        assert!(resealed(&|c| c.block_fill = vec![1, 4]).contains("exceeds the block size"));
         assert!(resealed(&|c| c.layout.as_mut().unwrap().head_dim = 8).contains("layout"));
         assert!(
             resealed(&|c| {
@@ -298,13 +390,74 @@ mod tests {
         assert!(decode(&good, &f16).is_ok());
     }
 
+    #[test]
+    fn every_codec_with_and_without_lz4_round_trips_partial_blocks() {
+        let l = layout(KvFormat::F32);
+        let (mut h, data) = sample(2, 3, &l);
+        h.fills = vec![3, 3, 1];
+        for codec in Codec::ALL {
+            for lossless in [false, true] {
+                let c = encode(&h, l, Encoding { codec, lossless }, &data);
+                let d = decode(&c, &l).unwrap();
+                assert_eq!(d.codec, codec);
+                for (got, want) in d.data.iter().zip(&data) {
+                    for (x, y) in got.k.iter().chain(&got.v).zip(want.k.iter().chain(&want.v)) {
+                        // Sample values reach |75|; the coarsest codec's step there is under 30.
+                        assert!((x - y).abs() <= 30.0 || *x == 0.0, "{codec}: {y} -> {x}");
+                    }
+                }
+                // The last block holds one token: its later tokens come back as zeros, whatever the codec.
+                let last = &d.data[2];
+                assert!(
+                    last.k[l.head_dim as usize..]
+                        .iter()
+                        .take(4)
+                        .all(|&x| x == 0.0)
+                );
+            }
+        }
+        // Zeros past the fill make the lossless stage pay on an uncompressed chunk.
+        let plain = encode(&h, l, Encoding::default(), &data);
+        let packed = encode(
+            &h,
+            l,
+            Encoding {
+                codec: Codec::None,
+                lossless: true,
+            },
+            &data,
+        );
+        assert_eq!(packed.lossless, v1::KvLossless::Lz4 as i32);
+        assert!(packed.payload.len() < plain.payload.len());
+    }
+
     proptest! {
+        /// A chunk whose payload is random (but correctly sealed) or cut short is refused or decoded, never a panic.
+        #[test]
+        fn random_or_truncated_payloads_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..3000),
+            codec in 0i32..7, lossless in 0i32..3, cut in 0usize..3000,
+        ) {
+            let l = layout(KvFormat::F16);
+            let (h, data) = sample(2, 2, &l);
+            let mut c = encode(&h, l, Encoding::default(), &data);
+            c.codec = codec;
+            c.lossless = lossless;
+            c.payload = bytes;
+            c.checksum = checksum(&c);
+            let _ = decode(&c, &l);
+            let mut t = encode(&h, l, Encoding { codec: Codec::Int4, lossless: true }, &data);
+            t.payload.truncate(cut.min(t.payload.len().saturating_sub(1)));
+            t.checksum = checksum(&t);
+            prop_assert!(decode(&t, &l).is_err());
+        }
+
         /// Any single flipped bit in the payload or a header field is caught by the checksum.
         #[test]
         fn any_flipped_bit_is_caught(pos in 0usize..10_000, bit in 0u8..8, field in 0usize..4) {
             let l = layout(KvFormat::F16);
             let (h, data) = sample(2, 2, &l);
-            let mut c = encode(&h, l, &data);
+            let mut c = encode(&h, l, Encoding::default(), &data);
             match field {
                 0 => { let i = pos % c.payload.len(); c.payload[i] ^= 1 << bit; }
                 1 => c.session_id ^= 1 << (pos % 64),

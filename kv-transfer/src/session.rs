@@ -175,6 +175,7 @@ mod tests {
             index: 0,
             layers: layer..layer + 1,
             blocks: blocks.iter().copied().map(BlockId).collect(),
+            fills: vec![2; blocks.len()],
         };
         let data = vec![
             BlockData {
@@ -183,7 +184,7 @@ mod tests {
             };
             blocks.len()
         ];
-        encode(&h, layout(), &data)
+        encode(&h, layout(), Default::default(), &data)
     }
 
     #[test]

@@ -24,12 +24,15 @@ use tokio::net::TcpListener;
 pub struct PrefillConfig {
     /// Deadline for prefill + transfer when a request gives none.
     pub default_deadline: Duration,
+    /// Apply the LZ4 stage over each KV chunk where it makes the chunk smaller.
+    pub kv_lossless: bool,
 }
 
 impl Default for PrefillConfig {
     fn default() -> Self {
         Self {
             default_deadline: Duration::from_secs(60),
+            kv_lossless: false,
         }
     }
 }
@@ -46,7 +49,7 @@ where
 {
     let hub = runtime::EventHub::new();
     let thread = Arc::new(worker::EngineThread::spawn(engine, hub.clone())?);
-    let service = service::PrefillService::new(thread, hub, config.default_deadline);
+    let service = service::PrefillService::new(thread, hub, config);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(v1::prefill_worker_server::PrefillWorkerServer::new(service));
     runtime::serve_grpc(listener, routes, &["tandem.v1.PrefillWorker"], shutdown).await?;

@@ -1,12 +1,14 @@
 //! The gRPC `PrefillWorker` service: checks a request, opens the KV push stream to the decode worker, hands the job
 //! to the engine thread, and answers once the first token is sampled and every chunk was acknowledged.
 
+use crate::PrefillConfig;
 use crate::error::PrefillError;
 use crate::runtime::EventHub;
 use crate::worker::{EngineThread, PrefillJob};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_engine::kv::BlockId;
+use tandem_kv_transfer::chunk::Encoding;
 use tandem_kv_transfer::{Sender, SessionId};
 use tandem_proto::{convert, v1};
 use tonic::transport::Channel;
@@ -17,16 +19,16 @@ pub struct PrefillService {
     engine: Arc<EngineThread>,
     hub: EventHub,
     channels: crate::runtime::ChannelCache,
-    default_deadline: Duration,
+    config: PrefillConfig,
 }
 
 impl PrefillService {
-    pub fn new(engine: Arc<EngineThread>, hub: EventHub, default_deadline: Duration) -> Self {
+    pub fn new(engine: Arc<EngineThread>, hub: EventHub, config: PrefillConfig) -> Self {
         Self {
             engine,
             hub,
             channels: Default::default(),
-            default_deadline,
+            config,
         }
     }
 
@@ -40,15 +42,9 @@ impl PrefillService {
         if r.dest_endpoint.is_empty() {
             return Err(PrefillError::Invalid("dest_endpoint is empty".into()));
         }
-        match v1::KvCodec::try_from(r.codec) {
-            Ok(v1::KvCodec::None | v1::KvCodec::Unspecified) => {}
-            _ => {
-                return Err(PrefillError::Invalid(format!(
-                    "codec {} is not supported by this worker (NONE is)",
-                    r.codec
-                )));
-            }
-        }
+        let codec = convert::kv_codec_from_wire(r.codec)
+            .map_err(|e| PrefillError::Invalid(e.to_string()))?
+            .unwrap_or_default();
         let mut sampling = convert::sampling_from_wire(&r.sampling.unwrap_or_default());
         if sampling.seed.is_none() {
             // The decode worker always sets it; a direct caller gets a fresh one.
@@ -56,7 +52,7 @@ impl PrefillService {
         }
         let deadline = Instant::now()
             + if r.deadline_ms == 0 {
-                self.default_deadline
+                self.config.default_deadline
             } else {
                 Duration::from_millis(r.deadline_ms as u64)
             };
@@ -68,6 +64,10 @@ impl PrefillService {
             dest_blocks: r.dest_block_ids.into_iter().map(BlockId).collect(),
             session,
             sampling,
+            encoding: Encoding {
+                codec,
+                lossless: self.config.kv_lossless,
+            },
             pusher: sender.pusher(),
         };
         let outcome = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await

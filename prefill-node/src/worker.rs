@@ -16,7 +16,7 @@ use tandem_engine::backend::Backend;
 use tandem_engine::kv::BlockId;
 use tandem_engine::sampling::{Sampled, Sampler, SamplingParams};
 use tandem_engine::{Engine, LogitsWanted, StepItem};
-use tandem_kv_transfer::chunk::{self, ChunkHeader, ChunkLayout};
+use tandem_kv_transfer::chunk::{self, ChunkHeader, ChunkLayout, Encoding};
 use tandem_kv_transfer::sender::Pusher;
 use tandem_kv_transfer::{BlockData, SessionId};
 use tandem_proto::v1;
@@ -32,6 +32,8 @@ pub struct PrefillJob {
     pub session: SessionId,
     /// With the seed set, so the decode worker can continue the same random stream.
     pub sampling: SamplingParams,
+    /// How chunks are encoded (the codec the decode worker asked for).
+    pub encoding: Encoding,
     pub pusher: Pusher,
 }
 
@@ -204,9 +206,14 @@ fn run_job<B: Backend>(
                 index,
                 layers: layer..layer + 1,
                 blocks: job.dest_blocks[blocks.start - on_decode..blocks.end - on_decode].to_vec(),
+                fills: blocks
+                    .clone()
+                    .map(|i| (prompt_len - i * bs).min(bs))
+                    .collect(),
             };
             let data: Vec<BlockData> = blocks.map(read).collect();
-            job.pusher.push(chunk::encode(&header, layout, &data));
+            job.pusher
+                .push(chunk::encode(&header, layout, job.encoding, &data));
             index += 1;
         };
         // Blocks this worker had cached that the decode worker lacks: all layers at once.

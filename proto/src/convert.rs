@@ -7,6 +7,7 @@
 
 use crate::v1;
 use tandem_engine::generate::{FinishReason, StopConditions};
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::kv::{BlockHash, KvEvent, KvFormat};
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::tokenizer::chat::{ChatMessage, Role};
@@ -112,6 +113,34 @@ pub fn kv_format_from_wire(d: i32) -> Result<KvFormat, ConvertError> {
             format!("{d} is not f32 or f16"),
         )),
     }
+}
+
+pub fn kv_codec_to_wire(c: Codec) -> v1::KvCodec {
+    match c {
+        Codec::None => v1::KvCodec::None,
+        Codec::Fp8 => v1::KvCodec::Fp8,
+        Codec::Int8 => v1::KvCodec::Int8,
+        Codec::Int4 => v1::KvCodec::Int4,
+        Codec::Kivi2 => v1::KvCodec::Kivi2,
+    }
+}
+
+/// A wire codec; `Ok(None)` for UNSPECIFIED (the receiver's default applies).
+pub fn kv_codec_from_wire(c: i32) -> Result<Option<Codec>, ConvertError> {
+    Ok(Some(match v1::KvCodec::try_from(c) {
+        Ok(v1::KvCodec::Unspecified) => return Ok(None),
+        Ok(v1::KvCodec::None) => Codec::None,
+        Ok(v1::KvCodec::Fp8) => Codec::Fp8,
+        Ok(v1::KvCodec::Int8) => Codec::Int8,
+        Ok(v1::KvCodec::Int4) => Codec::Int4,
+        Ok(v1::KvCodec::Kivi2) => Codec::Kivi2,
+        Err(_) => {
+            return Err(ConvertError::new(
+                "kv_codec",
+                format!("{c} is not a codec this build knows (none, fp8, int8, int4, kivi2)"),
+            ));
+        }
+    }))
 }
 
 pub fn kv_event_to_wire(e: &KvEvent) -> v1::KvEvent {
@@ -256,6 +285,11 @@ mod tests {
             assert_eq!(kv_format_from_wire(kv_format_to_wire(f) as i32), Ok(f));
         }
         assert!(kv_format_from_wire(0).is_err());
+        for c in Codec::ALL {
+            assert_eq!(kv_codec_from_wire(kv_codec_to_wire(c) as i32), Ok(Some(c)));
+        }
+        assert_eq!(kv_codec_from_wire(0), Ok(None));
+        assert_eq!(kv_codec_from_wire(42).unwrap_err().field, "kv_codec");
     }
 
     #[test]

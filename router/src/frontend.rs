@@ -7,6 +7,7 @@ use crate::workers::{Lease, Workers};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_engine::generate::StopConditions;
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::tokenizer::chat::{ChatMessage, ChatTemplate};
@@ -43,6 +44,8 @@ pub struct GenerateParams {
     pub max_tokens: Option<usize>,
     pub stop: StopConditions,
     pub request_id: Option<String>,
+    /// KV codec between prefill and decode worker; `None` = the router's default.
+    pub kv_codec: Option<Codec>,
 }
 
 /// A request's id across nodes, in logs and traces.
@@ -60,6 +63,8 @@ pub struct Frontend {
     template: Option<ChatTemplate>,
     pub model: ModelInfo,
     pub workers: Workers,
+    /// Codec for requests that name none.
+    pub default_kv_codec: Codec,
     next_id: AtomicU64,
 }
 
@@ -102,7 +107,12 @@ impl Stream for TokenStream {
 }
 
 impl Frontend {
-    pub fn new(tokenizer: Arc<Tokenizer>, model: ModelInfo, workers: Workers) -> Self {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        model: ModelInfo,
+        workers: Workers,
+        default_kv_codec: Codec,
+    ) -> Self {
         let template = match tokenizer.chat_template() {
             Ok(t) => Some(t),
             Err(e) => {
@@ -117,6 +127,7 @@ impl Frontend {
             template,
             model,
             workers,
+            default_kv_codec,
             next_id: AtomicU64::new(0),
         }
     }
@@ -229,7 +240,7 @@ impl Frontend {
             prefill_endpoint: prefill
                 .as_ref()
                 .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
-            codec: v1::KvCodec::None as i32,
+            codec: convert::kv_codec_to_wire(p.kv_codec.unwrap_or(self.default_kv_codec)) as i32,
         };
         tracing::debug!(%request_id, decode = %decode.worker.endpoint, prompt_tokens = prompt.len(), "routing");
         let mut client =

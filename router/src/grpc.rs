@@ -63,6 +63,8 @@ impl v1::generation_server::Generation for GenerationService {
             max_tokens: (stop_wire.max_tokens > 0).then_some(stop_wire.max_tokens as usize),
             stop: convert::stop_from_wire(&stop_wire),
             request_id: Some(r.request_id),
+            kv_codec: convert::kv_codec_from_wire(r.kv_codec)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
         };
         let stream = self
             .frontend

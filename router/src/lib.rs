@@ -20,6 +20,7 @@ use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_prefill_node::runtime;
 use tandem_proto::v1;
@@ -34,6 +35,8 @@ pub struct RouterConfig {
     pub model: ModelInfo,
     /// How often workers are asked for their load (and health).
     pub poll_interval: Duration,
+    /// KV codec between prefill and decode workers for requests that name none.
+    pub kv_codec: Codec,
 }
 
 /// Why the router could not serve.
@@ -62,7 +65,12 @@ pub async fn run(
     }
     let workers =
         Workers::new(&config.prefill, &config.decode).map_err(RouterServeError::Config)?;
-    let frontend = Arc::new(Frontend::new(tokenizer, config.model.clone(), workers));
+    let frontend = Arc::new(Frontend::new(
+        tokenizer,
+        config.model.clone(),
+        workers,
+        config.kv_codec,
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

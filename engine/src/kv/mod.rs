@@ -6,6 +6,7 @@
 //! hash and stay reusable until the pool needs them back (LRU eviction, as vLLM's `BlockPool`). This module owns
 //! only ids and bookkeeping; the bytes live in the backend's `KvStore`, laid out by [`KvLayout`].
 
+pub mod codec;
 pub mod hash;
 pub mod pool;
 

@@ -189,6 +189,31 @@ impl BlockPool {
         }
     }
 
+    /// Forgets every cached prefix that no sequence references (its blocks become free; one `Removed` event lists
+    /// the hashes). Blocks in use keep their hashes. Returns how many blocks were dropped from the cache.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        let mut removed = Vec::new();
+        let dropped = self.lru.len();
+        for (_, id) in std::mem::take(&mut self.lru) {
+            let m = &mut self.meta[id.0 as usize];
+            m.lru_tick = None;
+            if let Some(h) = m.hash.take()
+                && self.by_hash.get(&h) == Some(&id)
+            {
+                self.by_hash.remove(&h);
+                removed.push(h);
+            }
+            self.free.push(id);
+        }
+        if !removed.is_empty() {
+            self.push_event(|seq| KvEvent::Removed {
+                seq,
+                hashes: removed,
+            });
+        }
+        dropped
+    }
+
     pub fn refcount(&self, id: BlockId) -> u32 {
         self.meta[id.0 as usize].refcount
     }
@@ -293,12 +318,40 @@ mod tests {
         assert_eq!(p.stats().cached, 1);
     }
 
+    #[test]
+    fn reset_forgets_unreferenced_prefixes_only() {
+        let mut p = BlockPool::new(3);
+        let a = p.allocate(2).unwrap();
+        p.commit(a[0], BlockHash(1));
+        p.commit(a[1], BlockHash(2));
+        p.release(&a[..1]);
+        p.drain_events();
+        assert_eq!(p.reset_prefix_cache(), 1);
+        assert_eq!(p.stats().free, 2);
+        assert!(p.acquire_prefix(&[BlockHash(1)]).is_empty());
+        assert_eq!(
+            p.cached_prefix_len(&[BlockHash(2)]),
+            1,
+            "a block in use keeps its hash"
+        );
+        assert_eq!(
+            p.drain_events(),
+            vec![KvEvent::Removed {
+                seq: 3,
+                hashes: vec![BlockHash(1)]
+            }]
+        );
+        p.release(&a[1..]);
+        assert_eq!(p.stats().cached, 1);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Alloc(usize),
         Commit(usize, u64),
         Release(usize),
         Acquire(Vec<u64>),
+        Reset,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -307,6 +360,7 @@ mod tests {
             (0usize..8, 0u64..6).prop_map(|(i, h)| Op::Commit(i, h)),
             (0usize..8).prop_map(Op::Release),
             proptest::collection::vec(0u64..6, 1..4).prop_map(Op::Acquire),
+            Just(Op::Reset),
         ]
     }
 
@@ -323,6 +377,10 @@ mod tests {
                     Op::Acquire(hs) => {
                         let hs: Vec<_> = hs.into_iter().map(BlockHash).collect();
                         held.extend(p.acquire_prefix(&hs));
+                    }
+                    Op::Reset => {
+                        p.reset_prefix_cache();
+                        prop_assert_eq!(p.stats().cached, 0);
                     }
                 }
                 p.check_invariants();

@@ -3,12 +3,14 @@
 //! OpenAI-compatible servers do; `null` means absent.
 //!
 //! Defaults follow OpenAI: temperature 1, top_p 1, completions `max_tokens` 16, chat `max_tokens` whatever the
-//! context leaves. vLLM's extensions `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are accepted too.
+//! context leaves. vLLM's extensions `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are accepted too, and
+//! Tandem's own `kv_codec` (how the prompt's KV cache is compressed between prefill and decode worker).
 
 use crate::error::RouterError;
 use crate::frontend::{GenerateParams, Input};
 use serde_json::{Map, Value};
 use tandem_engine::generate::StopConditions;
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use tandem_engine::tokenizer::chat::{ChatMessage, Role};
 
@@ -188,6 +190,12 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
         stop_strings: stop_strings(f.get("stop"))?,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
     };
+    let kv_codec = match f.string("kv_codec")? {
+        None => None,
+        Some(name) => {
+            Some(Codec::parse(name).map_err(|e| RouterError::invalid(e.to_string(), "kv_codec"))?)
+        }
+    };
     Ok(Parsed {
         params: GenerateParams {
             model,
@@ -196,6 +204,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
             max_tokens,
             stop,
             request_id: None,
+            kv_codec,
         },
         stream,
         include_usage,
@@ -378,6 +387,13 @@ mod tests {
             Some("top_logprobs")
         );
         let p = Endpoint::Completions;
+        let e = err(r#"{"model":"m","prompt":"x","kv_codec":"int3"}"#, p);
+        assert_eq!(e.param(), Some("kv_codec"));
+        assert!(e.to_string().contains("int4"), "{e}");
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"x","kv_codec":4}"#, p).param(),
+            Some("kv_codec")
+        );
         assert_eq!(
             err(r#"{"model":"m","prompt":["a","b"]}"#, p).param(),
             Some("prompt")

@@ -39,6 +39,10 @@ fn parse_kv_format(s: &str) -> std::result::Result<KvFormat, String> {
     KvFormat::parse(s).map_err(|e| e.to_string())
 }
 
+fn parse_codec(s: &str) -> std::result::Result<tandem_engine::kv::codec::Codec, String> {
+    tandem_engine::kv::codec::Codec::parse(s).map_err(|e| e.to_string())
+}
+
 pub use tandem_engine::model::default_model_path;
 
 pub struct Loaded {

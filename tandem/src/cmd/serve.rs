@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
+use tandem_engine::kv::codec::Codec;
 use tandem_engine::model::ModelSource;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_prefill_node::PrefillConfig;
@@ -24,6 +25,9 @@ pub struct PrefillArgs {
     /// Deadline for prefill + KV transfer when a request gives none, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub default_deadline_ms: u64,
+    /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
+    #[arg(long)]
+    pub kv_lossless: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -37,6 +41,9 @@ pub struct DecodeOptions {
     /// Deadline for a remote prefill and its KV transfer, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub transfer_timeout_ms: u64,
+    /// KV codec between prefill and decode worker for requests that name none: none, fp8, int8, int4 or kivi2.
+    #[arg(long, default_value = "none", value_parser = super::parse_codec)]
+    pub kv_codec: Codec,
 }
 
 impl DecodeOptions {
@@ -46,6 +53,7 @@ impl DecodeOptions {
             fallback_to_local_prefill: !self.no_local_fallback,
             transfer_timeout: Duration::from_millis(self.transfer_timeout_ms),
             advertise_endpoint: advertise,
+            kv_codec: self.kv_codec,
         }
     }
 }
@@ -87,6 +95,9 @@ pub struct RouterArgs {
     /// How often workers are asked for their load, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
+    /// KV codec between prefill and decode worker for requests that name none: none, fp8, int8, int4 or kivi2.
+    #[arg(long, default_value = "none", value_parser = super::parse_codec)]
+    pub kv_codec: Codec,
 }
 
 /// A multi-threaded runtime for the async side (the engines run on their own threads).
@@ -174,6 +185,7 @@ pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
         );
         let config = PrefillConfig {
             default_deadline: Duration::from_millis(a.default_deadline_ms),
+            kv_lossless: a.kv_lossless,
         };
         tandem_prefill_node::run(listener, config, loaded.engine, stopped(shutdown_signal()))
             .await?;
@@ -210,6 +222,7 @@ pub fn run_router(a: RouterArgs) -> Result<()> {
             decode: endpoints(&a.decode),
             model,
             poll_interval: Duration::from_millis(a.poll_interval_ms.max(10)),
+            kv_codec: a.kv_codec,
         };
         tandem_router::run(http, grpc, config, tok, stopped(shutdown_signal())).await?;
         Ok(())

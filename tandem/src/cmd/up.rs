@@ -34,6 +34,9 @@ pub struct ClusterArgs {
     /// The id clients use in `model` (default: the model file's name without extension).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
+    #[arg(long)]
+    pub kv_lossless: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -80,11 +83,15 @@ impl LocalCluster {
         for i in 0..n_prefill {
             eprintln!("loading prefill worker {}/{n_prefill}", i + 1);
             let engine = load(&a.model, threads)?.engine;
+            let prefill_config = PrefillConfig {
+                kv_lossless: a.kv_lossless,
+                ..PrefillConfig::default()
+            };
             let l = bind(loopback, "a prefill worker").await?;
             prefill_urls.push(format!("http://{}", l.local_addr()?));
             let s = stopped(stop.clone());
             nodes.spawn(async move {
-                tandem_prefill_node::run(l, PrefillConfig::default(), engine, s)
+                tandem_prefill_node::run(l, prefill_config, engine, s)
                     .await
                     .map_err(anyhow::Error::from)
             });
@@ -109,6 +116,7 @@ impl LocalCluster {
             decode: endpoints(&decode_urls),
             model,
             poll_interval: Duration::from_secs(1),
+            kv_codec: a.decode_options.kv_codec,
         };
         let s = stopped(stop.clone());
         nodes.spawn(async move {

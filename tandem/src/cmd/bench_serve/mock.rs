@@ -54,6 +54,7 @@ impl MockSetup {
             decode: vec![WorkerEndpoint(decode_url.clone())],
             model,
             poll_interval: Duration::from_secs(1),
+            kv_codec: Default::default(),
         };
         let s = stopped(rx);
         tasks.spawn(async move {

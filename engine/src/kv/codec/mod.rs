@@ -1,0 +1,241 @@
+//! KV codecs: how one block's K and V (`[kv_heads][block_size][head_dim]` f32 each) become bytes and back. The
+//! transfer wire (kv-transfer/) and `tandem eval kv` both use exactly these functions, so the quality the eval
+//! measures is the quality the cluster serves.
+//!
+//! | codec | K | V | bits per element (head_dim 64, block 16) |
+//! |---|---|---|---|
+//! | `none` | the cache dtype | same | 32 (f32) or 16 (f16) |
+//! | `fp8` | E4M3, one f32 scale per head per block | same | ~8.0 |
+//! | `int8` | symmetric, f16 scale per token per head | same | 8.25 |
+//! | `int4` | asymmetric, f16 min and scale per 32 elements along head_dim | same | 5 |
+//! | `kivi2` | 2-bit, f16 min and scale per channel over the block's tokens | 2-bit, per 32 elements along head_dim | 3.5 |
+//!
+//! `kivi2` follows KIVI (Liu et al., 2024: keys per channel, values per token): a block that is not full yet holds
+//! a sequence's most recent tokens, whose key group has not filled, so it travels in f16 (KIVI's full-precision
+//! residual). Every codec zeroes the tokens of a block past its `fill` and encodes fixed-size output for a given
+//! shape, so a decoder checks one length before reading anything. Decoding never panics: a wrong length or a
+//! non-finite scale is a [`CodecError`].
+
+pub mod fp8;
+mod packed;
+
+use super::KvFormat;
+use half::f16;
+
+/// How blocks are encoded for transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Codec {
+    /// The cache's own element type.
+    #[default]
+    None,
+    Fp8,
+    Int8,
+    Int4,
+    Kivi2,
+}
+
+impl Codec {
+    pub const ALL: [Codec; 5] = [
+        Codec::None,
+        Codec::Fp8,
+        Codec::Int8,
+        Codec::Int4,
+        Codec::Kivi2,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Fp8 => "fp8",
+            Self::Int8 => "int8",
+            Self::Int4 => "int4",
+            Self::Kivi2 => "kivi2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, CodecError> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| CodecError::Unknown(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Shape of one block of one layer's K (or V).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    pub kv_heads: usize,
+    pub block_size: usize,
+    pub head_dim: usize,
+}
+
+impl BlockShape {
+    pub fn elems(&self) -> usize {
+        self.kv_heads * self.block_size * self.head_dim
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("unknown KV codec {0:?}: expected none, fp8, int8, int4 or kivi2")]
+    Unknown(String),
+    #[error("{codec} block is {got} bytes, expected {expected}")]
+    Length {
+        codec: Codec,
+        expected: usize,
+        got: usize,
+    },
+    #[error("block fill {fill} exceeds the block size {block_size}")]
+    Fill { fill: usize, block_size: usize },
+    #[error("{codec} block holds a non-finite {what}")]
+    NonFinite { codec: Codec, what: &'static str },
+}
+
+/// One block's K and V in the cache's layout, and how many of its tokens hold data.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockRef<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub fill: usize,
+}
+
+/// Bytes of one encoded block (K and V) of `shape` with `fill` tokens.
+pub fn encoded_len(codec: Codec, raw: KvFormat, shape: BlockShape, fill: usize) -> usize {
+    let (h, t, d) = (shape.kv_heads, shape.block_size, shape.head_dim);
+    let groups32 = |per: fn(usize) -> usize| -> usize {
+        (0..d.div_ceil(32))
+            .map(|g| 4 + per((d - 32 * g).min(32)))
+            .sum()
+    };
+    match codec {
+        Codec::None => 2 * shape.elems() * raw.bytes_per_elem(),
+        Codec::Fp8 => 2 * h * (4 + t * d),
+        Codec::Int8 => 2 * h * t * (2 + d),
+        Codec::Int4 => 2 * h * t * groups32(|n| n.div_ceil(2)),
+        Codec::Kivi2 if fill < t => 2 * shape.elems() * 2,
+        Codec::Kivi2 => h * d * (4 + t.div_ceil(4)) + h * t * groups32(|n| n.div_ceil(4)),
+    }
+}
+
+/// Appends the encoding of `block` to `out`. `block.k`/`block.v` have `shape.elems()` values; `fill <= block_size`.
+pub fn encode_block(
+    codec: Codec,
+    raw: KvFormat,
+    shape: BlockShape,
+    block: BlockRef<'_>,
+    out: &mut Vec<u8>,
+) {
+    debug_assert!(block.k.len() == shape.elems() && block.v.len() == shape.elems());
+    let fill = block.fill.min(shape.block_size);
+    let start = out.len();
+    match codec {
+        Codec::None => {
+            for half in [block.k, block.v] {
+                packed::put_raw(raw, shape, fill, half, out);
+            }
+        }
+        Codec::Kivi2 if fill < shape.block_size => {
+            for half in [block.k, block.v] {
+                packed::put_raw(KvFormat::F16, shape, fill, half, out);
+            }
+        }
+        Codec::Kivi2 => {
+            packed::put_per_channel_2bit(shape, block.k, out);
+            packed::put_groups(shape, fill, block.v, 2, out);
+        }
+        Codec::Fp8 => {
+            for half in [block.k, block.v] {
+                packed::put_fp8(shape, fill, half, out);
+            }
+        }
+        Codec::Int8 => {
+            for half in [block.k, block.v] {
+                packed::put_int8(shape, fill, half, out);
+            }
+        }
+        Codec::Int4 => {
+            for half in [block.k, block.v] {
+                packed::put_groups(shape, fill, half, 4, out);
+            }
+        }
+    }
+    debug_assert_eq!(out.len() - start, encoded_len(codec, raw, shape, fill));
+}
+
+/// Decodes one block into `k` and `v` (`shape.elems()` each); tokens past `fill` come out as zeros.
+pub fn decode_block(
+    codec: Codec,
+    raw: KvFormat,
+    shape: BlockShape,
+    fill: usize,
+    bytes: &[u8],
+    k: &mut [f32],
+    v: &mut [f32],
+) -> Result<(), CodecError> {
+    if fill > shape.block_size {
+        return Err(CodecError::Fill {
+            fill,
+            block_size: shape.block_size,
+        });
+    }
+    let expected = encoded_len(codec, raw, shape, fill);
+    if bytes.len() != expected || k.len() != shape.elems() || v.len() != shape.elems() {
+        return Err(CodecError::Length {
+            codec,
+            expected,
+            got: bytes.len(),
+        });
+    }
+    let mut r = packed::Reader::new(bytes, codec);
+    match codec {
+        Codec::None => {
+            r.raw(raw, k)?;
+            r.raw(raw, v)?;
+        }
+        Codec::Kivi2 if fill < shape.block_size => {
+            r.raw(KvFormat::F16, k)?;
+            r.raw(KvFormat::F16, v)?;
+        }
+        Codec::Kivi2 => {
+            r.per_channel_2bit(shape, k)?;
+            r.groups(shape, 2, v)?;
+        }
+        Codec::Fp8 => {
+            r.fp8(shape, k)?;
+            r.fp8(shape, v)?;
+        }
+        Codec::Int8 => {
+            r.int8(shape, k)?;
+            r.int8(shape, v)?;
+        }
+        Codec::Int4 => {
+            r.groups(shape, 4, k)?;
+            r.groups(shape, 4, v)?;
+        }
+    }
+    // Scales, minimums and raw elements were read from the wire: nothing non-finite reaches a cache.
+    for half in [k, v] {
+        packed::zero_past_fill(shape, fill, half);
+        if half.iter().any(|x| !x.is_finite()) {
+            return Err(CodecError::NonFinite {
+                codec,
+                what: "value",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An f16 that stays finite (saturates instead of overflowing to infinity).
+fn f16_sat(x: f32) -> f16 {
+    f16::from_f32(x.clamp(-65504.0, 65504.0))
+}
+
+#[cfg(test)]
+mod tests;

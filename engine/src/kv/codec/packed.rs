@@ -1,0 +1,275 @@
+//! The byte layouts of the codecs, one writer and one reader per layout. All multi-byte values are little-endian;
+//! elements are indexed `[head][token][dim]` as in the cache; packed codes fill each byte from its low bits up.
+//!
+//! - raw: every element as f32 or f16.
+//! - fp8: per head, an f32 scale, then one E4M3 byte per element of `x / scale`.
+//! - int8: per head and token, an f16 scale, then one i8 per dim.
+//! - groups (int4, kivi2 values): per head, token and run of 32 dims, an f16 min and f16 scale, then the codes.
+//! - per-channel 2-bit (kivi2 keys): per head and dim, an f16 min and f16 scale over the block's tokens, then the
+//!   codes of those tokens.
+
+use super::{BlockShape, Codec, CodecError, f16_sat, fp8};
+use crate::kv::KvFormat;
+use half::f16;
+
+const GROUP: usize = 32;
+
+fn at(s: BlockShape, h: usize, t: usize) -> usize {
+    (h * s.block_size + t) * s.head_dim
+}
+
+pub(super) fn zero_past_fill(s: BlockShape, fill: usize, x: &mut [f32]) {
+    for h in 0..s.kv_heads {
+        x[at(s, h, fill)..at(s, h, s.block_size)].fill(0.0);
+    }
+}
+
+/// `x` with the tokens past `fill` read as zeros.
+fn value(s: BlockShape, fill: usize, x: &[f32], h: usize, t: usize, d: usize) -> f32 {
+    if t < fill { x[at(s, h, t) + d] } else { 0.0 }
+}
+
+pub(super) fn put_raw(fmt: KvFormat, s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) {
+    for h in 0..s.kv_heads {
+        for t in 0..s.block_size {
+            for d in 0..s.head_dim {
+                let v = value(s, fill, x, h, t, d);
+                match fmt {
+                    KvFormat::F32 => out.extend_from_slice(&v.to_le_bytes()),
+                    KvFormat::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn put_fp8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) {
+    for h in 0..s.kv_heads {
+        let rows = &x[at(s, h, 0)..at(s, h, fill)];
+        let absmax = rows.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if absmax > 0.0 { absmax / fp8::MAX } else { 1.0 };
+        out.extend_from_slice(&scale.to_le_bytes());
+        out.extend(rows.iter().map(|&v| fp8::from_f32(v / scale)));
+        out.resize(out.len() + (s.block_size - fill) * s.head_dim, 0);
+    }
+}
+
+pub(super) fn put_int8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) {
+    for h in 0..s.kv_heads {
+        for t in 0..s.block_size {
+            let row = &x[at(s, h, t)..at(s, h, t) + s.head_dim];
+            let absmax = if t < fill {
+                row.iter().fold(0f32, |m, v| m.max(v.abs()))
+            } else {
+                0.0
+            };
+            let scale = f16_sat(absmax / 127.0);
+            out.extend_from_slice(&scale.to_le_bytes());
+            let sf = scale.to_f32();
+            for &v in row {
+                let q = if t < fill && sf > 0.0 {
+                    (v / sf).round().clamp(-127.0, 127.0) as i8
+                } else {
+                    0
+                };
+                out.push(q as u8);
+            }
+        }
+    }
+}
+
+/// Quantizes `vals` to `bits`-bit codes over `[min, min + scale * levels]` and appends min, scale and the codes.
+fn put_run(vals: impl Iterator<Item = f32> + Clone, bits: u32, out: &mut Vec<u8>) {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let (lo, hi) = vals
+        .clone()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let min = f16_sat(lo);
+    let scale = f16_sat(((hi - min.to_f32()) / levels).max(0.0));
+    out.extend_from_slice(&min.to_le_bytes());
+    out.extend_from_slice(&scale.to_le_bytes());
+    let (mf, sf) = (min.to_f32(), scale.to_f32());
+    let per_byte = 8 / bits as usize;
+    let mut byte = 0u8;
+    let mut n = 0;
+    for v in vals {
+        let q = if sf > 0.0 {
+            ((v - mf) / sf).round().clamp(0.0, levels) as u8
+        } else {
+            0
+        };
+        byte |= q << (bits as usize * (n % per_byte));
+        n += 1;
+        if n % per_byte == 0 {
+            out.push(byte);
+            byte = 0;
+        }
+    }
+    if n % per_byte != 0 {
+        out.push(byte);
+    }
+}
+
+pub(super) fn put_groups(s: BlockShape, fill: usize, x: &[f32], bits: u32, out: &mut Vec<u8>) {
+    for h in 0..s.kv_heads {
+        for t in 0..s.block_size {
+            for g in (0..s.head_dim).step_by(GROUP) {
+                let end = (g + GROUP).min(s.head_dim);
+                put_run((g..end).map(|d| value(s, fill, x, h, t, d)), bits, out);
+            }
+        }
+    }
+}
+
+/// Keys of a full block: each channel's run over the block's tokens.
+pub(super) fn put_per_channel_2bit(s: BlockShape, x: &[f32], out: &mut Vec<u8>) {
+    for h in 0..s.kv_heads {
+        for d in 0..s.head_dim {
+            put_run((0..s.block_size).map(|t| x[at(s, h, t) + d]), 2, out);
+        }
+    }
+}
+
+/// Reads the layouts above from a buffer whose total length was checked; every read is still bounds-checked.
+pub(super) struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    codec: Codec,
+}
+
+impl<'a> Reader<'a> {
+    pub(super) fn new(bytes: &'a [u8], codec: Codec) -> Self {
+        Self {
+            bytes,
+            pos: 0,
+            codec,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(CodecError::Length {
+                codec: self.codec,
+                expected: self.pos.saturating_add(n),
+                got: self.bytes.len(),
+            });
+        };
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn finite(&self, x: f32, what: &'static str) -> Result<f32, CodecError> {
+        if x.is_finite() {
+            Ok(x)
+        } else {
+            Err(CodecError::NonFinite {
+                codec: self.codec,
+                what,
+            })
+        }
+    }
+
+    fn f16(&mut self, what: &'static str) -> Result<f32, CodecError> {
+        let b = self.take(2)?;
+        self.finite(f16::from_le_bytes([b[0], b[1]]).to_f32(), what)
+    }
+
+    pub(super) fn raw(&mut self, fmt: KvFormat, x: &mut [f32]) -> Result<(), CodecError> {
+        let b = self.take(x.len() * fmt.bytes_per_elem())?;
+        match fmt {
+            KvFormat::F32 => {
+                for (o, c) in x.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            KvFormat::F16 => {
+                for (o, c) in x.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn fp8(&mut self, s: BlockShape, x: &mut [f32]) -> Result<(), CodecError> {
+        for h in 0..s.kv_heads {
+            let b = self.take(4)?;
+            let scale = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let scale = self.finite(scale, "scale")?;
+            let codes = self.take(s.block_size * s.head_dim)?;
+            let rows = &mut x[at(s, h, 0)..at(s, h, s.block_size)];
+            for (o, &c) in rows.iter_mut().zip(codes) {
+                *o = self.finite(fp8::to_f32(c), "fp8 value")? * scale;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn int8(&mut self, s: BlockShape, x: &mut [f32]) -> Result<(), CodecError> {
+        for h in 0..s.kv_heads {
+            for t in 0..s.block_size {
+                let scale = self.f16("scale")?;
+                let codes = self.take(s.head_dim)?;
+                let row = &mut x[at(s, h, t)..at(s, h, t) + s.head_dim];
+                for (o, &c) in row.iter_mut().zip(codes) {
+                    *o = f32::from(c as i8) * scale;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One run written by `put_run`: `n` values handed to `emit` in order.
+    fn run(
+        &mut self,
+        n: usize,
+        bits: u32,
+        mut emit: impl FnMut(usize, f32),
+    ) -> Result<(), CodecError> {
+        let min = self.f16("min")?;
+        let scale = self.f16("scale")?;
+        let per_byte = 8 / bits as usize;
+        let mask = (1u8 << bits) - 1;
+        let codes = self.take(n.div_ceil(per_byte))?;
+        for i in 0..n {
+            let q = (codes[i / per_byte] >> (bits as usize * (i % per_byte))) & mask;
+            emit(i, min + scale * f32::from(q));
+        }
+        Ok(())
+    }
+
+    pub(super) fn groups(
+        &mut self,
+        s: BlockShape,
+        bits: u32,
+        x: &mut [f32],
+    ) -> Result<(), CodecError> {
+        for h in 0..s.kv_heads {
+            for t in 0..s.block_size {
+                for g in (0..s.head_dim).step_by(GROUP) {
+                    let n = (g + GROUP).min(s.head_dim) - g;
+                    let base = at(s, h, t) + g;
+                    self.run(n, bits, |i, v| x[base + i] = v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn per_channel_2bit(
+        &mut self,
+        s: BlockShape,
+        x: &mut [f32],
+    ) -> Result<(), CodecError> {
+        for h in 0..s.kv_heads {
+            for d in 0..s.head_dim {
+                self.run(s.block_size, 2, |t, v| x[at(s, h, t) + d] = v)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! Every codec round-trips random blocks within its stated error bound, and its decoder survives any bytes.
+
+use super::*;
+use proptest::prelude::*;
+
+const RAWS: [KvFormat; 2] = [KvFormat::F32, KvFormat::F16];
+
+fn shape_and_block() -> impl Strategy<Value = (BlockShape, usize, Vec<f32>, Vec<f32>)> {
+    (1usize..4, 1usize..20, 1usize..100).prop_flat_map(|(kv_heads, block_size, head_dim)| {
+        let s = BlockShape {
+            kv_heads,
+            block_size,
+            head_dim,
+        };
+        let n = s.elems();
+        // Mostly moderate values with occasional outliers, as in real keys.
+        let val = prop_oneof![
+            8 => -4.0f32..4.0,
+            1 => -300.0f32..300.0,
+            1 => Just(0.0f32),
+        ];
+        (
+            Just(s),
+            0..=block_size,
+            proptest::collection::vec(val.clone(), n),
+            proptest::collection::vec(val, n),
+        )
+    })
+}
+
+/// The largest error `codec` may make on element `(h, t, d)` of `x` (tokens below `fill`).
+fn bound(
+    codec: Codec,
+    raw: KvFormat,
+    s: BlockShape,
+    fill: usize,
+    x: &[f32],
+    i: usize,
+    key: bool,
+) -> f32 {
+    let (h, t, d) = (
+        i / (s.block_size * s.head_dim),
+        i / s.head_dim % s.block_size,
+        i % s.head_dim,
+    );
+    let row = |h: usize, t: usize| &x[(h * s.block_size + t) * s.head_dim..][..s.head_dim];
+    let f16_err = |v: f32| v.abs() / 2048.0 + 6e-8;
+    let absmax = |it: &mut dyn Iterator<Item = f32>| it.fold(0f32, |m, v| m.max(v.abs()));
+    let range = |it: &mut dyn Iterator<Item = f32>| {
+        let (lo, hi) = it.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+        (hi - lo, lo.abs().max(hi.abs()))
+    };
+    let g = d / 32 * 32;
+    let group = |t: usize| row(h, t)[g..(g + 32).min(s.head_dim)].iter().copied();
+    // Quantization step / 2, plus f16 rounding of the stored min and scale.
+    let runs = |r: f32, m: f32, levels: f32| r / levels * 0.5 * 1.002 + m / 1024.0 + 1e-6;
+    match codec {
+        Codec::None => match raw {
+            KvFormat::F32 => 0.0,
+            KvFormat::F16 => f16_err(x[i]),
+        },
+        Codec::Kivi2 if fill < s.block_size => f16_err(x[i]),
+        Codec::Fp8 => {
+            let m = absmax(&mut (0..fill).flat_map(|t| row(h, t).iter().copied()));
+            x[i].abs() / 16.0 + m / 448.0 / 1024.0 + 1e-6
+        }
+        Codec::Int8 => {
+            let m = absmax(&mut row(h, t).iter().copied());
+            m / 127.0 * 0.5 * 1.002 + m / 1024.0 + 1e-6
+        }
+        Codec::Int4 => {
+            let (r, m) = range(&mut group(t));
+            runs(r, m, 15.0)
+        }
+        Codec::Kivi2 => {
+            // Keys: channel d over the block's tokens; values: the group along head_dim.
+            let (r, m) = if key {
+                range(&mut (0..s.block_size).map(|t| row(h, t)[d]))
+            } else {
+                range(&mut group(t))
+            };
+            runs(r, m, 3.0)
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn round_trip_within_bounds((s, fill, k, v) in shape_and_block()) {
+        for codec in Codec::ALL {
+            for raw in RAWS {
+                let mut bytes = Vec::new();
+                encode_block(codec, raw, s, BlockRef { k: &k, v: &v, fill }, &mut bytes);
+                prop_assert_eq!(bytes.len(), encoded_len(codec, raw, s, fill));
+                let (mut k2, mut v2) = (vec![f32::NAN; s.elems()], vec![f32::NAN; s.elems()]);
+                decode_block(codec, raw, s, fill, &bytes, &mut k2, &mut v2).unwrap();
+                for (orig, back, key) in [(&k, &k2, true), (&v, &v2, false)] {
+                    for i in 0..s.elems() {
+                        let t = i / s.head_dim % s.block_size;
+                        if t >= fill {
+                            prop_assert_eq!(back[i], 0.0);
+                            continue;
+                        }
+                        // Bounds are computed over the block as the encoder saw it (tokens past fill zeroed).
+                        let mut seen = orig.clone();
+                        packed::zero_past_fill(s, fill, &mut seen);
+                        let b = bound(codec, raw, s, fill, &seen, i, key);
+                        prop_assert!(
+                            (back[i] - orig[i]).abs() <= b,
+                            "{codec} {raw:?} {s:?} fill {fill}: element {i}: {} -> {} (bound {b})",
+                            orig[i], back[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decoder_survives_any_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..4000),
+        heads in 1usize..3, block_size in 1usize..17, head_dim in 1usize..70, fill in 0usize..20,
+    ) {
+        let s = BlockShape { kv_heads: heads, block_size, head_dim };
+        for codec in Codec::ALL {
+            let (mut k, mut v) = (vec![0.0; s.elems()], vec![0.0; s.elems()]);
+            let n = encoded_len(codec, KvFormat::F16, s, fill.min(block_size)).min(bytes.len());
+            // Random bytes of the right length decode or are refused; any other length is refused.
+            let right = decode_block(codec, KvFormat::F16, s, fill, &bytes[..n], &mut k, &mut v);
+            if let Ok(()) = right {
+                prop_assert!(k.iter().chain(&v).all(|x| x.is_finite()));
+            }
+            let wrong = decode_block(codec, KvFormat::F16, s, fill, &bytes, &mut k, &mut v);
+            if bytes.len() != encoded_len(codec, KvFormat::F16, s, fill.min(block_size)) || fill > block_size {
+                prop_assert!(wrong.is_err());
+            }
+        }
+    }
+}
+
+#[test]
+fn sizes_for_the_default_model_shape() {
+    // SmolLM2-135M: 3 KV heads of 64 dims; 16-token blocks. Bytes per block of one layer, K and V.
+    let s = BlockShape {
+        kv_heads: 3,
+        block_size: 16,
+        head_dim: 64,
+    };
+    let f16_bytes = encoded_len(Codec::None, KvFormat::F16, s, 16);
+    assert_eq!(
+        encoded_len(Codec::None, KvFormat::F32, s, 16),
+        2 * f16_bytes
+    );
+    assert_eq!(f16_bytes, 2 * 3 * 16 * 64 * 2);
+    assert_eq!(
+        encoded_len(Codec::Fp8, KvFormat::F16, s, 16),
+        2 * 3 * (4 + 16 * 64)
+    );
+    assert_eq!(
+        encoded_len(Codec::Int8, KvFormat::F16, s, 16),
+        2 * 3 * 16 * 66
+    );
+    // int4: 5 bits per element; kivi2: 3.5 bits per element (4 for keys, 3 for values).
+    assert_eq!(
+        encoded_len(Codec::Int4, KvFormat::F16, s, 16) * 8,
+        2 * s.elems() * 5
+    );
+    assert_eq!(
+        encoded_len(Codec::Kivi2, KvFormat::F16, s, 16) * 8,
+        2 * s.elems() * 7 / 2
+    );
+    // A block still filling travels in f16 under kivi2.
+    assert_eq!(encoded_len(Codec::Kivi2, KvFormat::F16, s, 5), f16_bytes);
+}
+
+#[test]
+fn names_parse_back() {
+    for c in Codec::ALL {
+        assert_eq!(Codec::parse(c.name()), Ok(c));
+    }
+    assert!(matches!(Codec::parse("int3"), Err(CodecError::Unknown(_))));
+}
