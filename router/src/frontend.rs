@@ -63,8 +63,8 @@ pub struct Frontend {
     template: Option<ChatTemplate>,
     pub model: ModelInfo,
     pub workers: Workers,
-    /// Codec for requests that name none.
-    pub default_kv_codec: Codec,
+    /// Codec for requests that name none (`None`: the decode worker's default).
+    pub default_kv_codec: Option<Codec>,
     next_id: AtomicU64,
 }
 
@@ -111,7 +111,7 @@ impl Frontend {
         tokenizer: Arc<Tokenizer>,
         model: ModelInfo,
         workers: Workers,
-        default_kv_codec: Codec,
+        default_kv_codec: Option<Codec>,
     ) -> Self {
         let template = match tokenizer.chat_template() {
             Ok(t) => Some(t),
@@ -240,7 +240,11 @@ impl Frontend {
             prefill_endpoint: prefill
                 .as_ref()
                 .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
-            codec: convert::kv_codec_to_wire(p.kv_codec.unwrap_or(self.default_kv_codec)) as i32,
+            codec: p
+                .kv_codec
+                .or(self.default_kv_codec)
+                .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire)
+                as i32,
         };
         tracing::debug!(%request_id, decode = %decode.worker.endpoint, prompt_tokens = prompt.len(), "routing");
         let mut client =

@@ -35,8 +35,9 @@ pub struct RouterConfig {
     pub model: ModelInfo,
     /// How often workers are asked for their load (and health).
     pub poll_interval: Duration,
-    /// KV codec between prefill and decode workers for requests that name none.
-    pub kv_codec: Codec,
+    /// KV codec between prefill and decode workers for requests that name none; `None` leaves the choice to each
+    /// decode worker's own default.
+    pub kv_codec: Option<Codec>,
 }
 
 /// Why the router could not serve.

@@ -135,6 +135,87 @@ fn perplexity_is_sane_and_json_parses() {
 }
 
 #[test]
+fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
+    let text = repo().join("tests/data/wiki_excerpt.txt");
+    let svg = std::env::temp_dir().join(format!("tandem-evalkv-{}.svg", std::process::id()));
+    let o = run(&[
+        "eval",
+        "kv",
+        "--file",
+        text.to_str().unwrap(),
+        "--context",
+        "128",
+        "--continuation",
+        "32",
+        "--max-windows",
+        "2",
+        "--passkey-lengths",
+        "256",
+        "--passkey-depths",
+        "0.5",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let codecs = v["codecs"].as_array().unwrap();
+    let names: Vec<&str> = codecs
+        .iter()
+        .map(|c| c["codec"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["none", "fp8", "int8", "int4", "kivi2"]);
+    let get = |i: usize, k: &str| codecs[i][k].as_f64().unwrap();
+    // none moves the f32 cache byte for byte: 2 x 30 layers x 3 heads x 64 dims x 4 bytes per token.
+    assert_eq!(get(0, "bytes_per_token"), 46080.0);
+    assert_eq!(get(0, "top1_agreement"), 1.0);
+    assert_eq!(get(0, "mean_kl"), 0.0);
+    assert_eq!(get(0, "perplexity_change_pct"), 0.0);
+    // Sizes follow from the layouts (docs/kv-wire-format.md): 8.25 bits for int8, 5 for int4, 3.5 for kivi2.
+    assert!(
+        (get(2, "ratio_vs_none") - 32.0 / 8.25).abs() < 0.01,
+        "{}",
+        codecs[2]
+    );
+    assert!(
+        (get(3, "ratio_vs_none") - 32.0 / 5.0).abs() < 0.01,
+        "{}",
+        codecs[3]
+    );
+    assert!(
+        (get(4, "ratio_vs_none") - 32.0 / 3.5).abs() < 0.01,
+        "{}",
+        codecs[4]
+    );
+    for (i, c) in codecs.iter().enumerate().skip(1) {
+        let (ppl, agree) = (get(i, "perplexity"), get(i, "top1_agreement"));
+        assert!(ppl.is_finite() && ppl > 1.0, "{c}");
+        assert!(agree > 0.5 && agree <= 1.0, "{c}");
+        assert!(
+            get(i, "mean_kl") > 0.0,
+            "a lossy codec changes something: {c}"
+        );
+        assert_eq!(c["passkey_total"], 1);
+    }
+    // int8 is close to lossless here: within 1% perplexity and 95% top-1 agreement.
+    assert!(get(2, "perplexity_change_pct").abs() < 1.0, "{}", codecs[2]);
+    assert!(get(2, "top1_agreement") > 0.95, "{}", codecs[2]);
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("kivi2"));
+    let _ = std::fs::remove_file(&svg);
+    let o = run(&[
+        "eval",
+        "kv",
+        "--file",
+        text.to_str().unwrap(),
+        "--codecs",
+        "int3",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("int3"), "{}", stderr(&o));
+}
+
+#[test]
 fn bench_reports_every_figure() {
     let o = run(&[
         "bench",

@@ -12,6 +12,8 @@ use tandem_engine::{LogitsWanted, StepItem};
 pub enum EvalCommand {
     /// Perplexity of a text file.
     Perplexity(PerplexityArgs),
+    /// What each KV codec costs in quality (perplexity, top-1, KL, passkey) and saves in bytes.
+    Kv(super::eval_kv::KvEvalArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -35,6 +37,7 @@ pub struct PerplexityArgs {
 pub fn run(c: EvalCommand, threads: usize) -> Result<()> {
     match c {
         EvalCommand::Perplexity(a) => perplexity(a, threads),
+        EvalCommand::Kv(a) => super::eval_kv::run(a, threads),
     }
 }
 

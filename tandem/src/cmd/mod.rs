@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_serve;
 pub mod eval;
+pub mod eval_kv;
 pub mod generate;
 pub mod serve;
 pub mod up;

@@ -95,9 +95,10 @@ pub struct RouterArgs {
     /// How often workers are asked for their load, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
-    /// KV codec between prefill and decode worker for requests that name none: none, fp8, int8, int4 or kivi2.
-    #[arg(long, default_value = "none", value_parser = super::parse_codec)]
-    pub kv_codec: Codec,
+    /// KV codec between prefill and decode worker for requests that name none: none, fp8, int8, int4 or kivi2
+    /// (default: each decode worker's --kv-codec).
+    #[arg(long, value_parser = super::parse_codec)]
+    pub kv_codec: Option<Codec>,
 }
 
 /// A multi-threaded runtime for the async side (the engines run on their own threads).

@@ -116,7 +116,7 @@ impl LocalCluster {
             decode: endpoints(&decode_urls),
             model,
             poll_interval: Duration::from_secs(1),
-            kv_codec: a.decode_options.kv_codec,
+            kv_codec: None,
         };
         let s = stopped(stop.clone());
         nodes.spawn(async move {

@@ -36,8 +36,13 @@ pub fn from_f32(x: f32) -> u8 {
     sign | ((e as u8) << 3) | m as u8
 }
 
-/// The value of an E4M3 byte.
+/// The value of an E4M3 byte (a table lookup).
 pub fn to_f32(b: u8) -> f32 {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| compute_f32(i as u8)))[b as usize]
+}
+
+fn compute_f32(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
     let e = (b >> 3) & 0xf;
     let m = (b & 7) as f32;

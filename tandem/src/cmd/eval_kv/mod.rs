@@ -1,0 +1,338 @@
+//! `tandem eval kv`: what each KV codec costs in quality and buys in bytes, measured the way disaggregated serving
+//! uses it. For each window of the text, the context is prefilled once at full precision; then, per codec, its
+//! blocks are encoded and decoded exactly as the transfer does (the same `kv::codec` functions), written into a
+//! fresh sequence through the engine's transfer path, and the continuation is computed teacher-forced on top. The
+//! continuation's next-token predictions give perplexity, and against the uncompressed run (`none`, byte-exact)
+//! top-1 agreement and mean KL divergence. A passkey test hides a number in filler text and asks for it back after
+//! the same round trip. The prefix cache is reset between runs so no run reuses another's blocks.
+
+mod passkey;
+mod report;
+
+use super::{ModelArgs, load};
+use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+use tandem_engine::backend::Backend;
+use tandem_engine::kv::codec::{self, BlockRef, BlockShape, Codec};
+use tandem_engine::sampling::{argmax, log_sum_exp};
+use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
+
+#[derive(clap::Args, Debug)]
+pub struct KvEvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// UTF-8 text to score.
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+    /// Codecs to compare (comma list); `none` is always measured first as the reference.
+    #[arg(long, value_delimiter = ',', value_parser = super::parse_codec,
+          default_values_t = Codec::ALL.to_vec())]
+    pub codecs: Vec<Codec>,
+    /// Tokens of context per window (prefilled, compressed, moved).
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    /// Tokens of continuation per window (computed on the moved context and scored).
+    #[arg(long, default_value_t = 128)]
+    pub continuation: usize,
+    /// Windows to score (0: as many as the text holds).
+    #[arg(long, default_value_t = 4)]
+    pub max_windows: usize,
+    /// Passkey prompt lengths in tokens (comma list; empty skips the passkey test).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 2048, 4096])]
+    pub passkey_lengths: Vec<usize>,
+    /// Depths (0..1) at which the passkey is hidden, per length.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.1f64, 0.5, 0.9])]
+    pub passkey_depths: Vec<f64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG of quality (perplexity change) against bytes per token here.
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// What one codec did over the whole run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CodecResult {
+    pub codec: String,
+    pub bytes_per_token: f64,
+    /// Against the cache dtype (`none`) and against an f16 cache.
+    pub ratio_vs_none: f64,
+    pub ratio_vs_f16: f64,
+    pub perplexity: f64,
+    pub perplexity_change_pct: f64,
+    pub top1_agreement: f64,
+    pub mean_kl: f64,
+    /// Uncompressed (f32) megabytes per second through encode and decode.
+    pub encode_mb_s: f64,
+    pub decode_mb_s: f64,
+    /// Passkeys found, of those asked.
+    pub passkey_found: usize,
+    pub passkey_total: usize,
+    #[serde(skip)]
+    nll: f64,
+    #[serde(skip)]
+    scored: usize,
+    #[serde(skip)]
+    agree: usize,
+    #[serde(skip)]
+    kl: f64,
+    #[serde(skip)]
+    bytes: usize,
+    #[serde(skip)]
+    tokens_moved: usize,
+    #[serde(skip)]
+    encode: Duration,
+    #[serde(skip)]
+    decode: Duration,
+    #[serde(skip)]
+    raw_bytes: usize,
+}
+
+/// Rows of logits computed per step: bounds memory at rows x vocab floats.
+const ROWS_PER_STEP: usize = 128;
+
+/// Computes every pending token of `seq`; returns the logits of each computed row (`wants` All) or of the last.
+pub(super) fn compute<B: Backend>(
+    engine: &mut Engine<B>,
+    seq: SeqId,
+    wants: LogitsWanted,
+) -> Result<Vec<f32>> {
+    let step_rows = ROWS_PER_STEP.min(engine.config().max_batch_tokens);
+    let mut out = Vec::new();
+    loop {
+        let (done, len) = engine.seq_progress(seq)?;
+        if done == len {
+            return Ok(out);
+        }
+        let n = (len - done).min(step_rows);
+        let last = done + n == len;
+        let logits = match wants {
+            LogitsWanted::All => LogitsWanted::All,
+            LogitsWanted::Last if last => LogitsWanted::Last,
+            _ => LogitsWanted::None,
+        };
+        let rows = engine.step(&[StepItem {
+            seq,
+            n_tokens: n,
+            logits,
+        }])?;
+        out.extend(rows.into_iter().flatten());
+    }
+}
+
+/// K and V of every block of a prefilled prompt, `[layer][block]`, and the prompt length.
+pub(super) struct Snapshot {
+    blocks: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+    tokens: usize,
+}
+
+/// Prefills `prompt` at full precision; returns its blocks and the logits of its last token.
+pub(super) fn prefill<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+) -> Result<(Snapshot, Vec<f32>)> {
+    engine.reset_prefix_cache();
+    let seq = engine.add_sequence(prompt)?;
+    let last = compute(engine, seq, LogitsWanted::Last);
+    let ids = engine.seq_blocks(seq)?.to_vec();
+    let layers = engine.kv_layout().layers;
+    let blocks = (0..layers)
+        .map(|l| ids.iter().map(|&b| engine.read_kv_block(l, b)).collect())
+        .collect();
+    engine.remove_sequence(seq)?;
+    engine.reset_prefix_cache();
+    Ok((
+        Snapshot {
+            blocks,
+            tokens: prompt.len(),
+        },
+        last?,
+    ))
+}
+
+/// Moves `snap` into a new sequence for `prompt` through `codec`, as a decode worker receives it; counts bytes and
+/// codec time into `r`. The caller removes the returned sequence.
+pub(super) fn transfer<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+    snap: &Snapshot,
+    codec: Codec,
+    r: &mut CodecResult,
+) -> Result<SeqId> {
+    let layout = *engine.kv_layout();
+    let shape = BlockShape {
+        kv_heads: layout.kv_heads,
+        block_size: layout.block_size,
+        head_dim: layout.head_dim,
+    };
+    let target = engine.add_sequence_for_transfer(prompt)?;
+    anyhow::ensure!(target.cached_blocks == 0, "the prefix cache was not reset");
+    let mut buf = Vec::new();
+    let (mut k, mut v) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
+    for (layer, blocks) in snap.blocks.iter().enumerate() {
+        for (i, (bk, bv)) in blocks.iter().enumerate() {
+            let fill = (snap.tokens - i * shape.block_size).min(shape.block_size);
+            buf.clear();
+            let t0 = Instant::now();
+            let block = BlockRef { k: bk, v: bv, fill };
+            codec::encode_block(codec, layout.format, shape, block, &mut buf);
+            let t1 = Instant::now();
+            codec::decode_block(codec, layout.format, shape, fill, &buf, &mut k, &mut v)?;
+            r.decode += t1.elapsed();
+            r.encode += t1 - t0;
+            r.bytes += buf.len();
+            r.raw_bytes += 2 * shape.elems() * 4;
+            engine.write_transferred_block(target.seq, layer, target.blocks[i], &k, &v)?;
+        }
+    }
+    r.tokens_moved += snap.tokens;
+    engine.complete_transfer(target.seq)?;
+    Ok(target.seq)
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(row);
+    row.iter().map(|&x| x - lse).collect()
+}
+
+/// Scores one window: the continuation `cont` after a moved context, per codec (the first is `none`).
+fn score_window<B: Backend>(
+    engine: &mut Engine<B>,
+    ctx: &[u32],
+    cont: &[u32],
+    results: &mut [CodecResult],
+    codecs: &[Codec],
+) -> Result<()> {
+    let vocab = engine.model.config.vocab;
+    let (snap, _) = prefill(engine, ctx)?;
+    let mut reference: Vec<Vec<f32>> = Vec::new();
+    for (codec, r) in codecs.iter().zip(results.iter_mut()) {
+        let seq = transfer(engine, ctx, &snap, *codec, r)?;
+        let run = (|| -> Result<Vec<f32>> {
+            for &t in cont {
+                engine.append_token(seq, t)?;
+            }
+            compute(engine, seq, LogitsWanted::All)
+        })();
+        engine.remove_sequence(seq)?;
+        engine.reset_prefix_cache();
+        let logits = run?;
+        let rows: Vec<Vec<f32>> = logits.chunks_exact(vocab).map(log_softmax).collect();
+        if reference.is_empty() {
+            // `none` moves the cache byte for byte: its rows are the reference (agreement 1, KL 0 by definition).
+            reference = rows.clone();
+        }
+        for (i, row) in rows.iter().enumerate().take(cont.len() - 1) {
+            r.nll -= f64::from(row[cont[i + 1] as usize]);
+            r.scored += 1;
+            if let Some(refr) = reference.get(i) {
+                r.agree += usize::from(argmax(row) == argmax(refr));
+                r.kl += refr
+                    .iter()
+                    .zip(row)
+                    .map(|(&p, &q)| f64::from(p).exp() * f64::from(p - q))
+                    .sum::<f64>();
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {} (UTF-8 text)", a.file.display()))?;
+    let mut codecs = vec![Codec::None];
+    codecs.extend(a.codecs.iter().filter(|&&c| c != Codec::None));
+    if a.continuation < 2 || a.context == 0 {
+        anyhow::bail!("--context must be at least 1 and --continuation at least 2");
+    }
+    if let Some(d) = a.passkey_depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+        anyhow::bail!("--passkey-depths must lie in 0..1, got {d}");
+    }
+    let mut loaded = load(&a.model, threads)?;
+    let ctx_len = loaded.engine.model.config.context_len;
+    let window = a.context + a.continuation;
+    if window > ctx_len {
+        anyhow::bail!(
+            "--context + --continuation = {window} exceeds the model's context {ctx_len}"
+        );
+    }
+    if let Some(l) = a
+        .passkey_lengths
+        .iter()
+        .find(|&&l| l + 16 > ctx_len || l < 64)
+    {
+        anyhow::bail!(
+            "--passkey-lengths: {l} must be between 64 and the model's context {ctx_len} minus 16"
+        );
+    }
+    let tokens = loaded.tokenizer.encode(&text)?;
+    let mut windows = tokens.len() / window;
+    if windows == 0 {
+        anyhow::bail!(
+            "{} has {} tokens, fewer than one window of {window} (--context + --continuation)",
+            a.file.display(),
+            tokens.len()
+        );
+    }
+    if a.max_windows > 0 {
+        windows = windows.min(a.max_windows);
+    }
+    let mut results: Vec<CodecResult> = codecs
+        .iter()
+        .map(|c| CodecResult {
+            codec: c.name().into(),
+            ..Default::default()
+        })
+        .collect();
+    let started = Instant::now();
+    let pb = crate::progress::bar(windows as u64, "kv windows");
+    for w in 0..windows {
+        let win = &tokens[w * window..(w + 1) * window];
+        let (ctx, cont) = win.split_at(a.context);
+        score_window(&mut loaded.engine, ctx, cont, &mut results, &codecs)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let keys = passkey::run(
+        &mut loaded.engine,
+        &loaded.tokenizer,
+        &codecs,
+        &a.passkey_lengths,
+        &a.passkey_depths,
+        &mut results,
+    )?;
+    let layout = *loaded.engine.kv_layout();
+    let f16_per_token = (2 * layout.layers * layout.kv_heads * layout.head_dim * 2) as f64;
+    report::finish(&mut results, f16_per_token);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": a.model.model.display().to_string(),
+                "file": a.file.display().to_string(),
+                "kv_format": format!("{:?}", layout.format),
+                "windows": windows, "context": a.context, "continuation": a.continuation,
+                "passkeys": keys,
+                "codecs": results,
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        print!("{}", report::table(&results));
+        eprintln!(
+            "[{windows} windows of {} + {} tokens, {} passkey prompts, {:.1} s]",
+            a.context,
+            a.continuation,
+            keys.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(path) = &a.svg {
+        std::fs::write(path, report::svg(&results))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
