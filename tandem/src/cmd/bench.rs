@@ -16,7 +16,9 @@ pub enum BenchCommand {
     /// Engine throughput: prefill at 128/512 tokens, decode at batch 1/4/16.
     Engine(EngineBenchArgs),
     /// Serving latency and throughput through the router, against a baseline in the same run.
-    Serve(super::bench_serve::ServeBenchArgs),
+    Serve(Box<super::bench_serve::ServeBenchArgs>),
+    /// KV transfer over loopback gRPC per codec, against the codecs' encode speed.
+    Transfer(super::bench_transfer::TransferBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -43,7 +45,8 @@ pub struct EngineBenchArgs {
 pub fn run(c: BenchCommand, threads: usize) -> Result<()> {
     match c {
         BenchCommand::Engine(a) => engine(a, threads),
-        BenchCommand::Serve(a) => super::bench_serve::run(a, threads),
+        BenchCommand::Serve(a) => super::bench_serve::run(*a, threads),
+        BenchCommand::Transfer(a) => super::bench_transfer::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_serve;
+pub mod bench_transfer;
 pub mod eval;
 pub mod eval_kv;
 pub mod generate;

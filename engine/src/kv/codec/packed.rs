@@ -24,22 +24,19 @@ pub(super) fn zero_past_fill(s: BlockShape, fill: usize, x: &mut [f32]) {
     }
 }
 
-/// `x` with the tokens past `fill` read as zeros.
-fn value(s: BlockShape, fill: usize, x: &[f32], h: usize, t: usize, d: usize) -> f32 {
-    if t < fill { x[at(s, h, t) + d] } else { 0.0 }
-}
-
 pub(super) fn put_raw(fmt: KvFormat, s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) {
+    let row_bytes = s.head_dim * fmt.bytes_per_elem();
     for h in 0..s.kv_heads {
-        for t in 0..s.block_size {
-            for d in 0..s.head_dim {
-                let v = value(s, fill, x, h, t, d);
-                match fmt {
-                    KvFormat::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                    KvFormat::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
-                }
-            }
+        let rows = &x[at(s, h, 0)..at(s, h, fill)];
+        match fmt {
+            KvFormat::F32 => rows
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            KvFormat::F16 => rows
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
         }
+        out.resize(out.len() + (s.block_size - fill) * row_bytes, 0);
     }
 }
 
@@ -49,7 +46,8 @@ pub(super) fn put_fp8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) 
         let absmax = rows.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = if absmax > 0.0 { absmax / fp8::MAX } else { 1.0 };
         out.extend_from_slice(&scale.to_le_bytes());
-        out.extend(rows.iter().map(|&v| fp8::from_f32(v / scale)));
+        let inv = 1.0 / scale;
+        out.extend(rows.iter().map(|&v| fp8::from_f32(v * inv)));
         out.resize(out.len() + (s.block_size - fill) * s.head_dim, 0);
     }
 }
@@ -66,58 +64,75 @@ pub(super) fn put_int8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>)
             let scale = f16_sat(absmax / 127.0);
             out.extend_from_slice(&scale.to_le_bytes());
             let sf = scale.to_f32();
-            for &v in row {
-                let q = if t < fill && sf > 0.0 {
-                    (v / sf).round().clamp(-127.0, 127.0) as i8
-                } else {
-                    0
-                };
-                out.push(q as u8);
+            if t >= fill || sf == 0.0 {
+                out.resize(out.len() + s.head_dim, 0);
+                continue;
             }
+            let inv = 1.0 / sf;
+            out.extend(
+                row.iter()
+                    .map(|&v| round_half_away(v * inv).clamp(-127, 127) as i8 as u8),
+            );
         }
     }
 }
 
+/// Nearest integer, halves away from zero, by truncation (no libm call on targets without SSE4.1); NaN gives 0.
+fn round_half_away(x: f32) -> i32 {
+    (x + 0.5f32.copysign(x)) as i32
+}
+
 /// Quantizes `vals` to `bits`-bit codes over `[min, min + scale * levels]` and appends min, scale and the codes.
-fn put_run(vals: impl Iterator<Item = f32> + Clone, bits: u32, out: &mut Vec<u8>) {
-    let levels = ((1u32 << bits) - 1) as f32;
-    let (lo, hi) = vals
-        .clone()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
+fn put_run<const BITS: u32>(vals: &[f32], out: &mut Vec<u8>) {
+    let levels = (1i32 << BITS) - 1;
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in vals {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
     let min = f16_sat(lo);
-    let scale = f16_sat(((hi - min.to_f32()) / levels).max(0.0));
+    let scale = f16_sat(((hi - min.to_f32()) / levels as f32).max(0.0));
     out.extend_from_slice(&min.to_le_bytes());
     out.extend_from_slice(&scale.to_le_bytes());
     let (mf, sf) = (min.to_f32(), scale.to_f32());
-    let per_byte = 8 / bits as usize;
-    let mut byte = 0u8;
-    let mut n = 0;
-    for v in vals {
-        let q = if sf > 0.0 {
-            ((v - mf) / sf).round().clamp(0.0, levels) as u8
-        } else {
-            0
-        };
-        byte |= q << (bits as usize * (n % per_byte));
-        n += 1;
-        if n % per_byte == 0 {
-            out.push(byte);
-            byte = 0;
+    let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
+    // Codes as floats clamped to [0, levels] first, so the conversion is a plain truncation (vectorizable);
+    // `+ 0.5` then rounds. Packed through a stack buffer: extending the output byte by byte costs more than this.
+    let per_byte = 8 / BITS as usize;
+    let top = levels as f32;
+    let mut codes = [0u8; 64];
+    let mut packed = [0u8; 32];
+    for run in vals.chunks(codes.len()) {
+        for (c, &v) in codes.iter_mut().zip(run) {
+            *c = ((v - mf) * inv + 0.5).clamp(0.0, top) as u8;
         }
-    }
-    if n % per_byte != 0 {
-        out.push(byte);
+        codes[run.len()..].fill(0);
+        let n = run.len().div_ceil(per_byte);
+        for (i, p) in packed[..n].iter_mut().enumerate() {
+            let group = &codes[i * per_byte..(i + 1) * per_byte];
+            *p = group
+                .iter()
+                .enumerate()
+                .fold(0u8, |b, (j, &q)| b | q << (BITS as usize * j));
+        }
+        out.extend_from_slice(&packed[..n]);
     }
 }
 
 pub(super) fn put_groups(s: BlockShape, fill: usize, x: &[f32], bits: u32, out: &mut Vec<u8>) {
+    let zeros = vec![0f32; s.head_dim];
     for h in 0..s.kv_heads {
         for t in 0..s.block_size {
-            for g in (0..s.head_dim).step_by(GROUP) {
-                let end = (g + GROUP).min(s.head_dim);
-                put_run((g..end).map(|d| value(s, fill, x, h, t, d)), bits, out);
+            let row = if t < fill {
+                &x[at(s, h, t)..at(s, h, t) + s.head_dim]
+            } else {
+                &zeros[..]
+            };
+            for group in row.chunks(GROUP) {
+                match bits {
+                    2 => put_run::<2>(group, out),
+                    _ => put_run::<4>(group, out),
+                }
             }
         }
     }
@@ -125,9 +140,13 @@ pub(super) fn put_groups(s: BlockShape, fill: usize, x: &[f32], bits: u32, out: 
 
 /// Keys of a full block: each channel's run over the block's tokens.
 pub(super) fn put_per_channel_2bit(s: BlockShape, x: &[f32], out: &mut Vec<u8>) {
+    let mut channel = vec![0f32; s.block_size];
     for h in 0..s.kv_heads {
         for d in 0..s.head_dim {
-            put_run((0..s.block_size).map(|t| x[at(s, h, t) + d]), 2, out);
+            for (t, c) in channel.iter_mut().enumerate() {
+                *c = x[at(s, h, t) + d];
+            }
+            put_run::<2>(&channel, out);
         }
     }
 }
