@@ -102,14 +102,7 @@ impl BlockPool {
                         .lru
                         .pop_first()
                         .expect("available() counted this block");
-                    let m = &mut self.meta[id.0 as usize];
-                    m.lru_tick = None;
-                    if let Some(h) = m.hash.take()
-                        && self.by_hash.get(&h) == Some(&id)
-                    {
-                        self.by_hash.remove(&h);
-                        evicted.push(h);
-                    }
+                    evicted.extend(self.uncache(id));
                     id
                 }
             };
@@ -195,14 +188,7 @@ impl BlockPool {
         let mut removed = Vec::new();
         let dropped = self.lru.len();
         for (_, id) in std::mem::take(&mut self.lru) {
-            let m = &mut self.meta[id.0 as usize];
-            m.lru_tick = None;
-            if let Some(h) = m.hash.take()
-                && self.by_hash.get(&h) == Some(&id)
-            {
-                self.by_hash.remove(&h);
-                removed.push(h);
-            }
+            removed.extend(self.uncache(id));
             self.free.push(id);
         }
         if !removed.is_empty() {
@@ -212,6 +198,17 @@ impl BlockPool {
             });
         }
         dropped
+    }
+
+    /// Clears a block taken out of the LRU of its hash; returns the hash if the index named this block for it.
+    fn uncache(&mut self, id: BlockId) -> Option<BlockHash> {
+        let m = &mut self.meta[id.0 as usize];
+        m.lru_tick = None;
+        let h = m.hash.take()?;
+        (self.by_hash.get(&h) == Some(&id)).then(|| {
+            self.by_hash.remove(&h);
+            h
+        })
     }
 
     pub fn refcount(&self, id: BlockId) -> u32 {
