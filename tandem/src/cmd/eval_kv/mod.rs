@@ -37,9 +37,12 @@ pub struct KvEvalArgs {
     /// Windows to score (0: as many as the text holds).
     #[arg(long, default_value_t = 4)]
     pub max_windows: usize,
-    /// Passkey prompt lengths in tokens (comma list; empty skips the passkey test).
+    /// Passkey prompt lengths in tokens (comma list).
     #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 2048, 4096])]
     pub passkey_lengths: Vec<usize>,
+    /// Skip the passkey test.
+    #[arg(long)]
+    pub no_passkey: bool,
     /// Depths (0..1) at which the passkey is hidden, per length.
     #[arg(long, value_delimiter = ',', default_values_t = [0.1f64, 0.5, 0.9])]
     pub passkey_depths: Vec<f64>,
@@ -295,11 +298,16 @@ pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let lengths: &[usize] = if a.no_passkey {
+        &[]
+    } else {
+        &a.passkey_lengths
+    };
     let keys = passkey::run(
         &mut loaded.engine,
         &loaded.tokenizer,
         &codecs,
-        &a.passkey_lengths,
+        lengths,
         &a.passkey_depths,
         &mut results,
     )?;
