@@ -56,6 +56,8 @@ pub struct RemotePrefill {
     pub prefill_cached_tokens: usize,
     pub prefill_time: Duration,
     pub kv_bytes: u64,
+    /// The K/V arrived exactly (codec `none`); lossy K/V is never offered to the prefix cache.
+    pub exact: bool,
 }
 
 /// Totals sent with a request's last token.
@@ -485,7 +487,7 @@ impl<B: Backend> Scheduler<B> {
         a.phase = Phase::Running;
         a.remote = Some((p.prefill_time, p.kv_bytes));
         a.cached_tokens = a.cached_tokens.max(p.prefill_cached_tokens);
-        if let Err(e) = self.engine.complete_transfer(key) {
+        if let Err(e) = self.engine.complete_transfer(key, p.exact) {
             return self.fail(key, e.into());
         }
         let a = self.active.get_mut(&key).expect("checked above");

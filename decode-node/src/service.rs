@@ -101,6 +101,7 @@ impl Shared {
     ) -> Result<RemotePrefill, DecodeError> {
         let timeout = self.config.transfer_timeout;
         let deadline = Instant::now() + timeout;
+        let exact = job.codec == Codec::None;
         let sched = self.sched.clone();
         let _session = self.sessions.open(
             &job.dest_blocks,
@@ -152,6 +153,7 @@ impl Shared {
             prefill_cached_tokens: r.cached_tokens as usize,
             prefill_time: Duration::from_micros(r.prefill_us),
             kv_bytes: r.kv_bytes_sent,
+            exact,
         })
     }
 

@@ -84,6 +84,9 @@ struct Sequence {
     blocks: Vec<BlockId>,
     /// Hashes of the complete blocks committed so far.
     hashes: Vec<BlockHash>,
+    /// Whether this sequence's new blocks may enter the prefix cache: false once approximate K/V (a lossy transfer
+    /// codec) was written, since everything computed after it attends to that approximation.
+    shareable: bool,
 }
 
 /// Model + backend + KV store + block pool + sequences.
@@ -179,6 +182,7 @@ impl<B: Backend> Engine<B> {
                 kv_len,
                 blocks,
                 hashes,
+                shareable: true,
             },
         );
         Ok(id)
@@ -432,6 +436,9 @@ impl<B: Backend> Engine<B> {
 
 /// Hashes the sequence's newly complete blocks and offers them to the prefix cache.
 fn commit_complete_blocks(s: &mut Sequence, pool: &mut BlockPool, seed: HashSeed, bs: usize) {
+    if !s.shareable {
+        return;
+    }
     while s.hashes.len() < s.kv_len / bs {
         let i = s.hashes.len();
         let h = hash_block(

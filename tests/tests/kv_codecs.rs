@@ -103,6 +103,13 @@ fn run(codec: Codec, prompts: &[Vec<u32>], n: u32) -> Vec<(Vec<u32>, u64)> {
     let (d, p) = c.wait_idle(Duration::from_secs(5));
     assert_eq!(used_blocks(&d[0]), 0, "{codec}: {d:?}");
     assert_eq!(used_blocks(&p[0]), 0, "{codec}: {p:?}");
+    // Exact K/V joins the decode worker's prefix cache; a lossy codec's approximation never does, so no later
+    // request (perhaps asking for `none`) inherits it.
+    if codec == Codec::None {
+        assert!(d[0].kv_blocks_cached > 0, "{d:?}");
+    } else {
+        assert_eq!(d[0].kv_blocks_cached, 0, "{codec}: {d:?}");
+    }
     out
 }
 

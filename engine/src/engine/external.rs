@@ -121,15 +121,18 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Marks `seq`'s whole prompt as computed (its K/V was written) and offers its full blocks to the prefix cache.
+    /// Marks `seq`'s whole prompt as computed (its K/V was written) and, when that K/V is `exact` (what a forward
+    /// pass here would have stored, not a lossy codec's approximation), offers its full blocks to the prefix cache.
+    /// A sequence with approximate K/V never shares its blocks, so no later request inherits the approximation.
     /// Called once every block of every layer arrived; the caller keeps that count.
-    pub fn complete_transfer(&mut self, seq: SeqId) -> Result<()> {
+    pub fn complete_transfer(&mut self, seq: SeqId, exact: bool) -> Result<()> {
         let bs = self.layout.block_size;
         let s = self
             .seqs
             .get_mut(&seq)
             .ok_or(EngineError::UnknownSequence(seq.0))?;
         s.kv_len = s.tokens.len();
+        s.shareable &= exact;
         commit_complete_blocks(s, &mut self.pool, self.config.hash_seed, bs);
         Ok(())
     }

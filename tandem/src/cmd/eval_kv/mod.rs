@@ -190,7 +190,7 @@ pub(super) fn transfer<B: Backend>(
         }
     }
     r.tokens_moved += snap.tokens;
-    engine.complete_transfer(target.seq)?;
+    engine.complete_transfer(target.seq, codec == Codec::None)?;
     Ok(target.seq)
 }
 
