@@ -4,7 +4,7 @@
 //! how fast the sender encodes, so the two can be compared: a codec is never the bottleneck of a transfer when it
 //! encodes faster than the link carries the uncompressed cache.
 
-use super::serve::{bind, runtime};
+use super::serve::{bind, runtime, stopped};
 use anyhow::Result;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,16 +92,14 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
         let sessions = Sessions::new(LAYOUT, LAYERS);
         let listener = bind("127.0.0.1:0".parse()?, "the transfer receiver").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let mut routes = tonic::service::RoutesBuilder::default();
         routes.add_service(KvTransferService::new(sessions.clone()).into_server());
         let server = tokio::spawn(serve_grpc(
             listener,
             routes,
             &["tandem.v1.KvTransfer"],
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
+            stopped(stop),
         ));
         let channel = tonic::transport::Endpoint::from_shared(url)?
             .connect()

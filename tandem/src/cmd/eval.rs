@@ -6,7 +6,8 @@
 
 use super::{ModelArgs, load};
 use anyhow::{Context, Result};
-use tandem_engine::{LogitsWanted, StepItem};
+use tandem_engine::backend::Backend;
+use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum EvalCommand {
@@ -44,6 +45,33 @@ pub fn run(c: EvalCommand, threads: usize) -> Result<()> {
 /// Rows of logits computed per step: bounds memory at rows x vocab floats.
 const EVAL_ROWS_PER_STEP: usize = 128;
 
+/// Computes every pending token of `seq`, at most `EVAL_ROWS_PER_STEP` per step, asking each step for the logits
+/// `wants(first_pos, n_tokens, is_last_step)` names and handing them to `on_logits(first_pos, logits)`.
+pub(super) fn compute_pending<B: Backend>(
+    engine: &mut Engine<B>,
+    seq: SeqId,
+    wants: impl Fn(usize, usize, bool) -> LogitsWanted,
+    mut on_logits: impl FnMut(usize, Vec<f32>),
+) -> Result<()> {
+    let step_rows = EVAL_ROWS_PER_STEP.min(engine.config().max_batch_tokens);
+    loop {
+        let (done, len) = engine.seq_progress(seq)?;
+        if done == len {
+            return Ok(());
+        }
+        let n = (len - done).min(step_rows);
+        let logits = engine
+            .step(&[StepItem {
+                seq,
+                n_tokens: n,
+                logits: wants(done, n, done + n == len),
+            }])?
+            .pop()
+            .unwrap_or_default();
+        on_logits(done, logits);
+    }
+}
+
 fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -76,7 +104,6 @@ fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
     }
     let vocab = loaded.engine.model.config.vocab;
     let first_scored = a.context / 2;
-    let step_rows = EVAL_ROWS_PER_STEP.min(loaded.engine.config().max_batch_tokens);
     let pb = crate::progress::bar(windows as u64, "perplexity");
     let started = std::time::Instant::now();
     let (mut nll, mut count) = (0f64, 0usize);
@@ -84,36 +111,23 @@ fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
         let win = &tokens[w * a.context..(w + 1) * a.context];
         let engine = &mut loaded.engine;
         let seq = engine.add_sequence(win)?;
-        let scored = (|| -> Result<()> {
-            loop {
-                let (done, len) = engine.seq_progress(seq)?;
-                if done == len {
-                    return Ok(());
-                }
-                let n = (len - done).min(step_rows);
-                let wants = if done + n > first_scored {
-                    LogitsWanted::All
-                } else {
-                    LogitsWanted::None
-                };
-                let logits = engine
-                    .step(&[StepItem {
-                        seq,
-                        n_tokens: n,
-                        logits: wants,
-                    }])?
-                    .pop()
-                    .unwrap_or_default();
-                for (r, row) in logits.chunks_exact(vocab).enumerate() {
-                    let pos = done + r;
-                    if pos >= first_scored && pos + 1 < win.len() {
-                        let lse = tandem_engine::sampling::log_sum_exp(row) as f64;
-                        nll += lse - row[win[pos + 1] as usize] as f64;
-                        count += 1;
-                    }
+        let wants = |done: usize, n: usize, _last: bool| {
+            if done + n > first_scored {
+                LogitsWanted::All
+            } else {
+                LogitsWanted::None
+            }
+        };
+        let scored = compute_pending(engine, seq, wants, |done, logits| {
+            for (r, row) in logits.chunks_exact(vocab).enumerate() {
+                let pos = done + r;
+                if pos >= first_scored && pos + 1 < win.len() {
+                    let lse = tandem_engine::sampling::log_sum_exp(row) as f64;
+                    nll += lse - row[win[pos + 1] as usize] as f64;
+                    count += 1;
                 }
             }
-        })();
+        });
         engine.remove_sequence(seq)?;
         scored?;
         pb.inc(1);

@@ -3,7 +3,7 @@
 //! router and straight to the mock, so the difference in TTFT and ITL is the router's own cost (parsing,
 //! validation, routing, two extra socket hops and the relay), free of the engines' noise and CPU use.
 
-use super::super::serve::{bind, router_model};
+use super::super::serve::{bind, router_model, stopped};
 use super::{ServeBenchArgs, channel};
 use anyhow::Result;
 use std::net::SocketAddr;
@@ -21,10 +21,6 @@ pub struct MockSetup {
     pub decode: Channel,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<()>>,
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 impl MockSetup {

@@ -9,13 +9,14 @@
 mod passkey;
 mod report;
 
+use super::eval::compute_pending;
 use super::{ModelArgs, load};
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
 use tandem_engine::kv::codec::{self, BlockRef, BlockShape, Codec};
 use tandem_engine::sampling::{argmax, log_sum_exp};
-use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
+use tandem_engine::{Engine, LogitsWanted, SeqId};
 
 #[derive(clap::Args, Debug)]
 pub struct KvEvalArgs {
@@ -92,36 +93,20 @@ pub struct CodecResult {
     raw_bytes: usize,
 }
 
-/// Rows of logits computed per step: bounds memory at rows x vocab floats.
-const ROWS_PER_STEP: usize = 128;
-
 /// Computes every pending token of `seq`; returns the logits of each computed row (`wants` All) or of the last.
 pub(super) fn compute<B: Backend>(
     engine: &mut Engine<B>,
     seq: SeqId,
     wants: LogitsWanted,
 ) -> Result<Vec<f32>> {
-    let step_rows = ROWS_PER_STEP.min(engine.config().max_batch_tokens);
     let mut out = Vec::new();
-    loop {
-        let (done, len) = engine.seq_progress(seq)?;
-        if done == len {
-            return Ok(out);
-        }
-        let n = (len - done).min(step_rows);
-        let last = done + n == len;
-        let logits = match wants {
-            LogitsWanted::All => LogitsWanted::All,
-            LogitsWanted::Last if last => LogitsWanted::Last,
-            _ => LogitsWanted::None,
-        };
-        let rows = engine.step(&[StepItem {
-            seq,
-            n_tokens: n,
-            logits,
-        }])?;
-        out.extend(rows.into_iter().flatten());
-    }
+    let per_step = |_: usize, _: usize, last: bool| match wants {
+        LogitsWanted::All => LogitsWanted::All,
+        LogitsWanted::Last if last => LogitsWanted::Last,
+        _ => LogitsWanted::None,
+    };
+    compute_pending(engine, seq, per_step, |_, rows| out.extend(rows))?;
+    Ok(out)
 }
 
 /// K and V of every block of a prefilled prompt, `[layer][block]`, and the prompt length.
