@@ -8,11 +8,11 @@
 //!
 //! The engine is single-owner state (`&mut self`): a node runs it on one task and sends it commands.
 
-use crate::backend::{Backend, BatchLayout, SeqSlice};
+use crate::backend::{AttentionTally, Backend, BatchLayout, SeqSlice};
 use crate::error::{EngineError, Result};
 use crate::kv::{
     BlockHash, BlockId, BlockPool, HashSeed, KvEvent, KvFormat, KvLayout, PoolStats,
-    hash::hash_block,
+    evict::AttentionScores, hash::hash_block,
 };
 use crate::model::{LlamaModel, ModelSource, Scratch};
 use std::collections::HashMap;
@@ -85,8 +85,30 @@ struct Sequence {
     /// Hashes of the complete blocks committed so far.
     hashes: Vec<BlockHash>,
     /// Whether this sequence's new blocks may enter the prefix cache: false once approximate K/V (a lossy transfer
-    /// codec) was written, since everything computed after it attends to that approximation.
+    /// codec, eviction) was written, since everything computed after it attends to that approximation.
     shareable: bool,
+    /// Prompt tokens whose K/V was evicted: token `p` (past the kept prompt) lives in cache slot `p - evicted`.
+    evicted: usize,
+    /// Attention summed per prompt position, for eviction policies, with the first query position that adds.
+    scores: Option<(usize, AttentionScores)>,
+}
+
+impl Sequence {
+    fn new(tokens: Vec<u32>, blocks: Vec<BlockId>, hashes: Vec<BlockHash>, bs: usize) -> Self {
+        Self {
+            tokens,
+            kv_len: blocks.len() * bs,
+            blocks,
+            hashes,
+            shareable: true,
+            evicted: 0,
+            scores: None,
+        }
+    }
+    /// Cache slots in use.
+    fn slots(&self) -> usize {
+        self.kv_len - self.evicted
+    }
 }
 
 /// Model + backend + KV store + block pool + sequences.
@@ -170,22 +192,41 @@ impl<B: Backend> Engine<B> {
         let reusable = (prompt.len() - 1) / bs;
         let hashes = crate::kv::block_hashes(self.config.hash_seed, &prompt[..reusable * bs], bs);
         let blocks = self.pool.acquire_prefix(&hashes);
-        let kv_len = blocks.len() * bs;
-        self.prefix_hit_tokens += kv_len as u64;
+        self.prefix_hit_tokens += (blocks.len() * bs) as u64;
+        let hashes = hashes[..blocks.len()].to_vec();
+        Ok(self.insert(Sequence::new(prompt.to_vec(), blocks, hashes, bs)))
+    }
+
+    fn insert(&mut self, s: Sequence) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
-        let hashes = hashes[..blocks.len()].to_vec();
-        self.seqs.insert(
-            id,
-            Sequence {
-                tokens: prompt.to_vec(),
-                kv_len,
-                blocks,
-                hashes,
-                shareable: true,
-            },
-        );
-        Ok(id)
+        self.seqs.insert(id, s);
+        id
+    }
+
+    /// Starts a sequence whose prompt is computed in full (no prefix reuse), summing, per layer and KV head, the
+    /// attention that its query positions `from_pos..` pay to each prompt position; read them with
+    /// [`Engine::attention_scores`] once the prompt is computed. Eviction policies rank tokens by these sums.
+    pub fn add_sequence_scored(&mut self, prompt: &[u32], from_pos: usize) -> Result<SeqId> {
+        self.validate_prompt(prompt)?;
+        let l = &self.layout;
+        let mut s = Sequence::new(prompt.to_vec(), Vec::new(), Vec::new(), l.block_size);
+        s.scores = Some((
+            from_pos,
+            AttentionScores::zeros(l.layers, l.kv_heads, prompt.len()),
+        ));
+        Ok(self.insert(s))
+    }
+
+    /// The attention sums of a sequence started with [`Engine::add_sequence_scored`].
+    pub fn attention_scores(&self, seq: SeqId) -> Result<Option<&AttentionScores>> {
+        Ok(self
+            .seqs
+            .get(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?
+            .scores
+            .as_ref()
+            .map(|(_, s)| s))
     }
 
     /// Leading blocks of `prompt` that [`Engine::add_sequence`] would take from the prefix cache now.
@@ -316,7 +357,7 @@ impl<B: Backend> Engine<B> {
                     it.seq.0, it.n_tokens
                 )));
             }
-            need += (s.kv_len + it.n_tokens)
+            need += (s.slots() + it.n_tokens)
                 .div_ceil(bs)
                 .saturating_sub(s.blocks.len());
         }
@@ -325,17 +366,18 @@ impl<B: Backend> Engine<B> {
         let mut rows_of = Vec::with_capacity(items.len());
         for it in items {
             let s = self.seqs.get_mut(&it.seq).expect("validated above");
-            let want_blocks = (s.kv_len + it.n_tokens).div_ceil(bs);
+            let want_blocks = (s.slots() + it.n_tokens).div_ceil(bs);
             while s.blocks.len() < want_blocks {
                 s.blocks.push(fresh.next().expect("allocated above"));
             }
             let first_row = batch.tokens.len();
             for p in s.kv_len..s.kv_len + it.n_tokens {
+                let slot = p - s.evicted;
                 batch.tokens.push(s.tokens[p]);
                 batch.positions.push(p as u32);
                 batch
                     .slots
-                    .push(s.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
+                    .push(s.blocks[slot / bs].0 * bs as u32 + (slot % bs) as u32);
             }
             let logit_rows: Vec<usize> = match it.logits {
                 LogitsWanted::None => vec![],
@@ -347,18 +389,44 @@ impl<B: Backend> Engine<B> {
             batch.seqs.push(SeqSlice {
                 first_row,
                 n_rows: it.n_tokens,
-                start_pos: s.kv_len,
+                start_pos: s.slots(),
                 block_table: s.blocks.iter().map(|b| b.0).collect(),
             });
         }
+        // Score sums move out of their sequences for the pass (the layer observer reads the sequences meanwhile).
+        let mut scored: Vec<(SeqId, usize, AttentionScores)> = Vec::new();
+        for it in items {
+            let s = self.seqs.get_mut(&it.seq).expect("validated above");
+            if let Some((from, sums)) = s.scores.take() {
+                scored.push((it.seq, from, sums));
+            }
+        }
+        let mut tallies: Vec<AttentionTally<'_>> = scored
+            .iter_mut()
+            .map(|(seq, from, sums)| AttentionTally {
+                seq: items
+                    .iter()
+                    .position(|i| i.seq == *seq)
+                    .expect("from items"),
+                from_pos: *from,
+                positions: sums.positions,
+                sums: &mut sums.sums,
+            })
+            .collect();
         let (backend, seqs) = (&self.backend, &self.seqs);
         let logits = self.model.forward(
             backend,
             &mut self.kv,
             &batch,
             &mut self.scratch,
+            &mut tallies,
             &mut |layer, kv| after_layer(layer, &KvView::new(backend, kv, seqs)),
-        )?;
+        );
+        drop(tallies);
+        for (seq, from, sums) in scored {
+            self.seqs.get_mut(&seq).expect("validated above").scores = Some((from, sums));
+        }
+        let logits = logits?;
         // Commit progress and newly completed blocks.
         for it in items {
             let s = self.seqs.get_mut(&it.seq).expect("validated above");

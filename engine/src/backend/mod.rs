@@ -19,9 +19,11 @@ pub struct SeqSlice {
     /// Rows of the batch (tokens) that belong to this sequence: `first_row..first_row + n_rows`.
     pub first_row: usize,
     pub n_rows: usize,
-    /// Position of the first of those tokens; the sequence's context after this step is `start_pos + n_rows`.
+    /// Cache slot of the first of those tokens; the sequence's cached context after this step is `start_pos +
+    /// n_rows` slots. Equal to the token's position unless the sequence's prompt K/V was evicted down to fewer slots
+    /// (RoPE then uses [`BatchLayout::positions`], the true positions).
     pub start_pos: usize,
-    /// Physical KV block ids in logical order, covering at least `start_pos + n_rows` tokens.
+    /// Physical KV block ids in logical order, covering at least `start_pos + n_rows` slots.
     pub block_table: Vec<u32>,
 }
 
@@ -36,6 +38,18 @@ pub struct BatchLayout {
     pub seqs: Vec<SeqSlice>,
     /// Rows whose logits are wanted, in output order.
     pub logit_rows: Vec<usize>,
+}
+
+/// Where a step's attention probabilities are summed per key position for one sequence (eviction policies rank
+/// tokens by them): query rows at positions `from_pos..` of sequence `seq` (an index into [`BatchLayout::seqs`])
+/// add their probabilities, summed over the query heads of each KV head's group, into
+/// `sums[(layer * kv_heads + kv_head) * positions + key_position]`.
+#[derive(Debug)]
+pub struct AttentionTally<'a> {
+    pub seq: usize,
+    pub from_pos: usize,
+    pub positions: usize,
+    pub sums: &'a mut [f32],
 }
 
 /// A backend: memory and kernels for one device.
@@ -83,7 +97,8 @@ pub trait Backend: Send + Sync + 'static {
         v: &Self::Activations,
         plan: &Self::Plan,
     );
-    /// Causal attention of every query row over its sequence's cached K/V (grouped-query aware).
+    /// Causal attention of every query row over its sequence's cached K/V (grouped-query aware), adding the
+    /// probabilities of the tallied rows to `tallies`.
     fn attention(
         &self,
         q: &Self::Activations,
@@ -91,6 +106,7 @@ pub trait Backend: Send + Sync + 'static {
         layer: usize,
         plan: &Self::Plan,
         out: &mut Self::Activations,
+        tallies: &mut [AttentionTally<'_>],
     );
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Activations, up: &Self::Activations);

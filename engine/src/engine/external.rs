@@ -11,6 +11,8 @@ use super::{Engine, SeqId, Sequence, commit_complete_blocks};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv::BlockId;
+use crate::kv::codec::BlockShape;
+use crate::kv::evict::{CompactBlock, KeepPlan};
 use std::collections::HashMap;
 
 /// Read access to the KV store while a step runs (handed to a step's layer observer).
@@ -73,6 +75,72 @@ impl<B: Backend> Engine<B> {
                 Err(e)
             }
         }
+    }
+
+    /// Starts a sequence for `prompt` whose K/V arrives evicted down to `kept` tokens (compacted into consecutive
+    /// slots, see [`crate::kv::evict`]); allocates their blocks now (all or nothing). Nothing comes from the prefix
+    /// cache, and nothing this sequence computes enters it. Decoding continues at the prompt's true positions.
+    pub fn add_sequence_evicted(&mut self, prompt: &[u32], kept: usize) -> Result<TransferTarget> {
+        self.validate_prompt(prompt)?;
+        if kept == 0 || kept > prompt.len() {
+            return Err(EngineError::invalid(format!(
+                "eviction keeps {kept} tokens of a {}-token prompt; it must keep 1..={}",
+                prompt.len(),
+                prompt.len()
+            )));
+        }
+        let bs = self.layout.block_size;
+        let blocks = self.pool.allocate(kept.div_ceil(bs))?;
+        let mut s = Sequence::new(prompt.to_vec(), Vec::new(), Vec::new(), bs);
+        s.blocks = blocks.clone();
+        s.evicted = prompt.len() - kept;
+        s.shareable = false;
+        let seq = self.insert(s);
+        Ok(TransferTarget {
+            seq,
+            cached_blocks: 0,
+            blocks,
+        })
+    }
+
+    /// `seq`'s prompt K/V of `layer` as [`KeepPlan`] compacts it, block by block.
+    pub fn compact_layer(
+        &self,
+        seq: SeqId,
+        plan: &KeepPlan,
+        layer: usize,
+    ) -> Result<Vec<CompactBlock>> {
+        let s = self
+            .seqs
+            .get(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
+        let l = &self.layout;
+        if plan.prompt_len > s.kv_len
+            || s.evicted != 0
+            || plan.kv_heads != l.kv_heads
+            || layer >= l.layers
+        {
+            return Err(EngineError::invalid(format!(
+                "cannot compact sequence {}: plan for {} tokens and {} KV heads, layer {layer}",
+                seq.0, plan.prompt_len, plan.kv_heads
+            )));
+        }
+        let full: Vec<(Vec<f32>, Vec<f32>)> = s.blocks[..plan.prompt_len.div_ceil(l.block_size)]
+            .iter()
+            .map(|b| self.backend.read_kv_block(&self.kv, layer, b.0))
+            .collect();
+        let shape = BlockShape {
+            kv_heads: l.kv_heads,
+            block_size: l.block_size,
+            head_dim: l.head_dim,
+        };
+        Ok((0..plan.kept.div_ceil(l.block_size))
+            .map(|i| {
+                let (mut k, mut v) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
+                let fill = plan.compact_block(layer, i, shape, |b| &full[b], &mut k, &mut v);
+                CompactBlock { k, v, fill }
+            })
+            .collect())
     }
 
     /// Writes one transferred block of `layer` into `seq`'s block `block`, which must be one of the blocks

@@ -7,6 +7,7 @@
 //! only ids and bookkeeping; the bytes live in the backend's `KvStore`, laid out by [`KvLayout`].
 
 pub mod codec;
+pub mod evict;
 pub mod hash;
 pub mod pool;
 

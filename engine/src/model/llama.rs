@@ -6,7 +6,7 @@
 //! the rows whose logits were asked for. The same function serves prefill chunks and batched decode: a batch is
 //! just rows of tokens, each with a position and a sequence.
 
-use crate::backend::{Backend, BatchLayout};
+use crate::backend::{AttentionTally, Backend, BatchLayout};
 use crate::error::{EngineError, Result};
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelSource;
@@ -124,14 +124,16 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// Runs one step over `batch`, writing every token's K/V into `kv`, and returns the logits of
-    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`). `after_layer(i, kv)` runs as soon as layer `i`'s
-    /// K/V of this step are in the store, so a caller can ship them while later layers compute.
+    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`), with attention summed into `tallies`.
+    /// `after_layer(i, kv)` runs as soon as layer `i`'s K/V of this step are in the store, so a caller can ship
+    /// them while later layers compute.
     pub fn forward(
         &self,
         backend: &B,
         kv: &mut B::KvStore,
         batch: &BatchLayout,
         s: &mut Scratch<B>,
+        tallies: &mut [AttentionTally<'_>],
         after_layer: &mut dyn FnMut(usize, &B::KvStore),
     ) -> Result<Vec<f32>> {
         let c = &self.config;
@@ -166,7 +168,7 @@ impl<B: Backend> LlamaModel<B> {
             backend.rope(&mut s.k, c.kv_heads, &plan);
             backend.store_kv(kv, li, &s.k, &s.v, &plan);
             after_layer(li, kv);
-            backend.attention(&s.q, kv, li, &plan, &mut s.att);
+            backend.attention(&s.q, kv, li, &plan, &mut s.att, tallies);
             backend.matmul(&s.att, &mut [(&l.wo, &mut s.h)]);
             backend.add(&mut s.x, &s.h);
 

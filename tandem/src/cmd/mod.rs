@@ -45,6 +45,10 @@ fn parse_codec(s: &str) -> std::result::Result<tandem_engine::kv::codec::Codec, 
     tandem_engine::kv::codec::Codec::parse(s).map_err(|e| e.to_string())
 }
 
+fn parse_eviction(s: &str) -> std::result::Result<tandem_engine::kv::evict::Eviction, String> {
+    tandem_engine::kv::evict::Eviction::parse(s).map_err(|e| e.to_string())
+}
+
 pub use tandem_engine::model::default_model_path;
 
 pub struct Loaded {

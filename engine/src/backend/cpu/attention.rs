@@ -10,7 +10,9 @@
 use super::pool::SpinPool;
 use super::simd::{axpy, dot};
 use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
+use crate::backend::AttentionTally;
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 const ROWS_PER_TASK: usize = 64;
 
@@ -47,10 +49,11 @@ pub fn attention(
     layer: usize,
     plan: &CpuPlan,
     out: &mut CpuTensor,
-    heads: usize,
+    tallies: &mut [AttentionTally<'_>],
 ) {
     let lay = &kv.layout;
     let hd = lay.head_dim;
+    let heads = q.cols / hd;
     let group = heads / lay.kv_heads;
     out.resize(q.rows, heads * hd);
     let mut tasks = Vec::new();
@@ -61,6 +64,16 @@ pub fn attention(
             }
         }
     }
+    // Tallied rows sum their probabilities into a buffer of their task's own, reduced after the parallel region.
+    let tallied_from = |si: usize| tallies.iter().find(|t| t.seq == si).map(|t| t.from_pos);
+    let partials: Vec<Mutex<Vec<f32>>> = tasks
+        .iter()
+        .map(|&(si, _, _, r1)| {
+            let s = &plan.layout.seqs[si];
+            let wanted = tallied_from(si).is_some_and(|from| s.start_pos + r1 > from);
+            Mutex::new(vec![0.0; if wanted { s.start_pos + r1 } else { 0 }])
+        })
+        .collect();
     let scale = 1.0 / (hd as f32).sqrt();
     let optr = Ptr(out.data.as_mut_ptr());
     let (kbuf, vbuf) = (&kv.k[layer], &kv.v[layer]);
@@ -69,6 +82,19 @@ pub fn attention(
         let s = &plan.layout.seqs[si];
         let ctx = s.start_pos + r1;
         let rows = r1 - r0;
+        let mut partial = partials[t].lock().unwrap_or_else(|e| e.into_inner());
+        let tally_from = if partial.is_empty() {
+            usize::MAX
+        } else {
+            tallied_from(si).unwrap_or(usize::MAX)
+        };
+        let mut tally = |pos: usize, probs: &[f32]| {
+            if pos >= tally_from {
+                for (acc, &p) in partial.iter_mut().zip(probs) {
+                    *acc += p;
+                }
+            }
+        };
         SCRATCH.with(|cell| {
             let sc = &mut *cell.borrow_mut();
             // Decode rows over an f32 store read K/V in place through the block table; everything else works on
@@ -114,6 +140,7 @@ pub fn attention(
                             *x = dot(qv, key(j)) * scale;
                         }
                         softmax_in_place(scores);
+                        tally(visible - 1, scores);
                         // SAFETY: this task alone writes head h of this row; the slice lies inside `out`.
                         let o = unsafe {
                             std::slice::from_raw_parts_mut(
@@ -154,6 +181,7 @@ pub fn attention(
                     let row = &mut all_scores[r * ctx..(r + 1) * ctx];
                     softmax_in_place(&mut row[..visible]);
                     row[visible..].fill(0.0);
+                    tally(visible - 1, &row[..visible]);
                 }
                 // SAFETY: the output rows r0..r1, head h slice, are written by this task only (row stride out.cols).
                 unsafe {
@@ -178,6 +206,19 @@ pub fn attention(
             }
         });
     });
+    for (&(si, kvh, _, _), partial) in tasks.iter().zip(partials) {
+        let partial = partial.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tallies
+            .iter_mut()
+            .find(|t| t.seq == si && !partial.is_empty())
+        {
+            let at = (layer * lay.kv_heads + kvh) * t.positions;
+            let n = partial.len().min(t.positions);
+            for (acc, p) in t.sums[at..at + n].iter_mut().zip(&partial) {
+                *acc += p;
+            }
+        }
+    }
 }
 
 /// Max-subtracted softmax.

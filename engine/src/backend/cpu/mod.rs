@@ -10,7 +10,7 @@ mod matmul;
 pub mod pool;
 pub mod simd;
 
-use super::{Backend, BatchLayout};
+use super::{AttentionTally, Backend, BatchLayout};
 use crate::error::{EngineError, Result};
 use crate::gguf::SharedBytes;
 use crate::kv::{KvFormat, KvLayout};
@@ -296,9 +296,9 @@ impl Backend for CpuBackend {
         layer: usize,
         plan: &CpuPlan,
         out: &mut CpuTensor,
+        tallies: &mut [AttentionTally<'_>],
     ) {
-        let heads = q.cols / kv.layout.head_dim;
-        attention::attention(&self.pool, q, kv, layer, plan, out, heads);
+        attention::attention(&self.pool, q, kv, layer, plan, out, tallies);
     }
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {

@@ -4,7 +4,10 @@
 //! fresh sequence through the engine's transfer path, and the continuation is computed teacher-forced on top. The
 //! continuation's next-token predictions give perplexity, and against the uncompressed run (`none`, byte-exact)
 //! top-1 agreement and mean KL divergence. A passkey test hides a number in filler text and asks for it back after
-//! the same round trip. The prefix cache is reset between runs so no run reuses another's blocks.
+//! the same round trip. Evicting variants first cut the context to their budget (`kv::evict`, ranking tokens by
+//! the attention of the full-precision prefill where the policy asks) and move only the kept tokens' K/V, compacted,
+//! as a prefill worker sends them; the continuation then runs at the true positions. The prefix cache is reset
+//! between runs so no run reuses another's blocks.
 
 mod passkey;
 mod report;
@@ -15,6 +18,7 @@ use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
 use tandem_engine::kv::codec::{self, BlockRef, BlockShape, Codec};
+use tandem_engine::kv::evict::{self, AttentionScores, Eviction};
 use tandem_engine::sampling::{argmax, log_sum_exp};
 use tandem_engine::{Engine, LogitsWanted, SeqId};
 
@@ -29,6 +33,15 @@ pub struct KvEvalArgs {
     #[arg(long, value_delimiter = ',', value_parser = super::parse_codec,
           default_values_t = Codec::ALL.to_vec())]
     pub codecs: Vec<Codec>,
+    /// Eviction budgets to measure (comma list of policy:budget, e.g. snapkv:0.5 or streaming:256; empty: none),
+    /// each combined with every codec of --evict-codecs.
+    #[arg(long, value_delimiter = ',', value_parser = super::parse_eviction,
+          default_values_t = ["streaming:0.5", "snapkv:0.5", "h2o:0.5", "block:0.5"].map(|e| Eviction::parse(e).expect("valid")))]
+    pub evictions: Vec<Eviction>,
+    /// Codecs combined with each eviction budget (comma list).
+    #[arg(long, value_delimiter = ',', value_parser = super::parse_codec,
+          default_values_t = [Codec::None, Codec::Int4])]
+    pub evict_codecs: Vec<Codec>,
     /// Tokens of context per window (prefilled, compressed, moved).
     #[arg(long, default_value_t = 512)]
     pub context: usize,
@@ -55,9 +68,30 @@ pub struct KvEvalArgs {
     pub svg: Option<std::path::PathBuf>,
 }
 
-/// What one codec did over the whole run.
+/// One way of moving the cache: a codec, after an optional eviction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variant {
+    pub codec: Codec,
+    pub eviction: Option<Eviction>,
+}
+
+impl Variant {
+    fn label(&self) -> String {
+        match &self.eviction {
+            None => self.codec.name().to_string(),
+            Some(e) => format!("{}+{e}", self.codec),
+        }
+    }
+    /// First query position whose attention the eviction ranks by (see `EvictionPolicy::scored_from`).
+    fn scored_from(&self, prompt_len: usize) -> Option<usize> {
+        self.eviction.and_then(|e| e.policy.scored_from(prompt_len))
+    }
+}
+
+/// What one variant did over the whole run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CodecResult {
+    /// The codec, then `+policy:budget` when evicting.
     pub codec: String,
     pub bytes_per_token: f64,
     /// Against the cache dtype (`none`) and against an f16 cache.
@@ -109,58 +143,126 @@ pub(super) fn compute<B: Backend>(
     Ok(out)
 }
 
-/// K and V of every block of a prefilled prompt, `[layer][block]`, and the prompt length.
+/// K and V of every block of a prefilled prompt, `[layer][block]`, the prompt length, and the attention sums an
+/// eviction policy ranks by (when the prefill was scored).
 pub(super) struct Snapshot {
     blocks: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
     tokens: usize,
+    scores: Option<AttentionScores>,
 }
 
-/// Prefills `prompt` at full precision; returns its blocks and the logits of its last token.
+/// Prefills `prompt` at full precision (summing attention from query position `scored_from` on, when given);
+/// returns its blocks and the logits of its last token.
 pub(super) fn prefill<B: Backend>(
     engine: &mut Engine<B>,
     prompt: &[u32],
+    scored_from: Option<usize>,
 ) -> Result<(Snapshot, Vec<f32>)> {
     engine.reset_prefix_cache();
-    let seq = engine.add_sequence(prompt)?;
+    let seq = match scored_from {
+        Some(from) => engine.add_sequence_scored(prompt, from)?,
+        None => engine.add_sequence(prompt)?,
+    };
     let last = compute(engine, seq, LogitsWanted::Last);
     let ids = engine.seq_blocks(seq)?.to_vec();
     let layers = engine.kv_layout().layers;
     let blocks = (0..layers)
         .map(|l| ids.iter().map(|&b| engine.read_kv_block(l, b)).collect())
         .collect();
+    let scores = engine.attention_scores(seq)?.cloned();
     engine.remove_sequence(seq)?;
     engine.reset_prefix_cache();
     Ok((
         Snapshot {
             blocks,
             tokens: prompt.len(),
+            scores,
         },
         last?,
     ))
 }
 
-/// Moves `snap` into a new sequence for `prompt` through `codec`, as a decode worker receives it; counts bytes and
-/// codec time into `r`. The caller removes the returned sequence.
+/// The full-precision prefills a set of variants needs, one per distinct scoring (the K/V are the same in each;
+/// only the attention sums differ).
+pub(super) struct Snapshots(Vec<(Option<usize>, Snapshot)>);
+
+impl Snapshots {
+    /// Prefills `prompt` once per distinct [`Variant::scored_from`]; returns them and the unscored last logits.
+    pub(super) fn take<B: Backend>(
+        engine: &mut Engine<B>,
+        prompt: &[u32],
+        variants: &[Variant],
+    ) -> Result<(Self, Vec<f32>)> {
+        let (plain, last) = prefill(engine, prompt, None)?;
+        let mut all = vec![(None, plain)];
+        for v in variants {
+            let from = v.scored_from(prompt.len());
+            if all.iter().all(|(f, _)| *f != from) {
+                all.push((from, prefill(engine, prompt, from)?.0));
+            }
+        }
+        Ok((Self(all), last))
+    }
+
+    fn for_variant(&self, v: &Variant) -> &Snapshot {
+        let from = v.scored_from(self.0[0].1.tokens);
+        &self
+            .0
+            .iter()
+            .find(|(f, _)| *f == from)
+            .expect("taken for every variant")
+            .1
+    }
+}
+
+/// Moves the prefill of `prompt` into a new sequence as `variant` says (evicting, then through its codec), as a
+/// decode worker receives it; counts bytes and codec time into `r`. The caller removes the returned sequence.
 pub(super) fn transfer<B: Backend>(
     engine: &mut Engine<B>,
     prompt: &[u32],
-    snap: &Snapshot,
-    codec: Codec,
+    snaps: &Snapshots,
+    variant: Variant,
     r: &mut CodecResult,
 ) -> Result<SeqId> {
+    let snap = snaps.for_variant(&variant);
+    let codec = variant.codec;
     let layout = *engine.kv_layout();
     let shape = BlockShape {
         kv_heads: layout.kv_heads,
         block_size: layout.block_size,
         head_dim: layout.head_dim,
     };
-    let target = engine.add_sequence_for_transfer(prompt)?;
+    let plan = match &variant.eviction {
+        Some(e) => Some(evict::plan(
+            e,
+            snap.tokens,
+            layout.block_size,
+            layout.layers,
+            layout.kv_heads,
+            snap.scores.as_ref(),
+        )?),
+        None => None,
+    };
+    let target = match &plan {
+        Some(p) => engine.add_sequence_evicted(prompt, p.kept)?,
+        None => engine.add_sequence_for_transfer(prompt)?,
+    };
     anyhow::ensure!(target.cached_blocks == 0, "the prefix cache was not reset");
     let mut buf = Vec::new();
     let (mut k, mut v) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
+    let (mut ck, mut cv) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
     for (layer, blocks) in snap.blocks.iter().enumerate() {
-        for (i, (bk, bv)) in blocks.iter().enumerate() {
-            let fill = (snap.tokens - i * shape.block_size).min(shape.block_size);
+        for (i, &dest) in target.blocks.iter().enumerate() {
+            let (bk, bv, fill) = match &plan {
+                Some(p) => {
+                    let fill = p.compact_block(layer, i, shape, |b| &blocks[b], &mut ck, &mut cv);
+                    (ck.as_slice(), cv.as_slice(), fill)
+                }
+                None => {
+                    let fill = (snap.tokens - i * shape.block_size).min(shape.block_size);
+                    (blocks[i].0.as_slice(), blocks[i].1.as_slice(), fill)
+                }
+            };
             buf.clear();
             let t0 = Instant::now();
             let block = BlockRef { k: bk, v: bv, fill };
@@ -171,11 +273,11 @@ pub(super) fn transfer<B: Backend>(
             r.encode += t1 - t0;
             r.bytes += buf.len();
             r.raw_bytes += 2 * shape.elems() * 4;
-            engine.write_transferred_block(target.seq, layer, target.blocks[i], &k, &v)?;
+            engine.write_transferred_block(target.seq, layer, dest, &k, &v)?;
         }
     }
     r.tokens_moved += snap.tokens;
-    engine.complete_transfer(target.seq, codec == Codec::None)?;
+    engine.complete_transfer(target.seq, codec == Codec::None && plan.is_none())?;
     Ok(target.seq)
 }
 
@@ -184,19 +286,19 @@ fn log_softmax(row: &[f32]) -> Vec<f32> {
     row.iter().map(|&x| x - lse).collect()
 }
 
-/// Scores one window: the continuation `cont` after a moved context, per codec (the first is `none`).
+/// Scores one window: the continuation `cont` after a moved context, per variant (the first is plain `none`).
 fn score_window<B: Backend>(
     engine: &mut Engine<B>,
     ctx: &[u32],
     cont: &[u32],
     results: &mut [CodecResult],
-    codecs: &[Codec],
+    variants: &[Variant],
 ) -> Result<()> {
     let vocab = engine.model.config.vocab;
-    let (snap, _) = prefill(engine, ctx)?;
+    let (snaps, _) = Snapshots::take(engine, ctx, variants)?;
     let mut reference: Vec<Vec<f32>> = Vec::new();
-    for (codec, r) in codecs.iter().zip(results.iter_mut()) {
-        let seq = transfer(engine, ctx, &snap, *codec, r)?;
+    for (variant, r) in variants.iter().zip(results.iter_mut()) {
+        let seq = transfer(engine, ctx, &snaps, *variant, r)?;
         let run = (|| -> Result<Vec<f32>> {
             for &t in cont {
                 engine.append_token(seq, t)?;
@@ -230,8 +332,25 @@ fn score_window<B: Backend>(
 pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {} (UTF-8 text)", a.file.display()))?;
-    let mut codecs = vec![Codec::None];
-    codecs.extend(a.codecs.iter().filter(|&&c| c != Codec::None));
+    let plain = |codec| Variant {
+        codec,
+        eviction: None,
+    };
+    let mut variants = vec![plain(Codec::None)];
+    variants.extend(
+        a.codecs
+            .iter()
+            .filter(|&&c| c != Codec::None)
+            .map(|&c| plain(c)),
+    );
+    for &e in &a.evictions {
+        for &codec in &a.evict_codecs {
+            variants.push(Variant {
+                codec,
+                eviction: Some(e),
+            });
+        }
+    }
     if a.continuation < 2 || a.context == 0 {
         anyhow::bail!("--context must be at least 1 and --continuation at least 2");
     }
@@ -267,10 +386,10 @@ pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
     if a.max_windows > 0 {
         windows = windows.min(a.max_windows);
     }
-    let mut results: Vec<CodecResult> = codecs
+    let mut results: Vec<CodecResult> = variants
         .iter()
-        .map(|c| CodecResult {
-            codec: c.name().into(),
+        .map(|v| CodecResult {
+            codec: v.label(),
             ..Default::default()
         })
         .collect();
@@ -279,7 +398,7 @@ pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
     for w in 0..windows {
         let win = &tokens[w * window..(w + 1) * window];
         let (ctx, cont) = win.split_at(a.context);
-        score_window(&mut loaded.engine, ctx, cont, &mut results, &codecs)?;
+        score_window(&mut loaded.engine, ctx, cont, &mut results, &variants)?;
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -291,7 +410,7 @@ pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
     let keys = passkey::run(
         &mut loaded.engine,
         &loaded.tokenizer,
-        &codecs,
+        &variants,
         lengths,
         &a.passkey_depths,
         &mut results,

@@ -3,10 +3,9 @@
 //! prefill (as a prefill worker returns it), the rest are decoded greedily on the moved, codec-round-tripped cache.
 //! A key counts as found when the answer's digits start with it.
 
-use super::{CodecResult, compute, prefill, transfer};
+use super::{CodecResult, Snapshots, Variant, compute, transfer};
 use anyhow::Result;
 use tandem_engine::backend::Backend;
-use tandem_engine::kv::codec::Codec;
 use tandem_engine::sampling::argmax;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, LogitsWanted};
@@ -19,13 +18,13 @@ const QUESTION: &str = "\nWhat is the pass key? The pass key is";
 /// Tokens generated for an answer (a space and five digits, which the tokenizer splits one per token).
 const ANSWER_TOKENS: usize = 7;
 
-/// One passkey prompt's outcome per codec.
+/// One passkey prompt's outcome per variant.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PasskeyCase {
     pub tokens: usize,
     pub depth: f64,
     pub key: u32,
-    /// The answer per codec, in the order measured.
+    /// The answer per variant (codec and eviction), in the order measured.
     pub answers: Vec<(String, String)>,
 }
 
@@ -44,11 +43,11 @@ fn prompt(tok: &Tokenizer, len: usize, depth: f64, key: u32) -> Result<Vec<u32>>
     Ok(tok.encode(&text)?)
 }
 
-/// Runs every length x depth for every codec; adds found/total to `results` (same order as `codecs`).
+/// Runs every length x depth for every variant; adds found/total to `results` (same order as `variants`).
 pub fn run<B: Backend>(
     engine: &mut Engine<B>,
     tok: &Tokenizer,
-    codecs: &[Codec],
+    variants: &[Variant],
     lengths: &[usize],
     depths: &[f64],
     results: &mut [CodecResult],
@@ -60,7 +59,7 @@ pub fn run<B: Backend>(
             // Fixed, distinct five-digit keys: the same run asks the same questions.
             let key = 10_000 + ((li * 7919 + di * 104_729 + 31_337) % 90_000) as u32;
             let p = prompt(tok, len, depth, key)?;
-            let (snap, last) = prefill(engine, &p)?;
+            let (snaps, last) = Snapshots::take(engine, &p, variants)?;
             let first = argmax(&last);
             let mut case = PasskeyCase {
                 tokens: p.len(),
@@ -68,10 +67,10 @@ pub fn run<B: Backend>(
                 key,
                 answers: Vec::new(),
             };
-            for (codec, r) in codecs.iter().zip(results.iter_mut()) {
+            for (variant, r) in variants.iter().zip(results.iter_mut()) {
                 // Codec time and bytes of passkey prompts are not part of the window statistics.
                 let mut scratch = CodecResult::default();
-                let seq = transfer(engine, &p, &snap, *codec, &mut scratch)?;
+                let seq = transfer(engine, &p, &snaps, *variant, &mut scratch)?;
                 let answer = (|| -> Result<Vec<u32>> {
                     let mut out = vec![first];
                     engine.append_token(seq, first)?;
@@ -93,7 +92,7 @@ pub fn run<B: Backend>(
                     .collect();
                 r.passkey_total += 1;
                 r.passkey_found += usize::from(digits.starts_with(&key.to_string()));
-                case.answers.push((codec.name().to_string(), text));
+                case.answers.push((variant.label(), text));
             }
             cases.push(case);
             pb.inc(1);

@@ -27,7 +27,7 @@ pub fn finish(results: &mut [CodecResult], f16_bytes_per_token: f64) {
 
 pub fn table(results: &[CodecResult]) -> String {
     let mut s = format!(
-        "{:<7} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>8}\n",
+        "{:<18} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>8}\n",
         "codec",
         "B/token",
         "x none",
@@ -43,7 +43,7 @@ pub fn table(results: &[CodecResult]) -> String {
     for r in results {
         let _ = writeln!(
             s,
-            "{:<7} {:>10.1} {:>8.2} {:>8.2} {:>10.4} {:>+8.2} {:>8.4} {:>9.5} {:>10.0} {:>10.0} {:>8}",
+            "{:<18} {:>10.1} {:>8.2} {:>8.2} {:>10.4} {:>+8.2} {:>8.4} {:>9.5} {:>10.0} {:>10.0} {:>8}",
             r.codec,
             r.bytes_per_token,
             r.ratio_vs_none,
