@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
 use tandem_engine::generate::{Emitted, Generation, StopConditions};
 use tandem_engine::kv::BlockId;
+use tandem_engine::kv::evict::Eviction;
 use tandem_engine::sampling::{Sampled, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
@@ -34,16 +35,20 @@ pub struct AdmitRequest {
     pub stop: StopConditions,
     /// A prefill worker is available for this request.
     pub remote_prefill: bool,
+    /// Token eviction for K/V that comes from a prefill worker.
+    pub eviction: Option<Eviction>,
 }
 
 /// How an admitted request gets its prompt's K/V.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Admitted {
-    /// From a prefill worker, into `dest_blocks` (the prompt's blocks from `cached_blocks` on).
+    /// From a prefill worker, into `dest_blocks` (the prompt's blocks from `cached_blocks` on; with `eviction`, the
+    /// kept tokens compacted, and `cached_blocks` is 0).
     Remote {
         key: SeqId,
         cached_blocks: usize,
         dest_blocks: Vec<BlockId>,
+        eviction: Option<Eviction>,
     },
     /// Prefilled here; tokens follow on the event channel.
     Local { key: SeqId },
@@ -56,7 +61,7 @@ pub struct RemotePrefill {
     pub prefill_cached_tokens: usize,
     pub prefill_time: Duration,
     pub kv_bytes: u64,
-    /// The K/V arrived exactly (codec `none`); lossy K/V is never offered to the prefix cache.
+    /// The K/V arrived exactly (codec `none`, no eviction); lossy K/V is never offered to the prefix cache.
     pub exact: bool,
 }
 
@@ -218,6 +223,8 @@ enum Phase {
     AwaitingKv {
         dest: Vec<BlockId>,
         received: Vec<bool>,
+        /// The blocks hold an evicted prompt's kept tokens.
+        evicted: bool,
     },
     Prefilling,
     Running,
@@ -300,11 +307,15 @@ impl<B: Backend> Scheduler<B> {
             Command::KvReady { key, prefill } => self.kv_ready(key, *prefill),
             Command::PrefillLocally { key } => {
                 if let Some(a) = self.active.get_mut(&key)
-                    && matches!(a.phase, Phase::AwaitingKv { .. })
+                    && let Phase::AwaitingKv { evicted, .. } = a.phase
                 {
-                    // The blocks are allocated; whatever arrived is overwritten by the local computation.
+                    // The blocks are allocated; whatever arrived is overwritten by the local computation. Blocks
+                    // sized for an evicted prompt are given back first: all of it is computed here.
                     a.phase = Phase::Prefilling;
                     a.remote = None;
+                    if evicted && let Err(e) = self.engine.discard_kv(key) {
+                        self.fail(key, e.into());
+                    }
                 }
             }
             Command::Cancel { key } => self.remove(key),
@@ -397,7 +408,16 @@ impl<B: Backend> Scheduler<B> {
         let uncached = req.prompt.len() - cached_blocks * bs;
         let remote = req.remote_prefill && uncached >= self.config.local_prefill_threshold_tokens;
         let (admitted, phase, key) = if remote {
-            let t = self.engine.add_sequence_for_transfer(&req.prompt)?;
+            // Eviction that keeps every token is no eviction (and may use the prefix cache).
+            let eviction = req
+                .eviction
+                .filter(|e| e.kept_tokens(req.prompt.len(), bs) < req.prompt.len());
+            let t = match &eviction {
+                Some(e) => self
+                    .engine
+                    .add_sequence_evicted(&req.prompt, e.kept_tokens(req.prompt.len(), bs))?,
+                None => self.engine.add_sequence_for_transfer(&req.prompt)?,
+            };
             let received = vec![false; layers * t.blocks.len()];
             let key = t.seq;
             (
@@ -405,10 +425,12 @@ impl<B: Backend> Scheduler<B> {
                     key,
                     cached_blocks: t.cached_blocks,
                     dest_blocks: t.blocks.clone(),
+                    eviction,
                 },
                 Phase::AwaitingKv {
                     dest: t.blocks,
                     received,
+                    evicted: eviction.is_some(),
                 },
                 key,
             )
@@ -442,7 +464,7 @@ impl<B: Backend> Scheduler<B> {
         let Some(a) = self.active.get_mut(&key) else {
             return;
         };
-        let Phase::AwaitingKv { dest, received } = &mut a.phase else {
+        let Phase::AwaitingKv { dest, received, .. } = &mut a.phase else {
             return;
         };
         let nb = chunk.blocks.len();

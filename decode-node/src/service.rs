@@ -16,6 +16,7 @@ use tandem_engine::SeqId;
 use tandem_engine::generate::Emitted;
 use tandem_engine::kv::BlockId;
 use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::evict::Eviction;
 use tandem_engine::sampling::{Sampled, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kv_transfer::Sessions;
@@ -84,6 +85,7 @@ struct RemoteJob {
     cached_blocks: usize,
     dest_blocks: Vec<BlockId>,
     codec: Codec,
+    eviction: Option<Eviction>,
 }
 
 impl Shared {
@@ -101,7 +103,7 @@ impl Shared {
     ) -> Result<RemotePrefill, DecodeError> {
         let timeout = self.config.transfer_timeout;
         let deadline = Instant::now() + timeout;
-        let exact = job.codec == Codec::None;
+        let exact = job.codec == Codec::None && job.eviction.is_none();
         let sched = self.sched.clone();
         let _session = self.sessions.open(
             &job.dest_blocks,
@@ -118,6 +120,7 @@ impl Shared {
             codec: convert::kv_codec_to_wire(job.codec) as i32,
             deadline_ms: timeout.as_millis() as u32,
             sampling: Some(convert::sampling_to_wire(&job.sampling)),
+            eviction: job.eviction.as_ref().map(convert::kv_eviction_to_wire),
         };
         let mut client =
             v1::prefill_worker_client::PrefillWorkerClient::new(self.channel(&job.endpoint)?);
@@ -279,6 +282,8 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
         let codec = convert::kv_codec_from_wire(r.codec)
             .map_err(|e| DecodeError::Invalid(e.to_string()).to_status())?
             .unwrap_or(self.shared.config.kv_codec);
+        let eviction = convert::kv_eviction_from_wire(r.eviction.as_ref(), "eviction")
+            .map_err(|e| DecodeError::Invalid(e.to_string()).to_status())?;
         let mut sampling = convert::sampling_from_wire(&r.sampling.unwrap_or_default());
         sampling.seed = Some(
             sampling
@@ -296,6 +301,7 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                     sampling: sampling.clone(),
                     stop,
                     remote_prefill: !r.prefill_endpoint.is_empty(),
+                    eviction,
                 },
                 ev_tx,
             )
@@ -307,6 +313,7 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                 key,
                 cached_blocks,
                 dest_blocks,
+                eviction,
             } => (
                 key,
                 Some(RemoteJob {
@@ -317,6 +324,7 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                     cached_blocks,
                     dest_blocks,
                     codec,
+                    eviction,
                 }),
             ),
         };

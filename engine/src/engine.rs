@@ -287,6 +287,19 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// Drops every block of `seq` so its tokens are computed again from the first (a transfer that failed part-way
+    /// falls back to local prefill this way, evicted or not); the sequence's id stays valid.
+    pub fn discard_kv(&mut self, seq: SeqId) -> Result<()> {
+        let bs = self.layout.block_size;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq.0))?;
+        self.pool.release(&s.blocks);
+        *s = Sequence::new(std::mem::take(&mut s.tokens), Vec::new(), Vec::new(), bs);
+        Ok(())
+    }
+
     /// Tokens of a sequence whose K/V is cached, and all its tokens.
     pub fn seq_progress(&self, seq: SeqId) -> Result<(usize, usize)> {
         let s = self
@@ -350,6 +363,12 @@ impl<B: Backend> Engine<B> {
                 .seqs
                 .get(&it.seq)
                 .ok_or(EngineError::UnknownSequence(it.seq.0))?;
+            if s.kv_len < s.evicted {
+                return Err(EngineError::invalid(format!(
+                    "sequence {} is waiting for its transferred K/V",
+                    it.seq.0
+                )));
+            }
             let pending = s.tokens.len() - s.kv_len;
             if it.n_tokens == 0 || it.n_tokens > pending {
                 return Err(EngineError::invalid(format!(

@@ -45,6 +45,8 @@ impl PrefillService {
         let codec = convert::kv_codec_from_wire(r.codec)
             .map_err(|e| PrefillError::Invalid(e.to_string()))?
             .unwrap_or_default();
+        let eviction = convert::kv_eviction_from_wire(r.eviction.as_ref(), "eviction")
+            .map_err(|e| PrefillError::Invalid(e.to_string()))?;
         let mut sampling = convert::sampling_from_wire(&r.sampling.unwrap_or_default());
         if sampling.seed.is_none() {
             // The decode worker always sets it; a direct caller gets a fresh one.
@@ -69,6 +71,7 @@ impl PrefillService {
                 lossless: self.config.kv_lossless,
             },
             pusher: sender.pusher(),
+            eviction,
         };
         let outcome = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await
         {

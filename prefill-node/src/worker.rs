@@ -4,7 +4,8 @@
 //! A job: match the prompt against this worker's own prefix cache; send the blocks the decode worker lacks that
 //! are already cached here (all layers); then compute the rest in chunks of `max_batch_tokens`, and after each
 //! layer of each chunk send that layer's blocks completed by the chunk (the partial last block with the last
-//! chunk). Finally sample the first token and remove the sequence (its blocks stay in the prefix cache). Prefill
+//! chunk). Finally sample the first token and remove the sequence (its blocks stay in the prefix cache). A job with
+//! token eviction computes the whole prompt first, then sends only the kept tokens (see `run_evicting_job`). Prefill
 //! is compute-bound, so jobs are not batched together; a job whose caller went away stops after its current chunk.
 
 use crate::error::PrefillError;
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
 use tandem_engine::kv::BlockId;
+use tandem_engine::kv::evict::{self, Eviction};
 use tandem_engine::sampling::{Sampled, Sampler, SamplingParams};
 use tandem_engine::{Engine, LogitsWanted, StepItem};
 use tandem_kv_transfer::chunk::{self, ChunkHeader, ChunkLayout, Encoding};
@@ -35,6 +37,8 @@ pub struct PrefillJob {
     /// How chunks are encoded (the codec the decode worker asked for).
     pub encoding: Encoding,
     pub pusher: Pusher,
+    /// Token eviction before sending: then `blocks_on_decode` is 0 and `dest_blocks` hold the kept tokens.
+    pub eviction: Option<Eviction>,
 }
 
 /// What a finished job reports.
@@ -179,51 +183,37 @@ fn run_job<B: Backend>(
     let prompt_len = job.prompt.len();
     let total_blocks = prompt_len.div_ceil(bs);
     let on_decode = job.blocks_on_decode;
+    if let Some(e) = &job.eviction {
+        return run_evicting_job(engine, job, e, started, cancelled);
+    }
     if on_decode >= total_blocks {
         return Err(PrefillError::Invalid(format!(
             "blocks_on_decode {on_decode} must be below the prompt's {total_blocks} blocks"
         )));
     }
-    if job.dest_blocks.len() != total_blocks - on_decode {
-        return Err(PrefillError::Invalid(format!(
-            "dest_block_ids has {} ids; the prompt needs {} beyond the {on_decode} on the decode worker",
-            job.dest_blocks.len(),
-            total_blocks - on_decode
-        )));
-    }
+    check_dest_blocks(job, total_blocks - on_decode)?;
     let seq = engine.add_sequence(&job.prompt)?;
     let result = (|| {
         let layers = engine.kv_layout().layers;
-        let layout = ChunkLayout::of(engine.kv_layout());
+        let mut ship = Shipper::new(job, ChunkLayout::of(engine.kv_layout()));
         let cached_tokens = engine.seq_progress(seq)?.0;
         let cached_blocks = cached_tokens / bs;
-        let mut index = 0u32;
-        let mut send = |layer: usize,
-                        blocks: std::ops::Range<usize>,
-                        read: &dyn Fn(usize) -> BlockData| {
-            let header = ChunkHeader {
-                session: job.session,
-                index,
-                layers: layer..layer + 1,
-                blocks: job.dest_blocks[blocks.start - on_decode..blocks.end - on_decode].to_vec(),
-                fills: blocks
-                    .clone()
-                    .map(|i| (prompt_len - i * bs).min(bs))
-                    .collect(),
-            };
-            let data: Vec<BlockData> = blocks.map(read).collect();
-            job.pusher
-                .push(chunk::encode(&header, layout, job.encoding, &data));
-            index += 1;
-        };
+        let fill = |i: usize| (prompt_len - i * bs).min(bs);
+        let dest =
+            |r: &std::ops::Range<usize>| &job.dest_blocks[r.start - on_decode..r.end - on_decode];
         // Blocks this worker had cached that the decode worker lacks: all layers at once.
         if cached_blocks > on_decode {
             let ids = engine.seq_blocks(seq)?.to_vec();
+            let range = on_decode..cached_blocks;
             for layer in 0..layers {
-                send(layer, on_decode..cached_blocks, &|i| {
-                    let (k, v) = engine.read_kv_block(layer, ids[i]);
-                    BlockData { k, v }
-                });
+                let data = range
+                    .clone()
+                    .map(|i| {
+                        let (k, v) = engine.read_kv_block(layer, ids[i]);
+                        BlockData { k, v }
+                    })
+                    .collect();
+                ship.send(layer, dest(&range), range.clone().map(fill).collect(), data);
             }
         }
         let mut sent_upto = on_decode.max(cached_blocks);
@@ -247,26 +237,29 @@ fn run_job<B: Backend>(
                 }],
                 &mut |layer, view| {
                     if !range.is_empty() {
-                        send(layer, range.clone(), &|i| {
-                            let id = view
-                                .seq_block(seq, i)
-                                .expect("blocks of this step are allocated");
-                            let (k, v) = view.read_block(layer, id);
-                            BlockData { k, v }
-                        });
+                        let data = range
+                            .clone()
+                            .map(|i| {
+                                let id = view
+                                    .seq_block(seq, i)
+                                    .expect("blocks of this step are allocated");
+                                let (k, v) = view.read_block(layer, id);
+                                BlockData { k, v }
+                            })
+                            .collect();
+                        ship.send(layer, dest(&range), range.clone().map(fill).collect(), data);
                     }
                 },
             )?;
             sent_upto = range.end;
             if last {
-                let mut logits = logits.into_iter().next().unwrap_or_default();
-                let first = Sampler::new(job.sampling.clone(), &job.prompt).sample(&mut logits);
+                let first = sample_first(job, logits);
                 return Ok(PrefillOutcome {
                     first,
                     cached_tokens,
                     computed_tokens: prompt_len - cached_tokens,
                     compute_time: started.elapsed(),
-                    chunks: index,
+                    chunks: ship.index,
                 });
             }
             if cancelled() {
@@ -276,4 +269,127 @@ fn run_job<B: Backend>(
     })();
     engine.remove_sequence(seq)?;
     result
+}
+
+/// A job with token eviction: the whole prompt is computed (with attention sums when the policy ranks by them,
+/// and then without prefix reuse, since a cached prefix has no queries to rank by), cut to the budget, and the
+/// kept tokens' K/V sent compacted, layer by layer, once the last chunk is done.
+fn run_evicting_job<B: Backend>(
+    engine: &mut Engine<B>,
+    job: &PrefillJob,
+    eviction: &Eviction,
+    started: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<PrefillOutcome, PrefillError> {
+    let bs = engine.config().block_size;
+    let prompt_len = job.prompt.len();
+    if job.blocks_on_decode != 0 {
+        return Err(PrefillError::Invalid(format!(
+            "blocks_on_decode is {} with eviction; an evicted prompt is sent whole, so it must be 0",
+            job.blocks_on_decode
+        )));
+    }
+    check_dest_blocks(job, eviction.kept_tokens(prompt_len, bs).div_ceil(bs))?;
+    let seq = match eviction.policy.scored_from(prompt_len) {
+        Some(from) => engine.add_sequence_scored(&job.prompt, from)?,
+        None => engine.add_sequence(&job.prompt)?,
+    };
+    let result = (|| {
+        let cached_tokens = engine.seq_progress(seq)?.0;
+        let max_chunk = engine.config().max_batch_tokens;
+        let logits = loop {
+            let (kv_len, len) = engine.seq_progress(seq)?;
+            let n = (len - kv_len).min(max_chunk);
+            let last = kv_len + n == len;
+            let wants = if last {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            let logits = engine.step(&[StepItem {
+                seq,
+                n_tokens: n,
+                logits: wants,
+            }])?;
+            if last {
+                break logits;
+            }
+            if cancelled() {
+                return Err(PrefillError::Unavailable("caller went away".into()));
+            }
+        };
+        let l = *engine.kv_layout();
+        let scores = engine.attention_scores(seq)?;
+        let plan = evict::plan(eviction, prompt_len, bs, l.layers, l.kv_heads, scores)?;
+        let mut ship = Shipper::new(job, ChunkLayout::of(&l));
+        for layer in 0..l.layers {
+            let blocks = engine.compact_layer(seq, &plan, layer)?;
+            let fills = blocks.iter().map(|b| b.fill).collect();
+            let data = blocks
+                .into_iter()
+                .map(|b| BlockData { k: b.k, v: b.v })
+                .collect();
+            ship.send(layer, &job.dest_blocks, fills, data);
+        }
+        Ok(PrefillOutcome {
+            first: sample_first(job, logits),
+            cached_tokens,
+            computed_tokens: prompt_len - cached_tokens,
+            compute_time: started.elapsed(),
+            chunks: ship.index,
+        })
+    })();
+    engine.remove_sequence(seq)?;
+    result
+}
+
+fn check_dest_blocks(job: &PrefillJob, want: usize) -> Result<(), PrefillError> {
+    if job.dest_blocks.len() != want {
+        return Err(PrefillError::Invalid(format!(
+            "dest_block_ids has {} ids; the prompt needs {want} beyond the {} on the decode worker",
+            job.dest_blocks.len(),
+            job.blocks_on_decode
+        )));
+    }
+    Ok(())
+}
+
+fn sample_first(job: &PrefillJob, logits: Vec<Vec<f32>>) -> Sampled {
+    let mut logits = logits.into_iter().next().unwrap_or_default();
+    Sampler::new(job.sampling.clone(), &job.prompt).sample(&mut logits)
+}
+
+/// Encodes and pushes one job's chunks, numbering them.
+struct Shipper<'a> {
+    job: &'a PrefillJob,
+    layout: ChunkLayout,
+    index: u32,
+}
+
+impl<'a> Shipper<'a> {
+    fn new(job: &'a PrefillJob, layout: ChunkLayout) -> Self {
+        Self {
+            job,
+            layout,
+            index: 0,
+        }
+    }
+
+    /// One layer's blocks into destination `dest`, holding `fills` tokens each.
+    fn send(&mut self, layer: usize, dest: &[BlockId], fills: Vec<usize>, data: Vec<BlockData>) {
+        let header = ChunkHeader {
+            session: self.job.session,
+            index: self.index,
+            layers: layer..layer + 1,
+            blocks: dest.to_vec(),
+            fills,
+        };
+        self.job.pusher.push(chunk::encode(
+            &header,
+            self.layout,
+            self.job.encoding,
+            &data,
+        ));
+        self.index += 1;
+    }
 }

@@ -8,6 +8,7 @@
 use crate::v1;
 use tandem_engine::generate::{FinishReason, StopConditions};
 use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::evict::{Budget, Eviction, EvictionPolicy};
 use tandem_engine::kv::{BlockHash, KvEvent, KvFormat};
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::tokenizer::chat::{ChatMessage, Role};
@@ -141,6 +142,60 @@ pub fn kv_codec_from_wire(c: i32) -> Result<Option<Codec>, ConvertError> {
             ));
         }
     }))
+}
+
+pub fn kv_eviction_to_wire(e: &Eviction) -> v1::KvEviction {
+    use v1::KvEvictionPolicy as P;
+    let policy = match e.policy {
+        EvictionPolicy::Streaming => P::Streaming,
+        EvictionPolicy::SnapKv => P::Snapkv,
+        EvictionPolicy::H2o => P::H2o,
+        EvictionPolicy::Block => P::Block,
+    };
+    v1::KvEviction {
+        policy: policy as i32,
+        budget: Some(match e.budget {
+            Budget::Tokens(t) => v1::kv_eviction::Budget::Tokens(t),
+            Budget::Fraction(f) => v1::kv_eviction::Budget::Fraction(f),
+        }),
+    }
+}
+
+/// A wire eviction; `Ok(None)` when absent. A message with an unknown policy or a budget out of range is refused.
+pub fn kv_eviction_from_wire(
+    e: Option<&v1::KvEviction>,
+    field: &'static str,
+) -> Result<Option<Eviction>, ConvertError> {
+    use v1::KvEvictionPolicy as P;
+    let Some(e) = e else { return Ok(None) };
+    let policy = match P::try_from(e.policy) {
+        Ok(P::Streaming) => EvictionPolicy::Streaming,
+        Ok(P::Snapkv) => EvictionPolicy::SnapKv,
+        Ok(P::H2o) => EvictionPolicy::H2o,
+        Ok(P::Block) => EvictionPolicy::Block,
+        _ => {
+            return Err(ConvertError::new(
+                field,
+                format!(
+                    "policy {} is not one this build knows (streaming, snapkv, h2o, block)",
+                    e.policy
+                ),
+            ));
+        }
+    };
+    let budget = match e.budget {
+        Some(v1::kv_eviction::Budget::Tokens(t)) => Budget::Tokens(t),
+        Some(v1::kv_eviction::Budget::Fraction(f)) => Budget::Fraction(f),
+        None => {
+            return Err(ConvertError::new(
+                field,
+                "budget (tokens or fraction) is required",
+            ));
+        }
+    };
+    Eviction::new(policy, budget)
+        .map(Some)
+        .map_err(|err| ConvertError::new(field, err.to_string()))
 }
 
 pub fn kv_event_to_wire(e: &KvEvent) -> v1::KvEvent {
@@ -290,6 +345,30 @@ mod tests {
         }
         assert_eq!(kv_codec_from_wire(0), Ok(None));
         assert_eq!(kv_codec_from_wire(42).unwrap_err().field, "kv_codec");
+    }
+
+    #[test]
+    fn evictions_round_trip_and_bad_ones_are_refused() {
+        for s in ["streaming:64", "snapkv:0.5", "h2o:0.25", "block:1"] {
+            let e = Eviction::parse(s).unwrap();
+            let w = kv_eviction_to_wire(&e);
+            assert_eq!(kv_eviction_from_wire(Some(&w), "eviction"), Ok(Some(e)));
+        }
+        assert_eq!(kv_eviction_from_wire(None, "eviction"), Ok(None));
+        let bad = |policy: i32, budget| v1::KvEviction { policy, budget };
+        use v1::kv_eviction::Budget as B;
+        for (w, why) in [
+            (bad(0, Some(B::Tokens(5))), "policy"),
+            (bad(99, Some(B::Tokens(5))), "policy"),
+            (bad(2, None), "budget"),
+            (bad(2, Some(B::Tokens(0))), "at least 1"),
+            (bad(2, Some(B::Fraction(1.5))), "(0, 1]"),
+            (bad(2, Some(B::Fraction(f32::NAN))), "(0, 1]"),
+        ] {
+            let e = kv_eviction_from_wire(Some(&w), "kv_eviction").unwrap_err();
+            assert_eq!(e.field, "kv_eviction");
+            assert!(e.reason.contains(why), "{why}: {e}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_engine::generate::StopConditions;
 use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::evict::Eviction;
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::tokenizer::chat::{ChatMessage, ChatTemplate};
@@ -44,8 +45,26 @@ pub struct GenerateParams {
     pub max_tokens: Option<usize>,
     pub stop: StopConditions,
     pub request_id: Option<String>,
-    /// KV codec between prefill and decode worker; `None` = the router's default.
-    pub kv_codec: Option<Codec>,
+    /// How the prompt's K/V moves between prefill and decode worker; unset parts take the router's defaults.
+    pub kv: KvTransfer,
+}
+
+/// How a prompt's K/V moves from the prefill to the decode worker: codec and token eviction. A request's unset
+/// parts take the router's, and the router's unset codec the decode worker's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KvTransfer {
+    pub codec: Option<Codec>,
+    pub eviction: Option<Eviction>,
+}
+
+impl KvTransfer {
+    /// `self`, with unset parts taken from `defaults`.
+    pub fn or(self, defaults: KvTransfer) -> KvTransfer {
+        KvTransfer {
+            codec: self.codec.or(defaults.codec),
+            eviction: self.eviction.or(defaults.eviction),
+        }
+    }
 }
 
 /// A request's id across nodes, in logs and traces.
@@ -63,8 +82,8 @@ pub struct Frontend {
     template: Option<ChatTemplate>,
     pub model: ModelInfo,
     pub workers: Workers,
-    /// Codec for requests that name none (`None`: the decode worker's default).
-    pub default_kv_codec: Option<Codec>,
+    /// Codec and eviction for requests that name none.
+    pub default_kv: KvTransfer,
     next_id: AtomicU64,
 }
 
@@ -111,7 +130,7 @@ impl Frontend {
         tokenizer: Arc<Tokenizer>,
         model: ModelInfo,
         workers: Workers,
-        default_kv_codec: Option<Codec>,
+        default_kv: KvTransfer,
     ) -> Self {
         let template = match tokenizer.chat_template() {
             Ok(t) => Some(t),
@@ -127,7 +146,7 @@ impl Frontend {
             template,
             model,
             workers,
-            default_kv_codec,
+            default_kv,
             next_id: AtomicU64::new(0),
         }
     }
@@ -232,6 +251,7 @@ impl Frontend {
         let request_id = self.request_id(p.request_id.as_deref());
         let decode = self.workers.pick_decode().ok_or(RouterError::NoWorker)?;
         let prefill = self.workers.pick_prefill();
+        let kv = p.kv.or(self.default_kv);
         let request = v1::DecodeRequest {
             request_id: request_id.0.clone(),
             prompt_token_ids: prompt.clone(),
@@ -240,11 +260,11 @@ impl Frontend {
             prefill_endpoint: prefill
                 .as_ref()
                 .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
-            codec: p
-                .kv_codec
-                .or(self.default_kv_codec)
+            codec: kv
+                .codec
                 .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire)
                 as i32,
+            eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
         };
         tracing::debug!(%request_id, decode = %decode.worker.endpoint, prompt_tokens = prompt.len(), "routing");
         let mut client =

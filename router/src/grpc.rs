@@ -1,7 +1,7 @@
 //! The client gRPC API (`tandem.v1.Generation`): the same core as the HTTP API, with the wire's own defaults
 //! (greedy when `temperature` is 0, `max_tokens` 0 = as many as the context leaves).
 
-use crate::frontend::{Frontend, GenerateParams, Input};
+use crate::frontend::{Frontend, GenerateParams, Input, KvTransfer};
 use std::sync::Arc;
 use tandem_proto::{convert, v1};
 use tonic::{Request, Response, Status};
@@ -63,8 +63,12 @@ impl v1::generation_server::Generation for GenerationService {
             max_tokens: (stop_wire.max_tokens > 0).then_some(stop_wire.max_tokens as usize),
             stop: convert::stop_from_wire(&stop_wire),
             request_id: Some(r.request_id),
-            kv_codec: convert::kv_codec_from_wire(r.kv_codec)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            kv: KvTransfer {
+                codec: convert::kv_codec_from_wire(r.kv_codec)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                eviction: convert::kv_eviction_from_wire(r.kv_eviction.as_ref(), "kv_eviction")
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            },
         };
         let stream = self
             .frontend

@@ -13,14 +13,13 @@ pub mod openai;
 pub mod workers;
 
 pub use error::RouterError;
-pub use frontend::{Frontend, ModelInfo};
+pub use frontend::{Frontend, KvTransfer, ModelInfo};
 pub use workers::{WorkerEndpoint, Workers};
 
 use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_engine::kv::codec::Codec;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_prefill_node::runtime;
 use tandem_proto::v1;
@@ -35,9 +34,9 @@ pub struct RouterConfig {
     pub model: ModelInfo,
     /// How often workers are asked for their load (and health).
     pub poll_interval: Duration,
-    /// KV codec between prefill and decode workers for requests that name none; `None` leaves the choice to each
-    /// decode worker's own default.
-    pub kv_codec: Option<Codec>,
+    /// KV codec and eviction between prefill and decode workers for requests that name none; an unset codec leaves
+    /// the choice to each decode worker's own default, an unset eviction keeps every token.
+    pub kv: KvTransfer,
 }
 
 /// Why the router could not serve.
@@ -70,7 +69,7 @@ pub async fn run(
         tokenizer,
         config.model.clone(),
         workers,
-        config.kv_codec,
+        config.kv,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -119,7 +119,7 @@ impl Cluster {
                     context_len,
                 },
                 poll_interval: Duration::from_millis(200),
-                kv_codec: Default::default(),
+                kv: Default::default(),
             };
             let (s, t) = (stopped(stop_rx.clone()), tok.clone());
             tasks.push(tokio::spawn(async move {

@@ -153,6 +153,10 @@ fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
         "256",
         "--passkey-depths",
         "0.5",
+        "--evictions",
+        "snapkv:0.5,streaming:32",
+        "--evict-codecs",
+        "int4",
         "--json",
         "--svg",
         svg.to_str().unwrap(),
@@ -164,7 +168,10 @@ fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
         .iter()
         .map(|c| c["codec"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["none", "fp8", "int8", "int4", "kivi2"]);
+    assert_eq!(
+        names,
+        ["none", "fp8", "int8", "int4", "kivi2", "int4+snapkv:0.5", "int4+streaming:32"]
+    );
     let get = |i: usize, k: &str| codecs[i][k].as_f64().unwrap();
     // none moves the f32 cache byte for byte: 2 x 30 layers x 3 heads x 64 dims x 4 bytes per token.
     assert_eq!(get(0, "bytes_per_token"), 46080.0);
@@ -197,6 +204,9 @@ fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
         );
         assert_eq!(c["passkey_total"], 1);
     }
+    // Eviction moves only the kept tokens: half of the 128-token context, then 32 of it.
+    assert_eq!(get(5, "bytes_per_token"), get(3, "bytes_per_token") / 2.0);
+    assert_eq!(get(6, "bytes_per_token"), get(3, "bytes_per_token") / 4.0);
     // int8 is close to lossless here: within 1% perplexity and 95% top-1 agreement.
     assert!(get(2, "perplexity_change_pct").abs() < 1.0, "{}", codecs[2]);
     assert!(get(2, "top1_agreement") > 0.95, "{}", codecs[2]);
@@ -213,6 +223,16 @@ fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("int3"), "{}", stderr(&o));
+    let o = run(&[
+        "eval",
+        "kv",
+        "--file",
+        text.to_str().unwrap(),
+        "--evictions",
+        "lru:0.5",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("lru"), "{}", stderr(&o));
 }
 
 #[test]

@@ -50,7 +50,7 @@ fn start(timing: MockTiming) -> Setup {
                 context_len: 2048,
             },
             poll_interval: Duration::from_millis(200),
-            kv_codec: Default::default(),
+            kv: Default::default(),
         };
         tokio::spawn(tandem_router::run(h, g, config, Arc::new(tok), stopped(rx)));
         (h_addr.to_string(), format!("http://{g_addr}"))

@@ -4,13 +4,15 @@
 //!
 //! Defaults follow OpenAI: temperature 1, top_p 1, completions `max_tokens` 16, chat `max_tokens` whatever the
 //! context leaves. vLLM's extensions `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are accepted too, and
-//! Tandem's own `kv_codec` (how the prompt's KV cache is compressed between prefill and decode worker).
+//! Tandem's own `kv_codec` (how the prompt's KV cache is compressed between prefill and decode worker) and
+//! `kv_eviction` (`policy:budget`, e.g. `snapkv:0.5`: which prompt tokens keep their K/V before the transfer).
 
 use crate::error::RouterError;
-use crate::frontend::{GenerateParams, Input};
+use crate::frontend::{GenerateParams, Input, KvTransfer};
 use serde_json::{Map, Value};
 use tandem_engine::generate::StopConditions;
 use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::evict::Eviction;
 use tandem_engine::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use tandem_engine::tokenizer::chat::{ChatMessage, Role};
 
@@ -196,6 +198,13 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
             Some(Codec::parse(name).map_err(|e| RouterError::invalid(e.to_string(), "kv_codec"))?)
         }
     };
+    let eviction = match f.string("kv_eviction")? {
+        None => None,
+        Some(spec) => Some(
+            Eviction::parse(spec)
+                .map_err(|e| RouterError::invalid(e.to_string(), "kv_eviction"))?,
+        ),
+    };
     Ok(Parsed {
         params: GenerateParams {
             model,
@@ -204,7 +213,10 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
             max_tokens,
             stop,
             request_id: None,
-            kv_codec,
+            kv: KvTransfer {
+                codec: kv_codec,
+                eviction,
+            },
         },
         stream,
         include_usage,

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
 use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::evict::Eviction;
 use tandem_engine::model::ModelSource;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_prefill_node::PrefillConfig;
-use tandem_router::{ModelInfo, RouterConfig, WorkerEndpoint};
+use tandem_router::{KvTransfer, ModelInfo, RouterConfig, WorkerEndpoint};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -99,6 +100,10 @@ pub struct RouterArgs {
     /// (default: each decode worker's --kv-codec).
     #[arg(long, value_parser = super::parse_codec)]
     pub kv_codec: Option<Codec>,
+    /// Token eviction before the transfer for requests that name none, as policy:budget (streaming, snapkv, h2o or
+    /// block; a token count or a fraction, e.g. snapkv:0.5). Default: keep every token.
+    #[arg(long, value_parser = super::parse_eviction)]
+    pub kv_eviction: Option<Eviction>,
 }
 
 /// A multi-threaded runtime for the async side (the engines run on their own threads).
@@ -223,7 +228,10 @@ pub fn run_router(a: RouterArgs) -> Result<()> {
             decode: endpoints(&a.decode),
             model,
             poll_interval: Duration::from_millis(a.poll_interval_ms.max(10)),
-            kv_codec: a.kv_codec,
+            kv: KvTransfer {
+                codec: a.kv_codec,
+                eviction: a.kv_eviction,
+            },
         };
         tandem_router::run(http, grpc, config, tok, stopped(shutdown_signal())).await?;
         Ok(())

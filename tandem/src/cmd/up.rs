@@ -37,6 +37,10 @@ pub struct ClusterArgs {
     /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
     #[arg(long)]
     pub kv_lossless: bool,
+    /// Token eviction before each KV transfer, as policy:budget (streaming, snapkv, h2o or block; a token count or
+    /// a fraction, e.g. snapkv:0.5), for requests that name none. Default: keep every token.
+    #[arg(long, value_parser = super::parse_eviction)]
+    pub kv_eviction: Option<tandem_engine::kv::evict::Eviction>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,7 +120,10 @@ impl LocalCluster {
             decode: endpoints(&decode_urls),
             model,
             poll_interval: Duration::from_secs(1),
-            kv_codec: None,
+            kv: tandem_router::KvTransfer {
+                codec: None,
+                eviction: a.kv_eviction,
+            },
         };
         let s = stopped(stop.clone());
         nodes.spawn(async move {

@@ -50,7 +50,7 @@ impl MockSetup {
             decode: vec![WorkerEndpoint(decode_url.clone())],
             model,
             poll_interval: Duration::from_secs(1),
-            kv_codec: Default::default(),
+            kv: Default::default(),
         };
         let s = stopped(rx);
         tasks.spawn(async move {

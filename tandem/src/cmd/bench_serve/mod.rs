@@ -284,7 +284,12 @@ fn setup_name(c: &ClusterArgs) -> String {
     if c.colocated {
         format!("colocated {}D", c.decode)
     } else {
-        format!("disaggregated {}P+{}D", c.prefill, c.decode)
+        let o = &c.decode_options;
+        let evict = c.kv_eviction.map_or_else(String::new, |e| format!("+{e}"));
+        format!(
+            "disaggregated {}P+{}D {}{evict}",
+            c.prefill, c.decode, o.kv_codec
+        )
     }
 }
 
