@@ -52,8 +52,8 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Sizes the pool to fit a byte budget.
     pub fn with_kv_budget_bytes(mut self, model: &crate::model::ModelConfig, bytes: usize) -> Self {
-        let per_block =
-            2 * model.layers * model.kv_dim() * self.kv_format.bytes_per_elem() * self.block_size;
+        let per_vector = self.kv_format.bytes_per_vector(model.head_dim);
+        let per_block = 2 * model.layers * model.kv_heads * per_vector * self.block_size;
         self.num_blocks = (bytes / per_block.max(1)).max(1);
         self
     }

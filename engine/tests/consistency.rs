@@ -156,6 +156,48 @@ fn f16_cache_stays_close_to_f32() {
 }
 
 #[test]
+fn int8_cache_stays_close_to_f32_in_a_quarter_of_the_memory() {
+    let config = |kv_format| EngineConfig {
+        num_blocks: 64,
+        kv_format,
+        ..Default::default()
+    };
+    let (mut a, tok) = setup(config(KvFormat::F32));
+    let (mut b, _) = setup(config(KvFormat::Int8));
+    let (fa, fb) = (a.kv_layout().total_bytes(), b.kv_layout().total_bytes());
+    // 64 dims at 4 bytes against 64 at 1 byte plus a 2-byte scale.
+    assert_eq!(fa * 66, fb * 256);
+    let ps = prompts(&tok);
+    // Every prompt's logits after prefill: the same argmax, and close everywhere.
+    for p in &ps {
+        let (sa, sb) = (a.add_sequence(p).unwrap(), b.add_sequence(p).unwrap());
+        let (la, lb) = (a.prefill(sa).unwrap(), b.prefill(sb).unwrap());
+        assert_eq!(argmax(&la), argmax(&lb));
+        let worst = la
+            .iter()
+            .zip(&lb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let mean = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).sum::<f32>() / la.len() as f32;
+        assert!(
+            worst > 0.0 && worst < 2.0 && mean < 0.4,
+            "int8 logits differ by {worst} (mean {mean})"
+        );
+        a.remove_sequence(sa).unwrap();
+        b.remove_sequence(sb).unwrap();
+    }
+    // Batched greedy decoding reads the int8 blocks in place: the first tokens agree.
+    let ga = greedy_batch(&mut a, &ps, 6);
+    let gb = greedy_batch(&mut b, &ps, 6);
+    let same: usize = ga
+        .iter()
+        .zip(&gb)
+        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
+        .sum();
+    assert!(same >= 5 * 5, "{ga:?} vs {gb:?}");
+}
+
+#[test]
 fn exhausting_the_pool_is_a_clean_error() {
     let (mut e, tok) = setup(EngineConfig {
         num_blocks: 2,

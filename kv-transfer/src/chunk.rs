@@ -42,7 +42,7 @@ impl ChunkLayout {
             kv_heads: l.kv_heads as u32,
             head_dim: l.head_dim as u32,
             block_size: l.block_size as u32,
-            dtype: l.format,
+            dtype: l.format.raw_wire(),
         }
     }
     /// Elements of one block's K (or V).

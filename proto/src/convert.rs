@@ -98,10 +98,11 @@ pub fn finish_reason_from_wire(r: i32) -> Result<FinishReason, ConvertError> {
     }
 }
 
+/// The wire element type of uncompressed blocks from a cache in format `f` (see `KvFormat::raw_wire`).
 pub fn kv_format_to_wire(f: KvFormat) -> v1::KvDtype {
-    match f {
+    match f.raw_wire() {
         KvFormat::F32 => v1::KvDtype::F32,
-        KvFormat::F16 => v1::KvDtype::F16,
+        KvFormat::F16 | KvFormat::Int8 => v1::KvDtype::F16,
     }
 }
 

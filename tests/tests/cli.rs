@@ -170,7 +170,15 @@ fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
         .collect();
     assert_eq!(
         names,
-        ["none", "fp8", "int8", "int4", "kivi2", "int4+snapkv:0.5", "int4+streaming:32"]
+        [
+            "none",
+            "fp8",
+            "int8",
+            "int4",
+            "kivi2",
+            "int4+snapkv:0.5",
+            "int4+streaming:32"
+        ]
     );
     let get = |i: usize, k: &str| codecs[i][k].as_f64().unwrap();
     // none moves the f32 cache byte for byte: 2 x 30 layers x 3 heads x 64 dims x 4 bytes per token.
@@ -372,4 +380,38 @@ fn invalid_utf8_prompt_is_rejected() {
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not valid UTF-8"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_int8_cache_holds_a_larger_decode_batch_in_the_same_memory() {
+    let o = run(&[
+        "bench",
+        "kv-capacity",
+        "--kv-cache-mib",
+        "8",
+        "--context",
+        "64",
+        "--decode-steps",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["format"].as_str().unwrap()).collect();
+    assert_eq!(names, ["f32", "f16", "int8"]);
+    let get = |i: usize, k: &str| rows[i][k].as_f64().unwrap();
+    // 2 x 30 layers x 3 heads x (64 dims x 4 bytes | 64 x 2 | 64 + a 2-byte scale) per token.
+    assert_eq!(get(0, "bytes_per_token"), 46080.0);
+    assert_eq!(get(1, "bytes_per_token"), 23040.0);
+    assert_eq!(get(2, "bytes_per_token"), 11880.0);
+    let held = get(2, "tokens_held") / get(0, "tokens_held");
+    assert!(
+        held > 3.5 && held < 4.1,
+        "int8 holds {held:.2}x the tokens of f32"
+    );
+    assert!(get(2, "sequences") >= 3.0 * get(0, "sequences"), "{}", v);
+    for r in rows {
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }

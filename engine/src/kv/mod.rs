@@ -16,29 +16,56 @@ pub use pool::{BlockId, BlockPool, KvEvent, PoolStats};
 
 use crate::error::{EngineError, Result};
 
-/// Element format of the cache as stored on the device. Compressed formats join this enum.
+/// Element format of the cache as stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvFormat {
     #[default]
     F32,
     F16,
+    /// Symmetric int8 with one f16 scale per token per KV head (the `int8` codec's rule); attention dequantizes as
+    /// it reads.
+    Int8,
 }
 
 impl KvFormat {
-    pub fn bytes_per_elem(self) -> usize {
+    /// Bytes one token's K (or V) vector of one KV head takes.
+    pub fn bytes_per_vector(self, head_dim: usize) -> usize {
         match self {
-            Self::F32 => 4,
-            Self::F16 => 2,
+            Self::F32 => 4 * head_dim,
+            Self::F16 => 2 * head_dim,
+            Self::Int8 => head_dim + 2,
+        }
+    }
+    /// The element type a cache in this format sends uncompressed (codec `none`): its own for f32 and f16, f16 for
+    /// int8 (which f16 holds exactly up to the scale's rounding).
+    pub fn raw_wire(self) -> Self {
+        match self {
+            Self::Int8 => Self::F16,
+            f => f,
+        }
+    }
+    pub const ALL: [KvFormat; 3] = [Self::F32, Self::F16, Self::Int8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            other => Err(EngineError::invalid(format!(
-                "kv format {other:?}: expected f32 or f16"
-            ))),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                EngineError::invalid(format!("kv format {s:?}: expected f32, f16 or int8"))
+            })
+    }
+}
+
+impl std::fmt::Display for KvFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -56,7 +83,7 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes one token occupies across all layers (K and V).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.head_dim * self.format.bytes_per_elem()
+        2 * self.layers * self.kv_heads * self.format.bytes_per_vector(self.head_dim)
     }
     pub fn bytes_per_block(&self) -> usize {
         self.bytes_per_token() * self.block_size

@@ -19,6 +19,8 @@ pub enum BenchCommand {
     Serve(Box<super::bench_serve::ServeBenchArgs>),
     /// KV transfer over loopback gRPC per codec, against the codecs' encode speed.
     Transfer(super::bench_transfer::TransferBenchArgs),
+    /// Decode batch one KV memory budget holds per cache format (f32, f16, int8), and its throughput.
+    KvCapacity(super::bench_kv_capacity::KvCapacityArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +49,7 @@ pub fn run(c: BenchCommand, threads: usize) -> Result<()> {
         BenchCommand::Engine(a) => engine(a, threads),
         BenchCommand::Serve(a) => super::bench_serve::run(*a, threads),
         BenchCommand::Transfer(a) => super::bench_transfer::run(a),
+        BenchCommand::KvCapacity(a) => super::bench_kv_capacity::run(a, threads),
     }
 }
 

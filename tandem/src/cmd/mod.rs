@@ -1,6 +1,7 @@
 //! Subcommands, one module each, plus the model loading they share.
 
 pub mod bench;
+pub mod bench_kv_capacity;
 pub mod bench_serve;
 pub mod bench_transfer;
 pub mod eval;
@@ -29,7 +30,7 @@ pub struct ModelArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Element format of the KV cache: f32 or f16.
+    /// Element format of the KV cache: f32, f16 or int8 (one f16 scale per token and head; 3.9x the tokens of f32).
     #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
     pub kv_format: KvFormat,
     /// Most tokens computed in one forward pass (prefill chunk size).

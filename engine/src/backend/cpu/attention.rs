@@ -99,10 +99,8 @@ pub fn attention(
             let sc = &mut *cell.borrow_mut();
             // Decode rows over an f32 store read K/V in place through the block table; everything else works on
             // a contiguous copy.
-            let in_place = match (kbuf, vbuf) {
-                (KvBuf::F32(k), KvBuf::F32(v)) if rows <= VECTOR_MAX_ROWS => {
-                    Some((k.as_slice(), v.as_slice()))
-                }
+            let in_place = match (kbuf.as_f32(), vbuf.as_f32()) {
+                (Some(k), Some(v)) if rows <= VECTOR_MAX_ROWS => Some((k, v)),
                 _ => None,
             };
             if in_place.is_none() {
@@ -255,13 +253,7 @@ fn gather(
     dst.resize(ctx * hd, 0.0);
     for (bi, &block) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
         let n = bs.min(ctx - bi * bs);
-        let src = ((block as usize * lay.kv_heads + kvh) * bs) * hd;
-        let d = &mut dst[bi * bs * hd..(bi * bs + n) * hd];
-        match buf {
-            KvBuf::F32(v) => d.copy_from_slice(&v[src..src + n * hd]),
-            KvBuf::F16(v) => {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[src..src + n * hd], d)
-            }
-        }
+        let first = (block as usize * lay.kv_heads + kvh) * bs;
+        buf.read(first, hd, &mut dst[bi * bs * hd..(bi * bs + n) * hd]);
     }
 }

@@ -6,6 +6,7 @@
 //! grouped-query) and `simd` (run-time dispatched vector loops).
 
 mod attention;
+mod kvbuf;
 mod matmul;
 pub mod pool;
 pub mod simd;
@@ -13,12 +14,12 @@ pub mod simd;
 use super::{AttentionTally, Backend, BatchLayout};
 use crate::error::{EngineError, Result};
 use crate::gguf::SharedBytes;
-use crate::kv::{KvFormat, KvLayout};
+use crate::kv::KvLayout;
 use crate::model::config::{RopeConfig, RopeLayout};
 use crate::model::source::WeightView;
 use crate::quant::GgmlType;
 use crate::quant::dequant::dequantize_row;
-use half::f16;
+use kvbuf::KvBuf;
 
 /// A weight matrix as stored in the model file, borrowed from its map.
 pub struct CpuMatrix {
@@ -59,12 +60,6 @@ impl CpuTensor {
     pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
         &mut self.data[r * self.cols..(r + 1) * self.cols]
     }
-}
-
-/// One layer's K or V for every block, in the cache's element format.
-pub enum KvBuf {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
 }
 
 pub struct CpuKvStore {
@@ -159,11 +154,8 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKvStore> {
-        let n = layout.num_blocks * layout.block_elems();
-        let make = || match layout.format {
-            KvFormat::F32 => KvBuf::F32(vec![0.0; n]),
-            KvFormat::F16 => KvBuf::F16(vec![f16::ZERO; n]),
-        };
+        let vectors = layout.num_blocks * layout.kv_heads * layout.block_size;
+        let make = || KvBuf::new(layout.format, vectors, layout.head_dim);
         Ok(CpuKvStore {
             layout: *layout,
             k: (0..layout.layers).map(|_| make()).collect(),
@@ -275,15 +267,8 @@ impl Backend for CpuBackend {
                     slot as usize % lay.block_size,
                 );
                 for h in 0..lay.kv_heads {
-                    let dst = ((block * lay.kv_heads + h) * lay.block_size + off) * hd;
-                    let s = &src.row(r)[h * hd..(h + 1) * hd];
-                    match buf {
-                        KvBuf::F32(b) => b[dst..dst + hd].copy_from_slice(s),
-                        KvBuf::F16(b) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(
-                            &mut b[dst..dst + hd],
-                            s,
-                        ),
-                    }
+                    let at = (block * lay.kv_heads + h) * lay.block_size + off;
+                    buf.write(at, hd, &src.row(r)[h * hd..(h + 1) * hd]);
                 }
             }
         }
@@ -325,27 +310,20 @@ impl Backend for CpuBackend {
     }
 
     fn read_kv_block(&self, kv: &CpuKvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>) {
-        let n = kv.layout.block_elems();
-        let at = block as usize * n;
-        let read = |b: &KvBuf| match b {
-            KvBuf::F32(v) => v[at..at + n].to_vec(),
-            KvBuf::F16(v) => v[at..at + n].iter().map(|x| x.to_f32()).collect(),
+        let (n, hd) = (kv.layout.block_elems(), kv.layout.head_dim);
+        let at = block as usize * (n / hd);
+        let read = |b: &KvBuf| {
+            let mut out = vec![0f32; n];
+            b.read(at, hd, &mut out);
+            out
         };
         (read(&kv.k[layer]), read(&kv.v[layer]))
     }
 
     fn write_kv_block(&self, kv: &mut CpuKvStore, layer: usize, block: u32, k: &[f32], v: &[f32]) {
-        let n = kv.layout.block_elems();
-        let at = block as usize * n;
-        let write = |b: &mut KvBuf, src: &[f32]| match b {
-            KvBuf::F32(d) => d[at..at + n].copy_from_slice(src),
-            KvBuf::F16(d) => {
-                for (o, &x) in d[at..at + n].iter_mut().zip(src) {
-                    *o = half::f16::from_f32(x);
-                }
-            }
-        };
-        write(&mut kv.k[layer], k);
-        write(&mut kv.v[layer], v);
+        let (n, hd) = (kv.layout.block_elems(), kv.layout.head_dim);
+        let at = block as usize * (n / hd);
+        kv.k[layer].write(at, hd, k);
+        kv.v[layer].write(at, hd, v);
     }
 }

@@ -114,7 +114,7 @@ pub fn encoded_len(codec: Codec, raw: KvFormat, shape: BlockShape, fill: usize) 
             .sum()
     };
     match codec {
-        Codec::None => 2 * shape.elems() * raw.bytes_per_elem(),
+        Codec::None => 2 * shape.elems() * raw.raw_wire().bytes_per_vector(1),
         Codec::Fp8 => 2 * h * (4 + t * d),
         Codec::Int8 => 2 * h * t * (2 + d),
         Codec::Int4 => 2 * h * t * groups32(|n| n.div_ceil(2)),

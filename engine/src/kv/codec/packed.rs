@@ -25,14 +25,14 @@ pub(super) fn zero_past_fill(s: BlockShape, fill: usize, x: &mut [f32]) {
 }
 
 pub(super) fn put_raw(fmt: KvFormat, s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) {
-    let row_bytes = s.head_dim * fmt.bytes_per_elem();
+    let row_bytes = fmt.raw_wire().bytes_per_vector(s.head_dim);
     for h in 0..s.kv_heads {
         let rows = &x[at(s, h, 0)..at(s, h, fill)];
-        match fmt {
+        match fmt.raw_wire() {
             KvFormat::F32 => rows
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            KvFormat::F16 => rows
+            KvFormat::F16 | KvFormat::Int8 => rows
                 .iter()
                 .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
         }
@@ -198,14 +198,14 @@ impl<'a> Reader<'a> {
     }
 
     pub(super) fn raw(&mut self, fmt: KvFormat, x: &mut [f32]) -> Result<(), CodecError> {
-        let b = self.take(x.len() * fmt.bytes_per_elem())?;
-        match fmt {
+        let b = self.take(x.len() * fmt.raw_wire().bytes_per_vector(1))?;
+        match fmt.raw_wire() {
             KvFormat::F32 => {
                 for (o, c) in x.iter_mut().zip(b.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
-            KvFormat::F16 => {
+            KvFormat::F16 | KvFormat::Int8 => {
                 for (o, c) in x.iter_mut().zip(b.chunks_exact(2)) {
                     *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
                 }

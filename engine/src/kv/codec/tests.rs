@@ -3,7 +3,7 @@
 use super::*;
 use proptest::prelude::*;
 
-const RAWS: [KvFormat; 2] = [KvFormat::F32, KvFormat::F16];
+const RAWS: [KvFormat; 3] = KvFormat::ALL;
 
 fn shape_and_block() -> impl Strategy<Value = (BlockShape, usize, Vec<f32>, Vec<f32>)> {
     (1usize..4, 1usize..20, 1usize..100).prop_flat_map(|(kv_heads, block_size, head_dim)| {
@@ -57,9 +57,9 @@ fn bound(
     // Quantization step / 2, plus f16 rounding of the stored min and scale.
     let runs = |r: f32, m: f32, levels: f32| r / levels * 0.5 * 1.002 + m / 1024.0 + 1e-6;
     match codec {
-        Codec::None => match raw {
+        Codec::None => match raw.raw_wire() {
             KvFormat::F32 => 0.0,
-            KvFormat::F16 => f16_err(x[i]),
+            KvFormat::F16 | KvFormat::Int8 => f16_err(x[i]),
         },
         Codec::Kivi2 if fill < s.block_size => f16_err(x[i]),
         Codec::Fp8 => {

@@ -1,0 +1,116 @@
+//! One layer's K or V for every block, in the cache's element format, and the only code that knows those formats.
+//!
+//! The store is a sequence of `head_dim`-long vectors (one per block, KV head and slot, laid out
+//! `[block][kv_head][slot]`). `f32` and `f16` hold the values; `int8` holds each vector quantized symmetrically
+//! with one f16 scale (the `int8` transfer codec's rule, 8.25 bits per element at head_dim 64), so the same memory
+//! holds 3.9x the tokens of `f32`. Attention reads a range of vectors as f32 through [`KvBuf::read`], which
+//! dequantizes on the fly into its tile scratch: nothing is ever expanded cache-wide.
+
+use crate::kv::KvFormat;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+pub enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Int8 { q: Vec<i8>, scale: Vec<f16> },
+}
+
+impl KvBuf {
+    /// Room for `vectors` vectors of `head_dim` elements, zeroed.
+    pub fn new(format: KvFormat, vectors: usize, head_dim: usize) -> Self {
+        let n = vectors * head_dim;
+        match format {
+            KvFormat::F32 => Self::F32(vec![0.0; n]),
+            KvFormat::F16 => Self::F16(vec![f16::ZERO; n]),
+            KvFormat::Int8 => Self::Int8 {
+                q: vec![0; n],
+                scale: vec![f16::ZERO; vectors],
+            },
+        }
+    }
+
+    /// Stores `src` (a whole number of vectors) starting at vector `at`.
+    pub fn write(&mut self, at: usize, hd: usize, src: &[f32]) {
+        let e = at * hd;
+        match self {
+            Self::F32(b) => b[e..e + src.len()].copy_from_slice(src),
+            Self::F16(b) => b[e..e + src.len()].convert_from_f32_slice(src),
+            Self::Int8 { q, scale } => {
+                for (i, x) in src.chunks_exact(hd).enumerate() {
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    // The scale is rounded to f16 first so quantization and dequantization use the same value.
+                    let s = f16::from_f32(amax / 127.0);
+                    scale[at + i] = s;
+                    let inv = if s.to_f32() > 0.0 {
+                        1.0 / s.to_f32()
+                    } else {
+                        0.0
+                    };
+                    for (o, &v) in q[e + i * hd..e + (i + 1) * hd].iter_mut().zip(x) {
+                        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads `dst.len() / hd` vectors starting at vector `at` into `dst` as f32.
+    pub fn read(&self, at: usize, hd: usize, dst: &mut [f32]) {
+        let e = at * hd;
+        match self {
+            Self::F32(b) => dst.copy_from_slice(&b[e..e + dst.len()]),
+            Self::F16(b) => b[e..e + dst.len()].convert_to_f32_slice(dst),
+            Self::Int8 { q, scale } => {
+                for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
+                    let s = scale[at + i].to_f32();
+                    for (o, &v) in d.iter_mut().zip(&q[e + i * hd..e + (i + 1) * hd]) {
+                        *o = f32::from(v) * s;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The f32 values themselves, where the format stores f32 (attention then reads them in place).
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Self::F32(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_format_round_trips_within_its_precision() {
+        let hd = 8;
+        let src: Vec<f32> = (0..3 * hd).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        for (format, tol) in [
+            (KvFormat::F32, 0.0),
+            (KvFormat::F16, 5.0 / 1024.0),
+            (KvFormat::Int8, 5.0 / 127.0),
+        ] {
+            let mut b = KvBuf::new(format, 10, hd);
+            b.write(4, hd, &src);
+            let mut out = vec![0f32; src.len()];
+            b.read(4, hd, &mut out);
+            for (a, o) in src.iter().zip(&out) {
+                assert!((a - o).abs() <= tol, "{format:?}: {a} vs {o}");
+            }
+            // Neighbouring vectors stay zero.
+            let mut before = vec![1f32; hd];
+            b.read(3, hd, &mut before);
+            assert!(before.iter().all(|&x| x == 0.0), "{format:?}");
+        }
+        // An all-zero vector quantizes to zeros, not NaN.
+        let mut b = KvBuf::new(KvFormat::Int8, 1, hd);
+        b.write(0, hd, &vec![0.0; hd]);
+        let mut out = vec![1f32; hd];
+        b.read(0, hd, &mut out);
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+}
