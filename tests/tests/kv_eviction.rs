@@ -6,9 +6,10 @@
 use serde_json::json;
 use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
+use tandem_engine::kv::KvFormat;
 use tandem_proto::v1;
 use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, used_blocks};
-use tandem_tests::{http, serial};
+use tandem_tests::{EngineOptions, http, serial};
 
 const TEXT: &str = "The ferry left the harbour at seven, loaded with crates of apples, two bicycles and a piano \
                     that nobody would admit to owning. The captain counted the passengers twice and wrote the \
@@ -17,6 +18,7 @@ const TEXT: &str = "The ferry left the harbour at seven, loaded with crates of a
 struct Outcome {
     ids: Vec<u32>,
     kv_bytes: u64,
+    prompt_tokens: u32,
 }
 
 async fn generate(
@@ -41,16 +43,18 @@ async fn generate(
         .await
         .unwrap()
         .into_inner();
-    let (mut ids, mut timings) = (Vec::new(), None);
+    let (mut ids, mut timings, mut usage) = (Vec::new(), None, None);
     while let Some(m) = s.message().await.unwrap() {
         ids.extend(m.token_ids);
         timings = m.timings.or(timings);
+        usage = m.usage.or(usage);
     }
     let t = timings.unwrap();
     assert!(!t.prefilled_locally, "{t:?}");
     Outcome {
         ids,
         kv_bytes: t.kv_bytes_transferred,
+        prompt_tokens: usage.unwrap().prompt_tokens,
     }
 }
 
@@ -130,4 +134,46 @@ fn evicting_half_with_int4_moves_7x_fewer_bytes_and_never_enters_the_prefix_cach
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
         assert_eq!(r.json()["error"]["param"], "kv_eviction", "{bad}");
     }
+}
+
+#[test]
+fn int8_caches_serve_plain_and_evicted_transfers() {
+    let _s = serial();
+    let int8 = EngineOptions {
+        format: KvFormat::Int8,
+        ..Default::default()
+    };
+    let c = Cluster::start(ClusterSpec {
+        prefill_engine: int8,
+        decode_engine: int8,
+        decode_config: DecodeConfig {
+            local_prefill_threshold_tokens: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let channel = c.rt.block_on(Cluster::channel(&c.grpc));
+    let mut client = v1::generation_client::GenerationClient::new(channel);
+    let text = format!("Log 0. {}", TEXT.repeat(4));
+    let plain =
+        c.rt.block_on(generate(&mut client, text.clone(), v1::KvCodec::None, None));
+    // An int8 cache sends `none` as f16: 2 x 30 layers x 3 heads x 64 dims x 2 bytes per token, whole blocks.
+    let blocks = u64::from(plain.prompt_tokens).div_ceil(16);
+    assert_eq!(plain.kv_bytes, blocks * 16 * 23_040);
+    let text = format!("Log 1. {}", TEXT.repeat(4));
+    let evicted = c.rt.block_on(generate(
+        &mut client,
+        text,
+        v1::KvCodec::Int4,
+        eviction(v1::KvEvictionPolicy::Snapkv, 0.5),
+    ));
+    assert_eq!((plain.ids.len(), evicted.ids.len()), (8, 8));
+    assert!(
+        evicted.kv_bytes * 5 < plain.kv_bytes,
+        "{} vs {}",
+        evicted.kv_bytes,
+        plain.kv_bytes
+    );
+    let (d, p) = c.wait_idle(Duration::from_secs(5));
+    assert_eq!(used_blocks(&d[0]) + used_blocks(&p[0]), 0, "{d:?} {p:?}");
 }
