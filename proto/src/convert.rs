@@ -102,7 +102,7 @@ pub fn finish_reason_from_wire(r: i32) -> Result<FinishReason, ConvertError> {
 pub fn kv_format_to_wire(f: KvFormat) -> v1::KvDtype {
     match f.raw_wire() {
         KvFormat::F32 => v1::KvDtype::F32,
-        KvFormat::F16 | KvFormat::Int8 => v1::KvDtype::F16,
+        _ => v1::KvDtype::F16,
     }
 }
 

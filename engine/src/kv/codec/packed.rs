@@ -32,7 +32,7 @@ pub(super) fn put_raw(fmt: KvFormat, s: BlockShape, fill: usize, x: &[f32], out:
             KvFormat::F32 => rows
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            KvFormat::F16 | KvFormat::Int8 => rows
+            _ => rows
                 .iter()
                 .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
         }
@@ -205,7 +205,7 @@ impl<'a> Reader<'a> {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
-            KvFormat::F16 | KvFormat::Int8 => {
+            _ => {
                 for (o, c) in x.iter_mut().zip(b.chunks_exact(2)) {
                     *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
                 }

@@ -59,7 +59,7 @@ fn bound(
     match codec {
         Codec::None => match raw.raw_wire() {
             KvFormat::F32 => 0.0,
-            KvFormat::F16 | KvFormat::Int8 => f16_err(x[i]),
+            _ => f16_err(x[i]),
         },
         Codec::Kivi2 if fill < s.block_size => f16_err(x[i]),
         Codec::Fp8 => {
