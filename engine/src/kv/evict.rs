@@ -11,7 +11,7 @@
 //! | `streaming` | the first [`STREAMING_SINKS`] tokens (attention sinks) and the most recent ones | StreamingLLM, Xiao et al. 2023 |
 //! | `snapkv` | the last [`SNAPKV_WINDOW`] tokens, then per layer and head the positions the window's queries attend to most (scores max-pooled over [`SNAPKV_POOL`] neighbours) | SnapKV, Li et al. 2024 |
 //! | `h2o` | half the budget most recent, half the heaviest accumulated attention over all prompt queries, per layer and head | H2O, Zhang et al. 2023 |
-//! | `block` | whole blocks: the first and the last always, then the blocks with the most attention summed over all layers, heads and their tokens | block-granular eviction as in PagedEviction (Chitty-Venkata et al. 2025) |
+//! | `block` | whole blocks: the first and the last always, then the blocks the last [`SNAPKV_WINDOW`] prompt queries attend to most, summed over all layers, heads and the block's tokens | block-granular eviction as in PagedEviction (Chitty-Venkata et al. 2025) |
 //!
 //! `kept_tokens` depends only on the policy, the budget, the prompt length and the block size, so a decode worker
 //! allocates exactly the blocks a prefill worker will send before either has computed anything.
@@ -50,8 +50,8 @@ impl EvictionPolicy {
     pub fn scored_from(self, prompt_len: usize) -> Option<usize> {
         match self {
             Self::Streaming => None,
-            Self::SnapKv => Some(prompt_len.saturating_sub(SNAPKV_WINDOW)),
-            Self::H2o | Self::Block => Some(0),
+            Self::SnapKv | Self::Block => Some(prompt_len.saturating_sub(SNAPKV_WINDOW)),
+            Self::H2o => Some(0),
         }
     }
 }
