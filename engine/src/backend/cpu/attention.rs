@@ -66,14 +66,19 @@ pub fn attention(
     }
     // Tallied rows sum their probabilities into a buffer of their task's own, reduced after the parallel region.
     let tallied_from = |si: usize| tallies.iter().find(|t| t.seq == si).map(|t| t.from_pos);
-    let partials: Vec<Mutex<Vec<f32>>> = tasks
-        .iter()
-        .map(|&(si, _, _, r1)| {
-            let s = &plan.layout.seqs[si];
-            let wanted = tallied_from(si).is_some_and(|from| s.start_pos + r1 > from);
-            Mutex::new(vec![0.0; if wanted { s.start_pos + r1 } else { 0 }])
-        })
-        .collect();
+    // (No tallies, the usual case: no buffers at all.)
+    let partials: Vec<Mutex<Vec<f32>>> = if tallies.is_empty() {
+        &[][..]
+    } else {
+        &tasks[..]
+    }
+    .iter()
+    .map(|&(si, _, _, r1)| {
+        let s = &plan.layout.seqs[si];
+        let wanted = tallied_from(si).is_some_and(|from| s.start_pos + r1 > from);
+        Mutex::new(vec![0.0; if wanted { s.start_pos + r1 } else { 0 }])
+    })
+    .collect();
     let scale = 1.0 / (hd as f32).sqrt();
     let optr = Ptr(out.data.as_mut_ptr());
     let (kbuf, vbuf) = (&kv.k[layer], &kv.v[layer]);
@@ -82,14 +87,17 @@ pub fn attention(
         let s = &plan.layout.seqs[si];
         let ctx = s.start_pos + r1;
         let rows = r1 - r0;
-        let mut partial = partials[t].lock().unwrap_or_else(|e| e.into_inner());
-        let tally_from = if partial.is_empty() {
-            usize::MAX
-        } else {
-            tallied_from(si).unwrap_or(usize::MAX)
+        let mut partial = partials
+            .get(t)
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()));
+        let tally_from = match &partial {
+            Some(p) if !p.is_empty() => tallied_from(si).unwrap_or(usize::MAX),
+            _ => usize::MAX,
         };
         let mut tally = |pos: usize, probs: &[f32]| {
-            if pos >= tally_from {
+            if pos >= tally_from
+                && let Some(partial) = partial.as_deref_mut()
+            {
                 for (acc, &p) in partial.iter_mut().zip(probs) {
                     *acc += p;
                 }
