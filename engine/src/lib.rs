@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
 

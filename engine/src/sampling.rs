@@ -6,6 +6,7 @@
 //! any of this, as OpenAI reports them. With a seed, the same logits give the same tokens on every run.
 
 use crate::error::{EngineError, Result};
+use crate::rng::Rng;
 use std::collections::HashMap;
 
 /// How to sample; defaults are greedy decoding with no penalties.
@@ -96,24 +97,6 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
-/// SplitMix64: tiny, fast, and good enough for sampling; fully determined by its seed.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
 /// Per-sequence sampling state: the RNG and the token counts penalties need.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -134,7 +117,7 @@ impl Sampler {
         };
         Self {
             params,
-            rng: Rng(seed),
+            rng: Rng::new(seed),
             prompt_tokens,
             output_counts: HashMap::new(),
             scratch: Vec::new(),

@@ -8,8 +8,10 @@
 pub mod error;
 pub mod frontend;
 pub mod grpc;
+pub mod index;
 pub mod mock;
 pub mod openai;
+pub mod policy;
 pub mod workers;
 
 pub use error::RouterError;

@@ -162,8 +162,12 @@ impl BlockPool {
     }
 
     /// Drops one reference to each block; unreferenced blocks become cached (if hashed) or free.
+    ///
+    /// A sequence's blocks are given back tail first, so a block always enters the LRU before its parent and is
+    /// evicted first: a cached child never outlives its prefix (it would be unreachable), and a router may take a
+    /// worker holding block `i` of a prompt to hold blocks `0..i` too.
     pub fn release(&mut self, ids: &[BlockId]) {
-        for &id in ids {
+        for &id in ids.iter().rev() {
             let m = &mut self.meta[id.0 as usize];
             assert!(m.refcount > 0, "double release of block {}", id.0);
             m.refcount -= 1;
@@ -213,6 +217,12 @@ impl BlockPool {
 
     pub fn refcount(&self, id: BlockId) -> u32 {
         self.meta[id.0 as usize].refcount
+    }
+
+    /// Every hash this pool can serve a prefix from (cached or in use), for a router's resynchronisation, with the
+    /// sequence number of the last event recorded: events after it change the set.
+    pub fn snapshot(&self) -> (u64, Vec<BlockHash>) {
+        (self.event_seq, self.by_hash.keys().copied().collect())
     }
 
     /// Takes the events recorded since the last call.
@@ -283,6 +293,34 @@ mod tests {
         assert!(p.acquire_prefix(&[BlockHash(10)]).is_empty());
         let ev = p.drain_events();
         assert!(matches!(ev.last(), Some(KvEvent::Removed { hashes, .. }) if hashes.len() == 2));
+    }
+
+    #[test]
+    fn a_released_sequence_loses_its_tail_first_and_snapshots_list_what_is_held() {
+        let mut p = BlockPool::new(3);
+        let a = p.allocate(3).unwrap();
+        for (i, &id) in a.iter().enumerate() {
+            p.commit(id, BlockHash(20 + i as u64));
+        }
+        p.release(&a);
+        p.drain_events();
+        // One new block evicts the last block of the prefix, not its first.
+        let b = p.allocate(1).unwrap();
+        assert_eq!(
+            p.drain_events(),
+            vec![KvEvent::Removed {
+                seq: 4,
+                hashes: vec![BlockHash(22)]
+            }]
+        );
+        assert_eq!(
+            p.cached_prefix_len(&[BlockHash(20), BlockHash(21), BlockHash(22)]),
+            2
+        );
+        let (seq, mut held) = p.snapshot();
+        held.sort();
+        assert_eq!((seq, held), (4, vec![BlockHash(20), BlockHash(21)]));
+        p.release(&b);
     }
 
     #[test]

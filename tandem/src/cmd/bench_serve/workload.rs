@@ -4,6 +4,7 @@
 //! colocated, router and direct) send exactly the same requests.
 
 use anyhow::{Context, Result, bail};
+use tandem_engine::rng::Rng;
 
 /// A length distribution: `128` (fixed) or `64..256` (uniform, inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,28 +46,13 @@ impl std::fmt::Display for Dist {
     }
 }
 
-/// SplitMix64, seeded: the same workload every run.
-pub struct Rng(u64);
+/// A seeded generator and the workload's distributions over it: the same workload every run.
+pub trait DrawDist {
+    fn draw(&mut self, d: Dist) -> usize;
+}
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-    pub fn draw(&mut self, d: Dist) -> usize {
+impl DrawDist for Rng {
+    fn draw(&mut self, d: Dist) -> usize {
         match d {
             Dist::Fixed(n) => n,
             Dist::Uniform(a, b) => self.range(a, b),
