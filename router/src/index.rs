@@ -8,9 +8,9 @@
 //! would exceed it is treated like a gap. Memory is thus bounded by the sum of the workers' KV capacities, and
 //! [`PrefixIndex::stats`] reports it.
 //!
-//! Lookups walk the prompt's hashes from the deepest block back and stop once every worker holding the first block
-//! has been placed: a worker holding block `i` holds blocks `0..i` (workers evict a sequence's tail first; see
-//! `BlockPool::release`), so a prompt shared by every worker costs one visit per worker, not one per block.
+//! Lookups rely on the chain invariant workers keep: a worker holding block `i` of a prompt holds blocks `0..i`
+//! (workers evict a sequence's tail first; see `BlockPool::release`), so only the blocks where the number of
+//! holders drops need visiting ([`PrefixIndex::matches`]).
 
 use std::collections::{HashMap, HashSet};
 use tandem_engine::kv::{BlockHash, KvEvent};
@@ -166,25 +166,45 @@ impl PrefixIndex {
 
     /// For every worker holding at least the first block of `hashes` (a prompt's chain), how many leading blocks it
     /// holds, written to `out` (cleared first) in no particular order.
+    ///
+    /// Since a worker holding block `i` holds every block before it, the holders of block `i` are a subset of
+    /// those of block `i - 1`, and equal counts mean equal sets. So only the blocks where the holder count drops
+    /// matter: they are found by bisection (O(levels x log blocks) lookups) and each worker is placed at the
+    /// deepest such block it holds. A prompt shared by every worker costs one visit per worker, not one per block.
     pub fn matches(&mut self, hashes: &[BlockHash], out: &mut Vec<(WorkerId, usize)>) {
         out.clear();
-        let Some(first) = hashes.first().and_then(|h| self.holders.get(h)) else {
+        let count = |i: usize| self.holders.get(&hashes[i]).map_or(0, Vec::len);
+        if hashes.is_empty() || count(0) == 0 {
             return;
-        };
-        let wanted = first.len();
-        for (i, h) in hashes.iter().enumerate().rev() {
-            let Some(ws) = self.holders.get(h) else {
+        }
+        // The deepest block anyone holds.
+        let (mut lo, mut hi) = (0, hashes.len());
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if count(mid) > 0 { lo = mid } else { hi = mid }
+        }
+        let mut drops = vec![lo];
+        let mut stack = vec![(0, lo)];
+        while let Some((a, b)) = stack.pop() {
+            if b <= a || count(a) == count(b) {
                 continue;
-            };
-            for w in ws {
+            }
+            if b == a + 1 {
+                drops.push(a);
+                continue;
+            }
+            let mid = (a + b) / 2;
+            stack.push((a, mid));
+            stack.push((mid, b));
+        }
+        drops.sort_unstable_by(|x, y| y.cmp(x));
+        for i in drops {
+            for w in &self.holders[&hashes[i]] {
                 let d = &mut self.depth[w.0 as usize];
                 if *d == 0 {
                     *d = i as u32 + 1;
                     out.push((*w, i + 1));
                 }
-            }
-            if out.len() == wanted {
-                break;
             }
         }
         for (w, _) in out.iter() {

@@ -8,8 +8,9 @@
 //! the codec and eviction in use), and the decode worker's own queue and batch. The three groups are weighted by
 //! knobs. Because the prefill term depends only on the prefill worker and the transfer term only on the decode
 //! worker (bytes are what the decode side lacks), the two picks separate and a decision costs O(workers).
-//! Conditional disaggregation: when what the decode worker lacks is short, or every prefill worker's queue is past
-//! its saturation mark, the decode worker prefills itself and no bytes move.
+//! Conditional disaggregation: when what the decode worker lacks is short and computing it there costs less than the
+//! way through a prefill worker, or every prefill worker's queue is past its saturation mark, the decode worker
+//! prefills itself and no bytes move.
 //!
 //! Equal candidates must share load rather than herd onto the first one: `softmax` draws a candidate with
 //! probability proportional to `exp(-(cost - best) / temperature)`; `power-of-two` compares two random
@@ -118,15 +119,19 @@ pub struct CostModel {
     pub local_prefill_s_per_token: f64,
     /// Seconds per KV byte moved (one over the link's bandwidth).
     pub transfer_s_per_byte: f64,
-    /// Seconds one more running or waiting request adds to a decode worker's cost (its steps grow with the batch).
+    /// Seconds one more running or waiting request adds to each decode step (the cost counts it for every token
+    /// the request may generate).
     pub decode_s_per_request: f64,
+    /// Decode steps over which a busier decode worker's slowdown is counted (at most the request's max_tokens).
+    pub decode_horizon_tokens: usize,
     /// Weight of the prompt tokens to compute.
     pub w_prefill: f64,
     /// Weight of work queued ahead of the request.
     pub w_queue: f64,
     /// Weight of the KV bytes to move.
     pub w_transfer: f64,
-    /// Uncached prompt tokens at or under which the decode worker prefills itself.
+    /// Uncached prompt tokens up to which a decode worker may prefill for itself, when that costs less than a
+    /// prefill worker and the transfer (a follow-up turn whose history the decode worker already holds).
     pub local_prefill_max_tokens: usize,
     /// Queued prefill tokens past which a prefill worker counts as saturated; when all are, decode workers prefill.
     pub prefill_saturated_tokens: u64,
@@ -143,16 +148,23 @@ impl Default for CostModel {
             local_prefill_s_per_token: prefill * 1.5,
             transfer_s_per_byte: 1e-9,
             decode_s_per_request: 0.004,
+            decode_horizon_tokens: 32,
             w_prefill: 1.0,
             w_queue: 1.0,
             w_transfer: 1.0,
-            local_prefill_max_tokens: 32,
+            local_prefill_max_tokens: 256,
             prefill_saturated_tokens: 8192,
-            // Candidates within about one block's prefill of the best are nearly interchangeable.
             spread: Spread::Softmax {
-                temperature_s: 16.0 * prefill,
+                temperature_s: Self::default_temperature(prefill, 16),
             },
         }
+    }
+}
+
+impl CostModel {
+    /// One block's prefill time: candidates within about that of the best are nearly interchangeable.
+    pub fn default_temperature(prefill_s_per_token: f64, block_size: usize) -> f64 {
+        prefill_s_per_token * block_size as f64
     }
 }
 
@@ -271,8 +283,12 @@ impl Policy {
             .any(|c| c.healthy && c.load.kv_blocks_free as usize >= blocks_needed(c));
         let decode_cost = |c: &Candidate| -> (f64, bool) {
             let lacks = uncached(req, c.cached_blocks);
+            // Each request already there slows every one of this request's decode steps.
+            let batch = (c.load.running + c.load.waiting) as f64;
             let queue = m.w_queue
-                * (m.decode_s_per_request * (c.load.running + c.load.waiting) as f64
+                * (m.decode_s_per_request
+                    * batch
+                    * req.max_tokens.min(m.decode_horizon_tokens) as f64
                     + m.local_prefill_s_per_token * c.load.queued_prefill_tokens as f64);
             // A worker without room for the request would have to preempt or queue it: last resort only.
             let full = if roomy && (c.load.kv_blocks_free as usize) < blocks_needed(c) {
@@ -281,15 +297,15 @@ impl Policy {
                 0.0
             };
             let local = queue + full + m.w_prefill * m.local_prefill_s_per_token * lacks as f64;
-            match remote {
-                Some(r) if lacks > m.local_prefill_max_tokens => {
-                    let bytes = lacks as f64 * req.kv_bytes_per_token;
-                    (
-                        queue + full + r + m.w_transfer * m.transfer_s_per_byte * bytes,
-                        true,
-                    )
-                }
-                _ => (local, false),
+            let Some(r) = remote else {
+                return (local, false);
+            };
+            let bytes = lacks as f64 * req.kv_bytes_per_token;
+            let disaggregated = queue + full + r + m.w_transfer * m.transfer_s_per_byte * bytes;
+            if lacks <= m.local_prefill_max_tokens && local <= disaggregated {
+                (local, false)
+            } else {
+                (disaggregated, true)
             }
         };
         let d = self.pick(decode, |c| decode_cost(c).0)?;
@@ -347,7 +363,9 @@ impl Policy {
                 let t = temperature_s.max(1e-12);
                 let mut total = 0.0;
                 for c in costs.iter_mut() {
-                    *c = (-(*c - best) / t).exp();
+                    let z = (*c - best) / t;
+                    // exp(-40) < 5e-18: such a candidate is never drawn, so skip the exp.
+                    *c = if z < 40.0 { (-z).exp() } else { 0.0 };
                     total += *c;
                 }
                 let mut x = self.rng.unit() * total;

@@ -36,6 +36,8 @@ enum Command {
     Decode(cmd::serve::DecodeArgs),
     /// Run a router (OpenAI HTTP + gRPC) in front of prefill and decode workers.
     Router(cmd::serve::RouterArgs),
+    /// Compare routing policies on a simulated cluster driven by the real router index and policy code.
+    Simulate(cmd::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         Command::Prefill(a) => cmd::serve::run_prefill(a, threads),
         Command::Decode(a) => cmd::serve::run_decode(a, threads),
         Command::Router(a) => cmd::serve::run_router(a),
+        Command::Simulate(a) => cmd::simulate::run(a, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

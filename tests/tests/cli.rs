@@ -415,3 +415,49 @@ fn an_int8_cache_holds_a_larger_decode_batch_in_the_same_memory() {
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
+
+/// `tandem simulate` on the default 4 + 4 cluster: the cost policy finds the cache the oracle finds, keeps the
+/// workers evenly busy, and beats round-robin on time to first token where prompts share prefixes.
+#[test]
+fn simulate_compares_policies_on_every_workload() {
+    let o = run(&[
+        "simulate",
+        "--requests",
+        "1500",
+        "--policies",
+        "round-robin,cost",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(v["latency_model"].as_str().unwrap().contains("prefill_s ="));
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    let row = |w: &str, p: &str| {
+        rows.iter()
+            .find(|r| r["workload"] == w && r["policy"] == p)
+            .unwrap_or_else(|| panic!("no row {w} {p}"))
+    };
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap();
+    for w in ["shared-prefix", "multi-turn", "rag", "uniform"] {
+        let cost = row(w, "cost");
+        assert_eq!(cost["requests"], 1500, "{w}: every request completed");
+        assert!(f(cost, "hit_vs_oracle") >= 0.95, "{w}: {cost}");
+        assert!(f(cost, "imbalance_decode") < 1.25, "{w}: {cost}");
+        assert!(f(cost, "decision_p99_us") < 1000.0, "{w}: {cost}");
+    }
+    for w in ["shared-prefix", "rag"] {
+        let speedup = f(row(w, "round-robin"), "ttft_p50_s") / f(row(w, "cost"), "ttft_p50_s");
+        assert!(speedup > 2.0, "{w}: cost only {speedup:.2}x round-robin");
+    }
+    // Bad input names the flag.
+    let o = run(&["simulate", "--decode-workers", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--decode-workers"), "{}", stderr(&o));
+    let o = run(&["simulate", "--policies", "fastest"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fastest"), "{}", stderr(&o));
+    let o = run(&["simulate", "--w-queue=-1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--w-queue"), "{}", stderr(&o));
+}

@@ -22,7 +22,17 @@ impl Default for HashSeed {
 
 /// Hash of one block given its parent's hash (`None` for the first block).
 pub fn hash_block(seed: HashSeed, parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
-    let mut buf = Vec::with_capacity(9 + tokens.len() * 4);
+    hash_block_with(&mut Vec::new(), seed, parent, tokens)
+}
+
+/// [`hash_block`] serialising into the caller's buffer (a chain reuses one buffer for all its blocks).
+fn hash_block_with(
+    buf: &mut Vec<u8>,
+    seed: HashSeed,
+    parent: Option<BlockHash>,
+    tokens: &[u32],
+) -> BlockHash {
+    buf.clear();
     match parent {
         Some(p) => {
             buf.push(1);
@@ -33,15 +43,16 @@ pub fn hash_block(seed: HashSeed, parent: Option<BlockHash>, tokens: &[u32]) -> 
     for t in tokens {
         buf.extend_from_slice(&t.to_le_bytes());
     }
-    BlockHash(xxh3_64_with_seed(&buf, seed.0))
+    BlockHash(xxh3_64_with_seed(buf, seed.0))
 }
 
 /// Hashes of every complete block of `tokens`.
 pub fn block_hashes(seed: HashSeed, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
     let mut out = Vec::with_capacity(tokens.len() / block_size.max(1));
+    let mut buf = Vec::with_capacity(9 + block_size * 4);
     let mut parent = None;
     for chunk in tokens.chunks_exact(block_size) {
-        let h = hash_block(seed, parent, chunk);
+        let h = hash_block_with(&mut buf, seed, parent, chunk);
         out.push(h);
         parent = Some(h);
     }

@@ -108,8 +108,10 @@ fn short_uncached_tails_and_saturated_prefill_pools_prefill_locally() {
 
 #[test]
 fn cost_counts_the_bytes_the_decode_worker_lacks() {
+    // No local prefill here, to isolate the transfer term.
     let model = CostModel {
         transfer_s_per_byte: 1e-6, // a slow link
+        local_prefill_max_tokens: 0,
         ..argmin_model()
     };
     let mut p = Policy::new(PolicyKind::Cost, model, 1);
@@ -119,7 +121,11 @@ fn cost_counts_the_bytes_the_decode_worker_lacks() {
     let x = p.decide(&req(400), &d, &pre).unwrap();
     assert_eq!(x.decode, 1);
     // A cheap link leaves only the queue to tell them apart.
-    let mut p = Policy::new(PolicyKind::Cost, argmin_model(), 1);
+    let model = CostModel {
+        local_prefill_max_tokens: 0,
+        ..argmin_model()
+    };
+    let mut p = Policy::new(PolicyKind::Cost, model, 1);
     let x = p.decide(&req(400), &d, &pre).unwrap();
     assert_eq!(x.decode, 0);
 }

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod eval_kv;
 pub mod generate;
 pub mod serve;
+pub mod simulate;
 pub mod up;
 
 use anyhow::{Context, Result};
@@ -17,6 +18,7 @@ use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, EngineConfig};
+use tandem_router::policy::{CostModel, Spread};
 
 /// Options every command that loads a model shares.
 #[derive(clap::Args, Debug, Clone)]
@@ -51,6 +53,85 @@ fn parse_eviction(s: &str) -> std::result::Result<tandem_engine::kv::evict::Evic
 }
 
 pub use tandem_engine::model::default_model_path;
+
+/// The cost policy's knobs, shared by `tandem router`, `tandem up` and `tandem simulate`; unset ones keep the
+/// model's figures.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CostArgs {
+    /// How the cost policy spreads requests among near-equal workers: softmax (default), power-of-two or argmin.
+    #[arg(long, value_parser = parse_spread)]
+    pub spread: Option<SpreadKind>,
+    /// Softmax temperature in seconds of estimated cost (default: one block's prefill time).
+    #[arg(long)]
+    pub route_temperature_s: Option<f64>,
+    /// Weight of prompt tokens still to compute.
+    #[arg(long)]
+    pub w_prefill: Option<f64>,
+    /// Weight of work queued ahead of the request.
+    #[arg(long)]
+    pub w_queue: Option<f64>,
+    /// Weight of KV bytes to move from prefill to decode worker.
+    #[arg(long)]
+    pub w_transfer: Option<f64>,
+    /// Uncached prompt tokens up to which a decode worker may prefill for itself when that is cheaper (default 256).
+    #[arg(long)]
+    pub local_prefill_max_tokens: Option<usize>,
+}
+
+/// `--spread` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpreadKind {
+    Softmax,
+    PowerOfTwo,
+    Argmin,
+}
+
+fn parse_spread(s: &str) -> std::result::Result<SpreadKind, String> {
+    match s {
+        "softmax" => Ok(SpreadKind::Softmax),
+        "power-of-two" => Ok(SpreadKind::PowerOfTwo),
+        "argmin" => Ok(SpreadKind::Argmin),
+        _ => Err(format!("{s:?}: expected softmax, power-of-two or argmin")),
+    }
+}
+
+impl CostArgs {
+    /// `base` with the knobs given on the command line; fails on a negative or non-finite weight.
+    pub fn apply(&self, base: CostModel) -> Result<CostModel> {
+        let mut m = base;
+        for (name, v) in [
+            ("--w-prefill", self.w_prefill),
+            ("--w-queue", self.w_queue),
+            ("--w-transfer", self.w_transfer),
+            ("--route-temperature-s", self.route_temperature_s),
+        ] {
+            if let Some(x) = v
+                && !(x.is_finite() && x >= 0.0)
+            {
+                anyhow::bail!("{name} must be a finite number >= 0, not {x}");
+            }
+        }
+        m.w_prefill = self.w_prefill.unwrap_or(m.w_prefill);
+        m.w_queue = self.w_queue.unwrap_or(m.w_queue);
+        m.w_transfer = self.w_transfer.unwrap_or(m.w_transfer);
+        m.local_prefill_max_tokens = self
+            .local_prefill_max_tokens
+            .unwrap_or(m.local_prefill_max_tokens);
+        let temperature = match m.spread {
+            Spread::Softmax { temperature_s } => temperature_s,
+            _ => CostModel::default_temperature(m.prefill_s_per_token, 16),
+        };
+        m.spread = match (self.spread, m.spread) {
+            (Some(SpreadKind::PowerOfTwo), _) => Spread::PowerOfTwo,
+            (Some(SpreadKind::Argmin), _) => Spread::Argmin,
+            (Some(SpreadKind::Softmax), _) | (None, Spread::Softmax { .. }) => Spread::Softmax {
+                temperature_s: self.route_temperature_s.unwrap_or(temperature),
+            },
+            (None, s) => s,
+        };
+        Ok(m)
+    }
+}
 
 pub struct Loaded {
     pub engine: Engine<CpuBackend>,
