@@ -23,7 +23,7 @@ use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
 use tandem_kv_transfer::DecodedChunk;
 use tandem_prefill_node::runtime::EventHub;
-use tandem_proto::v1;
+use tandem_proto::{convert, v1};
 use tokio::sync::{mpsc, oneshot};
 
 /// A tokenized request as the scheduler takes it.
@@ -109,6 +109,7 @@ enum Command {
         key: SeqId,
     },
     Load(oneshot::Sender<v1::LoadReport>),
+    KvSnapshot(oneshot::Sender<v1::KvSnapshotResponse>),
     /// Fail every request and stop.
     Shutdown,
 }
@@ -178,6 +179,12 @@ impl SchedulerHandle {
     pub async fn load(&self) -> Result<v1::LoadReport, DecodeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Load(reply))?;
+        rx.await
+            .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))
+    }
+    pub async fn kv_snapshot(&self) -> Result<v1::KvSnapshotResponse, DecodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::KvSnapshot(reply))?;
         rx.await
             .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))
     }
@@ -321,6 +328,9 @@ impl<B: Backend> Scheduler<B> {
             Command::Cancel { key } => self.remove(key),
             Command::Load(reply) => {
                 let _ = reply.send(self.load());
+            }
+            Command::KvSnapshot(reply) => {
+                let _ = reply.send(convert::kv_snapshot_to_wire(self.engine.kv_snapshot()));
             }
             Command::Shutdown => unreachable!("handled by the loop"),
         }
@@ -666,6 +676,8 @@ impl<B: Backend> Scheduler<B> {
             kv_blocks_free: s.free as u32,
             kv_blocks_cached: s.cached as u32,
             queued_prefill_tokens: queued_tokens,
+            block_size: self.engine.config().block_size as u32,
+            hash_seed: self.engine.config().hash_seed.0,
         }
     }
 }

@@ -358,4 +358,16 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         Ok(Response::new(self.shared.hub.subscribe()))
     }
+
+    async fn kv_snapshot(
+        &self,
+        _: Request<v1::KvSnapshotRequest>,
+    ) -> Result<Response<v1::KvSnapshotResponse>, Status> {
+        self.shared
+            .sched
+            .kv_snapshot()
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
 }

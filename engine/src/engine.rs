@@ -179,6 +179,11 @@ impl<B: Backend> Engine<B> {
     pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
         self.pool.drain_events()
     }
+
+    /// Every block hash the cache holds, with the number of the last event recorded (see `BlockPool::snapshot`).
+    pub fn kv_snapshot(&self) -> (u64, Vec<BlockHash>) {
+        self.pool.snapshot()
+    }
     /// Prompt tokens served from the prefix cache since the engine started.
     pub fn prefix_hit_tokens(&self) -> u64 {
         self.prefix_hit_tokens

@@ -138,4 +138,15 @@ impl v1::prefill_worker_server::PrefillWorker for PrefillService {
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         Ok(Response::new(self.hub.subscribe()))
     }
+
+    async fn kv_snapshot(
+        &self,
+        _: Request<v1::KvSnapshotRequest>,
+    ) -> Result<Response<v1::KvSnapshotResponse>, Status> {
+        self.engine
+            .kv_snapshot()
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
 }

@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
-use tandem_engine::kv::BlockId;
 use tandem_engine::kv::evict::{self, Eviction};
+use tandem_engine::kv::{BlockId, HashSeed};
 use tandem_engine::sampling::{Sampled, Sampler, SamplingParams};
 use tandem_engine::{Engine, LogitsWanted, StepItem};
 use tandem_kv_transfer::chunk::{self, ChunkHeader, ChunkLayout, Encoding};
 use tandem_kv_transfer::sender::Pusher;
 use tandem_kv_transfer::{BlockData, SessionId};
-use tandem_proto::v1;
+use tandem_proto::{convert, v1};
 use tokio::sync::{mpsc, oneshot};
 
 /// One prompt to prefill for a decode worker.
@@ -56,6 +56,7 @@ enum Command {
         Box<PrefillJob>,
         oneshot::Sender<Result<PrefillOutcome, PrefillError>>,
     ),
+    KvSnapshot(oneshot::Sender<v1::KvSnapshotResponse>),
 }
 
 /// Queue depth and the pool's block counts as of the last job, readable without waiting for the engine thread
@@ -81,6 +82,8 @@ impl Queue {
 pub struct EngineThread {
     tx: Option<mpsc::UnboundedSender<Command>>,
     queue: Arc<Queue>,
+    block_size: usize,
+    hash_seed: HashSeed,
     join: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -92,6 +95,7 @@ impl EngineThread {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue::default());
         queue.record_pool(engine.pool_stats());
+        let (block_size, hash_seed) = (engine.config().block_size, engine.config().hash_seed);
         let q = queue.clone();
         let join = std::thread::Builder::new()
             .name("prefill-engine".into())
@@ -99,6 +103,8 @@ impl EngineThread {
         Ok(Self {
             tx: Some(tx),
             queue,
+            block_size,
+            hash_seed,
             join: Some(join),
         })
     }
@@ -113,6 +119,14 @@ impl EngineThread {
             .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))?
     }
 
+    /// The cache's hashes, answered by the engine thread between jobs (so after the one running now).
+    pub async fn kv_snapshot(&self) -> Result<v1::KvSnapshotResponse, PrefillError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::KvSnapshot(reply))?;
+        rx.await
+            .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))
+    }
+
     pub fn load(&self) -> v1::LoadReport {
         let q = &self.queue;
         v1::LoadReport {
@@ -123,6 +137,8 @@ impl EngineThread {
             kv_blocks_free: q.blocks_free.load(Ordering::Relaxed) as u32,
             kv_blocks_cached: q.blocks_cached.load(Ordering::Relaxed) as u32,
             queued_prefill_tokens: q.tokens.load(Ordering::Relaxed),
+            block_size: self.block_size as u32,
+            hash_seed: self.hash_seed.0,
         }
     }
 
@@ -166,6 +182,9 @@ fn engine_loop<B: Backend>(
                 queue.tokens.fetch_sub(tokens, Ordering::Relaxed);
                 hub.publish(engine.drain_kv_events());
                 let _ = reply.send(result);
+            }
+            Command::KvSnapshot(reply) => {
+                let _ = reply.send(convert::kv_snapshot_to_wire(engine.kv_snapshot()));
             }
         }
     }

@@ -229,6 +229,14 @@ pub fn kv_event_from_wire(e: &v1::KvEvent) -> Result<KvEvent, ConvertError> {
     }
 }
 
+/// A worker's cache snapshot (`Engine::kv_snapshot`) on the wire.
+pub fn kv_snapshot_to_wire((seq, hashes): (u64, Vec<BlockHash>)) -> v1::KvSnapshotResponse {
+    v1::KvSnapshotResponse {
+        sequence_number: seq,
+        hashes: hashes.into_iter().map(|h| h.0).collect(),
+    }
+}
+
 fn hashes_to_wire(h: &[BlockHash]) -> v1::BlockHashes {
     v1::BlockHashes {
         hashes: h.iter().map(|h| h.0).collect(),

@@ -3,12 +3,15 @@
 //! stream. Dropping the returned [`TokenStream`] cancels the call, which cancels the work on every node.
 
 use crate::error::RouterError;
+use crate::index::PrefixIndex;
+use crate::policy::{Policy, RequestShape};
 use crate::workers::{Lease, Workers};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tandem_engine::generate::StopConditions;
-use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::codec::{BlockShape, Codec, encoded_len};
 use tandem_engine::kv::evict::Eviction;
+use tandem_engine::kv::{KvFormat, block_hashes};
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::tokenizer::chat::{ChatMessage, ChatTemplate};
@@ -22,6 +25,42 @@ pub struct ModelInfo {
     /// The id clients name in `model`.
     pub id: String,
     pub context_len: usize,
+    /// Layers, KV heads and head size, for the bytes a prompt's KV takes on the wire (`None`: unknown, counted 0).
+    pub kv_dims: Option<KvDims>,
+}
+
+/// The shape of a model's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvDims {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl ModelInfo {
+    /// Bytes one prompt token's KV takes between prefill and decode worker under `kv` (an f32 cache, as the
+    /// workers keep by default, through the codec; eviction keeps its share of a `prompt_len` prompt).
+    pub fn wire_bytes_per_token(
+        &self,
+        kv: KvTransfer,
+        prompt_len: usize,
+        block_size: usize,
+    ) -> f64 {
+        let Some(d) = self.kv_dims else {
+            return 0.0;
+        };
+        let shape = BlockShape {
+            kv_heads: d.kv_heads,
+            block_size,
+            head_dim: d.head_dim,
+        };
+        let codec = kv.codec.unwrap_or(Codec::None);
+        let per_block = encoded_len(codec, KvFormat::F32, shape, block_size) as f64;
+        let kept = kv.eviction.map_or(1.0, |e| {
+            e.kept_tokens(prompt_len, block_size) as f64 / prompt_len.max(1) as f64
+        });
+        d.layers as f64 * per_block / block_size as f64 * kept
+    }
 }
 
 /// What to complete.
@@ -82,6 +121,9 @@ pub struct Frontend {
     template: Option<ChatTemplate>,
     pub model: ModelInfo,
     pub workers: Workers,
+    /// Which worker holds which blocks, kept by one `sync::follow` task per worker.
+    pub index: Arc<Mutex<PrefixIndex>>,
+    policy: Mutex<Policy>,
     /// Codec and eviction for requests that name none.
     pub default_kv: KvTransfer,
     next_id: AtomicU64,
@@ -130,6 +172,7 @@ impl Frontend {
         tokenizer: Arc<Tokenizer>,
         model: ModelInfo,
         workers: Workers,
+        policy: Policy,
         default_kv: KvTransfer,
     ) -> Self {
         let template = match tokenizer.chat_template() {
@@ -146,6 +189,8 @@ impl Frontend {
             template,
             model,
             workers,
+            index: Arc::new(Mutex::new(PrefixIndex::new())),
+            policy: Mutex::new(policy),
             default_kv,
             next_id: AtomicU64::new(0),
         }
@@ -249,9 +294,24 @@ impl Frontend {
             param: None,
         })?;
         let request_id = self.request_id(p.request_id.as_deref());
-        let decode = self.workers.pick_decode().ok_or(RouterError::NoWorker)?;
-        let prefill = self.workers.pick_prefill();
         let kv = p.kv.or(self.default_kv);
+        let naming = self.workers.naming;
+        let hashes = block_hashes(naming.seed, &prompt, naming.block_size);
+        let shape = RequestShape {
+            prompt_tokens: prompt.len(),
+            max_tokens,
+            block_size: naming.block_size,
+            kv_bytes_per_token: self.model.wire_bytes_per_token(
+                kv,
+                prompt.len(),
+                naming.block_size,
+            ),
+        };
+        let choice = self
+            .workers
+            .choose(&self.policy, &self.index, &shape, &hashes)
+            .ok_or(RouterError::NoWorker)?;
+        let (decode, prefill) = (choice.decode, choice.prefill);
         let request = v1::DecodeRequest {
             request_id: request_id.0.clone(),
             prompt_token_ids: prompt.clone(),
@@ -266,7 +326,14 @@ impl Frontend {
                 as i32,
             eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
         };
-        tracing::debug!(%request_id, decode = %decode.worker.endpoint, prompt_tokens = prompt.len(), "routing");
+        tracing::debug!(
+            %request_id,
+            decode = %decode.worker.endpoint,
+            prefill = prefill.as_ref().map_or("local", |l| l.worker.endpoint.0.as_str()),
+            prompt_tokens = prompt.len(),
+            cached_tokens = choice.decision.cached_tokens,
+            "routing"
+        );
         let mut client =
             v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
         let inner = client

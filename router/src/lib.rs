@@ -3,7 +3,8 @@
 //! [`run`] serves the OpenAI-compatible HTTP API ([`openai`]) and the client gRPC API ([`grpc`]) over one core
 //! ([`frontend::Frontend`]): template and tokenize, check against the model, pick workers ([`workers`]), relay the
 //! decode worker's stream. A poller asks every worker for its load report, marking unreachable ones unhealthy;
-//! `/ready` turns true once every worker answered. The prefix-aware policy and discovery come later (DESIGN.md).
+//! `/ready` turns true once every worker answered. One task per worker keeps the prefix index ([`index`]) in step
+//! with its KV events ([`sync`]); the policy ([`policy`]) reads index and loads. Discovery comes later (DESIGN.md).
 
 pub mod error;
 pub mod frontend;
@@ -12,11 +13,12 @@ pub mod index;
 pub mod mock;
 pub mod openai;
 pub mod policy;
+pub mod sync;
 pub mod workers;
 
 pub use error::RouterError;
-pub use frontend::{Frontend, KvTransfer, ModelInfo};
-pub use workers::{WorkerEndpoint, Workers};
+pub use frontend::{Frontend, KvDims, KvTransfer, ModelInfo};
+pub use workers::{BlockNaming, WorkerEndpoint, Workers};
 
 use axum::serve::ListenerExt;
 use std::future::Future;
@@ -27,6 +29,8 @@ use tandem_prefill_node::runtime;
 use tandem_proto::v1;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub use policy::{CostModel, Policy, PolicyKind};
 
 /// Router options.
 #[derive(Debug, Clone)]
@@ -39,6 +43,29 @@ pub struct RouterConfig {
     /// KV codec and eviction between prefill and decode workers for requests that name none; an unset codec leaves
     /// the choice to each decode worker's own default, an unset eviction keeps every token.
     pub kv: KvTransfer,
+    pub routing: Routing,
+}
+
+/// How requests are placed.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing {
+    pub policy: PolicyKind,
+    pub cost: CostModel,
+    /// Block size and hash seed; workers announcing others are refused.
+    pub naming: BlockNaming,
+    /// Seed of the policy's random spread.
+    pub seed: u64,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Cost,
+            cost: CostModel::default(),
+            naming: BlockNaming::default(),
+            seed: 0x5eed,
+        }
+    }
 }
 
 /// Why the router could not serve.
@@ -65,12 +92,14 @@ pub async fn run(
             "at least one decode worker is needed".into(),
         ));
     }
-    let workers =
-        Workers::new(&config.prefill, &config.decode).map_err(RouterServeError::Config)?;
+    let r = config.routing;
+    let workers = Workers::new(&config.prefill, &config.decode, r.naming)
+        .map_err(RouterServeError::Config)?;
     let frontend = Arc::new(Frontend::new(
         tokenizer,
         config.model.clone(),
         workers,
+        Policy::new(r.policy, r.cost, r.seed),
         config.kv,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -108,11 +137,34 @@ pub async fn run(
             }
         }
     };
+    // The prefix index follows every worker's KV events (only the policies that read it need it, but it is cheap).
+    let followers: Vec<_> = frontend
+        .workers
+        .all()
+        .map(|w| {
+            tokio::spawn(sync::follow(
+                w.clone(),
+                frontend.index.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let followers = async move {
+        for f in followers {
+            let _ = f.await;
+        }
+    };
     let signal = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let (h, g, (), ()) = tokio::join!(async { http_server.await }, grpc_server, poller, signal);
+    let (h, g, (), (), ()) = tokio::join!(
+        async { http_server.await },
+        grpc_server,
+        poller,
+        signal,
+        followers
+    );
     h?;
     g?;
     Ok(())

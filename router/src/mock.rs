@@ -103,9 +103,12 @@ impl v1::decode_worker_server::DecodeWorker for MockDecodeWorker {
     }
 
     async fn load(&self, _: Request<v1::LoadRequest>) -> Result<Response<v1::LoadReport>, Status> {
+        let naming = crate::workers::BlockNaming::default();
         Ok(Response::new(v1::LoadReport {
             role: v1::WorkerRole::Decode as i32,
             running_requests: self.running.load(Ordering::Relaxed),
+            block_size: naming.block_size as u32,
+            hash_seed: naming.seed.0,
             ..Default::default()
         }))
     }
@@ -118,5 +121,12 @@ impl v1::decode_worker_server::DecodeWorker for MockDecodeWorker {
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         // No cache, so no events: a stream that stays open and silent.
         Ok(Response::new(Box::pin(tokio_stream::pending())))
+    }
+
+    async fn kv_snapshot(
+        &self,
+        _: Request<v1::KvSnapshotRequest>,
+    ) -> Result<Response<v1::KvSnapshotResponse>, Status> {
+        Ok(Response::new(v1::KvSnapshotResponse::default()))
     }
 }

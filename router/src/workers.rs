@@ -1,12 +1,18 @@
 //! The workers this router sends requests to: a static list of prefill and decode endpoints, each with a lazily
-//! connected channel, a count of requests this router has in flight there, and a health flag kept by a poller
-//! that asks each worker for its load report.
+//! connected channel, a count of requests this router has in flight there, the last load report, and a health flag
+//! kept by a poller that asks each worker for that report. A worker that names blocks differently from this router
+//! (block size or hash seed) is refused: its cache could never match a prompt.
 //!
-//! The choice itself is [`least_loaded`], a pure function of a snapshot; the prefix-aware policy replaces it later.
+//! [`Workers::choose`] turns all of it, with the prefix index, into the policy's candidates; the choice itself is
+//! the pure policy code in [`crate::policy`].
 
-use std::sync::Arc;
+use crate::index::{PrefixIndex, WorkerId};
+use crate::policy::{Candidate, Decision, Load, Policy, RequestShape};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tandem_engine::kv::{BlockHash, HashSeed};
 use tandem_proto::v1;
 use tonic::transport::{Channel, Endpoint};
 
@@ -26,7 +32,24 @@ pub enum WorkerRole {
     Decode,
 }
 
+/// How blocks are named: tokens per block and the hash chain's seed. Router and workers must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockNaming {
+    pub block_size: usize,
+    pub seed: HashSeed,
+}
+
+impl Default for BlockNaming {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            seed: HashSeed::default(),
+        }
+    }
+}
+
 pub struct Worker {
+    pub id: WorkerId,
     pub endpoint: WorkerEndpoint,
     pub role: WorkerRole,
     pub channel: Channel,
@@ -34,23 +57,52 @@ pub struct Worker {
     healthy: AtomicBool,
     /// Set once the worker has answered at least once.
     seen: AtomicBool,
+    report: Mutex<Option<v1::LoadReport>>,
 }
 
-/// What the policy sees of one worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkerSnapshot {
-    pub healthy: bool,
-    pub inflight: usize,
+impl Worker {
+    /// KV blocks the worker announced, once it has reported.
+    pub fn capacity_blocks(&self) -> Option<usize> {
+        self.report().map(|r| r.kv_blocks_total as usize)
+    }
+
+    fn report(&self) -> Option<v1::LoadReport> {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The policy's view: the last report, with this router's own requests counted until the next report sees them.
+    fn candidate(&self, cached: &HashMap<WorkerId, usize>) -> Candidate {
+        let reported = self.report();
+        let known = reported.is_some();
+        let r = reported.unwrap_or_default();
+        let inflight = self.inflight.load(Ordering::Relaxed) as u32;
+        let total = r.running_requests + r.waiting_requests;
+        Candidate {
+            id: self.id,
+            healthy: self.healthy.load(Ordering::Relaxed),
+            cached_blocks: cached.get(&self.id).copied().unwrap_or(0),
+            load: Load {
+                running: r.running_requests,
+                waiting: total.max(inflight) - r.running_requests,
+                queued_prefill_tokens: r.queued_prefill_tokens,
+                kv_blocks_free: if known {
+                    r.kv_blocks_free + r.kv_blocks_cached
+                } else {
+                    u32::MAX
+                },
+            },
+        }
+    }
 }
 
-/// Index of the healthy worker with the fewest requests in flight (the first among equals).
-pub fn least_loaded(workers: &[WorkerSnapshot]) -> Option<usize> {
-    workers
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| w.healthy)
-        .min_by_key(|(i, w)| (w.inflight, *i))
-        .map(|(i, _)| i)
+/// The workers a request goes to, holding their leases.
+pub struct Choice {
+    pub decode: Lease,
+    pub prefill: Option<Lease>,
+    pub decision: Decision,
 }
 
 /// Counts a request against a worker until dropped.
@@ -67,18 +119,29 @@ impl Drop for Lease {
 pub struct Workers {
     pub prefill: Vec<Arc<Worker>>,
     pub decode: Vec<Arc<Worker>>,
+    pub naming: BlockNaming,
 }
 
 impl Workers {
-    /// Builds the pool; fails on an endpoint that is not a valid URI.
-    pub fn new(prefill: &[WorkerEndpoint], decode: &[WorkerEndpoint]) -> Result<Self, String> {
+    /// Builds the pool (decode workers get ids `0..`, prefill workers the ids after them); fails on an endpoint
+    /// that is not a valid URI.
+    pub fn new(
+        prefill: &[WorkerEndpoint],
+        decode: &[WorkerEndpoint],
+        naming: BlockNaming,
+    ) -> Result<Self, String> {
+        let next_id = std::cell::Cell::new(0u32);
         let make = |e: &WorkerEndpoint, role| -> Result<Arc<Worker>, String> {
             let channel = Endpoint::from_shared(e.0.clone())
                 .map_err(|err| format!("worker endpoint {e}: {err}"))?
                 .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy();
+            let id = WorkerId(next_id.get());
+            next_id.set(id.0 + 1);
             Ok(Arc::new(Worker {
+                id,
+                report: Mutex::new(None),
                 endpoint: e.clone(),
                 role,
                 channel,
@@ -88,38 +151,56 @@ impl Workers {
                 seen: AtomicBool::new(false),
             }))
         };
-        Ok(Self {
-            prefill: prefill
-                .iter()
-                .map(|e| make(e, WorkerRole::Prefill))
-                .collect::<Result<_, _>>()?,
-            decode: decode
-                .iter()
-                .map(|e| make(e, WorkerRole::Decode))
-                .collect::<Result<_, _>>()?,
-        })
-    }
-
-    fn pick(list: &[Arc<Worker>]) -> Option<Lease> {
-        let snap: Vec<WorkerSnapshot> = list
+        let decode = decode
             .iter()
-            .map(|w| WorkerSnapshot {
-                healthy: w.healthy.load(Ordering::Relaxed),
-                inflight: w.inflight.load(Ordering::Relaxed),
-            })
-            .collect();
-        let i = least_loaded(&snap)?;
-        list[i].inflight.fetch_add(1, Ordering::Relaxed);
-        Some(Lease {
-            worker: list[i].clone(),
+            .map(|e| make(e, WorkerRole::Decode))
+            .collect::<Result<_, _>>()?;
+        let prefill = prefill
+            .iter()
+            .map(|e| make(e, WorkerRole::Prefill))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            prefill,
+            decode,
+            naming,
         })
     }
 
-    pub fn pick_decode(&self) -> Option<Lease> {
-        Self::pick(&self.decode)
+    /// Every worker, decode first.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Worker>> {
+        self.decode.iter().chain(&self.prefill)
     }
-    pub fn pick_prefill(&self) -> Option<Lease> {
-        Self::pick(&self.prefill)
+
+    /// Asks the policy where a prompt with these block hashes goes and takes leases on the chosen workers;
+    /// `None` when no decode worker is healthy.
+    pub fn choose(
+        &self,
+        policy: &Mutex<Policy>,
+        index: &Mutex<PrefixIndex>,
+        shape: &RequestShape,
+        hashes: &[BlockHash],
+    ) -> Option<Choice> {
+        let mut matches = Vec::new();
+        index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .matches(hashes, &mut matches);
+        let cached: HashMap<WorkerId, usize> = matches.into_iter().collect();
+        let decode: Vec<Candidate> = self.decode.iter().map(|w| w.candidate(&cached)).collect();
+        let prefill: Vec<Candidate> = self.prefill.iter().map(|w| w.candidate(&cached)).collect();
+        let decision = policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decide(shape, &decode, &prefill)?;
+        let lease = |w: &Arc<Worker>| {
+            w.inflight.fetch_add(1, Ordering::Relaxed);
+            Lease { worker: w.clone() }
+        };
+        Some(Choice {
+            decode: lease(&self.decode[decision.decode]),
+            prefill: decision.prefill.map(|p| lease(&self.prefill[p])),
+            decision,
+        })
     }
 
     /// Every worker has answered a load request at least once.
@@ -130,32 +211,54 @@ impl Workers {
             .all(|w| w.seen.load(Ordering::Relaxed))
     }
 
-    /// Asks every worker for its load once; a worker that does not answer within `timeout` is marked unhealthy.
+    /// Asks every worker for its load once; a worker that does not answer within `timeout`, or names blocks
+    /// differently from this router, is marked unhealthy.
     pub async fn poll_once(&self, timeout: Duration) {
-        for w in self.prefill.iter().chain(&self.decode) {
-            let ok = match w.role {
+        for w in self.all() {
+            let report = match w.role {
                 WorkerRole::Prefill => {
                     let mut c =
                         v1::prefill_worker_client::PrefillWorkerClient::new(w.channel.clone());
-                    tokio::time::timeout(timeout, c.load(v1::LoadRequest {}))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
+                    tokio::time::timeout(timeout, c.load(v1::LoadRequest {})).await
                 }
                 WorkerRole::Decode => {
                     let mut c =
                         v1::decode_worker_client::DecodeWorkerClient::new(w.channel.clone());
-                    tokio::time::timeout(timeout, c.load(v1::LoadRequest {}))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
+                    tokio::time::timeout(timeout, c.load(v1::LoadRequest {})).await
                 }
+            };
+            let report = report.ok().and_then(|r| r.ok()).map(|r| r.into_inner());
+            let ok = match &report {
+                Some(r) => match self.naming_mismatch(r) {
+                    Some(why) => {
+                        if w.healthy.load(Ordering::Relaxed) || !w.seen.load(Ordering::Relaxed) {
+                            tracing::error!(endpoint = %w.endpoint, "refusing worker: {why}");
+                        }
+                        false
+                    }
+                    None => true,
+                },
+                None => false,
             };
             if w.healthy.swap(ok, Ordering::Relaxed) != ok {
                 tracing::warn!(endpoint = %w.endpoint, healthy = ok, "worker health changed");
             }
-            if ok {
+            if let Some(r) = report {
                 w.seen.store(true, Ordering::Relaxed);
+                *w.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             }
         }
+    }
+
+    /// Why a worker's way of naming blocks cannot work with this router's, if it cannot.
+    fn naming_mismatch(&self, r: &v1::LoadReport) -> Option<String> {
+        let n = self.naming;
+        (r.block_size as usize != n.block_size || r.hash_seed != n.seed.0).then(|| {
+            format!(
+                "it names KV blocks with block size {} and hash seed {:#x}; this router uses block size {} and seed {:#x}",
+                r.block_size, r.hash_seed, n.block_size, n.seed.0
+            )
+        })
     }
 }
 
@@ -164,11 +267,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn least_loaded_skips_unhealthy_and_breaks_ties_by_order() {
-        let w = |healthy, inflight| WorkerSnapshot { healthy, inflight };
-        assert_eq!(least_loaded(&[]), None);
-        assert_eq!(least_loaded(&[w(false, 0)]), None);
-        assert_eq!(least_loaded(&[w(true, 3), w(true, 1), w(true, 1)]), Some(1));
-        assert_eq!(least_loaded(&[w(false, 0), w(true, 5)]), Some(1));
+    fn a_worker_naming_blocks_differently_is_refused_with_both_namings() {
+        let w = Workers::new(&[], &[], BlockNaming::default()).unwrap();
+        let mut r = v1::LoadReport {
+            block_size: 16,
+            hash_seed: HashSeed::default().0,
+            ..Default::default()
+        };
+        assert_eq!(w.naming_mismatch(&r), None);
+        r.block_size = 32;
+        let why = w.naming_mismatch(&r).unwrap();
+        assert!(
+            why.contains("block size 32") && why.contains("block size 16"),
+            "{why}"
+        );
     }
 }

@@ -23,6 +23,7 @@ pub struct ClusterSpec {
     pub decode_config: DecodeConfig,
     /// Extra prefill endpoints the router is told about (a fake or dead worker).
     pub extra_prefill_urls: Vec<String>,
+    pub routing: tandem_router::Routing,
 }
 
 impl Default for ClusterSpec {
@@ -34,6 +35,7 @@ impl Default for ClusterSpec {
             decode_engine: EngineOptions::default(),
             decode_config: DecodeConfig::default(),
             extra_prefill_urls: Vec::new(),
+            routing: Default::default(),
         }
     }
 }
@@ -117,9 +119,11 @@ impl Cluster {
                 model: ModelInfo {
                     id: MODEL_ID.into(),
                     context_len,
+                    kv_dims: None,
                 },
                 poll_interval: Duration::from_millis(200),
                 kv: Default::default(),
+                routing: spec.routing,
             };
             let (s, t) = (stopped(stop_rx.clone()), tok.clone());
             tasks.push(tokio::spawn(async move {

@@ -48,9 +48,11 @@ fn start(timing: MockTiming) -> Setup {
             model: ModelInfo {
                 id: "mock".into(),
                 context_len: 2048,
+                kv_dims: None,
             },
             poll_interval: Duration::from_millis(200),
             kv: Default::default(),
+            routing: Default::default(),
         };
         tokio::spawn(tandem_router::run(h, g, config, Arc::new(tok), stopped(rx)));
         (h_addr.to_string(), format!("http://{g_addr}"))

@@ -78,6 +78,34 @@ pub struct CostArgs {
     pub local_prefill_max_tokens: Option<usize>,
 }
 
+/// How the router places requests: `--policy` and the cost policy's knobs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// Routing policy: cost (tokens to prefill, queues, KV bytes to move), prefix (longest cached prefix),
+    /// least-loaded or round-robin.
+    #[arg(long, default_value = "cost")]
+    pub policy: tandem_router::PolicyKind,
+    #[command(flatten)]
+    pub cost: CostArgs,
+}
+
+impl RoutingArgs {
+    pub fn routing(&self, block_size: usize) -> Result<tandem_router::Routing> {
+        if block_size == 0 {
+            anyhow::bail!("--block-size must be at least 1");
+        }
+        Ok(tandem_router::Routing {
+            policy: self.policy,
+            cost: self.cost.apply(CostModel::default())?,
+            naming: tandem_router::BlockNaming {
+                block_size,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+}
+
 /// `--spread` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpreadKind {

@@ -104,6 +104,11 @@ pub struct RouterArgs {
     /// block; a token count or a fraction, e.g. snapkv:0.5). Default: keep every token.
     #[arg(long, value_parser = super::parse_eviction)]
     pub kv_eviction: Option<Eviction>,
+    /// Tokens per KV block, as every worker must use (workers announcing another size are refused).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[command(flatten)]
+    pub routing: super::RoutingArgs,
 }
 
 /// A multi-threaded runtime for the async side (the engines run on their own threads).
@@ -173,6 +178,11 @@ pub fn router_model(
         ModelInfo {
             id,
             context_len: cfg.context_len,
+            kv_dims: Some(tandem_router::KvDims {
+                layers: cfg.layers,
+                kv_heads: cfg.kv_heads,
+                head_dim: cfg.head_dim,
+            }),
         },
     ))
 }
@@ -232,6 +242,7 @@ pub fn run_router(a: RouterArgs) -> Result<()> {
                 codec: a.kv_codec,
                 eviction: a.kv_eviction,
             },
+            routing: a.routing.routing(a.block_size)?,
         };
         tandem_router::run(http, grpc, config, tok, stopped(shutdown_signal())).await?;
         Ok(())

@@ -41,6 +41,8 @@ pub struct ClusterArgs {
     /// a fraction, e.g. snapkv:0.5), for requests that name none. Default: keep every token.
     #[arg(long, value_parser = super::parse_eviction)]
     pub kv_eviction: Option<tandem_engine::kv::evict::Eviction>,
+    #[command(flatten)]
+    pub routing: super::RoutingArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +126,7 @@ impl LocalCluster {
                 codec: None,
                 eviction: a.kv_eviction,
             },
+            routing: a.routing.routing(a.model.block_size)?,
         };
         let s = stopped(stop.clone());
         nodes.spawn(async move {

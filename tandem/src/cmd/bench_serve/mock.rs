@@ -51,6 +51,7 @@ impl MockSetup {
             model,
             poll_interval: Duration::from_secs(1),
             kv: Default::default(),
+            routing: Default::default(),
         };
         let s = stopped(rx);
         tasks.spawn(async move {
