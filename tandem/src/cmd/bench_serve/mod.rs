@@ -30,6 +30,8 @@ pub enum Baseline {
     Colocated,
     /// The same workload sent straight to the decode worker, bypassing the router.
     Direct,
+    /// The same cluster with the router's `--policy round-robin`.
+    RoundRobin,
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,6 +62,9 @@ pub struct ServeBenchArgs {
     /// Tokens every prompt starts with (a shared system prompt), on top of --prompt-tokens.
     #[arg(long, default_value_t = 0)]
     pub shared_prefix_tokens: usize,
+    /// Distinct shared prefixes of --shared-prefix-tokens each; every request starts with one drawn uniformly.
+    #[arg(long, default_value_t = 1)]
+    pub shared_prefixes: usize,
     /// Goodput SLO: time to first token, in milliseconds.
     #[arg(long, default_value_t = 2000.0)]
     pub slo_ttft_ms: f64,
@@ -224,6 +229,7 @@ impl Plan<'_> {
             prompt_tokens: self.args.prompt_tokens,
             output_tokens: self.args.output_tokens,
             shared_prefix_tokens: self.args.shared_prefix_tokens,
+            shared_prefixes: self.args.shared_prefixes,
             rate,
             seed,
             // SmolLM2's special tokens sit at the bottom of the vocabulary; ordinary text tokens above 1000.
@@ -287,15 +293,15 @@ fn setup_name(c: &ClusterArgs) -> String {
         let o = &c.decode_options;
         let evict = c.kv_eviction.map_or_else(String::new, |e| format!("+{e}"));
         format!(
-            "disaggregated {}P+{}D {}{evict}",
-            c.prefill, c.decode, o.kv_codec
+            "disaggregated {}P+{}D {}{evict} {}",
+            c.prefill, c.decode, o.kv_codec, c.routing.policy
         )
     }
 }
 
 pub fn run(a: ServeBenchArgs, threads: usize) -> Result<()> {
-    if a.requests == 0 {
-        anyhow::bail!("--requests must be at least 1");
+    if a.requests == 0 || a.shared_prefixes == 0 {
+        anyhow::bail!("--requests and --shared-prefixes must be at least 1");
     }
     if a.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         anyhow::bail!("--rate values must be positive");
@@ -347,15 +353,23 @@ pub fn run(a: ServeBenchArgs, threads: usize) -> Result<()> {
         }
         let _ = stop_tx.send(true);
         c.join().await?;
-        if a.baseline == Baseline::Colocated && !a.cluster.colocated {
-            let colocated = ClusterArgs {
+        let other = match a.baseline {
+            Baseline::Colocated if !a.cluster.colocated => Some(ClusterArgs {
                 colocated: true,
                 ..a.cluster.clone()
-            };
+            }),
+            Baseline::RoundRobin => {
+                let mut c = a.cluster.clone();
+                c.routing.policy = tandem_router::PolicyKind::RoundRobin;
+                Some(c)
+            }
+            _ => None,
+        };
+        if let Some(other) = other {
             let (stop_tx, stop) = tokio::sync::watch::channel(false);
-            let c = LocalCluster::start(&colocated, loopback, loopback, threads, stop).await?;
+            let c = LocalCluster::start(&other, loopback, loopback, threads, stop).await?;
             let target = Target::Router(channel(&format!("http://{}", c.grpc))?);
-            points.extend(plan.measure(&setup_name(&colocated), &target, a.seed).await);
+            points.extend(plan.measure(&setup_name(&other), &target, a.seed).await);
             let _ = stop_tx.send(true);
             c.join().await?;
         }
@@ -393,12 +407,13 @@ fn compare(points: &[Point]) -> Vec<String> {
             .filter(|b| b.setup != main && b.load == p.load)
         {
             out.push(format!(
-                "{} vs {} at {}: output tok/s x{:.2}, TTFT p50 {:+.2} ms, TTFT p99 {:+.2} ms, ITL p50 {:+.2} ms, ITL p99 {:+.2} ms, e2e p99 {:+.2} ms",
+                "{} vs {} at {}: output tok/s x{:.2}, TTFT p50 {:+.2} ms (x{:.2} faster), TTFT p99 {:+.2} ms, ITL p50 {:+.2} ms, ITL p99 {:+.2} ms, e2e p99 {:+.2} ms",
                 p.setup,
                 b.setup,
                 p.load,
                 p.output_tokens_per_s / b.output_tokens_per_s.max(1e-9),
                 p.ttft_ms.p50 - b.ttft_ms.p50,
+                b.ttft_ms.p50 / p.ttft_ms.p50.max(1e-9),
                 p.ttft_ms.p99 - b.ttft_ms.p99,
                 p.itl_ms.p50 - b.itl_ms.p50,
                 p.itl_ms.p99 - b.itl_ms.p99,

@@ -76,6 +76,8 @@ pub struct WorkloadSpec {
     pub prompt_tokens: Dist,
     pub output_tokens: Dist,
     pub shared_prefix_tokens: usize,
+    /// Distinct shared prefixes; each request starts with one, drawn uniformly.
+    pub shared_prefixes: usize,
     /// Poisson arrivals at this many requests per second; `None` = closed loop.
     pub rate: Option<f64>,
     pub seed: u64,
@@ -87,13 +89,22 @@ pub fn build(spec: &WorkloadSpec) -> Vec<BenchRequest> {
     let mut rng = Rng::new(spec.seed);
     let (lo, hi) = spec.token_range;
     let token = |rng: &mut Rng| lo + (rng.next_u64() % (hi - lo) as u64) as u32;
-    let shared: Vec<u32> = (0..spec.shared_prefix_tokens)
-        .map(|_| token(&mut rng))
+    let prefixes: Vec<Vec<u32>> = (0..spec.shared_prefixes.max(1))
+        .map(|_| {
+            (0..spec.shared_prefix_tokens)
+                .map(|_| token(&mut rng))
+                .collect()
+        })
         .collect();
     let mut t = 0.0;
     (0..spec.requests)
         .map(|_| {
             let n = rng.draw(spec.prompt_tokens).max(1);
+            let shared = &prefixes[if prefixes.len() > 1 {
+                rng.below(prefixes.len())
+            } else {
+                0
+            }];
             let mut prompt = shared.clone();
             while prompt.len() < shared.len() + n {
                 prompt.push(token(&mut rng));
@@ -131,6 +142,7 @@ mod tests {
             prompt_tokens: Dist::Uniform(10, 20),
             output_tokens: Dist::Fixed(5),
             shared_prefix_tokens: 8,
+            shared_prefixes: 1,
             rate: Some(4.0),
             seed: 3,
             token_range: (100, 200),
