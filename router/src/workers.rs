@@ -67,10 +67,7 @@ impl Worker {
     }
 
     fn report(&self) -> Option<v1::LoadReport> {
-        self.report
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        *self.report.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The policy's view: the last report, with this router's own requests counted until the next report sees them.

@@ -309,7 +309,12 @@ impl v1::prefill_worker_server::PrefillWorker for StalledPrefill {
         &self,
         _: tonic::Request<v1::LoadRequest>,
     ) -> Result<tonic::Response<v1::LoadReport>, tonic::Status> {
-        Ok(tonic::Response::new(v1::LoadReport::default()))
+        let naming = tandem_router::BlockNaming::default();
+        Ok(tonic::Response::new(v1::LoadReport {
+            block_size: naming.block_size as u32,
+            hash_seed: naming.seed.0,
+            ..Default::default()
+        }))
     }
     type SubscribeKvEventsStream = tokio_stream_empty::Empty;
     async fn subscribe_kv_events(
@@ -317,6 +322,12 @@ impl v1::prefill_worker_server::PrefillWorker for StalledPrefill {
         _: tonic::Request<v1::SubscribeKvEventsRequest>,
     ) -> Result<tonic::Response<Self::SubscribeKvEventsStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("no events"))
+    }
+    async fn kv_snapshot(
+        &self,
+        _: tonic::Request<v1::KvSnapshotRequest>,
+    ) -> Result<tonic::Response<v1::KvSnapshotResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no cache"))
     }
 }
 

@@ -96,11 +96,12 @@ pub fn fit(rows: &[(f64, f64, f64)]) -> Result<Linear3> {
         if m[col][col].abs() < 1e-30 {
             anyhow::bail!("the measured points do not determine a fit (too few distinct sizes)");
         }
-        for r in 0..3 {
+        let pivot = m[col];
+        for (r, row) in m.iter_mut().enumerate() {
             if r != col {
-                let f = m[r][col] / m[col][col];
-                for k in col..4 {
-                    m[r][k] -= f * m[col][k];
+                let f = row[col] / pivot[col];
+                for (x, p) in row.iter_mut().zip(pivot).skip(col) {
+                    *x -= f * p;
                 }
             }
         }

@@ -107,10 +107,8 @@ pub fn run(a: SimulateArgs, threads: usize) -> Result<()> {
     {
         bail!("--requests, --block-size, --workloads and --policies must not be zero or empty");
     }
-    if !(a.load > 0.0 && a.load.is_finite())
-        || !(a.link_bytes_per_s > 0.0)
-        || a.kv_bytes_per_token < 0.0
-    {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(a.load) || !positive(a.link_bytes_per_s) || a.kv_bytes_per_token < 0.0 {
         bail!("--load and --link-bytes-per-s must be positive, --kv-bytes-per-token not negative");
     }
     let lat = if a.measure {
