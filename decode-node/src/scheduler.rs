@@ -653,21 +653,19 @@ impl<B: Backend> Scheduler<B> {
         let s = self.engine.pool_stats();
         let mut running = 0;
         let mut queued_tokens = 0u64;
+        // Queued prefill tokens are the ones this worker will compute itself: a prompt awaiting a prefill worker's
+        // K/V, or not yet admitted, is counted in waiting_requests only (routers add it to the prefill side).
         for (key, a) in &self.active {
             match a.phase {
                 Phase::Running => running += 1,
-                _ => {
+                Phase::Prefilling => {
                     if let Ok((kv, len)) = self.engine.seq_progress(*key) {
                         queued_tokens += (len - kv) as u64;
                     }
                 }
+                _ => {}
             }
         }
-        queued_tokens += self
-            .waiting
-            .iter()
-            .map(|w| w.req.prompt.len() as u64)
-            .sum::<u64>();
         v1::LoadReport {
             role: v1::WorkerRole::Decode as i32,
             running_requests: running,

@@ -20,6 +20,9 @@ pub enum RouterError {
     /// A worker failed the request; its status is kept.
     #[error("{message}")]
     Worker { code: Code, message: String },
+    /// Admission control refused the request (too many in flight, or the caller's rate limit); retry later.
+    #[error("{message}; retry after {retry_after_s} s")]
+    Overloaded { message: String, retry_after_s: u32 },
 }
 
 impl RouterError {
@@ -48,6 +51,7 @@ impl RouterError {
         match self {
             Self::Invalid { .. } | Self::UnknownModel(_) => 400,
             Self::NoWorker => 503,
+            Self::Overloaded { .. } => 429,
             Self::Worker { code, .. } => match code {
                 Code::Unavailable => 503,
                 Code::DeadlineExceeded => 504,
@@ -61,6 +65,7 @@ impl RouterError {
         match self {
             Self::Invalid { .. } | Self::UnknownModel(_) => "invalid_request_error",
             Self::NoWorker | Self::Worker { .. } => "server_error",
+            Self::Overloaded { .. } => "rate_limit_error",
         }
     }
 
@@ -75,6 +80,7 @@ impl RouterError {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             Self::UnknownModel(_) => Some("model_not_found"),
+            Self::Overloaded { .. } => Some("rate_limit_exceeded"),
             _ => None,
         }
     }
@@ -84,8 +90,21 @@ impl RouterError {
             Self::Invalid { .. } => Code::InvalidArgument,
             Self::UnknownModel(_) => Code::NotFound,
             Self::NoWorker => Code::Unavailable,
+            Self::Overloaded { .. } => Code::ResourceExhausted,
             Self::Worker { code, .. } => *code,
         };
-        Status::new(code, self.to_string())
+        let mut status = Status::new(code, self.to_string());
+        if let Some(s) = self.retry_after_s() {
+            status.metadata_mut().insert("retry-after", s.into());
+        }
+        status
+    }
+
+    /// Seconds a refused caller should wait before trying again.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            Self::Overloaded { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! tokenizer), check it against the model, pick a decode and a prefill worker, and open the decode worker's token
 //! stream. Dropping the returned [`TokenStream`] cancels the call, which cancels the work on every node.
 
+use crate::admission::{Admission, Ticket};
 use crate::error::RouterError;
 use crate::index::PrefixIndex;
 use crate::policy::{Policy, RequestShape};
@@ -84,6 +85,8 @@ pub struct GenerateParams {
     pub max_tokens: Option<usize>,
     pub stop: StopConditions,
     pub request_id: Option<String>,
+    /// The caller's API key, for per-key rate limits.
+    pub api_key: Option<String>,
     /// How the prompt's K/V moves between prefill and decode worker; unset parts take the router's defaults.
     pub kv: KvTransfer,
 }
@@ -124,6 +127,7 @@ pub struct Frontend {
     /// Which worker holds which blocks, kept by one `sync::follow` task per worker.
     pub index: Arc<Mutex<PrefixIndex>>,
     policy: Mutex<Policy>,
+    pub admission: Admission,
     /// Codec and eviction for requests that name none.
     pub default_kv: KvTransfer,
     next_id: AtomicU64,
@@ -134,6 +138,7 @@ pub struct TokenStream {
     pub request_id: RequestId,
     pub prompt_tokens: usize,
     inner: Streaming<v1::GenerateResponse>,
+    _ticket: Ticket,
     _decode: Lease,
     _prefill: Option<Lease>,
 }
@@ -173,6 +178,7 @@ impl Frontend {
         model: ModelInfo,
         workers: Workers,
         policy: Policy,
+        admission: Admission,
         default_kv: KvTransfer,
     ) -> Self {
         let template = match tokenizer.chat_template() {
@@ -191,6 +197,7 @@ impl Frontend {
             workers,
             index: Arc::new(Mutex::new(PrefixIndex::new())),
             policy: Mutex::new(policy),
+            admission,
             default_kv,
             next_id: AtomicU64::new(0),
         }
@@ -293,6 +300,9 @@ impl Frontend {
             message: e.to_string(),
             param: None,
         })?;
+        let ticket = self
+            .admission
+            .admit(p.api_key.as_deref(), std::time::Instant::now())?;
         let request_id = self.request_id(p.request_id.as_deref());
         let kv = p.kv.or(self.default_kv);
         let naming = self.workers.naming;
@@ -345,6 +355,7 @@ impl Frontend {
             request_id,
             prompt_tokens: prompt.len(),
             inner,
+            _ticket: ticket,
             _decode: decode,
             _prefill: prefill,
         })

@@ -48,6 +48,11 @@ impl v1::generation_server::Generation for GenerationService {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         use v1::generate_request::Input as I;
+        let api_key = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
         let r = request.into_inner();
         let input = match &r.input {
             Some(I::Prompt(p)) => input(None, Some(p), None),
@@ -63,6 +68,7 @@ impl v1::generation_server::Generation for GenerationService {
             max_tokens: (stop_wire.max_tokens > 0).then_some(stop_wire.max_tokens as usize),
             stop: convert::stop_from_wire(&stop_wire),
             request_id: Some(r.request_id),
+            api_key,
             kv: KvTransfer {
                 codec: convert::kv_codec_from_wire(r.kv_codec)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,

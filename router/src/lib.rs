@@ -6,6 +6,7 @@
 //! `/ready` turns true once every worker answered. One task per worker keeps the prefix index ([`index`]) in step
 //! with its KV events ([`sync`]); the policy ([`policy`]) reads index and loads. Discovery comes later (DESIGN.md).
 
+pub mod admission;
 pub mod error;
 pub mod frontend;
 pub mod grpc;
@@ -44,6 +45,7 @@ pub struct RouterConfig {
     /// the choice to each decode worker's own default, an unset eviction keeps every token.
     pub kv: KvTransfer,
     pub routing: Routing,
+    pub admission: admission::AdmissionConfig,
 }
 
 /// How requests are placed.
@@ -100,6 +102,7 @@ pub async fn run(
         config.model.clone(),
         workers,
         Policy::new(r.policy, r.cost, r.seed),
+        admission::Admission::new(config.admission),
         config.kv,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);

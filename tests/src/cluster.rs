@@ -42,6 +42,18 @@ impl Default for ClusterSpec {
 
 pub const MODEL_ID: &str = "smollm2";
 
+/// Routing that sends every prompt through a prefill worker when there is one (the cost policy with no local
+/// prefill), for tests of the transfer path.
+pub fn always_disaggregate() -> tandem_router::Routing {
+    tandem_router::Routing {
+        cost: tandem_router::CostModel {
+            local_prefill_max_tokens: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 pub struct Cluster {
     /// `host:port` of the router's HTTP API.
     pub http: String,
@@ -124,6 +136,7 @@ impl Cluster {
                 poll_interval: Duration::from_millis(200),
                 kv: Default::default(),
                 routing: spec.routing,
+                admission: Default::default(),
             };
             let (s, t) = (stopped(stop_rx.clone()), tok.clone());
             tasks.push(tokio::spawn(async move {

@@ -11,20 +11,40 @@ use std::time::Duration;
 pub struct Reply {
     pub status: u16,
     pub body: String,
+    /// Response headers, names lowercased.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Reply {
+    /// The first value of a header (`name` in lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
-fn send(addr: &str, method: &str, path: &str, body: &[u8]) -> BufReader<TcpStream> {
+fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> BufReader<TcpStream> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -32,8 +52,11 @@ fn send(addr: &str, method: &str, path: &str, body: &[u8]) -> BufReader<TcpStrea
     BufReader::new(s)
 }
 
-/// Reads the status line and headers; returns the status and whether the body is chunked.
-fn head(r: &mut BufReader<TcpStream>) -> (u16, bool, Option<usize>) {
+/// The status, whether the body is chunked, its length if given, and every header (names lowercased).
+type Head = (u16, bool, Option<usize>, Vec<(String, String)>);
+
+/// Reads the status line and headers.
+fn head(r: &mut BufReader<TcpStream>) -> Head {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     let status = line
@@ -41,13 +64,16 @@ fn head(r: &mut BufReader<TcpStream>) -> (u16, bool, Option<usize>) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    let (mut chunked, mut len) = (false, None);
+    let (mut chunked, mut len, mut headers) = (false, None, Vec::new());
     loop {
         line.clear();
         r.read_line(&mut line).unwrap();
         let l = line.trim_end();
         if l.is_empty() {
-            return (status, chunked, len);
+            return (status, chunked, len, headers);
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
         let lower = l.to_ascii_lowercase();
         if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
@@ -96,8 +122,19 @@ impl Read for Body {
 }
 
 pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
-    let mut r = send(addr, method, path, body);
-    let (status, chunked, len) = head(&mut r);
+    request_with_headers(addr, method, path, &[], body)
+}
+
+/// [`request`] with extra request headers.
+pub fn request_with_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut r = send(addr, method, path, headers, body);
+    let (status, chunked, len, response_headers) = head(&mut r);
     let mut body = Body {
         r,
         chunked,
@@ -117,6 +154,7 @@ pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
     Reply {
         status,
         body: String::from_utf8(out).unwrap(),
+        headers: response_headers,
     }
 }
 
@@ -160,8 +198,8 @@ impl Events {
 }
 
 pub fn stream(addr: &str, path: &str, body: &Value) -> Events {
-    let mut r = send(addr, "POST", path, body.to_string().as_bytes());
-    let (status, chunked, _) = head(&mut r);
+    let mut r = send(addr, "POST", path, &[], body.to_string().as_bytes());
+    let (status, chunked, _, _) = head(&mut r);
     Events {
         status,
         lines: BufReader::new(Body {

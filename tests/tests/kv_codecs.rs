@@ -10,7 +10,7 @@ use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
 use tandem_engine::kv::codec::Codec;
 use tandem_proto::v1;
-use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, used_blocks};
+use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, always_disaggregate, used_blocks};
 use tandem_tests::{http, serial};
 
 /// Top-2 logit margin (of the independent reference) below which a step counts as a near-tie.
@@ -56,6 +56,7 @@ fn fixtures() -> Vec<Fixture> {
 /// A cluster whose decode worker always asks the prefill worker (no local prefill), with `codec` as its default.
 fn cluster(codec: Codec) -> Cluster {
     Cluster::start(ClusterSpec {
+        routing: always_disaggregate(),
         decode_config: DecodeConfig {
             local_prefill_threshold_tokens: 0,
             kv_codec: codec,

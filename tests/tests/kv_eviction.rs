@@ -8,7 +8,7 @@ use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
 use tandem_engine::kv::KvFormat;
 use tandem_proto::v1;
-use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, used_blocks};
+use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, always_disaggregate, used_blocks};
 use tandem_tests::{EngineOptions, http, serial};
 
 const TEXT: &str = "The ferry left the harbour at seven, loaded with crates of apples, two bicycles and a piano \
@@ -69,6 +69,7 @@ fn eviction(policy: v1::KvEvictionPolicy, fraction: f32) -> Option<v1::KvEvictio
 fn evicting_half_with_int4_moves_7x_fewer_bytes_and_never_enters_the_prefix_cache() {
     let _s = serial();
     let c = Cluster::start(ClusterSpec {
+        routing: always_disaggregate(),
         decode_config: DecodeConfig {
             local_prefill_threshold_tokens: 0,
             ..Default::default()
@@ -144,6 +145,7 @@ fn int8_caches_serve_plain_and_evicted_transfers() {
         ..Default::default()
     };
     let c = Cluster::start(ClusterSpec {
+        routing: always_disaggregate(),
         prefill_engine: int8,
         decode_engine: int8,
         decode_config: DecodeConfig {

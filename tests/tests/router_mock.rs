@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_prefill_node::runtime::serve_grpc;
 use tandem_proto::v1;
+use tandem_router::admission::{AdmissionConfig, RateLimit};
 use tandem_router::mock::{MockDecodeWorker, MockTiming};
 use tandem_router::{ModelInfo, RouterConfig, WorkerEndpoint};
 use tandem_tests::http;
@@ -20,6 +21,10 @@ struct Setup {
 }
 
 fn start(timing: MockTiming) -> Setup {
+    start_with(timing, AdmissionConfig::default())
+}
+
+fn start_with(timing: MockTiming, admission: AdmissionConfig) -> Setup {
     let (_, tok) = tandem_tests::open_model();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -53,6 +58,7 @@ fn start(timing: MockTiming) -> Setup {
             poll_interval: Duration::from_millis(200),
             kv: Default::default(),
             routing: Default::default(),
+            admission,
         };
         tokio::spawn(tandem_router::run(h, g, config, Arc::new(tok), stopped(rx)));
         (h_addr.to_string(), format!("http://{g_addr}"))
@@ -156,4 +162,85 @@ fn router_forwards_each_token_without_waiting_for_acks() {
         median_ttft <= Duration::from_millis(30),
         "median time to first token {median_ttft:?} (mock answers after 5 ms); all: {ttfts:?}"
     );
+}
+
+/// Admission control: past the router's in-flight bound a request is refused at once with a retry hint (HTTP 429
+/// with Retry-After, gRPC RESOURCE_EXHAUSTED with `retry-after`), and per-key rate limits keep keys apart.
+#[test]
+fn admission_refuses_past_its_bounds_with_a_retry_hint() {
+    let s = start_with(
+        MockTiming {
+            ttft: Duration::from_millis(20),
+            itl: Duration::from_millis(40),
+        },
+        AdmissionConfig {
+            max_inflight: Some(1),
+            rate_limit: None,
+        },
+    );
+    let grpc = s.grpc.clone();
+    // One long stream holds the only place.
+    let long = s.rt.spawn(async move { generate(&grpc, 25).await });
+    std::thread::sleep(Duration::from_millis(300));
+    let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
+    let r = http::post(&s.http, "/v1/completions", &body);
+    assert_eq!(r.status, 429, "{}", r.body);
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "rate_limit_exceeded", "{}", r.body);
+    assert!(
+        e["message"].as_str().unwrap().contains("limit of 1"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let status = s.rt.block_on(async {
+        let mut c = v1::generation_client::GenerationClient::connect(s.grpc.clone())
+            .await
+            .unwrap();
+        c.generate(v1::GenerateRequest {
+            model: "mock".into(),
+            input: Some(v1::generate_request::Input::Prompt("hi".into())),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused")
+    });
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
+    let (ids, _, _) = s.rt.block_on(long).unwrap();
+    assert_eq!(ids.len(), 25, "the admitted stream finished");
+    assert_eq!(http::post(&s.http, "/v1/completions", &body).status, 200);
+}
+
+#[test]
+fn rate_limits_apply_per_api_key() {
+    let s = start_with(
+        MockTiming {
+            ttft: Duration::from_millis(1),
+            itl: Duration::from_millis(1),
+        },
+        AdmissionConfig {
+            max_inflight: None,
+            rate_limit: Some(RateLimit {
+                per_s: 0.01,
+                burst: 2,
+            }),
+        },
+    );
+    let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
+    let post = |key: &str| {
+        http::request_with_headers(
+            &s.http,
+            "POST",
+            "/v1/completions",
+            &[("Authorization", &format!("Bearer {key}"))],
+            body.to_string().as_bytes(),
+        )
+    };
+    assert_eq!(post("alice").status, 200);
+    assert_eq!(post("alice").status, 200);
+    let r = post("alice");
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("rate limit"), "{}", r.body);
+    assert_eq!(post("bob").status, 200, "another key has its own bucket");
 }

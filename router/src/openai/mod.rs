@@ -13,7 +13,7 @@ use crate::error::RouterError;
 use crate::frontend::{Frontend, TokenStream};
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,7 +36,21 @@ pub fn routes(frontend: Arc<Frontend>) -> Router {
 
 fn error_response(e: &RouterError) -> Response {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(response::error_body(e))).into_response()
+    let mut r = (status, Json(response::error_body(e))).into_response();
+    if let Some(s) = e.retry_after_s() {
+        r.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, s.into());
+    }
+    r
+}
+
+/// The caller's API key: the `Authorization: Bearer` value, if any.
+fn api_key(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string())
 }
 
 async fn not_found() -> Response {
@@ -69,19 +83,25 @@ async fn models(State(f): State<Arc<Frontend>>) -> Json<Value> {
     }]}))
 }
 
-async fn chat(State(f): State<Arc<Frontend>>, body: Bytes) -> Response {
-    handle(f, &body, Endpoint::Chat).await
+async fn chat(State(f): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(f, api_key(&headers), &body, Endpoint::Chat).await
 }
 
-async fn completions(State(f): State<Arc<Frontend>>, body: Bytes) -> Response {
-    handle(f, &body, Endpoint::Completions).await
+async fn completions(State(f): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(f, api_key(&headers), &body, Endpoint::Completions).await
 }
 
-async fn handle(f: Arc<Frontend>, body: &[u8], endpoint: Endpoint) -> Response {
-    let parsed = match request::parse(body, endpoint) {
+async fn handle(
+    f: Arc<Frontend>,
+    key: Option<String>,
+    body: &[u8],
+    endpoint: Endpoint,
+) -> Response {
+    let mut parsed = match request::parse(body, endpoint) {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
+    parsed.params.api_key = key;
     let meta = Meta {
         id: String::new(),
         created: response::now_unix(),

@@ -213,6 +213,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<Parsed, RouterError> {
             max_tokens,
             stop,
             request_id: None,
+            api_key: None,
             kv: KvTransfer {
                 codec: kv_codec,
                 eviction,

@@ -185,3 +185,18 @@ fn power_of_two_takes_the_better_of_two_draws() {
     // Only when both draws land on worker 0: a quarter of the time.
     assert!((800..1200).contains(&picked_worse), "{picked_worse}");
 }
+
+#[test]
+fn a_cold_prompt_goes_through_the_prefill_worker() {
+    let mut p = Policy::new(PolicyKind::Cost, CostModel::default(), 1);
+    let mut d = cand(0, 0, 0, 0);
+    d.load.kv_blocks_free = u32::MAX;
+    let shape = RequestShape {
+        prompt_tokens: 30,
+        max_tokens: 8000,
+        block_size: 16,
+        kv_bytes_per_token: 0.0,
+    };
+    let x = p.decide(&shape, &[d], &[cand(1, 0, 0, 0)]).unwrap();
+    assert_eq!(x.prefill, Some(0), "{x:?}");
+}

@@ -106,6 +106,45 @@ impl RoutingArgs {
     }
 }
 
+/// The router's admission control: a bound on requests in flight and per-API-key rate limits.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AdmissionArgs {
+    /// Requests the router keeps open at once; past it, new ones get HTTP 429 / gRPC RESOURCE_EXHAUSTED with a
+    /// retry hint (default: no bound).
+    #[arg(long)]
+    pub max_inflight: Option<usize>,
+    /// Requests per second allowed to each API key (the `Authorization: Bearer` value; no key = one shared key).
+    #[arg(long)]
+    pub rate_limit_rps: Option<f64>,
+    /// Burst each API key may send above --rate-limit-rps.
+    #[arg(long, default_value_t = 10)]
+    pub rate_limit_burst: u32,
+}
+
+impl AdmissionArgs {
+    pub fn config(&self) -> Result<tandem_router::admission::AdmissionConfig> {
+        if self.max_inflight == Some(0) {
+            anyhow::bail!("--max-inflight must be at least 1");
+        }
+        let rate_limit = match self.rate_limit_rps {
+            None => None,
+            Some(r) if r.is_finite() && r > 0.0 && self.rate_limit_burst > 0 => {
+                Some(tandem_router::admission::RateLimit {
+                    per_s: r,
+                    burst: self.rate_limit_burst,
+                })
+            }
+            Some(r) => anyhow::bail!(
+                "--rate-limit-rps must be positive (got {r}) and --rate-limit-burst at least 1"
+            ),
+        };
+        Ok(tandem_router::admission::AdmissionConfig {
+            max_inflight: self.max_inflight,
+            rate_limit,
+        })
+    }
+}
+
 /// `--spread` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpreadKind {

@@ -109,6 +109,8 @@ pub struct RouterArgs {
     pub block_size: usize,
     #[command(flatten)]
     pub routing: super::RoutingArgs,
+    #[command(flatten)]
+    pub admission: super::AdmissionArgs,
 }
 
 /// A multi-threaded runtime for the async side (the engines run on their own threads).
@@ -243,6 +245,7 @@ pub fn run_router(a: RouterArgs) -> Result<()> {
                 eviction: a.kv_eviction,
             },
             routing: a.routing.routing(a.block_size)?,
+            admission: a.admission.config()?,
         };
         tandem_router::run(http, grpc, config, tok, stopped(shutdown_signal())).await?;
         Ok(())

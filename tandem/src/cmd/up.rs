@@ -43,6 +43,8 @@ pub struct ClusterArgs {
     pub kv_eviction: Option<tandem_engine::kv::evict::Eviction>,
     #[command(flatten)]
     pub routing: super::RoutingArgs,
+    #[command(flatten)]
+    pub admission: super::AdmissionArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +129,7 @@ impl LocalCluster {
                 eviction: a.kv_eviction,
             },
             routing: a.routing.routing(a.model.block_size)?,
+            admission: a.admission.config()?,
         };
         let s = stopped(stop.clone());
         nodes.spawn(async move {

@@ -52,6 +52,7 @@ impl MockSetup {
             poll_interval: Duration::from_secs(1),
             kv: Default::default(),
             routing: Default::default(),
+            admission: Default::default(),
         };
         let s = stopped(rx);
         tasks.spawn(async move {
