@@ -24,6 +24,8 @@ pub struct AdmissionConfig {
     pub max_inflight: Option<usize>,
     /// Per API key (the `Authorization: Bearer` value); requests without a key share one bucket.
     pub rate_limit: Option<RateLimit>,
+    /// On shutdown, how long open streams may run on after new requests are refused.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// Keys remembered at most; past it, buckets that have refilled completely are forgotten (they would start full
@@ -38,16 +40,28 @@ struct Bucket {
 
 pub struct Admission {
     config: AdmissionConfig,
+    closed: std::sync::atomic::AtomicBool,
+    cut: Arc<std::sync::atomic::AtomicBool>,
     inflight: Arc<AtomicUsize>,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
 /// One admitted request; dropping it frees its place under the bound.
-pub struct Ticket(Arc<AtomicUsize>);
+pub struct Ticket {
+    inflight: Arc<AtomicUsize>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ticket {
+    /// The drain deadline passed: the request's stream must end now.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
+    }
+}
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -55,6 +69,8 @@ impl Admission {
     pub fn new(config: AdmissionConfig) -> Self {
         Self {
             config,
+            closed: std::sync::atomic::AtomicBool::new(false),
+            cut: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             inflight: Arc::new(AtomicUsize::new(0)),
             buckets: Mutex::new(HashMap::new()),
         }
@@ -62,11 +78,17 @@ impl Admission {
 
     /// Admits a request from `api_key` at `now`, or says when to retry.
     pub fn admit(&self, api_key: Option<&str>, now: Instant) -> Result<Ticket, RouterError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(RouterError::ShuttingDown);
+        }
         if let Some(limit) = self.config.rate_limit {
             self.take_token(api_key.unwrap_or(""), limit, now)?;
         }
         let n = self.inflight.fetch_add(1, Ordering::Relaxed);
-        let ticket = Ticket(self.inflight.clone());
+        let ticket = Ticket {
+            inflight: self.inflight.clone(),
+            cut: self.cut.clone(),
+        };
         if let Some(max) = self.config.max_inflight
             && n >= max
         {
@@ -78,6 +100,16 @@ impl Admission {
             });
         }
         Ok(ticket)
+    }
+
+    /// Refuses every request from now on (the router is draining).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends every open stream at its next message (the drain deadline passed).
+    pub fn cut_open_streams(&self) {
+        self.cut.store(true, Ordering::Relaxed);
     }
 
     /// Requests open now.
@@ -125,6 +157,7 @@ mod tests {
         let a = Admission::new(AdmissionConfig {
             max_inflight: Some(2),
             rate_limit: None,
+            ..Default::default()
         });
         let now = Instant::now();
         let t1 = a.admit(None, now).unwrap();
@@ -145,6 +178,7 @@ mod tests {
                 per_s: 2.0,
                 burst: 3,
             }),
+            ..Default::default()
         });
         let t0 = Instant::now();
         for _ in 0..3 {

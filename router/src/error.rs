@@ -20,6 +20,9 @@ pub enum RouterError {
     /// A worker failed the request; its status is kept.
     #[error("{message}")]
     Worker { code: Code, message: String },
+    /// The router is draining before it stops; another replica (or this one, restarted) will serve.
+    #[error("this router is shutting down; retry on another router")]
+    ShuttingDown,
     /// Admission control refused the request (too many in flight, or the caller's rate limit); retry later.
     #[error("{message}; retry after {retry_after_s} s")]
     Overloaded { message: String, retry_after_s: u32 },
@@ -50,7 +53,7 @@ impl RouterError {
     pub fn http_status(&self) -> u16 {
         match self {
             Self::Invalid { .. } | Self::UnknownModel(_) => 400,
-            Self::NoWorker => 503,
+            Self::NoWorker | Self::ShuttingDown => 503,
             Self::Overloaded { .. } => 429,
             Self::Worker { code, .. } => match code {
                 Code::Unavailable => 503,
@@ -64,7 +67,7 @@ impl RouterError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Invalid { .. } | Self::UnknownModel(_) => "invalid_request_error",
-            Self::NoWorker | Self::Worker { .. } => "server_error",
+            Self::NoWorker | Self::ShuttingDown | Self::Worker { .. } => "server_error",
             Self::Overloaded { .. } => "rate_limit_error",
         }
     }
@@ -89,7 +92,7 @@ impl RouterError {
         let code = match self {
             Self::Invalid { .. } => Code::InvalidArgument,
             Self::UnknownModel(_) => Code::NotFound,
-            Self::NoWorker => Code::Unavailable,
+            Self::NoWorker | Self::ShuttingDown => Code::Unavailable,
             Self::Overloaded { .. } => Code::ResourceExhausted,
             Self::Worker { code, .. } => *code,
         };

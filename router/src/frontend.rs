@@ -138,7 +138,9 @@ pub struct TokenStream {
     pub request_id: RequestId,
     pub prompt_tokens: usize,
     inner: Streaming<v1::GenerateResponse>,
-    _ticket: Ticket,
+    ticket: Ticket,
+    /// The drain's cut was reported (the stream ends after it).
+    cut_sent: bool,
     _decode: Lease,
     _prefill: Option<Lease>,
 }
@@ -146,6 +148,9 @@ pub struct TokenStream {
 impl TokenStream {
     /// The next message, or `None` after the last.
     pub async fn next(&mut self) -> Result<Option<v1::GenerateResponse>, RouterError> {
+        if self.ticket.is_cut() {
+            return Err(RouterError::ShuttingDown);
+        }
         self.inner
             .message()
             .await
@@ -168,7 +173,15 @@ impl Stream for TokenStream {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_next(cx)
+        let this = self.get_mut();
+        if this.ticket.is_cut() {
+            if this.cut_sent {
+                return std::task::Poll::Ready(None);
+            }
+            this.cut_sent = true;
+            return std::task::Poll::Ready(Some(Err(RouterError::ShuttingDown.to_status())));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_next(cx)
     }
 }
 
@@ -355,7 +368,8 @@ impl Frontend {
             request_id,
             prompt_tokens: prompt.len(),
             inner,
-            _ticket: ticket,
+            ticket,
+            cut_sent: false,
             _decode: decode,
             _prefill: prefill,
         })

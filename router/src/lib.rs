@@ -157,17 +157,45 @@ pub async fn run(
             let _ = f.await;
         }
     };
+    // Drain: refuse new requests at once, let open streams finish up to the deadline, then stop the servers (a
+    // stream still open then is cut, which cancels its work on the workers).
+    let drain = config.admission.drain_timeout;
+    let draining = frontend.clone();
     let signal = async move {
         shutdown.await;
+        draining.admission.close();
+        let until = tokio::time::Instant::now() + drain;
+        while draining.admission.inflight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if draining.admission.inflight() > 0 {
+            tracing::warn!(
+                open = draining.admission.inflight(),
+                "drain deadline passed; cutting the streams still open"
+            );
+            draining.admission.cut_open_streams();
+        }
         let _ = stop_tx.send(true);
     };
-    let (h, g, (), (), ()) = tokio::join!(
-        async { http_server.await },
-        grpc_server,
-        poller,
-        signal,
-        followers
-    );
+    // Both servers' graceful shutdown waits for open responses; past the drain they are dropped.
+    let cut = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (cut_http, cut_grpc) = (cut(stop_rx.clone()), cut(stop_rx.clone()));
+    let http_server = async move {
+        tokio::select! {
+            r = http_server => r,
+            _ = cut_http => Ok(()),
+        }
+    };
+    let grpc_server = async move {
+        tokio::select! {
+            r = grpc_server => r,
+            _ = cut_grpc => Ok(()),
+        }
+    };
+    let (h, g, (), (), ()) = tokio::join!(http_server, grpc_server, poller, signal, followers);
     h?;
     g?;
     Ok(())

@@ -18,6 +18,9 @@ struct Setup {
     http: String,
     grpc: String,
     _stop: tokio::sync::watch::Sender<bool>,
+    /// Stops the router alone (the mock worker keeps serving).
+    stop_router: tokio::sync::watch::Sender<bool>,
+    router: tokio::task::JoinHandle<Result<(), tandem_router::RouterServeError>>,
 }
 
 fn start(timing: MockTiming) -> Setup {
@@ -32,7 +35,8 @@ fn start_with(timing: MockTiming, admission: AdmissionConfig) -> Setup {
         .build()
         .unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let (http, grpc) = rt.block_on(async {
+    let (stop_router, router_rx) = tokio::sync::watch::channel(false);
+    let (http, grpc, router) = rt.block_on(async {
         let bind = || TcpListener::bind("127.0.0.1:0");
         let (mock, h, g) = (
             bind().await.unwrap(),
@@ -60,14 +64,22 @@ fn start_with(timing: MockTiming, admission: AdmissionConfig) -> Setup {
             routing: Default::default(),
             admission,
         };
-        tokio::spawn(tandem_router::run(h, g, config, Arc::new(tok), stopped(rx)));
-        (h_addr.to_string(), format!("http://{g_addr}"))
+        let router = tokio::spawn(tandem_router::run(
+            h,
+            g,
+            config,
+            Arc::new(tok),
+            stopped(router_rx),
+        ));
+        (h_addr.to_string(), format!("http://{g_addr}"), router)
     });
     Setup {
         rt,
         http,
         grpc,
         _stop: stop,
+        stop_router,
+        router,
     }
 }
 
@@ -175,7 +187,7 @@ fn admission_refuses_past_its_bounds_with_a_retry_hint() {
         },
         AdmissionConfig {
             max_inflight: Some(1),
-            rate_limit: None,
+            ..Default::default()
         },
     );
     let grpc = s.grpc.clone();
@@ -225,6 +237,7 @@ fn rate_limits_apply_per_api_key() {
                 per_s: 0.01,
                 burst: 2,
             }),
+            ..Default::default()
         },
     );
     let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
@@ -243,4 +256,83 @@ fn rate_limits_apply_per_api_key() {
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.body.contains("rate limit"), "{}", r.body);
     assert_eq!(post("bob").status, 200, "another key has its own bucket");
+}
+
+/// Graceful drain: once told to stop, the router refuses new requests (503) but lets an open stream finish, then
+/// exits; a stream still open at the drain deadline is cut and the router exits anyway.
+#[test]
+fn shutdown_drains_open_streams_then_stops() {
+    let timing = MockTiming {
+        ttft: Duration::from_millis(20),
+        itl: Duration::from_millis(40),
+    };
+    let s = start_with(
+        timing,
+        AdmissionConfig {
+            drain_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+    );
+    let grpc = s.grpc.clone();
+    let long = s.rt.spawn(async move { generate(&grpc, 25).await });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = Instant::now();
+    s.stop_router.send(true).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
+    let r = http::post(&s.http, "/v1/completions", &body);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("shutting down"), "{}", r.body);
+    let (ids, _, _) = s.rt.block_on(long).unwrap();
+    assert_eq!(ids.len(), 25, "the open stream finished during the drain");
+    s.rt.block_on(s.router).unwrap().unwrap();
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+
+    // A drain shorter than the stream cuts it, and the router still stops.
+    let s = start_with(
+        timing,
+        AdmissionConfig {
+            drain_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let grpc = s.grpc.clone();
+    let long = s.rt.spawn(async move {
+        let mut c = v1::generation_client::GenerationClient::connect(grpc)
+            .await
+            .unwrap();
+        let mut stream = c
+            .generate(v1::GenerateRequest {
+                model: "mock".into(),
+                input: Some(v1::generate_request::Input::Prompt("hi".into())),
+                stop: Some(v1::StopConditions {
+                    max_tokens: 100,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while let Ok(Some(m)) = stream.message().await {
+            n += m.token_ids.len();
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = Instant::now();
+    s.stop_router.send(true).unwrap();
+    s.rt.block_on(s.router).unwrap().unwrap();
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    let n = s.rt.block_on(long).unwrap();
+    assert!(n < 100, "the stream was cut at the deadline ({n} tokens)");
 }

@@ -119,6 +119,9 @@ pub struct AdmissionArgs {
     /// Burst each API key may send above --rate-limit-rps.
     #[arg(long, default_value_t = 10)]
     pub rate_limit_burst: u32,
+    /// On SIGTERM / Ctrl-C, seconds open streams may run on after new requests are refused (503).
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout_s: f64,
 }
 
 impl AdmissionArgs {
@@ -138,9 +141,16 @@ impl AdmissionArgs {
                 "--rate-limit-rps must be positive (got {r}) and --rate-limit-burst at least 1"
             ),
         };
+        if !(self.drain_timeout_s.is_finite() && (0.0..=3600.0).contains(&self.drain_timeout_s)) {
+            anyhow::bail!(
+                "--drain-timeout-s must be between 0 and 3600, got {}",
+                self.drain_timeout_s
+            );
+        }
         Ok(tandem_router::admission::AdmissionConfig {
             max_inflight: self.max_inflight,
             rate_limit,
+            drain_timeout: std::time::Duration::from_secs_f64(self.drain_timeout_s),
         })
     }
 }
