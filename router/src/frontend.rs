@@ -109,6 +109,10 @@ impl KvTransfer {
     }
 }
 
+/// Decode workers tried for one request before its stream opens (each unavailable one is marked unhealthy until
+/// it answers a load poll again).
+const OPEN_ATTEMPTS: usize = 3;
+
 /// A request's id across nodes, in logs and traces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
@@ -330,40 +334,54 @@ impl Frontend {
                 naming.block_size,
             ),
         };
-        let choice = self
-            .workers
-            .choose(&self.policy, &self.index, &shape, &hashes)
-            .ok_or(RouterError::NoWorker)?;
-        let (decode, prefill) = (choice.decode, choice.prefill);
-        let request = v1::DecodeRequest {
-            request_id: request_id.0.clone(),
-            prompt_token_ids: prompt.clone(),
-            sampling: Some(convert::sampling_to_wire(&p.sampling)),
-            stop: Some(convert::stop_to_wire(&stop)),
-            prefill_endpoint: prefill
-                .as_ref()
-                .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
-            codec: kv
-                .codec
-                .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire)
-                as i32,
-            eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
+        let mut attempt = 0;
+        let (inner, decode, prefill) = loop {
+            let choice = self
+                .workers
+                .choose(&self.policy, &self.index, &shape, &hashes)
+                .ok_or(RouterError::NoWorker)?;
+            let (decode, prefill) = (choice.decode, choice.prefill);
+            let request = v1::DecodeRequest {
+                request_id: request_id.0.clone(),
+                prompt_token_ids: prompt.clone(),
+                sampling: Some(convert::sampling_to_wire(&p.sampling)),
+                stop: Some(convert::stop_to_wire(&stop)),
+                prefill_endpoint: prefill
+                    .as_ref()
+                    .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
+                codec: kv
+                    .codec
+                    .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire)
+                    as i32,
+                eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
+            };
+            tracing::debug!(
+                %request_id,
+                decode = %decode.worker.endpoint,
+                prefill = prefill.as_ref().map_or("local", |l| l.worker.endpoint.0.as_str()),
+                prompt_tokens = prompt.len(),
+                cached_tokens = choice.decision.cached_tokens,
+                "routing"
+            );
+            let mut client =
+                v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
+            match client.generate(request).await {
+                Ok(r) => break (r.into_inner(), decode, prefill),
+                // Unreachable or refusing before any token: nothing started there, so another worker may serve it.
+                Err(s) if s.code() == tonic::Code::Unavailable && attempt + 1 < OPEN_ATTEMPTS => {
+                    tracing::warn!(
+                        %request_id,
+                        endpoint = %decode.worker.endpoint,
+                        "decode worker unavailable ({}); trying another",
+                        s.message()
+                    );
+                    decode.worker.mark_unhealthy();
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+                }
+                Err(s) => return Err(RouterError::from_worker(&s)),
+            }
         };
-        tracing::debug!(
-            %request_id,
-            decode = %decode.worker.endpoint,
-            prefill = prefill.as_ref().map_or("local", |l| l.worker.endpoint.0.as_str()),
-            prompt_tokens = prompt.len(),
-            cached_tokens = choice.decision.cached_tokens,
-            "routing"
-        );
-        let mut client =
-            v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
-        let inner = client
-            .generate(request)
-            .await
-            .map_err(|s| RouterError::from_worker(&s))?
-            .into_inner();
         Ok(TokenStream {
             request_id,
             prompt_tokens: prompt.len(),

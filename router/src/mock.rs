@@ -26,6 +26,8 @@ pub struct MockTiming {
 pub struct MockDecodeWorker {
     timing: MockTiming,
     running: Arc<AtomicU32>,
+    /// Answers load polls but refuses every generation as UNAVAILABLE (a worker on its way down).
+    refuse: bool,
 }
 
 impl MockDecodeWorker {
@@ -33,6 +35,15 @@ impl MockDecodeWorker {
         Self {
             timing,
             running: Arc::new(AtomicU32::new(0)),
+            refuse: false,
+        }
+    }
+
+    /// A worker that reports healthy but refuses every request as UNAVAILABLE.
+    pub fn refusing(timing: MockTiming) -> Self {
+        Self {
+            refuse: true,
+            ..Self::new(timing)
         }
     }
 
@@ -60,6 +71,9 @@ impl v1::decode_worker_server::DecodeWorker for MockDecodeWorker {
         &self,
         request: Request<v1::DecodeRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        if self.refuse {
+            return Err(Status::unavailable("shutting down"));
+        }
         let r = request.into_inner();
         let max_tokens = r.stop.map_or(16, |s| s.max_tokens).max(1);
         let prompt_len = r.prompt_token_ids.len() as u32;

@@ -61,6 +61,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Takes the worker out of routing until its next successful load poll.
+    pub fn mark_unhealthy(&self) {
+        self.healthy.store(false, Ordering::Relaxed);
+    }
+
     /// KV blocks the worker announced, once it has reported.
     pub fn capacity_blocks(&self) -> Option<usize> {
         self.report().map(|r| r.kv_blocks_total as usize)

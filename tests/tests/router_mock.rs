@@ -28,6 +28,16 @@ fn start(timing: MockTiming) -> Setup {
 }
 
 fn start_with(timing: MockTiming, admission: AdmissionConfig) -> Setup {
+    start_full(timing, admission, Vec::new(), Default::default())
+}
+
+/// The router in front of `extra_decode` endpoints followed by the mock, placing requests by `routing`.
+fn start_full(
+    timing: MockTiming,
+    admission: AdmissionConfig,
+    extra_decode: Vec<String>,
+    routing: tandem_router::Routing,
+) -> Setup {
     let (_, tok) = tandem_tests::open_model();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -53,7 +63,11 @@ fn start_with(timing: MockTiming, admission: AdmissionConfig) -> Setup {
         tokio::spawn(serve_grpc(mock, routes, &[], stopped(rx.clone())));
         let config = RouterConfig {
             prefill: Vec::new(),
-            decode: vec![WorkerEndpoint(mock_url)],
+            decode: extra_decode
+                .into_iter()
+                .chain([mock_url])
+                .map(WorkerEndpoint)
+                .collect(),
             model: ModelInfo {
                 id: "mock".into(),
                 context_len: 2048,
@@ -61,7 +75,7 @@ fn start_with(timing: MockTiming, admission: AdmissionConfig) -> Setup {
             },
             poll_interval: Duration::from_millis(200),
             kv: Default::default(),
-            routing: Default::default(),
+            routing,
             admission,
         };
         let router = tokio::spawn(tandem_router::run(
@@ -335,4 +349,47 @@ fn shutdown_drains_open_streams_then_stops() {
     );
     let n = s.rt.block_on(long).unwrap();
     assert!(n < 100, "the stream was cut at the deadline ({n} tokens)");
+}
+
+/// A decode worker that answers load polls but refuses requests (on its way down): the router marks it unhealthy
+/// and opens the stream on another worker, so every request succeeds even under round-robin.
+#[test]
+fn an_unavailable_decode_worker_is_skipped_and_the_request_served_elsewhere() {
+    let timing = MockTiming {
+        ttft: Duration::from_millis(1),
+        itl: Duration::from_millis(1),
+    };
+    let (refusing, _rt) = {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", l.local_addr().unwrap());
+            let mut routes = tonic::service::RoutesBuilder::default();
+            routes.add_service(MockDecodeWorker::refusing(timing).server());
+            tokio::spawn(serve_grpc(l, routes, &[], std::future::pending()));
+            url
+        });
+        (url, rt)
+    };
+    let s = start_full(
+        MockTiming {
+            ttft: Duration::from_millis(1),
+            itl: Duration::from_millis(1),
+        },
+        AdmissionConfig::default(),
+        vec![refusing],
+        tandem_router::Routing {
+            policy: tandem_router::PolicyKind::RoundRobin,
+            ..Default::default()
+        },
+    );
+    let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 3});
+    for i in 0..4 {
+        let r = http::post(&s.http, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
 }
