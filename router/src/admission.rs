@@ -28,6 +28,15 @@ pub struct AdmissionConfig {
     pub drain_timeout: std::time::Duration,
 }
 
+/// The API key in an `Authorization` header value (`Bearer KEY`, or the bare value), as HTTP and gRPC both carry it.
+pub fn api_key(authorization: &str) -> String {
+    authorization
+        .strip_prefix("Bearer ")
+        .unwrap_or(authorization)
+        .trim()
+        .to_string()
+}
+
 /// Keys remembered at most; past it, buckets that have refilled completely are forgotten (they would start full
 /// anyway).
 const MAX_KEYS: usize = 100_000;

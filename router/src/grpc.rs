@@ -52,7 +52,7 @@ impl v1::generation_server::Generation for GenerationService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+            .map(crate::admission::api_key);
         let r = request.into_inner();
         let input = match &r.input {
             Some(I::Prompt(p)) => input(None, Some(p), None),

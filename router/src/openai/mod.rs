@@ -50,7 +50,7 @@ fn api_key(headers: &HeaderMap) -> Option<String> {
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
-    Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string())
+    Some(crate::admission::api_key(v))
 }
 
 async fn not_found() -> Response {
