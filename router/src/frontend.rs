@@ -152,12 +152,9 @@ pub struct TokenStream {
 impl TokenStream {
     /// The next message, or `None` after the last.
     pub async fn next(&mut self) -> Result<Option<v1::GenerateResponse>, RouterError> {
-        if self.ticket.is_cut() {
-            return Err(RouterError::ShuttingDown);
-        }
-        self.inner
-            .message()
+        tokio_stream::StreamExt::next(self)
             .await
+            .transpose()
             .map_err(|s| RouterError::from_worker(&s))
     }
 

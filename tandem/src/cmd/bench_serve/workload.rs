@@ -13,6 +13,16 @@ pub enum Dist {
     Uniform(usize, usize),
 }
 
+impl Dist {
+    /// One length, drawn from the workload's seeded generator.
+    pub fn draw(self, rng: &mut Rng) -> usize {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Uniform(a, b) => rng.range(a, b),
+        }
+    }
+}
+
 impl std::str::FromStr for Dist {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -42,20 +52,6 @@ impl std::fmt::Display for Dist {
         match self {
             Self::Fixed(n) => write!(f, "{n}"),
             Self::Uniform(a, b) => write!(f, "{a}..{b}"),
-        }
-    }
-}
-
-/// A seeded generator and the workload's distributions over it: the same workload every run.
-pub trait DrawDist {
-    fn draw(&mut self, d: Dist) -> usize;
-}
-
-impl DrawDist for Rng {
-    fn draw(&mut self, d: Dist) -> usize {
-        match d {
-            Dist::Fixed(n) => n,
-            Dist::Uniform(a, b) => self.range(a, b),
         }
     }
 }
@@ -99,7 +95,7 @@ pub fn build(spec: &WorkloadSpec) -> Vec<BenchRequest> {
     let mut t = 0.0;
     (0..spec.requests)
         .map(|_| {
-            let n = rng.draw(spec.prompt_tokens).max(1);
+            let n = spec.prompt_tokens.draw(&mut rng).max(1);
             let shared = &prefixes[if prefixes.len() > 1 {
                 rng.below(prefixes.len())
             } else {
@@ -117,7 +113,7 @@ pub fn build(spec: &WorkloadSpec) -> Vec<BenchRequest> {
             });
             BenchRequest {
                 prompt,
-                output_tokens: rng.draw(spec.output_tokens),
+                output_tokens: spec.output_tokens.draw(&mut rng),
                 send_at,
             }
         })
