@@ -127,7 +127,7 @@ pub struct Frontend {
     pub tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     pub model: ModelInfo,
-    pub workers: Workers,
+    pub workers: Arc<Workers>,
     /// Which worker holds which blocks, kept by one `sync::follow` task per worker.
     pub index: Arc<Mutex<PrefixIndex>>,
     policy: Mutex<Policy>,
@@ -190,7 +190,7 @@ impl Frontend {
     pub fn new(
         tokenizer: Arc<Tokenizer>,
         model: ModelInfo,
-        workers: Workers,
+        workers: Arc<Workers>,
         policy: Policy,
         admission: Admission,
         default_kv: KvTransfer,

@@ -2,11 +2,13 @@
 //!
 //! [`run`] serves the OpenAI-compatible HTTP API ([`openai`]) and the client gRPC API ([`grpc`]) over one core
 //! ([`frontend::Frontend`]): template and tokenize, check against the model, pick workers ([`workers`]), relay the
-//! decode worker's stream. A poller asks every worker for its load report, marking unreachable ones unhealthy;
-//! `/ready` turns true once every worker answered. One task per worker keeps the prefix index ([`index`]) in step
-//! with its KV events ([`sync`]); the policy ([`policy`]) reads index and loads. Discovery comes later (DESIGN.md).
+//! decode worker's stream. Workers join and leave through [`discovery`] (a static list or etcd). A poller asks
+//! every worker for its load report, marking unreachable ones unhealthy; `/ready` turns true once there is a
+//! decode worker and every worker answered. One task per worker keeps the prefix index ([`index`]) in step with
+//! its KV events ([`sync`]); the policy ([`policy`]) reads index and loads.
 
 pub mod admission;
+pub mod discovery;
 pub mod error;
 pub mod frontend;
 pub mod grpc;
@@ -17,6 +19,7 @@ pub mod policy;
 pub mod sync;
 pub mod workers;
 
+pub use discovery::Discovery;
 pub use error::RouterError;
 pub use frontend::{Frontend, KvDims, KvTransfer, ModelInfo};
 pub use workers::{BlockNaming, WorkerEndpoint, Workers};
@@ -36,8 +39,8 @@ pub use policy::{CostModel, Policy, PolicyKind};
 /// Router options.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
-    pub prefill: Vec<WorkerEndpoint>,
-    pub decode: Vec<WorkerEndpoint>,
+    /// Where the workers come from.
+    pub discovery: Discovery,
     pub model: ModelInfo,
     /// How often workers are asked for their load (and health).
     pub poll_interval: Duration,
@@ -89,14 +92,24 @@ pub async fn run(
     tokenizer: Arc<Tokenizer>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RouterServeError> {
-    if config.decode.is_empty() {
-        return Err(RouterServeError::Config(
-            "at least one decode worker is needed".into(),
-        ));
+    if let Discovery::Static { prefill, decode } = &config.discovery {
+        if decode.is_empty() {
+            return Err(RouterServeError::Config(
+                "at least one decode worker is needed".into(),
+            ));
+        }
+        if let Some(bad) = prefill
+            .iter()
+            .chain(decode)
+            .find(|e| tonic::transport::Endpoint::from_shared(e.0.clone()).is_err())
+        {
+            return Err(RouterServeError::Config(format!(
+                "worker endpoint {bad} is not a valid URL"
+            )));
+        }
     }
     let r = config.routing;
-    let workers = Workers::new(&config.prefill, &config.decode, r.naming)
-        .map_err(RouterServeError::Config)?;
+    let workers = Arc::new(Workers::new(r.naming));
     let frontend = Arc::new(Frontend::new(
         tokenizer,
         config.model.clone(),
@@ -140,21 +153,27 @@ pub async fn run(
             }
         }
     };
-    // The prefix index follows every worker's KV events (only the policies that read it need it, but it is cheap).
-    let followers: Vec<_> = frontend
-        .workers
-        .all()
-        .map(|w| {
-            tokio::spawn(sync::follow(
-                w.clone(),
-                frontend.index.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
-    let followers = async move {
-        for f in followers {
-            let _ = f.await;
+    // Membership: each worker that joins gets a task keeping its prefix-index entries (only the policies that read
+    // the index need it, but it is cheap).
+    let members = discovery::Membership {
+        workers: frontend.workers.clone(),
+        index: frontend.index.clone(),
+        stop: stop_rx.clone(),
+    };
+    let (discovery, model_id) = (config.discovery.clone(), config.model.id.clone());
+    let membership = async move {
+        match discovery {
+            Discovery::Static { prefill, decode } => {
+                for e in &decode {
+                    members.add(e, workers::WorkerRole::Decode);
+                }
+                for e in &prefill {
+                    members.add(e, workers::WorkerRole::Prefill);
+                }
+            }
+            Discovery::Etcd(etcd) => {
+                discovery::etcd::watch(etcd, members, model_id, r.naming).await
+            }
         }
     };
     // Drain: refuse new requests at once, let open streams finish up to the deadline, then stop the servers (a
@@ -195,7 +214,7 @@ pub async fn run(
             _ = cut_grpc => Ok(()),
         }
     };
-    let (h, g, (), (), ()) = tokio::join!(http_server, grpc_server, poller, signal, followers);
+    let (h, g, (), (), ()) = tokio::join!(http_server, grpc_server, poller, signal, membership);
     h?;
     g?;
     Ok(())

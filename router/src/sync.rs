@@ -1,6 +1,7 @@
 //! Keeps the prefix index in step with one worker: subscribe to its KV events, load a snapshot, apply the events
 //! after it; on a gap, an over-capacity report or a broken stream, drop the worker's entries and start again after
-//! a pause. One task per worker, for as long as the router runs.
+//! a pause. One task per worker, for as long as the worker is in the pool: when it leaves, the task drops the
+//! worker from the index and ends (it is the only writer of that worker's entries).
 //!
 //! Subscribing before the snapshot is what makes this exact: every event after the snapshot's sequence number is
 //! already in the stream, and the ones before it (which the snapshot reflects) are skipped by number.
@@ -15,24 +16,26 @@ use tonic::transport::Channel;
 /// How long to wait before resynchronising after a failure.
 const RETRY: Duration = Duration::from_millis(500);
 
-/// Runs until `stop` resolves.
+/// Runs until `stop` resolves or the worker leaves the pool.
 pub async fn follow(
     worker: Arc<Worker>,
     index: Arc<Mutex<PrefixIndex>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let reason = tokio::select! {
-            r = sync_once(&worker, &index) => r,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        lock(&index).add_worker(worker.id, 0);
-        tracing::debug!(endpoint = %worker.endpoint, "prefix index out of sync ({reason}); retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(RETRY) => {}
-            _ = stop.wait_for(|s| *s) => return,
+    let follow = async {
+        loop {
+            let reason = sync_once(&worker, &index).await;
+            lock(&index).add_worker(worker.id, 0);
+            tracing::debug!(endpoint = %worker.endpoint, "prefix index out of sync ({reason}); retrying");
+            tokio::time::sleep(RETRY).await;
         }
+    };
+    tokio::select! {
+        () = follow => {}
+        _ = stop.wait_for(|s| *s) => {}
+        () = worker.retired() => {}
     }
+    lock(&index).remove_worker(worker.id);
 }
 
 fn lock(index: &Mutex<PrefixIndex>) -> std::sync::MutexGuard<'_, PrefixIndex> {

@@ -1,16 +1,18 @@
-//! The workers this router sends requests to: a static list of prefill and decode endpoints, each with a lazily
-//! connected channel, a count of requests this router has in flight there, the last load report, and a health flag
-//! kept by a poller that asks each worker for that report. A worker that names blocks differently from this router
-//! (block size or hash seed) is refused: its cache could never match a prompt.
+//! The workers this router sends requests to: prefill and decode endpoints that join and leave as discovery says
+//! ([`crate::discovery`]), each with a lazily connected channel, a count of requests this router has in flight
+//! there, the last load report, and a health flag kept by a poller that asks each worker for that report. A worker
+//! that names blocks differently from this router (block size or hash seed) is refused: its cache could never
+//! match a prompt.
 //!
-//! [`Workers::choose`] turns all of it, with the prefix index, into the policy's candidates; the choice itself is
-//! the pure policy code in [`crate::policy`].
+//! The pool is copy-on-write: a request reads one snapshot of the membership (an `Arc` of each list), so a worker
+//! joining or leaving never moves an index the policy handed back. [`Workers::choose`] turns a snapshot, with the
+//! prefix index, into the policy's candidates; the choice itself is the pure policy code in [`crate::policy`].
 
 use crate::index::{PrefixIndex, WorkerId};
 use crate::policy::{Candidate, Decision, Load, Policy, RequestShape};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tandem_engine::kv::{BlockHash, HashSeed};
 use tandem_proto::v1;
@@ -26,10 +28,20 @@ impl std::fmt::Display for WorkerEndpoint {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WorkerRole {
     Prefill,
     Decode,
+}
+
+impl WorkerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prefill => "prefill",
+            Self::Decode => "decode",
+        }
+    }
 }
 
 /// How blocks are named: tokens per block and the hash chain's seed. Router and workers must agree.
@@ -37,6 +49,18 @@ pub enum WorkerRole {
 pub struct BlockNaming {
     pub block_size: usize,
     pub seed: HashSeed,
+}
+
+impl BlockNaming {
+    /// Why a worker announcing `block_size` and `seed` cannot work with this naming, if it cannot.
+    pub fn mismatch(&self, block_size: usize, seed: u64) -> Option<String> {
+        (block_size != self.block_size || seed != self.seed.0).then(|| {
+            format!(
+                "it names KV blocks with block size {block_size} and hash seed {seed:#x}; this router uses block size {} and seed {:#x}",
+                self.block_size, self.seed.0
+            )
+        })
+    }
 }
 
 impl Default for BlockNaming {
@@ -58,9 +82,45 @@ pub struct Worker {
     /// Set once the worker has answered at least once.
     seen: AtomicBool,
     report: Mutex<Option<v1::LoadReport>>,
+    /// Set when the worker leaves the pool; its prefix-index follower stops and drops its entries.
+    retired: tokio::sync::watch::Sender<bool>,
 }
 
 impl Worker {
+    fn new(id: WorkerId, endpoint: &WorkerEndpoint, role: WorkerRole) -> Result<Self, String> {
+        let channel = Endpoint::from_shared(endpoint.0.clone())
+            .map_err(|err| format!("worker endpoint {endpoint}: {err}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        Ok(Self {
+            id,
+            endpoint: endpoint.clone(),
+            role,
+            channel,
+            inflight: AtomicUsize::new(0),
+            // Assume healthy until a poll says otherwise, so the first request need not wait for a poll.
+            healthy: AtomicBool::new(true),
+            seen: AtomicBool::new(false),
+            report: Mutex::new(None),
+            retired: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the worker has left the pool.
+    pub async fn retired(&self) {
+        let mut rx = self.retired.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    pub fn is_retired(&self) -> bool {
+        *self.retired.borrow()
+    }
+
     /// Takes the worker out of routing until its next successful load poll.
     pub fn mark_unhealthy(&self) {
         self.healthy.store(false, Ordering::Relaxed);
@@ -118,59 +178,90 @@ impl Drop for Lease {
     }
 }
 
+/// One view of the membership.
+#[derive(Clone, Default)]
+pub struct Members {
+    pub prefill: Arc<Vec<Arc<Worker>>>,
+    pub decode: Arc<Vec<Arc<Worker>>>,
+}
+
+impl Members {
+    /// Every worker, decode first.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Worker>> {
+        self.decode.iter().chain(self.prefill.iter())
+    }
+}
+
 pub struct Workers {
-    pub prefill: Vec<Arc<Worker>>,
-    pub decode: Vec<Arc<Worker>>,
+    members: RwLock<Members>,
+    /// Ids are never reused, so a worker that leaves and comes back starts a fresh prefix-index entry.
+    next_id: AtomicU32,
     pub naming: BlockNaming,
 }
 
 impl Workers {
-    /// Builds the pool (decode workers get ids `0..`, prefill workers the ids after them); fails on an endpoint
-    /// that is not a valid URI.
-    pub fn new(
-        prefill: &[WorkerEndpoint],
-        decode: &[WorkerEndpoint],
-        naming: BlockNaming,
-    ) -> Result<Self, String> {
-        let next_id = std::cell::Cell::new(0u32);
-        let make = |e: &WorkerEndpoint, role| -> Result<Arc<Worker>, String> {
-            let channel = Endpoint::from_shared(e.0.clone())
-                .map_err(|err| format!("worker endpoint {e}: {err}"))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-                .connect_lazy();
-            let id = WorkerId(next_id.get());
-            next_id.set(id.0 + 1);
-            Ok(Arc::new(Worker {
-                id,
-                report: Mutex::new(None),
-                endpoint: e.clone(),
-                role,
-                channel,
-                inflight: AtomicUsize::new(0),
-                // Assume healthy until a poll says otherwise, so the first request need not wait for a poll.
-                healthy: AtomicBool::new(true),
-                seen: AtomicBool::new(false),
-            }))
-        };
-        let decode = decode
-            .iter()
-            .map(|e| make(e, WorkerRole::Decode))
-            .collect::<Result<_, _>>()?;
-        let prefill = prefill
-            .iter()
-            .map(|e| make(e, WorkerRole::Prefill))
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            prefill,
-            decode,
+    /// An empty pool; workers join through [`Workers::add`].
+    pub fn new(naming: BlockNaming) -> Self {
+        Self {
+            members: RwLock::new(Members::default()),
+            next_id: AtomicU32::new(0),
             naming,
-        })
+        }
     }
 
-    /// Every worker, decode first.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Worker>> {
-        self.decode.iter().chain(&self.prefill)
+    /// The membership as it is now.
+    pub fn members(&self) -> Members {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every worker, decode first (a snapshot).
+    pub fn all(&self) -> Vec<Arc<Worker>> {
+        self.members().all().cloned().collect()
+    }
+
+    /// Adds a worker; `Ok(None)` when one with this endpoint is already in the pool (in either role), an error
+    /// when the endpoint is not a valid URI.
+    pub fn add(
+        &self,
+        endpoint: &WorkerEndpoint,
+        role: WorkerRole,
+    ) -> Result<Option<Arc<Worker>>, String> {
+        let mut m = self.members.write().unwrap_or_else(|p| p.into_inner());
+        if m.all().any(|w| &w.endpoint == endpoint) {
+            return Ok(None);
+        }
+        let id = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let w = Arc::new(Worker::new(id, endpoint, role)?);
+        let list = match role {
+            WorkerRole::Prefill => &mut m.prefill,
+            WorkerRole::Decode => &mut m.decode,
+        };
+        let mut next = Vec::clone(list);
+        next.push(w.clone());
+        *list = Arc::new(next);
+        tracing::info!(%endpoint, role = role.as_str(), "worker joined");
+        Ok(Some(w))
+    }
+
+    /// Removes the worker with this endpoint and retires it (requests already on it finish); `None` if absent.
+    pub fn remove(&self, endpoint: &WorkerEndpoint) -> Option<Arc<Worker>> {
+        let mut guard = self.members.write().unwrap_or_else(|p| p.into_inner());
+        let m = &mut *guard;
+        let mut gone = None;
+        for list in [&mut m.prefill, &mut m.decode] {
+            if let Some(i) = list.iter().position(|w| &w.endpoint == endpoint) {
+                let mut next = Vec::clone(list);
+                gone = Some(next.remove(i));
+                *list = Arc::new(next);
+            }
+        }
+        let w = gone?;
+        w.retired.send_replace(true);
+        tracing::info!(%endpoint, role = w.role.as_str(), "worker left");
+        Some(w)
     }
 
     /// Asks the policy where a prompt with these block hashes goes and takes leases on the chosen workers;
@@ -188,8 +279,9 @@ impl Workers {
             .unwrap_or_else(|p| p.into_inner())
             .matches(hashes, &mut matches);
         let cached: HashMap<WorkerId, usize> = matches.into_iter().collect();
-        let decode: Vec<Candidate> = self.decode.iter().map(|w| w.candidate(&cached)).collect();
-        let prefill: Vec<Candidate> = self.prefill.iter().map(|w| w.candidate(&cached)).collect();
+        let m = self.members();
+        let decode: Vec<Candidate> = m.decode.iter().map(|w| w.candidate(&cached)).collect();
+        let prefill: Vec<Candidate> = m.prefill.iter().map(|w| w.candidate(&cached)).collect();
         let decision = policy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -199,24 +291,25 @@ impl Workers {
             Lease { worker: w.clone() }
         };
         Some(Choice {
-            decode: lease(&self.decode[decision.decode]),
-            prefill: decision.prefill.map(|p| lease(&self.prefill[p])),
+            decode: lease(&m.decode[decision.decode]),
+            prefill: decision.prefill.map(|p| lease(&m.prefill[p])),
             decision,
         })
     }
 
-    /// Every worker has answered a load request at least once.
+    /// There is a decode worker and every worker has answered a load request at least once.
     pub fn all_seen(&self) -> bool {
-        self.prefill
-            .iter()
-            .chain(&self.decode)
-            .all(|w| w.seen.load(Ordering::Relaxed))
+        let m = self.members();
+        !m.decode.is_empty() && m.all().all(|w| w.seen.load(Ordering::Relaxed))
     }
 
     /// Asks every worker for its load once; a worker that does not answer within `timeout`, or names blocks
     /// differently from this router, is marked unhealthy.
     pub async fn poll_once(&self, timeout: Duration) {
         for w in self.all() {
+            if w.is_retired() {
+                continue;
+            }
             let report = match w.role {
                 WorkerRole::Prefill => {
                     let mut c =
@@ -254,13 +347,7 @@ impl Workers {
 
     /// Why a worker's way of naming blocks cannot work with this router's, if it cannot.
     fn naming_mismatch(&self, r: &v1::LoadReport) -> Option<String> {
-        let n = self.naming;
-        (r.block_size as usize != n.block_size || r.hash_seed != n.seed.0).then(|| {
-            format!(
-                "it names KV blocks with block size {} and hash seed {:#x}; this router uses block size {} and seed {:#x}",
-                r.block_size, r.hash_seed, n.block_size, n.seed.0
-            )
-        })
+        self.naming.mismatch(r.block_size as usize, r.hash_seed)
     }
 }
 
@@ -270,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_worker_naming_blocks_differently_is_refused_with_both_namings() {
-        let w = Workers::new(&[], &[], BlockNaming::default()).unwrap();
+        let w = Workers::new(BlockNaming::default());
         let mut r = v1::LoadReport {
             block_size: 16,
             hash_seed: HashSeed::default().0,
@@ -283,5 +370,33 @@ mod tests {
             why.contains("block size 32") && why.contains("block size 16"),
             "{why}"
         );
+    }
+}
+
+#[cfg(test)]
+mod membership_tests {
+    use super::*;
+
+    fn ep(s: &str) -> WorkerEndpoint {
+        WorkerEndpoint(s.to_string())
+    }
+
+    #[tokio::test]
+    async fn workers_join_once_leave_retired_and_never_reuse_an_id() {
+        let w = Workers::new(BlockNaming::default());
+        let a = w.add(&ep("http://127.0.0.1:1"), WorkerRole::Decode).unwrap().unwrap();
+        assert!(w.add(&ep("http://127.0.0.1:1"), WorkerRole::Prefill).unwrap().is_none());
+        let b = w.add(&ep("http://127.0.0.1:2"), WorkerRole::Prefill).unwrap().unwrap();
+        let before = w.members();
+        assert_eq!((before.decode.len(), before.prefill.len()), (1, 1));
+        let gone = w.remove(&ep("http://127.0.0.1:1")).unwrap();
+        assert!(gone.is_retired() && !b.is_retired());
+        assert!(w.members().decode.is_empty());
+        // A snapshot taken before the change still holds the worker a policy index may point at.
+        assert_eq!(before.decode[0].id, a.id);
+        let again = w.add(&ep("http://127.0.0.1:1"), WorkerRole::Decode).unwrap().unwrap();
+        assert!(again.id != a.id && again.id != b.id);
+        assert!(w.remove(&ep("http://127.0.0.1:9")).is_none());
+        assert!(w.add(&ep("not a uri"), WorkerRole::Decode).is_err());
     }
 }

@@ -126,8 +126,10 @@ impl Cluster {
             let mut all_prefill = prefill_urls.clone();
             all_prefill.extend(spec.extra_prefill_urls.iter().cloned());
             let config = RouterConfig {
-                prefill: ends(&all_prefill),
-                decode: ends(&decode_urls),
+                discovery: tandem_router::Discovery::Static {
+                    prefill: ends(&all_prefill),
+                    decode: ends(&decode_urls),
+                },
                 model: ModelInfo {
                     id: MODEL_ID.into(),
                     context_len,

@@ -1,9 +1,10 @@
 //! End-to-end test support: the real model, a local cluster of in-process nodes over real loopback sockets
-//! ([`cluster`]), and a small HTTP/1.1 client that can read server-sent events and hang up mid-stream ([`http`]).
-//! The tests themselves live in `tests/tests/`.
+//! ([`cluster`]), nodes and etcd as separate processes ([`procs`]), and a small HTTP/1.1 client that can read
+//! server-sent events and hang up mid-stream ([`http`]). The tests themselves live in `tests/tests/`.
 
 pub mod cluster;
 pub mod http;
+pub mod procs;
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};

@@ -62,12 +62,14 @@ fn start_full(
         routes.add_service(MockDecodeWorker::new(timing).server());
         tokio::spawn(serve_grpc(mock, routes, &[], stopped(rx.clone())));
         let config = RouterConfig {
-            prefill: Vec::new(),
-            decode: extra_decode
-                .into_iter()
-                .chain([mock_url])
-                .map(WorkerEndpoint)
-                .collect(),
+            discovery: tandem_router::Discovery::Static {
+                prefill: Vec::new(),
+                decode: extra_decode
+                    .into_iter()
+                    .chain([mock_url])
+                    .map(WorkerEndpoint)
+                    .collect(),
+            },
             model: ModelInfo {
                 id: "mock".into(),
                 context_len: 2048,

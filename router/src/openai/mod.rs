@@ -65,13 +65,20 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready once there is a decode worker and every worker answered; the body lists the pool either way.
 async fn ready(State(f): State<Arc<Frontend>>) -> Response {
+    let workers: Vec<Value> = f
+        .workers
+        .all()
+        .iter()
+        .map(|w| json!({"role": w.role.as_str(), "endpoint": w.endpoint.0, "healthy": w.is_healthy()}))
+        .collect();
     if f.workers.all_seen() {
-        Json(json!({"status": "ready"})).into_response()
+        Json(json!({"status": "ready", "workers": workers})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "waiting for workers"})),
+            Json(json!({"status": "waiting for workers", "workers": workers})),
         )
             .into_response()
     }

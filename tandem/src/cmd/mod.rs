@@ -7,6 +7,7 @@ pub mod bench_transfer;
 pub mod eval;
 pub mod eval_kv;
 pub mod generate;
+pub mod membership;
 pub mod serve;
 pub mod simulate;
 pub mod up;

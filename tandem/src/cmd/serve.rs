@@ -12,6 +12,7 @@ use tandem_engine::kv::evict::Eviction;
 use tandem_engine::model::ModelSource;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_prefill_node::PrefillConfig;
+use tandem_router::workers::WorkerRole;
 use tandem_router::{KvTransfer, ModelInfo, RouterConfig, WorkerEndpoint};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,6 +30,11 @@ pub struct PrefillArgs {
     /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
     #[arg(long)]
     pub kv_lossless: bool,
+    /// The URL routers reach this worker at (default: http:// + the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub register: super::membership::RegisterArgs,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -68,9 +74,11 @@ pub struct DecodeArgs {
     /// Address to serve gRPC (DecodeWorker and KvTransfer) on.
     #[arg(long, default_value = "127.0.0.1:7200")]
     pub listen: SocketAddr,
-    /// The URL prefill workers push KV to (default: http:// + the listen address).
+    /// The URL routers and prefill workers reach this worker at (default: http:// + the listen address).
     #[arg(long)]
     pub advertise: Option<String>,
+    #[command(flatten)]
+    pub register: super::membership::RegisterArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,12 +95,8 @@ pub struct RouterArgs {
     /// Address for the gRPC client API.
     #[arg(long, default_value = "127.0.0.1:8001")]
     pub grpc: SocketAddr,
-    /// A prefill worker's URL (repeat for several); none = decode workers prefill locally.
-    #[arg(long = "prefill-worker")]
-    pub prefill: Vec<String>,
-    /// A decode worker's URL (repeat for several); at least one.
-    #[arg(long = "decode-worker", required = true)]
-    pub decode: Vec<String>,
+    #[command(flatten)]
+    pub discovery: super::membership::DiscoveryArgs,
     /// How often workers are asked for their load, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
@@ -171,10 +175,7 @@ pub fn router_model(
     let tok =
         Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
     let cfg = src.config()?;
-    let id = id.unwrap_or_else(|| {
-        path.file_stem()
-            .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned())
-    });
+    let id = id.unwrap_or_else(|| model_id_of(path));
     Ok((
         Arc::new(tok),
         ModelInfo {
@@ -189,6 +190,19 @@ pub fn router_model(
     ))
 }
 
+/// The model id a model file is served under by default: its name without extension.
+pub fn model_id_of(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Waits (briefly) for a worker's etcd registration task to revoke its lease after the stop signal.
+async fn deregistered(task: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(t) = task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+    }
+}
+
 pub fn endpoints(urls: &[String]) -> Vec<WorkerEndpoint> {
     urls.iter().map(|u| WorkerEndpoint(u.clone())).collect()
 }
@@ -197,16 +211,26 @@ pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
     let loaded = load(&a.model, threads)?;
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the prefill worker").await?;
-        eprintln!(
-            "prefill worker serving on http://{}",
-            listener.local_addr()?
-        );
+        let endpoint = a
+            .advertise
+            .clone()
+            .unwrap_or(format!("http://{}", listener.local_addr()?));
+        eprintln!("prefill worker serving on {endpoint}");
         let config = PrefillConfig {
             default_deadline: Duration::from_millis(a.default_deadline_ms),
             kv_lossless: a.kv_lossless,
         };
-        tandem_prefill_node::run(listener, config, loaded.engine, stopped(shutdown_signal()))
-            .await?;
+        let stop = shutdown_signal();
+        let registration = a.register.spawn(
+            WorkerRole::Prefill,
+            endpoint,
+            None,
+            &a.model.model,
+            &loaded.engine,
+            stop.clone(),
+        )?;
+        tandem_prefill_node::run(listener, config, loaded.engine, stopped(stop)).await?;
+        deregistered(registration).await;
         Ok(())
     })
 }
@@ -215,20 +239,35 @@ pub fn run_decode(a: DecodeArgs, threads: usize) -> Result<()> {
     let loaded = load(&a.model, threads)?;
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the decode worker").await?;
-        eprintln!("decode worker serving on http://{}", listener.local_addr()?);
+        let endpoint = a
+            .advertise
+            .clone()
+            .unwrap_or(format!("http://{}", listener.local_addr()?));
+        eprintln!("decode worker serving on {endpoint}");
+        let stop = shutdown_signal();
+        let registration = a.register.spawn(
+            WorkerRole::Decode,
+            endpoint.clone(),
+            Some(endpoint),
+            &a.model.model,
+            &loaded.engine,
+            stop.clone(),
+        )?;
         tandem_decode_node::run(
             listener,
             a.options.config(a.advertise.clone()),
             loaded.engine,
             Arc::new(loaded.tokenizer),
-            stopped(shutdown_signal()),
+            stopped(stop),
         )
         .await?;
+        deregistered(registration).await;
         Ok(())
     })
 }
 
 pub fn run_router(a: RouterArgs) -> Result<()> {
+    let discovery = a.discovery.discovery()?;
     let (tok, model) = router_model(&a.model, a.model_id.clone())?;
     runtime()?.block_on(async {
         let http = bind(a.http, "the router's HTTP API").await?;
@@ -236,8 +275,7 @@ pub fn run_router(a: RouterArgs) -> Result<()> {
         eprintln!("router gRPC API on http://{}", grpc.local_addr()?);
         println!("http://{}", http.local_addr()?);
         let config = RouterConfig {
-            prefill: endpoints(&a.prefill),
-            decode: endpoints(&a.decode),
+            discovery,
             model,
             poll_interval: Duration::from_millis(a.poll_interval_ms.max(10)),
             kv: KvTransfer {

@@ -120,8 +120,10 @@ impl LocalCluster {
             });
         }
         let config = RouterConfig {
-            prefill: endpoints(&prefill_urls),
-            decode: endpoints(&decode_urls),
+            discovery: tandem_router::Discovery::Static {
+                prefill: endpoints(&prefill_urls),
+                decode: endpoints(&decode_urls),
+            },
             model,
             poll_interval: Duration::from_secs(1),
             kv: tandem_router::KvTransfer {

@@ -46,8 +46,10 @@ impl MockSetup {
         let grpc = bind(loopback, "the router's gRPC API").await?;
         let router_url = format!("http://{}", grpc.local_addr()?);
         let config = RouterConfig {
-            prefill: Vec::new(),
-            decode: vec![WorkerEndpoint(decode_url.clone())],
+            discovery: tandem_router::Discovery::Static {
+                prefill: Vec::new(),
+                decode: vec![WorkerEndpoint(decode_url.clone())],
+            },
             model,
             poll_interval: Duration::from_secs(1),
             kv: Default::default(),
