@@ -200,6 +200,11 @@ impl GenerateRequest {
         self.sampling().seed = Some(seed);
         self
     }
+    /// Keep generating past the model's end-of-sequence tokens (until `max_tokens` or a stop string).
+    pub fn ignore_eos(mut self) -> Self {
+        self.stop_conditions().ignore_eos = true;
+        self
+    }
     /// Adds a stop string.
     pub fn stop(mut self, s: impl Into<String>) -> Self {
         self.stop_conditions().stop.push(s.into());

@@ -37,6 +37,9 @@ pub struct AdmitRequest {
     pub remote_prefill: bool,
     /// Token eviction for K/V that comes from a prefill worker.
     pub eviction: Option<Eviction>,
+    /// Tokens another decode worker already streamed before it failed: prefilled here after the prompt, then
+    /// generation continues after them.
+    pub resume: Vec<u32>,
 }
 
 /// How an admitted request gets its prompt's K/V.
@@ -416,7 +419,9 @@ impl<B: Backend> Scheduler<B> {
         let layers = self.engine.kv_layout().layers;
         let cached_blocks = self.engine.cached_prefix_blocks(&req.prompt);
         let uncached = req.prompt.len() - cached_blocks * bs;
-        let remote = req.remote_prefill && uncached >= self.config.local_prefill_threshold_tokens;
+        let remote = req.remote_prefill
+            && req.resume.is_empty()
+            && uncached >= self.config.local_prefill_threshold_tokens;
         let (admitted, phase, key) = if remote {
             // Eviction that keeps every token is no eviction (and may use the prefix cache).
             let eviction = req
@@ -444,21 +449,31 @@ impl<B: Backend> Scheduler<B> {
                 },
                 key,
             )
-        } else {
+        } else if req.resume.is_empty() {
             let key = self.engine.add_sequence(&req.prompt)?;
             (Admitted::Local { key }, Phase::Prefilling, key)
+        } else {
+            let tokens: Vec<u32> = req.prompt.iter().chain(&req.resume).copied().collect();
+            let key = self.engine.add_sequence(&tokens)?;
+            (Admitted::Local { key }, Phase::Prefilling, key)
         };
-        let cached_tokens = self.engine.seq_progress(key)?.0;
+        let cached_tokens = self.engine.seq_progress(key)?.0.min(req.prompt.len());
+        let mut generation = Generation::new(
+            req.sampling.clone(),
+            req.stop.clone(),
+            &req.prompt,
+            &self.tok,
+        );
+        let ctx = self.engine.model.config.context_len;
+        if let Err(e) = generation.replay(&self.tok, &req.resume, req.prompt.len(), ctx) {
+            let _ = self.engine.remove_sequence(key);
+            return Err(e.into());
+        }
         Ok((
             admitted,
             Active {
                 phase,
-                generation: Generation::new(
-                    req.sampling.clone(),
-                    req.stop.clone(),
-                    &req.prompt,
-                    &self.tok,
-                ),
+                generation,
                 events,
                 prompt_tokens: req.prompt.len(),
                 cached_tokens,

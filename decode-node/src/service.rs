@@ -291,6 +291,12 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                 .unwrap_or_else(tandem_engine::sampling::fresh_seed),
         );
         let stop = convert::stop_from_wire(&r.stop.unwrap_or_default());
+        if !r.resume_token_ids.is_empty() && !r.prefill_endpoint.is_empty() {
+            return Err(DecodeError::Invalid(
+                "resume_token_ids: a resumed request is prefilled here; prefill_endpoint must be empty".into(),
+            )
+            .to_status());
+        }
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let admitted = self
             .shared
@@ -302,6 +308,7 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                     stop,
                     remote_prefill: !r.prefill_endpoint.is_empty(),
                     eviction,
+                    resume: r.resume_token_ids.clone(),
                 },
                 ev_tx,
             )

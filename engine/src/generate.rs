@@ -146,6 +146,35 @@ impl Generation {
         }
     }
 
+    /// Takes `tokens` as already generated and streamed elsewhere (a decode worker that failed mid-stream): the
+    /// sampler's RNG and penalty counts, the detokenizer, the held-back text and the token count end exactly where
+    /// that worker's were, so what follows is neither repeated nor missing. `seq_len` is the sequence's length
+    /// before the first of them. Fails if they already end the generation.
+    pub fn replay(
+        &mut self,
+        tok: &Tokenizer,
+        tokens: &[u32],
+        seq_len: usize,
+        context_len: usize,
+    ) -> Result<()> {
+        for (i, &token) in tokens.iter().enumerate() {
+            self.sampler.record_external(token);
+            let s = Sampled {
+                token,
+                logprob: None,
+                top_logprobs: Vec::new(),
+            };
+            if self.accept(tok, s, seq_len + i, context_len)?.finished.is_some() {
+                return Err(EngineError::invalid(format!(
+                    "the {} tokens already generated end the request at token {}; nothing is left to resume",
+                    tokens.len(),
+                    i + 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn sampler_mut(&mut self) -> &mut Sampler {
         &mut self.sampler
     }

@@ -1,6 +1,11 @@
 //! The router's core, shared by the HTTP and gRPC front ends: turn a request into prompt tokens (chat template,
 //! tokenizer), check it against the model, pick a decode and a prefill worker, and open the decode worker's token
 //! stream. Dropping the returned [`TokenStream`] cancels the call, which cancels the work on every node.
+//!
+//! A decode worker that fails mid-stream (its connection breaks, or it ends the stream without a last message) is
+//! replaced without the client noticing: the stream re-opens the request on another decode worker with the tokens
+//! already relayed as `resume_token_ids`; that worker prefills prompt and those tokens and streams only what
+//! follows. The router fixes the sampling seed up front, so a resumed sampled stream continues the same draw.
 
 use crate::admission::{Admission, Ticket};
 use crate::error::RouterError;
@@ -113,6 +118,9 @@ impl KvTransfer {
 /// it answers a load poll again).
 const OPEN_ATTEMPTS: usize = 3;
 
+/// Times one request's stream may move to another decode worker after the one serving it failed.
+const MAX_RESUMES: usize = 2;
+
 /// A request's id across nodes, in logs and traces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
@@ -141,12 +149,46 @@ pub struct Frontend {
 pub struct TokenStream {
     pub request_id: RequestId,
     pub prompt_tokens: usize,
-    inner: Streaming<v1::GenerateResponse>,
+    state: State,
     ticket: Ticket,
     /// The drain's cut was reported (the stream ends after it).
     cut_sent: bool,
-    _decode: Lease,
+    decode: Lease,
     _prefill: Option<Lease>,
+    resume: Resume,
+}
+
+type Streamed = Streaming<v1::GenerateResponse>;
+type Reopening = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(Streamed, Lease), RouterError>> + Send>,
+>;
+
+enum State {
+    Streaming(Streamed),
+    /// The decode worker failed; the request is being re-opened on another.
+    Reopening(Reopening),
+    Done,
+}
+
+/// What re-opening the request elsewhere needs.
+struct Resume {
+    frontend: Arc<Frontend>,
+    request: v1::DecodeRequest,
+    /// Token ids relayed to the client so far.
+    sent: Vec<u32>,
+    /// The last message (with its finish reason) was relayed.
+    finished: bool,
+    left: usize,
+}
+
+/// A decode worker's failure that another worker can take over from: its connection broke or it gave up, as
+/// opposed to refusing the request.
+fn worker_failed(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted
+    )
 }
 
 impl TokenStream {
@@ -165,6 +207,28 @@ impl TokenStream {
     ) -> impl Stream<Item = Result<v1::GenerateResponse, tonic::Status>> + Send + 'static {
         self
     }
+
+    /// Starts moving the request to another decode worker, if it may; otherwise `None`.
+    fn reopen(&mut self, why: &str) -> Option<Reopening> {
+        let r = &mut self.resume;
+        if r.left == 0 || r.finished {
+            return None;
+        }
+        r.left -= 1;
+        let failed = &self.decode.worker;
+        failed.mark_unhealthy();
+        tracing::warn!(
+            request_id = %self.request_id,
+            endpoint = %failed.endpoint,
+            relayed = r.sent.len(),
+            "decode worker failed mid-stream ({why}); resuming on another"
+        );
+        let mut request = r.request.clone();
+        request.prefill_endpoint.clear();
+        request.resume_token_ids = r.sent.clone();
+        let f = r.frontend.clone();
+        Some(Box::pin(async move { f.resume(request).await }))
+    }
 }
 
 impl Stream for TokenStream {
@@ -174,15 +238,58 @@ impl Stream for TokenStream {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
         let this = self.get_mut();
         if this.ticket.is_cut() {
             if this.cut_sent {
-                return std::task::Poll::Ready(None);
+                return Poll::Ready(None);
             }
             this.cut_sent = true;
-            return std::task::Poll::Ready(Some(Err(RouterError::ShuttingDown.to_status())));
+            return Poll::Ready(Some(Err(RouterError::ShuttingDown.to_status())));
         }
-        std::pin::Pin::new(&mut this.inner).poll_next(cx)
+        loop {
+            let failure = match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Reopening(f) => match std::task::ready!(f.as_mut().poll(cx)) {
+                    Ok((inner, lease)) => {
+                        this.decode = lease;
+                        this.state = State::Streaming(inner);
+                        continue;
+                    }
+                    Err(e) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(e.to_status())));
+                    }
+                },
+                State::Streaming(inner) => match std::task::ready!(
+                    std::pin::Pin::new(inner).poll_next(cx)
+                ) {
+                    Some(Ok(m)) => {
+                        this.resume.sent.extend_from_slice(&m.token_ids);
+                        this.resume.finished |= m.finish_reason != 0;
+                        return Poll::Ready(Some(Ok(m)));
+                    }
+                    Some(Err(s)) if worker_failed(&s) => Err(s),
+                    Some(Err(s)) => return Poll::Ready(Some(Err(s))),
+                    None if this.resume.finished => return Poll::Ready(None),
+                    None => Ok(()),
+                },
+            };
+            let why = match &failure {
+                Err(s) => format!("{:?}: {}", s.code(), s.message()),
+                Ok(()) => "the stream ended before its last message".into(),
+            };
+            match this.reopen(&why) {
+                Some(f) => this.state = State::Reopening(f),
+                None => {
+                    this.state = State::Done;
+                    let s = failure.err().unwrap_or_else(|| {
+                        tonic::Status::unavailable("the decode worker ended the stream early")
+                    });
+                    return Poll::Ready(Some(Err(s)));
+                }
+            }
+        }
     }
 }
 
@@ -275,7 +382,10 @@ impl Frontend {
     }
 
     /// Validates, routes and opens the token stream of one request.
-    pub async fn generate(&self, p: GenerateParams) -> Result<TokenStream, RouterError> {
+    pub async fn generate(
+        self: &Arc<Self>,
+        p: GenerateParams,
+    ) -> Result<TokenStream, RouterError> {
         self.check_model(p.model.as_deref())?;
         let param = match p.input {
             Input::Chat(_) => "messages",
@@ -314,56 +424,108 @@ impl Frontend {
             message: e.to_string(),
             param: None,
         })?;
+        // A fixed seed makes a stream resumed on another worker continue the same draw.
+        let mut sampling = p.sampling;
+        sampling.seed = Some(
+            sampling
+                .seed
+                .unwrap_or_else(tandem_engine::sampling::fresh_seed),
+        );
         let ticket = self
             .admission
             .admit(p.api_key.as_deref(), std::time::Instant::now())?;
         let request_id = self.request_id(p.request_id.as_deref());
         let kv = p.kv.or(self.default_kv);
+        let request = v1::DecodeRequest {
+            request_id: request_id.0.clone(),
+            prompt_token_ids: prompt,
+            sampling: Some(convert::sampling_to_wire(&sampling)),
+            stop: Some(convert::stop_to_wire(&stop)),
+            prefill_endpoint: String::new(),
+            codec: kv
+                .codec
+                .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire) as i32,
+            eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
+            resume_token_ids: Vec::new(),
+        };
+        let (inner, decode, prefill) = self.open(&request, kv, false).await?;
+        Ok(TokenStream {
+            request_id,
+            prompt_tokens: request.prompt_token_ids.len(),
+            state: State::Streaming(inner),
+            ticket,
+            cut_sent: false,
+            decode,
+            _prefill: prefill,
+            resume: Resume {
+                frontend: self.clone(),
+                request,
+                sent: Vec::new(),
+                finished: false,
+                left: MAX_RESUMES,
+            },
+        })
+    }
+
+    /// Re-opens a request whose decode worker failed, on another one that prefills it locally.
+    async fn resume(&self, request: v1::DecodeRequest) -> Result<(Streamed, Lease), RouterError> {
+        let kv = KvTransfer::default();
+        let (inner, decode, _) = self.open(&request, kv, true).await?;
+        Ok((inner, decode))
+    }
+
+    /// Routes `request` (prompt plus any resumed tokens) and opens a decode worker's stream, trying another worker
+    /// when the chosen one is unavailable; `local` keeps the prefill on the decode worker.
+    async fn open(
+        &self,
+        request: &v1::DecodeRequest,
+        kv: KvTransfer,
+        local: bool,
+    ) -> Result<(Streamed, Lease, Option<Lease>), RouterError> {
         let naming = self.workers.naming;
-        let hashes = block_hashes(naming.seed, &prompt, naming.block_size);
+        let tokens: Vec<u32> = request
+            .prompt_token_ids
+            .iter()
+            .chain(&request.resume_token_ids)
+            .copied()
+            .collect();
+        let hashes = block_hashes(naming.seed, &tokens, naming.block_size);
+        let max_tokens = request.stop.as_ref().map_or(0, |s| s.max_tokens as usize);
         let shape = RequestShape {
-            prompt_tokens: prompt.len(),
-            max_tokens,
+            prompt_tokens: tokens.len(),
+            max_tokens: max_tokens.saturating_sub(request.resume_token_ids.len()),
             block_size: naming.block_size,
             kv_bytes_per_token: self.model.wire_bytes_per_token(
                 kv,
-                prompt.len(),
+                tokens.len(),
                 naming.block_size,
             ),
         };
+        let request_id = &request.request_id;
         let mut attempt = 0;
-        let (inner, decode, prefill) = loop {
+        loop {
             let choice = self
                 .workers
                 .choose(&self.policy, &self.index, &shape, &hashes)
                 .ok_or(RouterError::NoWorker)?;
-            let (decode, prefill) = (choice.decode, choice.prefill);
-            let request = v1::DecodeRequest {
-                request_id: request_id.0.clone(),
-                prompt_token_ids: prompt.clone(),
-                sampling: Some(convert::sampling_to_wire(&p.sampling)),
-                stop: Some(convert::stop_to_wire(&stop)),
-                prefill_endpoint: prefill
-                    .as_ref()
-                    .map_or_else(String::new, |l| l.worker.endpoint.0.clone()),
-                codec: kv
-                    .codec
-                    .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire)
-                    as i32,
-                eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
-            };
+            let decode = choice.decode;
+            let prefill = if local { None } else { choice.prefill };
+            let mut request = request.clone();
+            request.prefill_endpoint = prefill
+                .as_ref()
+                .map_or_else(String::new, |l| l.worker.endpoint.0.clone());
             tracing::debug!(
                 %request_id,
                 decode = %decode.worker.endpoint,
                 prefill = prefill.as_ref().map_or("local", |l| l.worker.endpoint.0.as_str()),
-                prompt_tokens = prompt.len(),
+                prompt_tokens = tokens.len(),
                 cached_tokens = choice.decision.cached_tokens,
                 "routing"
             );
             let mut client =
                 v1::decode_worker_client::DecodeWorkerClient::new(decode.worker.channel.clone());
             match client.generate(request).await {
-                Ok(r) => break (r.into_inner(), decode, prefill),
+                Ok(r) => return Ok((r.into_inner(), decode, prefill)),
                 // Unreachable or refusing before any token: nothing started there, so another worker may serve it.
                 Err(s) if s.code() == tonic::Code::Unavailable && attempt + 1 < OPEN_ATTEMPTS => {
                     tracing::warn!(
@@ -378,15 +540,6 @@ impl Frontend {
                 }
                 Err(s) => return Err(RouterError::from_worker(&s)),
             }
-        };
-        Ok(TokenStream {
-            request_id,
-            prompt_tokens: prompt.len(),
-            inner,
-            ticket,
-            cut_sent: false,
-            _decode: decode,
-            _prefill: prefill,
-        })
+        }
     }
 }
