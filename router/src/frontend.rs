@@ -217,6 +217,7 @@ impl TokenStream {
         r.left -= 1;
         let failed = &self.decode.worker;
         failed.mark_unhealthy();
+        failed.failed();
         tracing::warn!(
             request_id = %self.request_id,
             endpoint = %failed.endpoint,
@@ -266,7 +267,10 @@ impl Stream for TokenStream {
                 ) {
                     Some(Ok(m)) => {
                         this.resume.sent.extend_from_slice(&m.token_ids);
-                        this.resume.finished |= m.finish_reason != 0;
+                        if m.finish_reason != 0 {
+                            this.resume.finished = true;
+                            this.decode.worker.succeeded();
+                        }
                         return Poll::Ready(Some(Ok(m)));
                     }
                     Some(Err(s)) if worker_failed(&s) => Err(s),
@@ -535,10 +539,16 @@ impl Frontend {
                         s.message()
                     );
                     decode.worker.mark_unhealthy();
+                    decode.worker.failed();
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
                 }
-                Err(s) => return Err(RouterError::from_worker(&s)),
+                Err(s) => {
+                    if worker_failed(&s) {
+                        decode.worker.failed();
+                    }
+                    return Err(RouterError::from_worker(&s));
+                }
             }
         }
     }

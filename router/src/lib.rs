@@ -8,6 +8,7 @@
 //! its KV events ([`sync`]); the policy ([`policy`]) reads index and loads.
 
 pub mod admission;
+pub mod breaker;
 pub mod discovery;
 pub mod error;
 pub mod frontend;

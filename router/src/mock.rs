@@ -28,6 +28,8 @@ pub struct MockDecodeWorker {
     running: Arc<AtomicU32>,
     /// Answers load polls but refuses every generation as UNAVAILABLE (a worker on its way down).
     refuse: bool,
+    /// Generations refused so far (shared by clones).
+    refused: Arc<AtomicU32>,
 }
 
 impl MockDecodeWorker {
@@ -36,7 +38,13 @@ impl MockDecodeWorker {
             timing,
             running: Arc::new(AtomicU32::new(0)),
             refuse: false,
+            refused: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// How many generations this worker (or a clone) refused.
+    pub fn refused(&self) -> u32 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// A worker that reports healthy but refuses every request as UNAVAILABLE.
@@ -72,6 +80,7 @@ impl v1::decode_worker_server::DecodeWorker for MockDecodeWorker {
         request: Request<v1::DecodeRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         if self.refuse {
+            self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Status::unavailable("shutting down"));
         }
         let r = request.into_inner();

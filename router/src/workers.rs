@@ -8,12 +8,13 @@
 //! joining or leaving never moves an index the policy handed back. [`Workers::choose`] turns a snapshot, with the
 //! prefix index, into the policy's candidates; the choice itself is the pure policy code in [`crate::policy`].
 
+use crate::breaker::{Breaker, BreakerConfig};
 use crate::index::{PrefixIndex, WorkerId};
 use crate::policy::{Candidate, Decision, Load, Policy, RequestShape};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem_engine::kv::{BlockHash, HashSeed};
 use tandem_proto::v1;
 use tonic::transport::{Channel, Endpoint};
@@ -84,6 +85,7 @@ pub struct Worker {
     report: Mutex<Option<v1::LoadReport>>,
     /// Set when the worker leaves the pool; its prefix-index follower stops and drops its entries.
     retired: tokio::sync::watch::Sender<bool>,
+    breaker: Mutex<Breaker>,
 }
 
 impl Worker {
@@ -104,7 +106,24 @@ impl Worker {
             seen: AtomicBool::new(false),
             report: Mutex::new(None),
             retired: tokio::sync::watch::channel(false).0,
+            breaker: Mutex::new(Breaker::new(BreakerConfig::default())),
         })
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request on this worker completed.
+    pub fn succeeded(&self) {
+        self.breaker().succeeded();
+    }
+
+    /// A request failed on this worker (not a refusal of bad input); enough in a row open its breaker.
+    pub fn failed(&self) {
+        if self.breaker().failed(Instant::now()) {
+            tracing::warn!(endpoint = %self.endpoint, "circuit breaker open: no requests until a probe succeeds");
+        }
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -144,7 +163,7 @@ impl Worker {
         let total = r.running_requests + r.waiting_requests;
         Candidate {
             id: self.id,
-            healthy: self.healthy.load(Ordering::Relaxed),
+            healthy: self.healthy.load(Ordering::Relaxed) && self.breaker().admits(Instant::now()),
             cached_blocks: cached.get(&self.id).copied().unwrap_or(0),
             load: Load {
                 running: r.running_requests,
@@ -170,11 +189,26 @@ pub struct Choice {
 /// Counts a request against a worker until dropped.
 pub struct Lease {
     pub worker: Arc<Worker>,
+    /// This request is the worker's half-open breaker probe.
+    probe: bool,
+}
+
+impl Lease {
+    fn take(worker: &Arc<Worker>) -> Self {
+        worker.inflight.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            worker: worker.clone(),
+            probe: worker.breaker().dispatched(),
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            self.worker.breaker().probe_abandoned();
+        }
     }
 }
 
@@ -286,13 +320,9 @@ impl Workers {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .decide(shape, &decode, &prefill)?;
-        let lease = |w: &Arc<Worker>| {
-            w.inflight.fetch_add(1, Ordering::Relaxed);
-            Lease { worker: w.clone() }
-        };
         Some(Choice {
-            decode: lease(&m.decode[decision.decode]),
-            prefill: decision.prefill.map(|p| lease(&m.prefill[p])),
+            decode: Lease::take(&m.decode[decision.decode]),
+            prefill: decision.prefill.map(|p| Lease::take(&m.prefill[p])),
             decision,
         })
     }

@@ -355,28 +355,75 @@ fn shutdown_drains_open_streams_then_stops() {
 
 /// A decode worker that answers load polls but refuses requests (on its way down): the router marks it unhealthy
 /// and opens the stream on another worker, so every request succeeds even under round-robin.
+/// A decode worker that answers load polls but refuses every generation, on a runtime of its own.
+fn refusing_worker(timing: MockTiming) -> (String, MockDecodeWorker, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mock = MockDecodeWorker::refusing(timing);
+    let server = mock.clone().server();
+    let url = rt.block_on(async {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let mut routes = tonic::service::RoutesBuilder::default();
+        routes.add_service(server);
+        tokio::spawn(serve_grpc(l, routes, &[], std::future::pending()));
+        url
+    });
+    (url, mock, rt)
+}
+
+#[test]
+fn a_failing_decode_worker_trips_its_breaker_and_gets_one_probe_per_cooldown() {
+    let timing = MockTiming {
+        ttft: Duration::from_millis(1),
+        itl: Duration::from_millis(1),
+    };
+    let (refusing, mock, _rt) = refusing_worker(timing);
+    let s = start_full(
+        timing,
+        AdmissionConfig::default(),
+        vec![refusing],
+        tandem_router::Routing {
+            policy: tandem_router::PolicyKind::RoundRobin,
+            ..Default::default()
+        },
+    );
+    let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
+    let send = || {
+        let r = http::post(&s.http, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Load polls (every 200 ms) keep calling the worker healthy, so only the breaker keeps requests away: the third
+    // failure in a row opens it for the first cooldown (1 s), during which it gets nothing.
+    let started = Instant::now();
+    while mock.refused() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the worker was not tried");
+        send();
+    }
+    let opened = Instant::now();
+    while opened.elapsed() < Duration::from_millis(800) {
+        send();
+    }
+    assert_eq!(mock.refused(), 3, "requests reached a worker whose breaker is open");
+    // After the cooldown exactly one probe goes through; it fails, and the breaker opens for twice as long.
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(opened.elapsed()));
+    while opened.elapsed() < Duration::from_millis(2400) {
+        send();
+    }
+    assert_eq!(mock.refused(), 4);
+}
+
 #[test]
 fn an_unavailable_decode_worker_is_skipped_and_the_request_served_elsewhere() {
     let timing = MockTiming {
         ttft: Duration::from_millis(1),
         itl: Duration::from_millis(1),
     };
-    let (refusing, _rt) = {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let url = rt.block_on(async {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", l.local_addr().unwrap());
-            let mut routes = tonic::service::RoutesBuilder::default();
-            routes.add_service(MockDecodeWorker::refusing(timing).server());
-            tokio::spawn(serve_grpc(l, routes, &[], std::future::pending()));
-            url
-        });
-        (url, rt)
-    };
+    let (refusing, _mock, _rt) = refusing_worker(timing);
     let s = start_full(
         MockTiming {
             ttft: Duration::from_millis(1),
