@@ -79,7 +79,8 @@ impl Drop for CancelGuard {
 
 struct RemoteJob {
     request_id: String,
-    endpoint: String,
+    /// Prefill workers in the order to try them.
+    endpoints: Vec<String>,
     prompt: Vec<u32>,
     sampling: SamplingParams,
     cached_blocks: usize,
@@ -95,11 +96,34 @@ impl Shared {
             .map_err(|e| DecodeError::Invalid(format!("prefill_endpoint {e}")))
     }
 
-    /// Asks the prefill worker for the prompt's KV; returns once every block arrived (or failed).
-    async fn remote_prefill(
+    /// Asks the job's prefill workers in turn for the prompt's KV, moving on from one that is unavailable after a
+    /// pause that doubles each time; returns once every block arrived, or the last failure.
+    async fn remote_prefill(&self, key: SeqId, job: &RemoteJob) -> Result<RemotePrefill, DecodeError> {
+        let mut pause = Duration::from_millis(25);
+        for (i, endpoint) in job.endpoints.iter().enumerate() {
+            match self.prefill_from(key, job, endpoint).await {
+                Err(DecodeError::Prefill {
+                    code: Code::Unavailable,
+                    message,
+                    ..
+                }) if i + 1 < job.endpoints.len() => {
+                    let next = &job.endpoints[i + 1];
+                    tracing::warn!(%endpoint, %next, "prefill worker unavailable ({message}); trying the next");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                r => return r,
+            }
+        }
+        Err(DecodeError::Invalid("no prefill worker named".into()))
+    }
+
+    /// One prefill worker's attempt at the job, under its own transfer session and deadline.
+    async fn prefill_from(
         &self,
         key: SeqId,
-        job: RemoteJob,
+        job: &RemoteJob,
+        endpoint: &str,
     ) -> Result<RemotePrefill, DecodeError> {
         let timeout = self.config.transfer_timeout;
         let deadline = Instant::now() + timeout;
@@ -111,8 +135,8 @@ impl Shared {
             Box::new(move |chunk| sched.write_kv(key, chunk).map_err(|e| e.to_string())),
         );
         let request = v1::PrefillRequest {
-            request_id: job.request_id,
-            prompt_token_ids: job.prompt,
+            request_id: job.request_id.clone(),
+            prompt_token_ids: job.prompt.clone(),
             blocks_on_decode: job.cached_blocks as u32,
             dest_endpoint: self.transfer_endpoint.clone(),
             transfer_session_id: _session.id().0,
@@ -123,22 +147,22 @@ impl Shared {
             eviction: job.eviction.as_ref().map(convert::kv_eviction_to_wire),
         };
         let mut client =
-            v1::prefill_worker_client::PrefillWorkerClient::new(self.channel(&job.endpoint)?);
+            v1::prefill_worker_client::PrefillWorkerClient::new(self.channel(endpoint)?);
         let prefill_error = |s: Status| DecodeError::Prefill {
-            endpoint: job.endpoint.clone(),
+            endpoint: endpoint.to_string(),
             code: s.code(),
             message: s.message().to_string(),
         };
         let r = match tokio::time::timeout_at(deadline.into(), client.prefill(request)).await {
             Err(_) => {
                 return Err(DecodeError::TransferDeadline {
-                    endpoint: job.endpoint.clone(),
+                    endpoint: endpoint.to_string(),
                     deadline_ms: timeout.as_millis() as u64,
                 });
             }
             Ok(Err(s)) if s.code() == Code::DeadlineExceeded => {
                 return Err(DecodeError::TransferDeadline {
-                    endpoint: job.endpoint.clone(),
+                    endpoint: endpoint.to_string(),
                     deadline_ms: timeout.as_millis() as u64,
                 });
             }
@@ -214,9 +238,9 @@ async fn drive(
 ) {
     let key = guard.key;
     if let Some(job) = remote {
-        let endpoint = job.endpoint.clone();
+        let endpoint = job.endpoints.join(", ");
         let result = tokio::select! {
-            r = shared.remote_prefill(key, job) => r,
+            r = shared.remote_prefill(key, &job) => r,
             _ = out.closed() => return,
         };
         let next = match result {
@@ -325,7 +349,9 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                 key,
                 Some(RemoteJob {
                     request_id: r.request_id.clone(),
-                    endpoint: r.prefill_endpoint.clone(),
+                    endpoints: std::iter::once(r.prefill_endpoint.clone())
+                        .chain(r.prefill_alternates.iter().cloned())
+                        .collect(),
                     prompt: r.prompt_token_ids,
                     sampling,
                     cached_blocks,

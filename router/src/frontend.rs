@@ -118,6 +118,9 @@ impl KvTransfer {
 /// it answers a load poll again).
 const OPEN_ATTEMPTS: usize = 3;
 
+/// Other prefill workers a decode worker may turn to when the chosen one is unavailable.
+const PREFILL_ALTERNATES: usize = 2;
+
 /// Times one request's stream may move to another decode worker after the one serving it failed.
 const MAX_RESUMES: usize = 2;
 
@@ -451,6 +454,7 @@ impl Frontend {
                 .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire) as i32,
             eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
             resume_token_ids: Vec::new(),
+            prefill_alternates: Vec::new(),
         };
         let (inner, decode, prefill) = self.open(&request, kv, false).await?;
         Ok(TokenStream {
@@ -518,6 +522,13 @@ impl Frontend {
             request.prefill_endpoint = prefill
                 .as_ref()
                 .map_or_else(String::new, |l| l.worker.endpoint.0.clone());
+            request.prefill_alternates = prefill.as_ref().map_or_else(Vec::new, |l| {
+                self.workers
+                    .prefill_alternates(&l.worker, PREFILL_ALTERNATES)
+                    .into_iter()
+                    .map(|e| e.0)
+                    .collect()
+            });
             tracing::debug!(
                 %request_id,
                 decode = %decode.worker.endpoint,

@@ -327,6 +327,24 @@ impl Workers {
         })
     }
 
+    /// Up to `n` other healthy prefill workers than `chosen`, least queued prefill first: where a decode worker
+    /// turns when the chosen one is unavailable.
+    pub fn prefill_alternates(&self, chosen: &Worker, n: usize) -> Vec<WorkerEndpoint> {
+        let m = self.members();
+        let mut others: Vec<(u64, &Arc<Worker>)> = m
+            .prefill
+            .iter()
+            .filter(|w| w.id != chosen.id && w.is_healthy())
+            .map(|w| (w.report().map_or(0, |r| r.queued_prefill_tokens), w))
+            .collect();
+        others.sort_by_key(|(queued, _)| *queued);
+        others
+            .into_iter()
+            .take(n)
+            .map(|(_, w)| w.endpoint.clone())
+            .collect()
+    }
+
     /// There is a decode worker and every worker has answered a load request at least once.
     pub fn all_seen(&self) -> bool {
         let m = self.members();

@@ -395,7 +395,7 @@ fn a_transfer_stalled_past_its_deadline_fails_cleanly_and_frees_its_blocks() {
 }
 
 #[test]
-fn a_prefill_worker_that_is_down_means_local_prefill_or_a_clear_error() {
+fn a_prefill_worker_that_is_down_means_another_one_local_prefill_or_a_clear_error() {
     let _s = serial();
     let (_, tok) = open_model();
     let prompt = chat_prompt(&tok, &long_question());
@@ -405,10 +405,10 @@ fn a_prefill_worker_that_is_down_means_local_prefill_or_a_clear_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let generate = |c: &Cluster, i: usize| -> Result<(String, v1::Timings), tonic::Status> {
+    let generate = |c: &Cluster, alternates: Vec<String>| -> Result<(String, v1::Timings), tonic::Status> {
         c.rt.block_on(async {
             let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
-                Cluster::channel(&c.decode_urls[i]).await,
+                Cluster::channel(&c.decode_urls[0]).await,
             );
             let mut s = client
                 .generate(v1::DecodeRequest {
@@ -418,6 +418,7 @@ fn a_prefill_worker_that_is_down_means_local_prefill_or_a_clear_error() {
                         ..Default::default()
                     }),
                     prefill_endpoint: dead.clone(),
+                    prefill_alternates: alternates,
                     ..Default::default()
                 })
                 .await?
@@ -434,23 +435,27 @@ fn a_prefill_worker_that_is_down_means_local_prefill_or_a_clear_error() {
         prefill: 0,
         ..Default::default()
     });
-    let (text, timings) = generate(&c, 0).unwrap();
+    let (text, timings) = generate(&c, Vec::new()).unwrap();
     assert_eq!(text, want);
     assert!(timings.prefilled_locally);
     drop(c);
     let c = Cluster::start(ClusterSpec {
-        prefill: 0,
+        prefill: 1,
         decode_config: DecodeConfig {
             fallback_to_local_prefill: false,
             ..Default::default()
         },
         ..Default::default()
     });
-    let e = generate(&c, 0).unwrap_err();
+    let e = generate(&c, Vec::new()).unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("prefill worker"), "{e:?}");
     let (d, _) = c.wait_idle(Duration::from_secs(5));
     assert_eq!(used_blocks(&d[0]), 0, "{d:?}");
+    // The next prefill worker in line takes over from the dead one.
+    let (text, timings) = generate(&c, vec![c.prefill_urls[0].clone()]).unwrap();
+    assert_eq!(text, want);
+    assert!(!timings.prefilled_locally && timings.kv_bytes_transferred > 0, "{timings:?}");
 }
 
 #[test]
