@@ -94,17 +94,20 @@ fn a_resumed_request_continues_exactly_after_the_tokens_already_streamed() {
     });
 }
 
-#[test]
-fn streams_on_a_killed_decode_process_complete_on_another_with_every_token_once() {
-    let _s = serial();
+/// Two decode processes behind a router; `N` greedy streams of `max` tokens start (round-robin: half on each
+/// worker), and once every stream has tokens `disrupt` acts on the first worker. Every stream must then complete
+/// with exactly `max` tokens whose text matches its token ids.
+fn streams_survive(first_worker_args: &[&str], max: u32, disrupt: impl FnOnce(&mut Node)) {
     let (_, tok) = open_model();
-    let worker = || {
-        Node::start(&[
+    let worker = |extra: &[&str]| {
+        let mut args = vec![
             "--threads", "1", "decode", "--listen", "127.0.0.1:0", "--kv-cache-mib", "64",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        Node::start(&args)
     };
-    let mut d1 = worker();
-    let d2 = worker();
+    let mut d1 = worker(first_worker_args);
+    let d2 = worker(&[]);
     let grpc = format!("127.0.0.1:{}", free_port());
     let _router = Node::start(&[
         "router", "--http", "127.0.0.1:0", "--grpc", &grpc, "--decode-worker", &d1.url,
@@ -112,7 +115,6 @@ fn streams_on_a_killed_decode_process_complete_on_another_with_every_token_once(
     ]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     const N: usize = 6;
-    const MAX: u32 = 40;
     rt.block_on(async {
         let client = Client::connect(&format!("http://{grpc}")).await.unwrap();
         let started = Arc::new(AtomicUsize::new(0));
@@ -125,7 +127,7 @@ fn streams_on_a_killed_decode_process_complete_on_another_with_every_token_once(
                         .generate(
                             GenerateRequest::chat()
                                 .user(format!("Tell me fact number {i} about the moon."))
-                                .max_tokens(MAX)
+                                .max_tokens(max)
                                 .ignore_eos()
                                 .temperature(0.0),
                         )
@@ -149,20 +151,41 @@ fn streams_on_a_killed_decode_process_complete_on_another_with_every_token_once(
         while started.load(Ordering::SeqCst) < N {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Round-robin put half the streams on the worker about to die; they are running there now.
+        // Half the streams are running on the first worker now.
         let mut load = v1::decode_worker_client::DecodeWorkerClient::new(
             Cluster::channel(&d1.url).await,
         );
         let running = load.load(v1::LoadRequest {}).await.unwrap().into_inner().running_requests;
-        assert!(running >= 1, "no stream on the worker to kill");
-        d1.kill();
+        assert!(running >= 1, "no stream on the first worker");
+        tokio::task::block_in_place(|| disrupt(&mut d1));
         for t in tasks {
             let (ids, text, last) = t.await.unwrap();
             let (finish, usage) = last.expect("the stream ended without its last message");
             assert_eq!(finish, Some(FinishReason::Length), "{text:?}");
-            assert_eq!(ids.len(), MAX as usize, "a token missing or sent twice: {text:?}");
-            assert_eq!(usage.unwrap().completion_tokens, MAX);
+            assert_eq!(ids.len(), max as usize, "a token missing or sent twice: {text:?}");
+            assert_eq!(usage.unwrap().completion_tokens, max);
             assert_eq!(text, tok.decode(&ids).unwrap(), "text and tokens disagree");
         }
+    });
+}
+
+#[test]
+fn streams_on_a_killed_decode_process_complete_on_another_with_every_token_once() {
+    let _s = serial();
+    streams_survive(&[], 40, |d1| d1.kill());
+}
+
+#[test]
+fn a_draining_decode_worker_stops_by_its_deadline_and_its_cut_streams_complete_elsewhere() {
+    let _s = serial();
+    streams_survive(&["--drain-timeout-s", "1"], 160, |d1| {
+        let started = std::time::Instant::now();
+        let exit = d1.terminate(Duration::from_secs(10));
+        assert!(exit.success(), "{exit:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "stopped after {took:?}, not at its 1 s drain deadline"
+        );
     });
 }

@@ -85,9 +85,13 @@ impl DiscoveryArgs {
     }
 }
 
-/// A worker's side: register in etcd when an endpoint is given.
+/// A worker's side of membership: register in etcd when an endpoint is given, and leave gracefully.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RegisterArgs {
+    /// On SIGTERM: deregister, refuse new calls, let open ones finish for up to this many seconds, then cut them
+    /// (a router resumes a cut decode stream on another worker).
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_s: u64,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Seconds the etcd lease lives without renewal: how long routers keep listing a worker that died.

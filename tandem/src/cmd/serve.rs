@@ -196,6 +196,26 @@ pub fn model_id_of(path: &std::path::Path) -> String {
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned())
 }
 
+/// Runs a worker's server until the stop signal, then gives its open calls up to `drain` to finish before cutting
+/// them.
+async fn drained<E>(
+    server: impl std::future::Future<Output = Result<(), E>>,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) -> Result<(), E> {
+    let deadline = async move {
+        stopped(stop).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!("drain deadline ({} s) passed; cutting the calls still open", drain.as_secs());
+            Ok(())
+        }
+    }
+}
+
 /// Waits (briefly) for a worker's etcd registration task to revoke its lease after the stop signal.
 async fn deregistered(task: Option<tokio::task::JoinHandle<()>>) {
     if let Some(t) = task {
@@ -229,7 +249,9 @@ pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
             &loaded.engine,
             stop.clone(),
         )?;
-        tandem_prefill_node::run(listener, config, loaded.engine, stopped(stop)).await?;
+        let drain = Duration::from_secs(a.register.drain_timeout_s);
+        let server = tandem_prefill_node::run(listener, config, loaded.engine, stopped(stop.clone()));
+        drained(server, stop, drain).await?;
         deregistered(registration).await;
         Ok(())
     })
@@ -253,14 +275,14 @@ pub fn run_decode(a: DecodeArgs, threads: usize) -> Result<()> {
             &loaded.engine,
             stop.clone(),
         )?;
-        tandem_decode_node::run(
+        let server = tandem_decode_node::run(
             listener,
             a.options.config(a.advertise.clone()),
             loaded.engine,
             Arc::new(loaded.tokenizer),
-            stopped(stop),
-        )
-        .await?;
+            stopped(stop.clone()),
+        );
+        drained(server, stop, Duration::from_secs(a.register.drain_timeout_s)).await?;
         deregistered(registration).await;
         Ok(())
     })
