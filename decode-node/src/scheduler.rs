@@ -691,6 +691,8 @@ impl<B: Backend> Scheduler<B> {
             queued_prefill_tokens: queued_tokens,
             block_size: self.engine.config().block_size as u32,
             hash_seed: self.engine.config().hash_seed.0,
+            recent_step_us: self.engine.recent_steps().mean_us(),
+            recent_step_tokens: self.engine.recent_steps().mean_tokens as f32,
         }
     }
 }

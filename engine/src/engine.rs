@@ -18,6 +18,7 @@ use crate::model::{LlamaModel, ModelSource, Scratch};
 use std::collections::HashMap;
 
 mod external;
+pub mod step_times;
 pub use external::{KvView, TransferTarget};
 
 /// Identifies a sequence inside one engine.
@@ -123,6 +124,7 @@ pub struct Engine<B: Backend> {
     scratch: Scratch<B>,
     config: EngineConfig,
     prefix_hit_tokens: u64,
+    steps: step_times::StepTimes,
 }
 
 impl<B: Backend> Engine<B> {
@@ -164,6 +166,7 @@ impl<B: Backend> Engine<B> {
             scratch,
             config,
             prefix_hit_tokens: 0,
+            steps: Default::default(),
         })
     }
 
@@ -172,6 +175,10 @@ impl<B: Backend> Engine<B> {
     }
     pub fn kv_layout(&self) -> &KvLayout {
         &self.layout
+    }
+    /// How long recent forward passes took.
+    pub fn recent_steps(&self) -> step_times::StepTimes {
+        self.steps
     }
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
@@ -438,6 +445,7 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         let (backend, seqs) = (&self.backend, &self.seqs);
+        let started = std::time::Instant::now();
         let logits = self.model.forward(
             backend,
             &mut self.kv,
@@ -451,6 +459,7 @@ impl<B: Backend> Engine<B> {
             self.seqs.get_mut(&seq).expect("validated above").scores = Some((from, sums));
         }
         let logits = logits?;
+        self.steps.record(started.elapsed(), total);
         // Commit progress and newly completed blocks.
         for it in items {
             let s = self.seqs.get_mut(&it.seq).expect("validated above");

@@ -68,13 +68,22 @@ struct Queue {
     blocks_total: AtomicUsize,
     blocks_free: AtomicUsize,
     blocks_cached: AtomicUsize,
+    step_us: AtomicU64,
+    /// Mean tokens per step, as f32 bits.
+    step_tokens: std::sync::atomic::AtomicU32,
 }
 
 impl Queue {
-    fn record_pool(&self, s: tandem_engine::kv::PoolStats) {
+    /// Keeps the engine's pool and step figures for load reports (read off the engine thread).
+    fn record<B: Backend>(&self, engine: &Engine<B>) {
+        let s = engine.pool_stats();
         self.blocks_total.store(s.total, Ordering::Relaxed);
         self.blocks_free.store(s.free, Ordering::Relaxed);
         self.blocks_cached.store(s.cached, Ordering::Relaxed);
+        let steps = engine.recent_steps();
+        self.step_us.store(steps.mean_us(), Ordering::Relaxed);
+        self.step_tokens
+            .store((steps.mean_tokens as f32).to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -94,7 +103,7 @@ impl EngineThread {
     {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue::default());
-        queue.record_pool(engine.pool_stats());
+        queue.record(&engine);
         let (block_size, hash_seed) = (engine.config().block_size, engine.config().hash_seed);
         let q = queue.clone();
         let join = std::thread::Builder::new()
@@ -139,6 +148,8 @@ impl EngineThread {
             queued_prefill_tokens: q.tokens.load(Ordering::Relaxed),
             block_size: self.block_size as u32,
             hash_seed: self.hash_seed.0,
+            recent_step_us: q.step_us.load(Ordering::Relaxed),
+            recent_step_tokens: f32::from_bits(q.step_tokens.load(Ordering::Relaxed)),
         }
     }
 
@@ -177,7 +188,7 @@ fn engine_loop<B: Backend>(
                 if let Err(e) = &result {
                     tracing::warn!(session = %job.session, "prefill failed: {e}");
                 }
-                queue.record_pool(engine.pool_stats());
+                queue.record(&engine);
                 queue.jobs.fetch_sub(1, Ordering::Relaxed);
                 queue.tokens.fetch_sub(tokens, Ordering::Relaxed);
                 hub.publish(engine.drain_kv_events());

@@ -126,6 +126,11 @@ impl Worker {
         }
     }
 
+    /// Mean wall time of the worker's recent forward passes as it last reported, in microseconds.
+    pub fn recent_step_us(&self) -> Option<u64> {
+        self.report().map(|r| r.recent_step_us)
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }

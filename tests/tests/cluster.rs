@@ -171,6 +171,12 @@ fn greedy_output_through_the_cluster_matches_a_single_engine() {
         d[0].kv_blocks_cached > 0,
         "finished prompts stay in the prefix cache: {d:?}"
     );
+    // Both report their recent forward passes: decode steps of a token or so, prefill chunks of many.
+    assert!(d[0].recent_step_us > 0 && p[0].recent_step_us > 0, "{d:?} {p:?}");
+    assert!(
+        d[0].recent_step_tokens >= 1.0 && p[0].recent_step_tokens > d[0].recent_step_tokens,
+        "{d:?} {p:?}"
+    );
 }
 
 #[test]

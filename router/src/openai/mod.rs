@@ -71,7 +71,10 @@ async fn ready(State(f): State<Arc<Frontend>>) -> Response {
         .workers
         .all()
         .iter()
-        .map(|w| json!({"role": w.role.as_str(), "endpoint": w.endpoint.0, "healthy": w.is_healthy()}))
+        .map(|w| {
+            json!({"role": w.role.as_str(), "endpoint": w.endpoint.0, "healthy": w.is_healthy(),
+                   "recent_step_us": w.recent_step_us()})
+        })
         .collect();
     if f.workers.all_seen() {
         Json(json!({"status": "ready", "workers": workers})).into_response()
