@@ -98,7 +98,11 @@ impl Shared {
 
     /// Asks the job's prefill workers in turn for the prompt's KV, moving on from one that is unavailable after a
     /// pause that doubles each time; returns once every block arrived, or the last failure.
-    async fn remote_prefill(&self, key: SeqId, job: &RemoteJob) -> Result<RemotePrefill, DecodeError> {
+    async fn remote_prefill(
+        &self,
+        key: SeqId,
+        job: &RemoteJob,
+    ) -> Result<RemotePrefill, DecodeError> {
         let mut pause = Duration::from_millis(25);
         for (i, endpoint) in job.endpoints.iter().enumerate() {
             match self.prefill_from(key, job, endpoint).await {

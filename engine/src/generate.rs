@@ -164,7 +164,11 @@ impl Generation {
                 logprob: None,
                 top_logprobs: Vec::new(),
             };
-            if self.accept(tok, s, seq_len + i, context_len)?.finished.is_some() {
+            if self
+                .accept(tok, s, seq_len + i, context_len)?
+                .finished
+                .is_some()
+            {
                 return Err(EngineError::invalid(format!(
                     "the {} tokens already generated end the request at token {}; nothing is left to resume",
                     tokens.len(),

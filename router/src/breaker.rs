@@ -27,10 +27,16 @@ impl Default for BreakerConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One probe may be out at a time.
-    HalfOpen { probing: bool },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -150,7 +156,10 @@ mod tests {
         }
         let t1 = t + Duration::from_secs(1);
         assert!(b.admits(t1));
-        assert!(b.dispatched(), "the first request after the cooldown is the probe");
+        assert!(
+            b.dispatched(),
+            "the first request after the cooldown is the probe"
+        );
         assert!(!b.admits(t1), "no second request while the probe is out");
         b.probe_abandoned();
         assert!(b.admits(t1) && b.dispatched());
@@ -160,7 +169,12 @@ mod tests {
         assert!(b.admits(t1 + Duration::from_secs(2)) && b.dispatched());
         let t2 = t1 + Duration::from_secs(2);
         b.failed(t2);
-        assert_eq!(b.state(), BreakerState::Open { until: t2 + Duration::from_secs(3) });
+        assert_eq!(
+            b.state(),
+            BreakerState::Open {
+                until: t2 + Duration::from_secs(3)
+            }
+        );
         assert!(b.admits(t2 + Duration::from_secs(3)) && b.dispatched());
         b.succeeded();
         assert_eq!(b.state(), BreakerState::Closed { failures: 0 });

@@ -167,7 +167,7 @@ type Reopening = std::pin::Pin<
 >;
 
 enum State {
-    Streaming(Streamed),
+    Streaming(Box<Streamed>),
     /// The decode worker failed; the request is being re-opened on another.
     Reopening(Reopening),
     Done,
@@ -257,7 +257,7 @@ impl Stream for TokenStream {
                 State::Reopening(f) => match std::task::ready!(f.as_mut().poll(cx)) {
                     Ok((inner, lease)) => {
                         this.decode = lease;
-                        this.state = State::Streaming(inner);
+                        this.state = State::Streaming(Box::new(inner));
                         continue;
                     }
                     Err(e) => {
@@ -265,22 +265,22 @@ impl Stream for TokenStream {
                         return Poll::Ready(Some(Err(e.to_status())));
                     }
                 },
-                State::Streaming(inner) => match std::task::ready!(
-                    std::pin::Pin::new(inner).poll_next(cx)
-                ) {
-                    Some(Ok(m)) => {
-                        this.resume.sent.extend_from_slice(&m.token_ids);
-                        if m.finish_reason != 0 {
-                            this.resume.finished = true;
-                            this.decode.worker.succeeded();
+                State::Streaming(inner) => {
+                    match std::task::ready!(std::pin::Pin::new(&mut **inner).poll_next(cx)) {
+                        Some(Ok(m)) => {
+                            this.resume.sent.extend_from_slice(&m.token_ids);
+                            if m.finish_reason != 0 {
+                                this.resume.finished = true;
+                                this.decode.worker.succeeded();
+                            }
+                            return Poll::Ready(Some(Ok(m)));
                         }
-                        return Poll::Ready(Some(Ok(m)));
+                        Some(Err(s)) if worker_failed(&s) => Err(s),
+                        Some(Err(s)) => return Poll::Ready(Some(Err(s))),
+                        None if this.resume.finished => return Poll::Ready(None),
+                        None => Ok(()),
                     }
-                    Some(Err(s)) if worker_failed(&s) => Err(s),
-                    Some(Err(s)) => return Poll::Ready(Some(Err(s))),
-                    None if this.resume.finished => return Poll::Ready(None),
-                    None => Ok(()),
-                },
+                }
             };
             let why = match &failure {
                 Err(s) => format!("{:?}: {}", s.code(), s.message()),
@@ -389,10 +389,7 @@ impl Frontend {
     }
 
     /// Validates, routes and opens the token stream of one request.
-    pub async fn generate(
-        self: &Arc<Self>,
-        p: GenerateParams,
-    ) -> Result<TokenStream, RouterError> {
+    pub async fn generate(self: &Arc<Self>, p: GenerateParams) -> Result<TokenStream, RouterError> {
         self.check_model(p.model.as_deref())?;
         let param = match p.input {
             Input::Chat(_) => "messages",
@@ -451,7 +448,8 @@ impl Frontend {
             prefill_endpoint: String::new(),
             codec: kv
                 .codec
-                .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire) as i32,
+                .map_or(v1::KvCodec::Unspecified, convert::kv_codec_to_wire)
+                as i32,
             eviction: kv.eviction.as_ref().map(convert::kv_eviction_to_wire),
             resume_token_ids: Vec::new(),
             prefill_alternates: Vec::new(),
@@ -460,7 +458,7 @@ impl Frontend {
         Ok(TokenStream {
             request_id,
             prompt_tokens: request.prompt_token_ids.len(),
-            state: State::Streaming(inner),
+            state: State::Streaming(Box::new(inner)),
             ticket,
             cut_sent: false,
             decode,

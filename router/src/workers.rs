@@ -437,9 +437,19 @@ mod membership_tests {
     #[tokio::test]
     async fn workers_join_once_leave_retired_and_never_reuse_an_id() {
         let w = Workers::new(BlockNaming::default());
-        let a = w.add(&ep("http://127.0.0.1:1"), WorkerRole::Decode).unwrap().unwrap();
-        assert!(w.add(&ep("http://127.0.0.1:1"), WorkerRole::Prefill).unwrap().is_none());
-        let b = w.add(&ep("http://127.0.0.1:2"), WorkerRole::Prefill).unwrap().unwrap();
+        let a = w
+            .add(&ep("http://127.0.0.1:1"), WorkerRole::Decode)
+            .unwrap()
+            .unwrap();
+        assert!(
+            w.add(&ep("http://127.0.0.1:1"), WorkerRole::Prefill)
+                .unwrap()
+                .is_none()
+        );
+        let b = w
+            .add(&ep("http://127.0.0.1:2"), WorkerRole::Prefill)
+            .unwrap()
+            .unwrap();
         let before = w.members();
         assert_eq!((before.decode.len(), before.prefill.len()), (1, 1));
         let gone = w.remove(&ep("http://127.0.0.1:1")).unwrap();
@@ -447,7 +457,10 @@ mod membership_tests {
         assert!(w.members().decode.is_empty());
         // A snapshot taken before the change still holds the worker a policy index may point at.
         assert_eq!(before.decode[0].id, a.id);
-        let again = w.add(&ep("http://127.0.0.1:1"), WorkerRole::Decode).unwrap().unwrap();
+        let again = w
+            .add(&ep("http://127.0.0.1:1"), WorkerRole::Decode)
+            .unwrap()
+            .unwrap();
         assert!(again.id != a.id && again.id != b.id);
         assert!(w.remove(&ep("http://127.0.0.1:9")).is_none());
         assert!(w.add(&ep("not a uri"), WorkerRole::Decode).is_err());

@@ -56,8 +56,18 @@ impl Etcd {
         let child = Command::new("etcd")
             .args(["--name", "tandem-test", "--data-dir"])
             .arg(&self.dir)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("tandem-test={peer}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -112,8 +122,16 @@ impl Node {
         let mut child = Command::new(crate::tandem_bin())
             .args(args)
             .env_remove("TANDEM_LOG")
-            .stdout(if router { Stdio::piped() } else { Stdio::null() })
-            .stderr(if router { Stdio::null() } else { Stdio::piped() })
+            .stdout(if router {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(if router {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .unwrap();
         let out: Box<dyn std::io::Read + Send> = if router {

@@ -172,7 +172,10 @@ fn greedy_output_through_the_cluster_matches_a_single_engine() {
         "finished prompts stay in the prefix cache: {d:?}"
     );
     // Both report their recent forward passes: decode steps of a token or so, prefill chunks of many.
-    assert!(d[0].recent_step_us > 0 && p[0].recent_step_us > 0, "{d:?} {p:?}");
+    assert!(
+        d[0].recent_step_us > 0 && p[0].recent_step_us > 0,
+        "{d:?} {p:?}"
+    );
     assert!(
         d[0].recent_step_tokens >= 1.0 && p[0].recent_step_tokens > d[0].recent_step_tokens,
         "{d:?} {p:?}"
@@ -411,32 +414,33 @@ fn a_prefill_worker_that_is_down_means_another_one_local_prefill_or_a_clear_erro
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let generate = |c: &Cluster, alternates: Vec<String>| -> Result<(String, v1::Timings), tonic::Status> {
-        c.rt.block_on(async {
-            let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
-                Cluster::channel(&c.decode_urls[0]).await,
-            );
-            let mut s = client
-                .generate(v1::DecodeRequest {
-                    prompt_token_ids: prompt.clone(),
-                    stop: Some(v1::StopConditions {
-                        max_tokens: 12,
+    let generate =
+        |c: &Cluster, alternates: Vec<String>| -> Result<(String, v1::Timings), tonic::Status> {
+            c.rt.block_on(async {
+                let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
+                    Cluster::channel(&c.decode_urls[0]).await,
+                );
+                let mut s = client
+                    .generate(v1::DecodeRequest {
+                        prompt_token_ids: prompt.clone(),
+                        stop: Some(v1::StopConditions {
+                            max_tokens: 12,
+                            ..Default::default()
+                        }),
+                        prefill_endpoint: dead.clone(),
+                        prefill_alternates: alternates,
                         ..Default::default()
-                    }),
-                    prefill_endpoint: dead.clone(),
-                    prefill_alternates: alternates,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let (mut text, mut timings) = (String::new(), None);
-            while let Some(m) = s.message().await? {
-                text.push_str(&m.text);
-                timings = m.timings.or(timings);
-            }
-            Ok((text, timings.unwrap()))
-        })
-    };
+                    })
+                    .await?
+                    .into_inner();
+                let (mut text, mut timings) = (String::new(), None);
+                while let Some(m) = s.message().await? {
+                    text.push_str(&m.text);
+                    timings = m.timings.or(timings);
+                }
+                Ok((text, timings.unwrap()))
+            })
+        };
     let c = Cluster::start(ClusterSpec {
         prefill: 0,
         ..Default::default()
@@ -461,7 +465,10 @@ fn a_prefill_worker_that_is_down_means_another_one_local_prefill_or_a_clear_erro
     // The next prefill worker in line takes over from the dead one.
     let (text, timings) = generate(&c, vec![c.prefill_urls[0].clone()]).unwrap();
     assert_eq!(text, want);
-    assert!(!timings.prefilled_locally && timings.kv_bytes_transferred > 0, "{timings:?}");
+    assert!(
+        !timings.prefilled_locally && timings.kv_bytes_transferred > 0,
+        "{timings:?}"
+    );
 }
 
 #[test]

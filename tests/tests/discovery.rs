@@ -14,8 +14,17 @@ const TTL_S: &str = "4";
 fn worker(role: &str, etcd: &Etcd, extra: &[&str]) -> Node {
     let e = etcd.endpoint();
     let mut args = vec![
-        "--threads", "1", role, "--listen", "127.0.0.1:0", "--kv-cache-mib", "48",
-        "--etcd-endpoint", &e, "--lease-ttl-s", TTL_S,
+        "--threads",
+        "1",
+        role,
+        "--listen",
+        "127.0.0.1:0",
+        "--kv-cache-mib",
+        "48",
+        "--etcd-endpoint",
+        &e,
+        "--lease-ttl-s",
+        TTL_S,
     ];
     args.extend_from_slice(extra);
     Node::start(&args)
@@ -24,8 +33,17 @@ fn worker(role: &str, etcd: &Etcd, extra: &[&str]) -> Node {
 fn router(etcd: &Etcd) -> Node {
     let e = etcd.endpoint();
     Node::start(&[
-        "router", "--discovery", "etcd", "--etcd-endpoint", &e, "--http", "127.0.0.1:0", "--grpc",
-        "127.0.0.1:0", "--poll-interval-ms", "200",
+        "router",
+        "--discovery",
+        "etcd",
+        "--etcd-endpoint",
+        &e,
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+        "--poll-interval-ms",
+        "200",
     ])
 }
 
@@ -35,7 +53,11 @@ fn pool(router: &Node) -> (Vec<String>, bool) {
     let v = r.json();
     let mut eps: Vec<String> = v["workers"]
         .as_array()
-        .map(|a| a.iter().map(|w| w["endpoint"].as_str().unwrap().to_string()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|w| w["endpoint"].as_str().unwrap().to_string())
+                .collect()
+        })
         .unwrap_or_default();
     eps.sort();
     (eps, r.status == 200)
@@ -119,13 +141,19 @@ fn routers_follow_etcd_registrations_through_an_etcd_restart_a_crash_and_a_drain
     etcd.resume();
     for s in streams {
         let (events, ended) = s.join().unwrap();
-        assert!(ended > killed, "a stream ended before etcd went away: the test proves nothing");
+        assert!(
+            ended > killed,
+            "a stream ended before etcd went away: the test proves nothing"
+        );
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         let chunks: Vec<Value> = events[..events.len() - 1]
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())
             .collect();
-        let finish = chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str());
+        let finish = chunks
+            .iter()
+            .rev()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str());
         assert_eq!(finish, Some("length"), "{events:?}");
     }
     // After the restart and a full lease period the pool is whole again (re-registered where leases were lost).
@@ -135,7 +163,10 @@ fn routers_follow_etcd_registrations_through_an_etcd_restart_a_crash_and_a_drain
     // A crashed worker is gone once its lease lapses.
     d2.kill();
     let took = wait_pool(&[&r1, &r2], &[&d1.url, &p1.url], Duration::from_secs(15));
-    assert!(took > Duration::from_millis(500), "dropped after {took:?}, before the lease could lapse");
+    assert!(
+        took > Duration::from_millis(500),
+        "dropped after {took:?}, before the lease could lapse"
+    );
     assert_eq!(complete(&r1, 4)["usage"]["completion_tokens"], 4);
 
     // A drained worker revokes its lease: routers drop it well before the TTL.

@@ -72,9 +72,15 @@ fn a_resumed_request_continues_exactly_after_the_tokens_already_streamed() {
         }
         assert_eq!(seen, 10, "one token per message expected");
 
-        let rest = collect(&mut d, request(&prompt, &tokens[..10])).await.unwrap();
+        let rest = collect(&mut d, request(&prompt, &tokens[..10]))
+            .await
+            .unwrap();
         let rest_tokens: Vec<u32> = rest.iter().flat_map(|m| m.token_ids.clone()).collect();
-        assert_eq!(rest_tokens, tokens[10..], "same seed, same draw after the resume point");
+        assert_eq!(
+            rest_tokens,
+            tokens[10..],
+            "same seed, same draw after the resume point"
+        );
         let text_after: String = rest.iter().map(|m| m.text.as_str()).collect();
         let text_whole: String = whole.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(text_before + &text_after, text_whole);
@@ -85,7 +91,9 @@ fn a_resumed_request_continues_exactly_after_the_tokens_already_streamed() {
         );
 
         // Tokens that already finish the request, or a resume that names a prefill worker, are refused by field.
-        let e = collect(&mut d, request(&prompt, &tokens)).await.unwrap_err();
+        let e = collect(&mut d, request(&prompt, &tokens))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         let mut r = request(&prompt, &tokens[..3]);
         r.prefill_endpoint = "http://127.0.0.1:1".into();
@@ -101,7 +109,13 @@ fn streams_survive(first_worker_args: &[&str], max: u32, disrupt: impl FnOnce(&m
     let (_, tok) = open_model();
     let worker = |extra: &[&str]| {
         let mut args = vec![
-            "--threads", "1", "decode", "--listen", "127.0.0.1:0", "--kv-cache-mib", "64",
+            "--threads",
+            "1",
+            "decode",
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-cache-mib",
+            "64",
         ];
         args.extend_from_slice(extra);
         Node::start(&args)
@@ -110,8 +124,19 @@ fn streams_survive(first_worker_args: &[&str], max: u32, disrupt: impl FnOnce(&m
     let d2 = worker(&[]);
     let grpc = format!("127.0.0.1:{}", free_port());
     let _router = Node::start(&[
-        "router", "--http", "127.0.0.1:0", "--grpc", &grpc, "--decode-worker", &d1.url,
-        "--decode-worker", &d2.url, "--poll-interval-ms", "200", "--policy", "round-robin",
+        "router",
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        &grpc,
+        "--decode-worker",
+        &d1.url,
+        "--decode-worker",
+        &d2.url,
+        "--poll-interval-ms",
+        "200",
+        "--policy",
+        "round-robin",
     ]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     const N: usize = 6;
@@ -152,17 +177,25 @@ fn streams_survive(first_worker_args: &[&str], max: u32, disrupt: impl FnOnce(&m
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Half the streams are running on the first worker now.
-        let mut load = v1::decode_worker_client::DecodeWorkerClient::new(
-            Cluster::channel(&d1.url).await,
-        );
-        let running = load.load(v1::LoadRequest {}).await.unwrap().into_inner().running_requests;
+        let mut load =
+            v1::decode_worker_client::DecodeWorkerClient::new(Cluster::channel(&d1.url).await);
+        let running = load
+            .load(v1::LoadRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .running_requests;
         assert!(running >= 1, "no stream on the first worker");
         tokio::task::block_in_place(|| disrupt(&mut d1));
         for t in tasks {
             let (ids, text, last) = t.await.unwrap();
             let (finish, usage) = last.expect("the stream ended without its last message");
             assert_eq!(finish, Some(FinishReason::Length), "{text:?}");
-            assert_eq!(ids.len(), max as usize, "a token missing or sent twice: {text:?}");
+            assert_eq!(
+                ids.len(),
+                max as usize,
+                "a token missing or sent twice: {text:?}"
+            );
             assert_eq!(usage.unwrap().completion_tokens, max);
             assert_eq!(text, tok.decode(&ids).unwrap(), "text and tokens disagree");
         }

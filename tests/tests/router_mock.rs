@@ -401,14 +401,21 @@ fn a_failing_decode_worker_trips_its_breaker_and_gets_one_probe_per_cooldown() {
     // failure in a row opens it for the first cooldown (1 s), during which it gets nothing.
     let started = Instant::now();
     while mock.refused() < 3 {
-        assert!(started.elapsed() < Duration::from_secs(5), "the worker was not tried");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the worker was not tried"
+        );
         send();
     }
     let opened = Instant::now();
     while opened.elapsed() < Duration::from_millis(800) {
         send();
     }
-    assert_eq!(mock.refused(), 3, "requests reached a worker whose breaker is open");
+    assert_eq!(
+        mock.refused(),
+        3,
+        "requests reached a worker whose breaker is open"
+    );
     // After the cooldown exactly one probe goes through; it fails, and the breaker opens for twice as long.
     std::thread::sleep(Duration::from_millis(1100).saturating_sub(opened.elapsed()));
     while opened.elapsed() < Duration::from_millis(2400) {

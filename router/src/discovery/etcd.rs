@@ -33,7 +33,12 @@ impl EtcdConfig {
 
     /// The key a worker registers under.
     pub fn key(&self, r: &Registration) -> String {
-        format!("{}{}/{}", self.workers_prefix(), r.role.as_str(), r.endpoint)
+        format!(
+            "{}{}/{}",
+            self.workers_prefix(),
+            r.role.as_str(),
+            r.endpoint
+        )
     }
 
     async fn connect(&self) -> Result<Client, etcd_client::Error> {
@@ -73,10 +78,13 @@ pub async fn register(
         match ended {
             None => {
                 if let Some((mut client, id)) = lease {
-                    match tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await
+                    match tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id))
+                        .await
                     {
                         Ok(Ok(_)) => tracing::info!(%key, "deregistered from etcd"),
-                        _ => tracing::warn!(%key, "could not revoke the etcd lease; it lapses in {ttl_s} s"),
+                        _ => {
+                            tracing::warn!(%key, "could not revoke the etcd lease; it lapses in {ttl_s} s")
+                        }
                     }
                 }
                 return;
@@ -154,7 +162,10 @@ pub async fn watch(config: EtcdConfig, members: Membership, model: String, namin
             e = follower.session(&config) => e,
             _ = stop.wait_for(|s| *s) => return,
         };
-        tracing::warn!("etcd watch lost ({e}); keeping the {} known workers and retrying", follower.keys.len());
+        tracing::warn!(
+            "etcd watch lost ({e}); keeping the {} known workers and retrying",
+            follower.keys.len()
+        );
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|s| *s) => return,

@@ -116,13 +116,19 @@ mod tests {
         let r = registration();
         assert_eq!(r.refusal("smollm2", &naming), None);
         let why = r.refusal("llama", &naming).unwrap();
-        assert!(why.contains("\"smollm2\"") && why.contains("\"llama\""), "{why}");
+        assert!(
+            why.contains("\"smollm2\"") && why.contains("\"llama\""),
+            "{why}"
+        );
         let r = Registration {
             block_size: 8,
             ..registration()
         };
         let why = r.refusal("smollm2", &naming).unwrap();
-        assert!(why.contains("block size 8") && why.contains("block size 16"), "{why}");
+        assert!(
+            why.contains("block size 8") && why.contains("block size 16"),
+            "{why}"
+        );
     }
 
     #[test]

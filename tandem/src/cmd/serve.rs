@@ -250,7 +250,8 @@ pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
             stop.clone(),
         )?;
         let drain = Duration::from_secs(a.register.drain_timeout_s);
-        let server = tandem_prefill_node::run(listener, config, loaded.engine, stopped(stop.clone()));
+        let server =
+            tandem_prefill_node::run(listener, config, loaded.engine, stopped(stop.clone()));
         drained(server, stop, drain).await?;
         deregistered(registration).await;
         Ok(())
@@ -282,7 +283,12 @@ pub fn run_decode(a: DecodeArgs, threads: usize) -> Result<()> {
             Arc::new(loaded.tokenizer),
             stopped(stop.clone()),
         );
-        drained(server, stop, Duration::from_secs(a.register.drain_timeout_s)).await?;
+        drained(
+            server,
+            stop,
+            Duration::from_secs(a.register.drain_timeout_s),
+        )
+        .await?;
         deregistered(registration).await;
         Ok(())
     })
