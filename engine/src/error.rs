@@ -40,6 +40,9 @@ pub enum EngineError {
     /// The selected backend cannot run here (e.g. no GPU driver).
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
+    /// The device failed an operation (a CUDA error, or out of device memory).
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

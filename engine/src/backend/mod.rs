@@ -7,6 +7,7 @@
 //! per layer. Only the logits of the rows asked for come back to the host.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::kv::KvLayout;
@@ -133,4 +134,10 @@ pub trait Backend: Send + Sync + 'static {
         k: &[f32],
         v: &[f32],
     );
+    /// The first error of the operations since the last check (operations on a device run asynchronously and
+    /// cannot fail one by one; like CUDA's sticky error, it is reported here). The forward pass checks before it
+    /// returns.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -179,12 +179,15 @@ impl<B: Backend> LlamaModel<B> {
             backend.add(&mut s.x, &s.h);
         }
         if batch.logit_rows.is_empty() {
+            backend.check()?;
             return Ok(Vec::new());
         }
         backend.gather_logit_rows(&s.x, &plan, &mut s.sel);
         backend.rms_norm(&s.sel, &self.output_norm, c.rms_eps, &mut s.h);
         let head = self.output.as_ref().unwrap_or(&self.embed);
         backend.matmul(&s.h, &mut [(head, &mut s.logits)]);
-        Ok(backend.to_host(&s.logits))
+        let logits = backend.to_host(&s.logits);
+        backend.check()?;
+        Ok(logits)
     }
 }

@@ -1,7 +1,8 @@
-//! Llama-family models: their configuration (`config`), where their tensors come from (`source`), and the
-//! forward pass written once against the backend trait (`llama`).
+//! Llama-family models: their configuration (`config`), where their tensors come from (`source`; seeded dummy
+//! weights at named shapes in `dummy`), and the forward pass written once against the backend trait (`llama`).
 
 pub mod config;
+pub mod dummy;
 pub mod llama;
 pub mod source;
 

@@ -52,6 +52,8 @@ pub enum ModelSource {
         tensors: HashMap<String, StEntry>,
         config: serde_json::Value,
     },
+    /// Seeded random weights at a named model's shape (benchmarks, device checks).
+    Dummy(super::dummy::DummyWeights),
 }
 
 impl std::fmt::Debug for ModelSource {
@@ -64,6 +66,7 @@ impl std::fmt::Debug for ModelSource {
                 dir.display(),
                 tensors.len()
             ),
+            Self::Dummy(d) => write!(f, "ModelSource::Dummy({})", d.shape.name()),
         }
     }
 }
@@ -167,12 +170,22 @@ impl ModelSource {
                 Ok(cfg)
             }
             Self::Safetensors { config, .. } => ModelConfig::from_hf_config(config),
+            Self::Dummy(d) => Ok(d.config.clone()),
         }
     }
 
     /// A tensor by its GGUF name, or `None` when absent. Vectors come back with `rows == 1`.
     pub fn tensor(&self, name: &str) -> Result<Option<WeightView<'_>>> {
         match self {
+            Self::Dummy(d) => Ok(d.tensors.get(name).map(|t| WeightView {
+                ty: t.ty,
+                rows: t.rows,
+                cols: t.cols,
+                bytes: &(*d.backing).as_ref()
+                    [t.start..t.start + t.rows * t.cols * t.ty.block_bytes()],
+                shared: &d.backing,
+                offset: t.start,
+            })),
             Self::Gguf(g) => {
                 let Some(t) = g.tensor(name) else {
                     return Ok(None);
@@ -244,14 +257,14 @@ impl ModelSource {
     pub fn hf_dir(&self) -> Option<&Path> {
         match self {
             Self::Safetensors { dir, .. } => Some(dir),
-            Self::Gguf(_) => None,
+            Self::Gguf(_) | Self::Dummy(_) => None,
         }
     }
 
     pub fn gguf(&self) -> Option<&GgufFile> {
         match self {
             Self::Gguf(g) => Some(g),
-            Self::Safetensors { .. } => None,
+            Self::Safetensors { .. } | Self::Dummy(_) => None,
         }
     }
 
@@ -262,6 +275,11 @@ impl ModelSource {
             Self::Safetensors { tensors, .. } => {
                 tensors.values().map(|e| (e.end - e.start) as u64).sum()
             }
+            Self::Dummy(d) => d
+                .tensors
+                .values()
+                .map(|t| (t.rows * t.cols * t.ty.block_bytes()) as u64)
+                .sum(),
         }
     }
 }

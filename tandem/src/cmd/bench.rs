@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Transfer(super::bench_transfer::TransferBenchArgs),
     /// Decode batch one KV memory budget holds per cache format (f32, f16, int8), and its throughput.
     KvCapacity(super::bench_kv_capacity::KvCapacityArgs),
+    /// The CUDA backend on seeded dummy weights at a real model's shape: a CUDA-vs-CPU check, the measured
+    /// ceilings, prefill and decode against their floors.
+    Gpu(super::bench_gpu::GpuBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +53,7 @@ pub fn run(c: BenchCommand, threads: usize) -> Result<()> {
         BenchCommand::Serve(a) => super::bench_serve::run(*a, threads),
         BenchCommand::Transfer(a) => super::bench_transfer::run(a),
         BenchCommand::KvCapacity(a) => super::bench_kv_capacity::run(a, threads),
+        BenchCommand::Gpu(a) => super::bench_gpu::run(a, threads),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Subcommands, one module each, plus the model loading they share.
 
 pub mod bench;
+pub mod bench_gpu;
 pub mod bench_kv_capacity;
 pub mod bench_serve;
 pub mod bench_transfer;

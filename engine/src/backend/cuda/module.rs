@@ -1,0 +1,101 @@
+//! The kernels (`kernels.cu`, CUDA C) compiled with NVRTC for the GPU's architecture at start-up, and cached on
+//! disk under `~/.cache/tandem/cuda/` keyed by a hash of the source and the architecture, so only the first start on
+//! a machine pays the compile.
+
+use crate::error::{EngineError, Result};
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::sync::Arc;
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Every kernel of [`SOURCE`], loaded.
+pub struct Kernels {
+    pub embed_bf16: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub to_bf16: CudaFunction,
+    pub add_bias: CudaFunction,
+    pub add: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub rope: CudaFunction,
+    pub store_kv_f32: CudaFunction,
+    pub store_kv_f16: CudaFunction,
+    pub attention_f32: CudaFunction,
+    pub attention_f16: CudaFunction,
+    pub gather_rows: CudaFunction,
+}
+
+fn dev(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
+    move |e| EngineError::Device(format!("{what}: {e}"))
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let major = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(dev("compute capability"))?;
+        let minor = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .map_err(dev("compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let ptx = cached_ptx(&arch)?;
+        let module = ctx.load_module(ptx).map_err(dev("loading the kernels"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| EngineError::Device(format!("kernel {name}: {e}")))
+        };
+        Ok(Self {
+            embed_bf16: f("embed_bf16")?,
+            rms_norm: f("rms_norm")?,
+            to_bf16: f("to_bf16")?,
+            add_bias: f("add_bias")?,
+            add: f("add")?,
+            silu_mul: f("silu_mul")?,
+            rope: f("rope")?,
+            store_kv_f32: f("store_kv_f32")?,
+            store_kv_f16: f("store_kv_f16")?,
+            attention_f32: f("attention_f32")?,
+            attention_f16: f("attention_f16")?,
+            gather_rows: f("gather_rows")?,
+        })
+    }
+}
+
+/// The PTX for `arch`, from the disk cache or freshly compiled (and then cached; a cache that cannot be written is
+/// only a slower next start).
+fn cached_ptx(arch: &str) -> Result<Ptx> {
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{arch}\n{SOURCE}").as_bytes());
+    let dir = std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".cache/tandem/cuda"))
+        .unwrap_or_else(|| std::env::temp_dir().join("tandem-cuda"));
+    let path = dir.join(format!("kernels-{arch}-{key:016x}.ptx"));
+    if let Ok(src) = std::fs::read_to_string(&path) {
+        return Ok(Ptx::from_src(src));
+    }
+    let started = std::time::Instant::now();
+    let include = ["/usr/local/cuda/include", "/usr/include"]
+        .into_iter()
+        .filter(|p| std::path::Path::new(p).join("cuda_bf16.h").exists())
+        .map(String::from)
+        .collect();
+    let opts = CompileOptions {
+        arch: Some(Box::leak(arch.to_string().into_boxed_str())),
+        include_paths: include,
+        options: vec!["--std=c++17".into(), "-default-device".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| {
+        EngineError::Device(format!("compiling the CUDA kernels for {arch}: {e:?}"))
+    })?;
+    tracing::info!(
+        arch,
+        ms = started.elapsed().as_millis() as u64,
+        "compiled the CUDA kernels"
+    );
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(&path, ptx.to_src());
+    }
+    Ok(ptx)
+}

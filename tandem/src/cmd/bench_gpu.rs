@@ -1,0 +1,238 @@
+//! `tandem bench gpu`: the CUDA backend on seeded dummy weights at a real model's shape, against the ceilings
+//! measured in the same run. First a check: the CUDA and CPU backends run the same dummy SmolLM2-shaped model on the
+//! same prompt, and their logits and greedy tokens must agree within bf16 tolerance. Then the ceilings (device copy
+//! bandwidth, bf16 GEMM rate), then prefill and decode of the named shape with their floors: decode step >=
+//! (weight bytes + KV bytes read) / bandwidth, prefill >= 2 x params x tokens / GEMM rate.
+
+use anyhow::{Context, Result, bail};
+use std::time::Instant;
+use tandem_engine::backend::Backend;
+use tandem_engine::backend::cpu::CpuBackend;
+use tandem_engine::backend::cuda::{CudaBackend, ceilings};
+use tandem_engine::engine::SeqId;
+use tandem_engine::kv::KvFormat;
+use tandem_engine::model::ModelSource;
+use tandem_engine::model::dummy::{DummyWeights, NamedShape};
+use tandem_engine::sampling::argmax;
+use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
+
+#[derive(clap::Args, Debug)]
+pub struct GpuBenchArgs {
+    /// Model shape for the timings: llama-3.1-8b, qwen2.5-7b or smollm2-135m.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    pub shape: String,
+    /// Seed of the dummy weights.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Context each decode sequence holds when timed.
+    #[arg(long, default_value_t = 1024)]
+    pub context: usize,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
+    pub batch: Vec<usize>,
+    /// Prompt length for the prefill timing.
+    #[arg(long, default_value_t = 2048)]
+    pub prefill_tokens: usize,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Skip the CUDA-vs-CPU check.
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
+    let shape: NamedShape = a.shape.parse()?;
+    let gpu = CudaBackend::new(a.gpu).context("opening the GPU")?;
+    println!("device: {}", gpu.device_name());
+    if !a.no_check {
+        check(a.gpu, threads, a.seed)?;
+    }
+    let c = ceilings(&gpu).context("measuring the ceilings")?;
+    println!(
+        "ceilings: device copy {:.0} GB/s (read + write), bf16 GEMM {:.0} TFLOP/s",
+        c.copy_bytes_per_s / 1e9,
+        c.gemm_flops_per_s / 1e12
+    );
+    let started = Instant::now();
+    let weights = DummyWeights::new(shape, a.seed);
+    eprintln!(
+        "dummy {} weights: {:.2} GB in {:.1} s",
+        shape.name(),
+        weights.bytes() as f64 / 1e9,
+        started.elapsed().as_secs_f64()
+    );
+    let src = ModelSource::Dummy(weights);
+    let cfg = src.config()?;
+    let max_batch = a.batch.iter().copied().max().unwrap_or(1);
+    let bs = 16;
+    let per_seq = (a.context + 64).div_ceil(bs);
+    let num_blocks = (per_seq * max_batch).max(a.prefill_tokens.div_ceil(bs) + 1);
+    let config = EngineConfig {
+        block_size: bs,
+        num_blocks,
+        kv_format: KvFormat::F16,
+        max_batch_tokens: a.prefill_tokens.max(max_batch),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut engine = Engine::new(CudaBackend::new(a.gpu)?, &src, config, |_, _| {})?;
+    let weight_bytes = src.weight_bytes() as f64;
+    drop(src);
+    eprintln!(
+        "loaded onto the GPU in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let params = weight_bytes / 2.0;
+
+    // Prefill: one fresh prompt per run.
+    let mut times = Vec::new();
+    for run in 0..a.runs + 1 {
+        let prompt: Vec<u32> = (0..a.prefill_tokens)
+            .map(|i| ((i * 7919 + run * 104_729) % cfg.vocab) as u32)
+            .collect();
+        let seq = engine.add_sequence(&prompt)?;
+        let t = Instant::now();
+        engine.step(&[StepItem {
+            seq,
+            n_tokens: prompt.len(),
+            logits: LogitsWanted::Last,
+        }])?;
+        if run > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        engine.remove_sequence(seq)?;
+    }
+    let prefill_s = median(times);
+    let prefill_floor = 2.0 * params * a.prefill_tokens as f64 / c.gemm_flops_per_s;
+    println!(
+        "prefill {} tokens: {:.1} ms ({:.0} tok/s, {:.0} TFLOP/s); floor {:.1} ms; {:.0}% of the GEMM rate",
+        a.prefill_tokens,
+        prefill_s * 1e3,
+        a.prefill_tokens as f64 / prefill_s,
+        2.0 * params * a.prefill_tokens as f64 / prefill_s / 1e12,
+        prefill_floor * 1e3,
+        100.0 * prefill_floor / prefill_s
+    );
+
+    // Decode: B sequences of `context` tokens, stepped together.
+    let kv_token_bytes = engine.kv_layout().bytes_per_token() as f64;
+    for &b in &a.batch {
+        let mut seqs = Vec::new();
+        for s in 0..b {
+            let prompt: Vec<u32> = (0..a.context)
+                .map(|i| ((i * 31 + s * 977 + 13) % cfg.vocab) as u32)
+                .collect();
+            let seq = engine.add_sequence(&prompt)?;
+            engine.prefill(seq)?;
+            seqs.push(seq);
+        }
+        let mut next: Vec<u32> = vec![1; b];
+        let mut times = Vec::new();
+        for step in 0..a.runs * 4 + 2 {
+            for (s, &t) in seqs.iter().zip(&next) {
+                engine.append_token(*s, t)?;
+            }
+            let items: Vec<StepItem> = seqs
+                .iter()
+                .map(|&seq| StepItem {
+                    seq,
+                    n_tokens: 1,
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            let t = Instant::now();
+            let logits = engine.step(&items)?;
+            if step >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            next = logits.iter().map(|l| argmax(l)).collect();
+        }
+        let step_s = median(times);
+        let kv_read = kv_token_bytes * (a.context as f64) * b as f64;
+        // HBM moves about the same bytes per second reading alone as reading and writing together.
+        let floor = (weight_bytes + kv_read) / c.copy_bytes_per_s;
+        println!(
+            "decode batch {b} at {} context: {:.2} ms/step ({:.0} tok/s); floor {:.2} ms; {:.0}% of the bandwidth floor",
+            a.context,
+            step_s * 1e3,
+            b as f64 / step_s,
+            floor * 1e3,
+            100.0 * floor / step_s
+        );
+        for s in seqs {
+            engine.remove_sequence(s)?;
+        }
+    }
+    Ok(())
+}
+
+/// One decode step of `seq`; its logits.
+fn next_logits<B: Backend>(e: &mut Engine<B>, seq: SeqId) -> Result<Vec<f32>> {
+    let item = StepItem {
+        seq,
+        n_tokens: 1,
+        logits: LogitsWanted::Last,
+    };
+    Ok(e.step(&[item])?.remove(0))
+}
+
+/// CUDA and CPU on the same dummy SmolLM2-shaped weights: prefill logits and 16 greedy tokens.
+fn check(gpu: usize, threads: usize, seed: u64) -> Result<()> {
+    let weights = || ModelSource::Dummy(DummyWeights::new(NamedShape::SmolLM2_135M, seed));
+    let config = EngineConfig {
+        num_blocks: 64,
+        ..Default::default()
+    };
+    let mut cpu = Engine::new(
+        CpuBackend::new(threads),
+        &weights(),
+        config.clone(),
+        |_, _| {},
+    )?;
+    let mut cuda = Engine::new(CudaBackend::new(gpu)?, &weights(), config, |_, _| {})?;
+    let vocab = cpu.model.config.vocab;
+    let prompt: Vec<u32> = (0..77).map(|i| ((i * 7919 + 11) % vocab) as u32).collect();
+    let (sc, sg) = (cpu.add_sequence(&prompt)?, cuda.add_sequence(&prompt)?);
+    let (lc, lg) = (cpu.prefill(sc)?, cuda.prefill(sg)?);
+    let first_err = rel_err(&lg, &lc);
+    let (mut tc, mut tg) = (vec![argmax(&lc)], vec![argmax(&lg)]);
+    let mut worst = first_err;
+    for _ in 0..15 {
+        // Both continue from the CPU's token, so one near-tie cannot derail the rest of the comparison.
+        let t = *tc.last().unwrap();
+        cpu.append_token(sc, t)?;
+        cuda.append_token(sg, t)?;
+        let lc = next_logits(&mut cpu, sc)?;
+        let lg = next_logits(&mut cuda, sg)?;
+        worst = worst.max(rel_err(&lg, &lc));
+        tc.push(argmax(&lc));
+        tg.push(argmax(&lg));
+    }
+    let agree = tc.iter().zip(&tg).filter(|(a, b)| a == b).count();
+    println!(
+        "check (smollm2-135m dummy, CUDA vs CPU): logits rel. error {:.2e} after prefill, worst {:.2e} over 16 steps; greedy tokens agree {agree}/16",
+        first_err, worst
+    );
+    if !(worst < 2e-2) || agree < 15 {
+        bail!("CUDA disagrees with the CPU backend beyond bf16 tolerance");
+    }
+    Ok(())
+}
