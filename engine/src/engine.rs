@@ -14,7 +14,7 @@ use crate::kv::{
     BlockHash, BlockId, BlockPool, HashSeed, KvEvent, KvFormat, KvLayout, PoolStats,
     evict::AttentionScores, hash::hash_block,
 };
-use crate::model::{LlamaModel, ModelSource, Scratch};
+use crate::model::{Head, HeadOut, LlamaModel, ModelSource, Scratch};
 use std::collections::HashMap;
 
 mod external;
@@ -350,6 +350,41 @@ impl<B: Backend> Engine<B> {
         items: &[StepItem],
         after_layer: &mut dyn FnMut(usize, &KvView<'_, B>),
     ) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.model.config.vocab;
+        let (rows_of, out) = self.step_with(items, after_layer, Head::Logits)?;
+        let HeadOut::Logits(logits) = out else {
+            unreachable!("asked for logits")
+        };
+        let mut split = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for n in rows_of {
+            split.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(split)
+    }
+
+    /// One step of `items`, each wanting at most its last row, greedy: the next token of each item that asked
+    /// for logits, chosen where the logits are (on a GPU only the ids come back).
+    pub fn step_argmax(&mut self, items: &[StepItem]) -> Result<Vec<u32>> {
+        if items.iter().any(|i| i.logits == LogitsWanted::All) {
+            return Err(EngineError::invalid(
+                "step_argmax takes the last row of each item only",
+            ));
+        }
+        match self.step_with(items, &mut |_, _| {}, Head::Argmax)?.1 {
+            HeadOut::Tokens(t) => Ok(t),
+            HeadOut::Logits(_) => unreachable!("asked for tokens"),
+        }
+    }
+
+    /// The step itself; returns how many logit rows each item got, and the head's output.
+    fn step_with(
+        &mut self,
+        items: &[StepItem],
+        after_layer: &mut dyn FnMut(usize, &KvView<'_, B>),
+        head: Head,
+    ) -> Result<(Vec<usize>, HeadOut)> {
         let bs = self.layout.block_size;
         let total: usize = items.iter().map(|i| i.n_tokens).sum();
         if total == 0 {
@@ -393,7 +428,10 @@ impl<B: Backend> Engine<B> {
                 .saturating_sub(s.blocks.len());
         }
         let mut fresh = self.pool.allocate(need)?.into_iter();
-        let mut batch = BatchLayout::default();
+        let mut batch = BatchLayout {
+            head,
+            ..Default::default()
+        };
         let mut rows_of = Vec::with_capacity(items.len());
         for it in items {
             let s = self.seqs.get_mut(&it.seq).expect("validated above");
@@ -466,14 +504,7 @@ impl<B: Backend> Engine<B> {
             s.kv_len += it.n_tokens;
             commit_complete_blocks(s, &mut self.pool, self.config.hash_seed, bs);
         }
-        let vocab = self.model.config.vocab;
-        let mut out = Vec::with_capacity(items.len());
-        let mut at = 0;
-        for n in rows_of {
-            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
-            at += n;
-        }
-        Ok(out)
+        Ok((rows_of, logits))
     }
 
     /// Computes every pending token of `seq` in chunks of at most `max_batch_tokens`; returns the last token's logits.
@@ -513,14 +544,11 @@ impl<B: Backend> Engine<B> {
                 logits: LogitsWanted::Last,
             })
             .collect();
-        let logits = self.step(&items)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        for (&seq, l) in seqs.iter().zip(logits) {
-            let t = crate::sampling::argmax(&l);
+        let tokens = self.step_argmax(&items)?;
+        for (&seq, &t) in seqs.iter().zip(&tokens) {
             self.append_token(seq, t)?;
-            out.push(t);
         }
-        Ok(out)
+        Ok(tokens)
     }
 
     /// Forgets every cached prefix no sequence uses (see [`BlockPool::reset_prefix_cache`]); returns the number of

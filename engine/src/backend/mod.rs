@@ -39,6 +39,8 @@ pub struct BatchLayout {
     pub seqs: Vec<SeqSlice>,
     /// Rows whose logits are wanted, in output order.
     pub logit_rows: Vec<usize>,
+    /// Whether those rows come back as logits or as their argmax.
+    pub head: crate::model::Head,
 }
 
 /// Where a step's attention probabilities are summed per key position for one sequence (eviction policies rank
@@ -109,6 +111,17 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Activations,
         tallies: &mut [AttentionTally<'_>],
     );
+    /// `x += y`, then `y = x / rms(x) * w` per row (the residual add and the next norm, fused on a device).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Activations,
+        y: &mut Self::Activations,
+        w: &Self::Vector,
+        eps: f32,
+    ) {
+        self.add(x, y);
+        self.rms_norm(x, w, eps, y);
+    }
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Activations, up: &Self::Activations);
     /// `x += y`.
@@ -122,6 +135,14 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// Copies activations to the host.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
+    /// The index of each row's largest value (greedy sampling; the lowest index on ties), so that a device backend
+    /// sends only token ids to the host.
+    fn argmax_rows(&self, x: &Self::Activations, cols: usize) -> Vec<u32> {
+        self.to_host(x)
+            .chunks(cols.max(1))
+            .map(crate::sampling::argmax)
+            .collect()
+    }
     /// Copies one block's K and V of `layer` to the host (`[kv_heads][block_size][head_dim]` each), for transfer and tests.
     fn read_kv_block(&self, kv: &Self::KvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>);
     /// Overwrites one block's K and V of `layer` (same shapes as [`Backend::read_kv_block`]); the caller checks

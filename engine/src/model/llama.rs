@@ -24,6 +24,23 @@ struct Layer<B: Backend> {
     w_down: B::Matrix,
 }
 
+/// What the output head hands back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Head {
+    /// Every logit of the asked rows, row-major.
+    #[default]
+    Logits,
+    /// Each asked row's most likely token (greedy), computed where the logits are.
+    Argmax,
+}
+
+/// The output head's result, as [`Head`] asked.
+#[derive(Debug)]
+pub enum HeadOut {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
+}
+
 /// A loaded model on one backend.
 pub struct LlamaModel<B: Backend> {
     pub config: ModelConfig,
@@ -124,7 +141,8 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// Runs one step over `batch`, writing every token's K/V into `kv`, and returns the logits of
-    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`), with attention summed into `tallies`.
+    /// `batch.logit_rows` (row-major, `logit_rows.len() x vocab`) or their argmax, as `batch.head` asks, with attention
+    /// summed into `tallies`.
     /// `after_layer(i, kv)` runs as soon as layer `i`'s K/V of this step are in the store, so a caller can ship
     /// them while later layers compute.
     pub fn forward(
@@ -135,7 +153,8 @@ impl<B: Backend> LlamaModel<B> {
         s: &mut Scratch<B>,
         tallies: &mut [AttentionTally<'_>],
         after_layer: &mut dyn FnMut(usize, &B::KvStore),
-    ) -> Result<Vec<f32>> {
+    ) -> Result<HeadOut> {
+        let head = batch.head;
         let c = &self.config;
         let n = batch.tokens.len();
         if n == 0 || batch.positions.len() != n || batch.slots.len() != n {
@@ -153,8 +172,11 @@ impl<B: Backend> LlamaModel<B> {
         }
         let plan = backend.plan(batch, &c.rope, c.head_dim);
         backend.embed(&self.embed, &plan, &mut s.x);
+        if let Some(first) = self.layers.first() {
+            backend.rms_norm(&s.x, &first.attn_norm, c.rms_eps, &mut s.h);
+        }
         for (li, l) in self.layers.iter().enumerate() {
-            backend.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
+            // s.h holds this layer's normalized input here.
             backend.matmul(
                 &s.h,
                 &mut [(&l.wq, &mut s.q), (&l.wk, &mut s.k), (&l.wv, &mut s.v)],
@@ -170,24 +192,31 @@ impl<B: Backend> LlamaModel<B> {
             after_layer(li, kv);
             backend.attention(&s.q, kv, li, &plan, &mut s.att, tallies);
             backend.matmul(&s.att, &mut [(&l.wo, &mut s.h)]);
-            backend.add(&mut s.x, &s.h);
-
-            backend.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
+            backend.add_rms_norm(&mut s.x, &mut s.h, &l.ffn_norm, c.rms_eps);
             backend.matmul(&s.h, &mut [(&l.w_gate, &mut s.gate), (&l.w_up, &mut s.up)]);
             backend.silu_mul(&mut s.gate, &s.up);
             backend.matmul(&s.gate, &mut [(&l.w_down, &mut s.h)]);
-            backend.add(&mut s.x, &s.h);
+            match self.layers.get(li + 1) {
+                Some(next) => backend.add_rms_norm(&mut s.x, &mut s.h, &next.attn_norm, c.rms_eps),
+                None => backend.add(&mut s.x, &s.h),
+            }
         }
         if batch.logit_rows.is_empty() {
             backend.check()?;
-            return Ok(Vec::new());
+            return Ok(match head {
+                Head::Logits => HeadOut::Logits(Vec::new()),
+                Head::Argmax => HeadOut::Tokens(Vec::new()),
+            });
         }
         backend.gather_logit_rows(&s.x, &plan, &mut s.sel);
         backend.rms_norm(&s.sel, &self.output_norm, c.rms_eps, &mut s.h);
-        let head = self.output.as_ref().unwrap_or(&self.embed);
-        backend.matmul(&s.h, &mut [(head, &mut s.logits)]);
-        let logits = backend.to_host(&s.logits);
+        let output = self.output.as_ref().unwrap_or(&self.embed);
+        backend.matmul(&s.h, &mut [(output, &mut s.logits)]);
+        let out = match head {
+            Head::Logits => HeadOut::Logits(backend.to_host(&s.logits)),
+            Head::Argmax => HeadOut::Tokens(backend.argmax_rows(&s.logits, c.vocab)),
+        };
         backend.check()?;
-        Ok(logits)
+        Ok(out)
     }
 }

@@ -7,7 +7,7 @@ pub mod llama;
 pub mod source;
 
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeLayout};
-pub use llama::{LlamaModel, Scratch};
+pub use llama::{Head, HeadOut, LlamaModel, Scratch};
 pub use source::{ModelSource, WeightView};
 
 /// Where `scripts/fetch-model.sh` puts the default model (SmolLM2-135M-Instruct, Q4_1): `$TANDEM_CACHE/models/...`,

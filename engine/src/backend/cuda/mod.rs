@@ -38,8 +38,20 @@ pub struct CudaBackend {
     k: Kernels,
     /// The bf16 copy of a GEMM's input (activations are f32).
     xb: Mutex<CudaSlice<u16>>,
+    /// Split attention's partial results.
+    part: Mutex<Option<CudaSlice<f32>>>,
+    /// Streaming multiprocessors, for sizing grids.
+    sms: usize,
     error: Mutex<Option<String>>,
+    /// With `TANDEM_CUDA_PROFILE` set: synchronize after every operation and sum wall time per operation.
+    profile: Option<Mutex<Profile>>,
     tally_warned: std::sync::atomic::AtomicBool,
+}
+
+/// Time per operation, when profiling.
+struct Profile {
+    last: std::time::Instant,
+    spent: Vec<(&'static str, f64)>,
 }
 
 /// A bf16 weight matrix on the device, row-major `rows x cols`.
@@ -98,6 +110,8 @@ pub struct CudaPlan {
     tables: CudaSlice<u32>,
     logit_rows: CudaSlice<u32>,
     n_logit_rows: usize,
+    /// Most keys any row attends to.
+    max_ctx: usize,
     half_dim: usize,
     interleaved: i32,
 }
@@ -140,13 +154,26 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| EngineError::Device(format!("cuBLAS: {e:?}")))?;
         let xb = stream.alloc_zeros::<u16>(1).map_err(dev)?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(dev)? as usize;
         Ok(Self {
+            part: Mutex::new(None),
+            sms,
             ctx,
             stream,
             blas,
             k,
             xb: Mutex::new(xb),
             error: Mutex::new(None),
+            profile: std::env::var_os("TANDEM_CUDA_PROFILE").map(|_| {
+                Mutex::new(Profile {
+                    last: std::time::Instant::now(),
+                    spent: Vec::new(),
+                })
+            }),
             tally_warned: Default::default(),
         })
     }
@@ -197,8 +224,33 @@ impl CudaBackend {
         t.cols = cols;
     }
 
-    fn launch(&self, what: &str, r: std::result::Result<(), cudarc::driver::DriverError>) {
+    fn launch(&self, what: &'static str, r: std::result::Result<(), cudarc::driver::DriverError>) {
         self.ok(what, r);
+        self.mark(what);
+    }
+
+    /// Profiling: charges the time since the previous mark to `what` (after the device finished it).
+    fn mark(&self, what: &'static str) {
+        let Some(p) = &self.profile else { return };
+        let _ = self.stream.synchronize();
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let dt = (now - p.last).as_secs_f64();
+        p.last = now;
+        match p.spent.iter_mut().find(|(n, _)| *n == what) {
+            Some((_, t)) => *t += dt,
+            None => p.spent.push((what, dt)),
+        }
+    }
+
+    /// Profiling: seconds per operation since the last call (empty unless `TANDEM_CUDA_PROFILE` is set).
+    pub fn take_profile(&self) -> Vec<(&'static str, f64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        p.last = std::time::Instant::now();
+        std::mem::take(&mut p.spent)
     }
 }
 
@@ -284,6 +336,8 @@ impl Backend for CudaBackend {
     }
 
     fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> CudaPlan {
+        self.mark("host (between steps)");
+        let _uploaded = Marked(self, "plan upload");
         let inv = rope.inv_freq(head_dim);
         let half_dim = head_dim / 2;
         let n = layout.tokens.len();
@@ -321,6 +375,7 @@ impl Backend for CudaBackend {
             tables: up32("plan tables", &tables),
             logit_rows: up32("plan logit rows", &logit_rows),
             n_logit_rows: logit_rows.len(),
+            max_ctx: row_ctx.iter().copied().max().unwrap_or(0) as usize,
             half_dim,
             interleaved: i32::from(rope.layout == RopeLayout::Interleaved),
         }
@@ -354,6 +409,13 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, x: &CudaTensor, pairs: &mut [(&CudaMatrix, &mut CudaTensor)]) {
         let Some(xf) = x.buf.as_ref() else { return };
+        // Small batches: one pass over each weight at full load width, no bf16 copy of the input.
+        if (1..=self.k.gemv.len()).contains(&x.rows) && x.cols.is_multiple_of(8) {
+            for group in pairs.chunks_mut(3) {
+                self.gemv(x.rows, x.cols, xf, group);
+            }
+            return;
+        }
         let n = x.len();
         let mut xb = self.xb.lock().unwrap_or_else(|p| p.into_inner());
         if xb.len() < n {
@@ -370,6 +432,7 @@ impl Backend for CudaBackend {
             self.resize(out, x.rows, w.rows);
             let Some(o) = out.buf.as_mut() else { return };
             self.gemm(w, &xb, x.rows, o);
+            self.mark("gemm");
         }
     }
 
@@ -454,8 +517,38 @@ impl Backend for CudaBackend {
         }
         let l = kv.layout;
         let heads = q.cols / l.head_dim;
+        let group = heads / l.kv_heads;
+        let f16 = matches!(kv.bufs, KvBufs::F16 { .. });
+        let Some(f) = self
+            .k
+            .attention
+            .get(&(f16, group, l.head_dim / 32))
+            .filter(|_| l.head_dim.is_multiple_of(32))
+        else {
+            return self.fail(
+                "attention",
+                format!(
+                    "no kernel for head_dim {} with {group} query heads per KV head (head_dim 64 or 128, up to 8)",
+                    l.head_dim
+                ),
+            );
+        };
         self.resize(out, q.rows, q.cols);
-        let (Some(qb), Some(o)) = (q.buf.as_ref(), out.buf.as_mut()) else {
+        // Split each row's keys so that the grid covers the GPU eight blocks deep, in chunks of at least 64 keys.
+        let blocks = q.rows * l.kv_heads;
+        let splits = (8 * self.sms)
+            .div_ceil(blocks.max(1))
+            .clamp(1, plan.max_ctx.div_ceil(64).max(1));
+        let mut part = self.part.lock().unwrap_or_else(|p| p.into_inner());
+        let need = (q.rows * heads * splits * (l.head_dim + 2)).max(1);
+        if part.as_ref().is_none_or(|p| p.len() < need) {
+            *part = self.ok(
+                "allocating attention splits",
+                self.stream.alloc_zeros::<f32>(need),
+            );
+        }
+        let (Some(qb), Some(o), Some(pb)) = (q.buf.as_ref(), out.buf.as_mut(), part.as_mut())
+        else {
             return;
         };
         let layer_off = (layer * kv.layer_elems()) as u64;
@@ -465,45 +558,44 @@ impl Backend for CudaBackend {
             l.head_dim as i32,
             l.block_size as i32,
         );
-        let scale = 1.0 / (l.head_dim as f32).sqrt();
-        let grid = cfg((q.rows as u32, heads as u32), 128);
-        let r = match &kv.bufs {
-            KvBufs::F32 { k, v } => {
-                let mut b = self.stream.launch_builder(&self.k.attention_f32);
-                b.arg(qb)
-                    .arg(k)
-                    .arg(v)
-                    .arg(o)
-                    .arg(&plan.row_ctx)
-                    .arg(&plan.row_table)
-                    .arg(&plan.tables);
-                b.arg(&h)
-                    .arg(&kvh)
-                    .arg(&hd)
-                    .arg(&bs)
-                    .arg(&layer_off)
-                    .arg(&scale);
-                unsafe { b.launch(grid) }.map(drop)
-            }
-            KvBufs::F16 { k, v } => {
-                let mut b = self.stream.launch_builder(&self.k.attention_f16);
-                b.arg(qb)
-                    .arg(k)
-                    .arg(v)
-                    .arg(o)
-                    .arg(&plan.row_ctx)
-                    .arg(&plan.row_table)
-                    .arg(&plan.tables);
-                b.arg(&h)
-                    .arg(&kvh)
-                    .arg(&hd)
-                    .arg(&bs)
-                    .arg(&layer_off)
-                    .arg(&scale);
-                unsafe { b.launch(grid) }.map(drop)
-            }
+        let (scale, sp) = (1.0 / (l.head_dim as f32).sqrt(), splits as i32);
+        let grid = LaunchConfig {
+            grid_dim: (q.rows as u32, l.kv_heads as u32, splits as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
         };
-        self.launch("attention", r);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(qb);
+        match &kv.bufs {
+            KvBufs::F32 { k, v } => b.arg(k).arg(v),
+            KvBufs::F16 { k, v } => b.arg(k).arg(v),
+        };
+        b.arg(&mut *o)
+            .arg(&mut *pb)
+            .arg(&plan.row_ctx)
+            .arg(&plan.row_table)
+            .arg(&plan.tables);
+        b.arg(&kvh).arg(&bs).arg(&layer_off).arg(&scale).arg(&sp);
+        self.launch("attention", unsafe { b.launch(grid) }.map(drop));
+        if splits > 1 {
+            let mut b = self.stream.launch_builder(&self.k.attention_combine);
+            b.arg(&*pb).arg(o).arg(&h).arg(&hd).arg(&sp);
+            let grid = cfg((q.rows as u32, heads as u32), l.head_dim as u32);
+            self.launch("attention_combine", unsafe { b.launch(grid) }.map(drop));
+        }
+    }
+
+    fn add_rms_norm(&self, x: &mut CudaTensor, y: &mut CudaTensor, w: &CudaSlice<f32>, eps: f32) {
+        let (rows, cols) = (x.rows as u32, x.cols as i32);
+        let (Some(xb), Some(yb)) = (x.buf.as_mut(), y.buf.as_mut()) else {
+            return;
+        };
+        let mut b = self.stream.launch_builder(&self.k.add_rms_norm);
+        b.arg(xb).arg(yb).arg(w).arg(&cols).arg(&eps);
+        self.launch(
+            "add_rms_norm",
+            unsafe { b.launch(cfg((rows, 1), 256)) }.map(drop),
+        );
     }
 
     fn silu_mul(&self, gate: &mut CudaTensor, up: &CudaTensor) {
@@ -547,6 +639,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
+        let _mark = Marked(self, "logits to host");
         let n = x.len();
         let Some(b) = x.buf.as_ref() else {
             return vec![0.0; n];
@@ -556,6 +649,30 @@ impl Backend for CudaBackend {
             let r = self.stream.memcpy_dtoh(&b.slice(0..n), &mut out);
             self.ok("copying activations to the host", r);
         }
+        out
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Vec<u32> {
+        let _mark = Marked(self, "argmax");
+        let rows = x.len() / cols.max(1);
+        let (Some(xb), true) = (x.buf.as_ref(), rows > 0) else {
+            return Vec::new();
+        };
+        let Some(mut ids) = self.ok("argmax buffer", self.stream.alloc_zeros::<u32>(rows)) else {
+            return vec![0; rows];
+        };
+        let c = cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+        b.arg(xb).arg(&mut ids).arg(&c);
+        self.ok(
+            "argmax",
+            unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop),
+        );
+        let mut out = vec![0u32; rows];
+        self.ok(
+            "copying token ids to the host",
+            self.stream.memcpy_dtoh(&ids, &mut out),
+        );
         out
     }
 
@@ -640,6 +757,15 @@ impl Backend for CudaBackend {
     }
 }
 
+/// Marks its operation when dropped.
+struct Marked<'a>(&'a CudaBackend, &'static str);
+
+impl Drop for Marked<'_> {
+    fn drop(&mut self) {
+        self.0.mark(self.1);
+    }
+}
+
 impl CudaBackend {
     fn empty_u32(&self) -> CudaSlice<u32> {
         self.stream
@@ -650,6 +776,45 @@ impl CudaBackend {
         self.stream
             .alloc_zeros::<f32>(1)
             .expect("a 4-byte allocation")
+    }
+
+    /// Up to three weights sharing the input `x` (`rows x k`, rows <= 8) in one launch of the small-batch kernel.
+    fn gemv(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &CudaSlice<f32>,
+        group: &mut [(&CudaMatrix, &mut CudaTensor)],
+    ) {
+        let total: usize = group.iter().map(|(w, _)| w.rows).sum();
+        for (w, out) in group.iter_mut() {
+            self.resize(out, rows, w.rows);
+        }
+        let f = &self.k.gemv[rows - 1];
+        let mut b = self.stream.launch_builder(f);
+        let ns: Vec<i32> = group.iter().map(|(w, _)| w.rows as i32).collect();
+        let zero = 0i32;
+        let first = &group[0].0.data;
+        let slots = group
+            .iter_mut()
+            .map(Some)
+            .chain(std::iter::repeat_with(|| None));
+        for (slot, n) in slots.zip(ns.iter().chain(std::iter::repeat(&zero))).take(3) {
+            match slot {
+                Some((w, out)) => {
+                    let Some(o) = out.buf.as_mut() else { return };
+                    b.arg(&w.data).arg(o).arg(n);
+                }
+                // Unused slots: a real pointer with no rows.
+                None => {
+                    b.arg(first).arg(first).arg(n);
+                }
+            }
+        }
+        let k = k as i32;
+        b.arg(x).arg(&k);
+        let blocks = total.div_ceil(8) as u32;
+        self.launch("gemv", unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop));
     }
 
     /// `out (rows x w.rows) = x (rows x w.cols) @ w^T` in cuBLAS's column-major terms: `out^T = w . x^T`, with `w`

@@ -13,6 +13,7 @@ const SOURCE: &str = include_str!("kernels.cu");
 pub struct Kernels {
     pub embed_bf16: CudaFunction,
     pub rms_norm: CudaFunction,
+    pub add_rms_norm: CudaFunction,
     pub to_bf16: CudaFunction,
     pub add_bias: CudaFunction,
     pub add: CudaFunction,
@@ -20,9 +21,13 @@ pub struct Kernels {
     pub rope: CudaFunction,
     pub store_kv_f32: CudaFunction,
     pub store_kv_f16: CudaFunction,
-    pub attention_f32: CudaFunction,
-    pub attention_f16: CudaFunction,
+    /// Attention kernels by (f16 cache, query heads per KV head, head_dim / 32).
+    pub attention: std::collections::HashMap<(bool, usize, usize), CudaFunction>,
+    pub attention_combine: CudaFunction,
     pub gather_rows: CudaFunction,
+    /// `gemv_bf16_r{R}` for R = 1..=8 input rows, at index R - 1.
+    pub gemv: Vec<CudaFunction>,
+    pub argmax_rows: CudaFunction,
 }
 
 fn dev(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
@@ -49,6 +54,7 @@ impl Kernels {
         Ok(Self {
             embed_bf16: f("embed_bf16")?,
             rms_norm: f("rms_norm")?,
+            add_rms_norm: f("add_rms_norm")?,
             to_bf16: f("to_bf16")?,
             add_bias: f("add_bias")?,
             add: f("add")?,
@@ -56,9 +62,24 @@ impl Kernels {
             rope: f("rope")?,
             store_kv_f32: f("store_kv_f32")?,
             store_kv_f16: f("store_kv_f16")?,
-            attention_f32: f("attention_f32")?,
-            attention_f16: f("attention_f16")?,
+            attention: {
+                let mut m = std::collections::HashMap::new();
+                for f16 in [false, true] {
+                    for g in 1..=8 {
+                        for d in [2, 4] {
+                            let ty = if f16 { "f16" } else { "f32" };
+                            m.insert((f16, g, d), f(&format!("attention_{ty}_g{g}_d{d}"))?);
+                        }
+                    }
+                }
+                m
+            },
+            attention_combine: f("attention_combine")?,
             gather_rows: f("gather_rows")?,
+            gemv: (1..=8)
+                .map(|r| f(&format!("gemv_bf16_r{r}")))
+                .collect::<Result<_>>()?,
+            argmax_rows: f("argmax_rows")?,
         })
     }
 }
