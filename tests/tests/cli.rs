@@ -370,6 +370,47 @@ fn bad_input_gets_a_one_line_error() {
 }
 
 #[test]
+fn the_device_flag_falls_back_or_fails_clearly_without_a_gpu() {
+    if tandem_engine::backend::cuda::driver_present() {
+        return; // A GPU host: the CUDA paths are covered by `tandem bench gpu`.
+    }
+    let o = run(&[
+        "generate",
+        "--device",
+        "cuda",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--device cuda") && err.contains("CUDA driver"),
+        "{err}"
+    );
+    // auto runs on the CPU and says so.
+    let o = Command::new(tandem_bin())
+        .args([
+            "generate",
+            "--device",
+            "auto",
+            "--raw",
+            "--prompt",
+            "The sky is",
+            "--max-tokens",
+            "3",
+        ])
+        .env("TANDEM_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("using the CPU"), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+}
+
+#[test]
 fn invalid_utf8_prompt_is_rejected() {
     use std::os::unix::ffi::OsStrExt;
     let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");

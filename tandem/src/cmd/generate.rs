@@ -1,6 +1,6 @@
 //! `tandem generate`: one prompt, streamed to stdout, no servers.
 
-use super::{ModelArgs, load};
+use super::{DeviceArgs, Loaded, ModelArgs};
 use anyhow::{Context, Result};
 use std::io::Write;
 use tandem_engine::generate::{Request, StopConditions, run_batch};
@@ -11,6 +11,8 @@ use tandem_engine::tokenizer::chat::{ChatMessage, Role};
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// The prompt (a user message, wrapped in the model's chat template unless --raw).
     #[arg(long)]
     pub prompt: std::ffi::OsString,
@@ -50,7 +52,16 @@ pub fn run(a: GenerateArgs, threads: usize) -> Result<()> {
     if user_text.is_empty() {
         anyhow::bail!("--prompt is empty");
     }
-    let mut loaded = load(&a.model, threads)?;
+    crate::on_device!(a.device, threads, &a.model, |loaded| generate_on(
+        &a, loaded, user_text
+    ))
+}
+
+fn generate_on<B: tandem_engine::backend::Backend>(
+    a: &GenerateArgs,
+    mut loaded: Loaded<B>,
+    user_text: String,
+) -> Result<()> {
     let tok = &loaded.tokenizer;
     let text = if a.raw {
         user_text.clone()

@@ -4,7 +4,6 @@
 use anyhow::Result;
 use std::time::Duration;
 use tandem_engine::Engine;
-use tandem_engine::backend::cpu::CpuBackend;
 use tandem_router::discovery::Registration;
 use tandem_router::discovery::etcd::{self, EtcdConfig};
 use tandem_router::workers::WorkerRole;
@@ -112,7 +111,7 @@ impl RegisterArgs {
         endpoint: String,
         kv_endpoint: Option<String>,
         model_path: &std::path::Path,
-        engine: &Engine<CpuBackend>,
+        engine: &Engine<impl tandem_engine::backend::Backend>,
         stop: watch::Receiver<bool>,
     ) -> Result<Option<tokio::task::JoinHandle<()>>> {
         if self.etcd.etcd_endpoints.is_empty() {

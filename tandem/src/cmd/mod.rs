@@ -15,6 +15,7 @@ pub mod up;
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
+use tandem_engine::backend::Backend;
 use tandem_engine::backend::cpu::CpuBackend;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
@@ -212,8 +213,8 @@ impl CostArgs {
     }
 }
 
-pub struct Loaded {
-    pub engine: Engine<CpuBackend>,
+pub struct Loaded<B: Backend = CpuBackend> {
+    pub engine: Engine<B>,
     pub tokenizer: Tokenizer,
     pub weight_bytes: u64,
     /// Weight bytes one batch-1 decode step must read: every matrix, the embeddings only when they double as the
@@ -223,6 +224,79 @@ pub struct Loaded {
 
 /// Opens the model, builds its tokenizer and a CPU engine, with a progress bar over the layers.
 pub fn load(args: &ModelArgs, threads: usize) -> Result<Loaded> {
+    load_on(args, CpuBackend::new(threads))
+}
+
+/// Where a serving command computes: `--device cpu|cuda|auto`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// cpu, cuda (fails clearly without a usable GPU) or auto (the GPU when there is one, else the CPU, said in a
+    /// log line).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+    /// Which GPU, with --device cuda or auto.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+/// The backend a command runs on.
+pub enum Chosen {
+    Cpu(CpuBackend),
+    Cuda(tandem_engine::backend::cuda::CudaBackend),
+}
+
+impl DeviceArgs {
+    pub fn backend(&self, threads: usize) -> Result<Chosen> {
+        use tandem_engine::backend::cuda::{CudaBackend, driver_present};
+        match self.device {
+            DeviceKind::Cpu => Ok(Chosen::Cpu(CpuBackend::new(threads))),
+            DeviceKind::Cuda => Ok(Chosen::Cuda(
+                CudaBackend::new(self.gpu).context("--device cuda")?,
+            )),
+            DeviceKind::Auto if driver_present() => match CudaBackend::new(self.gpu) {
+                Ok(b) => {
+                    tracing::info!(gpu = %b.device_name(), "--device auto: using the GPU");
+                    Ok(Chosen::Cuda(b))
+                }
+                Err(e) => {
+                    tracing::warn!("--device auto: no usable GPU ({e}); using the CPU");
+                    Ok(Chosen::Cpu(CpuBackend::new(threads)))
+                }
+            },
+            DeviceKind::Auto => {
+                tracing::info!("--device auto: no CUDA driver on this machine; using the CPU");
+                Ok(Chosen::Cpu(CpuBackend::new(threads)))
+            }
+        }
+    }
+}
+
+/// Runs `$body` with `$loaded` bound to the model loaded on the chosen backend (one copy per backend type).
+#[macro_export]
+macro_rules! on_device {
+    ($device:expr, $threads:expr, $model:expr, |$loaded:ident| $body:expr) => {
+        match $device.backend($threads)? {
+            $crate::cmd::Chosen::Cpu(b) => {
+                let $loaded = $crate::cmd::load_on($model, b)?;
+                $body
+            }
+            $crate::cmd::Chosen::Cuda(b) => {
+                let $loaded = $crate::cmd::load_on($model, b)?;
+                $body
+            }
+        }
+    };
+}
+
+/// Opens the model, builds its tokenizer and an engine on `backend`, with a progress bar over the layers.
+pub fn load_on<B: Backend>(args: &ModelArgs, backend: B) -> Result<Loaded<B>> {
     let path = &args.model;
     if !path.exists() {
         anyhow::bail!(
@@ -245,7 +319,7 @@ pub fn load(args: &ModelArgs, threads: usize) -> Result<Loaded> {
     }
     .with_kv_budget_bytes(&cfg, args.kv_cache_mib << 20);
     let pb = crate::progress::bar(cfg.layers as u64, "loading");
-    let engine = Engine::new(CpuBackend::new(threads), &src, config, |done, _| {
+    let engine = Engine::new(backend, &src, config, |done, _| {
         pb.set_position(done as u64)
     })?;
     pb.finish_and_clear();

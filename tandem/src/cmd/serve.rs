@@ -1,12 +1,14 @@
 //! The server subcommands: `tandem prefill`, `tandem decode`, `tandem router` (one node per process) and what they
 //! share: the async runtime, binding listeners with a clear error, and the shutdown signal (Ctrl-C or SIGTERM).
 
-use super::{ModelArgs, load};
+use super::{DeviceArgs, Loaded, ModelArgs};
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
+use tandem_engine::Engine;
+use tandem_engine::backend::Backend;
 use tandem_engine::kv::codec::Codec;
 use tandem_engine::kv::evict::Eviction;
 use tandem_engine::model::ModelSource;
@@ -35,6 +37,8 @@ pub struct PrefillArgs {
     pub advertise: Option<String>,
     #[command(flatten)]
     pub register: super::membership::RegisterArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -79,6 +83,8 @@ pub struct DecodeArgs {
     pub advertise: Option<String>,
     #[command(flatten)]
     pub register: super::membership::RegisterArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -228,7 +234,13 @@ pub fn endpoints(urls: &[String]) -> Vec<WorkerEndpoint> {
 }
 
 pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
-    let loaded = load(&a.model, threads)?;
+    crate::on_device!(a.device, threads, &a.model, |loaded| prefill_on(&a, loaded))
+}
+
+fn prefill_on<B: Backend>(a: &PrefillArgs, loaded: Loaded<B>) -> Result<()>
+where
+    Engine<B>: Send,
+{
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the prefill worker").await?;
         let endpoint = a
@@ -259,7 +271,13 @@ pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
 }
 
 pub fn run_decode(a: DecodeArgs, threads: usize) -> Result<()> {
-    let loaded = load(&a.model, threads)?;
+    crate::on_device!(a.device, threads, &a.model, |loaded| decode_on(&a, loaded))
+}
+
+fn decode_on<B: Backend>(a: &DecodeArgs, loaded: Loaded<B>) -> Result<()>
+where
+    Engine<B>: Send,
+{
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the decode worker").await?;
         let endpoint = a
