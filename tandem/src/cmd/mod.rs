@@ -249,7 +249,7 @@ pub enum DeviceKind {
 /// The backend a command runs on.
 pub enum Chosen {
     Cpu(CpuBackend),
-    Cuda(tandem_engine::backend::cuda::CudaBackend),
+    Cuda(Box<tandem_engine::backend::cuda::CudaBackend>),
 }
 
 impl DeviceArgs {
@@ -257,13 +257,13 @@ impl DeviceArgs {
         use tandem_engine::backend::cuda::{CudaBackend, driver_present};
         match self.device {
             DeviceKind::Cpu => Ok(Chosen::Cpu(CpuBackend::new(threads))),
-            DeviceKind::Cuda => Ok(Chosen::Cuda(
+            DeviceKind::Cuda => Ok(Chosen::Cuda(Box::new(
                 CudaBackend::new(self.gpu).context("--device cuda")?,
-            )),
+            ))),
             DeviceKind::Auto if driver_present() => match CudaBackend::new(self.gpu) {
                 Ok(b) => {
                     tracing::info!(gpu = %b.device_name(), "--device auto: using the GPU");
-                    Ok(Chosen::Cuda(b))
+                    Ok(Chosen::Cuda(Box::new(b)))
                 }
                 Err(e) => {
                     tracing::warn!("--device auto: no usable GPU ({e}); using the CPU");
@@ -288,7 +288,7 @@ macro_rules! on_device {
                 $body
             }
             $crate::cmd::Chosen::Cuda(b) => {
-                let $loaded = $crate::cmd::load_on($model, b)?;
+                let $loaded = $crate::cmd::load_on($model, *b)?;
                 $body
             }
         }
