@@ -111,7 +111,6 @@ enum Command {
     Cancel {
         key: SeqId,
     },
-    Load(oneshot::Sender<v1::LoadReport>),
     KvSnapshot(oneshot::Sender<v1::KvSnapshotResponse>),
     /// Fail every request and stop.
     Shutdown,
@@ -128,6 +127,8 @@ pub struct SchedulerConfig {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Command>,
+    /// The load as of the scheduler's last command or step, so a load poll never waits behind a forward pass.
+    load: Arc<std::sync::Mutex<v1::LoadReport>>,
 }
 
 /// Owns the scheduler thread: dropping it stops the thread (failing what is still running) and joins it.
@@ -179,11 +180,12 @@ impl SchedulerHandle {
     pub fn cancel(&self, key: SeqId) {
         let _ = self.send(Command::Cancel { key });
     }
+    /// The load as the scheduler last published it (after its last command or step).
     pub async fn load(&self) -> Result<v1::LoadReport, DecodeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Load(reply))?;
-        rx.await
-            .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))
+        if self.tx.is_closed() {
+            return Err(DecodeError::Unavailable("scheduler stopped".into()));
+        }
+        Ok(*self.load.lock().unwrap_or_else(|p| p.into_inner()))
     }
     pub async fn kv_snapshot(&self) -> Result<v1::KvSnapshotResponse, DecodeError> {
         let (reply, rx) = oneshot::channel();
@@ -204,23 +206,27 @@ where
     Engine<B>: Send,
 {
     let (tx, rx) = mpsc::unbounded_channel();
+    let scheduler = Scheduler {
+        engine,
+        tok: tokenizer,
+        hub,
+        config,
+        active: HashMap::new(),
+        order: Vec::new(),
+        waiting: VecDeque::new(),
+        reserved_blocks: 0,
+        published: Arc::new(std::sync::Mutex::new(v1::LoadReport::default())),
+    };
+    scheduler.publish_load();
+    let load = scheduler.published.clone();
     let join = std::thread::Builder::new()
         .name("decode-scheduler".into())
-        .spawn(move || {
-            Scheduler {
-                engine,
-                tok: tokenizer,
-                hub,
-                config,
-                active: HashMap::new(),
-                order: Vec::new(),
-                waiting: VecDeque::new(),
-                reserved_blocks: 0,
-            }
-            .run(rx)
-        })?;
+        .spawn(move || scheduler.run(rx))?;
     Ok((
-        SchedulerHandle { tx: tx.clone() },
+        SchedulerHandle {
+            tx: tx.clone(),
+            load,
+        },
         SchedulerThread {
             tx,
             join: Some(join),
@@ -269,9 +275,15 @@ struct Scheduler<B: Backend> {
     order: Vec<SeqId>,
     waiting: VecDeque<Waiting>,
     reserved_blocks: usize,
+    /// Where the load is published for [`SchedulerHandle::load`].
+    published: Arc<std::sync::Mutex<v1::LoadReport>>,
 }
 
 impl<B: Backend> Scheduler<B> {
+    fn publish_load(&self) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = self.load();
+    }
+
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         loop {
             let runnable = self
@@ -281,7 +293,10 @@ impl<B: Backend> Scheduler<B> {
             if !runnable {
                 match rx.blocking_recv() {
                     Some(Command::Shutdown) | None => break,
-                    Some(c) => self.handle(c),
+                    Some(c) => {
+                        self.handle(c);
+                        self.publish_load();
+                    }
                 }
             }
             loop {
@@ -293,7 +308,9 @@ impl<B: Backend> Scheduler<B> {
                 }
             }
             self.admit_waiting();
+            self.publish_load();
             self.step();
+            self.publish_load();
             self.hub.publish(self.engine.drain_kv_events());
         }
         self.shutdown();
@@ -329,9 +346,6 @@ impl<B: Backend> Scheduler<B> {
                 }
             }
             Command::Cancel { key } => self.remove(key),
-            Command::Load(reply) => {
-                let _ = reply.send(self.load());
-            }
             Command::KvSnapshot(reply) => {
                 let _ = reply.send(convert::kv_snapshot_to_wire(self.engine.kv_snapshot()));
             }
