@@ -161,20 +161,19 @@ pub async fn run(
         index: frontend.index.clone(),
         stop: stop_rx.clone(),
     };
+    // A static pool is complete before the first request or readiness probe can see it.
+    if let Discovery::Static { prefill, decode } = &config.discovery {
+        for e in decode {
+            members.add(e, workers::WorkerRole::Decode);
+        }
+        for e in prefill {
+            members.add(e, workers::WorkerRole::Prefill);
+        }
+    }
     let (discovery, model_id) = (config.discovery.clone(), config.model.id.clone());
     let membership = async move {
-        match discovery {
-            Discovery::Static { prefill, decode } => {
-                for e in &decode {
-                    members.add(e, workers::WorkerRole::Decode);
-                }
-                for e in &prefill {
-                    members.add(e, workers::WorkerRole::Prefill);
-                }
-            }
-            Discovery::Etcd(etcd) => {
-                discovery::etcd::watch(etcd, members, model_id, r.naming).await
-            }
+        if let Discovery::Etcd(etcd) = discovery {
+            discovery::etcd::watch(etcd, members, model_id, r.naming).await
         }
     };
     // Drain: refuse new requests at once, let open streams finish up to the deadline, then stop the servers (a
