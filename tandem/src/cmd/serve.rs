@@ -32,13 +32,48 @@ pub struct PrefillArgs {
     /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
     #[arg(long)]
     pub kv_lossless: bool,
-    /// The URL routers reach this worker at (default: http:// + the listen address).
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// What every worker takes: where it is reached, how it joins and leaves the cluster, where it computes.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// The URL routers (and prefill workers, for a decode worker) reach this worker at (default: http:// + the
+    /// listen address).
     #[arg(long)]
     pub advertise: Option<String>,
     #[command(flatten)]
     pub register: super::membership::RegisterArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+impl WorkerArgs {
+    /// The URL this worker announces, given the listener it serves on.
+    fn endpoint(&self, listener: &TcpListener) -> Result<String> {
+        Ok(match &self.advertise {
+            Some(url) => url.clone(),
+            None => format!("http://{}", listener.local_addr()?),
+        })
+    }
+
+    /// Runs `server` until the stop signal and its drain deadline, then waits for the etcd lease's revocation.
+    async fn lifetime<E>(
+        &self,
+        server: impl std::future::Future<Output = Result<(), E>>,
+        stop: watch::Receiver<bool>,
+        registration: Option<tokio::task::JoinHandle<()>>,
+    ) -> Result<(), E> {
+        drained(
+            server,
+            stop,
+            Duration::from_secs(self.register.drain_timeout_s),
+        )
+        .await?;
+        deregistered(registration).await;
+        Ok(())
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -78,13 +113,8 @@ pub struct DecodeArgs {
     /// Address to serve gRPC (DecodeWorker and KvTransfer) on.
     #[arg(long, default_value = "127.0.0.1:7200")]
     pub listen: SocketAddr,
-    /// The URL routers and prefill workers reach this worker at (default: http:// + the listen address).
-    #[arg(long)]
-    pub advertise: Option<String>,
     #[command(flatten)]
-    pub register: super::membership::RegisterArgs,
-    #[command(flatten)]
-    pub device: DeviceArgs,
+    pub worker: WorkerArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -234,7 +264,9 @@ pub fn endpoints(urls: &[String]) -> Vec<WorkerEndpoint> {
 }
 
 pub fn run_prefill(a: PrefillArgs, threads: usize) -> Result<()> {
-    crate::on_device!(a.device, threads, &a.model, |loaded| prefill_on(&a, loaded))
+    crate::on_device!(a.worker.device, threads, &a.model, |loaded| prefill_on(
+        &a, loaded
+    ))
 }
 
 fn prefill_on<B: Backend>(a: &PrefillArgs, loaded: Loaded<B>) -> Result<()>
@@ -243,17 +275,14 @@ where
 {
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the prefill worker").await?;
-        let endpoint = a
-            .advertise
-            .clone()
-            .unwrap_or(format!("http://{}", listener.local_addr()?));
+        let endpoint = a.worker.endpoint(&listener)?;
         eprintln!("prefill worker serving on {endpoint}");
         let config = PrefillConfig {
             default_deadline: Duration::from_millis(a.default_deadline_ms),
             kv_lossless: a.kv_lossless,
         };
         let stop = shutdown_signal();
-        let registration = a.register.spawn(
+        let registration = a.worker.register.spawn(
             WorkerRole::Prefill,
             endpoint,
             None,
@@ -261,17 +290,17 @@ where
             &loaded.engine,
             stop.clone(),
         )?;
-        let drain = Duration::from_secs(a.register.drain_timeout_s);
         let server =
             tandem_prefill_node::run(listener, config, loaded.engine, stopped(stop.clone()));
-        drained(server, stop, drain).await?;
-        deregistered(registration).await;
+        a.worker.lifetime(server, stop, registration).await?;
         Ok(())
     })
 }
 
 pub fn run_decode(a: DecodeArgs, threads: usize) -> Result<()> {
-    crate::on_device!(a.device, threads, &a.model, |loaded| decode_on(&a, loaded))
+    crate::on_device!(a.worker.device, threads, &a.model, |loaded| decode_on(
+        &a, loaded
+    ))
 }
 
 fn decode_on<B: Backend>(a: &DecodeArgs, loaded: Loaded<B>) -> Result<()>
@@ -280,13 +309,10 @@ where
 {
     runtime()?.block_on(async {
         let listener = bind(a.listen, "the decode worker").await?;
-        let endpoint = a
-            .advertise
-            .clone()
-            .unwrap_or(format!("http://{}", listener.local_addr()?));
+        let endpoint = a.worker.endpoint(&listener)?;
         eprintln!("decode worker serving on {endpoint}");
         let stop = shutdown_signal();
-        let registration = a.register.spawn(
+        let registration = a.worker.register.spawn(
             WorkerRole::Decode,
             endpoint.clone(),
             Some(endpoint),
@@ -296,18 +322,12 @@ where
         )?;
         let server = tandem_decode_node::run(
             listener,
-            a.options.config(a.advertise.clone()),
+            a.options.config(a.worker.advertise.clone()),
             loaded.engine,
             Arc::new(loaded.tokenizer),
             stopped(stop.clone()),
         );
-        drained(
-            server,
-            stop,
-            Duration::from_secs(a.register.drain_timeout_s),
-        )
-        .await?;
-        deregistered(registration).await;
+        a.worker.lifetime(server, stop, registration).await?;
         Ok(())
     })
 }
