@@ -340,7 +340,8 @@ impl<B: Backend> Engine<B> {
     /// Runs one forward pass over `items`; returns, per item, its logits rows (`vocab` floats each; none, the last,
     /// or all computed tokens, as asked).
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<Vec<f32>>> {
-        self.step_observed(items, &mut |_, _| {})
+        let (rows_of, out) = self.step_with(items, None, Head::Logits)?;
+        Ok(self.split_logits(&rows_of, out))
     }
 
     /// [`Engine::step`], calling `after_layer(layer, view)` as soon as each layer's K/V of this step is stored (a
@@ -350,18 +351,23 @@ impl<B: Backend> Engine<B> {
         items: &[StepItem],
         after_layer: &mut dyn FnMut(usize, &KvView<'_, B>),
     ) -> Result<Vec<Vec<f32>>> {
+        let (rows_of, out) = self.step_with(items, Some(after_layer), Head::Logits)?;
+        Ok(self.split_logits(&rows_of, out))
+    }
+
+    /// Each item's rows of a step's logits.
+    fn split_logits(&self, rows_of: &[usize], out: HeadOut) -> Vec<Vec<f32>> {
         let vocab = self.model.config.vocab;
-        let (rows_of, out) = self.step_with(items, after_layer, Head::Logits)?;
         let HeadOut::Logits(logits) = out else {
             unreachable!("asked for logits")
         };
-        let mut split = Vec::with_capacity(items.len());
+        let mut split = Vec::with_capacity(rows_of.len());
         let mut at = 0;
-        for n in rows_of {
+        for &n in rows_of {
             split.push(logits[at * vocab..(at + n) * vocab].to_vec());
             at += n;
         }
-        Ok(split)
+        split
     }
 
     /// One step of `items`, each wanting at most its last row, greedy: the next token of each item that asked
@@ -372,7 +378,7 @@ impl<B: Backend> Engine<B> {
                 "step_argmax takes the last row of each item only",
             ));
         }
-        match self.step_with(items, &mut |_, _| {}, Head::Argmax)?.1 {
+        match self.step_with(items, None, Head::Argmax)?.1 {
             HeadOut::Tokens(t) => Ok(t),
             HeadOut::Logits(_) => unreachable!("asked for tokens"),
         }
@@ -382,7 +388,7 @@ impl<B: Backend> Engine<B> {
     fn step_with(
         &mut self,
         items: &[StepItem],
-        after_layer: &mut dyn FnMut(usize, &KvView<'_, B>),
+        mut after_layer: Option<&mut dyn FnMut(usize, &KvView<'_, B>)>,
         head: Head,
     ) -> Result<(Vec<usize>, HeadOut)> {
         let bs = self.layout.block_size;
@@ -482,6 +488,7 @@ impl<B: Backend> Engine<B> {
                 sums: &mut sums.sums,
             })
             .collect();
+        batch.capturable = after_layer.is_none() && tallies.is_empty();
         let (backend, seqs) = (&self.backend, &self.seqs);
         let started = std::time::Instant::now();
         let logits = self.model.forward(
@@ -490,7 +497,11 @@ impl<B: Backend> Engine<B> {
             &batch,
             &mut self.scratch,
             &mut tallies,
-            &mut |layer, kv| after_layer(layer, &KvView::new(backend, kv, seqs)),
+            &mut |layer, kv| {
+                if let Some(f) = after_layer.as_mut() {
+                    f(layer, &KvView::new(backend, kv, seqs))
+                }
+            },
         );
         drop(tallies);
         for (seq, from, sums) in scored {

@@ -41,6 +41,10 @@ pub struct BatchLayout {
     pub logit_rows: Vec<usize>,
     /// Whether those rows come back as logits or as their argmax.
     pub head: crate::model::Head,
+    /// Nothing observes this step from outside the forward pass (no layer observer reads the cache mid-step, no
+    /// attention tallies), so a device backend may record the step's work once and replay it for later steps of
+    /// the same shape.
+    pub capturable: bool,
 }
 
 /// Where a step's attention probabilities are summed per key position for one sequence (eviction policies rank

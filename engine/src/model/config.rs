@@ -178,11 +178,19 @@ impl ModelConfig {
         let hidden = req("hidden_size")?;
         let heads = req("num_attention_heads")?;
         let head_dim = get("head_dim").unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+        // transformers 5 writes one `rope_parameters` object (rope_theta, rope_type and the scaling's numbers);
+        // earlier versions put `rope_theta` and `rope_scaling` at the top level.
+        let rope_params = json.get("rope_parameters").filter(|v| v.is_object());
         let theta = json
             .get("rope_theta")
+            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")))
             .and_then(|v| v.as_f64())
             .unwrap_or(10000.0) as f32;
-        let freq_factors = match json.get("rope_scaling").filter(|v| !v.is_null()) {
+        let scaling = json
+            .get("rope_scaling")
+            .filter(|v| !v.is_null())
+            .or(rope_params);
+        let freq_factors = match scaling {
             None => None,
             Some(s) => {
                 let kind = s
@@ -306,6 +314,32 @@ mod tests {
         let inv = rope.inv_freq(128);
         assert!((inv[0] - 1.0).abs() < 1e-6);
         assert!((inv[63] * 8.0 - 1.0 / 500_000f32.powf(126.0 / 128.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn hf_config_reads_rope_from_either_place() {
+        let base = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100});
+        let with = |extra: serde_json::Value| {
+            let mut j = base.clone();
+            j.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            ModelConfig::from_hf_config(&j).unwrap().rope
+        };
+        // transformers < 5: top-level keys.
+        let old = with(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}));
+        // transformers 5: one rope_parameters object.
+        let new = with(serde_json::json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}));
+        assert_eq!(old.theta, 500_000.0);
+        assert_eq!(new.theta, 500_000.0);
+        assert_eq!(old.freq_factors, new.freq_factors);
+        assert!(new.freq_factors.is_some());
+        let plain = with(serde_json::json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}));
+        assert_eq!((plain.theta, plain.freq_factors), (100_000.0, None));
+        assert_eq!(with(serde_json::json!({})).theta, 10_000.0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `tandem bench gpu`: the CUDA backend on seeded dummy weights at a real model's shape, against the ceilings
-//! measured in the same run. First a check: the CUDA and CPU backends run the same dummy SmolLM2-shaped model on the
+//! measured in the same run. First the checks: every kernel alone against a float64 reference on random inputs of
+//! odd sizes, then the CUDA and CPU backends run the same dummy SmolLM2-shaped model on the
 //! same prompt, and their logits and greedy tokens must agree within bf16 tolerance. Then the ceilings (device copy
 //! bandwidth, bf16 GEMM rate), then prefill and decode of the named shape with their floors: decode step >=
 //! (weight bytes + KV bytes read) / bandwidth, prefill >= 2 x params x tokens / GEMM rate.
@@ -8,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use std::time::Instant;
 use tandem_engine::backend::Backend;
 use tandem_engine::backend::cpu::CpuBackend;
-use tandem_engine::backend::cuda::{CudaBackend, ceilings};
+use tandem_engine::backend::cuda::{CudaBackend, ceilings, check_kernels};
 use tandem_engine::engine::SeqId;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
@@ -42,6 +43,13 @@ pub struct GpuBenchArgs {
     /// Skip the CUDA-vs-CPU check.
     #[arg(long)]
     pub no_check: bool,
+    /// Also compare against PyTorch: an HF model directory holding `reference.json` (written by
+    /// bench/gpu-torch.py: prompt ids, PyTorch's last-position logits and greedy tokens on the same weights).
+    #[arg(long)]
+    pub reference: Option<std::path::PathBuf>,
+    /// Only run the checks (kernels, CPU, and the PyTorch reference if given); no timings.
+    #[arg(long)]
+    pub check_only: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,7 +71,32 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
     let gpu = CudaBackend::new(a.gpu).context("opening the GPU")?;
     println!("device: {}", gpu.device_name());
     if !a.no_check {
+        let checks = check_kernels(&gpu, a.seed);
+        let failed: Vec<_> = checks.iter().filter(|c| !c.passed()).collect();
+        for c in &checks {
+            println!(
+                "  kernel {:<60} rel. error {:.1e} (tolerance {:.0e}) {}",
+                c.name,
+                c.rel_err,
+                c.tolerance,
+                if c.passed() { "ok" } else { "FAILED" }
+            );
+        }
+        if !failed.is_empty() {
+            bail!(
+                "{} of {} kernel checks failed against the float64 reference",
+                failed.len(),
+                checks.len()
+            );
+        }
+        println!("kernel checks: {} of {} within tolerance", checks.len(), checks.len());
         check(a.gpu, threads, a.seed)?;
+    }
+    if let Some(dir) = &a.reference {
+        check_reference(a.gpu, dir)?;
+    }
+    if a.check_only {
+        return Ok(());
     }
     let c = ceilings(&gpu).context("measuring the ceilings")?;
     println!(
@@ -103,6 +136,7 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
     let params = weight_bytes / 2.0;
 
     // Prefill: one fresh prompt per run.
+    engine.backend.take_profile();
     let mut times = Vec::new();
     for run in 0..a.runs + 1 {
         let prompt: Vec<u32> = (0..a.prefill_tokens)
@@ -120,6 +154,7 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
         }
         engine.remove_sequence(seq)?;
     }
+    print_profile(&engine.backend, (a.runs + 1) as f64);
     let prefill_s = median(times);
     let prefill_floor = 2.0 * params * a.prefill_tokens as f64 / c.gemm_flops_per_s;
     println!(
@@ -158,18 +193,7 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
             }
         }
         let step_s = median(times);
-        let profile = engine.backend.take_profile();
-        if !profile.is_empty() {
-            let steps = (a.runs * 4 + 2) as f64;
-            let parts: Vec<String> = profile
-                .iter()
-                .map(|(n, t)| format!("{n} {:.2} ms", t / steps * 1e3))
-                .collect();
-            println!(
-                "  per step (synchronized after each op): {}",
-                parts.join(", ")
-            );
-        }
+        print_profile(&engine.backend, (a.runs * 4 + 2) as f64);
         let kv_read = kv_token_bytes * (a.context as f64) * b as f64;
         // HBM moves about the same bytes per second reading alone as reading and writing together.
         let floor = (weight_bytes + kv_read) / c.copy_bytes_per_s;
@@ -181,11 +205,71 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
             floor * 1e3,
             100.0 * floor / step_s
         );
+        println!(
+            "  decode steps recorded as CUDA graphs: {} shape(s)",
+            engine.backend.recorded_graphs()
+        );
         for s in seqs {
             engine.remove_sequence(s)?;
         }
     }
     Ok(())
+}
+
+/// What bench/gpu-torch.py wrote next to the weights it saved.
+#[derive(serde::Deserialize)]
+struct Reference {
+    prompt: Vec<u32>,
+    /// PyTorch's logits at the prompt's last position.
+    logits: Vec<f32>,
+    /// PyTorch's greedy continuation (each step fed PyTorch's own previous token).
+    greedy: Vec<u32>,
+}
+
+/// CUDA against PyTorch on the same HF weights: prefill logits, then greedy tokens with PyTorch's tokens fed back
+/// (so one near-tie cannot derail the rest).
+fn check_reference(gpu: usize, dir: &std::path::Path) -> Result<()> {
+    let path = dir.join("reference.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let r: Reference = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let src = ModelSource::open(dir)?;
+    let config = EngineConfig {
+        num_blocks: (r.prompt.len() + r.greedy.len()).div_ceil(16) + 4,
+        kv_format: KvFormat::F16,
+        ..Default::default()
+    };
+    let mut e = Engine::new(CudaBackend::new(gpu)?, &src, config, |_, _| {})?;
+    let seq = e.add_sequence(&r.prompt)?;
+    let logits = e.prefill(seq)?;
+    let err = rel_err(&logits, &r.logits);
+    let mut agree = usize::from(argmax(&logits) == r.greedy[0]);
+    for pair in r.greedy.windows(2) {
+        e.append_token(seq, pair[0])?;
+        agree += usize::from(e.step_greedy(&[seq])?[0] == pair[1]);
+    }
+    println!(
+        "check (HF weights from PyTorch, CUDA vs PyTorch float32): logits rel. error {err:.2e}; greedy tokens agree {agree}/{}",
+        r.greedy.len()
+    );
+    if err.is_nan() || err >= 2e-2 || agree + 1 < r.greedy.len() {
+        bail!("CUDA disagrees with PyTorch beyond bf16 tolerance");
+    }
+    Ok(())
+}
+
+/// With `TANDEM_CUDA_PROFILE` set: time per operation, averaged over `passes`.
+fn print_profile(b: &CudaBackend, passes: f64) {
+    let profile = b.take_profile();
+    if !profile.is_empty() {
+        let parts: Vec<String> = profile
+            .iter()
+            .map(|(n, t)| format!("{n} {:.2} ms", t / passes * 1e3))
+            .collect();
+        println!(
+            "  per pass (synchronized after each op): {}",
+            parts.join(", ")
+        );
+    }
 }
 
 /// One decode step of `seq`; its logits.

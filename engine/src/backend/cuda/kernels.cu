@@ -2,6 +2,7 @@
 // weights bf16; the paged KV store is f32 or f16, laid out [layer][block][kv_head][slot][dim] for K and for V.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 typedef unsigned int u32;
 #define NEG_INF __int_as_float(0xff800000)
@@ -28,35 +29,97 @@ __device__ float block_sum(float v, float* shared) {
     return total;
 }
 
-// One block per row: out = x / rms(x) * w.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int cols, float eps) {
+// Four f32 values and, where a GEMM will read them (`ob` not null), their bf16 copy.
+__device__ __forceinline__ void put4(float4* o, __nv_bfloat16* ob, int c, float4 v) {
+    o[c] = v;
+    if (ob) {
+        __nv_bfloat162* b = reinterpret_cast<__nv_bfloat162*>(ob) + 2 * c;
+        b[0] = __floats2bfloat162_rn(v.x, v.y);
+        b[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+}
+
+// Kernels whose output feeds a cuBLAS GEMM take an optional `ob` (null when not wanted): a bf16 copy of the output,
+// written in the same pass so that the GEMM needs no separate conversion.
+
+// One block per row: out = x / rms(x) * w. Rows whose width is a multiple of 4 move in 16-byte loads.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int cols, float eps,
+                                    __nv_bfloat16* ob) {
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * cols;
+    float* o = out + (size_t)blockIdx.x * cols;
+    if (ob) ob += (size_t)blockIdx.x * cols;
     float ss = 0.f;
+    if ((cols & 3) == 0) {
+        const float4* x4 = reinterpret_cast<const float4*>(xr);
+        for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+            const float4 v = x4[c];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        const float scale = rsqrtf(block_sum(ss, shared) / cols + eps);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        float4* o4 = reinterpret_cast<float4*>(o);
+        for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+            const float4 v = x4[c], g = w4[c];
+            put4(o4, ob, c, make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z, v.w * scale * g.w));
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
     const float scale = rsqrtf(block_sum(ss, shared) / cols + eps);
-    float* o = out + (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * scale * w[c];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        o[c] = xr[c] * scale * w[c];
+        if (ob) ob[c] = __float2bfloat16(o[c]);
+    }
 }
 
 // One block per row: x += y, then y = x / rms(x) * w (y is read before it is overwritten).
-extern "C" __global__ void add_rms_norm(float* x, float* y, const float* w, int cols, float eps) {
+extern "C" __global__ void add_rms_norm(float* x, float* y, const float* w, int cols, float eps, __nv_bfloat16* ob) {
     __shared__ float shared[32];
     float* xr = x + (size_t)blockIdx.x * cols;
     float* yr = y + (size_t)blockIdx.x * cols;
+    if (ob) ob += (size_t)blockIdx.x * cols;
     float ss = 0.f;
+    if ((cols & 3) == 0) {
+        float4* x4 = reinterpret_cast<float4*>(xr);
+        float4* y4 = reinterpret_cast<float4*>(yr);
+        for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+            const float4 a = x4[c], b = y4[c];
+            const float4 v = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+            x4[c] = v;
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        const float scale = rsqrtf(block_sum(ss, shared) / cols + eps);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+            const float4 v = x4[c], g = w4[c];
+            put4(y4, ob, c, make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z, v.w * scale * g.w));
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = xr[c] + yr[c];
         xr[c] = v;
         ss += v * v;
     }
     const float scale = rsqrtf(block_sum(ss, shared) / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = xr[c] * scale * w[c];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        yr[c] = xr[c] * scale * w[c];
+        if (ob) ob[c] = __float2bfloat16(yr[c]);
+    }
 }
 
+// Elementwise kernels move 16 bytes per step (grid-stride over n / 4); the first threads take the n % 4 tail.
 extern "C" __global__ void to_bf16(const float* x, __nv_bfloat16* y, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = __float2bfloat16(x[i]);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n / 4; i += (size_t)gridDim.x * blockDim.x) {
+        const float4 v = reinterpret_cast<const float4*>(x)[i];
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(y + 4 * i);
+        o[0] = __floats2bfloat162_rn(v.x, v.y);
+        o[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+    // The tail (n % 4) by the first threads.
+    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (t < n % 4) y[n / 4 * 4 + t] = __float2bfloat16(x[n / 4 * 4 + t]);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, size_t n, int cols) {
@@ -69,21 +132,33 @@ extern "C" __global__ void add(float* x, const float* y, size_t n) {
         x[i] += y[i];
 }
 
-extern "C" __global__ void silu_mul(float* g, const float* u, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float v = g[i];
-        g[i] = v / (1.f + __expf(-v)) * u[i];
+__device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
+
+extern "C" __global__ void silu_mul(float* g, const float* u, size_t n, __nv_bfloat16* ob) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n / 4; i += (size_t)gridDim.x * blockDim.x) {
+        float4 a = reinterpret_cast<float4*>(g)[i];
+        const float4 b = reinterpret_cast<const float4*>(u)[i];
+        a = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
+        put4(reinterpret_cast<float4*>(g), ob, i, a);
+    }
+    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (t < n % 4) {
+        const size_t i = n / 4 * 4 + t;
+        g[i] = silu(g[i]) * u[i];
+        if (ob) ob[i] = __float2bfloat16(g[i]);
     }
 }
 
-// Grid (rows, heads), half_dim threads: rotates each pair of a head by its row's angles.
-extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t, int heads, int head_dim,
+// Grid (rows, heads), half_dim threads: rotates each pair of a head by its row's angles, position x inverse
+// frequency (sincosf at full precision, as the host computes them).
+extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq, int heads, int head_dim,
                                 int interleaved) {
     const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
     if (i >= half) return;
     float* v = x + ((size_t)r * heads + h) * head_dim;
     const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    const float c = cos_t[(size_t)r * half + i], s = sin_t[(size_t)r * half + i];
+    float s, c;
+    sincosf((float)positions[r] * inv_freq[i], &s, &c);
     const float x0 = v[a], x1 = v[b];
     v[a] = x0 * c - x1 * s;
     v[b] = x0 * s + x1 * c;
@@ -105,72 +180,132 @@ __device__ __forceinline__ float ident(float x) { return x; }
 STORE_KV(store_kv_f32, float, ident)
 STORE_KV(store_kv_f16, __half, __float2half)
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+// Eight consecutive cache values as f32 (one 16-byte load from an f16 cache, two from an f32 one).
+__device__ __forceinline__ void load8(const float* p, float* x) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half* p, float* x) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 f = __half22float2(h[j]);
+        x[2 * j] = f.x;
+        x[2 * j + 1] = f.y;
+    }
+}
 
 // Paged attention in the flash-decoding style. Grid (query row, KV head, split): a block of WARPS warps takes the
 // split's share of the row's visible keys, reads each key's K and V once for all G query heads that share that KV
 // head (grouped-query), and keeps an online softmax per head: running max, running sum and a weighted sum of V in
-// registers, each lane owning D = head_dim / 32 dimensions. G and D are compile-time (one kernel per shape) so
-// everything stays in registers. The warps merge in shared memory; with one split the block writes the output,
-// otherwise (unnormalized output, max, sum) per split go to `part` for attention_combine. row_ctx[r]: keys visible
-// to row r; row_table[r]: its block table's offset in `tables`.
+// registers. A key is read by HD / 8 lanes, eight dimensions each in 16-byte loads, so one warp takes 32 * 8 / HD
+// keys at a time, and four such steps are loaded before any is used (loads in flight hide the memory latency);
+// their scores then update each head's running sums with one rescale.
+// G and HD are compile-time (one kernel per shape) so everything stays in registers. Each lane group's partial
+// result is merged across the warp with shuffles, then across warps in shared memory; with one split the block
+// writes the output, otherwise (unnormalized output, max, sum) per split go to `part` for attention_combine.
+// row_ctx[r]: keys visible to row r; row_table[r]: its block table's offset in `tables`.
 #define WARPS 8
-template <typename T, int G, int D>
+template <typename T, int G, int HD>
 __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* out, float* part, const u32* row_ctx,
                                const u32* row_table, const u32* tables, int kv_heads, int block_size,
                                size_t layer_off, float scale, int splits) {
-    constexpr int HD = 32 * D;
+    constexpr int LG = HD / 8, KPW = 32 / LG, U = 4;
     const int heads = kv_heads * G;
     const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float qv[G][D], acc[G][D], m[G], l[G];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane / LG, gl = lane % LG;
+    float qv[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
         m[g] = NEG_INF;
         l[g] = 0.f;
-        const float* qr = q + ((size_t)r * heads + kvh * G + g) * HD + lane * D;
+        const float* qr = q + ((size_t)r * heads + kvh * G + g) * HD + gl * 8;
 #pragma unroll
-        for (int j = 0; j < D; j++) {
+        for (int j = 0; j < 8; j++) {
             qv[g][j] = qr[j] * scale;
             acc[g][j] = 0.f;
         }
     }
+    // Splits take at least 64 keys each: with a short context the last splits have none (and say so in `part`).
     const u32 ctx = row_ctx[r];
-    const u32 chunk = (ctx + splits - 1) / splits;
-    const u32 begin = split * chunk, end = min(ctx, begin + chunk);
+    const u32 chunk = max(64u, (ctx + splits - 1) / splits);
+    const u32 begin = min(ctx, split * chunk), end = min(ctx, begin + chunk);
     const u32* table = tables + row_table[r];
-    for (u32 t = begin + warp; t < end; t += WARPS) {
-        const u32 block = table[t / block_size], off = t % block_size;
-        const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + lane * D;
-        float kx[D], vx[D];
+    for (u32 tb = begin + warp * KPW * U; tb < end; tb += WARPS * KPW * U) {
+        float kx[U][8], vx[U][8];
+        bool valid[U];
 #pragma unroll
-        for (int j = 0; j < D; j++) {
-            kx[j] = load(kc + base + j);
-            vx[j] = load(vc + base + j);
+        for (int u = 0; u < U; u++) {
+            const u32 t = tb + u * KPW + sub;
+            valid[u] = t < end;
+            if (valid[u]) {
+                const u32 block = table[t / block_size], off = t % block_size;
+                const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + gl * 8;
+                load8(kc + base, kx[u]);
+                load8(vc + base, vx[u]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++) kx[u][j] = vx[u][j] = 0.f;
+            }
         }
+        // Per head: the U keys' scores, one rescale of the running sums for all of them.
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            float s = 0.f;
+            float s[U];
+            float mx = m[g];
 #pragma unroll
-            for (int j = 0; j < D; j++) s += qv[g][j] * kx[j];
+            for (int u = 0; u < U; u++) {
+                s[u] = 0.f;
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-            const float m_new = fmaxf(m[g], s);
-            const float corr = __expf(m[g] - m_new), p = __expf(s - m_new);
-            l[g] = l[g] * corr + p;
+                for (int j = 0; j < 8; j++) s[u] += qv[g][j] * kx[u][j];
 #pragma unroll
-            for (int j = 0; j < D; j++) acc[g][j] = acc[g][j] * corr + p * vx[j];
-            m[g] = m_new;
+                for (int o = LG / 2; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffff, s[u], o);
+                if (!valid[u]) s[u] = NEG_INF;
+                mx = fmaxf(mx, s[u]);
+            }
+            if (mx == NEG_INF) continue;
+            const float corr = __expf(m[g] - mx);
+            l[g] *= corr;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const float p = __expf(s[u] - mx);
+                l[g] += p;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] += p * vx[u][j];
+            }
+            m[g] = mx;
         }
+    }
+    // Merge the lane groups of each warp (lanes gl, gl + LG, ... hold the same dimensions of different keys).
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float mm = m[g];
+#pragma unroll
+        for (int o = LG; o < 32; o <<= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffff, mm, o));
+        const float f = m[g] == NEG_INF ? 0.f : __expf(m[g] - mm);
+        l[g] *= f;
+#pragma unroll
+        for (int o = LG; o < 32; o <<= 1) l[g] += __shfl_xor_sync(0xffffffff, l[g], o);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            acc[g][j] *= f;
+#pragma unroll
+            for (int o = LG; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffff, acc[g][j], o);
+        }
+        m[g] = mm;
     }
     // Merge the warps, one head at a time.
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][HD];
 #pragma unroll
     for (int g = 0; g < G; g++) {
         if (lane == 0) { sm[warp] = m[g]; sl[warp] = l[g]; }
+        if (sub == 0) {
 #pragma unroll
-        for (int j = 0; j < D; j++) sacc[warp][lane * D + j] = acc[g][j];
+            for (int j = 0; j < 8; j++) sacc[warp][gl * 8 + j] = acc[g][j];
+        }
         __syncthreads();
         const int h = kvh * G + g;
         float mm = NEG_INF;
@@ -195,21 +330,216 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
     }
 }
 
-#define ATTENTION(T, TN, G, D)                                                                                  \
-    extern "C" __global__ void attention_##TN##_g##G##_d##D(                                                    \
+#define ATTENTION(T, TN, G, HD)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) attention_##TN##_g##G##_h##HD(                      \
         const float* q, const T* kc, const T* vc, float* out, float* part, const u32* row_ctx,                  \
         const u32* row_table, const u32* tables, int kv_heads, int block_size, size_t layer_off, float scale,   \
         int splits) {                                                                                           \
-        attention_impl<T, G, D>(q, kc, vc, out, part, row_ctx, row_table, tables, kv_heads, block_size,         \
-                                layer_off, scale, splits);                                                      \
+        attention_impl<T, G, HD>(q, kc, vc, out, part, row_ctx, row_table, tables, kv_heads, block_size,        \
+                                 layer_off, scale, splits);                                                     \
     }
-#define ATTENTION_G(T, TN, D) \
-    ATTENTION(T, TN, 1, D) ATTENTION(T, TN, 2, D) ATTENTION(T, TN, 3, D) ATTENTION(T, TN, 4, D) \
-    ATTENTION(T, TN, 5, D) ATTENTION(T, TN, 6, D) ATTENTION(T, TN, 7, D) ATTENTION(T, TN, 8, D)
-ATTENTION_G(float, f32, 2)
-ATTENTION_G(float, f32, 4)
-ATTENTION_G(__half, f16, 2)
-ATTENTION_G(__half, f16, 4)
+#define ATTENTION_G(T, TN, HD) \
+    ATTENTION(T, TN, 1, HD) ATTENTION(T, TN, 2, HD) ATTENTION(T, TN, 3, HD) ATTENTION(T, TN, 4, HD) \
+    ATTENTION(T, TN, 5, HD) ATTENTION(T, TN, 6, HD) ATTENTION(T, TN, 7, HD) ATTENTION(T, TN, 8, HD)
+ATTENTION_G(float, f32, 64)
+ATTENTION_G(float, f32, 128)
+ATTENTION_G(__half, f16, 64)
+ATTENTION_G(__half, f16, 128)
+
+// Prefill attention in the flash-attention style, on tensor cores (WMMA: f16 operands, f32 accumulate). Grid
+// (tile, head): a tile is up to 64 consecutive query rows of one sequence (rows tile_row0[t] .. + tile_rows[t]),
+// and each of the four warps owns 16 of them. For every 64 keys the block stages K and V (paged, converted to f16)
+// in shared memory; each warp computes its 16 x 64 scores, applies the causal mask (row r sees row_ctx[r] keys)
+// and an online softmax (two lanes per row), and adds P V into its rows'
+// output, kept in shared memory in f32. No score matrix beyond one 64 x 64 tile is ever stored. Shared-memory rows
+// are padded (PF_PAD) so that the column-wise fragment loads do not all fall on one bank.
+#define PF_BQ 64
+#define PF_BK 64
+// Eight consecutive cache values as eight halves packed in 16 bytes (held in registers until staged).
+__device__ __forceinline__ uint4 fetch8(const float* p) {
+    float x[8];
+    load8(p, x);
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2half2_rn(x[2 * j], x[2 * j + 1]);
+    return u;
+}
+__device__ __forceinline__ uint4 fetch8(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
+
+template <typename T, int HD>
+__device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc, float* out, __nv_bfloat16* ob,
+                                       const u32* tile_row0,
+                                       const u32* tile_rows, const u32* row_ctx, const u32* row_table,
+                                       const u32* tables, int kv_heads, int group, int block_size, size_t layer_off,
+                                       float scale) {
+    using namespace nvcuda;
+    // Leading dimensions (elements) of the shared tiles: Q/K/V rows, scores, probabilities, output.
+    constexpr int LQ = HD + 8, LS = PF_BK + 4, LP = PF_BK + 8, LO = HD + 4;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* qs = reinterpret_cast<__half*>(smem);                // PF_BQ x LQ
+    __half* ks = qs + PF_BQ * LQ;                                 // PF_BK x LQ
+    __half* vs = ks + PF_BK * LQ;                                 // PF_BK x LQ
+    float* ss = reinterpret_cast<float*>(vs + PF_BK * LQ);        // PF_BQ x LS
+    __half* ps = reinterpret_cast<__half*>(ss + PF_BQ * LS);      // PF_BQ x LP
+    float* os = reinterpret_cast<float*>(ps + PF_BQ * LP);        // PF_BQ x LO
+    float* rm = os + PF_BQ * LO;                                  // running max per row
+    float* rl = rm + PF_BQ;                                       // running sum per row
+    // Later tiles of a sequence see more keys: they start first, and the short ones fill in behind them.
+    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, kvh = h / group, heads = kv_heads * group;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 r0 = tile_row0[tile], nr = tile_rows[tile];
+    const u32* table = tables + row_table[r0];
+    const u32 ctx_last = row_ctx[r0 + nr - 1];
+    // Q (scaled, f16) in 16-byte loads, all issued before any is stored.
+    constexpr int QCH = PF_BQ * HD / 4 / 128;
+#pragma unroll
+    for (int c0 = 0; c0 < QCH; c0 += 8) {
+        float4 qv[8];
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            const int i = threadIdx.x + (c0 + c) * 128, r = i / (HD / 4), d4 = (i % (HD / 4)) * 4;
+            qv[c] = r < (int)nr ? *reinterpret_cast<const float4*>(q + ((size_t)(r0 + r) * heads + h) * HD + d4)
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            const int i = threadIdx.x + (c0 + c) * 128, r = i / (HD / 4), d4 = (i % (HD / 4)) * 4;
+            __half2* dst = reinterpret_cast<__half2*>(qs + r * LQ + d4);
+            dst[0] = __floats2half2_rn(qv[c].x * scale, qv[c].y * scale);
+            dst[1] = __floats2half2_rn(qv[c].z * scale, qv[c].w * scale);
+            *reinterpret_cast<float4*>(os + r * LO + d4) = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+    for (int r = threadIdx.x; r < PF_BQ; r += blockDim.x) {
+        rm[r] = NEG_INF;
+        rl[r] = 0.f;
+    }
+    // Lane i < 16 holds the context of the warp's row i.
+    const int my_row = warp * 16 + (lane & 15);
+    const u32 my_ctx = my_row < (int)nr ? row_ctx[r0 + my_row] : 0;
+    // K/V tiles go through registers: the next tile's loads are issued before this tile's math, so they are in
+    // flight while it runs. Each thread carries CH 16-byte pieces of K and of V.
+    constexpr int CH = PF_BK * HD / 8 / 128;
+    uint4 pk[CH], pv[CH];
+    auto fetch = [&](u32 k0) {
+#pragma unroll
+        for (int c = 0; c < CH; c++) {
+            const int i = threadIdx.x + c * 128, kk = i / (HD / 8), d8 = (i % (HD / 8)) * 8;
+            const u32 t = k0 + kk;
+            if (t < ctx_last) {
+                const u32 block = table[t / block_size], off = t % block_size;
+                const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + d8;
+                pk[c] = fetch8(kc + base);
+                pv[c] = fetch8(vc + base);
+            } else {
+                pk[c] = pv[c] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    fetch(0);
+    for (u32 k0 = 0; k0 < ctx_last; k0 += PF_BK) {
+#pragma unroll
+        for (int c = 0; c < CH; c++) {
+            const int i = threadIdx.x + c * 128, kk = i / (HD / 8), d8 = (i % (HD / 8)) * 8;
+            *reinterpret_cast<uint4*>(ks + kk * LQ + d8) = pk[c];
+            *reinterpret_cast<uint4*>(vs + kk * LQ + d8) = pv[c];
+        }
+        __syncthreads();
+        if (k0 + PF_BK < ctx_last) fetch(k0 + PF_BK);
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf[PF_BK / 16];
+#pragma unroll
+            for (int n = 0; n < PF_BK / 16; n++) wmma::fill_fragment(sf[n], 0.f);
+#pragma unroll
+            for (int kd = 0; kd < HD; kd += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                wmma::load_matrix_sync(a, qs + warp * 16 * LQ + kd, LQ);
+#pragma unroll
+                for (int n = 0; n < PF_BK / 16; n++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+                    wmma::load_matrix_sync(b, ks + n * 16 * LQ + kd, LQ);
+                    wmma::mma_sync(sf[n], a, b, sf[n]);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < PF_BK / 16; n++)
+                wmma::store_matrix_sync(ss + warp * 16 * LS + n * 16, sf[n], LS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        {
+            // Two lanes per row, 32 columns each, every lane starting at its own column: with the padded row
+            // lengths the 32 lanes then touch 32 different banks at every step.
+            const int sr = warp * 16 + (lane >> 1), half_ = lane & 1;
+            const u32 sctx = __shfl_sync(0xffffffff, my_ctx, lane >> 1);
+            float* srow = ss + sr * LS + half_ * 32;
+            __half* prow = ps + sr * LP + half_ * 32;
+            float mx = NEG_INF;
+            for (int jj = 0; jj < 32; jj++) {
+                const int j = (jj + lane) & 31;
+                const float s = k0 + half_ * 32 + j < sctx ? srow[j] : NEG_INF;
+                srow[j] = s;
+                mx = fmaxf(mx, s);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            const float m_old = rm[sr], m_new = fmaxf(m_old, mx);
+            const float corr = m_new == NEG_INF ? 1.f : __expf(m_old - m_new);
+            float sum = 0.f;
+            for (int jj = 0; jj < 32; jj++) {
+                const int j = (jj + lane) & 31;
+                const float p = srow[j] == NEG_INF ? 0.f : __expf(srow[j] - m_new);
+                prow[j] = __float2half(p);
+                sum += p;
+            }
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            if (corr != 1.f) {
+                float* orow = os + sr * LO + half_ * (HD / 2);
+                for (int dd = 0; dd < HD / 2; dd++) orow[(dd + lane) & (HD / 2 - 1)] *= corr;
+            }
+            __syncwarp();
+            if (half_ == 0) {
+                rm[sr] = m_new;
+                rl[sr] = rl[sr] * corr + sum;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::load_matrix_sync(o, os + warp * 16 * LO + n * 16, LO, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < PF_BK / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+                wmma::load_matrix_sync(a, ps + warp * 16 * LP + kk * 16, LP);
+                wmma::load_matrix_sync(b, vs + kk * 16 * LQ + n * 16, LQ);
+                wmma::mma_sync(o, a, b, o);
+            }
+            wmma::store_matrix_sync(os + warp * 16 * LO + n * 16, o, LO, wmma::mem_row_major);
+        }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < (int)nr * HD; i += blockDim.x) {
+        const int r = i / HD, d = i % HD;
+        const float l = rl[r];
+        const size_t at = ((size_t)(r0 + r) * heads + h) * HD + d;
+        out[at] = l > 0.f ? os[r * LO + d] / l : 0.f;
+        if (ob) ob[at] = __float2bfloat16(out[at]);
+    }
+}
+
+#define PREFILL_ATTENTION(T, TN, HD)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) prefill_attention_##TN##_h##HD(                            \
+        const float* q, const T* kc, const T* vc, float* out, __nv_bfloat16* ob, const u32* tile_row0,          \
+        const u32* tile_rows, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,        \
+        int group, int block_size, size_t layer_off, float scale) {                                             \
+        prefill_attention_impl<T, HD>(q, kc, vc, out, ob, tile_row0, tile_rows, row_ctx, row_table, tables,     \
+                                      kv_heads, group, block_size, layer_off, scale);                           \
+    }
+PREFILL_ATTENTION(float, f32, 64)
+PREFILL_ATTENTION(float, f32, 128)
+PREFILL_ATTENTION(__half, f16, 64)
+PREFILL_ATTENTION(__half, f16, 128)
 
 // Grid (rows, heads), head_dim threads: merges the splits' partial results of attention_*.
 extern "C" __global__ void attention_combine(const float* part, float* out, int heads, int head_dim, int splits) {
@@ -241,6 +571,26 @@ extern "C" __global__ void gather_rows(const float* x, float* out, const u32* ro
 // small batch is bound by reading the weights, and this reads each byte once at full width.
 // Up to three weights sharing one input (Q/K/V, gate/up) run as one launch: warp `row` of the grid takes weight 0's
 // rows first, then weight 1's, then weight 2's.
+// acc[r] += the 8 weights packed in `packed` (columns 8c..8c+8) times row r of x.
+template <int R>
+__device__ __forceinline__ void gemv_step(const uint4 packed, const float* x, int k, int c, float* acc) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&packed);
+    float wf[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 f = __bfloat1622float2(p[j]);
+        wf[2 * j] = f.x;
+        wf[2 * j + 1] = f.y;
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float4* xr = reinterpret_cast<const float4*>(x + (size_t)r * k) + 2 * c;
+        const float4 a = xr[0], b = xr[1];
+        acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
+                  wf[7] * b.w;
+    }
+}
+
 template <int R>
 __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __nv_bfloat16* w1, float* out1, int n1,
                           const __nv_bfloat16* w2, float* out2, int n2, const float* x, int k) {
@@ -262,24 +612,17 @@ __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    for (int c = lane; c < k / 8; c += 32) {
-        const uint4 packed = wr[c];
-        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&packed);
-        float wf[8];
+    // Four 16-byte loads in flight per lane, then the remainder one at a time.
+    const int n8 = k / 8;
+    int c = lane;
+    for (; c + 96 < n8; c += 128) {
+        uint4 packed[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float2 f = __bfloat1622float2(p[j]);
-            wf[2 * j] = f.x;
-            wf[2 * j + 1] = f.y;
-        }
+        for (int u = 0; u < 4; u++) packed[u] = wr[c + 32 * u];
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float4* xr = reinterpret_cast<const float4*>(x + (size_t)r * k) + 2 * c;
-            const float4 a = xr[0], b = xr[1];
-            acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
-                      wf[6] * b.z + wf[7] * b.w;
-        }
+        for (int u = 0; u < 4; u++) gemv_step<R>(packed[u], x, k, c + 32 * u, acc);
     }
+    for (; c < n8; c += 32) gemv_step<R>(wr[c], x, k, c, acc);
 #pragma unroll
     for (int r = 0; r < R; r++) {
         float v = acc[r];

@@ -21,13 +21,30 @@ pub struct Kernels {
     pub rope: CudaFunction,
     pub store_kv_f32: CudaFunction,
     pub store_kv_f16: CudaFunction,
-    /// Attention kernels by (f16 cache, query heads per KV head, head_dim / 32).
+    /// Decode attention kernels by (f16 cache, query heads per KV head, head_dim).
     pub attention: std::collections::HashMap<(bool, usize, usize), CudaFunction>,
+    /// Prefill (tiled, tensor-core) attention kernels by (f16 cache, head_dim).
+    pub prefill_attention: std::collections::HashMap<(bool, usize), CudaFunction>,
     pub attention_combine: CudaFunction,
     pub gather_rows: CudaFunction,
     /// `gemv_bf16_r{R}` for R = 1..=8 input rows, at index R - 1.
     pub gemv: Vec<CudaFunction>,
     pub argmax_rows: CudaFunction,
+}
+
+/// Head dimensions the attention kernels are compiled for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Query rows per prefill attention tile (`PF_BQ` in the kernels).
+pub const PREFILL_TILE_ROWS: usize = 64;
+
+/// Dynamic shared memory of one prefill attention block (its layout in `prefill_attention_impl`, rows padded):
+/// Q, K and V tiles in f16, a 64 x 64 score tile in f32 and its probabilities in f16, the output rows in f32, and a
+/// running max and sum per row.
+pub fn prefill_shared_bytes(head_dim: usize) -> usize {
+    let (bq, bk) = (PREFILL_TILE_ROWS, 64);
+    let (lq, ls, lp, lo) = (head_dim + 8, bk + 4, bk + 8, head_dim + 4);
+    2 * (bq + 2 * bk) * lq + 4 * bq * ls + 2 * bq * lp + 4 * bq * lo + 8 * bq
 }
 
 fn dev(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
@@ -66,10 +83,26 @@ impl Kernels {
                 let mut m = std::collections::HashMap::new();
                 for f16 in [false, true] {
                     for g in 1..=8 {
-                        for d in [2, 4] {
+                        for hd in HEAD_DIMS {
                             let ty = if f16 { "f16" } else { "f32" };
-                            m.insert((f16, g, d), f(&format!("attention_{ty}_g{g}_d{d}"))?);
+                            m.insert((f16, g, hd), f(&format!("attention_{ty}_g{g}_h{hd}"))?);
                         }
+                    }
+                }
+                m
+            },
+            prefill_attention: {
+                let mut m = std::collections::HashMap::new();
+                for f16 in [false, true] {
+                    for hd in HEAD_DIMS {
+                        let ty = if f16 { "f16" } else { "f32" };
+                        let func = f(&format!("prefill_attention_{ty}_h{hd}"))?;
+                        func.set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            prefill_shared_bytes(hd) as i32,
+                        )
+                        .map_err(dev("allowing the prefill attention its shared memory"))?;
+                        m.insert((f16, hd), func);
                     }
                 }
                 m

@@ -1,0 +1,124 @@
+//! Matrix products: `out = x @ w^T` with bf16 weights and f32 activations. Up to eight rows (decode at small
+//! batch, bound by reading the weights once) go to the backend's own GEMV kernel, which reads each weight byte once
+//! at full load width and takes up to three weights sharing one input in one launch; more rows go through cuBLAS
+//! (the input copied to bf16 first, f32 accumulate and output).
+
+use super::{CudaBackend, CudaMatrix, CudaTensor, cfg, grid_1d, lock};
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+
+impl CudaBackend {
+    pub(super) fn matmul_rows(&self, x: &CudaTensor, pairs: &mut [(&CudaMatrix, &mut CudaTensor)]) {
+        let Some(xf) = x.buf.as_ref() else { return };
+        if (1..=self.k.gemv.len()).contains(&x.rows) && x.cols.is_multiple_of(8) {
+            for group in pairs.chunks_mut(3) {
+                self.gemv(x.rows, x.cols, xf, group);
+            }
+            return;
+        }
+        let mut xb = lock(&self.xb);
+        let xb = match (&x.bf16, x.bf16_fresh) {
+            // Its producer wrote the bf16 copy already.
+            (Some(b), true) => b,
+            _ => {
+                let n = x.len();
+                if !self.ensure("allocating the GEMM input", &mut xb, n) {
+                    return;
+                }
+                let Some(xb) = xb.as_mut() else { return };
+                let nn = n as u64;
+                let mut b = self.stream.launch_builder(&self.k.to_bf16);
+                b.arg(xf).arg(&mut *xb).arg(&nn);
+                self.launch("to_bf16", || unsafe { b.launch(grid_1d(n)) }.map(drop));
+                xb
+            }
+        };
+        for (w, out) in pairs.iter_mut() {
+            self.resize(out, x.rows, w.rows);
+            let Some(o) = out.buf.as_mut() else { return };
+            self.launch("gemm", || {
+                self.gemm(w, xb, x.rows, o);
+                Ok(())
+            });
+        }
+    }
+
+    /// Up to three weights sharing the input `x` (`rows x k`, rows <= 8) in one launch of the small-batch kernel.
+    fn gemv(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &CudaSlice<f32>,
+        group: &mut [(&CudaMatrix, &mut CudaTensor)],
+    ) {
+        let total: usize = group.iter().map(|(w, _)| w.rows).sum();
+        for (w, out) in group.iter_mut() {
+            self.resize(out, rows, w.rows);
+        }
+        let f = &self.k.gemv[rows - 1];
+        let mut b = self.stream.launch_builder(f);
+        let ns: Vec<i32> = group.iter().map(|(w, _)| w.rows as i32).collect();
+        let zero = 0i32;
+        let first = &group[0].0.data;
+        let slots = group
+            .iter_mut()
+            .map(Some)
+            .chain(std::iter::repeat_with(|| None));
+        for (slot, n) in slots.zip(ns.iter().chain(std::iter::repeat(&zero))).take(3) {
+            match slot {
+                Some((w, out)) => {
+                    let Some(o) = out.buf.as_mut() else { return };
+                    b.arg(&w.data).arg(o).arg(n);
+                }
+                // Unused slots: a real pointer with no rows.
+                None => {
+                    b.arg(first).arg(first).arg(n);
+                }
+            }
+        }
+        let k = k as i32;
+        b.arg(x).arg(&k);
+        let blocks = total.div_ceil(8) as u32;
+        self.launch("gemv", || unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop));
+    }
+
+    /// `out (rows x w.rows) = x (rows x w.cols) @ w^T` in cuBLAS's column-major terms: `out^T = w . x^T`, with `w`
+    /// (row-major, so column-major `w^T`) transposed and `x^T` as is.
+    pub(super) fn gemm(
+        &self,
+        w: &CudaMatrix,
+        xb: &CudaSlice<u16>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let (m, n, k) = (w.rows as i32, rows as i32, w.cols as i32);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (a, _ga) = w.data.device_ptr(&self.stream);
+        let (b, _gb) = xb.device_ptr(&self.stream);
+        let (c, _gc) = out.device_ptr_mut(&self.stream);
+        let r = unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                k,
+                b as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                k,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                m,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        self.ok("cuBLAS GEMM", r);
+    }
+}

@@ -1,0 +1,123 @@
+//! The paged KV store in GPU memory: K and V of every layer, laid out `[layer][block][kv_head][slot][dim]`, in f32 or
+//! f16 (IEEE half, kept as raw bits). Whole blocks cross to and from the host here (for transfer and tests); the
+//! kernels read and write the store in place.
+
+use super::CudaBackend;
+use crate::error::{EngineError, Result};
+use crate::kv::{KvFormat, KvLayout};
+use cudarc::driver::{CudaSlice, CudaStream};
+
+pub(super) enum KvBufs {
+    F32 {
+        k: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+    },
+    /// IEEE half, as raw bits.
+    F16 {
+        k: CudaSlice<u16>,
+        v: CudaSlice<u16>,
+    },
+}
+
+pub struct CudaKvStore {
+    pub(super) layout: KvLayout,
+    pub(super) bufs: KvBufs,
+}
+
+impl CudaKvStore {
+    pub(super) fn alloc(stream: &std::sync::Arc<CudaStream>, layout: &KvLayout) -> Result<Self> {
+        let n = layout.layers * layout.num_blocks * layout.block_elems();
+        let dev = |e: cudarc::driver::DriverError| {
+            EngineError::Device(format!("allocating the KV cache ({n} elements x2): {e}"))
+        };
+        let bufs = match layout.format {
+            KvFormat::F32 => KvBufs::F32 {
+                k: stream.alloc_zeros(n).map_err(dev)?,
+                v: stream.alloc_zeros(n).map_err(dev)?,
+            },
+            KvFormat::F16 => KvBufs::F16 {
+                k: stream.alloc_zeros(n).map_err(dev)?,
+                v: stream.alloc_zeros(n).map_err(dev)?,
+            },
+            other => {
+                return Err(EngineError::Device(format!(
+                    "KV format {other:?} is not supported on CUDA yet (use f32 or f16)"
+                )));
+            }
+        };
+        Ok(Self {
+            layout: *layout,
+            bufs,
+        })
+    }
+
+    /// Elements of one layer (K or V).
+    pub(super) fn layer_elems(&self) -> usize {
+        self.layout.num_blocks * self.layout.block_elems()
+    }
+
+    /// Where `block` of `layer` starts, in elements, and its length.
+    fn block_range(&self, layer: usize, block: u32) -> std::ops::Range<usize> {
+        let n = self.layout.block_elems();
+        let at = layer * self.layer_elems() + block as usize * n;
+        at..at + n
+    }
+
+    pub(super) fn read_block(
+        &self,
+        b: &CudaBackend,
+        layer: usize,
+        block: u32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let range = self.block_range(layer, block);
+        let what = "reading a KV block";
+        match &self.bufs {
+            KvBufs::F32 { k, v } => {
+                let read = |c: &CudaSlice<f32>| {
+                    let mut out = vec![0f32; range.len()];
+                    b.ok(what, b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut out));
+                    out
+                };
+                (read(k), read(v))
+            }
+            KvBufs::F16 { k, v } => {
+                let read = |c: &CudaSlice<u16>| {
+                    let mut bits = vec![0u16; range.len()];
+                    b.ok(what, b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut bits));
+                    bits.iter()
+                        .map(|&x| half::f16::from_bits(x).to_f32())
+                        .collect()
+                };
+                (read(k), read(v))
+            }
+        }
+    }
+
+    pub(super) fn write_block(
+        &mut self,
+        b: &CudaBackend,
+        layer: usize,
+        block: u32,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let range = self.block_range(layer, block);
+        let what = "writing a KV block";
+        match &mut self.bufs {
+            KvBufs::F32 { k: kc, v: vc } => {
+                for (c, x) in [(kc, k), (vc, v)] {
+                    b.ok(what, b.stream.memcpy_htod(x, &mut c.slice_mut(range.clone())));
+                }
+            }
+            KvBufs::F16 { k: kc, v: vc } => {
+                for (c, x) in [(kc, k), (vc, v)] {
+                    let bits: Vec<u16> = x
+                        .iter()
+                        .map(|&f| half::f16::from_f32(f).to_bits())
+                        .collect();
+                    b.ok(what, b.stream.memcpy_htod(&bits, &mut c.slice_mut(range.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The backend trait on CUDA: each operation is one kernel launch (or one cuBLAS call, or one GEMV launch for up to
+//! three weights) on the backend's stream, issued through [`CudaBackend::launch`] so that a step being replayed
+//! from a recorded graph issues nothing.
+
+use super::graphs::Shape;
+use super::kv::{CudaKvStore, KvBufs};
+use super::module::prefill_shared_bytes;
+use super::plan::{CudaPlan, Packed};
+use super::{CudaBackend, CudaMatrix, CudaTensor, Marked, cfg, grid_1d, lock};
+use crate::backend::{AttentionTally, Backend, BatchLayout};
+use crate::error::{EngineError, Result};
+use crate::kv::KvLayout;
+use crate::model::Head;
+use crate::model::config::RopeConfig;
+use crate::model::source::WeightView;
+use crate::quant::GgmlType;
+use crate::quant::dequant::dequantize_row;
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+    type Vector = CudaSlice<f32>;
+    type Activations = CudaTensor;
+    type KvStore = CudaKvStore;
+    type Plan = CudaPlan;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn load_matrix(&self, w: &WeightView<'_>) -> Result<CudaMatrix> {
+        let bits: Vec<u16> = if w.ty == GgmlType::BF16 {
+            w.bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect()
+        } else {
+            let rb = w.bytes.len() / w.rows.max(1);
+            let mut row = vec![0f32; w.cols];
+            let mut out = Vec::with_capacity(w.rows * w.cols);
+            for r in 0..w.rows {
+                dequantize_row(w.ty, &w.bytes[r * rb..(r + 1) * rb], &mut row);
+                out.extend(row.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
+            }
+            out
+        };
+        let data = self.stream.clone_htod(&bits).map_err(|e| {
+            EngineError::Device(format!("uploading a {}x{} matrix: {e}", w.rows, w.cols))
+        })?;
+        Ok(CudaMatrix {
+            rows: w.rows,
+            cols: w.cols,
+            data,
+        })
+    }
+
+    fn load_vector(&self, w: &WeightView<'_>) -> Result<CudaSlice<f32>> {
+        let mut v = vec![0f32; w.rows * w.cols];
+        dequantize_row(w.ty, w.bytes, &mut v);
+        self.stream
+            .clone_htod(&v)
+            .map_err(|e| EngineError::Device(format!("uploading a vector: {e}")))
+    }
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKvStore> {
+        CudaKvStore::alloc(&self.stream, layout)
+    }
+
+    fn activations(&self, rows: usize, cols: usize) -> CudaTensor {
+        let mut t = CudaTensor {
+            rows: 0,
+            cols: 0,
+            buf: None,
+            bf16: None,
+            bf16_fresh: false,
+        };
+        self.resize(&mut t, rows, cols);
+        t
+    }
+
+    fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> CudaPlan {
+        self.mark("host (between steps)");
+        let _uploaded = Marked(self, "plan upload");
+        let packed = Packed::new(layout, rope, head_dim);
+        let mut buf = lock(&self.plan_buf);
+        // Room to spare, so that growing contexts do not reallocate (and drop the recorded graphs) every step.
+        let need = packed.words.len();
+        let fits = buf.as_ref().is_some_and(|b| b.len() >= need);
+        if !fits && !self.ensure("allocating the step plan", &mut buf, need.next_power_of_two()) {
+            return packed.at(0);
+        }
+        let Some(b) = buf.as_mut() else {
+            return packed.at(0);
+        };
+        let r = self
+            .stream
+            .memcpy_htod(&packed.words, &mut b.slice_mut(0..need));
+        self.ok("uploading the step plan", r);
+        let base = {
+            let (ptr, _guard) = b.device_ptr(&self.stream);
+            ptr
+        };
+        let decode = layout.capturable
+            && !layout.logit_rows.is_empty()
+            && layout.seqs.iter().all(|s| s.n_rows == 1);
+        let shape = decode.then_some(Shape {
+            rows: packed.rows,
+            logit_rows: packed.n_logit_rows,
+            argmax: layout.head == Head::Argmax,
+            ctx_bucket: packed.ctx_bucket,
+        });
+        let r = lock(&self.graphs).begin(&self.stream, shape);
+        self.ok("CUDA graph", r);
+        packed.at(base)
+    }
+
+    fn embed(&self, table: &CudaMatrix, plan: &CudaPlan, out: &mut CudaTensor) {
+        self.resize(out, plan.rows, table.cols);
+        let Some(o) = out.buf.as_mut() else { return };
+        let cols = table.cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.embed_bf16);
+        b.arg(&table.data).arg(&plan.tokens).arg(o).arg(&cols);
+        self.launch("embed", || {
+            unsafe { b.launch(cfg((plan.rows as u32, 1), 256)) }.map(drop)
+        });
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaSlice<f32>, eps: f32, out: &mut CudaTensor) {
+        self.resize(out, x.rows, x.cols);
+        let ob = self.bf16_target(out);
+        let (Some(xb), Some(o)) = (x.buf.as_ref(), out.buf.as_mut()) else {
+            return;
+        };
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.rms_norm);
+        b.arg(xb).arg(w).arg(o).arg(&cols).arg(&eps).arg(&ob);
+        self.launch("rms_norm", || {
+            unsafe { b.launch(cfg((x.rows as u32, 1), 1024)) }.map(drop)
+        });
+    }
+
+    fn matmul(&self, x: &CudaTensor, pairs: &mut [(&CudaMatrix, &mut CudaTensor)]) {
+        self.matmul_rows(x, pairs);
+    }
+
+    fn add_bias(&self, x: &mut CudaTensor, bias: &CudaSlice<f32>) {
+        let (n, cols) = (x.len() as u64, x.cols as i32);
+        x.bf16_fresh = false;
+        let Some(xb) = x.buf.as_mut() else { return };
+        let mut b = self.stream.launch_builder(&self.k.add_bias);
+        b.arg(xb).arg(bias).arg(&n).arg(&cols);
+        self.launch("add_bias", || {
+            unsafe { b.launch(grid_1d(n as usize)) }.map(drop)
+        });
+    }
+
+    fn rope(&self, x: &mut CudaTensor, heads: usize, plan: &CudaPlan) {
+        let head_dim = (plan.half_dim * 2) as i32;
+        let (rows, h) = (x.rows as u32, heads as i32);
+        x.bf16_fresh = false;
+        let Some(xb) = x.buf.as_mut() else { return };
+        let mut b = self.stream.launch_builder(&self.k.rope);
+        b.arg(xb)
+            .arg(&plan.positions)
+            .arg(&plan.inv_freq)
+            .arg(&h)
+            .arg(&head_dim)
+            .arg(&plan.interleaved);
+        let threads = (plan.half_dim as u32).max(1);
+        self.launch("rope", || {
+            unsafe { b.launch(cfg((rows, heads as u32), threads)) }.map(drop)
+        });
+    }
+
+    fn store_kv(
+        &self,
+        kv: &mut CudaKvStore,
+        layer: usize,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        plan: &CudaPlan,
+    ) {
+        let l = kv.layout;
+        let layer_off = (layer * kv.layer_elems()) as u64;
+        let (Some(kb), Some(vb)) = (k.buf.as_ref(), v.buf.as_ref()) else {
+            return;
+        };
+        let (kvh, hd, bs) = (l.kv_heads as i32, l.head_dim as i32, l.block_size as i32);
+        let grid = cfg((plan.rows as u32, l.kv_heads as u32), l.head_dim as u32);
+        let f = match kv.bufs {
+            KvBufs::F32 { .. } => &self.k.store_kv_f32,
+            KvBufs::F16 { .. } => &self.k.store_kv_f16,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(kb).arg(vb);
+        match &mut kv.bufs {
+            KvBufs::F32 { k: kc, v: vc } => b.arg(kc).arg(vc),
+            KvBufs::F16 { k: kc, v: vc } => b.arg(kc).arg(vc),
+        };
+        b.arg(&plan.slots)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&bs)
+            .arg(&layer_off);
+        self.launch("store_kv", || unsafe { b.launch(grid) }.map(drop));
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        kv: &CudaKvStore,
+        layer: usize,
+        plan: &CudaPlan,
+        out: &mut CudaTensor,
+        tallies: &mut [AttentionTally<'_>],
+    ) {
+        if !tallies.is_empty()
+            && !self
+                .tally_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "attention tallies (snapkv/h2o eviction scores) are not computed on CUDA yet"
+            );
+        }
+        self.resize(out, q.rows, q.cols);
+        if plan.n_tiles > 0 {
+            self.prefill_attention(q, kv, layer, plan, out);
+        } else {
+            self.decode_attention(q, kv, layer, plan, out);
+        }
+    }
+
+    fn add_rms_norm(&self, x: &mut CudaTensor, y: &mut CudaTensor, w: &CudaSlice<f32>, eps: f32) {
+        let (rows, cols) = (x.rows as u32, x.cols as i32);
+        x.bf16_fresh = false;
+        let ob = self.bf16_target(y);
+        let (Some(xb), Some(yb)) = (x.buf.as_mut(), y.buf.as_mut()) else {
+            return;
+        };
+        let mut b = self.stream.launch_builder(&self.k.add_rms_norm);
+        b.arg(xb).arg(yb).arg(w).arg(&cols).arg(&eps).arg(&ob);
+        self.launch("add_rms_norm", || {
+            unsafe { b.launch(cfg((rows, 1), 1024)) }.map(drop)
+        });
+    }
+
+    fn silu_mul(&self, gate: &mut CudaTensor, up: &CudaTensor) {
+        let n = gate.len() as u64;
+        let ob = self.bf16_target(gate);
+        let (Some(g), Some(u)) = (gate.buf.as_mut(), up.buf.as_ref()) else {
+            return;
+        };
+        let mut b = self.stream.launch_builder(&self.k.silu_mul);
+        b.arg(g).arg(u).arg(&n).arg(&ob);
+        self.launch("silu_mul", || {
+            unsafe { b.launch(grid_1d(n as usize)) }.map(drop)
+        });
+    }
+
+    fn add(&self, x: &mut CudaTensor, y: &CudaTensor) {
+        let n = x.len() as u64;
+        x.bf16_fresh = false;
+        let (Some(xb), Some(yb)) = (x.buf.as_mut(), y.buf.as_ref()) else {
+            return;
+        };
+        let mut b = self.stream.launch_builder(&self.k.add);
+        b.arg(xb).arg(yb).arg(&n);
+        self.launch("add", || unsafe { b.launch(grid_1d(n as usize)) }.map(drop));
+    }
+
+    fn gather_logit_rows(&self, x: &CudaTensor, plan: &CudaPlan, out: &mut CudaTensor) {
+        self.resize(out, plan.n_logit_rows, x.cols);
+        if plan.n_logit_rows == 0 {
+            return;
+        }
+        let (Some(xb), Some(o)) = (x.buf.as_ref(), out.buf.as_mut()) else {
+            return;
+        };
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.gather_rows);
+        b.arg(xb).arg(o).arg(&plan.logit_rows).arg(&cols);
+        self.launch("gather_rows", || {
+            unsafe { b.launch(cfg((plan.n_logit_rows as u32, 1), 256)) }.map(drop)
+        });
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
+        self.finish_step();
+        let _mark = Marked(self, "logits to host");
+        let n = x.len();
+        let Some(b) = x.buf.as_ref() else {
+            return vec![0.0; n];
+        };
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            let r = self.stream.memcpy_dtoh(&b.slice(0..n), &mut out);
+            self.ok("copying activations to the host", r);
+        }
+        out
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Vec<u32> {
+        let rows = x.len() / cols.max(1);
+        let (Some(xb), true) = (x.buf.as_ref(), rows > 0) else {
+            self.finish_step();
+            return Vec::new();
+        };
+        let mut ids = lock(&self.ids);
+        if !self.ensure("argmax buffer", &mut ids, rows) {
+            self.finish_step();
+            return vec![0; rows];
+        }
+        let Some(ids) = ids.as_mut() else {
+            return vec![0; rows];
+        };
+        let c = cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+        b.arg(xb).arg(&mut *ids).arg(&c);
+        self.launch("argmax", || {
+            unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
+        });
+        self.finish_step();
+        let mut out = vec![0u32; rows];
+        self.ok(
+            "copying token ids to the host",
+            self.stream.memcpy_dtoh(&ids.slice(0..rows), &mut out),
+        );
+        self.mark("token ids to host");
+        out
+    }
+
+    fn read_kv_block(&self, kv: &CudaKvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>) {
+        kv.read_block(self, layer, block)
+    }
+
+    fn write_kv_block(&self, kv: &mut CudaKvStore, layer: usize, block: u32, k: &[f32], v: &[f32]) {
+        kv.write_block(self, layer, block, k, v)
+    }
+
+    fn check(&self) -> Result<()> {
+        // A step that ended before its head (no logit rows) leaves no capture open.
+        lock(&self.graphs).abort(&self.stream);
+        match lock(&self.error).take() {
+            Some(e) => Err(EngineError::Device(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Flash-decoding attention: grid (row, KV head, split), each row's keys split so that the grid covers the GPU
+    /// eight blocks deep, in chunks of at least 64 keys of the longest context's bucket (so a recorded step fits
+    /// every context of its bucket; splits past a short context find no keys), then the splits merged.
+    fn decode_attention(
+        &self,
+        q: &CudaTensor,
+        kv: &CudaKvStore,
+        layer: usize,
+        plan: &CudaPlan,
+        out: &mut CudaTensor,
+    ) {
+        let l = kv.layout;
+        let heads = q.cols / l.head_dim;
+        let group = heads / l.kv_heads;
+        let f16 = matches!(kv.bufs, KvBufs::F16 { .. });
+        let Some(f) = self.k.attention.get(&(f16, group, l.head_dim)) else {
+            return self.fail(
+                "attention",
+                format!(
+                    "no kernel for head_dim {} with {group} query heads per KV head (head_dim 64 or 128, up to 8)",
+                    l.head_dim
+                ),
+            );
+        };
+        let blocks = q.rows * l.kv_heads;
+        let splits = (8 * self.sms)
+            .div_ceil(blocks.max(1))
+            .min(plan.ctx_bucket)
+            .max(1);
+        let mut part = lock(&self.part);
+        let need = q.rows * heads * splits * (l.head_dim + 2);
+        if !self.ensure("allocating attention splits", &mut part, need) {
+            return;
+        }
+        let (Some(qb), Some(o), Some(pb)) = (q.buf.as_ref(), out.buf.as_mut(), part.as_mut())
+        else {
+            return;
+        };
+        let layer_off = (layer * kv.layer_elems()) as u64;
+        let (h, kvh, hd, bs) = (
+            heads as i32,
+            l.kv_heads as i32,
+            l.head_dim as i32,
+            l.block_size as i32,
+        );
+        let (scale, sp) = (1.0 / (l.head_dim as f32).sqrt(), splits as i32);
+        let grid = LaunchConfig {
+            grid_dim: (q.rows as u32, l.kv_heads as u32, splits as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(qb);
+        match &kv.bufs {
+            KvBufs::F32 { k, v } => b.arg(k).arg(v),
+            KvBufs::F16 { k, v } => b.arg(k).arg(v),
+        };
+        b.arg(&mut *o)
+            .arg(&mut *pb)
+            .arg(&plan.row_ctx)
+            .arg(&plan.row_table)
+            .arg(&plan.tables);
+        b.arg(&kvh).arg(&bs).arg(&layer_off).arg(&scale).arg(&sp);
+        self.launch("attention", || unsafe { b.launch(grid) }.map(drop));
+        if splits > 1 {
+            let mut b = self.stream.launch_builder(&self.k.attention_combine);
+            b.arg(&*pb).arg(o).arg(&h).arg(&hd).arg(&sp);
+            let grid = cfg((q.rows as u32, heads as u32), l.head_dim as u32);
+            self.launch("attention_combine", || {
+                unsafe { b.launch(grid) }.map(drop)
+            });
+        }
+    }
+
+    /// Tiled tensor-core attention over 64-row tiles of each sequence's rows: grid (tile, query head).
+    fn prefill_attention(
+        &self,
+        q: &CudaTensor,
+        kv: &CudaKvStore,
+        layer: usize,
+        plan: &CudaPlan,
+        out: &mut CudaTensor,
+    ) {
+        let l = kv.layout;
+        let heads = q.cols / l.head_dim;
+        let f16 = matches!(kv.bufs, KvBufs::F16 { .. });
+        let Some(f) = self.k.prefill_attention.get(&(f16, l.head_dim)) else {
+            return self.fail(
+                "attention",
+                format!("no prefill kernel for head_dim {} (64 or 128)", l.head_dim),
+            );
+        };
+        let ob = self.bf16_target(out);
+        let (Some(qb), Some(o)) = (q.buf.as_ref(), out.buf.as_mut()) else {
+            return;
+        };
+        let layer_off = (layer * kv.layer_elems()) as u64;
+        let (kvh, group, bs) = (
+            l.kv_heads as i32,
+            (heads / l.kv_heads) as i32,
+            l.block_size as i32,
+        );
+        let scale = 1.0 / (l.head_dim as f32).sqrt();
+        let grid = LaunchConfig {
+            grid_dim: (plan.n_tiles as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: prefill_shared_bytes(l.head_dim) as u32,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(qb);
+        match &kv.bufs {
+            KvBufs::F32 { k, v } => b.arg(k).arg(v),
+            KvBufs::F16 { k, v } => b.arg(k).arg(v),
+        };
+        b.arg(o)
+            .arg(&ob)
+            .arg(&plan.tile_row0)
+            .arg(&plan.tile_rows)
+            .arg(&plan.row_ctx)
+            .arg(&plan.row_table)
+            .arg(&plan.tables);
+        b.arg(&kvh)
+            .arg(&group)
+            .arg(&bs)
+            .arg(&layer_off)
+            .arg(&scale);
+        self.launch("prefill_attention", || unsafe { b.launch(grid) }.map(drop));
+    }
+}

@@ -1,0 +1,134 @@
+//! A step's layout on the GPU. Everything a forward pass reads per step (token ids, KV slots, positions and the
+//! RoPE frequencies, each
+//! row's context length and block table, the logit rows, the prefill attention tiles) is packed on the host into
+//! one array of 32-bit words and copied in one transfer into a device buffer that is reused from step to step and
+//! only ever grows. Kernels get raw pointers into it, so a recorded decode step (a CUDA graph, see `graphs.rs`)
+//! reads the next step's values from the same addresses.
+
+use super::module::PREFILL_TILE_ROWS;
+use crate::backend::BatchLayout;
+use crate::model::config::{RopeConfig, RopeLayout};
+
+/// Sequences with more rows than this in one step use the tiled prefill attention kernel; decode steps (one row
+/// per sequence, or a few for speculative checks) use the flash-decoding kernel.
+pub const PREFILL_MIN_ROWS: usize = 8;
+
+/// Device addresses (into the plan buffer) and sizes of one step.
+pub struct CudaPlan {
+    pub rows: usize,
+    pub tokens: u64,
+    pub slots: u64,
+    pub positions: u64,
+    pub inv_freq: u64,
+    pub row_ctx: u64,
+    pub row_table: u64,
+    pub tables: u64,
+    pub logit_rows: u64,
+    pub n_logit_rows: usize,
+    /// Prefill attention tiles: first row and row count of each (empty for a decode step).
+    pub tile_row0: u64,
+    pub tile_rows: u64,
+    pub n_tiles: usize,
+    /// Power-of-two bucket of the longest context in 64-key chunks (capped at [`MAX_SPLITS`]): decode attention
+    /// splits no row into more parts than this, and a recorded step is valid for its bucket only.
+    pub ctx_bucket: usize,
+    pub half_dim: usize,
+    pub interleaved: i32,
+}
+
+/// The most key splits of one row's decode attention.
+pub const MAX_SPLITS: usize = 128;
+
+/// The host side of a plan: the packed words and where each part starts (in words).
+pub struct Packed {
+    pub words: Vec<u32>,
+    offsets: [usize; 10],
+    pub rows: usize,
+    pub n_logit_rows: usize,
+    pub n_tiles: usize,
+    pub ctx_bucket: usize,
+    half_dim: usize,
+    interleaved: i32,
+}
+
+impl Packed {
+    pub fn new(layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> Self {
+        let inv: Vec<u32> = rope.inv_freq(head_dim).iter().map(|f| f.to_bits()).collect();
+        let n = layout.tokens.len();
+        let mut row_ctx = vec![0u32; n];
+        let mut row_table = vec![0u32; n];
+        let mut tables = Vec::new();
+        let (mut tile_row0, mut tile_rows) = (Vec::new(), Vec::new());
+        let prefill = layout.seqs.iter().any(|s| s.n_rows > PREFILL_MIN_ROWS);
+        for s in &layout.seqs {
+            let off = tables.len() as u32;
+            tables.extend_from_slice(&s.block_table);
+            for i in 0..s.n_rows {
+                row_ctx[s.first_row + i] = (s.start_pos + i + 1) as u32;
+                row_table[s.first_row + i] = off;
+            }
+            if prefill {
+                for first in (0..s.n_rows).step_by(PREFILL_TILE_ROWS) {
+                    tile_row0.push((s.first_row + first) as u32);
+                    tile_rows.push((s.n_rows - first).min(PREFILL_TILE_ROWS) as u32);
+                }
+            }
+        }
+        let logit_rows: Vec<u32> = layout.logit_rows.iter().map(|&r| r as u32).collect();
+        let parts: [&[u32]; 10] = [
+            &layout.tokens,
+            &layout.slots,
+            &layout.positions,
+            &inv,
+            &row_ctx,
+            &row_table,
+            &tables,
+            &logit_rows,
+            &tile_row0,
+            &tile_rows,
+        ];
+        let mut words = Vec::new();
+        let mut offsets = [0; 10];
+        for (i, part) in parts.iter().enumerate() {
+            // Every part starts on a 16-byte boundary.
+            words.resize(words.len().next_multiple_of(4), 0);
+            offsets[i] = words.len();
+            words.extend_from_slice(part);
+        }
+        words.resize(words.len().max(1), 0);
+        let max_ctx = row_ctx.iter().copied().max().unwrap_or(0) as usize;
+        Self {
+            ctx_bucket: max_ctx.div_ceil(64).next_power_of_two().min(MAX_SPLITS),
+            words,
+            offsets,
+            rows: n,
+            n_logit_rows: logit_rows.len(),
+            n_tiles: tile_row0.len(),
+            half_dim: head_dim / 2,
+            interleaved: i32::from(rope.layout == RopeLayout::Interleaved),
+        }
+    }
+
+    /// The plan once the words are at device address `base`.
+    pub fn at(&self, base: u64) -> CudaPlan {
+        let p = |i: usize| base + 4 * self.offsets[i] as u64;
+        CudaPlan {
+            rows: self.rows,
+            tokens: p(0),
+            slots: p(1),
+            positions: p(2),
+            inv_freq: p(3),
+            row_ctx: p(4),
+            row_table: p(5),
+            tables: p(6),
+            logit_rows: p(7),
+            n_logit_rows: self.n_logit_rows,
+            tile_row0: p(8),
+            tile_rows: p(9),
+            n_tiles: self.n_tiles,
+            ctx_bucket: self.ctx_bucket,
+            half_dim: self.half_dim,
+            interleaved: self.interleaved,
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! Every kernel alone against a float64 reference on the host, on seeded random inputs of awkward sizes (odd
+//! widths, contexts that end mid-block, shuffled block tables, rows past one prefill tile, grouped-query ratios
+//! 1 to 8). Inputs the device holds in reduced precision (bf16 weights, f16 or f32 cache) are rounded the same way
+//! before the reference sees them, so what remains is the kernel's own error. `tandem bench gpu` runs these first.
+
+use super::{CudaBackend, CudaMatrix, CudaTensor};
+use crate::backend::{Backend, BatchLayout, SeqSlice};
+use crate::kv::{KvFormat, KvLayout};
+use crate::model::config::{RopeConfig, RopeLayout};
+use crate::rng::Rng;
+
+/// One kernel check's outcome: relative error `||got - want|| / ||want||` against its tolerance.
+#[derive(Debug, Clone)]
+pub struct KernelCheck {
+    pub name: String,
+    pub rel_err: f64,
+    pub tolerance: f64,
+}
+
+impl KernelCheck {
+    pub fn passed(&self) -> bool {
+        self.rel_err <= self.tolerance
+    }
+}
+
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - w).powi(2);
+        den += w * w;
+    }
+    let e = (num / den.max(1e-300)).sqrt();
+    if e.is_nan() { f64::INFINITY } else { e }
+}
+
+fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
+}
+
+fn bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+impl CudaBackend {
+    fn tensor(&self, rows: usize, cols: usize, host: &[f32]) -> CudaTensor {
+        let buf = self.upload_f32(host);
+        CudaTensor {
+            rows,
+            cols,
+            buf,
+            bf16: None,
+            bf16_fresh: false,
+        }
+    }
+
+    fn upload_f32(&self, host: &[f32]) -> Option<cudarc::driver::CudaSlice<f32>> {
+        self.ok("uploading a check input", self.stream.clone_htod(host))
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, host: &[f32]) -> Option<CudaMatrix> {
+        let bits: Vec<u16> = host.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let data = self.ok("uploading a check matrix", self.stream.clone_htod(&bits))?;
+        Some(CudaMatrix { rows, cols, data })
+    }
+}
+
+/// Runs every check; an error of the device itself is reported as a failed check.
+pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    let mut push = |name: String, got: Vec<f32>, want: Vec<f64>, tolerance: f64| {
+        let rel_err = match b.check() {
+            Ok(()) => rel_err(&got, &want),
+            Err(_) => f64::INFINITY,
+        };
+        out.push(KernelCheck {
+            name,
+            rel_err,
+            tolerance,
+        });
+    };
+    norms(b, &mut rng, &mut push);
+    rope(b, &mut rng, &mut push);
+    matmuls(b, &mut rng, &mut push);
+    for (group, hd, format, contexts) in [
+        (1, 64, KvFormat::F32, vec![1, 17, 300]),
+        (3, 64, KvFormat::F16, vec![5, 64, 1000, 33]),
+        (4, 128, KvFormat::F16, vec![1024, 7, 129]),
+        (5, 128, KvFormat::F32, vec![250]),
+        (8, 128, KvFormat::F16, vec![77, 4097]),
+    ] {
+        attention(b, &mut rng, &mut push, group, hd, format, &contexts, 1);
+    }
+    // Prefill: rows per sequence past the decode threshold, after a cached prefix, ending mid-tile.
+    attention(b, &mut rng, &mut push, 4, 128, KvFormat::F16, &[130, 200, 9], 130);
+    attention(b, &mut rng, &mut push, 3, 64, KvFormat::F32, &[65, 100], 65);
+    argmax(b, &mut rng, &mut push);
+    out
+}
+
+type Push<'a> = dyn FnMut(String, Vec<f32>, Vec<f64>, f64) + 'a;
+
+fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    let (rows, cols, eps) = (3, 1001, 1e-5f32);
+    let x = random(rng, rows * cols, 2.0);
+    let y = random(rng, rows * cols, 1.0);
+    let w = random(rng, cols, 1.5);
+    let reference = |x: &[f32]| -> Vec<f64> {
+        x.chunks(cols)
+            .flat_map(|r| {
+                let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+                let s = 1.0 / (ms + eps as f64).sqrt();
+                r.iter().zip(&w).map(move |(&v, &wi)| v as f64 * s * wi as f64)
+            })
+            .collect()
+    };
+    let (Some(wv), xt) = (b.upload_f32(&w), b.tensor(rows, cols, &x)) else {
+        return;
+    };
+    let mut o = b.activations(0, 0);
+    b.rms_norm(&xt, &wv, eps, &mut o);
+    push(format!("rms_norm {rows}x{cols}"), b.to_host(&o), reference(&x), 1e-5);
+
+    let (mut xt, mut yt) = (b.tensor(rows, cols, &x), b.tensor(rows, cols, &y));
+    b.add_rms_norm(&mut xt, &mut yt, &wv, eps);
+    let sum: Vec<f32> = x.iter().zip(&y).map(|(a, c)| a + c).collect();
+    push(
+        format!("add_rms_norm {rows}x{cols}"),
+        b.to_host(&yt),
+        reference(&sum),
+        1e-5,
+    );
+
+    let (mut g, u) = (b.tensor(rows, cols, &x), b.tensor(rows, cols, &y));
+    b.silu_mul(&mut g, &u);
+    let want = x
+        .iter()
+        .zip(&y)
+        .map(|(&a, &c)| {
+            let a = a as f64;
+            a / (1.0 + (-a).exp()) * c as f64
+        })
+        .collect();
+    push(format!("silu_mul {rows}x{cols}"), b.to_host(&g), want, 1e-5);
+}
+
+fn rope(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    for (hd, layout) in [(64, RopeLayout::Interleaved), (128, RopeLayout::Halves)] {
+        let (rows, heads) = (7, 3);
+        let cfg = RopeConfig {
+            theta: 500_000.0,
+            layout,
+            freq_factors: None,
+        };
+        let positions: Vec<u32> = (0..rows).map(|_| rng.below(8000) as u32).collect();
+        let batch = BatchLayout {
+            tokens: vec![0; rows],
+            positions: positions.clone(),
+            slots: (0..rows as u32).collect(),
+            ..Default::default()
+        };
+        let x = random(rng, rows * heads * hd, 1.0);
+        let plan = b.plan(&batch, &cfg, hd);
+        let mut xt = b.tensor(rows, heads * hd, &x);
+        b.rope(&mut xt, heads, &plan);
+        let inv = cfg.inv_freq(hd);
+        let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for r in 0..rows {
+            for h in 0..heads {
+                let v = &mut want[(r * heads + h) * hd..][..hd];
+                for (i, f) in inv.iter().enumerate() {
+                    let (s, c) = (positions[r] as f64 * *f as f64).sin_cos();
+                    let (a, bb) = match layout {
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        RopeLayout::Halves => (i, i + hd / 2),
+                    };
+                    let (x0, x1) = (v[a], v[bb]);
+                    v[a] = x0 * c - x1 * s;
+                    v[bb] = x0 * s + x1 * c;
+                }
+            }
+        }
+        // The device takes sin/cos of an f32 angle (as the CPU backend does); at positions near 8000 that alone is
+        // about 1e-4 away from the exact rotation.
+        push(format!("rope {layout:?} hd{hd}"), b.to_host(&xt), want, 1e-3);
+    }
+}
+
+fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    // (rows, k, n): the GEMV path takes 1..=8 rows with k % 8 == 0, cuBLAS the rest.
+    for (rows, k, n) in [(1, 4096, 1000), (3, 1000, 37), (8, 2048, 515), (9, 1000, 333), (33, 999, 64)] {
+        let x = random(rng, rows * k, 1.0);
+        let w = random(rng, n * k, 0.05);
+        let (Some(wm), xt) = (b.matrix(n, k, &w), b.tensor(rows, k, &x)) else {
+            return;
+        };
+        let mut o = b.activations(0, 0);
+        b.matmul(&xt, &mut [(&wm, &mut o)]);
+        // cuBLAS takes the input in bf16 too; the GEMV reads it in f32.
+        let gemv = rows <= 8 && k % 8 == 0;
+        let xr: Vec<f64> = x
+            .iter()
+            .map(|&v| if gemv { v as f64 } else { bf16(v) as f64 })
+            .collect();
+        let mut want = vec![0f64; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                want[r * n + j] = (0..k)
+                    .map(|i| xr[r * k + i] * bf16(w[j * k + i]) as f64)
+                    .sum();
+            }
+        }
+        let path = if gemv { "gemv" } else { "gemm" };
+        push(format!("{path} {rows}x{k} @ {n}x{k}^T"), b.to_host(&o), want, 1e-5);
+    }
+    // A GEMM reading the bf16 copy its input's producer (here the norm) wrote alongside the f32 output.
+    let (rows, k, n) = (12, 1024, 100);
+    let x = random(rng, rows * k, 1.0);
+    let w = random(rng, n * k, 0.05);
+    let ones = vec![1f32; k];
+    let (Some(wm), Some(g), xt) = (b.matrix(n, k, &w), b.upload_f32(&ones), b.tensor(rows, k, &x))
+    else {
+        return;
+    };
+    let (mut h, mut o) = (b.activations(0, 0), b.activations(0, 0));
+    b.rms_norm(&xt, &g, 1e-5, &mut h);
+    b.matmul(&h, &mut [(&wm, &mut o)]);
+    let normed: Vec<f64> = x
+        .chunks(k)
+        .flat_map(|r| {
+            let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
+            let s = 1.0 / (ms + 1e-5).sqrt();
+            r.iter().map(move |&v| bf16((v as f64 * s) as f32) as f64)
+        })
+        .collect();
+    let want = (0..rows * n)
+        .map(|i| {
+            let (r, j) = (i / n, i % n);
+            (0..k)
+                .map(|c| normed[r * k + c] * bf16(w[j * k + c]) as f64)
+                .sum()
+        })
+        .collect();
+    push(
+        format!("rms_norm -> gemm {rows}x{k} @ {n}x{k}^T (bf16 copy)"),
+        b.to_host(&o),
+        want,
+        // A value near a bf16 rounding boundary may round the other way from f32 than from f64.
+        1e-3,
+    );
+}
+
+/// Attention of `q_rows` new rows per sequence (1: decode) over contexts `contexts` (including the new rows), with
+/// `group` query heads per KV head; K/V are stored through `store_kv` in shuffled blocks and read back for the
+/// reference, so the reference sees exactly what the cache holds.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    b: &CudaBackend,
+    rng: &mut Rng,
+    push: &mut Push<'_>,
+    group: usize,
+    hd: usize,
+    format: KvFormat,
+    contexts: &[usize],
+    q_rows: usize,
+) {
+    let (kvh, bs) = (2, 16);
+    let heads = kvh * group;
+    let blocks: usize = contexts.iter().map(|c| c.div_ceil(bs)).sum();
+    let layout = KvLayout {
+        layers: 2,
+        kv_heads: kvh,
+        head_dim: hd,
+        block_size: bs,
+        num_blocks: blocks + 3,
+        format,
+    };
+    let Ok(mut kv) = b.alloc_kv(&layout) else {
+        return push(format!("attention alloc {format:?}"), vec![], vec![0.0], 0.0);
+    };
+    // Shuffled physical blocks.
+    let mut ids: Vec<u32> = (0..layout.num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    let mut next = ids.into_iter();
+    let tables: Vec<Vec<u32>> = contexts
+        .iter()
+        .map(|c| (0..c.div_ceil(bs)).map(|_| next.next().unwrap()).collect())
+        .collect();
+    let rope = RopeConfig {
+        theta: 10_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let layer = 1;
+    // Store every context token's K/V (one sequence slice per context).
+    let mut store = BatchLayout::default();
+    for (s, &c) in contexts.iter().enumerate() {
+        store.seqs.push(SeqSlice {
+            first_row: store.tokens.len(),
+            n_rows: c,
+            start_pos: 0,
+            block_table: tables[s].clone(),
+        });
+        for p in 0..c {
+            store.tokens.push(0);
+            store.positions.push(p as u32);
+            store.slots.push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
+        }
+    }
+    let n = store.tokens.len();
+    let k = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.5));
+    let v = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.0));
+    let plan = b.plan(&store, &rope, hd);
+    b.store_kv(&mut kv, layer, &k, &v, &plan);
+    // The query rows: the last `q_rows` (at most the context) of each sequence.
+    let mut query = BatchLayout::default();
+    for (s, &c) in contexts.iter().enumerate() {
+        let r = q_rows.min(c);
+        query.seqs.push(SeqSlice {
+            first_row: query.tokens.len(),
+            n_rows: r,
+            start_pos: c - r,
+            block_table: tables[s].clone(),
+        });
+        for p in c - r..c {
+            query.tokens.push(0);
+            query.positions.push(p as u32);
+            query.slots.push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
+        }
+    }
+    let rows = query.tokens.len();
+    let q = random(rng, rows * heads * hd, 1.0);
+    let plan = b.plan(&query, &rope, hd);
+    let qt = b.tensor(rows, heads * hd, &q);
+    let mut o = b.activations(0, 0);
+    b.attention(&qt, &kv, layer, &plan, &mut o, &mut []);
+    let got = b.to_host(&o);
+    // The reference, from the cache as stored.
+    let mut cache: std::collections::HashMap<u32, (Vec<f32>, Vec<f32>)> = Default::default();
+    for t in &tables {
+        for &blk in t {
+            cache.insert(blk, b.read_kv_block(&kv, layer, blk));
+        }
+    }
+    let kv_at = |table: &[u32], p: usize, h: usize, which: usize| -> &[f32] {
+        let (kb, vb) = &cache[&table[p / bs]];
+        let src = if which == 0 { kb } else { vb };
+        &src[(h * bs + p % bs) * hd..][..hd]
+    };
+    let mut want = vec![0f64; rows * heads * hd];
+    let scale = 1.0 / (hd as f64).sqrt();
+    for seq in &query.seqs {
+        let table = &seq.block_table;
+        for i in 0..seq.n_rows {
+            let row = seq.first_row + i;
+            let ctx = seq.start_pos + i + 1;
+            for h in 0..heads {
+                let qh = &q[(row * heads + h) * hd..][..hd];
+                let scores: Vec<f64> = (0..ctx)
+                    .map(|p| {
+                        let kp = kv_at(table, p, h / group, 0);
+                        qh.iter().zip(kp).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                let o = &mut want[(row * heads + h) * hd..][..hd];
+                for (p, w) in e.iter().enumerate() {
+                    for (od, &vd) in o.iter_mut().zip(kv_at(table, p, h / group, 1)) {
+                        *od += w / sum * vd as f64;
+                    }
+                }
+            }
+        }
+    }
+    // The prefill kernel multiplies in f16 (Q and the probabilities rounded to f16); decode stays in f32.
+    let (kind, tol) = if q_rows > 1 { ("prefill", 5e-3) } else { ("decode", 1e-4) };
+    push(
+        format!("{kind} attention g{group} hd{hd} {format:?} contexts {contexts:?}"),
+        got,
+        want,
+        tol,
+    );
+}
+
+fn argmax(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    let (rows, cols) = (3, 128_256);
+    let mut x = random(rng, rows * cols, 1.0);
+    // A clear winner in row 0, a tie in row 1 (the lower index wins), the last column in row 2.
+    let winners = [rng.below(cols), 77, cols - 1];
+    x[winners[0]] = 5.0;
+    x[cols + 77] = 5.0;
+    x[cols + 90_000] = 5.0;
+    x[2 * cols + cols - 1] = 5.0;
+    let xt = b.tensor(rows, cols, &x);
+    let got: Vec<f32> = b.argmax_rows(&xt, cols).iter().map(|&i| i as f32).collect();
+    let want = winners.iter().map(|&w| w as f64).collect();
+    push(format!("argmax {rows}x{cols}"), got, want, 0.0);
+}
