@@ -25,6 +25,9 @@ pub use external::{KvView, TransferTarget};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(pub u64);
 
+/// Told each layer's index as soon as that layer's K/V of a step are in the store.
+pub type LayerObserver<'a, B> = dyn FnMut(usize, &KvView<'_, B>) + 'a;
+
 /// Engine construction options.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -388,7 +391,7 @@ impl<B: Backend> Engine<B> {
     fn step_with(
         &mut self,
         items: &[StepItem],
-        mut after_layer: Option<&mut dyn FnMut(usize, &KvView<'_, B>)>,
+        mut after_layer: Option<&mut LayerObserver<'_, B>>,
         head: Head,
     ) -> Result<(Vec<usize>, HeadOut)> {
         let bs = self.layout.block_size;

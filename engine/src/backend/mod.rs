@@ -128,6 +128,37 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Activations, up: &Self::Activations);
+    /// The SwiGLU feed-forward's first half: `gate = silu(x @ w_gate^T) * (x @ w_up^T)` (`up` is scratch). A device
+    /// may do it in one pass over both weights.
+    fn swiglu(
+        &self,
+        x: &Self::Activations,
+        w_gate: &Self::Matrix,
+        w_up: &Self::Matrix,
+        gate: &mut Self::Activations,
+        up: &mut Self::Activations,
+    ) {
+        self.matmul(x, &mut [(w_gate, &mut *gate), (w_up, &mut *up)]);
+        self.silu_mul(gate, up);
+    }
+    /// RoPE on `q` (`heads`) and `k` (`kv_heads`), then `k` and `v` into their slots of `layer`. A device may do it
+    /// in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store_kv(
+        &self,
+        q: &mut Self::Activations,
+        k: &mut Self::Activations,
+        v: &Self::Activations,
+        heads: usize,
+        kv_heads: usize,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        plan: &Self::Plan,
+    ) {
+        self.rope(q, heads, plan);
+        self.rope(k, kv_heads, plan);
+        self.store_kv(kv, layer, k, v, plan);
+    }
     /// `x += y`.
     fn add(&self, x: &mut Self::Activations, y: &Self::Activations);
     /// Copies the plan's logit rows of `x` into `out` (`logit_rows.len()` rows).

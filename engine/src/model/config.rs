@@ -328,16 +328,22 @@ mod tests {
             ModelConfig::from_hf_config(&j).unwrap().rope
         };
         // transformers < 5: top-level keys.
-        let old = with(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3",
-            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}));
+        let old = with(
+            serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+        );
         // transformers 5: one rope_parameters object.
-        let new = with(serde_json::json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
-            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}));
+        let new = with(
+            serde_json::json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+        );
         assert_eq!(old.theta, 500_000.0);
         assert_eq!(new.theta, 500_000.0);
         assert_eq!(old.freq_factors, new.freq_factors);
         assert!(new.freq_factors.is_some());
-        let plain = with(serde_json::json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}));
+        let plain = with(
+            serde_json::json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}),
+        );
         assert_eq!((plain.theta, plain.freq_factors), (100_000.0, None));
         assert_eq!(with(serde_json::json!({})).theta, 10_000.0);
     }

@@ -186,15 +186,12 @@ impl<B: Backend> LlamaModel<B> {
                 backend.add_bias(&mut s.k, bk);
                 backend.add_bias(&mut s.v, bv);
             }
-            backend.rope(&mut s.q, c.heads, &plan);
-            backend.rope(&mut s.k, c.kv_heads, &plan);
-            backend.store_kv(kv, li, &s.k, &s.v, &plan);
+            backend.rope_store_kv(&mut s.q, &mut s.k, &s.v, c.heads, c.kv_heads, kv, li, &plan);
             after_layer(li, kv);
             backend.attention(&s.q, kv, li, &plan, &mut s.att, tallies);
             backend.matmul(&s.att, &mut [(&l.wo, &mut s.h)]);
             backend.add_rms_norm(&mut s.x, &mut s.h, &l.ffn_norm, c.rms_eps);
-            backend.matmul(&s.h, &mut [(&l.w_gate, &mut s.gate), (&l.w_up, &mut s.up)]);
-            backend.silu_mul(&mut s.gate, &s.up);
+            backend.swiglu(&s.h, &l.w_gate, &l.w_up, &mut s.gate, &mut s.up);
             backend.matmul(&s.gate, &mut [(&l.w_down, &mut s.h)]);
             match self.layers.get(li + 1) {
                 Some(next) => backend.add_rms_norm(&mut s.x, &mut s.h, &next.attn_norm, c.rms_eps),

@@ -43,6 +43,39 @@ impl CudaBackend {
         }
     }
 
+    /// `gate = silu(x @ w_gate^T) * (x @ w_up^T)`: one GEMV pass over both weights for up to eight rows, else the
+    /// two products (cuBLAS) and the elementwise kernel.
+    pub(super) fn swiglu_rows(
+        &self,
+        x: &CudaTensor,
+        w_gate: &CudaMatrix,
+        w_up: &CudaMatrix,
+        gate: &mut CudaTensor,
+        up: &mut CudaTensor,
+    ) {
+        let small = (1..=self.k.gemv_swiglu.len()).contains(&x.rows) && x.cols.is_multiple_of(8);
+        if !small || w_gate.rows != w_up.rows {
+            self.matmul_rows(x, &mut [(w_gate, &mut *gate), (w_up, &mut *up)]);
+            return crate::backend::Backend::silu_mul(self, gate, up);
+        }
+        self.resize(gate, x.rows, w_gate.rows);
+        let (Some(xf), Some(o)) = (x.buf.as_ref(), gate.buf.as_mut()) else {
+            return;
+        };
+        let (n, k) = (w_gate.rows as i32, x.cols as i32);
+        let mut b = self.stream.launch_builder(&self.k.gemv_swiglu[x.rows - 1]);
+        b.arg(&w_gate.data)
+            .arg(&w_up.data)
+            .arg(o)
+            .arg(&n)
+            .arg(xf)
+            .arg(&k);
+        let blocks = w_gate.rows.div_ceil(8) as u32;
+        self.launch("gemv_swiglu", || {
+            unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop)
+        });
+    }
+
     /// Up to three weights sharing the input `x` (`rows x k`, rows <= 8) in one launch of the small-batch kernel.
     fn gemv(
         &self,
@@ -79,7 +112,9 @@ impl CudaBackend {
         let k = k as i32;
         b.arg(x).arg(&k);
         let blocks = total.div_ceil(8) as u32;
-        self.launch("gemv", || unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop));
+        self.launch("gemv", || {
+            unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop)
+        });
     }
 
     /// `out (rows x w.rows) = x (rows x w.cols) @ w^T` in cuBLAS's column-major terms: `out^T = w . x^T`, with `w`

@@ -73,8 +73,8 @@ impl Graphs {
         if self.ready.contains_key(&shape) {
             self.mode = Mode::Replaying(shape);
         } else if !self.seen.insert(shape) {
-            if let Err(e) = stream
-                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            if let Err(e) =
+                stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             {
                 self.refused.insert(shape);
                 return Err(format!("starting a CUDA graph capture: {e}"));

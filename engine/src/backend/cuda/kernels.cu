@@ -180,20 +180,76 @@ __device__ __forceinline__ float ident(float x) { return x; }
 STORE_KV(store_kv_f32, float, ident)
 STORE_KV(store_kv_f16, __half, __float2half)
 
-// Eight consecutive cache values as f32 (one 16-byte load from an f16 cache, two from an f32 one).
+// RoPE and the cache write in one pass. Grid (rows, heads + kv_heads), half_dim threads: blocks h < heads rotate
+// query head h in place; the others rotate K head h - heads and write it, and the matching V head, into the row's
+// slot of one layer (K stays rotated in `k` as well).
+template <typename T> __device__ __forceinline__ T store_as(float x);
+template <> __device__ __forceinline__ float store_as<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half store_as<__half>(float x) { return __float2half(x); }
+
+template <typename T>
+__device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc, const u32* slots, const u32* positions,
+                                const float* inv_freq, int heads, int kv_heads, int head_dim, int interleaved,
+                                int block_size, size_t layer_off) {
+    const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
+    if (i >= half) return;
+    const bool is_q = h < heads;
+    const int hh = is_q ? h : h - heads;
+    float* x = is_q ? q + ((size_t)r * heads + hh) * head_dim : k + ((size_t)r * kv_heads + hh) * head_dim;
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    float s, c;
+    sincosf((float)positions[r] * inv_freq[i], &s, &c);
+    const float x0 = x[a], x1 = x[b];
+    const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    x[a] = y0;
+    x[b] = y1;
+    if (is_q) return;
+    const u32 slot = slots[r], block = slot / block_size, off = slot % block_size;
+    const size_t dst = layer_off + (((size_t)block * kv_heads + hh) * block_size + off) * head_dim;
+    const float* vr = v + ((size_t)r * kv_heads + hh) * head_dim;
+    kc[dst + a] = store_as<T>(y0);
+    kc[dst + b] = store_as<T>(y1);
+    vc[dst + a] = store_as<T>(vr[a]);
+    vc[dst + b] = store_as<T>(vr[b]);
+}
+
+#define ROPE_STORE(TN, T)                                                                                       \
+    extern "C" __global__ void rope_store_##TN(float* q, float* k, const float* v, T* kc, T* vc,                 \
+                                               const u32* slots, const u32* positions, const float* inv_freq,   \
+                                               int heads, int kv_heads, int head_dim, int interleaved,          \
+                                               int block_size, size_t layer_off) {                              \
+        rope_store_impl<T>(q, k, v, kc, vc, slots, positions, inv_freq, heads, kv_heads, head_dim, interleaved, \
+                           block_size, layer_off);                                                              \
+    }
+ROPE_STORE(f32, float)
+ROPE_STORE(f16, __half)
+
+// Eight consecutive f32 values in two 16-byte loads.
 __device__ __forceinline__ void load8(const float* p, float* x) {
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
 }
-__device__ __forceinline__ void load8(const __half* p, float* x) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const float2 f = __half22float2(h[j]);
-        x[2 * j] = f.x;
-        x[2 * j + 1] = f.y;
-    }
+
+// Eight consecutive cache values kept as loaded (16 bytes of halves, or 32 of floats) until used, so that four
+// keys' K and V in flight cost few registers; pair(r, j) gives values 2j and 2j + 1 as floats.
+template <typename T> struct Raw8;
+template <> struct Raw8<__half> { uint4 v; };
+template <> struct Raw8<float> { float4 a, b; };
+__device__ __forceinline__ void fetch_raw(const __half* p, Raw8<__half>& r) { r.v = *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void fetch_raw(const float* p, Raw8<float>& r) {
+    r.a = reinterpret_cast<const float4*>(p)[0];
+    r.b = reinterpret_cast<const float4*>(p)[1];
+}
+__device__ __forceinline__ void zero_raw(Raw8<__half>& r) { r.v = make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
+__device__ __forceinline__ float2 pair(const Raw8<__half>& r, int j) {
+    return __half22float2(reinterpret_cast<const __half2*>(&r.v)[j]);
+}
+__device__ __forceinline__ float2 pair(const Raw8<float>& r, int j) {
+    return j == 0 ? make_float2(r.a.x, r.a.y)
+         : j == 1 ? make_float2(r.a.z, r.a.w)
+         : j == 2 ? make_float2(r.b.x, r.b.y)
+                  : make_float2(r.b.z, r.b.w);
 }
 
 // Paged attention in the flash-decoding style. Grid (query row, KV head, split): a block of WARPS warps takes the
@@ -201,16 +257,17 @@ __device__ __forceinline__ void load8(const __half* p, float* x) {
 // head (grouped-query), and keeps an online softmax per head: running max, running sum and a weighted sum of V in
 // registers. A key is read by HD / 8 lanes, eight dimensions each in 16-byte loads, so one warp takes 32 * 8 / HD
 // keys at a time, and four such steps are loaded before any is used (loads in flight hide the memory latency);
-// their scores then update each head's running sums with one rescale.
-// G and HD are compile-time (one kernel per shape) so everything stays in registers. Each lane group's partial
-// result is merged across the warp with shuffles, then across warps in shared memory; with one split the block
-// writes the output, otherwise (unnormalized output, max, sum) per split go to `part` for attention_combine.
+// their scores then update each head's running sums with one rescale. G and HD are compile-time (one kernel per
+// shape) so everything stays in registers. Each lane group's partial result is merged across the warp with
+// shuffles, then across warps in shared memory. With one split the block writes the output; otherwise each split
+// leaves (unnormalized output, max, sum) in `part`, and the last split block of a (row, KV head) to finish (counted
+// in `arrived`, which it resets for the next launch) merges them into the output.
 // row_ctx[r]: keys visible to row r; row_table[r]: its block table's offset in `tables`.
 #define WARPS 8
 template <typename T, int G, int HD>
-__device__ void attention_impl(const float* q, const T* kc, const T* vc, float* out, float* part, const u32* row_ctx,
-                               const u32* row_table, const u32* tables, int kv_heads, int block_size,
-                               size_t layer_off, float scale, int splits) {
+__device__ void attention_impl(const float* q, const T* kc, const T* vc, float* out, float* part, u32* arrived,
+                               const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,
+                               int block_size, size_t layer_off, float scale, int splits) {
     constexpr int LG = HD / 8, KPW = 32 / LG, U = 4;
     const int heads = kv_heads * G;
     const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -220,12 +277,12 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
     for (int g = 0; g < G; g++) {
         m[g] = NEG_INF;
         l[g] = 0.f;
-        const float* qr = q + ((size_t)r * heads + kvh * G + g) * HD + gl * 8;
+        const float4* qr = reinterpret_cast<const float4*>(q + ((size_t)r * heads + kvh * G + g) * HD + gl * 8);
+        const float4 a = qr[0], b = qr[1];
+        qv[g][0] = a.x * scale; qv[g][1] = a.y * scale; qv[g][2] = a.z * scale; qv[g][3] = a.w * scale;
+        qv[g][4] = b.x * scale; qv[g][5] = b.y * scale; qv[g][6] = b.z * scale; qv[g][7] = b.w * scale;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            qv[g][j] = qr[j] * scale;
-            acc[g][j] = 0.f;
-        }
+        for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
     }
     // Splits take at least 64 keys each: with a short context the last splits have none (and say so in `part`).
     const u32 ctx = row_ctx[r];
@@ -233,20 +290,18 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
     const u32 begin = min(ctx, split * chunk), end = min(ctx, begin + chunk);
     const u32* table = tables + row_table[r];
     for (u32 tb = begin + warp * KPW * U; tb < end; tb += WARPS * KPW * U) {
-        float kx[U][8], vx[U][8];
-        bool valid[U];
+        Raw8<T> kr[U], vr[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const u32 t = tb + u * KPW + sub;
-            valid[u] = t < end;
-            if (valid[u]) {
+            if (t < end) {
                 const u32 block = table[t / block_size], off = t % block_size;
                 const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + gl * 8;
-                load8(kc + base, kx[u]);
-                load8(vc + base, vx[u]);
+                fetch_raw(kc + base, kr[u]);
+                fetch_raw(vc + base, vr[u]);
             } else {
-#pragma unroll
-                for (int j = 0; j < 8; j++) kx[u][j] = vx[u][j] = 0.f;
+                zero_raw(kr[u]);
+                zero_raw(vr[u]);
             }
         }
         // Per head: the U keys' scores, one rescale of the running sums for all of them.
@@ -258,25 +313,33 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
             for (int u = 0; u < U; u++) {
                 s[u] = 0.f;
 #pragma unroll
-                for (int j = 0; j < 8; j++) s[u] += qv[g][j] * kx[u][j];
+                for (int j = 0; j < 4; j++) {
+                    const float2 k2 = pair(kr[u], j);
+                    s[u] += qv[g][2 * j] * k2.x + qv[g][2 * j + 1] * k2.y;
+                }
 #pragma unroll
                 for (int o = LG / 2; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffff, s[u], o);
-                if (!valid[u]) s[u] = NEG_INF;
+                if (tb + u * KPW + sub >= end) s[u] = NEG_INF;
                 mx = fmaxf(mx, s[u]);
             }
-            if (mx == NEG_INF) continue;
-            const float corr = __expf(m[g] - mx);
-            l[g] *= corr;
+            if (mx != NEG_INF) {
+                const float corr = __expf(m[g] - mx);
+                l[g] *= corr;
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+                for (int j = 0; j < 8; j++) acc[g][j] *= corr;
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const float p = __expf(s[u] - mx);
-                l[g] += p;
+                for (int u = 0; u < U; u++) {
+                    const float p = __expf(s[u] - mx);
+                    l[g] += p;
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[g][j] += p * vx[u][j];
+                    for (int j = 0; j < 4; j++) {
+                        const float2 v2 = pair(vr[u], j);
+                        acc[g][2 * j] += p * v2.x;
+                        acc[g][2 * j + 1] += p * v2.y;
+                    }
+                }
+                m[g] = mx;
             }
-            m[g] = mx;
         }
     }
     // Merge the lane groups of each warp (lanes gl, gl + LG, ... hold the same dimensions of different keys).
@@ -328,15 +391,41 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
         }
         __syncthreads();
     }
+    if (splits == 1) return;
+    // The last split block of this (row, KV head) merges every split's part.
+    __shared__ u32 ticket;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(&arrived[r * kv_heads + kvh], 1);
+    __syncthreads();
+    if (ticket != (u32)splits - 1) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        const int h = kvh * G + i / HD, d = i % HD;
+        const float* p = part + ((size_t)r * heads + h) * splits * (HD + 2);
+        float mm = NEG_INF;
+        for (int sp = 0; sp < splits; sp++) mm = fmaxf(mm, __ldcg(p + sp * (HD + 2) + HD));
+        float v = 0.f, ll = 0.f;
+        for (int sp = 0; sp < splits; sp++) {
+            const float* ps = p + sp * (HD + 2);
+            const float ms = __ldcg(ps + HD);
+            if (ms == NEG_INF) continue;
+            const float f = __expf(ms - mm);
+            v += __ldcg(ps + d) * f;
+            ll += __ldcg(ps + HD + 1) * f;
+        }
+        out[((size_t)r * heads + h) * HD + d] = ll > 0.f ? v / ll : 0.f;
+    }
+    if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
 }
 
 #define ATTENTION(T, TN, G, HD)                                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) attention_##TN##_g##G##_h##HD(                      \
-        const float* q, const T* kc, const T* vc, float* out, float* part, const u32* row_ctx,                  \
+        const float* q, const T* kc, const T* vc, float* out, float* part, u32* arrived, const u32* row_ctx,    \
         const u32* row_table, const u32* tables, int kv_heads, int block_size, size_t layer_off, float scale,   \
         int splits) {                                                                                           \
-        attention_impl<T, G, HD>(q, kc, vc, out, part, row_ctx, row_table, tables, kv_heads, block_size,        \
-                                 layer_off, scale, splits);                                                     \
+        attention_impl<T, G, HD>(q, kc, vc, out, part, arrived, row_ctx, row_table, tables, kv_heads,           \
+                                 block_size, layer_off, scale, splits);                                         \
     }
 #define ATTENTION_G(T, TN, HD) \
     ATTENTION(T, TN, 1, HD) ATTENTION(T, TN, 2, HD) ATTENTION(T, TN, 3, HD) ATTENTION(T, TN, 4, HD) \
@@ -541,25 +630,6 @@ PREFILL_ATTENTION(float, f32, 128)
 PREFILL_ATTENTION(__half, f16, 64)
 PREFILL_ATTENTION(__half, f16, 128)
 
-// Grid (rows, heads), head_dim threads: merges the splits' partial results of attention_*.
-extern "C" __global__ void attention_combine(const float* part, float* out, int heads, int head_dim, int splits) {
-    const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    if (d >= head_dim) return;
-    const float* p = part + ((size_t)r * heads + h) * splits * (head_dim + 2);
-    float mm = NEG_INF;
-    for (int s = 0; s < splits; s++) mm = fmaxf(mm, p[s * (head_dim + 2) + head_dim]);
-    float v = 0.f, ll = 0.f;
-    for (int s = 0; s < splits; s++) {
-        const float* ps = p + s * (head_dim + 2);
-        const float ms = ps[head_dim];
-        if (ms == NEG_INF) continue;
-        const float f = __expf(ms - mm);
-        v += ps[d] * f;
-        ll += ps[head_dim + 1] * f;
-    }
-    out[((size_t)r * heads + h) * head_dim + d] = ll > 0.f ? v / ll : 0.f;
-}
-
 // One block per output row: out[i] = x[rows[i]].
 extern "C" __global__ void gather_rows(const float* x, float* out, const u32* rows, int cols) {
     const float* src = x + (size_t)rows[blockIdx.x] * cols;
@@ -639,6 +709,50 @@ __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __
         gemv_impl<R>(w0, out0, n0, w1, out1, n1, w2, out2, n2, x, k);                                            \
     }
 GEMV(1) GEMV(2) GEMV(3) GEMV(4) GEMV(5) GEMV(6) GEMV(7) GEMV(8)
+
+// The SwiGLU's first half at small batch: warp `n` reads row n of the gate and of the up weight once each for all R
+// input rows and writes out[r][n] = silu(x_r . gate_n) * (x_r . up_n), so neither product is stored.
+template <int R>
+__device__ void gemv_swiglu_impl(const __nv_bfloat16* wg, const __nv_bfloat16* wu, float* out, int n, const float* x,
+                                 int k) {
+    const int lane = threadIdx.x & 31, row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const uint4* gr = reinterpret_cast<const uint4*>(wg + (size_t)row * k);
+    const uint4* ur = reinterpret_cast<const uint4*>(wu + (size_t)row * k);
+    float ag[R], au[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) ag[r] = au[r] = 0.f;
+    const int n8 = k / 8;
+    int c = lane;
+    for (; c + 32 < n8; c += 64) {
+        const uint4 g0 = gr[c], g1 = gr[c + 32], u0 = ur[c], u1 = ur[c + 32];
+        gemv_step<R>(g0, x, k, c, ag);
+        gemv_step<R>(u0, x, k, c, au);
+        gemv_step<R>(g1, x, k, c + 32, ag);
+        gemv_step<R>(u1, x, k, c + 32, au);
+    }
+    for (; c < n8; c += 32) {
+        gemv_step<R>(gr[c], x, k, c, ag);
+        gemv_step<R>(ur[c], x, k, c, au);
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float g = ag[r], u = au[r];
+        for (int o = 16; o > 0; o >>= 1) {
+            g += __shfl_xor_sync(0xffffffff, g, o);
+            u += __shfl_xor_sync(0xffffffff, u, o);
+        }
+        if (lane == 0) out[(size_t)r * n + row] = silu(g) * u;
+    }
+}
+
+#define GEMV_SWIGLU(R)                                                                                         \
+    extern "C" __global__ void gemv_swiglu_r##R(const __nv_bfloat16* wg, const __nv_bfloat16* wu, float* out,  \
+                                                int n, const float* x, int k) {                                \
+        gemv_swiglu_impl<R>(wg, wu, out, n, x, k);                                                             \
+    }
+GEMV_SWIGLU(1) GEMV_SWIGLU(2) GEMV_SWIGLU(3) GEMV_SWIGLU(4) GEMV_SWIGLU(5) GEMV_SWIGLU(6) GEMV_SWIGLU(7)
+GEMV_SWIGLU(8)
 
 // Greedy sampling on the device: one block per row writes the index of the row's largest value (lowest index on
 // ties, as the host's argmax), so only token ids cross to the host.

@@ -75,7 +75,10 @@ impl CudaKvStore {
             KvBufs::F32 { k, v } => {
                 let read = |c: &CudaSlice<f32>| {
                     let mut out = vec![0f32; range.len()];
-                    b.ok(what, b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut out));
+                    b.ok(
+                        what,
+                        b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut out),
+                    );
                     out
                 };
                 (read(k), read(v))
@@ -83,7 +86,10 @@ impl CudaKvStore {
             KvBufs::F16 { k, v } => {
                 let read = |c: &CudaSlice<u16>| {
                     let mut bits = vec![0u16; range.len()];
-                    b.ok(what, b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut bits));
+                    b.ok(
+                        what,
+                        b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut bits),
+                    );
                     bits.iter()
                         .map(|&x| half::f16::from_bits(x).to_f32())
                         .collect()
@@ -106,7 +112,10 @@ impl CudaKvStore {
         match &mut self.bufs {
             KvBufs::F32 { k: kc, v: vc } => {
                 for (c, x) in [(kc, k), (vc, v)] {
-                    b.ok(what, b.stream.memcpy_htod(x, &mut c.slice_mut(range.clone())));
+                    b.ok(
+                        what,
+                        b.stream.memcpy_htod(x, &mut c.slice_mut(range.clone())),
+                    );
                 }
             }
             KvBufs::F16 { k: kc, v: vc } => {
@@ -115,7 +124,10 @@ impl CudaKvStore {
                         .iter()
                         .map(|&f| half::f16::from_f32(f).to_bits())
                         .collect();
-                    b.ok(what, b.stream.memcpy_htod(&bits, &mut c.slice_mut(range.clone())));
+                    b.ok(
+                        what,
+                        b.stream.memcpy_htod(&bits, &mut c.slice_mut(range.clone())),
+                    );
                 }
             }
         }

@@ -50,6 +50,8 @@ pub struct CudaBackend {
     xb: Mutex<Option<CudaSlice<u16>>>,
     /// Split attention's partial results.
     part: Mutex<Option<CudaSlice<f32>>>,
+    /// Split attention's arrival counts per (row, KV head); zero between launches.
+    arrived: Mutex<Option<CudaSlice<u32>>>,
     /// The current step's plan words ([`plan::Packed`]).
     plan_buf: Mutex<Option<CudaSlice<u32>>>,
     /// Token ids chosen on the device.
@@ -141,16 +143,10 @@ impl CudaBackend {
             let (ptr, _guard) = workspace.device_ptr_mut(&stream);
             // SAFETY: the workspace outlives the handle's use (both live in the backend).
             let status = unsafe {
-                blas_sys::cublasSetWorkspace_v2(
-                    *blas.handle(),
-                    ptr as *mut _,
-                    BLAS_WORKSPACE_BYTES,
-                )
+                blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE_BYTES)
             };
             if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(EngineError::Device(format!(
-                    "cuBLAS workspace: {status:?}"
-                )));
+                return Err(EngineError::Device(format!("cuBLAS workspace: {status:?}")));
             }
         }
         let sms = ctx
@@ -164,10 +160,11 @@ impl CudaBackend {
                 spent: Vec::new(),
             })
         });
-        let graphs_on = profile.is_none()
-            && std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let graphs_on =
+            profile.is_none() && std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0");
         Ok(Self {
             part: Mutex::new(None),
+            arrived: Mutex::new(None),
             plan_buf: Mutex::new(None),
             ids: Mutex::new(None),
             graphs: Mutex::new(Graphs::new(graphs_on)),
@@ -246,7 +243,11 @@ impl CudaBackend {
     }
 
     /// Issues one kernel (or library call), unless a recorded graph will run the step.
-    fn launch(&self, what: &'static str, go: impl FnOnce() -> std::result::Result<(), DriverError>) {
+    fn launch(
+        &self,
+        what: &'static str,
+        go: impl FnOnce() -> std::result::Result<(), DriverError>,
+    ) {
         if lock(&self.graphs).replaying() {
             return;
         }

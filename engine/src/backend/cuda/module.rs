@@ -21,14 +21,18 @@ pub struct Kernels {
     pub rope: CudaFunction,
     pub store_kv_f32: CudaFunction,
     pub store_kv_f16: CudaFunction,
+    /// RoPE on Q and K plus the cache write, by cache format (f32, f16).
+    pub rope_store_f32: CudaFunction,
+    pub rope_store_f16: CudaFunction,
     /// Decode attention kernels by (f16 cache, query heads per KV head, head_dim).
     pub attention: std::collections::HashMap<(bool, usize, usize), CudaFunction>,
     /// Prefill (tiled, tensor-core) attention kernels by (f16 cache, head_dim).
     pub prefill_attention: std::collections::HashMap<(bool, usize), CudaFunction>,
-    pub attention_combine: CudaFunction,
     pub gather_rows: CudaFunction,
     /// `gemv_bf16_r{R}` for R = 1..=8 input rows, at index R - 1.
     pub gemv: Vec<CudaFunction>,
+    /// `gemv_swiglu_r{R}`, likewise.
+    pub gemv_swiglu: Vec<CudaFunction>,
     pub argmax_rows: CudaFunction,
 }
 
@@ -79,6 +83,8 @@ impl Kernels {
             rope: f("rope")?,
             store_kv_f32: f("store_kv_f32")?,
             store_kv_f16: f("store_kv_f16")?,
+            rope_store_f32: f("rope_store_f32")?,
+            rope_store_f16: f("rope_store_f16")?,
             attention: {
                 let mut m = std::collections::HashMap::new();
                 for f16 in [false, true] {
@@ -107,10 +113,12 @@ impl Kernels {
                 }
                 m
             },
-            attention_combine: f("attention_combine")?,
             gather_rows: f("gather_rows")?,
             gemv: (1..=8)
                 .map(|r| f(&format!("gemv_bf16_r{r}")))
+                .collect::<Result<_>>()?,
+            gemv_swiglu: (1..=8)
+                .map(|r| f(&format!("gemv_swiglu_r{r}")))
                 .collect::<Result<_>>()?,
             argmax_rows: f("argmax_rows")?,
         })

@@ -86,7 +86,13 @@ impl Backend for CudaBackend {
         // Room to spare, so that growing contexts do not reallocate (and drop the recorded graphs) every step.
         let need = packed.words.len();
         let fits = buf.as_ref().is_some_and(|b| b.len() >= need);
-        if !fits && !self.ensure("allocating the step plan", &mut buf, need.next_power_of_two()) {
+        if !fits
+            && !self.ensure(
+                "allocating the step plan",
+                &mut buf,
+                need.next_power_of_two(),
+            )
+        {
             return packed.at(0);
         }
         let Some(b) = buf.as_mut() else {
@@ -203,6 +209,68 @@ impl Backend for CudaBackend {
             .arg(&bs)
             .arg(&layer_off);
         self.launch("store_kv", || unsafe { b.launch(grid) }.map(drop));
+    }
+
+    fn rope_store_kv(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        kv_heads: usize,
+        kv: &mut CudaKvStore,
+        layer: usize,
+        plan: &CudaPlan,
+    ) {
+        let l = kv.layout;
+        let layer_off = (layer * kv.layer_elems()) as u64;
+        q.bf16_fresh = false;
+        k.bf16_fresh = false;
+        let (Some(qb), Some(kb), Some(vb)) = (q.buf.as_mut(), k.buf.as_mut(), v.buf.as_ref())
+        else {
+            return;
+        };
+        let (h, kvh, hd, bs) = (
+            heads as i32,
+            kv_heads as i32,
+            l.head_dim as i32,
+            l.block_size as i32,
+        );
+        let f = match kv.bufs {
+            KvBufs::F32 { .. } => &self.k.rope_store_f32,
+            KvBufs::F16 { .. } => &self.k.rope_store_f16,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(qb).arg(kb).arg(vb);
+        match &mut kv.bufs {
+            KvBufs::F32 { k: kc, v: vc } => b.arg(kc).arg(vc),
+            KvBufs::F16 { k: kc, v: vc } => b.arg(kc).arg(vc),
+        };
+        b.arg(&plan.slots)
+            .arg(&plan.positions)
+            .arg(&plan.inv_freq)
+            .arg(&h)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&plan.interleaved)
+            .arg(&bs)
+            .arg(&layer_off);
+        let grid = cfg(
+            (plan.rows as u32, (heads + kv_heads) as u32),
+            (plan.half_dim as u32).max(1),
+        );
+        self.launch("rope_store_kv", || unsafe { b.launch(grid) }.map(drop));
+    }
+
+    fn swiglu(
+        &self,
+        x: &CudaTensor,
+        w_gate: &CudaMatrix,
+        w_up: &CudaMatrix,
+        gate: &mut CudaTensor,
+        up: &mut CudaTensor,
+    ) {
+        self.swiglu_rows(x, w_gate, w_up, gate, up);
     }
 
     fn attention(
@@ -351,7 +419,7 @@ impl Backend for CudaBackend {
 impl CudaBackend {
     /// Flash-decoding attention: grid (row, KV head, split), each row's keys split so that the grid covers the GPU
     /// eight blocks deep, in chunks of at least 64 keys of the longest context's bucket (so a recorded step fits
-    /// every context of its bucket; splits past a short context find no keys), then the splits merged.
+    /// every context of its bucket; splits past a short context find no keys); the last split to finish merges them.
     fn decode_attention(
         &self,
         q: &CudaTensor,
@@ -378,22 +446,23 @@ impl CudaBackend {
             .div_ceil(blocks.max(1))
             .min(plan.ctx_bucket)
             .max(1);
-        let mut part = lock(&self.part);
+        let (mut part, mut arrived) = (lock(&self.part), lock(&self.arrived));
         let need = q.rows * heads * splits * (l.head_dim + 2);
-        if !self.ensure("allocating attention splits", &mut part, need) {
+        if !self.ensure("allocating attention splits", &mut part, need)
+            || !self.ensure("allocating attention counts", &mut arrived, blocks)
+        {
             return;
         }
-        let (Some(qb), Some(o), Some(pb)) = (q.buf.as_ref(), out.buf.as_mut(), part.as_mut())
-        else {
+        let (Some(qb), Some(o), Some(pb), Some(ab)) = (
+            q.buf.as_ref(),
+            out.buf.as_mut(),
+            part.as_mut(),
+            arrived.as_mut(),
+        ) else {
             return;
         };
         let layer_off = (layer * kv.layer_elems()) as u64;
-        let (h, kvh, hd, bs) = (
-            heads as i32,
-            l.kv_heads as i32,
-            l.head_dim as i32,
-            l.block_size as i32,
-        );
+        let (kvh, bs) = (l.kv_heads as i32, l.block_size as i32);
         let (scale, sp) = (1.0 / (l.head_dim as f32).sqrt(), splits as i32);
         let grid = LaunchConfig {
             grid_dim: (q.rows as u32, l.kv_heads as u32, splits as u32),
@@ -406,21 +475,14 @@ impl CudaBackend {
             KvBufs::F32 { k, v } => b.arg(k).arg(v),
             KvBufs::F16 { k, v } => b.arg(k).arg(v),
         };
-        b.arg(&mut *o)
-            .arg(&mut *pb)
+        b.arg(o)
+            .arg(pb)
+            .arg(ab)
             .arg(&plan.row_ctx)
             .arg(&plan.row_table)
             .arg(&plan.tables);
         b.arg(&kvh).arg(&bs).arg(&layer_off).arg(&scale).arg(&sp);
         self.launch("attention", || unsafe { b.launch(grid) }.map(drop));
-        if splits > 1 {
-            let mut b = self.stream.launch_builder(&self.k.attention_combine);
-            b.arg(&*pb).arg(o).arg(&h).arg(&hd).arg(&sp);
-            let grid = cfg((q.rows as u32, heads as u32), l.head_dim as u32);
-            self.launch("attention_combine", || {
-                unsafe { b.launch(grid) }.map(drop)
-            });
-        }
     }
 
     /// Tiled tensor-core attention over 64-row tiles of each sequence's rows: grid (tile, query head).
@@ -470,11 +532,7 @@ impl CudaBackend {
             .arg(&plan.row_ctx)
             .arg(&plan.row_table)
             .arg(&plan.tables);
-        b.arg(&kvh)
-            .arg(&group)
-            .arg(&bs)
-            .arg(&layer_off)
-            .arg(&scale);
+        b.arg(&kvh).arg(&group).arg(&bs).arg(&layer_off).arg(&scale);
         self.launch("prefill_attention", || unsafe { b.launch(grid) }.map(drop));
     }
 }

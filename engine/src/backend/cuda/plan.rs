@@ -53,7 +53,11 @@ pub struct Packed {
 
 impl Packed {
     pub fn new(layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> Self {
-        let inv: Vec<u32> = rope.inv_freq(head_dim).iter().map(|f| f.to_bits()).collect();
+        let inv: Vec<u32> = rope
+            .inv_freq(head_dim)
+            .iter()
+            .map(|f| f.to_bits())
+            .collect();
         let n = layout.tokens.len();
         let mut row_ctx = vec![0u32; n];
         let mut row_table = vec![0u32; n];

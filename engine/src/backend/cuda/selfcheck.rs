@@ -37,7 +37,9 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 }
 
 fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 fn bf16(x: f32) -> f32 {
@@ -61,7 +63,10 @@ impl CudaBackend {
     }
 
     fn matrix(&self, rows: usize, cols: usize, host: &[f32]) -> Option<CudaMatrix> {
-        let bits: Vec<u16> = host.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let bits: Vec<u16> = host
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
         let data = self.ok("uploading a check matrix", self.stream.clone_htod(&bits))?;
         Some(CudaMatrix { rows, cols, data })
     }
@@ -95,8 +100,19 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         attention(b, &mut rng, &mut push, group, hd, format, &contexts, 1);
     }
     // Prefill: rows per sequence past the decode threshold, after a cached prefix, ending mid-tile.
-    attention(b, &mut rng, &mut push, 4, 128, KvFormat::F16, &[130, 200, 9], 130);
+    attention(
+        b,
+        &mut rng,
+        &mut push,
+        4,
+        128,
+        KvFormat::F16,
+        &[130, 200, 9],
+        130,
+    );
     attention(b, &mut rng, &mut push, 3, 64, KvFormat::F32, &[65, 100], 65);
+    swiglu(b, &mut rng, &mut push);
+    rope_store(b, &mut rng, &mut push);
     argmax(b, &mut rng, &mut push);
     out
 }
@@ -113,7 +129,9 @@ fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             .flat_map(|r| {
                 let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
                 let s = 1.0 / (ms + eps as f64).sqrt();
-                r.iter().zip(&w).map(move |(&v, &wi)| v as f64 * s * wi as f64)
+                r.iter()
+                    .zip(&w)
+                    .map(move |(&v, &wi)| v as f64 * s * wi as f64)
             })
             .collect()
     };
@@ -122,7 +140,12 @@ fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     };
     let mut o = b.activations(0, 0);
     b.rms_norm(&xt, &wv, eps, &mut o);
-    push(format!("rms_norm {rows}x{cols}"), b.to_host(&o), reference(&x), 1e-5);
+    push(
+        format!("rms_norm {rows}x{cols}"),
+        b.to_host(&o),
+        reference(&x),
+        1e-5,
+    );
 
     let (mut xt, mut yt) = (b.tensor(rows, cols, &x), b.tensor(rows, cols, &y));
     b.add_rms_norm(&mut xt, &mut yt, &wv, eps);
@@ -185,13 +208,24 @@ fn rope(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         }
         // The device takes sin/cos of an f32 angle (as the CPU backend does); at positions near 8000 that alone is
         // about 1e-4 away from the exact rotation.
-        push(format!("rope {layout:?} hd{hd}"), b.to_host(&xt), want, 1e-3);
+        push(
+            format!("rope {layout:?} hd{hd}"),
+            b.to_host(&xt),
+            want,
+            1e-3,
+        );
     }
 }
 
 fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     // (rows, k, n): the GEMV path takes 1..=8 rows with k % 8 == 0, cuBLAS the rest.
-    for (rows, k, n) in [(1, 4096, 1000), (3, 1000, 37), (8, 2048, 515), (9, 1000, 333), (33, 999, 64)] {
+    for (rows, k, n) in [
+        (1, 4096, 1000),
+        (3, 1000, 37),
+        (8, 2048, 515),
+        (9, 1000, 333),
+        (33, 999, 64),
+    ] {
         let x = random(rng, rows * k, 1.0);
         let w = random(rng, n * k, 0.05);
         let (Some(wm), xt) = (b.matrix(n, k, &w), b.tensor(rows, k, &x)) else {
@@ -214,15 +248,23 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             }
         }
         let path = if gemv { "gemv" } else { "gemm" };
-        push(format!("{path} {rows}x{k} @ {n}x{k}^T"), b.to_host(&o), want, 1e-5);
+        push(
+            format!("{path} {rows}x{k} @ {n}x{k}^T"),
+            b.to_host(&o),
+            want,
+            1e-5,
+        );
     }
     // A GEMM reading the bf16 copy its input's producer (here the norm) wrote alongside the f32 output.
     let (rows, k, n) = (12, 1024, 100);
     let x = random(rng, rows * k, 1.0);
     let w = random(rng, n * k, 0.05);
     let ones = vec![1f32; k];
-    let (Some(wm), Some(g), xt) = (b.matrix(n, k, &w), b.upload_f32(&ones), b.tensor(rows, k, &x))
-    else {
+    let (Some(wm), Some(g), xt) = (
+        b.matrix(n, k, &w),
+        b.upload_f32(&ones),
+        b.tensor(rows, k, &x),
+    ) else {
         return;
     };
     let (mut h, mut o) = (b.activations(0, 0), b.activations(0, 0));
@@ -279,7 +321,12 @@ fn attention(
         format,
     };
     let Ok(mut kv) = b.alloc_kv(&layout) else {
-        return push(format!("attention alloc {format:?}"), vec![], vec![0.0], 0.0);
+        return push(
+            format!("attention alloc {format:?}"),
+            vec![],
+            vec![0.0],
+            0.0,
+        );
     };
     // Shuffled physical blocks.
     let mut ids: Vec<u32> = (0..layout.num_blocks as u32).collect();
@@ -309,7 +356,9 @@ fn attention(
         for p in 0..c {
             store.tokens.push(0);
             store.positions.push(p as u32);
-            store.slots.push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
+            store
+                .slots
+                .push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
         }
     }
     let n = store.tokens.len();
@@ -330,7 +379,9 @@ fn attention(
         for p in c - r..c {
             query.tokens.push(0);
             query.positions.push(p as u32);
-            query.slots.push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
+            query
+                .slots
+                .push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
         }
     }
     let rows = query.tokens.len();
@@ -364,7 +415,11 @@ fn attention(
                 let scores: Vec<f64> = (0..ctx)
                     .map(|p| {
                         let kp = kv_at(table, p, h / group, 0);
-                        qh.iter().zip(kp).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                        qh.iter()
+                            .zip(kp)
+                            .map(|(&a, &c)| a as f64 * c as f64)
+                            .sum::<f64>()
+                            * scale
                     })
                     .collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -380,12 +435,142 @@ fn attention(
         }
     }
     // The prefill kernel multiplies in f16 (Q and the probabilities rounded to f16); decode stays in f32.
-    let (kind, tol) = if q_rows > 1 { ("prefill", 5e-3) } else { ("decode", 1e-4) };
+    let (kind, tol) = if q_rows > 1 {
+        ("prefill", 5e-3)
+    } else {
+        ("decode", 1e-4)
+    };
     push(
         format!("{kind} attention g{group} hd{hd} {format:?} contexts {contexts:?}"),
         got,
         want,
         tol,
+    );
+}
+
+fn swiglu(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    // Three rows take the fused GEMV; twelve take cuBLAS and the elementwise kernel.
+    for (rows, k, n) in [(3, 1000, 300), (12, 512, 200)] {
+        let x = random(rng, rows * k, 1.0);
+        let (wg, wu) = (random(rng, n * k, 0.05), random(rng, n * k, 0.05));
+        let (Some(gm), Some(um), xt) = (
+            b.matrix(n, k, &wg),
+            b.matrix(n, k, &wu),
+            b.tensor(rows, k, &x),
+        ) else {
+            return;
+        };
+        let (mut gate, mut up) = (b.activations(0, 0), b.activations(0, 0));
+        b.swiglu(&xt, &gm, &um, &mut gate, &mut up);
+        let gemv = rows <= 8;
+        let xr: Vec<f64> = x
+            .iter()
+            .map(|&v| if gemv { v as f64 } else { bf16(v) as f64 })
+            .collect();
+        let dot = |w: &[f32], r: usize, j: usize| -> f64 {
+            (0..k)
+                .map(|i| xr[r * k + i] * bf16(w[j * k + i]) as f64)
+                .sum()
+        };
+        let want = (0..rows * n)
+            .map(|i| {
+                let (r, j) = (i / n, i % n);
+                let g = dot(&wg, r, j);
+                g / (1.0 + (-g).exp()) * dot(&wu, r, j)
+            })
+            .collect();
+        push(
+            format!("swiglu {rows}x{k} -> {n}"),
+            b.to_host(&gate),
+            want,
+            1e-5,
+        );
+    }
+}
+
+/// RoPE on Q and K and the cache write in one kernel: the rotated Q, and K and V as the cache holds them.
+fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    let (rows, heads, kvh, hd, bs) = (5, 4, 2, 128, 16);
+    let layout = KvLayout {
+        layers: 2,
+        kv_heads: kvh,
+        head_dim: hd,
+        block_size: bs,
+        num_blocks: 3,
+        format: KvFormat::F16,
+    };
+    let Ok(mut kv) = b.alloc_kv(&layout) else {
+        return push("rope_store alloc".into(), vec![], vec![0.0], 0.0);
+    };
+    let cfg = RopeConfig {
+        theta: 10_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let positions: Vec<u32> = (0..rows).map(|_| rng.below(3000) as u32).collect();
+    // Rows land in block 2, slots 3..8.
+    let slots: Vec<u32> = (0..rows as u32).map(|i| 2 * bs as u32 + 3 + i).collect();
+    let batch = BatchLayout {
+        tokens: vec![0; rows],
+        positions: positions.clone(),
+        slots: slots.clone(),
+        ..Default::default()
+    };
+    let (q, k, v) = (
+        random(rng, rows * heads * hd, 1.0),
+        random(rng, rows * kvh * hd, 1.0),
+        random(rng, rows * kvh * hd, 1.0),
+    );
+    let plan = b.plan(&batch, &cfg, hd);
+    let (mut qt, mut kt, vt) = (
+        b.tensor(rows, heads * hd, &q),
+        b.tensor(rows, kvh * hd, &k),
+        b.tensor(rows, kvh * hd, &v),
+    );
+    b.rope_store_kv(&mut qt, &mut kt, &vt, heads, kvh, &mut kv, 1, &plan);
+    let inv = cfg.inv_freq(hd);
+    let rotate = |x: &[f32], nh: usize| -> Vec<f64> {
+        let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for r in 0..rows {
+            for h in 0..nh {
+                let o = &mut out[(r * nh + h) * hd..][..hd];
+                for (i, f) in inv.iter().enumerate() {
+                    let (s, c) = (positions[r] as f64 * *f as f64).sin_cos();
+                    let (x0, x1) = (o[i], o[i + hd / 2]);
+                    o[i] = x0 * c - x1 * s;
+                    o[i + hd / 2] = x0 * s + x1 * c;
+                }
+            }
+        }
+        out
+    };
+    push(
+        format!("rope_store q hd{hd}"),
+        b.to_host(&qt),
+        rotate(&q, heads),
+        1e-3,
+    );
+    let (kc, vc) = b.read_kv_block(&kv, 1, 2);
+    let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
+    for r in 0..rows {
+        for h in 0..kvh {
+            let at = (h * bs + 3 + r) * hd;
+            got_k.extend_from_slice(&kc[at..at + hd]);
+            got_v.extend_from_slice(&vc[at..at + hd]);
+        }
+    }
+    // The cache holds f16: about 3e-4 relative rounding on top of the rotation.
+    push(
+        format!("rope_store cached K hd{hd} F16"),
+        got_k,
+        rotate(&k, kvh),
+        2e-3,
+    );
+    push(
+        format!("rope_store cached V hd{hd} F16"),
+        got_v,
+        v.iter().map(|&x| x as f64).collect(),
+        1e-3,
     );
 }
 
