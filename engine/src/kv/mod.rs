@@ -17,7 +17,7 @@ pub use pool::{BlockId, BlockPool, KvEvent, PoolStats};
 use crate::error::{EngineError, Result};
 
 /// Element format of the cache as stored on the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum KvFormat {
     #[default]
     F32,
@@ -25,6 +25,22 @@ pub enum KvFormat {
     /// Symmetric int8 with one f16 scale per token per KV head (the `int8` codec's rule); attention dequantizes as
     /// it reads.
     Int8,
+}
+
+/// The `int8` cache format's rule for one vector: a symmetric scale `max |x| / 127`, rounded to f16 first so that
+/// quantization and dequantization use the same value, and `q = round(x / scale)`. Returns the scale.
+pub fn quantize_int8(x: &[f32], q: &mut [i8]) -> half::f16 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = half::f16::from_f32(amax / 127.0);
+    let inv = if s.to_f32() > 0.0 {
+        1.0 / s.to_f32()
+    } else {
+        0.0
+    };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    s
 }
 
 impl KvFormat {

@@ -38,10 +38,13 @@ pub struct GpuBenchArgs {
     /// Prompt length for the prefill timing.
     #[arg(long, default_value_t = 2048)]
     pub prefill_tokens: usize,
+    /// Cache format for the timings: f16, f32 or int8 (int8 reads about half the bytes of f16 per key).
+    #[arg(long, default_value = "f16", value_parser = super::parse_kv_format)]
+    pub kv_format: KvFormat,
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Skip the CUDA-vs-CPU check.
+    /// Skip the per-kernel checks and the CUDA-vs-CPU check.
     #[arg(long)]
     pub no_check: bool,
     /// Also compare against PyTorch: an HF model directory holding `reference.json` (written by
@@ -126,7 +129,7 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
     let config = EngineConfig {
         block_size: bs,
         num_blocks,
-        kv_format: KvFormat::F16,
+        kv_format: a.kv_format,
         max_batch_tokens: a.prefill_tokens.max(max_batch),
         ..Default::default()
     };

@@ -38,18 +38,8 @@ impl KvBuf {
             Self::F16(b) => b[e..e + src.len()].convert_from_f32_slice(src),
             Self::Int8 { q, scale } => {
                 for (i, x) in src.chunks_exact(hd).enumerate() {
-                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    // The scale is rounded to f16 first so quantization and dequantization use the same value.
-                    let s = f16::from_f32(amax / 127.0);
-                    scale[at + i] = s;
-                    let inv = if s.to_f32() > 0.0 {
-                        1.0 / s.to_f32()
-                    } else {
-                        0.0
-                    };
-                    for (o, &v) in q[e + i * hd..e + (i + 1) * hd].iter_mut().zip(x) {
-                        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                    }
+                    scale[at + i] =
+                        crate::kv::quantize_int8(x, &mut q[e + i * hd..e + (i + 1) * hd]);
                 }
             }
         }

@@ -32,9 +32,17 @@ pub enum Mode {
     Replaying(Shape),
 }
 
+/// Recordings kept at most; a serving worker meets many batch sizes, and each recording holds device resources.
+/// The least recently replayed one goes first.
+const MAX_RECORDED: usize = 64;
+
 /// A recorded step. CUDA graph objects are not internally synchronized but may be used from any thread when calls
 /// are serialized; every use here is under the backend's `Graphs` mutex.
-struct Recorded(CudaGraph);
+struct Recorded {
+    graph: CudaGraph,
+    /// The step count at its last replay (or recording).
+    used: u64,
+}
 
 // SAFETY: see above; the handles are only touched with the owning mutex held.
 unsafe impl Send for Recorded {}
@@ -45,6 +53,8 @@ pub struct Graphs {
     /// Shapes run eagerly once (so every buffer is already large enough for them).
     seen: HashSet<Shape>,
     ready: HashMap<Shape, Recorded>,
+    /// Steps begun, to order recordings by last use.
+    steps: u64,
     /// Shapes whose capture failed; they stay eager.
     refused: HashSet<Shape>,
     /// A buffer grew while capturing: the recording names memory that is gone once this step is done.
@@ -58,6 +68,7 @@ impl Graphs {
             mode: Mode::Eager,
             seen: HashSet::new(),
             ready: HashMap::new(),
+            steps: 0,
             refused: HashSet::new(),
             spoiled: false,
         }
@@ -67,10 +78,12 @@ impl Graphs {
     /// second time.
     pub fn begin(&mut self, stream: &Arc<CudaStream>, shape: Option<Shape>) -> Result<(), String> {
         self.abort(stream);
+        self.steps += 1;
         let Some(shape) = shape.filter(|s| self.enabled && !self.refused.contains(s)) else {
             return Ok(());
         };
-        if self.ready.contains_key(&shape) {
+        if let Some(r) = self.ready.get_mut(&shape) {
+            r.used = self.steps;
             self.mode = Mode::Replaying(shape);
         } else if !self.seen.insert(shape) {
             if let Err(e) =
@@ -95,7 +108,7 @@ impl Graphs {
         match std::mem::replace(&mut self.mode, Mode::Eager) {
             Mode::Eager => Ok(()),
             Mode::Replaying(shape) => self.ready[&shape]
-                .0
+                .graph
                 .launch()
                 .map_err(|e| format!("replaying a CUDA graph: {e}")),
             Mode::Capturing(shape) => {
@@ -115,7 +128,20 @@ impl Graphs {
                     .launch()
                     .map_err(|e| format!("launching a CUDA graph: {e}"))?;
                 if !self.spoiled {
-                    self.ready.insert(shape, Recorded(graph));
+                    if self.ready.len() >= MAX_RECORDED {
+                        let oldest = self
+                            .ready
+                            .iter()
+                            .min_by_key(|(_, r)| r.used)
+                            .map(|(s, _)| *s);
+                        if let Some(oldest) = oldest {
+                            self.ready.remove(&oldest);
+                            // Recorded again if it comes back often enough to be seen twice.
+                            self.seen.remove(&oldest);
+                        }
+                    }
+                    let used = self.steps;
+                    self.ready.insert(shape, Recorded { graph, used });
                 }
                 Ok(())
             }

@@ -1,5 +1,6 @@
 // Tandem's CUDA kernels, compiled at start-up with NVRTC (see cuda/module.rs). Activations are f32 row-major;
-// weights bf16; the paged KV store is f32 or f16, laid out [layer][block][kv_head][slot][dim] for K and for V.
+// weights bf16; the paged KV store is f32, f16 or int8 (plus a scale per vector), laid out
+// [layer][block][kv_head][slot][dim] for K and for V.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -164,35 +165,70 @@ extern "C" __global__ void rope(float* x, const u32* positions, const float* inv
     v[b] = x0 * s + x1 * c;
 }
 
-// Grid (rows, kv_heads), head_dim threads: writes each row's K and V into its slot of one layer.
-#define STORE_KV(NAME, T, CONV)                                                                              \
-    extern "C" __global__ void NAME(const float* k, const float* v, T* kc, T* vc, const u32* slots,           \
-                                    int kv_heads, int head_dim, int block_size, size_t layer_off) {           \
-        const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;                                           \
-        if (d >= head_dim) return;                                                                           \
-        const u32 slot = slots[r], block = slot / block_size, off = slot % block_size;                       \
-        const size_t dst = layer_off + (((size_t)block * kv_heads + h) * block_size + off) * head_dim + d;    \
-        const size_t src = ((size_t)r * kv_heads + h) * head_dim + d;                                        \
-        kc[dst] = CONV(k[src]);                                                                              \
-        vc[dst] = CONV(v[src]);                                                                              \
-    }
-__device__ __forceinline__ float ident(float x) { return x; }
-STORE_KV(store_kv_f32, float, ident)
-STORE_KV(store_kv_f16, __half, __float2half)
+// Cache element formats: f32, f16, and int8 with one f16 scale per vector (one token's K or V of one KV head:
+// scale = f16(max |x| / 127), x ~ round(x / scale), the host's rule). Scale arrays are indexed by vector, i.e. by a
+// vector's first element offset / head_dim; they are null for the other formats.
+typedef signed char i8;
+
+__device__ float block_max(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    float m = 0.f;
+    for (int w = 0; w < warps; w++) m = fmaxf(m, shared[w]);
+    __syncthreads();
+    return m;
+}
+
+// Writes one vector's elements a and b (each of the block's threads holds one pair; the whole block is the
+// vector). `vec`: the vector's index for its scale.
+template <typename T> __device__ __forceinline__ void store_pair(T* c, __half* sc, size_t base, size_t vec, int a, int b,
+                                                                 float y0, float y1, float* red);
+template <> __device__ __forceinline__ void store_pair<float>(float* c, __half*, size_t base, size_t, int a, int b,
+                                                              float y0, float y1, float*) {
+    c[base + a] = y0;
+    c[base + b] = y1;
+}
+template <> __device__ __forceinline__ void store_pair<__half>(__half* c, __half*, size_t base, size_t, int a, int b,
+                                                               float y0, float y1, float*) {
+    c[base + a] = __float2half(y0);
+    c[base + b] = __float2half(y1);
+}
+template <> __device__ __forceinline__ void store_pair<i8>(i8* c, __half* sc, size_t base, size_t vec, int a, int b,
+                                                           float y0, float y1, float* red) {
+    const float amax = block_max(fmaxf(fabsf(y0), fabsf(y1)), red);
+    const __half s = __float2half(amax / 127.f);
+    const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
+    c[base + a] = (i8)fminf(fmaxf(roundf(y0 * inv), -127.f), 127.f);
+    c[base + b] = (i8)fminf(fmaxf(roundf(y1 * inv), -127.f), 127.f);
+    if (threadIdx.x == 0) sc[vec] = s;
+}
+
+// Grid (rows, kv_heads), head_dim / 2 threads: writes each row's K and V into its slot of one layer.
+template <typename T>
+__device__ void store_kv_impl(const float* k, const float* v, T* kc, T* vc, __half* ksc, __half* vsc, const u32* slots,
+                              int kv_heads, int head_dim, int block_size, size_t layer_off) {
+    __shared__ float red[32];
+    const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
+    const u32 slot = slots[r], block = slot / block_size, off = slot % block_size;
+    const size_t dst = layer_off + (((size_t)block * kv_heads + h) * block_size + off) * head_dim;
+    const float* kr = k + ((size_t)r * kv_heads + h) * head_dim;
+    const float* vr = v + ((size_t)r * kv_heads + h) * head_dim;
+    store_pair<T>(kc, ksc, dst, dst / head_dim, i, i + half, kr[i], kr[i + half], red);
+    store_pair<T>(vc, vsc, dst, dst / head_dim, i, i + half, vr[i], vr[i + half], red);
+}
 
 // RoPE and the cache write in one pass. Grid (rows, heads + kv_heads), half_dim threads: blocks h < heads rotate
 // query head h in place; the others rotate K head h - heads and write it, and the matching V head, into the row's
 // slot of one layer (K stays rotated in `k` as well).
-template <typename T> __device__ __forceinline__ T store_as(float x);
-template <> __device__ __forceinline__ float store_as<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half store_as<__half>(float x) { return __float2half(x); }
-
 template <typename T>
-__device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc, const u32* slots, const u32* positions,
-                                const float* inv_freq, int heads, int kv_heads, int head_dim, int interleaved,
-                                int block_size, size_t layer_off) {
+__device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc, __half* ksc, __half* vsc,
+                                const u32* slots, const u32* positions, const float* inv_freq, int heads, int kv_heads,
+                                int head_dim, int interleaved, int block_size, size_t layer_off) {
+    __shared__ float red[32];
     const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
-    if (i >= half) return;
     const bool is_q = h < heads;
     const int hh = is_q ? h : h - heads;
     float* x = is_q ? q + ((size_t)r * heads + hh) * head_dim : k + ((size_t)r * kv_heads + hh) * head_dim;
@@ -207,22 +243,26 @@ __device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc
     const u32 slot = slots[r], block = slot / block_size, off = slot % block_size;
     const size_t dst = layer_off + (((size_t)block * kv_heads + hh) * block_size + off) * head_dim;
     const float* vr = v + ((size_t)r * kv_heads + hh) * head_dim;
-    kc[dst + a] = store_as<T>(y0);
-    kc[dst + b] = store_as<T>(y1);
-    vc[dst + a] = store_as<T>(vr[a]);
-    vc[dst + b] = store_as<T>(vr[b]);
+    store_pair<T>(kc, ksc, dst, dst / head_dim, a, b, y0, y1, red);
+    store_pair<T>(vc, vsc, dst, dst / head_dim, a, b, vr[a], vr[b], red);
 }
 
-#define ROPE_STORE(TN, T)                                                                                       \
-    extern "C" __global__ void rope_store_##TN(float* q, float* k, const float* v, T* kc, T* vc,                 \
-                                               const u32* slots, const u32* positions, const float* inv_freq,   \
-                                               int heads, int kv_heads, int head_dim, int interleaved,          \
-                                               int block_size, size_t layer_off) {                              \
-        rope_store_impl<T>(q, k, v, kc, vc, slots, positions, inv_freq, heads, kv_heads, head_dim, interleaved, \
-                           block_size, layer_off);                                                              \
+#define STORE_KERNELS(TN, T)                                                                                    \
+    extern "C" __global__ void store_kv_##TN(const float* k, const float* v, T* kc, T* vc, __half* ksc,          \
+                                             __half* vsc, const u32* slots, int kv_heads, int head_dim,         \
+                                             int block_size, size_t layer_off) {                                \
+        store_kv_impl<T>(k, v, kc, vc, ksc, vsc, slots, kv_heads, head_dim, block_size, layer_off);             \
+    }                                                                                                           \
+    extern "C" __global__ void rope_store_##TN(float* q, float* k, const float* v, T* kc, T* vc, __half* ksc,    \
+                                               __half* vsc, const u32* slots, const u32* positions,             \
+                                               const float* inv_freq, int heads, int kv_heads, int head_dim,    \
+                                               int interleaved, int block_size, size_t layer_off) {             \
+        rope_store_impl<T>(q, k, v, kc, vc, ksc, vsc, slots, positions, inv_freq, heads, kv_heads, head_dim,    \
+                           interleaved, block_size, layer_off);                                                 \
     }
-ROPE_STORE(f32, float)
-ROPE_STORE(f16, __half)
+STORE_KERNELS(f32, float)
+STORE_KERNELS(f16, __half)
+STORE_KERNELS(i8, i8)
 
 // Eight consecutive f32 values in two 16-byte loads.
 __device__ __forceinline__ void load8(const float* p, float* x) {
@@ -235,13 +275,25 @@ __device__ __forceinline__ void load8(const float* p, float* x) {
 template <typename T> struct Raw8;
 template <> struct Raw8<__half> { uint4 v; };
 template <> struct Raw8<float> { float4 a, b; };
-__device__ __forceinline__ void fetch_raw(const __half* p, Raw8<__half>& r) { r.v = *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ void fetch_raw(const float* p, Raw8<float>& r) {
+template <> struct Raw8<i8> { uint2 v; float s; };
+// `sc`/`vec`: the cache's scales and the vector's index (int8 only).
+__device__ __forceinline__ void fetch_raw(const __half* p, const __half*, size_t, Raw8<__half>& r) {
+    r.v = *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ void fetch_raw(const float* p, const __half*, size_t, Raw8<float>& r) {
     r.a = reinterpret_cast<const float4*>(p)[0];
     r.b = reinterpret_cast<const float4*>(p)[1];
 }
+__device__ __forceinline__ void fetch_raw(const i8* p, const __half* sc, size_t vec, Raw8<i8>& r) {
+    r.v = *reinterpret_cast<const uint2*>(p);
+    r.s = __half2float(sc[vec]);
+}
 __device__ __forceinline__ void zero_raw(Raw8<__half>& r) { r.v = make_uint4(0, 0, 0, 0); }
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
+__device__ __forceinline__ void zero_raw(Raw8<i8>& r) {
+    r.v = make_uint2(0, 0);
+    r.s = 0.f;
+}
 __device__ __forceinline__ float2 pair(const Raw8<__half>& r, int j) {
     return __half22float2(reinterpret_cast<const __half2*>(&r.v)[j]);
 }
@@ -250,6 +302,10 @@ __device__ __forceinline__ float2 pair(const Raw8<float>& r, int j) {
          : j == 1 ? make_float2(r.a.z, r.a.w)
          : j == 2 ? make_float2(r.b.x, r.b.y)
                   : make_float2(r.b.z, r.b.w);
+}
+__device__ __forceinline__ float2 pair(const Raw8<i8>& r, int j) {
+    const i8* b = reinterpret_cast<const i8*>(&r.v);
+    return make_float2((float)b[2 * j] * r.s, (float)b[2 * j + 1] * r.s);
 }
 
 // Paged attention in the flash-decoding style. Grid (query row, KV head, split): a block of WARPS warps takes the
@@ -265,7 +321,8 @@ __device__ __forceinline__ float2 pair(const Raw8<float>& r, int j) {
 // row_ctx[r]: keys visible to row r; row_table[r]: its block table's offset in `tables`.
 #define WARPS 8
 template <typename T, int G, int HD>
-__device__ void attention_impl(const float* q, const T* kc, const T* vc, float* out, float* part, u32* arrived,
+__device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
+                               float* out, float* part, u32* arrived,
                                const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,
                                int block_size, size_t layer_off, float scale, int splits) {
     constexpr int LG = HD / 8, KPW = 32 / LG, U = 4;
@@ -297,8 +354,8 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
             if (t < end) {
                 const u32 block = table[t / block_size], off = t % block_size;
                 const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + gl * 8;
-                fetch_raw(kc + base, kr[u]);
-                fetch_raw(vc + base, vr[u]);
+                fetch_raw(kc + base, ksc, base / HD, kr[u]);
+                fetch_raw(vc + base, vsc, base / HD, vr[u]);
             } else {
                 zero_raw(kr[u]);
                 zero_raw(vr[u]);
@@ -421,10 +478,10 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, float* 
 
 #define ATTENTION(T, TN, G, HD)                                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) attention_##TN##_g##G##_h##HD(                      \
-        const float* q, const T* kc, const T* vc, float* out, float* part, u32* arrived, const u32* row_ctx,    \
-        const u32* row_table, const u32* tables, int kv_heads, int block_size, size_t layer_off, float scale,   \
-        int splits) {                                                                                           \
-        attention_impl<T, G, HD>(q, kc, vc, out, part, arrived, row_ctx, row_table, tables, kv_heads,           \
+        const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out, float* part, \
+        u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int block_size, \
+        size_t layer_off, float scale, int splits) {                                                            \
+        attention_impl<T, G, HD>(q, kc, vc, ksc, vsc, out, part, arrived, row_ctx, row_table, tables, kv_heads, \
                                  block_size, layer_off, scale, splits);                                         \
     }
 #define ATTENTION_G(T, TN, HD) \
@@ -434,6 +491,8 @@ ATTENTION_G(float, f32, 64)
 ATTENTION_G(float, f32, 128)
 ATTENTION_G(__half, f16, 64)
 ATTENTION_G(__half, f16, 128)
+ATTENTION_G(i8, i8, 64)
+ATTENTION_G(i8, i8, 128)
 
 // Prefill attention in the flash-attention style, on tensor cores (WMMA: f16 operands, f32 accumulate). Grid
 // (tile, head): a tile is up to 64 consecutive query rows of one sequence (rows tile_row0[t] .. + tile_rows[t]),
@@ -455,9 +514,25 @@ __device__ __forceinline__ uint4 fetch8(const float* p) {
     return u;
 }
 __device__ __forceinline__ uint4 fetch8(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint4 fetch8(const i8* p, float s) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const i8* b = reinterpret_cast<const i8*>(&raw);
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2half2_rn((float)b[2 * j] * s, (float)b[2 * j + 1] * s);
+    return u;
+}
+// The staging load for every format (scales used by int8 only).
+__device__ __forceinline__ uint4 fetch8(const float* p, const __half*, size_t) { return fetch8(p); }
+__device__ __forceinline__ uint4 fetch8(const __half* p, const __half*, size_t) { return fetch8(p); }
+__device__ __forceinline__ uint4 fetch8(const i8* p, const __half* sc, size_t vec) {
+    return fetch8(p, __half2float(sc[vec]));
+}
 
 template <typename T, int HD>
-__device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc, float* out, __nv_bfloat16* ob,
+__device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
+                                       float* out, __nv_bfloat16* ob,
                                        const u32* tile_row0,
                                        const u32* tile_rows, const u32* row_ctx, const u32* row_table,
                                        const u32* tables, int kv_heads, int group, int block_size, size_t layer_off,
@@ -519,8 +594,8 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
             if (t < ctx_last) {
                 const u32 block = table[t / block_size], off = t % block_size;
                 const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + d8;
-                pk[c] = fetch8(kc + base);
-                pv[c] = fetch8(vc + base);
+                pk[c] = fetch8(kc + base, ksc, base / HD);
+                pv[c] = fetch8(vc + base, vsc, base / HD);
             } else {
                 pk[c] = pv[c] = make_uint4(0, 0, 0, 0);
             }
@@ -619,16 +694,18 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
 
 #define PREFILL_ATTENTION(T, TN, HD)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) prefill_attention_##TN##_h##HD(                            \
-        const float* q, const T* kc, const T* vc, float* out, __nv_bfloat16* ob, const u32* tile_row0,          \
-        const u32* tile_rows, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,        \
-        int group, int block_size, size_t layer_off, float scale) {                                             \
-        prefill_attention_impl<T, HD>(q, kc, vc, out, ob, tile_row0, tile_rows, row_ctx, row_table, tables,     \
-                                      kv_heads, group, block_size, layer_off, scale);                           \
+        const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out,             \
+        __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows, const u32* row_ctx, const u32* row_table, \
+        const u32* tables, int kv_heads, int group, int block_size, size_t layer_off, float scale) {            \
+        prefill_attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, ob, tile_row0, tile_rows, row_ctx, row_table,   \
+                                      tables, kv_heads, group, block_size, layer_off, scale);                   \
     }
 PREFILL_ATTENTION(float, f32, 64)
 PREFILL_ATTENTION(float, f32, 128)
 PREFILL_ATTENTION(__half, f16, 64)
 PREFILL_ATTENTION(__half, f16, 128)
+PREFILL_ATTENTION(i8, i8, 64)
+PREFILL_ATTENTION(i8, i8, 128)
 
 // One block per output row: out[i] = x[rows[i]].
 extern "C" __global__ void gather_rows(const float* x, float* out, const u32* rows, int cols) {

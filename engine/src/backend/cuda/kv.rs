@@ -1,5 +1,6 @@
-//! The paged KV store in GPU memory: K and V of every layer, laid out `[layer][block][kv_head][slot][dim]`, in f32 or
-//! f16 (IEEE half, kept as raw bits). Whole blocks cross to and from the host here (for transfer and tests); the
+//! The paged KV store in GPU memory: K and V of every layer, laid out `[layer][block][kv_head][slot][dim]`, in f32,
+//! f16 (IEEE half, kept as raw bits) or int8 with one f16 scale per vector (the host's rule,
+//! [`crate::kv::quantize_int8`]; scales laid out like the vectors). Whole blocks cross to and from the host here (for transfer and tests); the
 //! kernels read and write the store in place.
 
 use super::CudaBackend;
@@ -17,6 +18,26 @@ pub(super) enum KvBufs {
         k: CudaSlice<u16>,
         v: CudaSlice<u16>,
     },
+    /// Symmetric int8 and one f16 scale (raw bits) per vector.
+    Int8 {
+        k: CudaSlice<i8>,
+        v: CudaSlice<i8>,
+        ks: CudaSlice<u16>,
+        vs: CudaSlice<u16>,
+    },
+}
+
+impl KvBufs {
+    /// Passes the K and V buffers and their scales (null unless int8) to a kernel launch.
+    pub(super) fn push_args<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        use cudarc::driver::PushKernelArg;
+        static NULL: u64 = 0;
+        match self {
+            KvBufs::F32 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
+            KvBufs::F16 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
+            KvBufs::Int8 { k, v, ks, vs } => b.arg(k).arg(v).arg(ks).arg(vs),
+        };
+    }
 }
 
 pub struct CudaKvStore {
@@ -39,11 +60,12 @@ impl CudaKvStore {
                 k: stream.alloc_zeros(n).map_err(dev)?,
                 v: stream.alloc_zeros(n).map_err(dev)?,
             },
-            other => {
-                return Err(EngineError::Device(format!(
-                    "KV format {other:?} is not supported on CUDA yet (use f32 or f16)"
-                )));
-            }
+            KvFormat::Int8 => KvBufs::Int8 {
+                k: stream.alloc_zeros(n).map_err(dev)?,
+                v: stream.alloc_zeros(n).map_err(dev)?,
+                ks: stream.alloc_zeros(n / layout.head_dim).map_err(dev)?,
+                vs: stream.alloc_zeros(n / layout.head_dim).map_err(dev)?,
+            },
         };
         Ok(Self {
             layout: *layout,
@@ -96,6 +118,27 @@ impl CudaKvStore {
                 };
                 (read(k), read(v))
             }
+            KvBufs::Int8 { k, v, ks, vs } => {
+                let hd = self.layout.head_dim;
+                let vecs = range.start / hd..range.end / hd;
+                let read = |c: &CudaSlice<i8>, sc: &CudaSlice<u16>| {
+                    let mut q = vec![0i8; range.len()];
+                    let mut bits = vec![0u16; vecs.len()];
+                    b.ok(what, b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut q));
+                    b.ok(
+                        what,
+                        b.stream.memcpy_dtoh(&sc.slice(vecs.clone()), &mut bits),
+                    );
+                    q.chunks(hd)
+                        .zip(&bits)
+                        .flat_map(|(qv, &s)| {
+                            let s = half::f16::from_bits(s).to_f32();
+                            qv.iter().map(move |&x| f32::from(x) * s)
+                        })
+                        .collect()
+                };
+                (read(k, ks), read(v, vs))
+            }
         }
     }
 
@@ -127,6 +170,31 @@ impl CudaKvStore {
                     b.ok(
                         what,
                         b.stream.memcpy_htod(&bits, &mut c.slice_mut(range.clone())),
+                    );
+                }
+            }
+            KvBufs::Int8 {
+                k: kc,
+                v: vc,
+                ks,
+                vs,
+            } => {
+                let hd = self.layout.head_dim;
+                let vecs = range.start / hd..range.end / hd;
+                for ((c, sc), x) in [(kc, ks), (vc, vs)].into_iter().zip([k, v]) {
+                    let mut q = vec![0i8; x.len()];
+                    let bits: Vec<u16> = x
+                        .chunks(hd)
+                        .zip(q.chunks_mut(hd))
+                        .map(|(xv, qv)| crate::kv::quantize_int8(xv, qv).to_bits())
+                        .collect();
+                    b.ok(
+                        what,
+                        b.stream.memcpy_htod(&q, &mut c.slice_mut(range.clone())),
+                    );
+                    b.ok(
+                        what,
+                        b.stream.memcpy_htod(&bits, &mut sc.slice_mut(vecs.clone())),
                     );
                 }
             }

@@ -3,9 +3,18 @@
 //! a machine pays the compile.
 
 use crate::error::{EngineError, Result};
+use crate::kv::KvFormat;
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Every cache format the kernels read and write, with the suffix of its kernels' names.
+const FORMATS: [(KvFormat, &str); 3] = [
+    (KvFormat::F32, "f32"),
+    (KvFormat::F16, "f16"),
+    (KvFormat::Int8, "i8"),
+];
 
 const SOURCE: &str = include_str!("kernels.cu");
 
@@ -19,15 +28,14 @@ pub struct Kernels {
     pub add: CudaFunction,
     pub silu_mul: CudaFunction,
     pub rope: CudaFunction,
-    pub store_kv_f32: CudaFunction,
-    pub store_kv_f16: CudaFunction,
-    /// RoPE on Q and K plus the cache write, by cache format (f32, f16).
-    pub rope_store_f32: CudaFunction,
-    pub rope_store_f16: CudaFunction,
-    /// Decode attention kernels by (f16 cache, query heads per KV head, head_dim).
-    pub attention: std::collections::HashMap<(bool, usize, usize), CudaFunction>,
-    /// Prefill (tiled, tensor-core) attention kernels by (f16 cache, head_dim).
-    pub prefill_attention: std::collections::HashMap<(bool, usize), CudaFunction>,
+    /// The cache write, by cache format.
+    pub store_kv: HashMap<KvFormat, CudaFunction>,
+    /// RoPE on Q and K plus the cache write, by cache format.
+    pub rope_store: HashMap<KvFormat, CudaFunction>,
+    /// Decode attention kernels by (cache format, query heads per KV head, head_dim).
+    pub attention: HashMap<(KvFormat, usize, usize), CudaFunction>,
+    /// Prefill (tiled, tensor-core) attention kernels by (cache format, head_dim).
+    pub prefill_attention: HashMap<(KvFormat, usize), CudaFunction>,
     pub gather_rows: CudaFunction,
     /// `gemv_bf16_r{R}` for R = 1..=8 input rows, at index R - 1.
     pub gemv: Vec<CudaFunction>,
@@ -81,34 +89,36 @@ impl Kernels {
             add: f("add")?,
             silu_mul: f("silu_mul")?,
             rope: f("rope")?,
-            store_kv_f32: f("store_kv_f32")?,
-            store_kv_f16: f("store_kv_f16")?,
-            rope_store_f32: f("rope_store_f32")?,
-            rope_store_f16: f("rope_store_f16")?,
+            store_kv: FORMATS
+                .iter()
+                .map(|&(fmt, ty)| Ok((fmt, f(&format!("store_kv_{ty}"))?)))
+                .collect::<Result<_>>()?,
+            rope_store: FORMATS
+                .iter()
+                .map(|&(fmt, ty)| Ok((fmt, f(&format!("rope_store_{ty}"))?)))
+                .collect::<Result<_>>()?,
             attention: {
-                let mut m = std::collections::HashMap::new();
-                for f16 in [false, true] {
+                let mut m = HashMap::new();
+                for (fmt, ty) in FORMATS {
                     for g in 1..=8 {
                         for hd in HEAD_DIMS {
-                            let ty = if f16 { "f16" } else { "f32" };
-                            m.insert((f16, g, hd), f(&format!("attention_{ty}_g{g}_h{hd}"))?);
+                            m.insert((fmt, g, hd), f(&format!("attention_{ty}_g{g}_h{hd}"))?);
                         }
                     }
                 }
                 m
             },
             prefill_attention: {
-                let mut m = std::collections::HashMap::new();
-                for f16 in [false, true] {
+                let mut m = HashMap::new();
+                for (fmt, ty) in FORMATS {
                     for hd in HEAD_DIMS {
-                        let ty = if f16 { "f16" } else { "f32" };
                         let func = f(&format!("prefill_attention_{ty}_h{hd}"))?;
                         func.set_attribute(
                             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                             prefill_shared_bytes(hd) as i32,
                         )
                         .map_err(dev("allowing the prefill attention its shared memory"))?;
-                        m.insert((f16, hd), func);
+                        m.insert((fmt, hd), func);
                     }
                 }
                 m

@@ -3,7 +3,7 @@
 //! from a recorded graph issues nothing.
 
 use super::graphs::Shape;
-use super::kv::{CudaKvStore, KvBufs};
+use super::kv::CudaKvStore;
 use super::module::prefill_shared_bytes;
 use super::plan::{CudaPlan, Packed};
 use super::{CudaBackend, CudaMatrix, CudaTensor, Marked, cfg, grid_1d, lock};
@@ -192,17 +192,16 @@ impl Backend for CudaBackend {
             return;
         };
         let (kvh, hd, bs) = (l.kv_heads as i32, l.head_dim as i32, l.block_size as i32);
-        let grid = cfg((plan.rows as u32, l.kv_heads as u32), l.head_dim as u32);
-        let f = match kv.bufs {
-            KvBufs::F32 { .. } => &self.k.store_kv_f32,
-            KvBufs::F16 { .. } => &self.k.store_kv_f16,
+        let grid = cfg(
+            (plan.rows as u32, l.kv_heads as u32),
+            (l.head_dim / 2) as u32,
+        );
+        let Some(f) = self.k.store_kv.get(&l.format) else {
+            return self.fail("store_kv", format!("no kernel for {:?}", l.format));
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(kb).arg(vb);
-        match &mut kv.bufs {
-            KvBufs::F32 { k: kc, v: vc } => b.arg(kc).arg(vc),
-            KvBufs::F16 { k: kc, v: vc } => b.arg(kc).arg(vc),
-        };
+        kv.bufs.push_args(&mut b);
         b.arg(&plan.slots)
             .arg(&kvh)
             .arg(&hd)
@@ -236,16 +235,12 @@ impl Backend for CudaBackend {
             l.head_dim as i32,
             l.block_size as i32,
         );
-        let f = match kv.bufs {
-            KvBufs::F32 { .. } => &self.k.rope_store_f32,
-            KvBufs::F16 { .. } => &self.k.rope_store_f16,
+        let Some(f) = self.k.rope_store.get(&l.format) else {
+            return self.fail("rope_store_kv", format!("no kernel for {:?}", l.format));
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(qb).arg(kb).arg(vb);
-        match &mut kv.bufs {
-            KvBufs::F32 { k: kc, v: vc } => b.arg(kc).arg(vc),
-            KvBufs::F16 { k: kc, v: vc } => b.arg(kc).arg(vc),
-        };
+        kv.bufs.push_args(&mut b);
         b.arg(&plan.slots)
             .arg(&plan.positions)
             .arg(&plan.inv_freq)
@@ -431,8 +426,7 @@ impl CudaBackend {
         let l = kv.layout;
         let heads = q.cols / l.head_dim;
         let group = heads / l.kv_heads;
-        let f16 = matches!(kv.bufs, KvBufs::F16 { .. });
-        let Some(f) = self.k.attention.get(&(f16, group, l.head_dim)) else {
+        let Some(f) = self.k.attention.get(&(l.format, group, l.head_dim)) else {
             return self.fail(
                 "attention",
                 format!(
@@ -471,10 +465,7 @@ impl CudaBackend {
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(qb);
-        match &kv.bufs {
-            KvBufs::F32 { k, v } => b.arg(k).arg(v),
-            KvBufs::F16 { k, v } => b.arg(k).arg(v),
-        };
+        kv.bufs.push_args(&mut b);
         b.arg(o)
             .arg(pb)
             .arg(ab)
@@ -496,8 +487,7 @@ impl CudaBackend {
     ) {
         let l = kv.layout;
         let heads = q.cols / l.head_dim;
-        let f16 = matches!(kv.bufs, KvBufs::F16 { .. });
-        let Some(f) = self.k.prefill_attention.get(&(f16, l.head_dim)) else {
+        let Some(f) = self.k.prefill_attention.get(&(l.format, l.head_dim)) else {
             return self.fail(
                 "attention",
                 format!("no prefill kernel for head_dim {} (64 or 128)", l.head_dim),
@@ -521,10 +511,7 @@ impl CudaBackend {
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(qb);
-        match &kv.bufs {
-            KvBufs::F32 { k, v } => b.arg(k).arg(v),
-            KvBufs::F16 { k, v } => b.arg(k).arg(v),
-        };
+        kv.bufs.push_args(&mut b);
         b.arg(o)
             .arg(&ob)
             .arg(&plan.tile_row0)

@@ -96,6 +96,8 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         (4, 128, KvFormat::F16, vec![1024, 7, 129]),
         (5, 128, KvFormat::F32, vec![250]),
         (8, 128, KvFormat::F16, vec![77, 4097]),
+        (4, 128, KvFormat::Int8, vec![1024, 7, 129]),
+        (3, 64, KvFormat::Int8, vec![300]),
     ] {
         attention(b, &mut rng, &mut push, group, hd, format, &contexts, 1);
     }
@@ -111,8 +113,19 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         130,
     );
     attention(b, &mut rng, &mut push, 3, 64, KvFormat::F32, &[65, 100], 65);
+    attention(
+        b,
+        &mut rng,
+        &mut push,
+        4,
+        128,
+        KvFormat::Int8,
+        &[130, 200, 9],
+        130,
+    );
     swiglu(b, &mut rng, &mut push);
-    rope_store(b, &mut rng, &mut push);
+    rope_store(b, &mut rng, &mut push, KvFormat::F16);
+    rope_store(b, &mut rng, &mut push, KvFormat::Int8);
     argmax(b, &mut rng, &mut push);
     out
 }
@@ -489,7 +502,7 @@ fn swiglu(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
 }
 
 /// RoPE on Q and K and the cache write in one kernel: the rotated Q, and K and V as the cache holds them.
-fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFormat) {
     let (rows, heads, kvh, hd, bs) = (5, 4, 2, 128, 16);
     let layout = KvLayout {
         layers: 2,
@@ -497,7 +510,7 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         head_dim: hd,
         block_size: bs,
         num_blocks: 3,
-        format: KvFormat::F16,
+        format,
     };
     let Ok(mut kv) = b.alloc_kv(&layout) else {
         return push("rope_store alloc".into(), vec![], vec![0.0], 0.0);
@@ -545,7 +558,7 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         out
     };
     push(
-        format!("rope_store q hd{hd}"),
+        format!("rope_store q hd{hd} ({format:?} cache)"),
         b.to_host(&qt),
         rotate(&q, heads),
         1e-3,
@@ -559,18 +572,19 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             got_v.extend_from_slice(&vc[at..at + hd]);
         }
     }
-    // The cache holds f16: about 3e-4 relative rounding on top of the rotation.
+    // f16 rounds each value by about 3e-4 relative; int8 by up to half a step of max|x| / 127 per vector.
+    let tol = if format == KvFormat::Int8 { 1e-2 } else { 2e-3 };
     push(
-        format!("rope_store cached K hd{hd} F16"),
+        format!("rope_store cached K hd{hd} {format:?}"),
         got_k,
         rotate(&k, kvh),
-        2e-3,
+        tol,
     );
     push(
-        format!("rope_store cached V hd{hd} F16"),
+        format!("rope_store cached V hd{hd} {format:?}"),
         got_v,
         v.iter().map(|&x| x as f64).collect(),
-        1e-3,
+        tol,
     );
 }
 
