@@ -308,6 +308,26 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     );
 }
 
+/// A step over the last `rows` (at most all) positions of each sequence of `contexts` keys, in `tables`' blocks.
+fn layout_of(contexts: &[usize], tables: &[Vec<u32>], bs: usize, rows: usize) -> BatchLayout {
+    let mut l = BatchLayout::default();
+    for (table, &c) in tables.iter().zip(contexts) {
+        let r = rows.min(c);
+        l.seqs.push(SeqSlice {
+            first_row: l.tokens.len(),
+            n_rows: r,
+            start_pos: c - r,
+            block_table: table.clone(),
+        });
+        for p in c - r..c {
+            l.tokens.push(0);
+            l.positions.push(p as u32);
+            l.slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
+        }
+    }
+    l
+}
+
 /// Attention of `q_rows` new rows per sequence (1: decode) over contexts `contexts` (including the new rows), with
 /// `group` query heads per KV head; K/V are stored through `store_kv` in shuffled blocks and read back for the
 /// reference, so the reference sees exactly what the cache holds.
@@ -358,45 +378,14 @@ fn attention(
     };
     let layer = 1;
     // Store every context token's K/V (one sequence slice per context).
-    let mut store = BatchLayout::default();
-    for (s, &c) in contexts.iter().enumerate() {
-        store.seqs.push(SeqSlice {
-            first_row: store.tokens.len(),
-            n_rows: c,
-            start_pos: 0,
-            block_table: tables[s].clone(),
-        });
-        for p in 0..c {
-            store.tokens.push(0);
-            store.positions.push(p as u32);
-            store
-                .slots
-                .push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
-        }
-    }
+    let store = layout_of(contexts, &tables, bs, usize::MAX);
     let n = store.tokens.len();
     let k = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.5));
     let v = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.0));
     let plan = b.plan(&store, &rope, hd);
     b.store_kv(&mut kv, layer, &k, &v, &plan);
     // The query rows: the last `q_rows` (at most the context) of each sequence.
-    let mut query = BatchLayout::default();
-    for (s, &c) in contexts.iter().enumerate() {
-        let r = q_rows.min(c);
-        query.seqs.push(SeqSlice {
-            first_row: query.tokens.len(),
-            n_rows: r,
-            start_pos: c - r,
-            block_table: tables[s].clone(),
-        });
-        for p in c - r..c {
-            query.tokens.push(0);
-            query.positions.push(p as u32);
-            query
-                .slots
-                .push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
-        }
-    }
+    let query = layout_of(contexts, &tables, bs, q_rows);
     let rows = query.tokens.len();
     let q = random(rng, rows * heads * hd, 1.0);
     let plan = b.plan(&query, &rope, hd);
