@@ -8,9 +8,15 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 impl CudaBackend {
+    /// Whether a product with `rows` input rows of `cols` columns takes the GEMV (and the fused SwiGLU GEMV) rather
+    /// than cuBLAS: up to eight rows, `cols % 8 == 0` (16-byte loads).
+    pub(super) fn gemv_takes(&self, rows: usize, cols: usize) -> bool {
+        (1..=self.k.gemv.len()).contains(&rows) && cols.is_multiple_of(8)
+    }
+
     pub(super) fn matmul_rows(&self, x: &CudaTensor, pairs: &mut [(&CudaMatrix, &mut CudaTensor)]) {
         let Some(xf) = x.buf.as_ref() else { return };
-        if (1..=self.k.gemv.len()).contains(&x.rows) && x.cols.is_multiple_of(8) {
+        if self.gemv_takes(x.rows, x.cols) {
             for group in pairs.chunks_mut(3) {
                 self.gemv(x.rows, x.cols, xf, group);
             }
@@ -53,8 +59,7 @@ impl CudaBackend {
         gate: &mut CudaTensor,
         up: &mut CudaTensor,
     ) {
-        let small = (1..=self.k.gemv_swiglu.len()).contains(&x.rows) && x.cols.is_multiple_of(8);
-        if !small || w_gate.rows != w_up.rows {
+        if !self.gemv_takes(x.rows, x.cols) || w_gate.rows != w_up.rows {
             self.matmul_rows(x, &mut [(w_gate, &mut *gate), (w_up, &mut *up)]);
             return crate::backend::Backend::silu_mul(self, gate, up);
         }

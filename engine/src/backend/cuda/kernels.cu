@@ -264,14 +264,8 @@ STORE_KERNELS(f32, float)
 STORE_KERNELS(f16, __half)
 STORE_KERNELS(i8, i8)
 
-// Eight consecutive f32 values in two 16-byte loads.
-__device__ __forceinline__ void load8(const float* p, float* x) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-}
-
-// Eight consecutive cache values kept as loaded (16 bytes of halves, or 32 of floats) until used, so that four
-// keys' K and V in flight cost few registers; pair(r, j) gives values 2j and 2j + 1 as floats.
+// Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, or 8 of int8 and the scale) until
+// used, so that four keys' K and V in flight cost few registers; pair(r, j) gives values 2j and 2j + 1 as floats.
 template <typename T> struct Raw8;
 template <> struct Raw8<__half> { uint4 v; };
 template <> struct Raw8<float> { float4 a, b; };
@@ -503,31 +497,22 @@ ATTENTION_G(i8, i8, 128)
 // are padded (PF_PAD) so that the column-wise fragment loads do not all fall on one bank.
 #define PF_BQ 64
 #define PF_BK 64
-// Eight consecutive cache values as eight halves packed in 16 bytes (held in registers until staged).
-__device__ __forceinline__ uint4 fetch8(const float* p) {
-    float x[8];
-    load8(p, x);
+// Eight consecutive cache values of any format (`sc`/`vec`: int8's scales) as eight halves packed in 16 bytes, held
+// in registers until staged; an f16 cache is staged as it is.
+template <typename T> __device__ __forceinline__ uint4 fetch8(const T* p, const __half* sc, size_t vec) {
+    Raw8<T> r;
+    fetch_raw(p, sc, vec, r);
     uint4 u;
     __half2* h = reinterpret_cast<__half2*>(&u);
 #pragma unroll
-    for (int j = 0; j < 4; j++) h[j] = __floats2half2_rn(x[2 * j], x[2 * j + 1]);
+    for (int j = 0; j < 4; j++) {
+        const float2 f = pair(r, j);
+        h[j] = __floats2half2_rn(f.x, f.y);
+    }
     return u;
 }
-__device__ __forceinline__ uint4 fetch8(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ uint4 fetch8(const i8* p, float s) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const i8* b = reinterpret_cast<const i8*>(&raw);
-    uint4 u;
-    __half2* h = reinterpret_cast<__half2*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; j++) h[j] = __floats2half2_rn((float)b[2 * j] * s, (float)b[2 * j + 1] * s);
-    return u;
-}
-// The staging load for every format (scales used by int8 only).
-__device__ __forceinline__ uint4 fetch8(const float* p, const __half*, size_t) { return fetch8(p); }
-__device__ __forceinline__ uint4 fetch8(const __half* p, const __half*, size_t) { return fetch8(p); }
-__device__ __forceinline__ uint4 fetch8(const i8* p, const __half* sc, size_t vec) {
-    return fetch8(p, __half2float(sc[vec]));
+template <> __device__ __forceinline__ uint4 fetch8<__half>(const __half* p, const __half*, size_t) {
+    return *reinterpret_cast<const uint4*>(p);
 }
 
 template <typename T, int HD>

@@ -231,11 +231,12 @@ impl CudaBackend {
     }
 
     /// Where a kernel writing `t` should put its bf16 copy: the device address when a GEMM through cuBLAS will read
-    /// `t` (more rows than the GEMV takes), else 0 (no copy). `t` has its shape already.
+    /// `t` (the GEMV does not take it), else 0 (no copy). `t` has its shape already.
     fn bf16_target(&self, t: &mut CudaTensor) -> u64 {
         t.bf16_fresh = false;
         let n = t.len();
-        if t.rows <= self.k.gemv.len() || !self.ensure("allocating a bf16 copy", &mut t.bf16, n) {
+        if self.gemv_takes(t.rows, t.cols) || !self.ensure("allocating a bf16 copy", &mut t.bf16, n)
+        {
             return 0;
         }
         t.bf16_fresh = true;

@@ -46,6 +46,72 @@ fn bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
+fn silu(a: f64) -> f64 {
+    a / (1.0 + (-a).exp())
+}
+
+/// `x / rms(x) * w` per row of `w.len()` columns.
+fn rms_reference(x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
+    x.chunks(w.len())
+        .flat_map(|r| {
+            let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / w.len() as f64;
+            let s = 1.0 / (ms + eps as f64).sqrt();
+            r.iter()
+                .zip(w)
+                .map(move |(&v, &wi)| v as f64 * s * wi as f64)
+        })
+        .collect()
+}
+
+/// `x @ w^T` with rows of `k` columns, `w` rounded to bf16 as the device holds it.
+fn matmul_reference(x: &[f64], k: usize, w: &[f32]) -> Vec<f64> {
+    let n = w.len() / k;
+    (0..x.len() / k * n)
+        .map(|i| {
+            let (r, j) = (i / n, i % n);
+            (0..k)
+                .map(|c| x[r * k + c] * bf16(w[j * k + c]) as f64)
+                .sum()
+        })
+        .collect()
+}
+
+/// The input as a GEMM of it sees it: f32 through the GEMV, rounded to bf16 on the cuBLAS path.
+fn gemm_input(b: &CudaBackend, x: &[f32], rows: usize, k: usize) -> Vec<f64> {
+    let gemv = b.gemv_takes(rows, k);
+    x.iter()
+        .map(|&v| if gemv { v as f64 } else { bf16(v) as f64 })
+        .collect()
+}
+
+/// Each head of each row of `x` (`heads` heads of `hd`) rotated by its row's position, in f64.
+fn rope_reference(
+    x: &[f32],
+    heads: usize,
+    hd: usize,
+    positions: &[u32],
+    rope: &RopeConfig,
+) -> Vec<f64> {
+    let inv = rope.inv_freq(hd);
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (r, &pos) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let v = &mut out[(r * heads + h) * hd..][..hd];
+            for (i, f) in inv.iter().enumerate() {
+                let (s, c) = (pos as f64 * *f as f64).sin_cos();
+                let (a, bb) = match rope.layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Halves => (i, i + hd / 2),
+                };
+                let (x0, x1) = (v[a], v[bb]);
+                v[a] = x0 * c - x1 * s;
+                v[bb] = x0 * s + x1 * c;
+            }
+        }
+    }
+    out
+}
+
 impl CudaBackend {
     fn tensor(&self, rows: usize, cols: usize, host: &[f32]) -> CudaTensor {
         let buf = self.upload_f32(host);
@@ -137,17 +203,6 @@ fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     let x = random(rng, rows * cols, 2.0);
     let y = random(rng, rows * cols, 1.0);
     let w = random(rng, cols, 1.5);
-    let reference = |x: &[f32]| -> Vec<f64> {
-        x.chunks(cols)
-            .flat_map(|r| {
-                let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
-                let s = 1.0 / (ms + eps as f64).sqrt();
-                r.iter()
-                    .zip(&w)
-                    .map(move |(&v, &wi)| v as f64 * s * wi as f64)
-            })
-            .collect()
-    };
     let (Some(wv), xt) = (b.upload_f32(&w), b.tensor(rows, cols, &x)) else {
         return;
     };
@@ -156,7 +211,7 @@ fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     push(
         format!("rms_norm {rows}x{cols}"),
         b.to_host(&o),
-        reference(&x),
+        rms_reference(&x, &w, eps),
         1e-5,
     );
 
@@ -166,7 +221,7 @@ fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     push(
         format!("add_rms_norm {rows}x{cols}"),
         b.to_host(&yt),
-        reference(&sum),
+        rms_reference(&sum, &w, eps),
         1e-5,
     );
 
@@ -175,10 +230,7 @@ fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     let want = x
         .iter()
         .zip(&y)
-        .map(|(&a, &c)| {
-            let a = a as f64;
-            a / (1.0 + (-a).exp()) * c as f64
-        })
+        .map(|(&a, &c)| silu(a as f64) * c as f64)
         .collect();
     push(format!("silu_mul {rows}x{cols}"), b.to_host(&g), want, 1e-5);
 }
@@ -202,23 +254,7 @@ fn rope(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         let plan = b.plan(&batch, &cfg, hd);
         let mut xt = b.tensor(rows, heads * hd, &x);
         b.rope(&mut xt, heads, &plan);
-        let inv = cfg.inv_freq(hd);
-        let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        for r in 0..rows {
-            for h in 0..heads {
-                let v = &mut want[(r * heads + h) * hd..][..hd];
-                for (i, f) in inv.iter().enumerate() {
-                    let (s, c) = (positions[r] as f64 * *f as f64).sin_cos();
-                    let (a, bb) = match layout {
-                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                        RopeLayout::Halves => (i, i + hd / 2),
-                    };
-                    let (x0, x1) = (v[a], v[bb]);
-                    v[a] = x0 * c - x1 * s;
-                    v[bb] = x0 * s + x1 * c;
-                }
-            }
-        }
+        let want = rope_reference(&x, heads, hd, &positions, &cfg);
         // The device takes sin/cos of an f32 angle (as the CPU backend does); at positions near 8000 that alone is
         // about 1e-4 away from the exact rotation.
         push(
@@ -246,21 +282,12 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         };
         let mut o = b.activations(0, 0);
         b.matmul(&xt, &mut [(&wm, &mut o)]);
-        // cuBLAS takes the input in bf16 too; the GEMV reads it in f32.
-        let gemv = rows <= 8 && k % 8 == 0;
-        let xr: Vec<f64> = x
-            .iter()
-            .map(|&v| if gemv { v as f64 } else { bf16(v) as f64 })
-            .collect();
-        let mut want = vec![0f64; rows * n];
-        for r in 0..rows {
-            for j in 0..n {
-                want[r * n + j] = (0..k)
-                    .map(|i| xr[r * k + i] * bf16(w[j * k + i]) as f64)
-                    .sum();
-            }
-        }
-        let path = if gemv { "gemv" } else { "gemm" };
+        let want = matmul_reference(&gemm_input(b, &x, rows, k), k, &w);
+        let path = if b.gemv_takes(rows, k) {
+            "gemv"
+        } else {
+            "gemm"
+        };
         push(
             format!("{path} {rows}x{k} @ {n}x{k}^T"),
             b.to_host(&o),
@@ -283,22 +310,11 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     let (mut h, mut o) = (b.activations(0, 0), b.activations(0, 0));
     b.rms_norm(&xt, &g, 1e-5, &mut h);
     b.matmul(&h, &mut [(&wm, &mut o)]);
-    let normed: Vec<f64> = x
-        .chunks(k)
-        .flat_map(|r| {
-            let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
-            let s = 1.0 / (ms + 1e-5).sqrt();
-            r.iter().map(move |&v| bf16((v as f64 * s) as f32) as f64)
-        })
+    let normed: Vec<f64> = rms_reference(&x, &ones, 1e-5)
+        .iter()
+        .map(|&v| bf16(v as f32) as f64)
         .collect();
-    let want = (0..rows * n)
-        .map(|i| {
-            let (r, j) = (i / n, i % n);
-            (0..k)
-                .map(|c| normed[r * k + c] * bf16(w[j * k + c]) as f64)
-                .sum()
-        })
-        .collect();
+    let want = matmul_reference(&normed, k, &w);
     push(
         format!("rms_norm -> gemm {rows}x{k} @ {n}x{k}^T (bf16 copy)"),
         b.to_host(&o),
@@ -464,23 +480,9 @@ fn swiglu(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         };
         let (mut gate, mut up) = (b.activations(0, 0), b.activations(0, 0));
         b.swiglu(&xt, &gm, &um, &mut gate, &mut up);
-        let gemv = rows <= 8;
-        let xr: Vec<f64> = x
-            .iter()
-            .map(|&v| if gemv { v as f64 } else { bf16(v) as f64 })
-            .collect();
-        let dot = |w: &[f32], r: usize, j: usize| -> f64 {
-            (0..k)
-                .map(|i| xr[r * k + i] * bf16(w[j * k + i]) as f64)
-                .sum()
-        };
-        let want = (0..rows * n)
-            .map(|i| {
-                let (r, j) = (i / n, i % n);
-                let g = dot(&wg, r, j);
-                g / (1.0 + (-g).exp()) * dot(&wu, r, j)
-            })
-            .collect();
+        let xr = gemm_input(b, &x, rows, k);
+        let (g, u) = (matmul_reference(&xr, k, &wg), matmul_reference(&xr, k, &wu));
+        let want = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
         push(
             format!("swiglu {rows}x{k} -> {n}"),
             b.to_host(&gate),
@@ -530,22 +532,7 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
         b.tensor(rows, kvh * hd, &v),
     );
     b.rope_store_kv(&mut qt, &mut kt, &vt, heads, kvh, &mut kv, 1, &plan);
-    let inv = cfg.inv_freq(hd);
-    let rotate = |x: &[f32], nh: usize| -> Vec<f64> {
-        let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        for r in 0..rows {
-            for h in 0..nh {
-                let o = &mut out[(r * nh + h) * hd..][..hd];
-                for (i, f) in inv.iter().enumerate() {
-                    let (s, c) = (positions[r] as f64 * *f as f64).sin_cos();
-                    let (x0, x1) = (o[i], o[i + hd / 2]);
-                    o[i] = x0 * c - x1 * s;
-                    o[i + hd / 2] = x0 * s + x1 * c;
-                }
-            }
-        }
-        out
-    };
+    let rotate = |x: &[f32], nh: usize| rope_reference(x, nh, hd, &positions, &cfg);
     push(
         format!("rope_store q hd{hd} ({format:?} cache)"),
         b.to_host(&qt),
