@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Compiles the CUDA kernels (engine/src/backend/cuda/kernels.cu) with NVRTC on a machine without a GPU or a CUDA
+# Compiles the CUDA kernels (engine/src/backend/cuda/kernels.cu, then decode_attention.cu, as one source) with NVRTC on a machine without a GPU or a CUDA
 # install, exactly as the backend does at start-up (C++17, -default-device), for one architecture (default sm_90;
 # pass another as $1). NVRTC and the CUDA headers come from NVIDIA's PyPI wheels (nvidia-cuda-nvrtc,
-# nvidia-cuda-runtime, nvidia-cuda-crt), fetched once into $TANDEM_CACHE/nvrtc (default ~/.cache/tandem). It catches
-# compile errors before a GPU run; it runs nothing.
+# nvidia-cuda-runtime, nvidia-cuda-crt, and ptxas from nvidia-cuda-nvcc), fetched once into $TANDEM_CACHE/nvrtc
+# (default ~/.cache/tandem). The PTX is then assembled with ptxas as the driver would, which catches what NVRTC lets
+# through (an instruction the architecture lacks) and reports each kernel's registers; any register spill fails the
+# check. It runs nothing.
 set -euo pipefail
 arch="${1:-sm_90}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${TANDEM_CACHE:-$HOME/.cache/tandem}/nvrtc"
-if [ ! -e "$dir/nvidia/cu13/lib/libnvrtc.so.13" ] || [ ! -e "$dir/nvidia/cu13/include/crt/mma.h" ]; then
+if [ ! -e "$dir/nvidia/cu13/lib/libnvrtc.so.13" ] || [ ! -e "$dir/nvidia/cu13/include/crt/mma.h" ] ||
+  [ ! -e "$dir/nvidia/cu13/bin/ptxas" ]; then
   echo "fetching NVRTC and the CUDA headers from PyPI ..." >&2
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download --quiet --no-deps --dest "$tmp" nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt >&2
+  python3 -m pip download --quiet --no-deps --dest "$tmp" nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt \
+    nvidia-cuda-nvcc >&2
   mkdir -p "$dir"
   for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" "$dir"; done
+  chmod +x "$dir/nvidia/cu13/bin/ptxas"
 fi
-LD_LIBRARY_PATH="$dir/nvidia/cu13/lib" python3 - "$root/engine/src/backend/cuda/kernels.cu" "$arch" \
-  "$dir/nvidia/cu13/include" <<'PY'
+ptx=$(mktemp --suffix=.ptx)
+trap 'rm -f "$ptx" "$ptx.cubin"' EXIT
+src="$root/engine/src/backend/cuda"
+LD_LIBRARY_PATH="$dir/nvidia/cu13/lib" python3 - "$arch" "$dir/nvidia/cu13/include" "$ptx" \
+  "$src/kernels.cu" "$src/decode_attention.cu" <<'PY'
 import ctypes, sys
-source, arch, include = sys.argv[1:4]
+arch, include, out = sys.argv[1:4]
+code = b"".join(open(f, "rb").read() for f in sys.argv[4:])
 nvrtc = ctypes.CDLL("libnvrtc.so.13")
 prog = ctypes.c_void_p()
-if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), open(source, "rb").read(), b"kernels.cu", 0, None, None):
+if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, b"kernels.cu", 0, None, None):
     sys.exit("nvrtcCreateProgram failed")
 opts = [f"--gpu-architecture={arch}", "--std=c++17", "-default-device", f"-I{include}"]
 argv = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
@@ -36,5 +45,23 @@ if log.value.strip():
 if status != 0:
     sys.exit(f"kernels.cu does not compile for {arch} (nvrtc status {status})")
 nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+ptx = ctypes.create_string_buffer(size.value)
+nvrtc.nvrtcGetPTX(prog, ptx)
+open(out, "wb").write(ptx.value)
 print(f"kernels.cu compiles for {arch}: {size.value} bytes of PTX")
 PY
+"$dir/nvidia/cu13/bin/ptxas" -arch="$arch" -v "$ptx" -o "$ptx.cubin" 2>&1 | python3 -c '
+import re, sys
+kernels, name, spills = {}, None, []
+for line in sys.stdin:
+    m = re.search(r"Compiling entry function .(\w+).", line)
+    if m: name = m.group(1)
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name and (int(m.group(1)) or int(m.group(2))): spills.append(name)
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name: kernels[name] = int(m.group(1))
+if not kernels: sys.exit("ptxas assembled no kernels")
+top = sorted(kernels.items(), key=lambda kv: -kv[1])[:4]
+print(f"ptxas: {len(kernels)} kernels; most registers: " + ", ".join(f"{k} {v}" for k, v in top))
+if spills: sys.exit("register spills in: " + ", ".join(spills))
+' 

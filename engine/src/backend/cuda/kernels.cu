@@ -265,7 +265,8 @@ STORE_KERNELS(f16, __half)
 STORE_KERNELS(i8, i8)
 
 // Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, or 8 of int8 and the scale) until
-// used, so that four keys' K and V in flight cost few registers; pair(r, j) gives values 2j and 2j + 1 as floats.
+// used, so that the prefill kernel's K/V prefetch costs few registers; pair(r, j) gives values 2j and 2j + 1 as
+// floats.
 template <typename T> struct Raw8;
 template <> struct Raw8<__half> { uint4 v; };
 template <> struct Raw8<float> { float4 a, b; };
@@ -282,12 +283,6 @@ __device__ __forceinline__ void fetch_raw(const i8* p, const __half* sc, size_t 
     r.v = *reinterpret_cast<const uint2*>(p);
     r.s = __half2float(sc[vec]);
 }
-__device__ __forceinline__ void zero_raw(Raw8<__half>& r) { r.v = make_uint4(0, 0, 0, 0); }
-__device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
-__device__ __forceinline__ void zero_raw(Raw8<i8>& r) {
-    r.v = make_uint2(0, 0);
-    r.s = 0.f;
-}
 __device__ __forceinline__ float2 pair(const Raw8<__half>& r, int j) {
     return __half22float2(reinterpret_cast<const __half2*>(&r.v)[j]);
 }
@@ -301,192 +296,6 @@ __device__ __forceinline__ float2 pair(const Raw8<i8>& r, int j) {
     const i8* b = reinterpret_cast<const i8*>(&r.v);
     return make_float2((float)b[2 * j] * r.s, (float)b[2 * j + 1] * r.s);
 }
-
-// Paged attention in the flash-decoding style. Grid (query row, KV head, split): a block of WARPS warps takes the
-// split's share of the row's visible keys, reads each key's K and V once for all G query heads that share that KV
-// head (grouped-query), and keeps an online softmax per head: running max, running sum and a weighted sum of V in
-// registers. A key is read by HD / 8 lanes, eight dimensions each in 16-byte loads, so one warp takes 32 * 8 / HD
-// keys at a time, and four such steps are loaded before any is used (loads in flight hide the memory latency);
-// their scores then update each head's running sums with one rescale. G and HD are compile-time (one kernel per
-// shape) so everything stays in registers. Each lane group's partial result is merged across the warp with
-// shuffles, then across warps in shared memory. With one split the block writes the output; otherwise each split
-// leaves (unnormalized output, max, sum) in `part`, and the last split block of a (row, KV head) to finish (counted
-// in `arrived`, which it resets for the next launch) merges them into the output.
-// row_ctx[r]: keys visible to row r; row_table[r]: its block table's offset in `tables`.
-#define WARPS 8
-template <typename T, int G, int HD>
-__device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
-                               float* out, float* part, u32* arrived,
-                               const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,
-                               int block_size, size_t layer_off, float scale, int splits) {
-    constexpr int LG = HD / 8, KPW = 32 / LG, U = 4;
-    const int heads = kv_heads * G;
-    const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane / LG, gl = lane % LG;
-    float qv[G][8], acc[G][8], m[G], l[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        m[g] = NEG_INF;
-        l[g] = 0.f;
-        const float4* qr = reinterpret_cast<const float4*>(q + ((size_t)r * heads + kvh * G + g) * HD + gl * 8);
-        const float4 a = qr[0], b = qr[1];
-        qv[g][0] = a.x * scale; qv[g][1] = a.y * scale; qv[g][2] = a.z * scale; qv[g][3] = a.w * scale;
-        qv[g][4] = b.x * scale; qv[g][5] = b.y * scale; qv[g][6] = b.z * scale; qv[g][7] = b.w * scale;
-#pragma unroll
-        for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
-    }
-    // Splits take at least 64 keys each: with a short context the last splits have none (and say so in `part`).
-    const u32 ctx = row_ctx[r];
-    const u32 chunk = max(64u, (ctx + splits - 1) / splits);
-    const u32 begin = min(ctx, split * chunk), end = min(ctx, begin + chunk);
-    const u32* table = tables + row_table[r];
-    for (u32 tb = begin + warp * KPW * U; tb < end; tb += WARPS * KPW * U) {
-        Raw8<T> kr[U], vr[U];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 t = tb + u * KPW + sub;
-            if (t < end) {
-                const u32 block = table[t / block_size], off = t % block_size;
-                const size_t base = layer_off + (((size_t)block * kv_heads + kvh) * block_size + off) * HD + gl * 8;
-                fetch_raw(kc + base, ksc, base / HD, kr[u]);
-                fetch_raw(vc + base, vsc, base / HD, vr[u]);
-            } else {
-                zero_raw(kr[u]);
-                zero_raw(vr[u]);
-            }
-        }
-        // Per head: the U keys' scores, one rescale of the running sums for all of them.
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            float s[U];
-            float mx = m[g];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                s[u] = 0.f;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const float2 k2 = pair(kr[u], j);
-                    s[u] += qv[g][2 * j] * k2.x + qv[g][2 * j + 1] * k2.y;
-                }
-#pragma unroll
-                for (int o = LG / 2; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffff, s[u], o);
-                if (tb + u * KPW + sub >= end) s[u] = NEG_INF;
-                mx = fmaxf(mx, s[u]);
-            }
-            if (mx != NEG_INF) {
-                const float corr = __expf(m[g] - mx);
-                l[g] *= corr;
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[g][j] *= corr;
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const float p = __expf(s[u] - mx);
-                    l[g] += p;
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float2 v2 = pair(vr[u], j);
-                        acc[g][2 * j] += p * v2.x;
-                        acc[g][2 * j + 1] += p * v2.y;
-                    }
-                }
-                m[g] = mx;
-            }
-        }
-    }
-    // Merge the lane groups of each warp (lanes gl, gl + LG, ... hold the same dimensions of different keys).
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        float mm = m[g];
-#pragma unroll
-        for (int o = LG; o < 32; o <<= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffff, mm, o));
-        const float f = m[g] == NEG_INF ? 0.f : __expf(m[g] - mm);
-        l[g] *= f;
-#pragma unroll
-        for (int o = LG; o < 32; o <<= 1) l[g] += __shfl_xor_sync(0xffffffff, l[g], o);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            acc[g][j] *= f;
-#pragma unroll
-            for (int o = LG; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffff, acc[g][j], o);
-        }
-        m[g] = mm;
-    }
-    // Merge the warps, one head at a time.
-    __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][HD];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        if (lane == 0) { sm[warp] = m[g]; sl[warp] = l[g]; }
-        if (sub == 0) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) sacc[warp][gl * 8 + j] = acc[g][j];
-        }
-        __syncthreads();
-        const int h = kvh * G + g;
-        float mm = NEG_INF;
-        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm[w]);
-        float ll = 0.f;
-        for (int w = 0; w < WARPS; w++) ll += sm[w] == NEG_INF ? 0.f : sl[w] * __expf(sm[w] - mm);
-        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-            float v = 0.f;
-            for (int w = 0; w < WARPS; w++) v += sm[w] == NEG_INF ? 0.f : sacc[w][d] * __expf(sm[w] - mm);
-            if (splits == 1) {
-                out[((size_t)r * heads + h) * HD + d] = ll > 0.f ? v / ll : 0.f;
-            } else {
-                part[(((size_t)r * heads + h) * splits + split) * (HD + 2) + d] = v;
-            }
-        }
-        if (splits > 1 && threadIdx.x == 0) {
-            float* p = part + (((size_t)r * heads + h) * splits + split) * (HD + 2);
-            p[HD] = mm;
-            p[HD + 1] = ll;
-        }
-        __syncthreads();
-    }
-    if (splits == 1) return;
-    // The last split block of this (row, KV head) merges every split's part.
-    __shared__ u32 ticket;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) ticket = atomicAdd(&arrived[r * kv_heads + kvh], 1);
-    __syncthreads();
-    if (ticket != (u32)splits - 1) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-        const int h = kvh * G + i / HD, d = i % HD;
-        const float* p = part + ((size_t)r * heads + h) * splits * (HD + 2);
-        float mm = NEG_INF;
-        for (int sp = 0; sp < splits; sp++) mm = fmaxf(mm, __ldcg(p + sp * (HD + 2) + HD));
-        float v = 0.f, ll = 0.f;
-        for (int sp = 0; sp < splits; sp++) {
-            const float* ps = p + sp * (HD + 2);
-            const float ms = __ldcg(ps + HD);
-            if (ms == NEG_INF) continue;
-            const float f = __expf(ms - mm);
-            v += __ldcg(ps + d) * f;
-            ll += __ldcg(ps + HD + 1) * f;
-        }
-        out[((size_t)r * heads + h) * HD + d] = ll > 0.f ? v / ll : 0.f;
-    }
-    if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
-}
-
-#define ATTENTION(T, TN, G, HD)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) attention_##TN##_g##G##_h##HD(                      \
-        const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out, float* part, \
-        u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int block_size, \
-        size_t layer_off, float scale, int splits) {                                                            \
-        attention_impl<T, G, HD>(q, kc, vc, ksc, vsc, out, part, arrived, row_ctx, row_table, tables, kv_heads, \
-                                 block_size, layer_off, scale, splits);                                         \
-    }
-#define ATTENTION_G(T, TN, HD) \
-    ATTENTION(T, TN, 1, HD) ATTENTION(T, TN, 2, HD) ATTENTION(T, TN, 3, HD) ATTENTION(T, TN, 4, HD) \
-    ATTENTION(T, TN, 5, HD) ATTENTION(T, TN, 6, HD) ATTENTION(T, TN, 7, HD) ATTENTION(T, TN, 8, HD)
-ATTENTION_G(float, f32, 64)
-ATTENTION_G(float, f32, 128)
-ATTENTION_G(__half, f16, 64)
-ATTENTION_G(__half, f16, 128)
-ATTENTION_G(i8, i8, 64)
-ATTENTION_G(i8, i8, 128)
 
 // Prefill attention in the flash-attention style, on tensor cores (WMMA: f16 operands, f32 accumulate). Grid
 // (tile, head): a tile is up to 64 consecutive query rows of one sequence (rows tile_row0[t] .. + tile_rows[t]),

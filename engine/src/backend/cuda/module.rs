@@ -16,7 +16,11 @@ const FORMATS: [(KvFormat, &str); 3] = [
     (KvFormat::Int8, "i8"),
 ];
 
-const SOURCE: &str = include_str!("kernels.cu");
+/// `kernels.cu`, then the decode attention kernels (which use its typedefs).
+const SOURCE: &str = concat!(
+    include_str!("kernels.cu"),
+    include_str!("decode_attention.cu")
+);
 
 /// Every kernel of [`SOURCE`], loaded.
 pub struct Kernels {
@@ -32,8 +36,11 @@ pub struct Kernels {
     pub store_kv: HashMap<KvFormat, CudaFunction>,
     /// RoPE on Q and K plus the cache write, by cache format.
     pub rope_store: HashMap<KvFormat, CudaFunction>,
-    /// Decode attention kernels by (cache format, query heads per KV head, head_dim).
-    pub attention: HashMap<(KvFormat, usize, usize), CudaFunction>,
+    /// Decode attention kernels by (cache format, head_dim).
+    pub attention: HashMap<(KvFormat, usize), CudaFunction>,
+    /// How many blocks of each decode attention kernel one SM holds at once (the occupancy calculator's answer for
+    /// its registers and shared memory), by the same key.
+    pub attention_per_sm: HashMap<(KvFormat, usize), usize>,
     /// Prefill (tiled, tensor-core) attention kernels by (cache format, head_dim).
     pub prefill_attention: HashMap<(KvFormat, usize), CudaFunction>,
     pub gather_rows: CudaFunction,
@@ -59,6 +66,28 @@ pub fn prefill_shared_bytes(head_dim: usize) -> usize {
     2 * (bq + 2 * bk) * lq + 4 * bq * ls + 2 * bq * lp + 4 * bq * lo + 8 * bq
 }
 
+/// Warps per decode attention block (`DA_WARPS` in the kernels).
+pub const DECODE_WARPS: usize = 4;
+
+/// How one decode attention warp stages its 16-key tiles: (stages in its ring, bytes per stage). A stage holds the
+/// tile's K and V rows in the cache's own format, plus for int8 the words holding each row's scale and a mask word
+/// (`Stage` in decode_attention.cu). The ring is three stages deep (four for int8's smaller tiles), enough bytes in
+/// flight per warp to keep HBM busy with two or three blocks per SM.
+pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
+    let tile = 16;
+    match format {
+        KvFormat::F32 => (3, 2 * tile * 4 * head_dim),
+        KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
+        KvFormat::Int8 => (4, 2 * tile * head_dim + 2 * tile * 4 + 16),
+    }
+}
+
+/// Dynamic shared memory of one decode attention block: every warp's ring (reused for the merge at the end).
+pub fn decode_shared_bytes(format: KvFormat, head_dim: usize) -> usize {
+    let (stages, bytes) = decode_stages(format, head_dim);
+    DECODE_WARPS * stages * bytes
+}
+
 fn dev(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
     move |e| EngineError::Device(format!("{what}: {e}"))
 }
@@ -80,6 +109,20 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| EngineError::Device(format!("kernel {name}: {e}")))
         };
+        let attention = per_format(&f, "attention", decode_shared_bytes)?;
+        let attention_per_sm = attention
+            .iter()
+            .map(|(&(fmt, hd), func)| {
+                let n = func
+                    .occupancy_max_active_blocks_per_multiprocessor(
+                        32 * DECODE_WARPS as u32,
+                        decode_shared_bytes(fmt, hd),
+                        None,
+                    )
+                    .map_err(dev("decode attention occupancy"))?;
+                Ok(((fmt, hd), (n as usize).max(1)))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             embed_bf16: f("embed_bf16")?,
             rms_norm: f("rms_norm")?,
@@ -97,32 +140,11 @@ impl Kernels {
                 .iter()
                 .map(|&(fmt, ty)| Ok((fmt, f(&format!("rope_store_{ty}"))?)))
                 .collect::<Result<_>>()?,
-            attention: {
-                let mut m = HashMap::new();
-                for (fmt, ty) in FORMATS {
-                    for g in 1..=8 {
-                        for hd in HEAD_DIMS {
-                            m.insert((fmt, g, hd), f(&format!("attention_{ty}_g{g}_h{hd}"))?);
-                        }
-                    }
-                }
-                m
-            },
-            prefill_attention: {
-                let mut m = HashMap::new();
-                for (fmt, ty) in FORMATS {
-                    for hd in HEAD_DIMS {
-                        let func = f(&format!("prefill_attention_{ty}_h{hd}"))?;
-                        func.set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            prefill_shared_bytes(hd) as i32,
-                        )
-                        .map_err(dev("allowing the prefill attention its shared memory"))?;
-                        m.insert((fmt, hd), func);
-                    }
-                }
-                m
-            },
+            attention,
+            attention_per_sm,
+            prefill_attention: per_format(&f, "prefill_attention", |_, hd| {
+                prefill_shared_bytes(hd)
+            })?,
             gather_rows: f("gather_rows")?,
             gemv: (1..=8)
                 .map(|r| f(&format!("gemv_bf16_r{r}")))
@@ -133,6 +155,28 @@ impl Kernels {
             argmax_rows: f("argmax_rows")?,
         })
     }
+}
+
+/// `{name}_{format}_h{head_dim}` for every cache format and head dim, each allowed the dynamic shared memory
+/// `shared` says it takes.
+fn per_format(
+    f: &impl Fn(&str) -> Result<CudaFunction>,
+    name: &str,
+    shared: impl Fn(KvFormat, usize) -> usize,
+) -> Result<HashMap<(KvFormat, usize), CudaFunction>> {
+    let mut m = HashMap::new();
+    for (fmt, ty) in FORMATS {
+        for hd in HEAD_DIMS {
+            let func = f(&format!("{name}_{ty}_h{hd}"))?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared(fmt, hd) as i32,
+            )
+            .map_err(dev("allowing an attention kernel its shared memory"))?;
+            m.insert((fmt, hd), func);
+        }
+    }
+    Ok(m)
 }
 
 /// The PTX for `arch`, from the disk cache or freshly compiled (and then cached; a cache that cannot be written is

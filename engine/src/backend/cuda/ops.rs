@@ -4,7 +4,7 @@
 
 use super::graphs::Shape;
 use super::kv::CudaKvStore;
-use super::module::prefill_shared_bytes;
+use super::module::{DECODE_WARPS, decode_shared_bytes, decode_stages, prefill_shared_bytes};
 use super::plan::{CudaPlan, Packed};
 use super::{CudaBackend, CudaMatrix, CudaTensor, Marked, cfg, grid_1d, lock};
 use crate::backend::{AttentionTally, Backend, BatchLayout};
@@ -412,9 +412,10 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Flash-decoding attention: grid (row, KV head, split), each row's keys split so that the grid covers the GPU
-    /// eight blocks deep, in chunks of at least 64 keys of the longest context's bucket (so a recorded step fits
-    /// every context of its bucket; splits past a short context find no keys); the last split to finish merges them.
+    /// Flash-decoding attention on tensor cores: grid (row, KV head, split), each row's keys split so that the grid
+    /// fills whole waves of resident blocks ([`choose_splits`]), in chunks of at least 64 keys of the longest
+    /// context's bucket (so a recorded step fits every context of its bucket; splits past a short context find no
+    /// keys); the last split to finish merges them.
     fn decode_attention(
         &self,
         q: &CudaTensor,
@@ -426,20 +427,28 @@ impl CudaBackend {
         let l = kv.layout;
         let heads = q.cols / l.head_dim;
         let group = heads / l.kv_heads;
-        let Some(f) = self.k.attention.get(&(l.format, group, l.head_dim)) else {
-            return self.fail(
-                "attention",
-                format!(
-                    "no kernel for head_dim {} with {group} query heads per KV head (head_dim 64 or 128, up to 8)",
-                    l.head_dim
-                ),
-            );
+        let f = match self.k.attention.get(&(l.format, l.head_dim)) {
+            Some(f) if group <= 8 => f,
+            _ => {
+                return self.fail(
+                    "attention",
+                    format!(
+                        "no kernel for head_dim {} with {group} query heads per KV head (head_dim 64 or 128, up to 8)",
+                        l.head_dim
+                    ),
+                );
+            }
         };
+        let (stages, stage_bytes) = decode_stages(l.format, l.head_dim);
+        let shared = decode_shared_bytes(l.format, l.head_dim);
+        let per_sm = self.k.attention_per_sm[&(l.format, l.head_dim)];
         let blocks = q.rows * l.kv_heads;
-        let splits = (8 * self.sms)
-            .div_ceil(blocks.max(1))
-            .min(plan.ctx_bucket)
-            .max(1);
+        let splits = choose_splits(
+            blocks,
+            64 * plan.ctx_bucket,
+            per_sm * self.sms,
+            plan.ctx_bucket,
+        );
         let (mut part, mut arrived) = (lock(&self.part), lock(&self.arrived));
         let need = q.rows * heads * splits * (l.head_dim + 2);
         if !self.ensure("allocating attention splits", &mut part, need)
@@ -458,10 +467,11 @@ impl CudaBackend {
         let layer_off = (layer * kv.layer_elems()) as u64;
         let (kvh, bs) = (l.kv_heads as i32, l.block_size as i32);
         let (scale, sp) = (1.0 / (l.head_dim as f32).sqrt(), splits as i32);
+        let (group, stages, stage_bytes) = (group as i32, stages as i32, stage_bytes as i32);
         let grid = LaunchConfig {
             grid_dim: (q.rows as u32, l.kv_heads as u32, splits as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (32 * DECODE_WARPS as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(qb);
@@ -472,7 +482,14 @@ impl CudaBackend {
             .arg(&plan.row_ctx)
             .arg(&plan.row_table)
             .arg(&plan.tables);
-        b.arg(&kvh).arg(&bs).arg(&layer_off).arg(&scale).arg(&sp);
+        b.arg(&kvh)
+            .arg(&group)
+            .arg(&bs)
+            .arg(&layer_off)
+            .arg(&scale)
+            .arg(&sp)
+            .arg(&stages)
+            .arg(&stage_bytes);
         self.launch("attention", || unsafe { b.launch(grid) }.map(drop));
     }
 
@@ -521,5 +538,40 @@ impl CudaBackend {
             .arg(&plan.tables);
         b.arg(&kvh).arg(&group).arg(&bs).arg(&layer_off).arg(&scale);
         self.launch("prefill_attention", || unsafe { b.launch(grid) }.map(drop));
+    }
+}
+
+/// Splits per (row, KV head) for `blocks` such pairs of up to `keys` keys each (the context bucket's upper end), on
+/// a GPU holding `resident` blocks at once, at most `cap`. Blocks of one launch take about the same time, so a grid
+/// runs in whole waves: the estimate is waves x (keys per split + a fixed cost per block, about 64 keys' worth: the
+/// query load, the merges, the partial result), and the cheapest count wins, the smaller on a tie.
+pub(super) fn choose_splits(blocks: usize, keys: usize, resident: usize, cap: usize) -> usize {
+    const FIXED_KEYS: f64 = 64.0;
+    let (blocks, resident) = (blocks.max(1), resident.max(1));
+    let cost =
+        |s: usize| (blocks * s).div_ceil(resident) as f64 * (keys as f64 / s as f64 + FIXED_KEYS);
+    (1..=cap.max(1)).fold(
+        1,
+        |best, s| if cost(s) < cost(best) - 1e-9 { s } else { best },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_splits;
+
+    #[test]
+    fn splits_fill_whole_waves() {
+        // One sequence, 8 KV heads, 8k keys, 396 resident blocks: 49 splits fill 392 of 396 places; 50 would need a
+        // second wave for 4 blocks.
+        assert_eq!(choose_splits(8, 8192, 396, 128), 49);
+        // 256 pairs: 3 splits, two waves, 768 of 792 places (2 splits also take two waves, with longer blocks; 17
+        // fill 11 waves almost exactly but pay the fixed cost 17 times).
+        assert_eq!(choose_splits(256, 8192, 396, 128), 3);
+        // 512 pairs of 1k keys on 264 places: two waves without splitting beat everything else.
+        assert_eq!(choose_splits(512, 1024, 264, 16), 1);
+        // The context bucket caps the count.
+        assert_eq!(choose_splits(8, 1024, 264, 16), 16);
+        assert_eq!(choose_splits(8, 64, 264, 0), 1);
     }
 }

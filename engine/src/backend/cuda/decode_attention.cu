@@ -1,0 +1,412 @@
+// Decode attention over the paged cache on tensor cores, in the flash-decoding style (appended to kernels.cu when
+// compiled, whose typedefs it uses).
+//
+// Grid (query row, KV head, split); four warps per block. A split is a run of the row's visible keys in 16-key
+// tiles, dealt to the warps in turn. Each warp streams its tiles through its own ring of shared-memory stages with
+// cp.async (the raw cache bytes of any format, several tiles in flight, so the memory system never waits on the
+// arithmetic), and keeps an online softmax for all G query heads of the KV head at once:
+//
+//   S^T (16 keys x 8 heads) = K (16 keys x HD) . Q^T (HD x 8 heads)        mma m16n8k16, K as operand A
+//   O^T (HD x 8 heads)     += V^T (HD x 16 keys) . P^T (16 keys x 8 heads)  mma m16n8k16, V^T as operand A
+//
+// Putting the keys (not the up to 8 query heads) on the 16-row side wastes no tensor-core rows for G <= 8, and the
+// probabilities go from the first product's accumulators to the second's B operand with one register transpose
+// (movmatrix) per 8 keys. The order of the head dimensions inside a product does not change it, so each lane reads
+// whole 8-dimension groups of a key: the dimension mapping below (`K_GROUP`, `V_GROUP`) is chosen for 16-byte
+// shared-memory loads without bank conflicts (with the XOR swizzle applied when the tile is copied in), and the
+// output is written back through the same mapping. int8 keys enter the products as exact small integers: a key's
+// scale multiplies its score, a value's scale its probability, both in f32.
+//
+// After its tiles, a warp leaves (running max, sum, output) per head in shared memory and the block merges its warps.
+// With one split the block writes the output; otherwise each split leaves (unnormalized output, max, sum) in `part`,
+// and the last split block of a (row, KV head) to finish (counted in `arrived`, which it resets for the next launch)
+// merges every split, all threads at once.
+//
+// Fragment layouts are those of PTX `mma.m16n8k16` (g = lane / 4, c = lane % 4): A holds rows g and g + 8 at
+// columns 2c, 2c + 1 (a0, a1) and 2c + 8, 2c + 9 (a2, a3); B holds column g at rows 2c, 2c + 1 (b0) and 2c + 8,
+// 2c + 9 (b1); the accumulator holds rows g and g + 8 at columns 2c, 2c + 1.
+#define DA_WARPS 4
+#define DA_TILE 16
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// The 8 x 8 f16 matrix held one row-fragment per lane, transposed across the warp.
+__device__ __forceinline__ u32 transpose_8x8(u32 x) {
+    u32 y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+// Asynchronous global -> shared copies; an invalid source copies zeros (and reads nothing).
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
+    const u32 s = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copy4(void* dst, const void* src, bool valid) {
+    const u32 s = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` of this thread's copy groups are still in flight (an immediate in PTX).
+__device__ __forceinline__ void copy_wait(int pending) {
+    if (pending <= 1) asm volatile("cp.async.wait_group 1;\n" ::);
+    else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::);
+    else asm volatile("cp.async.wait_group 3;\n" ::);
+}
+__device__ __forceinline__ u32 pack_half2(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const u32*>(&h);
+}
+// Four signed bytes as two half2 holding the exact integers: bytes biased to unsigned, placed under the exponent of
+// 1024, and 1152 (1024 + the bias) taken off again.
+__device__ __forceinline__ void i8x4_to_half2x2(u32 w, u32& lo, u32& hi) {
+    const u32 t = w ^ 0x80808080u;
+    const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));
+    const u32 a = __byte_perm(t, 0x64646464u, 0x4140), b = __byte_perm(t, 0x64646464u, 0x4342);
+    const __half2 x = __hsub2(*reinterpret_cast<const __half2*>(&a), bias);
+    const __half2 y = __hsub2(*reinterpret_cast<const __half2*>(&b), bias);
+    lo = *reinterpret_cast<const u32*>(&x);
+    hi = *reinterpret_cast<const u32*>(&y);
+}
+
+// What differs between cache formats: the bytes of an 8-dimension group, and one group as four half2 words (dimension pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers, its scale applied by the caller).
+template <typename T> struct Group;
+template <> struct Group<__half> {
+    static constexpr int BYTES = 16;
+    static constexpr bool SCALED = false;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4]) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    }
+};
+template <> struct Group<float> {
+    static constexpr int BYTES = 32;
+    static constexpr bool SCALED = false;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4]) {
+        const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+        w[0] = pack_half2(a.x, a.y); w[1] = pack_half2(a.z, a.w);
+        w[2] = pack_half2(b.x, b.y); w[3] = pack_half2(b.z, b.w);
+    }
+};
+template <> struct Group<i8> {
+    static constexpr int BYTES = 8;
+    static constexpr bool SCALED = true;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4]) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        i8x4_to_half2x2(v.x, w[0], w[1]);
+        i8x4_to_half2x2(v.y, w[2], w[3]);
+    }
+};
+
+// Where group `grp` of tile row `r` lies in a staged tile (in groups). Keys are read by lanes (row g, c) taking
+// group 4 * pair + c of rows g and g + 8; values by lanes taking group 8 * q + g of rows 2c, 2c + 1, 2c + 8, 2c + 9.
+// The XOR spreads each phase of those loads over all banks: 8 lanes of 16-byte loads for f16 and f32 (whose 32-byte
+// groups are read as two 16-byte halves), 16 lanes of 8-byte loads for int8 (whose XOR is even, so that the two
+// groups of one 16-byte copy stay together).
+template <typename T, int HD> __device__ __forceinline__ int k_slot(int r, int grp) {
+    if constexpr (sizeof(T) == 1) return grp ^ (HD == 128 ? (r & 3) << 2 : ((r >> 1) & 1) << 2);
+    else return grp ^ ((r & 1) << 2);
+}
+template <typename T, int HD> __device__ __forceinline__ int v_slot(int r, int grp) {
+    if constexpr (sizeof(T) == 1) return grp ^ (HD == 128 ? ((r >> 1) & 3) << 2 : ((r >> 1) & 1) << 2);
+    else return grp ^ (((r >> 1) & 3) << 1);
+}
+
+// One stage of a warp's ring: K rows, V rows (16 x HD values each), then for int8 the words holding each row's K
+// and V scale (16 + 16 u32) and a mask of which rows' scales sit in the upper half of their word.
+template <typename T, int HD> struct Stage {
+    static constexpr int ROW = HD * (int)sizeof(T);
+    static constexpr int BYTES = 2 * DA_TILE * ROW + (Group<T>::SCALED ? 2 * DA_TILE * 4 + 16 : 0);
+};
+
+template <typename T, int HD>
+__device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
+                               float* out, float* part, u32* arrived, const u32* row_ctx, const u32* row_table,
+                               const u32* tables, int kv_heads, int group, int block_size, size_t layer_off,
+                               float scale, int splits, int stages, int stage_bytes) {
+    using G8 = Group<T>;
+    constexpr int ROW = Stage<T, HD>::ROW, GROUPS = HD / 8, UNITS = ROW / 16, MT = HD / 16;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int heads = kv_heads * group;
+    const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    unsigned char* ring = smem + (size_t)warp * stages * stage_bytes;
+
+    // Q^T as B fragments, scaled: lane (g, c) holds head g's group 4 * pair + c; zeros for heads past the group.
+    u32 qb[HD / 32][4];
+#pragma unroll
+    for (int p = 0; p < HD / 32; p++) {
+        if (g < group) {
+            const float4* src = reinterpret_cast<const float4*>(q + ((size_t)r * heads + kvh * group + g) * HD +
+                                                               (4 * p + c) * 8);
+            const float4 a = src[0], b = src[1];
+            qb[p][0] = pack_half2(a.x * scale, a.y * scale);
+            qb[p][1] = pack_half2(a.z * scale, a.w * scale);
+            qb[p][2] = pack_half2(b.x * scale, b.y * scale);
+            qb[p][3] = pack_half2(b.z * scale, b.w * scale);
+        } else {
+            qb[p][0] = qb[p][1] = qb[p][2] = qb[p][3] = 0u;
+        }
+    }
+    float acc[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+    // Running max and (this lane's share of the) sum for heads 2c and 2c + 1.
+    float mx[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};
+
+    // This split's keys, in whole tiles (a split of a short context may have none).
+    const u32 ctx = row_ctx[r];
+    const u32 chunk = (max(64u, (ctx + splits - 1) / splits) + DA_TILE - 1) / DA_TILE * DA_TILE;
+    const u32 begin = min(ctx, split * chunk), end = min(ctx, begin + chunk);
+    const int tiles = (int)((end - begin + DA_TILE - 1) / DA_TILE);
+    const int mine = tiles > warp ? (tiles - warp + DA_WARPS - 1) / DA_WARPS : 0;
+    const u32* table = tables + row_table[r];
+
+    // Starts the copy of this warp's `j`-th tile into its stage: each lane finds one row's place in the cache, and
+    // the 16-byte units are dealt out with the rows' offsets passed by shuffle.
+    auto issue = [&](int j) {
+        unsigned char* st = ring + (j % stages) * stage_bytes;
+        const u32 t0 = begin + (u32)(warp + j * DA_WARPS) * DA_TILE;
+        const u32 t = t0 + (lane & (DA_TILE - 1));
+        const bool valid = t < end;
+        size_t off = 0;
+        if (valid) {
+            const u32 blk = table[t / block_size];
+            off = layer_off + (((size_t)blk * kv_heads + kvh) * block_size + t % block_size) * HD;
+        }
+        const u32 live = __ballot_sync(0xffffffffu, valid);
+#pragma unroll
+        for (int i = 0; i < UNITS; i++) {
+            const int u = lane + 32 * i, which = u / (DA_TILE * UNITS), w = u % (DA_TILE * UNITS);
+            const int row = w / UNITS, unit = w % UNITS;
+            const size_t o = __shfl_sync(0xffffffffu, (unsigned long long)off, row);
+            const unsigned char* src = reinterpret_cast<const unsigned char*>((which ? vc : kc) + o) + unit * 16;
+            int slot;
+            if constexpr (G8::BYTES >= 16) {
+                constexpr int PER = G8::BYTES / 16;  // 16-byte units per group
+                const int grp = unit / PER;
+                slot = (which ? v_slot<T, HD>(row, grp) : k_slot<T, HD>(row, grp)) * PER + unit % PER;
+            } else {
+                slot = (which ? v_slot<T, HD>(row, 2 * unit) : k_slot<T, HD>(row, 2 * unit)) / 2;
+            }
+            copy16(st + which * DA_TILE * ROW + row * ROW + slot * 16, src, (live >> row) & 1u);
+        }
+        if (G8::SCALED) {
+            const size_t vec = off / HD;
+            const __half* sc = lane < DA_TILE ? ksc : vsc;
+            copy4(st + 2 * DA_TILE * ROW + lane * 4, sc + (vec & ~(size_t)1), valid);
+            const u32 upper = __ballot_sync(0xffffffffu, valid && (vec & 1));
+            if (lane == 0) *reinterpret_cast<u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4) = upper;
+        }
+    };
+    // A staged row's scale (int8): K rows are words 0-15, V rows 16-31.
+    auto row_scale = [&](const unsigned char* st, int word, int row) -> float {
+        const u32 w = reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW)[word];
+        const u32 upper = *reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4);
+        return __half2float(__ushort_as_half((unsigned short)(((upper >> row) & 1u) ? w >> 16 : w & 0xffffu)));
+    };
+
+    for (int j = 0; j < stages - 1; j++) {
+        if (j < mine) issue(j);
+        copy_commit();
+    }
+    for (int j = 0; j < mine; j++) {
+        if (j + stages - 1 < mine) issue(j + stages - 1);
+        copy_commit();
+        copy_wait(stages - 1);
+        __syncwarp();
+        const unsigned char* st = ring + (j % stages) * stage_bytes;
+        const unsigned char* ks = st;
+        const unsigned char* vs = st + DA_TILE * ROW;
+        const u32 t0 = begin + (u32)(warp + j * DA_WARPS) * DA_TILE;
+
+        // Scores: rows g and g + 8 of the tile, heads 2c and 2c + 1.
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int p = 0; p < HD / 32; p++) {
+            const int grp = 4 * p + c;
+            u32 x[4], y[4];
+            const int sx = k_slot<T, HD>(g, grp), sy = k_slot<T, HD>(g + 8, grp);
+            G8::load(ks + g * ROW + sx * G8::BYTES, x);
+            G8::load(ks + (g + 8) * ROW + sy * G8::BYTES, y);
+            mma_16816(s, x[0], y[0], x[1], y[1], qb[p][0], qb[p][1]);
+            mma_16816(s, x[2], y[2], x[3], y[3], qb[p][2], qb[p][3]);
+        }
+        if (G8::SCALED) {
+            const float s0 = row_scale(st, g, g), s1 = row_scale(st, g + 8, g + 8);
+            s[0] *= s0; s[1] *= s0; s[2] *= s1; s[3] *= s1;
+        }
+        if (t0 + g >= end) s[0] = s[1] = NEG_INF;
+        if (t0 + g + 8 >= end) s[2] = s[3] = NEG_INF;
+
+        // Online softmax per head (the 8 lanes sharing c hold one head pair's 16 keys).
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            float m = fmaxf(s[e], s[e + 2]);
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+            const float nm = fmaxf(mx[e], m);
+            const float corr = nm == NEG_INF ? 1.f : __expf(mx[e] - nm);
+            p[e] = nm == NEG_INF ? 0.f : __expf(s[e] - nm);
+            p[e + 2] = nm == NEG_INF ? 0.f : __expf(s[e + 2] - nm);
+            sum[e] = sum[e] * corr + p[e] + p[e + 2];
+            mx[e] = nm;
+#pragma unroll
+            for (int m2 = 0; m2 < MT; m2++) {
+                acc[m2][e] *= corr;
+                acc[m2][e + 2] *= corr;
+            }
+        }
+        // P^T as B fragments (int8: each key's value scale folded into its probabilities).
+        float v0 = 1.f, v1 = 1.f;
+        if (G8::SCALED) {
+            v0 = row_scale(st, DA_TILE + g, g);
+            v1 = row_scale(st, DA_TILE + g + 8, g + 8);
+        }
+        const u32 pb0 = transpose_8x8(pack_half2(p[0] * v0, p[1] * v0));
+        const u32 pb1 = transpose_8x8(pack_half2(p[2] * v1, p[3] * v1));
+        // Values: lane (g, c) takes groups 8q + g of rows 2c, 2c + 1, 2c + 8, 2c + 9; the m-tile 4q + w covers
+        // dimension pair w of those groups (rows g and g + 8 of the m-tile are its two dimensions).
+#pragma unroll
+        for (int qg = 0; qg < GROUPS / 8; qg++) {
+            const int grp = 8 * qg + g;
+            u32 a[4], b[4], d[4], e[4];
+            const int r0 = 2 * c, r1 = 2 * c + 1, r2 = 2 * c + 8, r3 = 2 * c + 9;
+            G8::load(vs + r0 * ROW + v_slot<T, HD>(r0, grp) * G8::BYTES, a);
+            G8::load(vs + r1 * ROW + v_slot<T, HD>(r1, grp) * G8::BYTES, b);
+            G8::load(vs + r2 * ROW + v_slot<T, HD>(r2, grp) * G8::BYTES, d);
+            G8::load(vs + r3 * ROW + v_slot<T, HD>(r3, grp) * G8::BYTES, e);
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                mma_16816(acc[4 * qg + w], __byte_perm(a[w], b[w], 0x5410), __byte_perm(a[w], b[w], 0x7632),
+                          __byte_perm(d[w], e[w], 0x5410), __byte_perm(d[w], e[w], 0x7632), pb0, pb1);
+            }
+        }
+        __syncwarp();
+    }
+    asm volatile("cp.async.wait_all;\n" ::);
+
+    // The warp's per-head state into its (now idle) ring: sums reduced over the lanes of each head pair, output at
+    // [head][dim] through the value mapping (m-tile 4q + w, row g: dimension 8 * (8q + g) + 2w; row g + 8: + 1).
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 4);
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 8);
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 16);
+    }
+    __syncwarp();
+    float* wo = reinterpret_cast<float*>(ring);  // [8 heads][HD], then max[8], sum[8]
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        const int d = 8 * (8 * (m / 4) + g) + 2 * (m % 4);
+        wo[(2 * c) * HD + d] = acc[m][0];
+        wo[(2 * c + 1) * HD + d] = acc[m][1];
+        wo[(2 * c) * HD + d + 1] = acc[m][2];
+        wo[(2 * c + 1) * HD + d + 1] = acc[m][3];
+    }
+    if (g == 0) {
+        wo[8 * HD + 2 * c] = mx[0];
+        wo[8 * HD + 2 * c + 1] = mx[1];
+        wo[8 * HD + 8 + 2 * c] = sum[0];
+        wo[8 * HD + 8 + 2 * c + 1] = sum[1];
+    }
+    __syncthreads();
+
+    // Merge the warps: thread per (head, dim).
+    const size_t region = (size_t)stages * stage_bytes / 4;  // floats per warp
+    const float* all = reinterpret_cast<const float*>(smem);
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int h = i / HD, d = i % HD;
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; w++) mm = fmaxf(mm, all[w * region + 8 * HD + h]);
+        float v = 0.f, ll = 0.f;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; w++) {
+            const float* ws = all + w * region;
+            const float mw = ws[8 * HD + h];
+            if (mw == NEG_INF) continue;
+            const float f = __expf(mw - mm);
+            v += ws[h * HD + d] * f;
+            ll += ws[8 * HD + 8 + h] * f;
+        }
+        const int head = kvh * group + h;
+        if (splits == 1) {
+            out[((size_t)r * heads + head) * HD + d] = ll > 0.f ? v / ll : 0.f;
+        } else {
+            float* pp = part + (((size_t)r * heads + head) * splits + split) * (HD + 2);
+            pp[d] = v;
+            if (d == 0) {
+                pp[HD] = mm;
+                pp[HD + 1] = ll;
+            }
+        }
+    }
+    if (splits == 1) return;
+
+    // The last split block of this (row, KV head) merges every split's part.
+    __shared__ u32 ticket;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(&arrived[r * kv_heads + kvh], 1);
+    __syncthreads();
+    if (ticket != (u32)splits - 1) return;
+    __threadfence();
+    // Each split's weight per head, exp(max_split - max) (its sum folded into the total), into shared memory.
+    float* wt = reinterpret_cast<float*>(smem);  // [group][splits], then the total per head
+    float* total = wt + group * splits;
+    for (int i = threadIdx.x; i < group * splits; i += blockDim.x) {
+        const int h = i / splits, sp = i % splits;
+        wt[i] = __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD);
+    }
+    __syncthreads();
+    for (int h = warp; h < group; h += DA_WARPS) {
+        float mm = NEG_INF;
+        for (int sp = lane; sp < splits; sp += 32) mm = fmaxf(mm, wt[h * splits + sp]);
+        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+        float ll = 0.f;
+        for (int sp = lane; sp < splits; sp += 32) {
+            const float ms = wt[h * splits + sp];
+            const float f = ms == NEG_INF ? 0.f : __expf(ms - mm);
+            ll += f * __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD + 1);
+            wt[h * splits + sp] = f;
+        }
+        for (int o = 16; o > 0; o >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, o);
+        if (lane == 0) total[h] = ll;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int h = i / HD, d = i % HD, head = kvh * group + h;
+        const float* pp = part + ((size_t)r * heads + head) * splits * (HD + 2) + d;
+        const float* f = wt + h * splits;
+        float v0 = 0.f, v1 = 0.f;
+        int sp = 0;
+        for (; sp + 1 < splits; sp += 2) {
+            v0 += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
+            v1 += f[sp + 1] * __ldcg(pp + (size_t)(sp + 1) * (HD + 2));
+        }
+        if (sp < splits) v0 += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
+        out[((size_t)r * heads + head) * HD + d] = total[h] > 0.f ? (v0 + v1) / total[h] : 0.f;
+    }
+    if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
+}
+
+#define ATTENTION(T, TN, HD)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 2) attention_##TN##_h##HD(                         \
+        const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out, float* part, \
+        u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int group,      \
+        int block_size, size_t layer_off, float scale, int splits, int stages, int stage_bytes) {               \
+        attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, part, arrived, row_ctx, row_table, tables, kv_heads,    \
+                              group, block_size, layer_off, scale, splits, stages, stage_bytes);                \
+    }
+ATTENTION(float, f32, 64)
+ATTENTION(float, f32, 128)
+ATTENTION(__half, f16, 64)
+ATTENTION(__half, f16, 128)
+ATTENTION(i8, i8, 64)
+ATTENTION(i8, i8, 128)
