@@ -16,10 +16,11 @@ const FORMATS: [(KvFormat, &str); 3] = [
     (KvFormat::Int8, "i8"),
 ];
 
-/// `kernels.cu`, then the decode attention kernels (which use its typedefs).
+/// `kernels.cu`, then the attention kernels (decode first: prefill uses its helpers).
 const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
-    include_str!("decode_attention.cu")
+    include_str!("decode_attention.cu"),
+    include_str!("prefill_attention.cu")
 );
 
 /// Every kernel of [`SOURCE`], loaded.
@@ -57,13 +58,10 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// Query rows per prefill attention tile (`PF_BQ` in the kernels).
 pub const PREFILL_TILE_ROWS: usize = 64;
 
-/// Dynamic shared memory of one prefill attention block (its layout in `prefill_attention_impl`, rows padded):
-/// Q, K and V tiles in f16, a 64 x 64 score tile in f32 and its probabilities in f16, the output rows in f32, and a
-/// running max and sum per row.
+/// Dynamic shared memory of one prefill attention block: two buffers of a 64-key K tile and V tile in f16, rows
+/// padded by 8 halves (`prefill_attention_impl`).
 pub fn prefill_shared_bytes(head_dim: usize) -> usize {
-    let (bq, bk) = (PREFILL_TILE_ROWS, 64);
-    let (lq, ls, lp, lo) = (head_dim + 8, bk + 4, bk + 8, head_dim + 4);
-    2 * (bq + 2 * bk) * lq + 4 * bq * ls + 2 * bq * lp + 4 * bq * lo + 8 * bq
+    2 * 2 * 64 * (head_dim + 8) * 2
 }
 
 /// Warps per decode attention block (`DA_WARPS` in the kernels).

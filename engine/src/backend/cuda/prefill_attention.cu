@@ -1,0 +1,278 @@
+// Prefill attention in the flash-attention style on tensor cores, with every intermediate in registers (appended
+// after decode_attention.cu, whose mma and copy helpers it uses).
+//
+// Grid (tile, head): a tile is up to 64 consecutive query rows of one sequence (rows tile_row0[t] .. + tile_rows[t]);
+// each of the four warps owns 16 of them and holds their Q (scaled, f16) as mma A fragments for the whole kernel.
+// Keys and values come in 64-key tiles, staged in shared memory as f16, double-buffered: an f16 cache is copied as
+// it lies by cp.async, the next tile's copies in flight while this tile's products run; other formats go through
+// registers and are converted after the products (holding them across would not fit in the registers). Per tile a warp computes its 16 x 64 scores (mma m16n8k16, K fragments by ldmatrix), applies the
+// causal mask (row r sees row_ctx[r] keys) and an online softmax on the accumulators (a row's values live in the
+// four lanes of a quad), reuses the score accumulators directly as the A fragments of P (the m16n8 accumulator
+// layout of two adjacent key blocks is the m16k16 operand layout), and adds P V (V fragments by ldmatrix.trans).
+// Shared-memory rows are padded by 16 bytes so that the eight rows of every ldmatrix fall on different banks.
+#define PF_BQ 64
+#define PF_BK 64
+
+// Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, or 8 of int8 and the scale) from
+// the prefetch until they are stored, so that the loads in flight cost few registers; `eight_halves` converts.
+template <typename T> struct Raw8;
+template <> struct Raw8<__half> { uint4 v; };
+template <> struct Raw8<float> { float4 a, b; };
+template <> struct Raw8<i8> { uint2 v; float s; };
+// `sc`/`vec`: the cache's scales and the vector's index (int8 only).
+__device__ __forceinline__ void fetch_raw(const __half* p, const __half*, size_t, Raw8<__half>& r) {
+    r.v = *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ void fetch_raw(const float* p, const __half*, size_t, Raw8<float>& r) {
+    r.a = reinterpret_cast<const float4*>(p)[0];
+    r.b = reinterpret_cast<const float4*>(p)[1];
+}
+__device__ __forceinline__ void fetch_raw(const i8* p, const __half* sc, size_t vec, Raw8<i8>& r) {
+    r.v = *reinterpret_cast<const uint2*>(p);
+    r.s = __half2float(sc[vec]);
+}
+__device__ __forceinline__ void zero_raw(Raw8<__half>& r) { r.v = make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
+__device__ __forceinline__ void zero_raw(Raw8<i8>& r) {
+    r.v = make_uint2(0, 0);
+    r.s = 0.f;
+}
+__device__ __forceinline__ uint4 eight_halves(const Raw8<__half>& r) { return r.v; }
+__device__ __forceinline__ uint4 eight_halves(const Raw8<float>& r) {
+    return make_uint4(pack_half2(r.a.x, r.a.y), pack_half2(r.a.z, r.a.w), pack_half2(r.b.x, r.b.y),
+                      pack_half2(r.b.z, r.b.w));
+}
+__device__ __forceinline__ uint4 eight_halves(const Raw8<i8>& r) {
+    const i8* b = reinterpret_cast<const i8*>(&r.v);
+    return make_uint4(pack_half2(b[0] * r.s, b[1] * r.s), pack_half2(b[2] * r.s, b[3] * r.s),
+                      pack_half2(b[4] * r.s, b[5] * r.s), pack_half2(b[6] * r.s, b[7] * r.s));
+}
+
+// Four 8 x 8 f16 matrices from shared memory, one row address per lane (lanes 8i .. 8i + 7: matrix i), as the
+// fragments of mma operands; `trans` transposes each.
+__device__ __forceinline__ void ldmatrix_x4(const __half* row, u32& r0, u32& r1, u32& r2, u32& r3) {
+    const u32 s = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(const __half* row, u32& r0, u32& r1, u32& r2, u32& r3) {
+    const u32 s = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+
+template <typename T, int HD>
+__device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
+                                       float* out, __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows,
+                                       const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,
+                                       int group, int block_size, size_t layer_off, float scale) {
+    constexpr int LD = HD + 8;             // staged row length, halves
+    constexpr int CH = PF_BK * HD / 8 / 128;  // 16-byte pieces of K (and of V) per thread per tile
+    constexpr bool ASYNC = sizeof(T) == 2;  // an f16 cache is copied as it lies
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* stage = reinterpret_cast<__half*>(smem);  // [2 buffers][K, V][PF_BK][LD]
+    // Later tiles of a sequence see more keys: they start first, and the short ones fill in behind them.
+    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, kvh = h / group, heads = kv_heads * group;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const u32 r0 = tile_row0[tile], nr = tile_rows[tile];
+    const u32* table = tables + row_table[r0];
+    const u32 ctx_last = row_ctx[r0 + nr - 1];
+
+    // This warp's rows g and g + 8 (of its 16): Q as A fragments, and how many keys each sees.
+    const int ra = warp * 16 + g, rb = ra + 8;
+    const u32 ctx_a = ra < (int)nr ? row_ctx[r0 + ra] : 0, ctx_b = rb < (int)nr ? row_ctx[r0 + rb] : 0;
+    u32 qa[HD / 16][4];
+    {
+        const float* qra = q + ((size_t)(r0 + min(ra, (int)nr - 1)) * heads + h) * HD;
+        const float* qrb = q + ((size_t)(r0 + min(rb, (int)nr - 1)) * heads + h) * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const float2 x0 = *reinterpret_cast<const float2*>(qra + kk * 16 + 2 * c);
+            const float2 x1 = *reinterpret_cast<const float2*>(qrb + kk * 16 + 2 * c);
+            const float2 x2 = *reinterpret_cast<const float2*>(qra + kk * 16 + 8 + 2 * c);
+            const float2 x3 = *reinterpret_cast<const float2*>(qrb + kk * 16 + 8 + 2 * c);
+            qa[kk][0] = pack_half2(x0.x * scale, x0.y * scale);
+            qa[kk][1] = pack_half2(x1.x * scale, x1.y * scale);
+            qa[kk][2] = pack_half2(x2.x * scale, x2.y * scale);
+            qa[kk][3] = pack_half2(x3.x * scale, x3.y * scale);
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float mx[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};  // rows g and g + 8
+
+    // Staging: piece i of a tile is key i / (HD / 8), dimensions 8 * (i % (HD / 8)) ...; thread t takes pieces
+    // t, t + 128, ... Through registers (not f16), BATCH pieces of K and of V at a time: f32's would not all fit.
+    constexpr int BATCH = ASYNC ? 1 : sizeof(T) == 4 ? 2 : CH;
+    Raw8<T> pk[BATCH], pv[BATCH];
+    auto piece = [&](int i, u32 k0, size_t& base) {
+        const u32 t = k0 + i / (HD / 8);
+        if (t >= ctx_last) return false;
+        const u32 blk = table[t / block_size];
+        base = layer_off + (((size_t)blk * kv_heads + kvh) * block_size + t % block_size) * HD + (i % (HD / 8)) * 8;
+        return true;
+    };
+    // Loads the tile at k0 into buffer `buf`: an f16 cache starts its copies (finished by `land`); other formats
+    // are loaded, converted and stored here.
+    auto fetch = [&](u32 k0, int buf) {
+        __half* ks = stage + (size_t)buf * 2 * PF_BK * LD;
+        if constexpr (ASYNC) {
+#pragma unroll
+            for (int j = 0; j < CH; j++) {
+                const int i = threadIdx.x + j * 128, at = (i / (HD / 8)) * LD + (i % (HD / 8)) * 8;
+                size_t base = 0;
+                const bool ok = piece(i, k0, base);
+                copy16(ks + at, kc + base, ok);
+                copy16(ks + PF_BK * LD + at, vc + base, ok);
+            }
+            copy_commit();
+        } else {
+#pragma unroll
+            for (int j0 = 0; j0 < CH; j0 += BATCH) {
+#pragma unroll
+                for (int j = 0; j < BATCH; j++) {
+                    size_t base = 0;
+                    if (piece(threadIdx.x + (j0 + j) * 128, k0, base)) {
+                        fetch_raw(kc + base, ksc, base / HD, pk[j]);
+                        fetch_raw(vc + base, vsc, base / HD, pv[j]);
+                    } else {
+                        zero_raw(pk[j]);
+                        zero_raw(pv[j]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < BATCH; j++) {
+                    const int i = threadIdx.x + (j0 + j) * 128, at = (i / (HD / 8)) * LD + (i % (HD / 8)) * 8;
+                    *reinterpret_cast<uint4*>(ks + at) = eight_halves(pk[j]);
+                    *reinterpret_cast<uint4*>(ks + PF_BK * LD + at) = eight_halves(pv[j]);
+                }
+            }
+        }
+    };
+    // Waits for an f16 tile's copies.
+    auto land = [&]() {
+        if constexpr (ASYNC) asm volatile("cp.async.wait_all;\n" ::);
+    };
+
+    fetch(0, 0);
+    land();
+    __syncthreads();
+    int buf = 0;
+    for (u32 k0 = 0; k0 < ctx_last; k0 += PF_BK, buf ^= 1) {
+        const bool more = k0 + PF_BK < ctx_last;
+        if (ASYNC && more) fetch(k0 + PF_BK, buf ^ 1);
+        const __half* ks = stage + (size_t)buf * 2 * PF_BK * LD;
+        const __half* vs = ks + PF_BK * LD;
+
+        // Scores: s[j] holds keys 8j + 2c, + 1 of rows g (0, 1) and g + 8 (2, 3).
+        float s[PF_BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < PF_BK / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int j = 0; j < PF_BK / 8; j++) {
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk += 2) {
+                // Matrices: keys 8j .. 8j + 7 at dimensions 16kk + 0/8, 16(kk + 1) + 0/8.
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4(ks + (8 * j + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8, b0, b1, b2, b3);
+                mma_16816(s[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+                mma_16816(s[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b2, b3);
+            }
+        }
+        // Causal mask and online softmax; a row's 64 scores lie in the 4 lanes of its quad.
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const u32 ctx = e ? ctx_b : ctx_a;
+            float m = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < PF_BK / 8; j++) {
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    if (k0 + 8 * j + 2 * c + x >= ctx) s[j][2 * e + x] = NEG_INF;
+                    m = fmaxf(m, s[j][2 * e + x]);
+                }
+            }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            const float nm = fmaxf(mx[e], m);
+            const float corr = nm == NEG_INF ? 1.f : __expf(mx[e] - nm);
+            float add = 0.f;
+#pragma unroll
+            for (int j = 0; j < PF_BK / 8; j++) {
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    const float p = nm == NEG_INF ? 0.f : __expf(s[j][2 * e + x] - nm);
+                    s[j][2 * e + x] = p;
+                    add += p;
+                }
+            }
+            sum[e] = sum[e] * corr + add;
+            mx[e] = nm;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                o[n][2 * e] *= corr;
+                o[n][2 * e + 1] *= corr;
+            }
+        }
+        // O += P V: keys 16kk .. 16kk + 15 are score blocks 2kk and 2kk + 1.
+#pragma unroll
+        for (int kk = 0; kk < PF_BK / 16; kk++) {
+            const u32 a0 = pack_half2(s[2 * kk][0], s[2 * kk][1]), a1 = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+            const u32 a2 = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            const u32 a3 = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int n = 0; n < HD / 8; n += 2) {
+                // Matrices (transposed): keys 16kk + 0/8 .. + 7 at dimensions 8n .. 8n + 7, then 8(n + 1) ...
+                u32 b0, b1, b2, b3;
+                const int m = lane >> 3;
+                ldmatrix_x4_trans(vs + (16 * kk + (m & 1) * 8 + (lane & 7)) * LD + (n + (m >> 1)) * 8, b0, b1, b2,
+                                  b3);
+                mma_16816(o[n], a0, a1, a2, a3, b0, b1);
+                mma_16816(o[n + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        if (more) {
+            if (!ASYNC) fetch(k0 + PF_BK, buf ^ 1);
+            land();
+        }
+        __syncthreads();
+    }
+
+    // Each row's sum over its quad, then out = O / sum (and the bf16 copy a GEMM reads).
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 1);
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 2);
+    }
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        const int r = e ? rb : ra;
+        if (r >= (int)nr) continue;
+        const float inv = sum[e] > 0.f ? 1.f / sum[e] : 0.f;
+        const size_t at = ((size_t)(r0 + r) * heads + h) * HD + 2 * c;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            const float2 v = make_float2(o[n][2 * e] * inv, o[n][2 * e + 1] * inv);
+            *reinterpret_cast<float2*>(out + at + 8 * n) = v;
+            if (ob) *reinterpret_cast<__nv_bfloat162*>(ob + at + 8 * n) = __floats2bfloat162_rn(v.x, v.y);
+        }
+    }
+}
+
+#define PREFILL_ATTENTION(T, TN, HD)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) prefill_attention_##TN##_h##HD(                            \
+        const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out,             \
+        __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows, const u32* row_ctx, const u32* row_table, \
+        const u32* tables, int kv_heads, int group, int block_size, size_t layer_off, float scale) {            \
+        prefill_attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, ob, tile_row0, tile_rows, row_ctx, row_table,   \
+                                      tables, kv_heads, group, block_size, layer_off, scale);                   \
+    }
+PREFILL_ATTENTION(float, f32, 64)
+PREFILL_ATTENTION(float, f32, 128)
+PREFILL_ATTENTION(__half, f16, 64)
+PREFILL_ATTENTION(__half, f16, 128)
+PREFILL_ATTENTION(i8, i8, 64)
+PREFILL_ATTENTION(i8, i8, 128)
