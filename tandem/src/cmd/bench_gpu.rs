@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use std::time::Instant;
 use tandem_engine::backend::Backend;
 use tandem_engine::backend::cpu::CpuBackend;
-use tandem_engine::backend::cuda::{CudaBackend, ceilings, check_kernels};
+use tandem_engine::backend::cuda::{CudaBackend, ceilings, check_kernels, gemv_read_rate};
 use tandem_engine::engine::SeqId;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
@@ -122,6 +122,27 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
     );
     let src = ModelSource::Dummy(weights);
     let cfg = src.config()?;
+    // The batch-1 step is mostly these four products: how close each gets to the copy ceiling alone.
+    let (q_dim, kv_dim) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+    let mut rates = Vec::new();
+    for (name, rows, cols, swiglu) in [
+        ("qkv", q_dim + 2 * kv_dim, cfg.hidden, false),
+        ("out", cfg.hidden, q_dim, false),
+        ("gate+up", cfg.ffn, cfg.hidden, true),
+        ("down", cfg.hidden, cfg.ffn, false),
+    ] {
+        let r = gemv_read_rate(&gpu, rows, cols, swiglu).context("timing the GEMV")?;
+        rates.push(format!(
+            "{name} {rows}x{cols}{} {:.0} GB/s ({:.0}%)",
+            if swiglu { " x2" } else { "" },
+            r / 1e9,
+            100.0 * r / c.copy_bytes_per_s
+        ));
+    }
+    println!(
+        "batch-1 GEMV read rate (of the copy ceiling): {}",
+        rates.join(", ")
+    );
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let bs = 16;
     let per_seq = (a.context + 64).div_ceil(bs);

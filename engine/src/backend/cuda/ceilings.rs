@@ -73,3 +73,46 @@ pub fn ceilings(b: &CudaBackend) -> Result<Ceilings> {
         gemm_flops_per_s,
     })
 }
+
+/// Bytes per second the small-batch GEMV reads from a `rows x cols` bf16 weight at one input row (a gate/up pair
+/// of that shape through the fused SwiGLU kernel when `swiglu`): the median of 11 timings of 24 back-to-back
+/// launches each, after a warm-up. The launches cycle through copies of the weight totalling at least 256 MB, so
+/// that none is still in the L2 cache (50 MB on an H200) when read again. Set against the copy ceiling it shows what
+/// the batch-1 decode step can reach.
+pub fn gemv_read_rate(b: &CudaBackend, rows: usize, cols: usize, swiglu: bool) -> Result<f64> {
+    let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("timing the GEMV: {e}"));
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5)
+        .collect();
+    let bytes = rows * cols * 2 * if swiglu { 2 } else { 1 };
+    let copies = (256usize << 20).div_ceil(bytes).max(2);
+    let weights: Vec<_> = (0..copies * 2)
+        .map(|_| b.matrix(rows, cols, &values))
+        .collect::<Option<_>>()
+        .ok_or_else(|| EngineError::Device("uploading the GEMV weights".into()))?;
+    let x = b.tensor(1, cols, &values[..cols]);
+    let (mut o1, mut o2) = (
+        b.tensor(1, rows, &values[..rows]),
+        b.tensor(1, rows, &values[..rows]),
+    );
+    const LAUNCHES: usize = 24;
+    let mut times = Vec::new();
+    for i in 0..12 {
+        b.stream.synchronize().map_err(dev)?;
+        let t = Instant::now();
+        for l in 0..LAUNCHES {
+            let (w, w2) = (&weights[2 * (l % copies)], &weights[2 * (l % copies) + 1]);
+            if swiglu {
+                b.swiglu_rows(&x, w, w2, &mut o1, &mut o2);
+            } else {
+                b.matmul_rows(&x, &mut [(w, &mut o1)]);
+            }
+        }
+        b.stream.synchronize().map_err(dev)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() / LAUNCHES as f64);
+        }
+    }
+    crate::backend::Backend::check(b)?;
+    Ok(bytes as f64 / median(times))
+}

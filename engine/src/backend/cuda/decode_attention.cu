@@ -165,57 +165,64 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     const int mine = tiles > warp ? (tiles - warp + DA_WARPS - 1) / DA_WARPS : 0;
     const u32* table = tables + row_table[r];
 
-    // Starts the copy of this warp's `j`-th tile into its stage: each lane finds one row's place in the cache, and
-    // the 16-byte units are dealt out with the rows' offsets passed by shuffle.
-    auto issue = [&](int j) {
+    // Lane l's key in this warp's `j`-th tile (its row l % 16), and that key's cache block: read one tile ahead of
+    // its copy, so that the warp never waits on the block table.
+    auto key_of = [&](int j) { return begin + (u32)(warp + j * DA_WARPS) * DA_TILE + (lane & (DA_TILE - 1)); };
+    auto block_of = [&](int j) -> u32 {
+        const u32 t = key_of(j);
+        return j < mine && t < end ? table[t / block_size] : 0u;
+    };
+    // Starts the copy of this warp's `j`-th tile (whose keys lie in cache block `blk`) into its stage: each lane
+    // finds one row's place in the cache, and the 16-byte units are dealt out with the rows' offsets by shuffle.
+    auto issue = [&](int j, u32 blk) {
         unsigned char* st = ring + (j % stages) * stage_bytes;
-        const u32 t0 = begin + (u32)(warp + j * DA_WARPS) * DA_TILE;
-        const u32 t = t0 + (lane & (DA_TILE - 1));
+        const u32 t = key_of(j);
         const bool valid = t < end;
-        size_t off = 0;
-        if (valid) {
-            const u32 blk = table[t / block_size];
-            off = layer_off + (((size_t)blk * kv_heads + kvh) * block_size + t % block_size) * HD;
-        }
+        // The row's vector index within the layer (its offset / HD), passed around in 32 bits.
+        const u32 vec = valid ? ((u32)blk * kv_heads + kvh) * block_size + t % block_size : 0u;
         const u32 live = __ballot_sync(0xffffffffu, valid);
+        // K and V units of a row lie alike (only the swizzle differs): one shuffle serves both copies.
 #pragma unroll
-        for (int i = 0; i < UNITS; i++) {
-            const int u = lane + 32 * i, which = u / (DA_TILE * UNITS), w = u % (DA_TILE * UNITS);
-            const int row = w / UNITS, unit = w % UNITS;
-            const size_t o = __shfl_sync(0xffffffffu, (unsigned long long)off, row);
-            const unsigned char* src = reinterpret_cast<const unsigned char*>((which ? vc : kc) + o) + unit * 16;
-            int slot;
-            if constexpr (G8::BYTES >= 16) {
-                constexpr int PER = G8::BYTES / 16;  // 16-byte units per group
-                const int grp = unit / PER;
-                slot = (which ? v_slot<T, HD>(row, grp) : k_slot<T, HD>(row, grp)) * PER + unit % PER;
-            } else {
-                slot = (which ? v_slot<T, HD>(row, 2 * unit) : k_slot<T, HD>(row, 2 * unit)) / 2;
+        for (int i = 0; i < UNITS / 2; i++) {
+            const int u = lane + 32 * i, row = u / UNITS, unit = u % UNITS;
+            const size_t o = layer_off + (size_t)__shfl_sync(0xffffffffu, vec, row) * HD;
+            const bool ok = (live >> row) & 1u;
+#pragma unroll
+            for (int which = 0; which < 2; which++) {
+                const unsigned char* src = reinterpret_cast<const unsigned char*>((which ? vc : kc) + o) + unit * 16;
+                int slot;
+                if constexpr (G8::BYTES >= 16) {
+                    constexpr int PER = G8::BYTES / 16;  // 16-byte units per group
+                    const int grp = unit / PER;
+                    slot = (which ? v_slot<T, HD>(row, grp) : k_slot<T, HD>(row, grp)) * PER + unit % PER;
+                } else {
+                    slot = (which ? v_slot<T, HD>(row, 2 * unit) : k_slot<T, HD>(row, 2 * unit)) / 2;
+                }
+                copy16(st + which * DA_TILE * ROW + row * ROW + slot * 16, src, ok);
             }
-            copy16(st + which * DA_TILE * ROW + row * ROW + slot * 16, src, (live >> row) & 1u);
         }
         if (G8::SCALED) {
-            const size_t vec = off / HD;
-            const __half* sc = lane < DA_TILE ? ksc : vsc;
-            copy4(st + 2 * DA_TILE * ROW + lane * 4, sc + (vec & ~(size_t)1), valid);
-            const u32 upper = __ballot_sync(0xffffffffu, valid && (vec & 1));
+            const size_t sv = layer_off / HD + vec;  // the scale's index in the whole store
+            copy4(st + 2 * DA_TILE * ROW + lane * 4, (lane < DA_TILE ? ksc : vsc) + (sv & ~(size_t)1), valid);
+            const u32 upper = __ballot_sync(0xffffffffu, valid && (sv & 1));
             if (lane == 0) *reinterpret_cast<u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4) = upper;
         }
     };
-    // A staged row's scale (int8): K rows are words 0-15, V rows 16-31.
-    auto row_scale = [&](const unsigned char* st, int word, int row) -> float {
+    // A staged row's scale (int8): K rows are words 0-15, V rows 16-31; `upper`: the tile's mask word.
+    auto row_scale = [&](const unsigned char* st, u32 upper, int word, int row) -> float {
         const u32 w = reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW)[word];
-        const u32 upper = *reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4);
         return __half2float(__ushort_as_half((unsigned short)(((upper >> row) & 1u) ? w >> 16 : w & 0xffffu)));
     };
 
     for (int j = 0; j < stages - 1; j++) {
-        if (j < mine) issue(j);
+        if (j < mine) issue(j, block_of(j));
         copy_commit();
     }
+    u32 next_blk = block_of(stages - 1);
     for (int j = 0; j < mine; j++) {
-        if (j + stages - 1 < mine) issue(j + stages - 1);
+        if (j + stages - 1 < mine) issue(j + stages - 1, next_blk);
         copy_commit();
+        next_blk = block_of(j + stages);
         copy_wait(stages - 1);
         __syncwarp();
         const unsigned char* st = ring + (j % stages) * stage_bytes;
@@ -235,8 +242,9 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             mma_16816(s, x[0], y[0], x[1], y[1], qb[p][0], qb[p][1]);
             mma_16816(s, x[2], y[2], x[3], y[3], qb[p][2], qb[p][3]);
         }
+        const u32 upper = G8::SCALED ? *reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4) : 0u;
         if (G8::SCALED) {
-            const float s0 = row_scale(st, g, g), s1 = row_scale(st, g + 8, g + 8);
+            const float s0 = row_scale(st, upper, g, g), s1 = row_scale(st, upper, g + 8, g + 8);
             s[0] *= s0; s[1] *= s0; s[2] *= s1; s[3] *= s1;
         }
         if (t0 + g >= end) s[0] = s[1] = NEG_INF;
@@ -265,8 +273,8 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         // P^T as B fragments (int8: each key's value scale folded into its probabilities).
         float v0 = 1.f, v1 = 1.f;
         if (G8::SCALED) {
-            v0 = row_scale(st, DA_TILE + g, g);
-            v1 = row_scale(st, DA_TILE + g + 8, g + 8);
+            v0 = row_scale(st, upper, DA_TILE + g, g);
+            v1 = row_scale(st, upper, DA_TILE + g + 8, g + 8);
         }
         const u32 pb0 = transpose_8x8(pack_half2(p[0] * v0, p[1] * v0));
         const u32 pb1 = transpose_8x8(pack_half2(p[2] * v1, p[3] * v1));
@@ -384,14 +392,17 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         const int h = i / HD, d = i % HD, head = kvh * group + h;
         const float* pp = part + ((size_t)r * heads + head) * splits * (HD + 2) + d;
         const float* f = wt + h * splits;
-        float v0 = 0.f, v1 = 0.f;
+        // Eight splits' loads in flight at a time: this loop runs once per (row, KV head) at the end of the launch,
+        // and its L2 latency is the tail of the whole kernel.
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         int sp = 0;
-        for (; sp + 1 < splits; sp += 2) {
-            v0 += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
-            v1 += f[sp + 1] * __ldcg(pp + (size_t)(sp + 1) * (HD + 2));
+        for (; sp + 7 < splits; sp += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] += f[sp + u] * __ldcg(pp + (size_t)(sp + u) * (HD + 2));
         }
-        if (sp < splits) v0 += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
-        out[((size_t)r * heads + head) * HD + d] = total[h] > 0.f ? (v0 + v1) / total[h] : 0.f;
+        for (; sp < splits; sp++) v[0] += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
+        const float sum8 = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        out[((size_t)r * heads + head) * HD + d] = total[h] > 0.f ? sum8 / total[h] : 0.f;
     }
     if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
 }

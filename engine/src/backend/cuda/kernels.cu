@@ -316,9 +316,16 @@ __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    // Four 16-byte loads in flight per lane, then the remainder one at a time.
+    // Eight 16-byte loads in flight per lane, then four, then the remainder one at a time.
     const int n8 = k / 8;
     int c = lane;
+    for (; c + 224 < n8; c += 256) {
+        uint4 packed[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) packed[u] = wr[c + 32 * u];
+#pragma unroll
+        for (int u = 0; u < 8; u++) gemv_step<R>(packed[u], x, k, c + 32 * u, acc);
+    }
     for (; c + 96 < n8; c += 128) {
         uint4 packed[4];
 #pragma unroll

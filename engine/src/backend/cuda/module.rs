@@ -69,14 +69,15 @@ pub const DECODE_WARPS: usize = 4;
 
 /// How one decode attention warp stages its 16-key tiles: (stages in its ring, bytes per stage). A stage holds the
 /// tile's K and V rows in the cache's own format, plus for int8 the words holding each row's scale and a mask word
-/// (`Stage` in decode_attention.cu). The ring is three stages deep (four for int8's smaller tiles), enough bytes in
-/// flight per warp to keep HBM busy with two or three blocks per SM.
+/// (`Stage` in decode_attention.cu). The ring is three stages deep: enough bytes in flight per warp to keep HBM busy
+/// with two blocks per SM (f16), and for int8 small enough that four blocks fit (its warps have more arithmetic per
+/// byte, and more of them hide its latency).
 pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
     let tile = 16;
     match format {
         KvFormat::F32 => (3, 2 * tile * 4 * head_dim),
         KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
-        KvFormat::Int8 => (4, 2 * tile * head_dim + 2 * tile * 4 + 16),
+        KvFormat::Int8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
     }
 }
 

@@ -544,12 +544,16 @@ impl CudaBackend {
 /// Splits per (row, KV head) for `blocks` such pairs of up to `keys` keys each (the context bucket's upper end), on
 /// a GPU holding `resident` blocks at once, at most `cap`. Blocks of one launch take about the same time, so a grid
 /// runs in whole waves: the estimate is waves x (keys per split + a fixed cost per block, about 64 keys' worth: the
-/// query load, the merges, the partial result), and the cheapest count wins, the smaller on a tie.
+/// query load and the block's own merge) + the final merge, about 4 keys' worth per split (one block per pair reads
+/// every split's partial result), and the cheapest count wins, the smaller on a tie.
 pub(super) fn choose_splits(blocks: usize, keys: usize, resident: usize, cap: usize) -> usize {
     const FIXED_KEYS: f64 = 64.0;
+    const MERGE_KEYS: f64 = 4.0;
     let (blocks, resident) = (blocks.max(1), resident.max(1));
-    let cost =
-        |s: usize| (blocks * s).div_ceil(resident) as f64 * (keys as f64 / s as f64 + FIXED_KEYS);
+    let cost = |s: usize| {
+        (blocks * s).div_ceil(resident) as f64 * (keys as f64 / s as f64 + FIXED_KEYS)
+            + MERGE_KEYS * s as f64
+    };
     (1..=cap.max(1)).fold(
         1,
         |best, s| if cost(s) < cost(best) - 1e-9 { s } else { best },
@@ -562,9 +566,11 @@ mod tests {
 
     #[test]
     fn splits_fill_whole_waves() {
-        // One sequence, 8 KV heads, 8k keys, 396 resident blocks: 49 splits fill 392 of 396 places; 50 would need a
-        // second wave for 4 blocks.
-        assert_eq!(choose_splits(8, 8192, 396, 128), 49);
+        // One sequence, 8 KV heads, 8k keys, 396 resident blocks: one wave either way (up to 49 splits), and 45 is
+        // where shorter splits stop paying for the longer final merge.
+        assert_eq!(choose_splits(8, 8192, 396, 128), 45);
+        // With 264 places, 33 splits fill one wave; more would need a second.
+        assert_eq!(choose_splits(8, 8192, 264, 128), 33);
         // 256 pairs: 3 splits, two waves, 768 of 792 places (2 splits also take two waves, with longer blocks; 17
         // fill 11 waves almost exactly but pay the fixed cost 17 times).
         assert_eq!(choose_splits(256, 8192, 396, 128), 3);

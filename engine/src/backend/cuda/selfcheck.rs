@@ -113,7 +113,7 @@ fn rope_reference(
 }
 
 impl CudaBackend {
-    fn tensor(&self, rows: usize, cols: usize, host: &[f32]) -> CudaTensor {
+    pub(super) fn tensor(&self, rows: usize, cols: usize, host: &[f32]) -> CudaTensor {
         let buf = self.upload_f32(host);
         CudaTensor {
             rows,
@@ -128,7 +128,7 @@ impl CudaBackend {
         self.ok("uploading a check input", self.stream.clone_htod(host))
     }
 
-    fn matrix(&self, rows: usize, cols: usize, host: &[f32]) -> Option<CudaMatrix> {
+    pub(super) fn matrix(&self, rows: usize, cols: usize, host: &[f32]) -> Option<CudaMatrix> {
         let bits: Vec<u16> = host
             .iter()
             .map(|&v| half::bf16::from_f32(v).to_bits())
