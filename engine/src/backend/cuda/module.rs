@@ -214,3 +214,27 @@ fn cached_ptx(arch: &str) -> Result<Ptx> {
     }
     Ok(ptx)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every `.cu` file next to this one is part of the source NVRTC compiles (a file left out of `SOURCE` would
+    /// only show as a missing kernel on a GPU host).
+    #[test]
+    fn every_kernel_file_is_compiled() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/cuda");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "cu") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    super::SOURCE.contains(&text),
+                    "{} is not part of the compiled kernels",
+                    path.display()
+                );
+                files += 1;
+            }
+        }
+        assert!(files >= 3, "found only {files} kernel files in {}", dir.display());
+    }
+}
