@@ -10,9 +10,11 @@ pub mod codec;
 pub mod evict;
 pub mod hash;
 pub mod pool;
+pub mod quant;
 
 pub use hash::{BlockHash, HashSeed, block_hashes};
 pub use pool::{BlockId, BlockPool, KvEvent, PoolStats};
+pub use quant::{INT4_GROUP, quantize_int8};
 
 use crate::error::{EngineError, Result};
 
@@ -25,22 +27,9 @@ pub enum KvFormat {
     /// Symmetric int8 with one f16 scale per token per KV head (the `int8` codec's rule); attention dequantizes as
     /// it reads.
     Int8,
-}
-
-/// The `int8` cache format's rule for one vector: a symmetric scale `max |x| / 127`, rounded to f16 first so that
-/// quantization and dequantization use the same value, and `q = round(x / scale)`. Returns the scale.
-pub fn quantize_int8(x: &[f32], q: &mut [i8]) -> half::f16 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let s = half::f16::from_f32(amax / 127.0);
-    let inv = if s.to_f32() > 0.0 {
-        1.0 / s.to_f32()
-    } else {
-        0.0
-    };
-    for (o, &v) in q.iter_mut().zip(x) {
-        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
-    }
-    s
+    /// Asymmetric int4 in groups of 32 dims with an f16 min and scale each (the `int4` codec's rule): 5 bits per
+    /// element, 3.2x fewer bytes than f16 at head_dim 128.
+    Int4,
 }
 
 impl KvFormat {
@@ -50,23 +39,25 @@ impl KvFormat {
             Self::F32 => 4 * head_dim,
             Self::F16 => 2 * head_dim,
             Self::Int8 => head_dim + 2,
+            Self::Int4 => head_dim.div_ceil(2) + 4 * head_dim.div_ceil(INT4_GROUP),
         }
     }
     /// The element type a cache in this format sends uncompressed (codec `none`): its own for f32 and f16, f16 for
-    /// int8 (which f16 holds exactly up to the scale's rounding).
+    /// int8 and int4 (whose values f16 holds up to the rounding of their f16 scale and min).
     pub fn raw_wire(self) -> Self {
         match self {
-            Self::Int8 => Self::F16,
+            Self::Int8 | Self::Int4 => Self::F16,
             f => f,
         }
     }
-    pub const ALL: [KvFormat; 3] = [Self::F32, Self::F16, Self::Int8];
+    pub const ALL: [KvFormat; 4] = [Self::F32, Self::F16, Self::Int8, Self::Int4];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Int8 => "int8",
+            Self::Int4 => "int4",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
@@ -74,7 +65,7 @@ impl KvFormat {
             .into_iter()
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                EngineError::invalid(format!("kv format {s:?}: expected f32, f16 or int8"))
+                EngineError::invalid(format!("kv format {s:?}: expected f32, f16, int8 or int4"))
             })
     }
 }

@@ -3,17 +3,27 @@
 //! The store is a sequence of `head_dim`-long vectors (one per block, KV head and slot, laid out
 //! `[block][kv_head][slot]`). `f32` and `f16` hold the values; `int8` holds each vector quantized symmetrically
 //! with one f16 scale (the `int8` transfer codec's rule, 8.25 bits per element at head_dim 64), so the same memory
-//! holds 3.9x the tokens of `f32`. Attention reads a range of vectors as f32 through [`KvBuf::read`], which
+//! holds 3.9x the tokens of `f32`; `int4` holds each vector in 4-bit codes with an f16 min and scale per 32 dims
+//! (the `int4` codec's rule, 5 bits per element), 6.4x the tokens of `f32`. Attention reads a range of vectors as f32 through [`KvBuf::read`], which
 //! dequantizes on the fly into its tile scratch: nothing is ever expanded cache-wide.
 
 use crate::kv::KvFormat;
+use crate::kv::quant::{INT4_GROUP, dequantize_int4, quantize_int4};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 pub enum KvBuf {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    Int8 { q: Vec<i8>, scale: Vec<f16> },
+    Int8 {
+        q: Vec<i8>,
+        scale: Vec<f16>,
+    },
+    /// Per vector: `head_dim / 2` bytes of codes, and (min, scale) per group of 32 dims.
+    Int4 {
+        q: Vec<u8>,
+        params: Vec<f16>,
+    },
 }
 
 impl KvBuf {
@@ -26,6 +36,10 @@ impl KvBuf {
             KvFormat::Int8 => Self::Int8 {
                 q: vec![0; n],
                 scale: vec![f16::ZERO; vectors],
+            },
+            KvFormat::Int4 => Self::Int4 {
+                q: vec![0; vectors * head_dim.div_ceil(2)],
+                params: vec![f16::ZERO; vectors * 2 * head_dim.div_ceil(INT4_GROUP)],
             },
         }
     }
@@ -40,6 +54,17 @@ impl KvBuf {
                 for (i, x) in src.chunks_exact(hd).enumerate() {
                     scale[at + i] =
                         crate::kv::quantize_int8(x, &mut q[e + i * hd..e + (i + 1) * hd]);
+                }
+            }
+            Self::Int4 { q, params } => {
+                let (cb, pb) = (hd.div_ceil(2), 2 * hd.div_ceil(INT4_GROUP));
+                for (i, x) in src.chunks_exact(hd).enumerate() {
+                    let v = at + i;
+                    quantize_int4(
+                        x,
+                        &mut q[v * cb..(v + 1) * cb],
+                        &mut params[v * pb..(v + 1) * pb],
+                    );
                 }
             }
         }
@@ -57,6 +82,13 @@ impl KvBuf {
                     for (o, &v) in d.iter_mut().zip(&q[e + i * hd..e + (i + 1) * hd]) {
                         *o = f32::from(v) * s;
                     }
+                }
+            }
+            Self::Int4 { q, params } => {
+                let (cb, pb) = (hd.div_ceil(2), 2 * hd.div_ceil(INT4_GROUP));
+                for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
+                    let v = at + i;
+                    dequantize_int4(&q[v * cb..(v + 1) * cb], &params[v * pb..(v + 1) * pb], d);
                 }
             }
         }
@@ -83,6 +115,8 @@ mod tests {
             (KvFormat::F32, 0.0),
             (KvFormat::F16, 5.0 / 1024.0),
             (KvFormat::Int8, 5.0 / 127.0),
+            // Half a step of a group spanning about [-5, 5], plus the min's f16 rounding.
+            (KvFormat::Int4, 10.0 / 15.0 / 2.0 + 5e-3),
         ] {
             let mut b = KvBuf::new(format, 10, hd);
             b.write(4, hd, &src);
@@ -97,10 +131,12 @@ mod tests {
             assert!(before.iter().all(|&x| x == 0.0), "{format:?}");
         }
         // An all-zero vector quantizes to zeros, not NaN.
-        let mut b = KvBuf::new(KvFormat::Int8, 1, hd);
-        b.write(0, hd, &vec![0.0; hd]);
-        let mut out = vec![1f32; hd];
-        b.read(0, hd, &mut out);
-        assert!(out.iter().all(|&x| x == 0.0));
+        for format in [KvFormat::Int8, KvFormat::Int4] {
+            let mut b = KvBuf::new(format, 1, hd);
+            b.write(0, hd, &vec![0.0; hd]);
+            let mut out = vec![1f32; hd];
+            b.read(0, hd, &mut out);
+            assert!(out.iter().all(|&x| x == 0.0), "{format:?}");
+        }
     }
 }

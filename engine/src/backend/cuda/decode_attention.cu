@@ -45,6 +45,10 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
     const u32 s = (u32)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
 }
+__device__ __forceinline__ void copy8(void* dst, const void* src, bool valid) {
+    const u32 s = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 8 : 0));
+}
 __device__ __forceinline__ void copy4(void* dst, const void* src, bool valid) {
     const u32 s = (u32)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
@@ -76,16 +80,16 @@ __device__ __forceinline__ void i8x4_to_half2x2(u32 w, u32& lo, u32& hi) {
 template <typename T> struct Group;
 template <> struct Group<__half> {
     static constexpr int BYTES = 16;
-    static constexpr bool SCALED = false;
-    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4]) {
+    static constexpr bool SCALED = false, AFFINE = false;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const uint4 v = *reinterpret_cast<const uint4*>(p);
         w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
     }
 };
 template <> struct Group<float> {
     static constexpr int BYTES = 32;
-    static constexpr bool SCALED = false;
-    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4]) {
+    static constexpr bool SCALED = false, AFFINE = false;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
         w[0] = pack_half2(a.x, a.y); w[1] = pack_half2(a.z, a.w);
         w[2] = pack_half2(b.x, b.y); w[3] = pack_half2(b.z, b.w);
@@ -93,11 +97,30 @@ template <> struct Group<float> {
 };
 template <> struct Group<i8> {
     static constexpr int BYTES = 8;
-    static constexpr bool SCALED = true;
-    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4]) {
+    static constexpr bool SCALED = true, AFFINE = false;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const uint2 v = *reinterpret_cast<const uint2*>(p);
         i8x4_to_half2x2(v.x, w[0], w[1]);
         i8x4_to_half2x2(v.y, w[2], w[3]);
+    }
+};
+// int4: eight 4-bit codes, dequantized here with their group's (min, scale) (`affine`: two halves, min low): each
+// byte's nibbles go under the exponent of 1024 (exact), 1024 comes off, then code * scale + min in one f16 FMA.
+template <> struct Group<u4x2> {
+    static constexpr int BYTES = 4;
+    static constexpr bool SCALED = false, AFFINE = true;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 affine) {
+        const u32 v = *reinterpret_cast<const u32*>(p);
+        const __half2 ms = *reinterpret_cast<const __half2*>(&affine);
+        const __half2 m2 = __low2half2(ms), s2 = __high2half2(ms);
+        const __half2 k1024 = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 b = v >> (8 * k);
+            const u32 h = (b & 0xfu) | ((b & 0xf0u) << 12) | 0x64006400u;
+            const __half2 x = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&h), k1024), s2, m2);
+            w[k] = *reinterpret_cast<const u32*>(&x);
+        }
     }
 };
 
@@ -106,20 +129,25 @@ template <> struct Group<i8> {
 // The XOR spreads each phase of those loads over all banks: 8 lanes of 16-byte loads for f16 and f32 (whose 32-byte
 // groups are read as two 16-byte halves), 16 lanes of 8-byte loads for int8 (whose XOR is even, so that the two
 // groups of one 16-byte copy stay together).
+// int4's 4-byte groups (32 lanes of 4-byte loads per phase) take the same even-multiple-of-4 XOR on both sides.
 template <typename T, int HD> __device__ __forceinline__ int k_slot(int r, int grp) {
-    if constexpr (sizeof(T) == 1) return grp ^ (HD == 128 ? (r & 3) << 2 : ((r >> 1) & 1) << 2);
+    if constexpr (Group<T>::BYTES == 4) return grp ^ (HD == 128 ? ((r >> 1) & 3) << 2 : ((r >> 1) & 1) << 2);
+    else if constexpr (Group<T>::BYTES == 8) return grp ^ (HD == 128 ? (r & 3) << 2 : ((r >> 1) & 1) << 2);
     else return grp ^ ((r & 1) << 2);
 }
 template <typename T, int HD> __device__ __forceinline__ int v_slot(int r, int grp) {
-    if constexpr (sizeof(T) == 1) return grp ^ (HD == 128 ? ((r >> 1) & 3) << 2 : ((r >> 1) & 1) << 2);
+    if constexpr (Group<T>::BYTES <= 8) return grp ^ (HD == 128 ? ((r >> 1) & 3) << 2 : ((r >> 1) & 1) << 2);
     else return grp ^ (((r >> 1) & 3) << 1);
 }
 
 // One stage of a warp's ring: K rows, V rows (16 x HD values each), then for int8 the words holding each row's K
-// and V scale (16 + 16 u32) and a mask of which rows' scales sit in the upper half of their word.
+// and V scale (16 + 16 u32) and a mask of which rows' scales sit in the upper half of their word, for int4 each
+// row's (min, scale) pairs (K rows, then V rows; HD / 32 pairs each).
 template <typename T, int HD> struct Stage {
-    static constexpr int ROW = HD * (int)sizeof(T);
-    static constexpr int BYTES = 2 * DA_TILE * ROW + (Group<T>::SCALED ? 2 * DA_TILE * 4 + 16 : 0);
+    static constexpr int ROW = HD / 8 * Group<T>::BYTES;
+    static constexpr int PARAMS = HD / 32 * 4;  // bytes of one int4 row's (min, scale) pairs
+    static constexpr int BYTES = 2 * DA_TILE * ROW + (Group<T>::SCALED ? 2 * DA_TILE * 4 + 16 : 0) +
+                                 (Group<T>::AFFINE ? 2 * DA_TILE * PARAMS : 0);
 };
 
 template <typename T, int HD>
@@ -128,8 +156,10 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
                                const u32* tables, int kv_heads, int group, int block_size, size_t layer_off,
                                float scale, int splits, int stages, int stage_bytes) {
     using G8 = Group<T>;
-    constexpr int ROW = Stage<T, HD>::ROW, GROUPS = HD / 8, UNITS = ROW / 16, MT = HD / 16;
+    constexpr int ROW = Stage<T, HD>::ROW, PARAMS = Stage<T, HD>::PARAMS, GROUPS = HD / 8, UNITS = ROW / 16;
+    constexpr int MT = HD / 16;
     extern __shared__ __align__(128) unsigned char smem[];
+    allow_next();  // the output projection behind may start loading its weights
     const int heads = kv_heads * group;
     const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
@@ -185,18 +215,20 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
 #pragma unroll
         for (int i = 0; i < UNITS / 2; i++) {
             const int u = lane + 32 * i, row = u / UNITS, unit = u % UNITS;
-            const size_t o = layer_off + (size_t)__shfl_sync(0xffffffffu, vec, row) * HD;
+            // The row's first byte (the store is addressed in bytes: int4 holds two dims per byte).
+            const size_t o = (layer_off / HD + __shfl_sync(0xffffffffu, vec, row)) * ROW;
             const bool ok = (live >> row) & 1u;
 #pragma unroll
             for (int which = 0; which < 2; which++) {
-                const unsigned char* src = reinterpret_cast<const unsigned char*>((which ? vc : kc) + o) + unit * 16;
+                const unsigned char* src = reinterpret_cast<const unsigned char*>(which ? vc : kc) + o + unit * 16;
                 int slot;
                 if constexpr (G8::BYTES >= 16) {
                     constexpr int PER = G8::BYTES / 16;  // 16-byte units per group
                     const int grp = unit / PER;
                     slot = (which ? v_slot<T, HD>(row, grp) : k_slot<T, HD>(row, grp)) * PER + unit % PER;
                 } else {
-                    slot = (which ? v_slot<T, HD>(row, 2 * unit) : k_slot<T, HD>(row, 2 * unit)) / 2;
+                    constexpr int PER = 16 / G8::BYTES;  // groups per 16-byte unit (the XOR keeps them together)
+                    slot = (which ? v_slot<T, HD>(row, PER * unit) : k_slot<T, HD>(row, PER * unit)) / PER;
                 }
                 copy16(st + which * DA_TILE * ROW + row * ROW + slot * 16, src, ok);
             }
@@ -207,6 +239,17 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             const u32 upper = __ballot_sync(0xffffffffu, valid && (sv & 1));
             if (lane == 0) *reinterpret_cast<u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4) = upper;
         }
+        if constexpr (G8::AFFINE) {
+            // Lane l < 16: row l's K (min, scale) pairs; lane 16 + l: its V pairs.
+            const __half* src = (lane < DA_TILE ? ksc : vsc) + (layer_off / HD + vec) * (PARAMS / 2);
+            unsigned char* dst = st + 2 * DA_TILE * ROW + lane * PARAMS;
+            if constexpr (PARAMS == 16) copy16(dst, src, valid);
+            else copy8(dst, src, valid);
+        }
+    };
+    // A staged int4 row's (min, scale) for param group `pg` (K rows 0-15, V rows 16-31).
+    auto affine = [&](const unsigned char* st, int row, int pg) -> u32 {
+        return reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + row * PARAMS)[pg];
     };
     // A staged row's scale (int8): K rows are words 0-15, V rows 16-31; `upper`: the tile's mask word.
     auto row_scale = [&](const unsigned char* st, u32 upper, int word, int row) -> float {
@@ -237,8 +280,9 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             const int grp = 4 * p + c;
             u32 x[4], y[4];
             const int sx = k_slot<T, HD>(g, grp), sy = k_slot<T, HD>(g + 8, grp);
-            G8::load(ks + g * ROW + sx * G8::BYTES, x);
-            G8::load(ks + (g + 8) * ROW + sy * G8::BYTES, y);
+            // (int4: every group a lane reads for pair p lies in 32-dim param group p.)
+            G8::load(ks + g * ROW + sx * G8::BYTES, x, G8::AFFINE ? affine(st, g, p) : 0u);
+            G8::load(ks + (g + 8) * ROW + sy * G8::BYTES, y, G8::AFFINE ? affine(st, g + 8, p) : 0u);
             mma_16816(s, x[0], y[0], x[1], y[1], qb[p][0], qb[p][1]);
             mma_16816(s, x[2], y[2], x[3], y[3], qb[p][2], qb[p][3]);
         }
@@ -285,10 +329,11 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             const int grp = 8 * qg + g;
             u32 a[4], b[4], d[4], e[4];
             const int r0 = 2 * c, r1 = 2 * c + 1, r2 = 2 * c + 8, r3 = 2 * c + 9;
-            G8::load(vs + r0 * ROW + v_slot<T, HD>(r0, grp) * G8::BYTES, a);
-            G8::load(vs + r1 * ROW + v_slot<T, HD>(r1, grp) * G8::BYTES, b);
-            G8::load(vs + r2 * ROW + v_slot<T, HD>(r2, grp) * G8::BYTES, d);
-            G8::load(vs + r3 * ROW + v_slot<T, HD>(r3, grp) * G8::BYTES, e);
+            const int pg = grp / 4;  // int4: its 32-dim param group
+            G8::load(vs + r0 * ROW + v_slot<T, HD>(r0, grp) * G8::BYTES, a, G8::AFFINE ? affine(st, 16 + r0, pg) : 0u);
+            G8::load(vs + r1 * ROW + v_slot<T, HD>(r1, grp) * G8::BYTES, b, G8::AFFINE ? affine(st, 16 + r1, pg) : 0u);
+            G8::load(vs + r2 * ROW + v_slot<T, HD>(r2, grp) * G8::BYTES, d, G8::AFFINE ? affine(st, 16 + r2, pg) : 0u);
+            G8::load(vs + r3 * ROW + v_slot<T, HD>(r3, grp) * G8::BYTES, e, G8::AFFINE ? affine(st, 16 + r3, pg) : 0u);
 #pragma unroll
             for (int w = 0; w < 4; w++) {
                 mma_16816(acc[4 * qg + w], __byte_perm(a[w], b[w], 0x5410), __byte_perm(a[w], b[w], 0x7632),
@@ -421,3 +466,5 @@ ATTENTION(__half, f16, 64)
 ATTENTION(__half, f16, 128)
 ATTENTION(i8, i8, 64)
 ATTENTION(i8, i8, 128)
+ATTENTION(u4x2, i4, 64)
+ATTENTION(u4x2, i4, 128)

@@ -3,7 +3,7 @@
 //! at full load width and takes up to three weights sharing one input in one launch; more rows go through cuBLAS
 //! (the input copied to bf16 first, f32 accumulate and output).
 
-use super::{CudaBackend, CudaMatrix, CudaTensor, cfg, grid_1d, lock};
+use super::{CudaBackend, CudaMatrix, CudaTensor, grid_1d, lock};
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
@@ -67,18 +67,30 @@ impl CudaBackend {
         let (Some(xf), Some(o)) = (x.buf.as_ref(), gate.buf.as_mut()) else {
             return;
         };
-        let (n, k) = (w_gate.rows as i32, x.cols as i32);
-        let mut b = self.stream.launch_builder(&self.k.gemv_swiglu[x.rows - 1]);
-        b.arg(&w_gate.data)
-            .arg(&w_up.data)
-            .arg(o)
-            .arg(&n)
-            .arg(xf)
-            .arg(&k);
+        let (mut wg, mut wu) = (self.addr(&w_gate.data), self.addr(&w_up.data));
+        let (mut op, mut xp) = (o.device_ptr_mut(&self.stream).0, self.addr(xf));
+        let (mut n, mut k) = (w_gate.rows as i32, x.cols as i32);
+        let mut args = [
+            arg(&mut wg),
+            arg(&mut wu),
+            arg(&mut op),
+            arg(&mut n),
+            arg(&mut xp),
+            arg(&mut k),
+        ];
         let blocks = w_gate.rows.div_ceil(8) as u32;
-        self.launch("gemv_swiglu", || {
-            unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop)
-        });
+        self.launch_early(
+            "gemv_swiglu",
+            &self.k.gemv_swiglu[x.rows - 1],
+            blocks,
+            256,
+            &mut args,
+        );
+    }
+
+    /// A device buffer's address, as a kernel argument.
+    fn addr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
     }
 
     /// Up to three weights sharing the input `x` (`rows x k`, rows <= 8) in one launch of the small-batch kernel.
@@ -93,33 +105,34 @@ impl CudaBackend {
         for (w, out) in group.iter_mut() {
             self.resize(out, rows, w.rows);
         }
-        let f = &self.k.gemv[rows - 1];
-        let mut b = self.stream.launch_builder(f);
-        let ns: Vec<i32> = group.iter().map(|(w, _)| w.rows as i32).collect();
-        let zero = 0i32;
-        let first = &group[0].0.data;
-        let slots = group
-            .iter_mut()
-            .map(Some)
-            .chain(std::iter::repeat_with(|| None));
-        for (slot, n) in slots.zip(ns.iter().chain(std::iter::repeat(&zero))).take(3) {
-            match slot {
-                Some((w, out)) => {
-                    let Some(o) = out.buf.as_mut() else { return };
-                    b.arg(&w.data).arg(o).arg(n);
-                }
-                // Unused slots: a real pointer with no rows.
-                None => {
-                    b.arg(first).arg(first).arg(n);
-                }
-            }
+        // Unused slots: a real pointer with no rows.
+        let first = self.addr(&group[0].0.data);
+        let mut p = [first; 6]; // weight, output; three times
+        let mut n = [0i32; 3];
+        for (i, (w, out)) in group.iter_mut().enumerate() {
+            let Some(o) = out.buf.as_mut() else { return };
+            p[2 * i] = self.addr(&w.data);
+            p[2 * i + 1] = o.device_ptr_mut(&self.stream).0;
+            n[i] = w.rows as i32;
         }
-        let k = k as i32;
-        b.arg(x).arg(&k);
+        let (mut xp, mut k) = (self.addr(x), k as i32);
+        let [w0, o0, w1, o1, w2, o2] = &mut p;
+        let [n0, n1, n2] = &mut n;
+        let mut args = [
+            arg(w0),
+            arg(o0),
+            arg(n0),
+            arg(w1),
+            arg(o1),
+            arg(n1),
+            arg(w2),
+            arg(o2),
+            arg(n2),
+            arg(&mut xp),
+            arg(&mut k),
+        ];
         let blocks = total.div_ceil(8) as u32;
-        self.launch("gemv", || {
-            unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop)
-        });
+        self.launch_early("gemv", &self.k.gemv[rows - 1], blocks, 256, &mut args);
     }
 
     /// `out (rows x w.rows) = x (rows x w.cols) @ w^T` in cuBLAS's column-major terms: `out^T = w . x^T`, with `w`
@@ -161,4 +174,9 @@ impl CudaBackend {
         };
         self.ok("cuBLAS GEMM", r);
     }
+}
+
+/// A kernel argument for a raw launch: a pointer to its value.
+fn arg<T>(v: &mut T) -> *mut std::ffi::c_void {
+    (v as *mut T).cast()
 }

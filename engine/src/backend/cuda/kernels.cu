@@ -8,6 +8,20 @@
 typedef unsigned int u32;
 #define NEG_INF __int_as_float(0xff800000)
 
+// Programmatic dependent launch (sm_90 and later; no-ops before): `wait_prior` blocks until the kernels ahead in the
+// stream have finished and their writes are visible (a kernel launched early must call it before reading their
+// output); `allow_next` lets a kernel launched early behind this one start now (it still waits for this one).
+__device__ __forceinline__ void wait_prior() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
 extern "C" __global__ void embed_bf16(const __nv_bfloat16* table, const u32* tokens, float* out, int cols) {
     const int r = blockIdx.x;
     const __nv_bfloat16* src = table + (size_t)tokens[r] * cols;
@@ -46,6 +60,7 @@ __device__ __forceinline__ void put4(float4* o, __nv_bfloat16* ob, int c, float4
 // One block per row: out = x / rms(x) * w. Rows whose width is a multiple of 4 move in 16-byte loads.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int cols, float eps,
                                     __nv_bfloat16* ob) {
+    allow_next();
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * cols;
     float* o = out + (size_t)blockIdx.x * cols;
@@ -76,6 +91,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 
 // One block per row: x += y, then y = x / rms(x) * w (y is read before it is overwritten).
 extern "C" __global__ void add_rms_norm(float* x, float* y, const float* w, int cols, float eps, __nv_bfloat16* ob) {
+    allow_next();
     __shared__ float shared[32];
     float* xr = x + (size_t)blockIdx.x * cols;
     float* yr = y + (size_t)blockIdx.x * cols;
@@ -206,6 +222,38 @@ template <> __device__ __forceinline__ void store_pair<i8>(i8* c, __half* sc, si
     if (threadIdx.x == 0) sc[vec] = s;
 }
 
+// int4 (a byte holds two dims, the even one in the low nibble; per 32 dims an f16 min and scale, the host's
+// `quant::quantize_int4` rule): the vector goes through shared memory, then each thread packs one byte from its
+// group's min and max. `u4x2` only tags the format; addresses are computed in bytes.
+struct u4x2 { unsigned char v; };
+template <> __device__ __forceinline__ void store_pair<u4x2>(u4x2* c, __half* sc, size_t base, size_t vec, int a, int b,
+                                                             float y0, float y1, float*) {
+    __shared__ float vals[256];
+    const int i = threadIdx.x, hd = 2 * blockDim.x;
+    vals[a] = y0;
+    vals[b] = y1;
+    __syncthreads();
+    const int g = (2 * i) / 32, g0 = g * 32, g1 = min(g0 + 32, hd);
+    float lo = vals[g0], hi = vals[g0];
+    for (int d = g0 + 1; d < g1; d++) {
+        lo = fminf(lo, vals[d]);
+        hi = fmaxf(hi, vals[d]);
+    }
+    const __half mh = __float2half_rn(fminf(fmaxf(lo, -65504.f), 65504.f));
+    const float mf = __half2float(mh);
+    const __half sh = __float2half_rn(fminf(fmaxf((hi - mf) / 15.f, 0.f), 65504.f));
+    const float sf = __half2float(sh), inv = sf > 0.f ? 1.f / sf : 0.f;
+    const u32 q0 = (u32)fminf(fmaxf((vals[2 * i] - mf) * inv + 0.5f, 0.f), 15.f);
+    const u32 q1 = (u32)fminf(fmaxf((vals[2 * i + 1] - mf) * inv + 0.5f, 0.f), 15.f);
+    reinterpret_cast<unsigned char*>(c)[base / 2 + i] = (unsigned char)(q0 | (q1 << 4));
+    if (2 * i == g0) {
+        __half* p = sc + vec * (hd / 32) * 2 + 2 * g;
+        p[0] = mh;
+        p[1] = sh;
+    }
+    __syncthreads();
+}
+
 // Grid (rows, kv_heads), head_dim / 2 threads: writes each row's K and V into its slot of one layer.
 template <typename T>
 __device__ void store_kv_impl(const float* k, const float* v, T* kc, T* vc, __half* ksc, __half* vsc, const u32* slots,
@@ -263,6 +311,7 @@ __device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc
 STORE_KERNELS(f32, float)
 STORE_KERNELS(f16, __half)
 STORE_KERNELS(i8, i8)
+STORE_KERNELS(i4, u4x2)
 
 // One block per output row: out[i] = x[rows[i]].
 extern "C" __global__ void gather_rows(const float* x, float* out, const u32* rows, int cols) {
@@ -316,13 +365,22 @@ __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    // Eight 16-byte loads in flight per lane, then four, then the remainder one at a time.
+    // Eight 16-byte loads in flight per lane, then four, then the remainder one at a time. The first eight read
+    // only weights, so they go out before waiting for the kernel that writes x (when launched early).
     const int n8 = k / 8;
     int c = lane;
-    for (; c + 224 < n8; c += 256) {
-        uint4 packed[8];
+    uint4 packed[8];
+    if (c + 224 < n8) {
 #pragma unroll
         for (int u = 0; u < 8; u++) packed[u] = wr[c + 32 * u];
+    }
+    wait_prior();
+    allow_next();
+    for (; c + 224 < n8; c += 256) {
+        if (c != lane) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) packed[u] = wr[c + 32 * u];
+        }
 #pragma unroll
         for (int u = 0; u < 8; u++) gemv_step<R>(packed[u], x, k, c + 32 * u, acc);
     }
@@ -363,10 +421,19 @@ __device__ void gemv_swiglu_impl(const __nv_bfloat16* wg, const __nv_bfloat16* w
     float ag[R], au[R];
 #pragma unroll
     for (int r = 0; r < R; r++) ag[r] = au[r] = 0.f;
+    // The first loads read only weights: they go out before waiting for the kernel that writes x.
     const int n8 = k / 8;
     int c = lane;
+    uint4 g0, g1, u0, u1;
+    if (c + 32 < n8) {
+        g0 = gr[c]; g1 = gr[c + 32]; u0 = ur[c]; u1 = ur[c + 32];
+    }
+    wait_prior();
+    allow_next();
     for (; c + 32 < n8; c += 64) {
-        const uint4 g0 = gr[c], g1 = gr[c + 32], u0 = ur[c], u1 = ur[c + 32];
+        if (c != lane) {
+            g0 = gr[c]; g1 = gr[c + 32]; u0 = ur[c]; u1 = ur[c + 32];
+        }
         gemv_step<R>(g0, x, k, c, ag);
         gemv_step<R>(u0, x, k, c, au);
         gemv_step<R>(g1, x, k, c + 32, ag);

@@ -1,7 +1,8 @@
 //! The paged KV store in GPU memory: K and V of every layer, laid out `[layer][block][kv_head][slot][dim]`, in f32,
-//! f16 (IEEE half, kept as raw bits) or int8 with one f16 scale per vector (the host's rule,
-//! [`crate::kv::quantize_int8`]; scales laid out like the vectors). Whole blocks cross to and from the host here (for transfer and tests); the
-//! kernels read and write the store in place.
+//! f16 (IEEE half, kept as raw bits), int8 with one f16 scale per vector (the host's rule,
+//! [`crate::kv::quantize_int8`]), or int4 with two dims per byte and an f16 (min, scale) per 32 dims
+//! ([`crate::kv::quant::quantize_int4`]); scales and pairs laid out like the vectors. Whole blocks cross to and from
+//! the host here (for transfer and tests); the kernels read and write the store in place.
 
 use super::CudaBackend;
 use crate::error::{EngineError, Result};
@@ -25,10 +26,17 @@ pub(super) enum KvBufs {
         ks: CudaSlice<u16>,
         vs: CudaSlice<u16>,
     },
+    /// Asymmetric int4 codes (two per byte) and an f16 (min, scale) per 32 dims (raw bits), per vector.
+    Int4 {
+        k: CudaSlice<u8>,
+        v: CudaSlice<u8>,
+        kp: CudaSlice<u16>,
+        vp: CudaSlice<u16>,
+    },
 }
 
 impl KvBufs {
-    /// Passes the K and V buffers and their scales (null unless int8) to a kernel launch.
+    /// Passes the K and V buffers and their scales or (min, scale) pairs (null for f32 and f16) to a kernel launch.
     pub(super) fn push_args<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
         use cudarc::driver::PushKernelArg;
         static NULL: u64 = 0;
@@ -36,6 +44,7 @@ impl KvBufs {
             KvBufs::F32 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
             KvBufs::F16 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
             KvBufs::Int8 { k, v, ks, vs } => b.arg(k).arg(v).arg(ks).arg(vs),
+            KvBufs::Int4 { k, v, kp, vp } => b.arg(k).arg(v).arg(kp).arg(vp),
         };
     }
 }
@@ -66,11 +75,25 @@ impl CudaKvStore {
                 ks: stream.alloc_zeros(n / layout.head_dim).map_err(dev)?,
                 vs: stream.alloc_zeros(n / layout.head_dim).map_err(dev)?,
             },
+            KvFormat::Int4 => {
+                let pairs = n / layout.head_dim * Self::int4_params(layout.head_dim);
+                KvBufs::Int4 {
+                    k: stream.alloc_zeros(n / 2).map_err(dev)?,
+                    v: stream.alloc_zeros(n / 2).map_err(dev)?,
+                    kp: stream.alloc_zeros(pairs).map_err(dev)?,
+                    vp: stream.alloc_zeros(pairs).map_err(dev)?,
+                }
+            }
         };
         Ok(Self {
             layout: *layout,
             bufs,
         })
+    }
+
+    /// Halves of one int4 vector's (min, scale) pairs. The kernels take head_dim 64 or 128, so whole groups.
+    fn int4_params(head_dim: usize) -> usize {
+        2 * head_dim.div_ceil(crate::kv::INT4_GROUP)
     }
 
     /// Elements of one layer (K or V).
@@ -139,6 +162,36 @@ impl CudaKvStore {
                 };
                 (read(k, ks), read(v, vs))
             }
+            KvBufs::Int4 { k, v, kp, vp } => {
+                let hd = self.layout.head_dim;
+                let pp = Self::int4_params(hd);
+                let vecs = range.start / hd * pp..range.end / hd * pp;
+                let read = |c: &CudaSlice<u8>, pc: &CudaSlice<u16>| {
+                    let mut q = vec![0u8; range.len() / 2];
+                    let mut bits = vec![0u16; vecs.len()];
+                    b.ok(
+                        what,
+                        b.stream
+                            .memcpy_dtoh(&c.slice(range.start / 2..range.end / 2), &mut q),
+                    );
+                    b.ok(
+                        what,
+                        b.stream.memcpy_dtoh(&pc.slice(vecs.clone()), &mut bits),
+                    );
+                    let params: Vec<half::f16> =
+                        bits.into_iter().map(half::f16::from_bits).collect();
+                    let mut out = vec![0f32; range.len()];
+                    for ((o, qv), pv) in out
+                        .chunks_mut(hd)
+                        .zip(q.chunks(hd / 2))
+                        .zip(params.chunks(pp))
+                    {
+                        crate::kv::quant::dequantize_int4(qv, pv, o);
+                    }
+                    out
+                };
+                (read(k, kp), read(v, vp))
+            }
         }
     }
 
@@ -195,6 +248,37 @@ impl CudaKvStore {
                     b.ok(
                         what,
                         b.stream.memcpy_htod(&bits, &mut sc.slice_mut(vecs.clone())),
+                    );
+                }
+            }
+            KvBufs::Int4 {
+                k: kc,
+                v: vc,
+                kp,
+                vp,
+            } => {
+                let hd = self.layout.head_dim;
+                let pp = Self::int4_params(hd);
+                let vecs = range.start / hd * pp..range.end / hd * pp;
+                for ((c, pc), x) in [(kc, kp), (vc, vp)].into_iter().zip([k, v]) {
+                    let mut q = vec![0u8; x.len() / 2];
+                    let mut params = vec![half::f16::ZERO; vecs.len()];
+                    for ((xv, qv), pv) in x
+                        .chunks(hd)
+                        .zip(q.chunks_mut(hd / 2))
+                        .zip(params.chunks_mut(pp))
+                    {
+                        crate::kv::quant::quantize_int4(xv, qv, pv);
+                    }
+                    let bits: Vec<u16> = params.iter().map(|p| p.to_bits()).collect();
+                    b.ok(
+                        what,
+                        b.stream
+                            .memcpy_htod(&q, &mut c.slice_mut(range.start / 2..range.end / 2)),
+                    );
+                    b.ok(
+                        what,
+                        b.stream.memcpy_htod(&bits, &mut pc.slice_mut(vecs.clone())),
                     );
                 }
             }

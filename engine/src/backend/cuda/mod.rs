@@ -59,6 +59,10 @@ pub struct CudaBackend {
     graphs: Mutex<Graphs>,
     /// Streaming multiprocessors, for sizing grids.
     sms: usize,
+    /// Whether the small-batch products may start before the kernel ahead of them finishes (programmatic dependent
+    /// launch: sm_90 and later, unless `TANDEM_CUDA_PDL=0`). Their weight loads then overlap that kernel's tail; they
+    /// wait for it (`griddepcontrol.wait`) before reading its output.
+    early_launch: bool,
     error: Mutex<Option<String>>,
     /// With `TANDEM_CUDA_PROFILE` set: synchronize after every operation and sum wall time per operation.
     profile: Option<Mutex<Profile>>,
@@ -154,6 +158,13 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(dev)? as usize;
+        let major = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .map_err(dev)?;
+        let early_launch =
+            major >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
         let profile = std::env::var_os("TANDEM_CUDA_PROFILE").map(|_| {
             Mutex::new(Profile {
                 last: std::time::Instant::now(),
@@ -169,6 +180,7 @@ impl CudaBackend {
             ids: Mutex::new(None),
             graphs: Mutex::new(Graphs::new(graphs_on)),
             sms,
+            early_launch,
             ctx,
             stream,
             blas,
@@ -254,6 +266,50 @@ impl CudaBackend {
         }
         self.ok(what, go());
         self.mark(what);
+    }
+
+    /// Launches `f` (a 1-D grid, no dynamic shared memory) with `args` pointing at its argument values, allowed to
+    /// start before the kernel ahead of it finishes where `early_launch` says so. Such a kernel must call
+    /// `wait_prior()` before it reads anything an earlier kernel wrote.
+    fn launch_early(
+        &self,
+        what: &'static str,
+        f: &cudarc::driver::CudaFunction,
+        grid: u32,
+        block: u32,
+        args: &mut [*mut std::ffi::c_void],
+    ) {
+        use cudarc::driver::sys;
+        // SAFETY: an all-zero launch attribute is a valid value of the C struct; the fields used are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.early_launch),
+        };
+        self.launch(what, || {
+            self.ctx.bind_to_thread()?;
+            // SAFETY: `args` holds one pointer per kernel parameter, in order, to values of the parameter's type
+            // that outlive the call; the function and stream belong to this backend's context.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &config,
+                    f.cu_function(),
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+                .result()
+            }
+        });
     }
 
     /// Runs the step's recorded graph, if it has one (at the step's head, before results are copied back).

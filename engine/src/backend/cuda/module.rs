@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Every cache format the kernels read and write, with the suffix of its kernels' names.
-const FORMATS: [(KvFormat, &str); 3] = [
+const FORMATS: [(KvFormat, &str); 4] = [
     (KvFormat::F32, "f32"),
     (KvFormat::F16, "f16"),
     (KvFormat::Int8, "i8"),
+    (KvFormat::Int4, "i4"),
 ];
 
 /// `kernels.cu`, then the attention kernels (decode first: prefill uses its helpers).
@@ -69,15 +70,17 @@ pub const DECODE_WARPS: usize = 4;
 
 /// How one decode attention warp stages its 16-key tiles: (stages in its ring, bytes per stage). A stage holds the
 /// tile's K and V rows in the cache's own format, plus for int8 the words holding each row's scale and a mask word
-/// (`Stage` in decode_attention.cu). The ring is three stages deep: enough bytes in flight per warp to keep HBM busy
-/// with two blocks per SM (f16), and for int8 small enough that four blocks fit (its warps have more arithmetic per
-/// byte, and more of them hide its latency).
+/// (`Stage` in decode_attention.cu), for int4 each row's (min, scale) pairs. The ring is three stages deep: enough
+/// bytes in flight per warp to keep HBM busy with two blocks per SM (f16), and for int8 small enough that four
+/// blocks fit (its warps have more arithmetic per byte, and more of them hide its latency); int4's tiles are small
+/// enough for four stages.
 pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
     let tile = 16;
     match format {
         KvFormat::F32 => (3, 2 * tile * 4 * head_dim),
         KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
         KvFormat::Int8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
+        KvFormat::Int4 => (4, 2 * tile * head_dim / 2 + 2 * tile * head_dim / 32 * 4),
     }
 }
 
@@ -235,6 +238,10 @@ mod tests {
                 files += 1;
             }
         }
-        assert!(files >= 3, "found only {files} kernel files in {}", dir.display());
+        assert!(
+            files >= 3,
+            "found only {files} kernel files in {}",
+            dir.display()
+        );
     }
 }

@@ -13,23 +13,28 @@
 #define PF_BQ 64
 #define PF_BK 64
 
-// Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, or 8 of int8 and the scale) from
-// the prefetch until they are stored, so that the loads in flight cost few registers; `eight_halves` converts.
+// Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, 8 of int8 and the scale, or 4 of
+// int4 and the group's min and scale) from the prefetch until they are stored, so that the loads in flight cost few registers; `eight_halves` converts.
 template <typename T> struct Raw8;
 template <> struct Raw8<__half> { uint4 v; };
 template <> struct Raw8<float> { float4 a, b; };
 template <> struct Raw8<i8> { uint2 v; float s; };
-// `sc`/`vec`: the cache's scales and the vector's index (int8 only).
-__device__ __forceinline__ void fetch_raw(const __half* p, const __half*, size_t, Raw8<__half>& r) {
-    r.v = *reinterpret_cast<const uint4*>(p);
+template <> struct Raw8<u4x2> { u32 v; __half2 ms; };
+// Element `at` (a multiple of 8) of the store onward; `sc`: int8's scales or int4's (min, scale) pairs.
+__device__ __forceinline__ void fetch_raw(const __half* c, size_t at, const __half*, int, Raw8<__half>& r) {
+    r.v = *reinterpret_cast<const uint4*>(c + at);
 }
-__device__ __forceinline__ void fetch_raw(const float* p, const __half*, size_t, Raw8<float>& r) {
-    r.a = reinterpret_cast<const float4*>(p)[0];
-    r.b = reinterpret_cast<const float4*>(p)[1];
+__device__ __forceinline__ void fetch_raw(const float* c, size_t at, const __half*, int, Raw8<float>& r) {
+    r.a = reinterpret_cast<const float4*>(c + at)[0];
+    r.b = reinterpret_cast<const float4*>(c + at)[1];
 }
-__device__ __forceinline__ void fetch_raw(const i8* p, const __half* sc, size_t vec, Raw8<i8>& r) {
-    r.v = *reinterpret_cast<const uint2*>(p);
-    r.s = __half2float(sc[vec]);
+__device__ __forceinline__ void fetch_raw(const i8* c, size_t at, const __half* sc, int hd, Raw8<i8>& r) {
+    r.v = *reinterpret_cast<const uint2*>(c + at);
+    r.s = __half2float(sc[at / hd]);
+}
+__device__ __forceinline__ void fetch_raw(const u4x2* c, size_t at, const __half* sc, int hd, Raw8<u4x2>& r) {
+    r.v = *reinterpret_cast<const u32*>(reinterpret_cast<const unsigned char*>(c) + at / 2);
+    r.ms = *reinterpret_cast<const __half2*>(sc + at / hd * (hd / 16) + (at % hd) / 32 * 2);
 }
 __device__ __forceinline__ void zero_raw(Raw8<__half>& r) { r.v = make_uint4(0, 0, 0, 0); }
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
@@ -37,10 +42,21 @@ __device__ __forceinline__ void zero_raw(Raw8<i8>& r) {
     r.v = make_uint2(0, 0);
     r.s = 0.f;
 }
+__device__ __forceinline__ void zero_raw(Raw8<u4x2>& r) {
+    r.v = 0;
+    r.ms = __float2half2_rn(0.f);
+}
 __device__ __forceinline__ uint4 eight_halves(const Raw8<__half>& r) { return r.v; }
 __device__ __forceinline__ uint4 eight_halves(const Raw8<float>& r) {
     return make_uint4(pack_half2(r.a.x, r.a.y), pack_half2(r.a.z, r.a.w), pack_half2(r.b.x, r.b.y),
                       pack_half2(r.b.z, r.b.w));
+}
+__device__ __forceinline__ uint4 eight_halves(const Raw8<u4x2>& r) {
+    const float m = __low2float(r.ms), sc = __high2float(r.ms);
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) f[j] = m + sc * (float)((r.v >> (4 * j)) & 15u);
+    return make_uint4(pack_half2(f[0], f[1]), pack_half2(f[2], f[3]), pack_half2(f[4], f[5]), pack_half2(f[6], f[7]));
 }
 __device__ __forceinline__ uint4 eight_halves(const Raw8<i8>& r) {
     const i8* b = reinterpret_cast<const i8*>(&r.v);
@@ -136,8 +152,8 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
                 for (int j = 0; j < BATCH; j++) {
                     size_t base = 0;
                     if (piece(threadIdx.x + (j0 + j) * 128, k0, base)) {
-                        fetch_raw(kc + base, ksc, base / HD, pk[j]);
-                        fetch_raw(vc + base, vsc, base / HD, pv[j]);
+                        fetch_raw(kc, base, ksc, HD, pk[j]);
+                        fetch_raw(vc, base, vsc, HD, pv[j]);
                     } else {
                         zero_raw(pk[j]);
                         zero_raw(pv[j]);
@@ -276,3 +292,5 @@ PREFILL_ATTENTION(__half, f16, 64)
 PREFILL_ATTENTION(__half, f16, 128)
 PREFILL_ATTENTION(i8, i8, 64)
 PREFILL_ATTENTION(i8, i8, 128)
+PREFILL_ATTENTION(u4x2, i4, 64)
+PREFILL_ATTENTION(u4x2, i4, 128)

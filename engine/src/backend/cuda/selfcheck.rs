@@ -167,6 +167,8 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         // Every context within one 64-key bucket: a single split, written by the block itself.
         (7, 128, KvFormat::F16, vec![64, 3, 50]),
         (2, 64, KvFormat::Int8, vec![40, 64]),
+        (4, 128, KvFormat::Int4, vec![1024, 7, 129]),
+        (3, 64, KvFormat::Int4, vec![300, 64]),
     ] {
         attention(b, &mut rng, &mut push, group, hd, format, &contexts, 1);
     }
@@ -192,9 +194,20 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         &[130, 200, 9],
         130,
     );
+    attention(
+        b,
+        &mut rng,
+        &mut push,
+        2,
+        64,
+        KvFormat::Int4,
+        &[70, 150],
+        70,
+    );
     swiglu(b, &mut rng, &mut push);
     rope_store(b, &mut rng, &mut push, KvFormat::F16);
     rope_store(b, &mut rng, &mut push, KvFormat::Int8);
+    rope_store(b, &mut rng, &mut push, KvFormat::Int4);
     argmax(b, &mut rng, &mut push);
     out
 }
@@ -548,19 +561,37 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
             got_v.extend_from_slice(&vc[at..at + hd]);
         }
     }
-    // f16 rounds each value by about 3e-4 relative; int8 by up to half a step of max|x| / 127 per vector.
+    // f16 rounds each value by about 3e-4 relative; int8 by up to half a step of max|x| / 127 per vector. int4's
+    // steps are coarse (a 32-dim group's range / 15), so its reference is the host's own quantization of the exact
+    // values: the kernel must reach the same codes (a value on a rounding boundary may land one code off).
     let tol = if format == KvFormat::Int8 { 1e-2 } else { 2e-3 };
+    let stored = |exact: Vec<f64>| -> (Vec<f64>, f64) {
+        if format != KvFormat::Int4 {
+            return (exact, tol);
+        }
+        let x: Vec<f32> = exact.iter().map(|&e| e as f32).collect();
+        let mut out = vec![0f32; x.len()];
+        let pp = 2 * hd.div_ceil(crate::kv::INT4_GROUP);
+        for (xv, ov) in x.chunks(hd).zip(out.chunks_mut(hd)) {
+            let (mut q, mut p) = (vec![0u8; hd / 2], vec![half::f16::ZERO; pp]);
+            crate::kv::quant::quantize_int4(xv, &mut q, &mut p);
+            crate::kv::quant::dequantize_int4(&q, &p, ov);
+        }
+        (out.into_iter().map(f64::from).collect(), 1e-2)
+    };
+    let (want_k, tol_k) = stored(rotate(&k, kvh));
     push(
         format!("rope_store cached K hd{hd} {format:?}"),
         got_k,
-        rotate(&k, kvh),
-        tol,
+        want_k,
+        tol_k,
     );
+    let (want_v, tol_v) = stored(v.iter().map(|&x| x as f64).collect());
     push(
         format!("rope_store cached V hd{hd} {format:?}"),
         got_v,
-        v.iter().map(|&x| x as f64).collect(),
-        tol,
+        want_v,
+        tol_v,
     );
 }
 

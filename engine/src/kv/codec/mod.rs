@@ -20,7 +20,6 @@ pub mod fp8;
 mod packed;
 
 use super::KvFormat;
-use half::f16;
 
 /// How blocks are encoded for transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -230,11 +229,6 @@ pub fn decode_block(
         }
     }
     Ok(())
-}
-
-/// An f16 that stays finite (saturates instead of overflowing to infinity).
-fn f16_sat(x: f32) -> f16 {
-    f16::from_f32(x.clamp(-65504.0, 65504.0))
 }
 
 #[cfg(test)]

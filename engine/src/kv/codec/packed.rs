@@ -8,8 +8,9 @@
 //! - per-channel 2-bit (kivi2 keys): per head and dim, an f16 min and f16 scale over the block's tokens, then the
 //!   codes of those tokens.
 
-use super::{BlockShape, Codec, CodecError, f16_sat, fp8};
+use super::{BlockShape, Codec, CodecError, fp8};
 use crate::kv::KvFormat;
+use crate::kv::quant::{affine_code, affine_inv, affine_params, f16_sat};
 use half::f16;
 
 const GROUP: usize = 32;
@@ -84,27 +85,18 @@ fn round_half_away(x: f32) -> i32 {
 
 /// Quantizes `vals` to `bits`-bit codes over `[min, min + scale * levels]` and appends min, scale and the codes.
 fn put_run<const BITS: u32>(vals: &[f32], out: &mut Vec<u8>) {
-    let levels = (1i32 << BITS) - 1;
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in vals {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
-    let min = f16_sat(lo);
-    let scale = f16_sat(((hi - min.to_f32()) / levels as f32).max(0.0));
+    let levels = (1u32 << BITS) - 1;
+    let (min, scale) = affine_params(vals, levels);
     out.extend_from_slice(&min.to_le_bytes());
     out.extend_from_slice(&scale.to_le_bytes());
-    let (mf, sf) = (min.to_f32(), scale.to_f32());
-    let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
-    // Codes as floats clamped to [0, levels] first, so the conversion is a plain truncation (vectorizable);
-    // `+ 0.5` then rounds. Packed through a stack buffer: extending the output byte by byte costs more than this.
+    let (mf, inv) = (min.to_f32(), affine_inv(scale));
+    // Packed through a stack buffer: extending the output byte by byte costs more than this.
     let per_byte = 8 / BITS as usize;
-    let top = levels as f32;
     let mut codes = [0u8; 64];
     let mut packed = [0u8; 32];
     for run in vals.chunks(codes.len()) {
         for (c, &v) in codes.iter_mut().zip(run) {
-            *c = ((v - mf) * inv + 0.5).clamp(0.0, top) as u8;
+            *c = affine_code(v, mf, inv, levels);
         }
         codes[run.len()..].fill(0);
         let n = run.len().div_ceil(per_byte);

@@ -1,0 +1,123 @@
+//! The quantization rules the quantized cache formats and the transfer codecs share, so that a cache block and
+//! its wire form round the same values the same way.
+//!
+//! - int8: symmetric, one f16 scale per vector (`max |x| / 127`).
+//! - int4 (and kivi2's 2-bit values): asymmetric over `[min, min + levels * scale]`, min and scale rounded to f16
+//!   (saturating) before the codes are computed; the cache format and the `int4` codec take groups of 32 dims.
+
+use half::f16;
+
+/// Dims per (min, scale) pair of the int4 cache format and codec.
+pub const INT4_GROUP: usize = 32;
+
+/// `x` as f16, saturated to the finite range (an f16 scale or min must never be infinite).
+pub fn f16_sat(x: f32) -> f16 {
+    f16::from_f32(x.clamp(-65504.0, 65504.0))
+}
+
+/// The `int8` cache format's rule for one vector: a symmetric scale `max |x| / 127`, rounded to f16 first so that
+/// quantization and dequantization use the same value, and `q = round(x / scale)`. Returns the scale.
+pub fn quantize_int8(x: &[f32], q: &mut [i8]) -> f16 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = f16::from_f32(amax / 127.0);
+    let inv = if s.to_f32() > 0.0 {
+        1.0 / s.to_f32()
+    } else {
+        0.0
+    };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    s
+}
+
+/// The asymmetric rule's (min, scale) for a run of values quantized to codes `0..=levels`.
+pub fn affine_params(vals: &[f32], levels: u32) -> (f16, f16) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in vals {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if vals.is_empty() {
+        return (f16::ZERO, f16::ZERO);
+    }
+    let min = f16_sat(lo);
+    (min, f16_sat(((hi - min.to_f32()) / levels as f32).max(0.0)))
+}
+
+/// The code of `v` under (min, 1 / scale) (0 when the scale is 0): `round((v - min) / scale)`, halves up, clamped to
+/// `0..=levels`. Written as a clamp then a truncation, which vectorizes.
+#[inline]
+pub fn affine_code(v: f32, min: f32, inv: f32, levels: u32) -> u8 {
+    ((v - min) * inv + 0.5).clamp(0.0, levels as f32) as u8
+}
+
+/// The reciprocal the codes are computed with.
+#[inline]
+pub fn affine_inv(scale: f16) -> f32 {
+    let s = scale.to_f32();
+    if s > 0.0 { 1.0 / s } else { 0.0 }
+}
+
+/// One vector in the int4 cache format: codes two per byte (even dim in the low nibble) into `codes`
+/// (`x.len().div_ceil(2)` bytes), and per group of [`INT4_GROUP`] dims its min and scale into `params`.
+pub fn quantize_int4(x: &[f32], codes: &mut [u8], params: &mut [f16]) {
+    codes.fill(0);
+    for (g, run) in x.chunks(INT4_GROUP).enumerate() {
+        let (min, scale) = affine_params(run, 15);
+        params[2 * g] = min;
+        params[2 * g + 1] = scale;
+        let (mf, inv) = (min.to_f32(), affine_inv(scale));
+        for (i, &v) in run.iter().enumerate() {
+            let d = g * INT4_GROUP + i;
+            codes[d / 2] |= affine_code(v, mf, inv, 15) << (4 * (d % 2));
+        }
+    }
+}
+
+/// The inverse of [`quantize_int4`]: `out.len()` values from their codes and group parameters.
+pub fn dequantize_int4(codes: &[u8], params: &[f16], out: &mut [f32]) {
+    for (g, run) in out.chunks_mut(INT4_GROUP).enumerate() {
+        let (min, scale) = (params[2 * g].to_f32(), params[2 * g + 1].to_f32());
+        for (i, o) in run.iter_mut().enumerate() {
+            let d = g * INT4_GROUP + i;
+            *o = min + scale * f32::from((codes[d / 2] >> (4 * (d % 2))) & 15);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int4_round_trips_within_half_a_step() {
+        // 40 dims: one full group and a short one.
+        let x: Vec<f32> = (0..40)
+            .map(|i| (i as f32 * 0.71).cos() * 3.0 - 0.5)
+            .collect();
+        let mut codes = vec![0u8; 20];
+        let mut params = vec![f16::ZERO; 4];
+        quantize_int4(&x, &mut codes, &mut params);
+        let mut out = vec![0f32; 40];
+        dequantize_int4(&codes, &params, &mut out);
+        for (g, (xs, os)) in x.chunks(INT4_GROUP).zip(out.chunks(INT4_GROUP)).enumerate() {
+            let step = params[2 * g + 1].to_f32();
+            assert!(step > 0.0);
+            for (a, b) in xs.iter().zip(os) {
+                // Half a step, plus the min's own f16 rounding.
+                assert!(
+                    (a - b).abs() <= step / 2.0 + 3e-3,
+                    "group {g}: {a} vs {b} (step {step})"
+                );
+            }
+        }
+        // A constant run: scale 0, every value exact up to the min's rounding, no NaN.
+        let mut c = vec![0u8; 2];
+        let mut p = vec![f16::ZERO; 2];
+        quantize_int4(&[1.25; 4], &mut c, &mut p);
+        let mut o = vec![0f32; 4];
+        dequantize_int4(&c, &p, &mut o);
+        assert_eq!(o, vec![1.25; 4]);
+    }
+}
