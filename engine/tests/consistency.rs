@@ -155,36 +155,58 @@ fn f16_cache_stays_close_to_f32() {
     assert_eq!(ga, gb);
 }
 
-#[test]
-fn int8_cache_stays_close_to_f32_in_a_quarter_of_the_memory() {
+/// Engines with an f32 cache and with a `format` cache (64 blocks each), the ratio of their cache sizes checked
+/// against `bytes_per_64_dims` (f32: 256), and every fixture prompt's prefill logits compared: per prompt, whether
+/// the argmax agrees, the largest and the mean absolute difference.
+#[allow(clippy::type_complexity)]
+fn against_f32(
+    format: KvFormat,
+    bytes_per_64_dims: usize,
+) -> (
+    Engine<CpuBackend>,
+    Engine<CpuBackend>,
+    Vec<Vec<u32>>,
+    Vec<(bool, f32, f32)>,
+) {
     let config = |kv_format| EngineConfig {
         num_blocks: 64,
         kv_format,
         ..Default::default()
     };
     let (mut a, tok) = setup(config(KvFormat::F32));
-    let (mut b, _) = setup(config(KvFormat::Int8));
+    let (mut b, _) = setup(config(format));
     let (fa, fb) = (a.kv_layout().total_bytes(), b.kv_layout().total_bytes());
-    // 64 dims at 4 bytes against 64 at 1 byte plus a 2-byte scale.
-    assert_eq!(fa * 66, fb * 256);
+    assert_eq!(fa * bytes_per_64_dims, fb * 256, "{format:?} cache size");
     let ps = prompts(&tok);
+    let diffs = ps
+        .iter()
+        .map(|p| {
+            let (sa, sb) = (a.add_sequence(p).unwrap(), b.add_sequence(p).unwrap());
+            let (la, lb) = (a.prefill(sa).unwrap(), b.prefill(sb).unwrap());
+            let d: Vec<f32> = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).collect();
+            a.remove_sequence(sa).unwrap();
+            b.remove_sequence(sb).unwrap();
+            (
+                argmax(&la) == argmax(&lb),
+                d.iter().copied().fold(0f32, f32::max),
+                d.iter().sum::<f32>() / d.len() as f32,
+            )
+        })
+        .collect();
+    (a, b, ps, diffs)
+}
+
+#[test]
+fn int8_cache_stays_close_to_f32_in_a_quarter_of_the_memory() {
+    // 64 dims at 4 bytes against 64 at 1 byte plus a 2-byte scale.
+    let (mut a, mut b, ps, diffs) = against_f32(KvFormat::Int8, 66);
     // Every prompt's logits after prefill: the same argmax, and close everywhere.
-    for p in &ps {
-        let (sa, sb) = (a.add_sequence(p).unwrap(), b.add_sequence(p).unwrap());
-        let (la, lb) = (a.prefill(sa).unwrap(), b.prefill(sb).unwrap());
-        assert_eq!(argmax(&la), argmax(&lb));
-        let worst = la
-            .iter()
-            .zip(&lb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let mean = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).sum::<f32>() / la.len() as f32;
+    for (same, worst, mean) in diffs {
+        assert!(same, "int8 changes the next token");
         assert!(
             worst > 0.0 && worst < 2.0 && mean < 0.4,
             "int8 logits differ by {worst} (mean {mean})"
         );
-        a.remove_sequence(sa).unwrap();
-        b.remove_sequence(sb).unwrap();
     }
     // Batched greedy decoding reads the int8 blocks in place: the first tokens agree.
     let ga = greedy_batch(&mut a, &ps, 6);
@@ -199,31 +221,14 @@ fn int8_cache_stays_close_to_f32_in_a_quarter_of_the_memory() {
 
 #[test]
 fn int4_cache_holds_six_times_the_tokens_of_f32_and_stays_close() {
-    let config = |kv_format| EngineConfig {
-        num_blocks: 64,
-        kv_format,
-        ..Default::default()
-    };
-    let (mut a, tok) = setup(config(KvFormat::F32));
-    let (mut b, _) = setup(config(KvFormat::Int4));
-    let (fa, fb) = (a.kv_layout().total_bytes(), b.kv_layout().total_bytes());
     // 64 dims at 4 bytes against 64 at half a byte plus two (min, scale) pairs of f16.
-    assert_eq!(fa * 40, fb * 256);
-    let ps = prompts(&tok);
-    let (mut agree, mut worst_mean) = (0, 0f32);
-    for p in &ps {
-        let (sa, sb) = (a.add_sequence(p).unwrap(), b.add_sequence(p).unwrap());
-        let (la, lb) = (a.prefill(sa).unwrap(), b.prefill(sb).unwrap());
-        agree += usize::from(argmax(&la) == argmax(&lb));
-        let mean = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).sum::<f32>() / la.len() as f32;
-        assert!(
-            mean > 0.0,
-            "int4 logits identical to f32: the cache was not quantized"
-        );
-        worst_mean = worst_mean.max(mean);
-        a.remove_sequence(sa).unwrap();
-        b.remove_sequence(sb).unwrap();
-    }
+    let (_, _, ps, diffs) = against_f32(KvFormat::Int4, 40);
+    assert!(
+        diffs.iter().all(|d| d.2 > 0.0),
+        "int4 logits identical to f32: the cache was not quantized"
+    );
+    let agree = diffs.iter().filter(|d| d.0).count();
+    let worst_mean = diffs.iter().map(|d| d.2).fold(0f32, f32::max);
     // Coarser than int8 (16 levels per 32 dims; measured: mean logit difference 1.3 at worst, the same next token for
     // every prompt), still the same model: mostly the same next token, logits within a few units.
     assert!(

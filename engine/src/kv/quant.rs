@@ -75,13 +75,19 @@ pub fn quantize_int4(x: &[f32], codes: &mut [u8], params: &mut [f16]) {
     }
 }
 
-/// The inverse of [`quantize_int4`]: `out.len()` values from their codes and group parameters.
+/// The inverse of [`quantize_int4`]: `out.len()` values from their codes and group parameters. Attention reads
+/// every cached token through this, so each group's 16 possible values are computed once and each byte is two
+/// table lookups.
 pub fn dequantize_int4(codes: &[u8], params: &[f16], out: &mut [f32]) {
     for (g, run) in out.chunks_mut(INT4_GROUP).enumerate() {
         let (min, scale) = (params[2 * g].to_f32(), params[2 * g + 1].to_f32());
-        for (i, o) in run.iter_mut().enumerate() {
-            let d = g * INT4_GROUP + i;
-            *o = min + scale * f32::from((codes[d / 2] >> (4 * (d % 2))) & 15);
+        let value: [f32; 16] = std::array::from_fn(|c| min + scale * c as f32);
+        let bytes = &codes[g * INT4_GROUP / 2..];
+        for (pair, &b) in run.chunks_mut(2).zip(bytes) {
+            pair[0] = value[usize::from(b & 15)];
+            if let Some(o) = pair.get_mut(1) {
+                *o = value[usize::from(b >> 4)];
+            }
         }
     }
 }
@@ -101,6 +107,16 @@ mod tests {
         quantize_int4(&x, &mut codes, &mut params);
         let mut out = vec![0f32; 40];
         dequantize_int4(&codes, &params, &mut out);
+        // Exactly min + scale * code, element by element.
+        for (d, &o) in out.iter().enumerate() {
+            let g = d / INT4_GROUP;
+            let code = f32::from((codes[d / 2] >> (4 * (d % 2))) & 15);
+            assert_eq!(
+                o,
+                params[2 * g].to_f32() + params[2 * g + 1].to_f32() * code,
+                "dim {d}"
+            );
+        }
         for (g, (xs, os)) in x.chunks(INT4_GROUP).zip(out.chunks(INT4_GROUP)).enumerate() {
             let step = params[2 * g + 1].to_f32();
             assert!(step > 0.0);

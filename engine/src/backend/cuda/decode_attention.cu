@@ -460,11 +460,4 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, part, arrived, row_ctx, row_table, tables, kv_heads,    \
                               group, block_size, layer_off, scale, splits, stages, stage_bytes);                \
     }
-ATTENTION(float, f32, 64)
-ATTENTION(float, f32, 128)
-ATTENTION(__half, f16, 64)
-ATTENTION(__half, f16, 128)
-ATTENTION(i8, i8, 64)
-ATTENTION(i8, i8, 128)
-ATTENTION(u4x2, i4, 64)
-ATTENTION(u4x2, i4, 128)
+FOR_EACH_FORMAT_AND_HEAD_DIM(ATTENTION)

@@ -254,6 +254,12 @@ template <> __device__ __forceinline__ void store_pair<u4x2>(u4x2* c, __half* sc
     __syncthreads();
 }
 
+// Every cache format (element type, kernel-name suffix) and head dim the attention kernels are compiled for, as
+// FORMATS and HEAD_DIMS in module.rs name them.
+#define FOR_EACH_FORMAT_AND_HEAD_DIM(M) \
+    M(float, f32, 64) M(float, f32, 128) M(__half, f16, 64) M(__half, f16, 128) M(i8, i8, 64) M(i8, i8, 128) \
+    M(u4x2, i4, 64) M(u4x2, i4, 128)
+
 // Grid (rows, kv_heads), head_dim / 2 threads: writes each row's K and V into its slot of one layer.
 template <typename T>
 __device__ void store_kv_impl(const float* k, const float* v, T* kc, T* vc, __half* ksc, __half* vsc, const u32* slots,

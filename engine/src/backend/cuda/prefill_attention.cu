@@ -286,11 +286,4 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
         prefill_attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, ob, tile_row0, tile_rows, row_ctx, row_table,   \
                                       tables, kv_heads, group, block_size, layer_off, scale);                   \
     }
-PREFILL_ATTENTION(float, f32, 64)
-PREFILL_ATTENTION(float, f32, 128)
-PREFILL_ATTENTION(__half, f16, 64)
-PREFILL_ATTENTION(__half, f16, 128)
-PREFILL_ATTENTION(i8, i8, 64)
-PREFILL_ATTENTION(i8, i8, 128)
-PREFILL_ATTENTION(u4x2, i4, 64)
-PREFILL_ATTENTION(u4x2, i4, 128)
+FOR_EACH_FORMAT_AND_HEAD_DIM(PREFILL_ATTENTION)
