@@ -1,9 +1,11 @@
-//! The quantization rules the quantized cache formats and the transfer codecs share, so that a cache block and
-//! its wire form round the same values the same way.
+//! The quantization rules of the quantized cache formats, shared with the transfer codecs where their layouts allow,
+//! so that a cache block and its wire form round the same values the same way.
 //!
-//! - int8: symmetric, one f16 scale per vector (`max |x| / 127`).
+//! - int8: symmetric, one f16 scale per vector (`max |x| / 127`). The `int8` codec applies the same rule with its
+//!   own loop over packed bytes (and a scale saturated to f16's range).
 //! - int4 (and kivi2's 2-bit values): asymmetric over `[min, min + levels * scale]`, min and scale rounded to f16
-//!   (saturating) before the codes are computed; the cache format and the `int4` codec take groups of 32 dims.
+//!   (saturating) before the codes are computed; the cache format and the `int4` codec take groups of 32 dims, and
+//!   both compute their codes with [`affine_params`] and [`affine_code`].
 
 use half::f16;
 

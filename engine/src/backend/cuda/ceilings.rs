@@ -84,12 +84,19 @@ pub fn gemv_read_rate(b: &CudaBackend, rows: usize, cols: usize, swiglu: bool) -
     let values: Vec<f32> = (0..rows * cols)
         .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5)
         .collect();
-    let bytes = rows * cols * 2 * if swiglu { 2 } else { 1 };
+    let per_launch = if swiglu { 2 } else { 1 };
+    let bytes = rows * cols * 2 * per_launch;
     let copies = (256usize << 20).div_ceil(bytes).max(2);
-    let weights: Vec<_> = (0..copies * 2)
-        .map(|_| b.matrix(rows, cols, &values))
-        .collect::<Option<_>>()
+    // Converted and uploaded once, then copied on the device.
+    let first = b
+        .matrix(rows, cols, &values)
         .ok_or_else(|| EngineError::Device("uploading the GEMV weights".into()))?;
+    let mut weights = Vec::with_capacity(copies * per_launch);
+    for _ in 1..copies * per_launch {
+        let data = b.stream.clone_dtod(&first.data).map_err(dev)?;
+        weights.push(CudaMatrix { rows, cols, data });
+    }
+    weights.push(first);
     let x = b.tensor(1, cols, &values[..cols]);
     let (mut o1, mut o2) = (
         b.tensor(1, rows, &values[..rows]),
@@ -101,11 +108,11 @@ pub fn gemv_read_rate(b: &CudaBackend, rows: usize, cols: usize, swiglu: bool) -
         b.stream.synchronize().map_err(dev)?;
         let t = Instant::now();
         for l in 0..LAUNCHES {
-            let (w, w2) = (&weights[2 * (l % copies)], &weights[2 * (l % copies) + 1]);
+            let w = &weights[per_launch * (l % copies)..];
             if swiglu {
-                b.swiglu_rows(&x, w, w2, &mut o1, &mut o2);
+                b.swiglu_rows(&x, &w[0], &w[1], &mut o1, &mut o2);
             } else {
-                b.matmul_rows(&x, &mut [(w, &mut o1)]);
+                b.matmul_rows(&x, &mut [(&w[0], &mut o1)]);
             }
         }
         b.stream.synchronize().map_err(dev)?;

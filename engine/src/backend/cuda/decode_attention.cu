@@ -142,12 +142,11 @@ template <typename T, int HD> __device__ __forceinline__ int v_slot(int r, int g
 
 // One stage of a warp's ring: K rows, V rows (16 x HD values each), then for int8 the words holding each row's K
 // and V scale (16 + 16 u32) and a mask of which rows' scales sit in the upper half of their word, for int4 each
-// row's (min, scale) pairs (K rows, then V rows; HD / 32 pairs each).
+// row's (min, scale) pairs (K rows, then V rows; HD / 32 pairs each). The host sizes stages to this layout
+// (`decode_stages` in module.rs) and passes the stride.
 template <typename T, int HD> struct Stage {
     static constexpr int ROW = HD / 8 * Group<T>::BYTES;
     static constexpr int PARAMS = HD / 32 * 4;  // bytes of one int4 row's (min, scale) pairs
-    static constexpr int BYTES = 2 * DA_TILE * ROW + (Group<T>::SCALED ? 2 * DA_TILE * 4 + 16 : 0) +
-                                 (Group<T>::AFFINE ? 2 * DA_TILE * PARAMS : 0);
 };
 
 template <typename T, int HD>

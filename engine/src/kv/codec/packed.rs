@@ -13,7 +13,8 @@ use crate::kv::KvFormat;
 use crate::kv::quant::{affine_code, affine_inv, affine_params, f16_sat};
 use half::f16;
 
-const GROUP: usize = 32;
+/// Dims per (min, scale) pair of int4 and of kivi2's values: the int4 cache format's group.
+const GROUP: usize = crate::kv::INT4_GROUP;
 
 fn at(s: BlockShape, h: usize, t: usize) -> usize {
     (h * s.block_size + t) * s.head_dim
