@@ -14,7 +14,7 @@ use super::pool::SpinPool;
 use super::{CpuMatrix, CpuTensor};
 use crate::quant::actq::{ActBlock, quantize_activations};
 use crate::quant::dequant::dequantize_row;
-use crate::quant::dot::{dot_rows, has_kernel};
+use crate::quant::dot::{DotKernels, dot_rows, has_kernel};
 use std::cell::RefCell;
 
 /// Above this many rows, dequantize + SGEMM beats the integer kernel. Measured on the 2-vCPU development VM with
@@ -38,7 +38,7 @@ pub fn matmul(
     pool: &SpinPool,
     x: &CpuTensor,
     pairs: &mut [(&CpuMatrix, &mut CpuTensor)],
-    use_simd: bool,
+    kernels: DotKernels,
 ) {
     let m = x.rows;
     for (w, out) in pairs.iter_mut() {
@@ -88,7 +88,7 @@ pub fn matmul(
         let w = weights[pi];
         let (out, n) = outs[pi];
         match &xq {
-            Some(xq) => int_rows(w, xq, m, r0, r1, out, n, use_simd),
+            Some(xq) => int_rows(w, xq, m, r0, r1, out, n, kernels),
             None => gemm_rows(w, x, r0, r1, out, n),
         }
     });
@@ -103,7 +103,7 @@ fn int_rows(
     r1: usize,
     out: OutPtr,
     n: usize,
-    simd: bool,
+    kernels: DotKernels,
 ) {
     let bpr = w.cols / 32;
     let xrows: Vec<&[ActBlock]> = (0..m).map(|r| &xq[r * bpr..(r + 1) * bpr]).collect();
@@ -115,7 +115,7 @@ fn int_rows(
         r0..r1,
         &xrows,
         &mut res,
-        simd,
+        kernels,
     );
     for (i, wr) in (r0..r1).enumerate() {
         for (xr, v) in res[i * m..(i + 1) * m].iter().enumerate() {

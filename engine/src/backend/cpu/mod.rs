@@ -19,6 +19,7 @@ use crate::model::config::{RopeConfig, RopeLayout};
 use crate::model::source::WeightView;
 use crate::quant::GgmlType;
 use crate::quant::dequant::dequantize_row;
+use crate::quant::dot::DotKernels;
 use kvbuf::KvBuf;
 
 /// A weight matrix as stored in the model file, borrowed from its map.
@@ -80,7 +81,8 @@ pub struct CpuPlan {
 /// The CPU backend: run-time chosen kernels and its own compute threads.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
-    use_simd: bool,
+    /// The integer dot kernels (the f32 kernels pick theirs in [`simd`]).
+    kernels: DotKernels,
     pool: std::sync::Arc<pool::SpinPool>,
 }
 
@@ -88,7 +90,7 @@ impl CpuBackend {
     /// A backend computing on `threads` threads (the calling thread included).
     pub fn new(threads: usize) -> Self {
         Self {
-            use_simd: simd::has_avx2(),
+            kernels: DotKernels::detect(),
             pool: std::sync::Arc::new(pool::SpinPool::new(threads)),
         }
     }
@@ -99,7 +101,7 @@ impl CpuBackend {
     /// A backend that never uses SIMD kernels (for tests comparing the two paths).
     pub fn portable(threads: usize) -> Self {
         Self {
-            use_simd: false,
+            kernels: DotKernels::Portable,
             ..Self::new(threads)
         }
     }
@@ -111,11 +113,7 @@ impl CpuBackend {
         self.pool.run(n, f)
     }
     pub fn simd_name(&self) -> &'static str {
-        if self.use_simd {
-            "avx2+fma"
-        } else {
-            "portable"
-        }
+        self.kernels.name()
     }
 }
 
@@ -218,7 +216,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, pairs: &mut [(&CpuMatrix, &mut CpuTensor)]) {
-        matmul::matmul(&self.pool, x, pairs, self.use_simd);
+        matmul::matmul(&self.pool, x, pairs, self.kernels);
     }
 
     fn add_bias(&self, x: &mut CpuTensor, b: &Vec<f32>) {
