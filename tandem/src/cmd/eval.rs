@@ -4,7 +4,7 @@
 //! from scratch and only the second half of it is scored (each token predicted with at least `context/2` tokens of
 //! context), so the number is comparable with llama.cpp's for the same file, model and context.
 
-use super::{ModelArgs, load};
+use super::{Loaded, ModelArgs};
 use anyhow::{Context, Result};
 use tandem_engine::backend::Backend;
 use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
@@ -33,6 +33,8 @@ pub struct PerplexityArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
 }
 
 pub fn run(c: EvalCommand, threads: usize) -> Result<()> {
@@ -81,7 +83,12 @@ fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let mut loaded = load(&a.model, threads)?;
+    crate::on_device!(a.device, threads, &a.model, |loaded| perplexity_on(
+        &a, loaded, &text
+    ))
+}
+
+fn perplexity_on<B: Backend>(a: &PerplexityArgs, mut loaded: Loaded<B>, text: &str) -> Result<()> {
     let ctx = loaded.engine.model.config.context_len;
     if a.context < 4 || a.context > ctx {
         anyhow::bail!(
@@ -89,7 +96,7 @@ fn perplexity(a: PerplexityArgs, threads: usize) -> Result<()> {
             a.context
         );
     }
-    let tokens = loaded.tokenizer.encode(&text)?;
+    let tokens = loaded.tokenizer.encode(text)?;
     let mut windows = tokens.len() / a.context;
     if windows == 0 {
         anyhow::bail!(

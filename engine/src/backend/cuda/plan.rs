@@ -79,6 +79,9 @@ impl Packed {
             }
         }
         let logit_rows: Vec<u32> = layout.logit_rows.iter().map(|&r| r as u32).collect();
+        // The block tables come last: their length changes from step to step (a sequence crossing a block
+        // boundary), and a recorded decode step reads every other part from the address it had when recorded, so
+        // those must depend on the step's shape alone.
         let parts: [&[u32]; 10] = [
             &layout.tokens,
             &layout.slots,
@@ -86,10 +89,10 @@ impl Packed {
             &inv,
             &row_ctx,
             &row_table,
-            &tables,
             &logit_rows,
             &tile_row0,
             &tile_rows,
+            &tables,
         ];
         let mut words = Vec::new();
         let mut offsets = [0; 10];
@@ -124,15 +127,71 @@ impl Packed {
             inv_freq: p(3),
             row_ctx: p(4),
             row_table: p(5),
-            tables: p(6),
-            logit_rows: p(7),
+            logit_rows: p(6),
             n_logit_rows: self.n_logit_rows,
-            tile_row0: p(8),
-            tile_rows: p(9),
+            tile_row0: p(7),
+            tile_rows: p(8),
+            tables: p(9),
             n_tiles: self.n_tiles,
             ctx_bucket: self.ctx_bucket,
             half_dim: self.half_dim,
             interleaved: self.interleaved,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SeqSlice;
+    use crate::model::Head;
+
+    /// A decode step of `seqs` sequences, sequence `i` at context `ctx[i]` (one row each), blocks of 16.
+    fn decode_step(ctx: &[usize]) -> BatchLayout {
+        let seqs = ctx
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| SeqSlice {
+                first_row: i,
+                n_rows: 1,
+                start_pos: c - 1,
+                block_table: (0..c.div_ceil(16) as u32).map(|b| 100 * i as u32 + b).collect(),
+            })
+            .collect();
+        BatchLayout {
+            tokens: vec![7; ctx.len()],
+            positions: ctx.iter().map(|&c| c as u32 - 1).collect(),
+            slots: vec![0; ctx.len()],
+            seqs,
+            logit_rows: (0..ctx.len()).collect(),
+            head: Head::Argmax,
+            capturable: true,
+        }
+    }
+
+    #[test]
+    fn a_decode_steps_parts_stay_put_while_its_block_tables_grow() {
+        let rope = RopeConfig {
+            theta: 10_000.0,
+            layout: RopeLayout::Halves,
+            freq_factors: None,
+        };
+        // Same shape (three rows, three logit rows, one context bucket), 4 vs 10 table entries.
+        let (a, b) = (decode_step(&[16, 17, 30]), decode_step(&[40, 60, 63]));
+        let (pa, pb) = (Packed::new(&a, &rope, 64), Packed::new(&b, &rope, 64));
+        assert_eq!(pa.ctx_bucket, pb.ctx_bucket);
+        let (pa, pb) = (pa.at(0), pb.at(0));
+        for (name, x, y) in [
+            ("tokens", pa.tokens, pb.tokens),
+            ("slots", pa.slots, pb.slots),
+            ("positions", pa.positions, pb.positions),
+            ("inv_freq", pa.inv_freq, pb.inv_freq),
+            ("row_ctx", pa.row_ctx, pb.row_ctx),
+            ("row_table", pa.row_table, pb.row_table),
+            ("logit_rows", pa.logit_rows, pb.logit_rows),
+            ("tables", pa.tables, pb.tables),
+        ] {
+            assert_eq!(x, y, "{name} moved between two steps of the same shape");
         }
     }
 }
