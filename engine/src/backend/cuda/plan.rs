@@ -155,7 +155,9 @@ mod tests {
                 first_row: i,
                 n_rows: 1,
                 start_pos: c - 1,
-                block_table: (0..c.div_ceil(16) as u32).map(|b| 100 * i as u32 + b).collect(),
+                block_table: (0..c.div_ceil(16) as u32)
+                    .map(|b| 100 * i as u32 + b)
+                    .collect(),
             })
             .collect();
         BatchLayout {
