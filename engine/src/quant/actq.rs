@@ -12,8 +12,7 @@ const QMAX: f32 = 32767.0;
 
 /// One block of 32 activations: `x[i] ~= d * qs[i]`.
 #[derive(Debug, Clone, Copy)]
-/// Aligned to a cache line so that the AVX-512 kernel's one 64-byte load of `qs` never splits across two.
-#[repr(C, align(64))]
+#[repr(C, align(32))]
 pub struct ActBlock {
     pub qs: [i16; 32],
     pub d: f32,

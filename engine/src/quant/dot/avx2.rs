@@ -56,7 +56,7 @@ fn hsum(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
+fn f16_at(b: &[u8], at: usize) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
         u16::from_le_bytes([b[at], b[at + 1]]) as i32,
     )))
@@ -65,7 +65,7 @@ pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
 /// The two f16 values at the start of a Q4_1 block (scale and minimum), converted in one instruction.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn f16_pair(b: &[u8]) -> (f32, f32) {
+fn f16_pair(b: &[u8]) -> (f32, f32) {
     let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
         b[0], b[1], b[2], b[3],
     ])));

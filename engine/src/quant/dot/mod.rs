@@ -64,13 +64,11 @@ impl DotKernels {
     pub fn detect() -> Self {
         static KERNELS: OnceLock<DotKernels> = OnceLock::new();
         *KERNELS.get_or_init(|| {
-            let best = Self::available()
-                .into_iter()
-                .max()
-                .unwrap_or(Self::Portable);
+            let available = Self::available();
+            let best = available.iter().copied().max().unwrap_or(Self::Portable);
             let cap = std::env::var("TANDEM_CPU_KERNELS")
                 .ok()
-                .and_then(|v| Self::available().into_iter().find(|k| k.name() == v));
+                .and_then(|v| available.into_iter().find(|k| k.name() == v));
             cap.map_or(best, |c| c.min(best))
         })
     }
@@ -258,9 +256,9 @@ mod tests {
                 .collect();
             let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
             for n in 1..=xs.len() {
-                for isa in DotKernels::available() {
+                for kernels in DotKernels::available() {
                     let mut out = vec![0f32; wrows * n];
-                    dot_rows(ty, &w, row_bytes, 0..wrows, &refs[..n], &mut out, isa);
+                    dot_rows(ty, &w, row_bytes, 0..wrows, &refs[..n], &mut out, kernels);
                     for (i, (wq, wf)) in w.chunks_exact(row_bytes).zip(&wf).enumerate() {
                         for r in 0..n {
                             let got = out[i * n + r];
@@ -268,7 +266,7 @@ mod tests {
                             let scalar = dot_scalar(ty, wq, &xq[r]);
                             assert!(
                                 (got - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()),
-                                "{ty} n={n} {isa:?} weight row {i}, row {r}: {got} vs {scalar}"
+                                "{ty} n={n} {kernels:?} weight row {i}, row {r}: {got} vs {scalar}"
                             );
                             // 16-bit activations: the error is tiny against the f32 dot.
                             assert!(

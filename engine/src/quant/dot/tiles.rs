@@ -14,11 +14,13 @@ use std::cell::RefCell;
 
 /// Weight rows per tile.
 pub(super) const TILE_ROWS: usize = 8;
+/// Activation rows dotted with each tile register at once (their accumulators stay in registers).
+const GROUP: usize = 4;
 
 /// One block of a tile: for each of the block's 16 element pairs, eight rows x two i16.
 type TileBlock = [__m256i; 16];
 
-/// A tile of eight weight rows: blocks, and each block's eight scales (and Q4_1 minimums).
+/// A tile of eight weight rows: blocks, and each block's eight scales and (Q4_1 only; unread otherwise) minimums.
 struct Tile {
     blocks: Vec<TileBlock>,
     d: Vec<__m256>,
@@ -122,7 +124,9 @@ fn unpack(ty: GgmlType, w: &[u8], row_bytes: usize, first: usize, blocks: usize,
             ))
         };
         tile.d[b] = halves(ds);
-        tile.m[b] = halves(ms);
+        if ty == GgmlType::Q4_1 {
+            tile.m[b] = halves(ms);
+        }
     }
 }
 
@@ -150,9 +154,9 @@ macro_rules! tiled_kernel {
                     let tile = &mut *t.borrow_mut();
                     for (ti, first) in rows.step_by(TILE_ROWS).enumerate() {
                         unpack(ty, w, row_bytes, first, blocks, tile);
-                        for g in (0..n).step_by(4) {
-                            let xg = &xs[g..n.min(g + 4)];
-                            let acc: [__m256; 4] = if ty == GgmlType::Q4_1 {
+                        for g in (0..n).step_by(GROUP) {
+                            let xg = &xs[g..n.min(g + GROUP)];
+                            let acc: [__m256; GROUP] = if ty == GgmlType::Q4_1 {
                                 outputs::<true>(tile, xg)
                             } else {
                                 outputs::<false>(tile, xg)
@@ -170,11 +174,11 @@ macro_rules! tiled_kernel {
                 });
             }
 
-            /// The tile's eight outputs for each of up to four activation rows (unused ones zero).
+            /// The tile's eight outputs for each of up to [`GROUP`] activation rows (unused ones zero).
             #[inline]
             #[target_feature(enable = $features)]
-            fn outputs<const MIN: bool>(tile: &Tile, xs: &[&[ActBlock]]) -> [__m256; 4] {
-                fn pad<const N: usize>(a: [__m256; N]) -> [__m256; 4] {
+            fn outputs<const MIN: bool>(tile: &Tile, xs: &[&[ActBlock]]) -> [__m256; GROUP] {
+                fn pad<const N: usize>(a: [__m256; N]) -> [__m256; GROUP] {
                     // SAFETY: an all-zero bit pattern is a valid __m256.
                     std::array::from_fn(|j| {
                         if j < N {
@@ -188,7 +192,7 @@ macro_rules! tiled_kernel {
                     1 => pad(group::<1, MIN>(tile, xs)),
                     2 => pad(group::<2, MIN>(tile, xs)),
                     3 => pad(group::<3, MIN>(tile, xs)),
-                    _ => group::<4, MIN>(tile, xs),
+                    _ => group::<GROUP, MIN>(tile, xs),
                 }
             }
 
@@ -207,7 +211,7 @@ macro_rules! tiled_kernel {
                     let (mut even, mut odd) =
                         ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
                     // The i32 holding elements 2p and 2p+1 of row j's activation block, in every lane.
-                    // SAFETY: p < 16, so the read covers qs[2p..2p + 2]; qs is 64-byte aligned.
+                    // SAFETY: p < 16, so the read covers qs[2p..2p + 2]; qs opens a 32-byte aligned block.
                     let pair = |j: usize, p: usize| unsafe {
                         (x[j].qs.as_ptr() as *const i32).add(p).read()
                     };
