@@ -41,7 +41,32 @@ impl TensorInfo {
 
 /// Bytes that back a model, shared so that backends can keep zero-copy views of tensors alive: a memory map, or
 /// an owned buffer (tests, synthesized files).
-pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub type SharedBytes = std::sync::Arc<dyn Backing>;
+
+/// What [`SharedBytes`] holds.
+pub trait Backing: AsRef<[u8]> + Send + Sync {
+    /// Says that `range` will not be read again soon (a backend copied it into its own layout or memory), so that
+    /// its resident pages can go: a memory map drops them from this process (a later read faults them back in from
+    /// the file), an owned buffer keeps them.
+    fn release(&self, _range: std::ops::Range<usize>) {}
+}
+
+impl Backing for Vec<u8> {}
+
+impl Backing for memmap2::Mmap {
+    fn release(&self, range: std::ops::Range<usize>) {
+        // SAFETY: model maps are private, read-only file mappings, never written through, so dropping their pages
+        // discards nothing: the next read of the range faults the same bytes back in from the file. Out-of-range
+        // arguments are refused by memmap2 (an error, ignored: releasing is advice).
+        let _ = unsafe {
+            self.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            )
+        };
+    }
+}
 
 /// An opened GGUF file: metadata, tensor table, and the mapped bytes the tensor views borrow from.
 pub struct GgufFile {

@@ -8,6 +8,7 @@
 pub mod actq;
 pub mod dequant;
 pub mod dot;
+pub mod interleave;
 
 use crate::error::{EngineError, Result};
 

@@ -15,6 +15,7 @@ use super::{CpuMatrix, CpuTensor};
 use crate::quant::actq::{ActBlock, quantize_activations};
 use crate::quant::dequant::dequantize_row;
 use crate::quant::dot::{DotKernels, dot_rows, has_kernel};
+use crate::quant::interleave::GROUP_ROWS;
 use std::cell::RefCell;
 
 /// Above this many rows, dequantize + SGEMM beats the integer kernel. Measured on the 2-vCPU development VM with
@@ -66,8 +67,9 @@ pub fn matmul(
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
     for (pi, (w, _)) in pairs.iter().enumerate() {
         let chunk = if int_path {
-            // Enough tasks to balance, big enough to amortize scheduling (a row is ~0.5 KiB of weights).
-            (w.rows / (threads * 4)).clamp(16, 512)
+            // Enough tasks to balance, big enough to amortize scheduling (a row is ~0.5 KiB of weights); whole
+            // interleaved groups.
+            (w.rows / (threads * 4)).clamp(16, 512) / GROUP_ROWS * GROUP_ROWS
         } else {
             GEMM_TILE_ROWS
         };
@@ -110,6 +112,7 @@ fn int_rows(
     let mut res = vec![0f32; (r1 - r0) * m];
     dot_rows(
         w.ty,
+        w.layout,
         w.bytes(),
         w.row_bytes(),
         r0..r1,
@@ -128,17 +131,12 @@ fn int_rows(
 fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: OutPtr, n: usize) {
     let k = w.cols;
     let tile = r1 - r0;
-    let row_bytes = w.row_bytes();
-    let bytes = w.bytes();
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         s.resize(tile * k, 0.0);
+        let mut row = Vec::new();
         for (i, wr) in (r0..r1).enumerate() {
-            dequantize_row(
-                w.ty,
-                &bytes[wr * row_bytes..(wr + 1) * row_bytes],
-                &mut s[i * k..(i + 1) * k],
-            );
+            dequantize_row(w.ty, w.row(wr, &mut row), &mut s[i * k..(i + 1) * k]);
         }
         // SAFETY: x is m x k row-major; the tile is `tile` x k row-major, read as its transpose (k x tile) through
         // strides; the output block is columns r0..r1 of every row of the m x n output, owned by this task.

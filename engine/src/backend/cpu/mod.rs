@@ -20,13 +20,16 @@ use crate::model::source::WeightView;
 use crate::quant::GgmlType;
 use crate::quant::dequant::dequantize_row;
 use crate::quant::dot::DotKernels;
+use crate::quant::interleave::{self, GROUP_ROWS, Layout};
 use kvbuf::KvBuf;
 
-/// A weight matrix as stored in the model file, borrowed from its map.
+/// A weight matrix: borrowed from the model file's map as stored there, or (types the tiled kernels read) an owned
+/// copy in the interleaved layout ([`crate::quant::interleave`]).
 pub struct CpuMatrix {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
+    layout: Layout,
     shared: SharedBytes,
     offset: usize,
     len: usize,
@@ -38,6 +41,18 @@ impl CpuMatrix {
     }
     fn row_bytes(&self) -> usize {
         self.len / self.rows
+    }
+    /// Row `r` in the file layout: borrowed, or rebuilt into `scratch` from the interleaved layout.
+    fn row<'a>(&'a self, r: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        let rb = self.row_bytes();
+        match self.layout {
+            Layout::File => &self.bytes()[r * rb..(r + 1) * rb],
+            Layout::Interleaved => {
+                scratch.resize(rb, 0);
+                interleave::read_row(self.ty, self.bytes(), rb, r, scratch);
+                scratch
+            }
+        }
     }
 }
 
@@ -135,10 +150,29 @@ impl Backend for CpuBackend {
                 w.cols
             )));
         }
+        let row_bytes = w.bytes.len() / w.rows.max(1);
+        if self.kernels.layout() == Layout::Interleaved
+            && interleave::supports(w.ty)
+            && w.rows >= GROUP_ROWS
+        {
+            let packed: SharedBytes =
+                std::sync::Arc::new(interleave::interleave(w.ty, w.bytes, row_bytes));
+            w.shared.release(w.offset..w.offset + w.bytes.len());
+            return Ok(CpuMatrix {
+                ty: w.ty,
+                rows: w.rows,
+                cols: w.cols,
+                layout: Layout::Interleaved,
+                len: w.bytes.len(),
+                shared: packed,
+                offset: 0,
+            });
+        }
         Ok(CpuMatrix {
             ty: w.ty,
             rows: w.rows,
             cols: w.cols,
+            layout: Layout::File,
             shared: w.shared.clone(),
             offset: w.offset,
             len: w.bytes.len(),
@@ -192,12 +226,11 @@ impl Backend for CpuBackend {
 
     fn embed(&self, table: &CpuMatrix, plan: &CpuPlan, out: &mut CpuTensor) {
         out.resize(plan.layout.tokens.len(), table.cols);
-        let rb = table.row_bytes();
+        let mut scratch = Vec::new();
         for (r, &t) in plan.layout.tokens.iter().enumerate() {
-            let t = t as usize;
             dequantize_row(
                 table.ty,
-                &table.bytes()[t * rb..(t + 1) * rb],
+                table.row(t as usize, &mut scratch),
                 out.row_mut(r),
             );
         }

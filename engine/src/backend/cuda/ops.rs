@@ -47,6 +47,7 @@ impl Backend for CudaBackend {
         let data = self.stream.clone_htod(&bits).map_err(|e| {
             EngineError::Device(format!("uploading a {}x{} matrix: {e}", w.rows, w.cols))
         })?;
+        w.shared.release(w.offset..w.offset + w.bytes.len());
         Ok(CudaMatrix {
             rows: w.rows,
             cols: w.cols,

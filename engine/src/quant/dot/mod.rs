@@ -2,10 +2,11 @@
 //!
 //! `dot_rows` computes weight rows against several activation rows at once so the unpacked weights are reused from
 //! registers or L1; with a batch of sequences this turns a memory-bound matvec into one read of each weight byte
-//! per step. Two AVX2 kernels, monomorphized per type and row count so accumulators stay in registers: [`avx2`] one
-//! weight row at a time (batch 1, where it streams the weights once), [`tiles`] eight weight rows unpacked into an
-//! interleaved tile for batches; [`DotKernels`] is chosen at run time, and a portable scalar path computes the same
-//! integer sums.
+//! per step. Two AVX2 kernels, monomorphized per type and row count so accumulators stay in registers: [`tiles`]
+//! eight weight rows at a time from the interleaved layout made at load (the default, every batch size), and
+//! [`avx2`] one weight row at a time from the file layout (rows past the last whole group, and the baseline the
+//! tiles are measured against); [`DotKernels`] is chosen at run time, and a portable scalar path computes the same
+//! integer sums from either layout.
 //! Types without a kernel here (K-quants, floats) return `false` from [`has_kernel`] and are served by dequantizing
 //! rows (`backend::cpu::matmul`).
 
@@ -16,6 +17,7 @@ mod tiles;
 
 use super::GgmlType;
 use super::actq::ActBlock;
+use super::interleave::{self, GROUP_ROWS, Layout};
 use half::f16;
 use std::sync::OnceLock;
 
@@ -44,19 +46,13 @@ pub fn avx2_available() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DotKernels {
     Portable,
-    /// AVX2 kernels one weight row at a time (the baseline the tiles are measured against).
+    /// AVX2 kernels one weight row at a time over the file layout (the baseline the tiles are measured against).
     Avx2Rows,
-    /// AVX2 per-row kernels for a few activation rows, tiles of eight weight rows from [`TILE_MIN_ACT_ROWS`] on.
+    /// AVX2 tiles of eight weight rows over the interleaved layout, for every batch size.
     Avx2Tiles,
     /// As `Avx2Tiles`, the tiles multiply-accumulating with AVX-512 VNNI's `vpdpwssd` (256-bit form).
     VnniTiles,
 }
-
-/// Activation rows from which a product uses the tiled kernel. Measured on the development VM (Zen 4, a 1536 x 576
-/// Q4_1 product, ns per weight block and activation row, per-row kernel vs VNNI tiles): 1.16 vs 1.82 at 2 rows,
-/// 0.97 vs 1.04 at 4, 0.92 vs 0.77 at 8, 1.09 vs 0.61 at 16. Unpacking a tile (about 2.5 ns per weight block, the
-/// transposes) is what small batches cannot amortize.
-pub const TILE_MIN_ACT_ROWS: usize = 8;
 
 impl DotKernels {
     /// The best kernels this CPU runs, capped by `TANDEM_CPU_KERNELS` (`portable`, `avx2-rows`, `avx2-tiles` or
@@ -89,6 +85,16 @@ impl DotKernels {
         v
     }
 
+    /// The weight layout these kernels read: matrices of a type with an interleaved layout are stored in it at load
+    /// when the tiles will read them.
+    pub fn layout(self) -> Layout {
+        if self >= Self::Avx2Tiles {
+            Layout::Interleaved
+        } else {
+            Layout::File
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
@@ -99,13 +105,16 @@ impl DotKernels {
     }
 }
 
-/// Dot products of weight rows `rows` (each `row_bytes` long in `w`) with every activation row in `xs`:
-/// `out[(r - rows.start) * xs.len() + i] = dot(w_row(r), xs[i])`. `ty` must satisfy [`has_kernel`].
+/// Dot products of weight rows `rows` (each `row_bytes` long in `w`, ordered as `layout` says) with every activation
+/// row in `xs`: `out[(r - rows.start) * xs.len() + i] = dot(w_row(r), xs[i])`. `ty` must satisfy [`has_kernel`];
+/// with the interleaved layout, `rows` must start and (unless it runs past the last whole group) end on a group
+/// boundary.
 ///
 /// The row loop lives inside the SIMD function so that the kernel is inlined and dispatch happens once per call.
-/// With enough activation rows, whole tiles of eight weight rows go to the tiled kernel and the rest row by row.
+#[allow(clippy::too_many_arguments)] // a leaf kernel; bundling these would only add indirection
 pub fn dot_rows(
     ty: GgmlType,
+    layout: Layout,
     w: &[u8],
     row_bytes: usize,
     rows: std::ops::Range<usize>,
@@ -123,20 +132,32 @@ pub fn dot_rows(
         xs.iter().all(|x| x.len() >= blocks),
         "dot_rows: activation rows too short"
     );
+    // Rows rows.start..split are in interleaved groups, the rest in the file layout.
+    let split = match layout {
+        Layout::File => rows.start,
+        Layout::Interleaved => {
+            let grouped = interleave::grouped_rows(w.len() / row_bytes);
+            let split = rows.end.min(grouped).max(rows.start);
+            assert!(
+                rows.start.is_multiple_of(GROUP_ROWS) || rows.start >= grouped,
+                "dot_rows: rows start inside an interleaved group"
+            );
+            assert!(
+                split.is_multiple_of(GROUP_ROWS) || split == rows.start,
+                "dot_rows: rows end inside an interleaved group"
+            );
+            split
+        }
+    };
     let n = xs.len();
     #[cfg(target_arch = "x86_64")]
-    if kernels >= DotKernels::Avx2Rows {
-        let tiled = if kernels >= DotKernels::Avx2Tiles && n >= TILE_MIN_ACT_ROWS {
-            rows.len() / tiles::TILE_ROWS * tiles::TILE_ROWS
-        } else {
-            0
-        };
-        let (head, tail) = out.split_at_mut(tiled * n);
-        let split = rows.start + tiled;
+    if kernels >= DotKernels::Avx2Rows && (split == rows.start || kernels >= DotKernels::Avx2Tiles)
+    {
+        let (head, tail) = out.split_at_mut((split - rows.start) * n);
         // SAFETY: a DotKernels other than Portable is only made after checking that the CPU has what it needs;
-        // sizes were checked above; the tiled range is a multiple of TILE_ROWS.
+        // sizes were checked above; rows.start..split are whole interleaved groups.
         unsafe {
-            if tiled > 0 {
+            if split > rows.start {
                 if kernels == DotKernels::VnniTiles {
                     tiles::vnni::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
                 } else {
@@ -148,8 +169,14 @@ pub fn dot_rows(
         return;
     }
     let _ = kernels;
+    let mut row = vec![0u8; row_bytes];
     for (i, r) in rows.enumerate() {
-        let w_row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let w_row = if r < split {
+            interleave::read_row(ty, w, row_bytes, r, &mut row);
+            &row[..]
+        } else {
+            &w[r * row_bytes..(r + 1) * row_bytes]
+        };
         for (j, x) in xs.iter().enumerate() {
             out[i * n + j] = dot_scalar(ty, w_row, x);
         }
@@ -238,8 +265,8 @@ mod tests {
                     f
                 })
                 .collect();
-            // Eleven activation rows: two groups of four and a remainder of three.
-            let xs: Vec<Vec<f32>> = (0..11)
+            // Up to 19 activation rows: more than one pass of the tiles, groups of four and remainders.
+            let xs: Vec<Vec<f32>> = (0..19)
                 .map(|r| {
                     (0..k)
                         .map(|i| ((i * 7 + r * 3) % 23) as f32 * 0.1 - 1.1)
@@ -255,10 +282,24 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
+            let packed = interleave::interleave(ty, &w, row_bytes);
             for n in 1..=xs.len() {
-                for kernels in DotKernels::available() {
+                for (kernels, layout) in DotKernels::available()
+                    .into_iter()
+                    .flat_map(|k| [(k, Layout::File), (k, Layout::Interleaved)])
+                {
+                    let bytes = if layout == Layout::File { &w } else { &packed };
                     let mut out = vec![0f32; wrows * n];
-                    dot_rows(ty, &w, row_bytes, 0..wrows, &refs[..n], &mut out, kernels);
+                    dot_rows(
+                        ty,
+                        layout,
+                        bytes,
+                        row_bytes,
+                        0..wrows,
+                        &refs[..n],
+                        &mut out,
+                        kernels,
+                    );
                     for (i, (wq, wf)) in w.chunks_exact(row_bytes).zip(&wf).enumerate() {
                         for r in 0..n {
                             let got = out[i * n + r];
@@ -266,7 +307,7 @@ mod tests {
                             let scalar = dot_scalar(ty, wq, &xq[r]);
                             assert!(
                                 (got - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()),
-                                "{ty} n={n} {kernels:?} weight row {i}, row {r}: {got} vs {scalar}"
+                                "{ty} n={n} {kernels:?} {layout:?} weight row {i}, row {r}: {got} vs {scalar}"
                             );
                             // 16-bit activations: the error is tiny against the f32 dot.
                             assert!(
@@ -276,6 +317,65 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Kernel timing, one thread, per-row kernels on the file layout against the tiles on the interleaved one,
+    /// alternating in one process: `cargo test --release -p tandem-engine kernel_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn kernel_timing() {
+        let best = DotKernels::detect();
+        if best < DotKernels::Avx2Tiles {
+            eprintln!("no tiled kernels on this CPU");
+            return;
+        }
+        // An FFN matrix (L2-sized) and the output head (from memory).
+        for (ty, wrows, k) in [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q8_0, 49152, 576)] {
+            let w = random_blocks(ty, wrows * k / 32, 3);
+            let row_bytes = w.len() / wrows;
+            let packed = interleave::interleave(ty, &w, row_bytes);
+            for n in [1, 2, 4, 8, 16] {
+                let xq: Vec<Vec<ActBlock>> = (0..n)
+                    .map(|r| {
+                        let x: Vec<f32> = (0..k)
+                            .map(|i| ((i * 7 + r * 3) % 23) as f32 - 11.0)
+                            .collect();
+                        let mut q = vec![ActBlock::default(); k / 32];
+                        quantize_activations(&x, &mut q);
+                        q
+                    })
+                    .collect();
+                let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
+                let mut out = vec![0f32; wrows * n];
+                let mut time = |layout: Layout, bytes: &[u8], kernels: DotKernels| {
+                    let reps = (4_000_000 / (wrows * n)).max(2);
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        dot_rows(
+                            ty,
+                            layout,
+                            bytes,
+                            row_bytes,
+                            0..wrows,
+                            &refs,
+                            &mut out,
+                            kernels,
+                        );
+                    }
+                    t.elapsed().as_secs_f64() * 1e9 / (reps * wrows * n * k / 32) as f64
+                };
+                let (mut rows, mut tiles) = (f64::MAX, f64::MAX);
+                for _ in 0..5 {
+                    rows = rows.min(time(Layout::File, &w, DotKernels::Avx2Rows));
+                    tiles = tiles.min(time(Layout::Interleaved, &packed, best));
+                }
+                eprintln!(
+                    "{ty} {wrows}x{k}, {n:2} rows: per-row {rows:.3} ns, tiles ({}) {tiles:.3} ns per block and row ({:.2}x)",
+                    best.name(),
+                    rows / tiles
+                );
             }
         }
     }

@@ -1,133 +1,75 @@
-//! Batched decode's kernel: eight weight rows at a time are unpacked once into an interleaved i16 tile (for each
-//! pair of elements, the eight rows side by side in one 256-bit register), then every activation row is dotted with
-//! the whole tile by broadcasting its element pairs. One `vpmaddwd` + `vpaddd` (or, with AVX-512 VNNI, one
-//! `vpdpwssd`) covers two elements of eight rows, and the block scales apply once per block to eight outputs at a
-//! time. The per-row kernel ([`super::avx2`]) instead pays a reduction and a scale per row and block, which made
-//! batched decode bound by integer instructions; this one spends them on multiply-adds. The layout follows the
-//! "repacked" interleaved blocks llama.cpp uses for its CPU matrix kernels, built per call here instead of at load
-//! time so that the weights keep their file layout (and the batch-1 kernel its streaming reads).
+//! The tiled kernel: dot products of interleaved weight groups ([`crate::quant::interleave`]) with activation rows.
+//!
+//! Each block of an eight-row group unpacks into sixteen registers, one per pair of elements, holding that pair for
+//! all eight rows as i16 (one 16-byte load, nibble masks, a widening move: no shuffles, since the layout was
+//! built at load). Every activation row is then dotted with all eight rows at once by broadcasting its element pairs:
+//! one `vpmaddwd` + `vpaddd` (or, with AVX-512 VNNI, one `vpdpwssd`) covers two elements of eight rows, and the block
+//! scales apply once per block to eight outputs. Against the per-row kernel ([`super::avx2`]), which pays a
+//! widening, a reduction and a scalar scale per row and block, this spends the instructions on multiply-adds, at
+//! batch 1 as well as in batches (where the unpacked block is reused by every activation row).
 
 use super::super::GgmlType;
+use super::super::interleave::GROUP_ROWS;
 use super::ActBlock;
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
-/// Weight rows per tile.
-pub(super) const TILE_ROWS: usize = 8;
-/// Activation rows dotted with each tile register at once (their accumulators stay in registers).
+/// Weight rows per tile: one interleaved group.
+pub(super) const TILE_ROWS: usize = GROUP_ROWS;
+/// Activation rows whose accumulators stay in registers while one unpacked block is dotted with them.
 const GROUP: usize = 4;
+/// Activation rows whose f32 outputs one pass over a weight group keeps.
+const PASS: usize = 16;
 
-/// One block of a tile: for each of the block's 16 element pairs, eight rows x two i16.
-type TileBlock = [__m256i; 16];
+/// How far ahead of the block being unpacked the kernel prefetches weights.
+const PREFETCH_BYTES: usize = 1024;
 
-/// A tile of eight weight rows: blocks, and each block's eight scales and (Q4_1 only; unread otherwise) minimums.
-struct Tile {
-    blocks: Vec<TileBlock>,
-    d: Vec<__m256>,
-    m: Vec<__m256>,
+/// Kinds of tiles, as const parameters (the type's branches then vanish from the inner loops).
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+/// The element type of each kind.
+const KIND_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+/// One unpacked block of a group: pair `p` (elements `2p, 2p + 1`) of the eight rows, and the rows' scales and
+/// minimum terms (Q4_1's minimum, Q4_0's `-8 * scale`, nothing for Q8_0).
+struct Unpacked {
+    pairs: [__m256i; 16],
+    d: __m256,
+    m: __m256,
 }
 
-thread_local! {
-    static TILE: RefCell<Tile> = const { RefCell::new(Tile { blocks: Vec::new(), d: Vec::new(), m: Vec::new() }) };
-}
-
-/// Transposes eight rows of eight 16-bit words: word `p` of row `i` goes to word `i` of output `p`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn transpose_words(a: [__m128i; 8]) -> [__m128i; 8] {
-    let t0 = _mm_unpacklo_epi16(a[0], a[1]);
-    let t1 = _mm_unpackhi_epi16(a[0], a[1]);
-    let t2 = _mm_unpacklo_epi16(a[2], a[3]);
-    let t3 = _mm_unpackhi_epi16(a[2], a[3]);
-    let t4 = _mm_unpacklo_epi16(a[4], a[5]);
-    let t5 = _mm_unpackhi_epi16(a[4], a[5]);
-    let t6 = _mm_unpacklo_epi16(a[6], a[7]);
-    let t7 = _mm_unpackhi_epi16(a[6], a[7]);
-    let u0 = _mm_unpacklo_epi32(t0, t2);
-    let u1 = _mm_unpackhi_epi32(t0, t2);
-    let u2 = _mm_unpacklo_epi32(t1, t3);
-    let u3 = _mm_unpackhi_epi32(t1, t3);
-    let u4 = _mm_unpacklo_epi32(t4, t6);
-    let u5 = _mm_unpackhi_epi32(t4, t6);
-    let u6 = _mm_unpacklo_epi32(t5, t7);
-    let u7 = _mm_unpackhi_epi32(t5, t7);
-    [
-        _mm_unpacklo_epi64(u0, u4),
-        _mm_unpackhi_epi64(u0, u4),
-        _mm_unpacklo_epi64(u1, u5),
-        _mm_unpackhi_epi64(u1, u5),
-        _mm_unpacklo_epi64(u2, u6),
-        _mm_unpackhi_epi64(u2, u6),
-        _mm_unpacklo_epi64(u3, u7),
-        _mm_unpackhi_epi64(u3, u7),
-    ]
-}
-
-#[inline]
-fn f16_bits(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-/// Unpacks weight rows `first..first + 8` (all `blocks` of them) into `tile`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn unpack(ty: GgmlType, w: &[u8], row_bytes: usize, first: usize, blocks: usize, tile: &mut Tile) {
-    let bb = ty.block_bytes();
-    tile.blocks.resize(blocks, [_mm256_setzero_si256(); 16]);
-    tile.d.resize(blocks, _mm256_setzero_ps());
-    tile.m.resize(blocks, _mm256_setzero_ps());
-    let nibble = _mm_set1_epi8(0x0f);
-    let eight = _mm256_set1_epi16(8);
-    for b in 0..blocks {
-        // Per row: elements 0..16 and 16..32 as bytes (unsigned nibbles, or Q8_0's signed bytes).
-        let mut lo = [_mm_setzero_si128(); 8];
-        let mut hi = [_mm_setzero_si128(); 8];
-        let (mut ds, mut ms) = ([0u16; 8], [0u16; 8]);
-        for i in 0..TILE_ROWS {
-            let at = (first + i) * row_bytes + b * bb;
-            let blk = &w[at..at + bb];
-            ds[i] = f16_bits(blk, 0);
-            let load = |from: usize| {
-                let q = &blk[from..from + 16];
-                // SAFETY: 16 bytes are in bounds (sliced); loadu has no alignment requirement.
-                unsafe { _mm_loadu_si128(q.as_ptr() as *const __m128i) }
-            };
-            match ty {
-                GgmlType::Q8_0 => (lo[i], hi[i]) = (load(2), load(18)),
-                _ => {
-                    let q = if ty == GgmlType::Q4_1 {
-                        ms[i] = f16_bits(blk, 2);
-                        load(4)
-                    } else {
-                        load(2)
-                    };
-                    lo[i] = _mm_and_si128(q, nibble);
-                    hi[i] = _mm_and_si128(_mm_srli_epi16(q, 4), nibble);
-                }
-            }
-        }
-        let pairs = tile.blocks[b].as_mut_slice();
-        for (half, rows) in [lo, hi].into_iter().enumerate() {
-            for (p, v) in transpose_words(rows).into_iter().enumerate() {
-                pairs[half * 8 + p] = match ty {
-                    GgmlType::Q8_0 => _mm256_cvtepi8_epi16(v),
-                    GgmlType::Q4_0 => _mm256_sub_epi16(_mm256_cvtepu8_epi16(v), eight),
-                    _ => _mm256_cvtepu8_epi16(v),
-                };
-            }
-        }
-        // Inserted lane by lane: eight narrow stores read back as one vector would stall on store forwarding.
-        let halves = |h: [u16; 8]| {
-            let h = h.map(|v| v as i16);
-            _mm256_cvtph_ps(_mm_set_epi16(
-                h[7], h[6], h[5], h[4], h[3], h[2], h[1], h[0],
-            ))
+/// Unpacks the group block `$blk` (`8 * block_bytes` bytes of kind `$kind`, interleaved) into an [`Unpacked`]. A
+/// macro, so that it is inlined into each kernel (a call would return sixteen registers through memory).
+macro_rules! unpack {
+    ($kind:expr, $blk:expr) => {{
+        let blk: &[u8] = $blk;
+        let load = |at: usize| {
+            let b = &blk[at..at + 16];
+            // SAFETY: 16 bytes are in bounds (sliced); loadu has no alignment requirement.
+            unsafe { _mm_loadu_si128(b.as_ptr() as *const __m128i) }
         };
-        tile.d[b] = halves(ds);
-        if ty == GgmlType::Q4_1 {
-            tile.m[b] = halves(ms);
+        let d = _mm256_cvtph_ps(load(0));
+        let mut pairs = [_mm256_setzero_si256(); 16];
+        if $kind == Q8_0 {
+            for (p, v) in pairs.iter_mut().enumerate() {
+                *v = _mm256_cvtepi8_epi16(load(16 + 16 * p));
+            }
+            Unpacked { pairs, d, m: d }
+        } else {
+            let (m, qs) = if $kind == Q4_1 {
+                (_mm256_cvtph_ps(load(16)), 32)
+            } else {
+                (_mm256_mul_ps(d, _mm256_set1_ps(-8.0)), 16)
+            };
+            let nibble = _mm_set1_epi8(0x0f);
+            for c in 0..8 {
+                let q = load(qs + 16 * c);
+                pairs[c] = _mm256_cvtepu8_epi16(_mm_and_si128(q, nibble));
+                pairs[8 + c] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), nibble));
+            }
+            Unpacked { pairs, d, m }
         }
-    }
+    }};
 }
 
 /// Defines `$name::dot_rows`, the tiled product with one choice of the pairwise multiply-accumulate `$acc(s, w, x)`.
@@ -138,7 +80,7 @@ macro_rules! tiled_kernel {
 
             /// # Safety
             /// The CPU must have the instruction sets named in this function's target features; sizes as checked by
-            /// `super::super::dot_rows`; `rows.len()` a multiple of [`TILE_ROWS`]. `ty` is Q4_0, Q4_1 or Q8_0.
+            /// `super::super::dot_rows`; `rows` lies in whole interleaved groups of `w`. `ty` is Q4_0, Q4_1 or Q8_0.
             #[target_feature(enable = $features)]
             pub(in super::super) unsafe fn dot_rows(
                 ty: GgmlType,
@@ -148,92 +90,110 @@ macro_rules! tiled_kernel {
                 xs: &[&[ActBlock]],
                 out: &mut [f32],
             ) {
-                let blocks = row_bytes / ty.block_bytes();
                 let n = xs.len();
-                TILE.with(|t| {
-                    let tile = &mut *t.borrow_mut();
-                    for (ti, first) in rows.step_by(TILE_ROWS).enumerate() {
-                        unpack(ty, w, row_bytes, first, blocks, tile);
-                        for g in (0..n).step_by(GROUP) {
-                            let xg = &xs[g..n.min(g + GROUP)];
-                            let acc: [__m256; GROUP] = if ty == GgmlType::Q4_1 {
-                                outputs::<true>(tile, xg)
-                            } else {
-                                outputs::<false>(tile, xg)
-                            };
-                            for (j, a) in acc.iter().take(xg.len()).enumerate() {
-                                let mut lanes = [0f32; 8];
-                                // SAFETY: eight f32 = 32 bytes; storeu has no alignment requirement.
-                                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-                                for (i, v) in lanes.into_iter().enumerate() {
-                                    out[(ti * TILE_ROWS + i) * n + g + j] = v;
-                                }
+                let group_bytes = TILE_ROWS * row_bytes;
+                for (ti, first) in rows.step_by(TILE_ROWS).enumerate() {
+                    let group = &w[first * row_bytes..first * row_bytes + group_bytes];
+                    for p0 in (0..n).step_by(PASS) {
+                        let xp = &xs[p0..n.min(p0 + PASS)];
+                        let mut acc = [_mm256_setzero_ps(); PASS];
+                        match ty {
+                            GgmlType::Q4_0 => pass_of::<Q4_0>(group, xp, &mut acc),
+                            GgmlType::Q4_1 => pass_of::<Q4_1>(group, xp, &mut acc),
+                            _ => pass_of::<Q8_0>(group, xp, &mut acc),
+                        }
+                        for (j, a) in acc.iter().take(xp.len()).enumerate() {
+                            let mut lanes = [0f32; TILE_ROWS];
+                            // SAFETY: eight f32 = 32 bytes; storeu has no alignment requirement.
+                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                            for (i, v) in lanes.into_iter().enumerate() {
+                                out[(ti * TILE_ROWS + i) * n + p0 + j] = v;
                             }
                         }
                     }
-                });
+                }
             }
 
-            /// The tile's eight outputs for each of up to [`GROUP`] activation rows (unused ones zero).
+            /// [`pass`] for the number of activation rows in `xs` (at most [`PASS`]).
             #[inline]
             #[target_feature(enable = $features)]
-            fn outputs<const MIN: bool>(tile: &Tile, xs: &[&[ActBlock]]) -> [__m256; GROUP] {
-                fn pad<const N: usize>(a: [__m256; N]) -> [__m256; GROUP] {
-                    // SAFETY: an all-zero bit pattern is a valid __m256.
-                    std::array::from_fn(|j| {
-                        if j < N {
-                            a[j]
-                        } else {
-                            unsafe { std::mem::zeroed() }
-                        }
-                    })
-                }
+            fn pass_of<const K: u8>(group: &[u8], xs: &[&[ActBlock]], out: &mut [__m256]) {
                 match xs.len() {
-                    1 => pad(group::<1, MIN>(tile, xs)),
-                    2 => pad(group::<2, MIN>(tile, xs)),
-                    3 => pad(group::<3, MIN>(tile, xs)),
-                    _ => group::<GROUP, MIN>(tile, xs),
+                    1 => pass::<1, K>(group, xs, out),
+                    2 => pass::<2, K>(group, xs, out),
+                    3 => pass::<3, K>(group, xs, out),
+                    4 => pass::<4, K>(group, xs, out),
+                    _ => pass::<PASS, K>(group, xs, out),
                 }
             }
 
-            /// The tile's eight outputs for each of `N` activation rows; `MIN`: add the Q4_1 minimum's term.
+            /// The group's eight outputs for each of the activation rows `xs` (at most `M`; `M` is their exact
+            /// number when it is at most [`GROUP`], so that the accumulators live in registers) into `out`.
             #[inline]
             #[target_feature(enable = $features)]
-            fn group<const N: usize, const MIN: bool>(
-                tile: &Tile,
+            fn pass<const M: usize, const K: u8>(
+                group: &[u8],
                 xs: &[&[ActBlock]],
-            ) -> [__m256; N] {
-                let xs: [&[ActBlock]; N] = std::array::from_fn(|j| xs[j]);
-                let mut acc = [_mm256_setzero_ps(); N];
-                for (b, pairs) in tile.blocks.iter().enumerate() {
-                    let x: [&ActBlock; N] = std::array::from_fn(|j| &xs[j][b]);
-                    // Two integer accumulators per row (even and odd pairs) halve the dependency chains.
-                    let (mut even, mut odd) =
-                        ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
-                    // The i32 holding elements 2p and 2p+1 of row j's activation block, in every lane.
-                    // SAFETY: p < 16, so the read covers qs[2p..2p + 2]; qs opens a 32-byte aligned block.
-                    let pair = |j: usize, p: usize| unsafe {
-                        (x[j].qs.as_ptr() as *const i32).add(p).read()
-                    };
-                    for q in 0..8 {
-                        let (w0, w1) = (pairs[2 * q], pairs[2 * q + 1]);
-                        for j in 0..N {
-                            let ($s, $w, $x) = (even[j], w0, _mm256_set1_epi32(pair(j, 2 * q)));
-                            even[j] = $acc;
-                            let ($s, $w, $x) = (odd[j], w1, _mm256_set1_epi32(pair(j, 2 * q + 1)));
-                            odd[j] = $acc;
-                        }
+                out: &mut [__m256],
+            ) {
+                let mut acc = [_mm256_setzero_ps(); M];
+                let bb = KIND_TYPES[K as usize].block_bytes();
+                for (b, blk) in group.chunks_exact(TILE_ROWS * bb).enumerate() {
+                    // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
+                    let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
+                    for line in 0..(TILE_ROWS * bb).div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
                     }
-                    for j in 0..N {
-                        let sum = _mm256_add_epi32(even[j], odd[j]);
-                        let scale = _mm256_mul_ps(tile.d[b], _mm256_set1_ps(x[j].d));
-                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[j]);
-                        if MIN {
-                            acc[j] = _mm256_fmadd_ps(tile.m[b], _mm256_set1_ps(x[j].dsum), acc[j]);
+                    let u = unpack!(K, blk);
+                    for g in (0..xs.len()).step_by(GROUP) {
+                        let (xg, ag) = (&xs[g..xs.len().min(g + GROUP)], &mut acc[g..]);
+                        match xg.len() {
+                            1 => block::<1, K>(&u, xg, b, ag),
+                            2 => block::<2, K>(&u, xg, b, ag),
+                            3 => block::<3, K>(&u, xg, b, ag),
+                            _ => block::<GROUP, K>(&u, xg, b, ag),
                         }
                     }
                 }
-                acc
+                out[..M].copy_from_slice(&acc);
+            }
+
+            /// Adds block `b` of `N` activation rows dotted with the unpacked block (of kind `K`) into `acc[..N]`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn block<const N: usize, const K: u8>(
+                u: &Unpacked,
+                xs: &[&[ActBlock]],
+                b: usize,
+                acc: &mut [__m256],
+            ) {
+                let x: [&ActBlock; N] = std::array::from_fn(|j| &xs[j][b]);
+                // Two integer accumulators per row (even and odd pairs) halve the dependency chains.
+                let (mut even, mut odd) =
+                    ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
+                // The i32 holding elements 2p and 2p+1 of row j's activation block, in every lane.
+                // SAFETY: p < 16, so the read covers qs[2p..2p + 2] of a 32-element block.
+                let pair = |j: usize, p: usize| unsafe {
+                    _mm256_set1_epi32((x[j].qs.as_ptr() as *const i32).add(p).read_unaligned())
+                };
+                for q in 0..8 {
+                    let (w0, w1) = (u.pairs[2 * q], u.pairs[2 * q + 1]);
+                    for j in 0..N {
+                        let ($s, $w, $x) = (even[j], w0, pair(j, 2 * q));
+                        even[j] = $acc;
+                        let ($s, $w, $x) = (odd[j], w1, pair(j, 2 * q + 1));
+                        odd[j] = $acc;
+                    }
+                }
+                for j in 0..N {
+                    let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(even[j], odd[j]));
+                    let mut a =
+                        _mm256_fmadd_ps(sum, _mm256_mul_ps(u.d, _mm256_set1_ps(x[j].d)), acc[j]);
+                    if K != Q8_0 {
+                        a = _mm256_fmadd_ps(u.m, _mm256_set1_ps(x[j].dsum), a);
+                    }
+                    acc[j] = a;
+                }
             }
         }
     };
