@@ -7,10 +7,11 @@
 //! memory (the same bytes, reordered), the way llama.cpp's repacked CPU formats do.
 //!
 //! Rows are taken eight at a time ([`GROUP_ROWS`]). Within a group, block `b` of all eight rows is one run of
-//! `8 * block_bytes` bytes: first each f16 header field (the scale, then Q4_1's minimum) of rows 0..8, then for each
-//! 16-bit word of the block's quants, that word of rows 0..8. Q4 words hold elements `2w, 2w + 1` in their low
-//! nibbles and `16 + 2w, 17 + 2w` in their high ones; Q8_0 words hold elements `2w, 2w + 1`. Groups occupy the same
-//! byte range as their rows did, and rows past the last whole group keep the file layout.
+//! `8 * block_bytes` bytes holding the rows' blocks as a transposed matrix of 16-bit fields: field `f` (byte `2f`
+//! of the block: the f16 scale, Q4_1's f16 minimum, then the quant words) of rows 0..8 side by side. So a block run
+//! starts with the eight scales, and each quant word of the eight rows fills 16 bytes: Q4 words hold elements
+//! `2w, 2w + 1` in their low nibbles and `16 + 2w, 17 + 2w` in their high ones; Q8_0 words hold elements `2w, 2w + 1`.
+//! Groups occupy the same byte range as their rows did, and rows past the last whole group keep the file layout.
 
 use super::GgmlType;
 
@@ -26,20 +27,9 @@ pub enum Layout {
     Interleaved,
 }
 
-/// Header bytes (f16 fields) and 16-bit quant words of one block of `ty`, or `None` when `ty` has no interleaved
-/// layout.
-pub fn block_parts(ty: GgmlType) -> Option<(usize, usize)> {
-    match ty {
-        GgmlType::Q4_0 => Some((2, 8)),
-        GgmlType::Q4_1 => Some((4, 8)),
-        GgmlType::Q8_0 => Some((2, 16)),
-        _ => None,
-    }
-}
-
-/// Whether `ty` has an interleaved layout.
+/// Whether `ty` has an interleaved layout (the types of the integer dot kernels).
 pub fn supports(ty: GgmlType) -> bool {
-    block_parts(ty).is_some()
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
 }
 
 /// Rows of a `rows`-row matrix that lie in whole interleaved groups (the rest keep the file layout).
@@ -47,14 +37,9 @@ pub fn grouped_rows(rows: usize) -> usize {
     rows / GROUP_ROWS * GROUP_ROWS
 }
 
-/// Where byte `at` of block `b` of row `r` (within its group: `r < GROUP_ROWS`) goes, for a block with `header`
-/// header bytes. `at` is even and addresses a 16-bit field or word.
-fn offset_in_group_block(header: usize, r: usize, at: usize) -> usize {
-    if at < header {
-        (at / 2) * 2 * GROUP_ROWS + 2 * r
-    } else {
-        header * GROUP_ROWS + ((at - header) / 2) * 2 * GROUP_ROWS + 2 * r
-    }
+/// Where 16-bit field `f` of row `r` (within its group) lies in a group block.
+fn field_offset(r: usize, f: usize) -> usize {
+    2 * (f * GROUP_ROWS + r)
 }
 
 /// `src` (a `row_bytes`-per-row matrix of `ty` in the file layout) in the interleaved layout.
@@ -62,37 +47,66 @@ fn offset_in_group_block(header: usize, r: usize, at: usize) -> usize {
 /// # Panics
 /// If `ty` has no interleaved layout or `src` is not a whole number of rows (callers check both at load).
 pub fn interleave(ty: GgmlType, src: &[u8], row_bytes: usize) -> Vec<u8> {
-    let (header, _) = block_parts(ty).expect("interleave: type without an interleaved layout");
+    assert!(
+        supports(ty),
+        "interleave: type without an interleaved layout"
+    );
     assert!(
         row_bytes > 0 && src.len().is_multiple_of(row_bytes),
         "interleave: partial row"
     );
-    let bb = ty.block_bytes();
     let grouped = grouped_rows(src.len() / row_bytes) * row_bytes;
     let mut out = src.to_vec();
     for (dst, rows) in out[..grouped]
         .chunks_exact_mut(GROUP_ROWS * row_bytes)
         .zip(src[..grouped].chunks_exact(GROUP_ROWS * row_bytes))
     {
-        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-            for (b, blk) in row.chunks_exact(bb).enumerate() {
-                let base = b * GROUP_ROWS * bb;
-                for at in (0..bb).step_by(2) {
-                    let to = base + offset_in_group_block(header, r, at);
-                    dst[to..to + 2].copy_from_slice(&blk[at..at + 2]);
-                }
-            }
-        }
+        transpose_group(ty, row_bytes, |r, at, f| {
+            let to = field_offset(r, f);
+            dst[at + to..at + to + 2]
+                .copy_from_slice(&rows[r * row_bytes + at / GROUP_ROWS + 2 * f..][..2]);
+        });
     }
     out
 }
 
+/// Calls `visit(row, group_block_start, field)` for every 16-bit field of every block of a group's rows.
+fn transpose_group(ty: GgmlType, row_bytes: usize, mut visit: impl FnMut(usize, usize, usize)) {
+    let bb = ty.block_bytes();
+    for b in 0..row_bytes / bb {
+        for r in 0..GROUP_ROWS {
+            for f in 0..bb / 2 {
+                visit(r, b * GROUP_ROWS * bb, f);
+            }
+        }
+    }
+}
+
+/// The rows of one interleaved group (`8 * row_bytes` bytes) in the file layout, into `out` (as long).
+pub fn read_group(ty: GgmlType, group: &[u8], row_bytes: usize, out: &mut [u8]) {
+    assert!(
+        supports(ty),
+        "read_group: type without an interleaved layout"
+    );
+    assert_eq!(
+        group.len(),
+        GROUP_ROWS * row_bytes,
+        "read_group: not one group"
+    );
+    assert_eq!(out.len(), group.len(), "read_group: output size");
+    transpose_group(ty, row_bytes, |r, at, f| {
+        let from = at + field_offset(r, f);
+        let to = r * row_bytes + at / GROUP_ROWS + 2 * f;
+        out[to] = group[from];
+        out[to + 1] = group[from + 1];
+    });
+}
+
 /// Row `r` of an interleaved matrix, in the file layout, into `out` (`row_bytes` long).
 pub fn read_row(ty: GgmlType, packed: &[u8], row_bytes: usize, r: usize, out: &mut [u8]) {
-    let (header, _) = block_parts(ty).expect("read_row: type without an interleaved layout");
-    let src = &packed[r * row_bytes..(r + 1) * row_bytes];
+    assert!(supports(ty), "read_row: type without an interleaved layout");
     if r >= grouped_rows(packed.len() / row_bytes) {
-        out.copy_from_slice(src);
+        out.copy_from_slice(&packed[r * row_bytes..(r + 1) * row_bytes]);
         return;
     }
     let (group, within) = (r / GROUP_ROWS, r % GROUP_ROWS);
@@ -100,13 +114,12 @@ pub fn read_row(ty: GgmlType, packed: &[u8], row_bytes: usize, r: usize, out: &m
     let bb = ty.block_bytes();
     for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
         let base = b * GROUP_ROWS * bb;
-        for at in (0..bb).step_by(2) {
-            let from = base + offset_in_group_block(header, within, at);
-            blk[at..at + 2].copy_from_slice(&g[from..from + 2]);
+        for f in 0..bb / 2 {
+            let from = base + field_offset(within, f);
+            blk[2 * f..2 * f + 2].copy_from_slice(&g[from..from + 2]);
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +143,18 @@ mod tests {
                 read_row(ty, &packed, row_bytes, r, &mut row);
                 assert_eq!(row, src[r * row_bytes..(r + 1) * row_bytes], "{ty} row {r}");
             }
+            let mut group = vec![0u8; 8 * row_bytes];
+            read_group(
+                ty,
+                &packed[8 * row_bytes..16 * row_bytes],
+                row_bytes,
+                &mut group,
+            );
+            assert_eq!(
+                group,
+                src[8 * row_bytes..16 * row_bytes],
+                "{ty} second group"
+            );
         }
     }
 

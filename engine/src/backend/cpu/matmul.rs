@@ -33,6 +33,7 @@ unsafe impl Sync for OutPtr {}
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 pub fn matmul(
@@ -134,10 +135,14 @@ fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: OutPtr, n:
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         s.resize(tile * k, 0.0);
-        let mut row = Vec::new();
-        for (i, wr) in (r0..r1).enumerate() {
-            dequantize_row(w.ty, w.row(wr, &mut row), &mut s[i * k..(i + 1) * k]);
-        }
+        BYTES.with(|b| {
+            let mut b = b.borrow_mut();
+            let rows = w.rows_in_file_layout(r0..r1, &mut b);
+            let rb = w.row_bytes();
+            for (i, row) in rows.chunks_exact(rb).enumerate() {
+                dequantize_row(w.ty, row, &mut s[i * k..(i + 1) * k]);
+            }
+        });
         // SAFETY: x is m x k row-major; the tile is `tile` x k row-major, read as its transpose (k x tile) through
         // strides; the output block is columns r0..r1 of every row of the m x n output, owned by this task.
         unsafe {

@@ -42,6 +42,33 @@ impl CpuMatrix {
     fn row_bytes(&self) -> usize {
         self.len / self.rows
     }
+    /// Rows `rows` in the file layout: borrowed, or rebuilt into `scratch` from the interleaved layout (`rows` must
+    /// then start on a group boundary, and end on one or at the matrix's end).
+    fn rows_in_file_layout<'a>(
+        &'a self,
+        rows: std::ops::Range<usize>,
+        scratch: &'a mut Vec<u8>,
+    ) -> &'a [u8] {
+        let rb = self.row_bytes();
+        let bytes = &self.bytes()[rows.start * rb..rows.end * rb];
+        if self.layout == Layout::File {
+            return bytes;
+        }
+        assert!(
+            rows.start.is_multiple_of(GROUP_ROWS),
+            "rows start inside an interleaved group"
+        );
+        scratch.clear();
+        scratch.extend_from_slice(bytes);
+        let grouped = interleave::grouped_rows(self.rows).clamp(rows.start, rows.end) - rows.start;
+        for (src, dst) in bytes[..grouped * rb]
+            .chunks_exact(GROUP_ROWS * rb)
+            .zip(scratch.chunks_exact_mut(GROUP_ROWS * rb))
+        {
+            interleave::read_group(self.ty, src, rb, dst);
+        }
+        scratch
+    }
     /// Row `r` in the file layout: borrowed, or rebuilt into `scratch` from the interleaved layout.
     fn row<'a>(&'a self, r: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
         let rb = self.row_bytes();
