@@ -137,6 +137,13 @@ pub struct SchedulerThread {
     join: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a step gave one request to choose its next token from.
+enum Next {
+    Logits(Vec<f32>),
+    /// The argmax, for a request that does not need logits.
+    Argmax(u32),
+}
+
 impl Drop for SchedulerThread {
     fn drop(&mut self) {
         let _ = self.tx.send(Command::Shutdown);
@@ -605,8 +612,32 @@ impl<B: Backend> Scheduler<B> {
         if items.is_empty() {
             return;
         }
-        let logits = match self.engine.step(&items) {
-            Ok(l) => l,
+        // When every request choosing a token this step is plain greedy, the argmax is taken where the logits are
+        // (on a GPU only the ids come back); otherwise every asked row's logits come to the host.
+        let greedy = items
+            .iter()
+            .filter(|it| it.logits != LogitsWanted::None)
+            .all(|it| {
+                self.active
+                    .get(&it.seq)
+                    .is_some_and(|a| !a.generation.needs_logits())
+            });
+        let outcome = if greedy {
+            self.engine
+                .step_argmax(&items)
+                .map(|t| t.into_iter().map(Next::Argmax).collect::<Vec<_>>())
+        } else {
+            self.engine.step(&items).map(|l| {
+                items
+                    .iter()
+                    .zip(l)
+                    .filter(|(it, _)| it.logits != LogitsWanted::None)
+                    .map(|(_, l)| Next::Logits(l))
+                    .collect()
+            })
+        };
+        let nexts = match outcome {
+            Ok(n) => n,
             Err(e) => {
                 let e = DecodeError::from(e);
                 for it in &items {
@@ -616,10 +647,8 @@ impl<B: Backend> Scheduler<B> {
             }
         };
         let ctx = self.engine.model.config.context_len;
-        for (it, mut l) in items.iter().zip(logits) {
-            if it.logits == LogitsWanted::None {
-                continue;
-            }
+        let choosing = items.iter().filter(|it| it.logits != LogitsWanted::None);
+        for (it, next) in choosing.zip(nexts) {
             let key = it.seq;
             let Ok((_, len)) = self.engine.seq_progress(key) else {
                 continue;
@@ -632,7 +661,11 @@ impl<B: Backend> Scheduler<B> {
                 a.phase = Phase::Running;
                 a.ttft = a.admitted_at.elapsed();
             }
-            match a.generation.sample(&self.tok, &mut l, len, ctx) {
+            let emitted = match next {
+                Next::Logits(mut l) => a.generation.sample(&self.tok, &mut l, len, ctx),
+                Next::Argmax(t) => a.generation.take_argmax(&self.tok, t, len, ctx),
+            };
+            match emitted {
                 Ok(e) => self.deliver(key, e),
                 Err(e) => self.fail(key, e.into()),
             }

@@ -179,6 +179,10 @@ impl Generation {
         Ok(())
     }
 
+    /// Whether the next token needs this step's logits on the host ([`Sampler::needs_logits`]).
+    pub fn needs_logits(&self) -> bool {
+        self.sampler.needs_logits()
+    }
     pub fn sampler_mut(&mut self) -> &mut Sampler {
         &mut self.sampler
     }
@@ -198,6 +202,28 @@ impl Generation {
         context_len: usize,
     ) -> Result<Emitted> {
         let s = self.sampler.sample(logits);
+        self.accept(tok, s, seq_len, context_len)
+    }
+
+    /// Accepts `token`, the argmax of this step's logits taken where they are, for a generation whose sampler does
+    /// not [need the logits](Sampler::needs_logits): the same as [`Generation::sample`] on those logits.
+    pub fn take_argmax(
+        &mut self,
+        tok: &Tokenizer,
+        token: u32,
+        seq_len: usize,
+        context_len: usize,
+    ) -> Result<Emitted> {
+        debug_assert!(
+            !self.sampler.needs_logits(),
+            "take_argmax on a sampler that needs logits"
+        );
+        self.sampler.record_external(token);
+        let s = Sampled {
+            token,
+            logprob: None,
+            top_logprobs: Vec::new(),
+        };
         self.accept(tok, s, seq_len, context_len)
     }
 
@@ -297,7 +323,7 @@ pub fn run_batch<B: Backend>(
         for (i, a) in active.iter_mut().enumerate() {
             let mut logits = engine.prefill(a.seq)?;
             a.ttft = start.elapsed();
-            accept(engine, tok, a, i, &mut logits, &mut on_delta)?;
+            accept(engine, tok, a, i, Next::Logits(&mut logits), &mut on_delta)?;
         }
         // Decode all unfinished requests together.
         loop {
@@ -313,15 +339,26 @@ pub fn run_batch<B: Backend>(
             if items.is_empty() {
                 return Ok(());
             }
+            let running = |a: &&mut Active| a.generation.finished().is_none();
+            // Plain greedy requests only: the argmax is taken where the logits are.
+            if active
+                .iter_mut()
+                .filter(running)
+                .all(|a| !a.generation.needs_logits())
+            {
+                let tokens = engine.step_argmax(&items)?;
+                let mut ti = tokens.into_iter();
+                for (i, a) in active.iter_mut().enumerate().filter(|(_, a)| running(a)) {
+                    let t = ti.next().expect("one token per item");
+                    accept(engine, tok, a, i, Next::Argmax(t), &mut on_delta)?;
+                }
+                continue;
+            }
             let logits = engine.step(&items)?;
             let mut li = logits.into_iter();
-            for (i, a) in active
-                .iter_mut()
-                .enumerate()
-                .filter(|(_, a)| a.generation.finished().is_none())
-            {
+            for (i, a) in active.iter_mut().enumerate().filter(|(_, a)| running(a)) {
                 let mut l = li.next().expect("one logits row per item");
-                accept(engine, tok, a, i, &mut l, &mut on_delta)?;
+                accept(engine, tok, a, i, Next::Logits(&mut l), &mut on_delta)?;
             }
         }
     })();
@@ -345,19 +382,28 @@ pub fn run_batch<B: Backend>(
 }
 
 /// Samples from `logits`, streams the text that became final, and appends the token for the next step.
+/// What a step gave one request to choose its next token from.
+enum Next<'a> {
+    Logits(&'a mut [f32]),
+    /// The argmax, for a request that does not need logits.
+    Argmax(u32),
+}
+
 fn accept<B: Backend>(
     engine: &mut Engine<B>,
     tok: &Tokenizer,
     a: &mut Active,
     index: usize,
-    logits: &mut [f32],
+    next: Next<'_>,
     on_delta: &mut impl FnMut(Delta<'_>),
 ) -> Result<()> {
     let (kv_len, len) = engine.seq_progress(a.seq)?;
     debug_assert_eq!(kv_len, len);
-    let e = a
-        .generation
-        .sample(tok, logits, len, engine.model.config.context_len)?;
+    let ctx = engine.model.config.context_len;
+    let e = match next {
+        Next::Logits(l) => a.generation.sample(tok, l, len, ctx)?,
+        Next::Argmax(t) => a.generation.take_argmax(tok, t, len, ctx)?,
+    };
     a.text.push_str(&e.text);
     on_delta(Delta {
         index,

@@ -128,6 +128,17 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether choosing the next token needs the logits on the host: anything but plain greedy (no penalties, no
+    /// logprobs), which is the argmax and can be taken where the logits are (only the id crosses from a GPU).
+    pub fn needs_logits(&self) -> bool {
+        let p = &self.params;
+        p.temperature != 0.0
+            || p.logprobs.is_some()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+    }
+
     /// Records a token that the same parameters and seed sampled elsewhere (a prefill worker samples the first
     /// token), advancing the RNG exactly as [`Sampler::sample`] would have, so the rest of the stream is the one a
     /// single node would produce.

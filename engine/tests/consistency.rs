@@ -266,3 +266,45 @@ fn exhausting_the_pool_is_a_clean_error() {
     e.remove_sequence(s).unwrap();
     assert_eq!(e.pool_stats().used, 0);
 }
+
+#[test]
+fn greedy_requests_take_the_argmax_where_the_logits_are_and_match_host_sampling() {
+    use tandem_engine::generate::{Request, StopConditions, run_batch};
+    use tandem_engine::sampling::SamplingParams;
+    let (mut e, tok) = setup(EngineConfig {
+        num_blocks: 128,
+        ..Default::default()
+    });
+    let requests = |logprobs: Option<usize>| -> Vec<Request> {
+        prompts(&tok)
+            .into_iter()
+            .map(|prompt| Request {
+                prompt,
+                sampling: SamplingParams {
+                    temperature: 0.0,
+                    logprobs,
+                    ..Default::default()
+                },
+                stop: StopConditions {
+                    max_tokens: 16,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+            })
+            .collect()
+    };
+    // Plain greedy decodes through the argmax head; asking for logprobs brings every row's logits to the host.
+    let on_device = run_batch(&mut e, &tok, &requests(None), |_| {}).unwrap();
+    let on_host = run_batch(&mut e, &tok, &requests(Some(1)), |_| {}).unwrap();
+    for (d, h) in on_device.iter().zip(&on_host) {
+        let ids = |c: &tandem_engine::generate::Completion| {
+            c.tokens.iter().map(|t| t.token).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(d), ids(h));
+        assert_eq!(d.text, h.text);
+        assert_eq!(d.tokens.len(), 16);
+        assert!(d.tokens.iter().all(|t| t.logprob.is_none()));
+        assert!(h.tokens.iter().all(|t| t.logprob.is_some()));
+    }
+    assert_eq!(e.pool_stats().used, 0, "every block returned");
+}
