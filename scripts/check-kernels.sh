@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compiles the CUDA kernels (engine/src/backend/cuda/kernels.cu, then decode_attention.cu and
-# prefill_attention.cu, as one source) with NVRTC on a machine without a GPU or a CUDA
+# Compiles the CUDA kernels (engine/src/backend/cuda/kernels.cu, then the other .cu files there in name order, as
+# one source) with NVRTC on a machine without a GPU or a CUDA
 # install, exactly as the backend does at start-up (C++17, -default-device), for one architecture (default sm_90;
 # pass another as $1). NVRTC and the CUDA headers come from NVIDIA's PyPI wheels (nvidia-cuda-nvrtc,
 # nvidia-cuda-runtime, nvidia-cuda-crt, and ptxas from nvidia-cuda-nvcc), fetched once into $TANDEM_CACHE/nvrtc
@@ -25,8 +25,10 @@ fi
 ptx=$(mktemp --suffix=.ptx)
 trap 'rm -f "$ptx" "$ptx.cubin"' EXIT
 src="$root/engine/src/backend/cuda"
+# kernels.cu (the shared definitions) first, then the other .cu files in name order: the order of module.rs's SOURCE.
+others=$(ls "$src"/*.cu | grep -v '/kernels\.cu$' | sort)
 LD_LIBRARY_PATH="$dir/nvidia/cu13/lib" python3 - "$arch" "$dir/nvidia/cu13/include" "$ptx" \
-  "$src/kernels.cu" "$src/decode_attention.cu" "$src/prefill_attention.cu" <<'PY'
+  "$src/kernels.cu" $others <<'PY'
 import ctypes, sys
 arch, include, out = sys.argv[1:4]
 code = b"".join(open(f, "rb").read() for f in sys.argv[4:])

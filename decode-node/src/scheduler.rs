@@ -18,7 +18,7 @@ use tandem_engine::backend::Backend;
 use tandem_engine::generate::{Emitted, Generation, StopConditions};
 use tandem_engine::kv::BlockId;
 use tandem_engine::kv::evict::Eviction;
-use tandem_engine::sampling::{Sampled, SamplingParams};
+use tandem_engine::sampling::{Draw, Sampled, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
 use tandem_kv_transfer::DecodedChunk;
@@ -140,8 +140,8 @@ pub struct SchedulerThread {
 /// What a step gave one request to choose its next token from.
 enum Next {
     Logits(Vec<f32>),
-    /// The argmax, for a request that does not need logits.
-    Argmax(u32),
+    /// The token drawn where the logits are, for a request that does not need them.
+    Drawn(u32),
 }
 
 impl Drop for SchedulerThread {
@@ -612,20 +612,32 @@ impl<B: Backend> Scheduler<B> {
         if items.is_empty() {
             return;
         }
-        // When every request choosing a token this step is plain greedy, the argmax is taken where the logits are
-        // (on a GPU only the ids come back); otherwise every asked row's logits come to the host.
-        let greedy = items
+        // When no request choosing a token this step needs logits (penalties, logprobs), tokens are drawn where the
+        // logits are (on a GPU only the ids come back); otherwise every asked row's logits come to the host.
+        let choosing: Vec<SeqId> = items
             .iter()
             .filter(|it| it.logits != LogitsWanted::None)
-            .all(|it| {
-                self.active
-                    .get(&it.seq)
-                    .is_some_and(|a| !a.generation.needs_logits())
-            });
-        let outcome = if greedy {
+            .map(|it| it.seq)
+            .collect();
+        let on_device = choosing.iter().all(|k| {
+            self.active
+                .get(k)
+                .is_some_and(|a| !a.generation.needs_logits())
+        });
+        let outcome = if on_device {
+            let draws: Vec<Draw> = choosing
+                .iter()
+                .map(|k| {
+                    self.active
+                        .get_mut(k)
+                        .expect("checked above")
+                        .generation
+                        .next_draw()
+                })
+                .collect();
             self.engine
-                .step_argmax(&items)
-                .map(|t| t.into_iter().map(Next::Argmax).collect::<Vec<_>>())
+                .step_draw(&items, &draws)
+                .map(|t| t.into_iter().map(Next::Drawn).collect::<Vec<_>>())
         } else {
             self.engine.step(&items).map(|l| {
                 items
@@ -663,7 +675,7 @@ impl<B: Backend> Scheduler<B> {
             }
             let emitted = match next {
                 Next::Logits(mut l) => a.generation.sample(&self.tok, &mut l, len, ctx),
-                Next::Argmax(t) => a.generation.take_argmax(&self.tok, t, len, ctx),
+                Next::Drawn(t) => a.generation.take_drawn(&self.tok, t, len, ctx),
             };
             match emitted {
                 Ok(e) => self.deliver(key, e),

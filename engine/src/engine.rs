@@ -15,6 +15,7 @@ use crate::kv::{
     evict::AttentionScores, hash::hash_block,
 };
 use crate::model::{Head, HeadOut, LlamaModel, ModelSource, Scratch};
+use crate::sampling::Draw;
 use std::collections::HashMap;
 
 mod external;
@@ -343,7 +344,7 @@ impl<B: Backend> Engine<B> {
     /// Runs one forward pass over `items`; returns, per item, its logits rows (`vocab` floats each; none, the last,
     /// or all computed tokens, as asked).
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<Vec<f32>>> {
-        let (rows_of, out) = self.step_with(items, None, Head::Logits)?;
+        let (rows_of, out) = self.step_with(items, None, Head::Logits, &[])?;
         Ok(self.split_logits(&rows_of, out))
     }
 
@@ -354,7 +355,7 @@ impl<B: Backend> Engine<B> {
         items: &[StepItem],
         after_layer: &mut dyn FnMut(usize, &KvView<'_, B>),
     ) -> Result<Vec<Vec<f32>>> {
-        let (rows_of, out) = self.step_with(items, Some(after_layer), Head::Logits)?;
+        let (rows_of, out) = self.step_with(items, Some(after_layer), Head::Logits, &[])?;
         Ok(self.split_logits(&rows_of, out))
     }
 
@@ -381,7 +382,37 @@ impl<B: Backend> Engine<B> {
                 "step_argmax takes the last row of each item only",
             ));
         }
-        match self.step_with(items, None, Head::Argmax)?.1 {
+        match self.step_with(items, None, Head::Argmax, &[])?.1 {
+            HeadOut::Tokens(t) => Ok(t),
+            HeadOut::Logits(_) => unreachable!("asked for tokens"),
+        }
+    }
+
+    /// One step of `items`, each wanting at most its last row: the next token of each item that asked for logits,
+    /// drawn with its `draws` entry (in item order) where the logits are (on a GPU only the ids come back).
+    pub fn step_draw(&mut self, items: &[StepItem], draws: &[Draw]) -> Result<Vec<u32>> {
+        if items.iter().any(|i| i.logits == LogitsWanted::All) {
+            return Err(EngineError::invalid(
+                "step_draw takes the last row of each item only",
+            ));
+        }
+        let asked = items
+            .iter()
+            .filter(|i| i.logits == LogitsWanted::Last)
+            .count();
+        if draws.len() != asked {
+            return Err(EngineError::invalid(format!(
+                "step_draw: {} draws for {asked} rows that ask for a token",
+                draws.len()
+            )));
+        }
+        // All greedy: the argmax head (and its recorded steps on a GPU) does the same with less.
+        let head = if draws.iter().all(|d| d.temperature == 0.0) {
+            Head::Argmax
+        } else {
+            Head::Sample
+        };
+        match self.step_with(items, None, head, draws)?.1 {
             HeadOut::Tokens(t) => Ok(t),
             HeadOut::Logits(_) => unreachable!("asked for tokens"),
         }
@@ -393,6 +424,7 @@ impl<B: Backend> Engine<B> {
         items: &[StepItem],
         mut after_layer: Option<&mut LayerObserver<'_, B>>,
         head: Head,
+        draws: &[Draw],
     ) -> Result<(Vec<usize>, HeadOut)> {
         let bs = self.layout.block_size;
         let total: usize = items.iter().map(|i| i.n_tokens).sum();
@@ -439,6 +471,11 @@ impl<B: Backend> Engine<B> {
         let mut fresh = self.pool.allocate(need)?.into_iter();
         let mut batch = BatchLayout {
             head,
+            draws: if head == Head::Sample {
+                draws.to_vec()
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         let mut rows_of = Vec::with_capacity(items.len());

@@ -9,7 +9,7 @@
 use crate::backend::Backend;
 use crate::engine::{Engine, LogitsWanted, SeqId, StepItem};
 use crate::error::{EngineError, Result};
-use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::sampling::{Draw, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::tokenizer::stream::StreamDecoder;
 use std::time::{Duration, Instant};
@@ -205,20 +205,26 @@ impl Generation {
         self.accept(tok, s, seq_len, context_len)
     }
 
-    /// Accepts `token`, the argmax of this step's logits taken where they are, for a generation whose sampler does
-    /// not [need the logits](Sampler::needs_logits): the same as [`Generation::sample`] on those logits.
-    pub fn take_argmax(
+    /// The [`Draw`] for this generation's next token, for a step that draws where the logits are (only when it does
+    /// not [need the logits](Generation::needs_logits)).
+    pub fn next_draw(&mut self) -> Draw {
+        debug_assert!(
+            !self.sampler.needs_logits(),
+            "next_draw on a sampler that needs logits"
+        );
+        self.sampler.next_draw()
+    }
+
+    /// Accepts `token`, drawn where the logits are with this generation's [`Generation::next_draw`]: the same as
+    /// [`Generation::sample`] on those logits.
+    pub fn take_drawn(
         &mut self,
         tok: &Tokenizer,
         token: u32,
         seq_len: usize,
         context_len: usize,
     ) -> Result<Emitted> {
-        debug_assert!(
-            !self.sampler.needs_logits(),
-            "take_argmax on a sampler that needs logits"
-        );
-        self.sampler.record_external(token);
+        self.sampler.record_drawn(token);
         let s = Sampled {
             token,
             logprob: None,
@@ -340,17 +346,22 @@ pub fn run_batch<B: Backend>(
                 return Ok(());
             }
             let running = |a: &&mut Active| a.generation.finished().is_none();
-            // Plain greedy requests only: the argmax is taken where the logits are.
+            // No penalties or logprobs anywhere: tokens are drawn where the logits are.
             if active
                 .iter_mut()
                 .filter(running)
                 .all(|a| !a.generation.needs_logits())
             {
-                let tokens = engine.step_argmax(&items)?;
+                let draws: Vec<Draw> = active
+                    .iter_mut()
+                    .filter(running)
+                    .map(|a| a.generation.next_draw())
+                    .collect();
+                let tokens = engine.step_draw(&items, &draws)?;
                 let mut ti = tokens.into_iter();
                 for (i, a) in active.iter_mut().enumerate().filter(|(_, a)| running(a)) {
                     let t = ti.next().expect("one token per item");
-                    accept(engine, tok, a, i, Next::Argmax(t), &mut on_delta)?;
+                    accept(engine, tok, a, i, Next::Drawn(t), &mut on_delta)?;
                 }
                 continue;
             }
@@ -385,8 +396,8 @@ pub fn run_batch<B: Backend>(
 /// What a step gave one request to choose its next token from.
 enum Next<'a> {
     Logits(&'a mut [f32]),
-    /// The argmax, for a request that does not need logits.
-    Argmax(u32),
+    /// The token drawn where the logits are, for a request that does not need them.
+    Drawn(u32),
 }
 
 fn accept<B: Backend>(
@@ -402,7 +413,7 @@ fn accept<B: Backend>(
     let ctx = engine.model.config.context_len;
     let e = match next {
         Next::Logits(l) => a.generation.sample(tok, l, len, ctx)?,
-        Next::Argmax(t) => a.generation.take_argmax(tok, t, len, ctx)?,
+        Next::Drawn(t) => a.generation.take_drawn(tok, t, len, ctx)?,
     };
     a.text.push_str(&e.text);
     on_delta(Delta {

@@ -268,22 +268,23 @@ fn exhausting_the_pool_is_a_clean_error() {
 }
 
 #[test]
-fn greedy_requests_take_the_argmax_where_the_logits_are_and_match_host_sampling() {
-    use tandem_engine::generate::{Request, StopConditions, run_batch};
+fn tokens_drawn_where_the_logits_are_match_host_sampling() {
+    use tandem_engine::generate::{Completion, Request, StopConditions, run_batch};
     use tandem_engine::sampling::SamplingParams;
     let (mut e, tok) = setup(EngineConfig {
         num_blocks: 128,
         ..Default::default()
     });
-    let requests = |logprobs: Option<usize>| -> Vec<Request> {
+    let requests = |base: &SamplingParams, logprobs: Option<usize>| -> Vec<Request> {
         prompts(&tok)
             .into_iter()
-            .map(|prompt| Request {
+            .enumerate()
+            .map(|(i, prompt)| Request {
                 prompt,
                 sampling: SamplingParams {
-                    temperature: 0.0,
                     logprobs,
-                    ..Default::default()
+                    seed: Some(7 + i as u64),
+                    ..base.clone()
                 },
                 stop: StopConditions {
                     max_tokens: 16,
@@ -293,18 +294,31 @@ fn greedy_requests_take_the_argmax_where_the_logits_are_and_match_host_sampling(
             })
             .collect()
     };
-    // Plain greedy decodes through the argmax head; asking for logprobs brings every row's logits to the host.
-    let on_device = run_batch(&mut e, &tok, &requests(None), |_| {}).unwrap();
-    let on_host = run_batch(&mut e, &tok, &requests(Some(1)), |_| {}).unwrap();
-    for (d, h) in on_device.iter().zip(&on_host) {
-        let ids = |c: &tandem_engine::generate::Completion| {
-            c.tokens.iter().map(|t| t.token).collect::<Vec<_>>()
-        };
-        assert_eq!(ids(d), ids(h));
-        assert_eq!(d.text, h.text);
-        assert_eq!(d.tokens.len(), 16);
-        assert!(d.tokens.iter().all(|t| t.logprob.is_none()));
-        assert!(h.tokens.iter().all(|t| t.logprob.is_some()));
+    let ids = |c: &Completion| c.tokens.iter().map(|t| t.token).collect::<Vec<_>>();
+    let greedy = SamplingParams::default();
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.02,
+        ..Default::default()
+    };
+    for base in [&greedy, &sampled] {
+        // Without logprobs or penalties the tokens are drawn through the step's head; asking for logprobs brings
+        // every row's logits to the host's sampler. Same seeds, same tokens.
+        let on_device = run_batch(&mut e, &tok, &requests(base, None), |_| {}).unwrap();
+        let on_host = run_batch(&mut e, &tok, &requests(base, Some(1)), |_| {}).unwrap();
+        for (d, h) in on_device.iter().zip(&on_host) {
+            assert_eq!(ids(d), ids(h), "{base:?}");
+            assert_eq!(d.text, h.text);
+            assert_eq!(d.tokens.len(), 16);
+            assert!(d.tokens.iter().all(|t| t.logprob.is_none()));
+            assert!(h.tokens.iter().all(|t| t.logprob.is_some()));
+        }
+        if base.temperature > 0.0 {
+            let distinct: std::collections::HashSet<Vec<u32>> = on_device.iter().map(ids).collect();
+            assert!(distinct.len() > 1, "sampling drew something");
+        }
     }
     assert_eq!(e.pool_stats().used, 0, "every block returned");
 }

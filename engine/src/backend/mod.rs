@@ -39,8 +39,10 @@ pub struct BatchLayout {
     pub seqs: Vec<SeqSlice>,
     /// Rows whose logits are wanted, in output order.
     pub logit_rows: Vec<usize>,
-    /// Whether those rows come back as logits or as their argmax.
+    /// Whether those rows come back as logits, as their argmax, or as drawn tokens.
     pub head: crate::model::Head,
+    /// With [`crate::model::Head::Sample`], each logit row's draw (in `logit_rows` order).
+    pub draws: Vec<crate::sampling::Draw>,
     /// Nothing observes this step from outside the forward pass (no layer observer reads the cache mid-step, no
     /// attention tallies), so a device backend may record the step's work once and replay it for later steps of
     /// the same shape.
@@ -176,6 +178,20 @@ pub trait Backend: Send + Sync + 'static {
         self.to_host(x)
             .chunks(cols.max(1))
             .map(crate::sampling::argmax)
+            .collect()
+    }
+    /// Each row's token drawn with its [`crate::sampling::Draw`] (one per row), by the rule of
+    /// [`crate::sampling::draw`], so that a device backend sends only token ids to the host.
+    fn sample_rows(
+        &self,
+        x: &Self::Activations,
+        cols: usize,
+        draws: &[crate::sampling::Draw],
+    ) -> Vec<u32> {
+        self.to_host(x)
+            .chunks(cols.max(1))
+            .zip(draws)
+            .map(|(row, d)| crate::sampling::draw(row, d))
             .collect()
     }
     /// Copies one block's K and V of `layer` to the host (`[kv_heads][block_size][head_dim]` each), for transfer and tests.

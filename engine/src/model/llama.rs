@@ -32,6 +32,8 @@ pub enum Head {
     Logits,
     /// Each asked row's most likely token (greedy), computed where the logits are.
     Argmax,
+    /// Each asked row's token drawn with its [`crate::sampling::Draw`] (`BatchLayout::draws`), where the logits are.
+    Sample,
 }
 
 /// The output head's result, as [`Head`] asked.
@@ -202,7 +204,7 @@ impl<B: Backend> LlamaModel<B> {
             backend.check()?;
             return Ok(match head {
                 Head::Logits => HeadOut::Logits(Vec::new()),
-                Head::Argmax => HeadOut::Tokens(Vec::new()),
+                Head::Argmax | Head::Sample => HeadOut::Tokens(Vec::new()),
             });
         }
         backend.gather_logit_rows(&s.x, &plan, &mut s.sel);
@@ -212,6 +214,7 @@ impl<B: Backend> LlamaModel<B> {
         let out = match head {
             Head::Logits => HeadOut::Logits(backend.to_host(&s.logits)),
             Head::Argmax => HeadOut::Tokens(backend.argmax_rows(&s.logits, c.vocab)),
+            Head::Sample => HeadOut::Tokens(backend.sample_rows(&s.logits, c.vocab, &batch.draws)),
         };
         backend.check()?;
         Ok(out)

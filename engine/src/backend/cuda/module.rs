@@ -21,7 +21,8 @@ const FORMATS: [(KvFormat, &str); 4] = [
 const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("decode_attention.cu"),
-    include_str!("prefill_attention.cu")
+    include_str!("prefill_attention.cu"),
+    include_str!("sample.cu")
 );
 
 /// Every kernel of [`SOURCE`], loaded.
@@ -51,6 +52,7 @@ pub struct Kernels {
     /// `gemv_swiglu_r{R}`, likewise.
     pub gemv_swiglu: Vec<CudaFunction>,
     pub argmax_rows: CudaFunction,
+    pub sample_rows: CudaFunction,
 }
 
 /// Head dimensions the attention kernels are compiled for.
@@ -155,6 +157,7 @@ impl Kernels {
                 .map(|r| f(&format!("gemv_swiglu_r{r}")))
                 .collect::<Result<_>>()?,
             argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
         })
     }
 }

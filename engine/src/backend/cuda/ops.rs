@@ -15,6 +15,7 @@ use crate::model::config::RopeConfig;
 use crate::model::source::WeightView;
 use crate::quant::GgmlType;
 use crate::quant::dequant::dequantize_row;
+use crate::sampling::Draw;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 impl Backend for CudaBackend {
@@ -382,6 +383,54 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&self.k.argmax_rows);
         b.arg(xb).arg(&mut *ids).arg(&c);
         self.launch("argmax", || {
+            unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
+        });
+        self.finish_step();
+        let mut out = vec![0u32; rows];
+        self.ok(
+            "copying token ids to the host",
+            self.stream.memcpy_dtoh(&ids.slice(0..rows), &mut out),
+        );
+        self.mark("token ids to host");
+        out
+    }
+
+    fn sample_rows(&self, x: &CudaTensor, cols: usize, draws: &[Draw]) -> Vec<u32> {
+        let rows = (x.len() / cols.max(1)).min(draws.len());
+        let (Some(xb), true) = (x.buf.as_ref(), rows > 0) else {
+            self.finish_step();
+            return Vec::new();
+        };
+        // The draws as the kernel's `struct Draw` (five 32-bit fields each).
+        let words: Vec<u32> = draws[..rows]
+            .iter()
+            .flat_map(|d| {
+                [
+                    d.temperature.to_bits(),
+                    d.top_k,
+                    d.top_p.to_bits(),
+                    d.min_p.to_bits(),
+                    d.u.to_bits(),
+                ]
+            })
+            .collect();
+        let Some(dw) = self.ok("uploading draws", self.stream.clone_htod(&words)) else {
+            self.finish_step();
+            return vec![0; rows];
+        };
+        let mut ids = lock(&self.ids);
+        if !self.ensure("token id buffer", &mut ids, rows) {
+            self.finish_step();
+            return vec![0; rows];
+        }
+        let Some(ids) = ids.as_mut() else {
+            return vec![0; rows];
+        };
+        let c = cols as i32;
+        // The kernel turns the logits into weights in place: nothing reads them again this step.
+        let mut b = self.stream.launch_builder(&self.k.sample_rows);
+        b.arg(xb).arg(&dw).arg(&mut *ids).arg(&c);
+        self.launch("sample", || {
             unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
         });
         self.finish_step();

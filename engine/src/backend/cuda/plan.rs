@@ -167,6 +167,7 @@ mod tests {
             seqs,
             logit_rows: (0..ctx.len()).collect(),
             head: Head::Argmax,
+            draws: Vec::new(),
             capturable: true,
         }
     }

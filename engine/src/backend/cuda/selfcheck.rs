@@ -209,7 +209,53 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
     rope_store(b, &mut rng, &mut push, KvFormat::Int8);
     rope_store(b, &mut rng, &mut push, KvFormat::Int4);
     argmax(b, &mut rng, &mut push);
+    sample(b, &mut rng, &mut push);
     out
+}
+
+/// Tokens drawn on the device against the host's rule ([`crate::sampling::draw`]) on the same logits and uniform
+/// numbers, over greedy rows and every filter. Device and host compute `exp` and their f64 sums differently, so a
+/// draw within rounding of a boundary may differ: at least 99% must agree (in practice all do).
+fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    use crate::sampling::{Draw, draw};
+    let kinds = [
+        (0.0, 0, 1.0, 0.0),
+        (0.8, 0, 1.0, 0.0),
+        (1.0, 50, 1.0, 0.0),
+        (0.7, 0, 0.9, 0.0),
+        (1.0, 0, 1.0, 0.05),
+        (1.3, 40, 0.8, 0.02),
+    ];
+    for cols in [1000, 49_152] {
+        let mut draws = Vec::new();
+        for &(temperature, top_k, top_p, min_p) in &kinds {
+            for _ in 0..8 {
+                draws.push(Draw {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    u: rng.unit() as f32,
+                });
+            }
+        }
+        let rows = draws.len();
+        let x = random(rng, rows * cols, 4.0);
+        let want: Vec<u32> = x
+            .chunks(cols)
+            .zip(&draws)
+            .map(|(r, d)| draw(r, d))
+            .collect();
+        let xt = b.tensor(rows, cols, &x);
+        let got = b.sample_rows(&xt, cols, &draws);
+        let agree = got.iter().zip(&want).filter(|(g, w)| g == w).count();
+        push(
+            format!("sample {rows}x{cols} ({agree} of {rows} draws equal to the host's)"),
+            vec![agree as f32],
+            vec![rows as f64],
+            0.01,
+        );
+    }
 }
 
 type Push<'a> = dyn FnMut(String, Vec<f32>, Vec<f64>, f64) + 'a;

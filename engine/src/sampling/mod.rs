@@ -2,8 +2,12 @@
 //!
 //! Order (the one vLLM and llama.cpp use): repetition penalty (prompt and output tokens, divides positive logits and
 //! multiplies negative ones), presence and frequency penalties (output tokens), then greedy if temperature is 0,
-//! else temperature, top-k, softmax, min-p, top-p, and a draw. Logprobs are of the model's raw distribution, before
+//! else temperature, top-k, softmax, min-p, top-p, and a draw ([`draw`], the one rule every backend follows). Logprobs are of the model's raw distribution, before
 //! any of this, as OpenAI reports them. With a seed, the same logits give the same tokens on every run.
+
+mod draw;
+
+pub use draw::{Draw, draw};
 
 use crate::error::{EngineError, Result};
 use crate::rng::Rng;
@@ -104,7 +108,6 @@ pub struct Sampler {
     rng: Rng,
     prompt_tokens: std::collections::HashSet<u32>,
     output_counts: HashMap<u32, u32>,
-    scratch: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -120,7 +123,6 @@ impl Sampler {
             rng: Rng::new(seed),
             prompt_tokens,
             output_counts: HashMap::new(),
-            scratch: Vec::new(),
         }
     }
 
@@ -128,12 +130,12 @@ impl Sampler {
         &self.params
     }
 
-    /// Whether choosing the next token needs the logits on the host: anything but plain greedy (no penalties, no
-    /// logprobs), which is the argmax and can be taken where the logits are (only the id crosses from a GPU).
+    /// Whether choosing the next token needs the logits on the host: penalties (they read this sequence's token
+    /// counts) or logprobs. Otherwise the token is a [`Draw`] that can be made where the logits are, so only the id
+    /// crosses from a GPU.
     pub fn needs_logits(&self) -> bool {
         let p = &self.params;
-        p.temperature != 0.0
-            || p.logprobs.is_some()
+        p.logprobs.is_some()
             || p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
@@ -201,56 +203,32 @@ impl Sampler {
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
+        let d = self.next_draw();
+        draw(logits, &d)
+    }
+
+    /// This token's [`Draw`]: the parameters and, unless greedy, the next uniform number of the sequence's
+    /// generator (advancing it exactly as [`Sampler::sample`] does).
+    pub fn next_draw(&mut self) -> Draw {
         let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
-        let c = &mut self.scratch;
-        c.clear();
-        c.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, l * inv_t)),
-        );
-        if p.top_k > 0 && p.top_k < c.len() {
-            c.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
-            c.truncate(p.top_k);
+        let u = if p.temperature != 0.0 {
+            self.rng.next_f32()
+        } else {
+            0.0
+        };
+        Draw {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            u,
         }
-        let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
-        let mut sum = 0.0;
-        for x in c.iter_mut() {
-            x.1 = (x.1 - max).exp();
-            sum += x.1;
-        }
-        for x in c.iter_mut() {
-            x.1 /= sum;
-        }
-        if p.min_p > 0.0 {
-            // The max probability is exp(0)/sum.
-            let floor = p.min_p / sum;
-            c.retain(|x| x.1 >= floor);
-        }
-        if p.top_p < 1.0 {
-            c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-            let mut acc = 0.0;
-            let mut keep = c.len();
-            for (i, x) in c.iter().enumerate() {
-                acc += x.1;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
-        }
-        let total: f32 = c.iter().map(|x| x.1).sum();
-        let mut r = self.rng.next_f32() * total;
-        for x in c.iter() {
-            r -= x.1;
-            if r < 0.0 {
-                return x.0;
-            }
-        }
-        c.last().map_or(0, |x| x.0)
+    }
+
+    /// Records a token drawn elsewhere with the [`Draw`] this sampler gave out ([`Sampler::next_draw`]), for later
+    /// penalties.
+    pub fn record_drawn(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_insert(0) += 1;
     }
 }
 
