@@ -219,6 +219,37 @@ impl CudaBackend {
         r.map_err(|e| self.fail(what, e)).ok()
     }
 
+    /// Ends a step whose head writes one token id per row of `x` (`rows` of them): `launch(x, ids)` issues the
+    /// kernel, then the ids come to the host (zeros, with the failure recorded, when something is missing).
+    fn token_ids(
+        &self,
+        x: &CudaTensor,
+        rows: usize,
+        launch: impl FnOnce(&CudaSlice<f32>, &mut CudaSlice<u32>),
+    ) -> Vec<u32> {
+        let (Some(xb), true) = (x.buf.as_ref(), rows > 0) else {
+            self.finish_step();
+            return Vec::new();
+        };
+        let mut ids = lock(&self.ids);
+        if !self.ensure("token id buffer", &mut ids, rows) {
+            self.finish_step();
+            return vec![0; rows];
+        }
+        let Some(ids) = ids.as_mut() else {
+            return vec![0; rows];
+        };
+        launch(xb, ids);
+        self.finish_step();
+        let mut out = vec![0u32; rows];
+        self.ok(
+            "copying token ids to the host",
+            self.stream.memcpy_dtoh(&ids.slice(0..rows), &mut out),
+        );
+        self.mark("token ids to host");
+        out
+    }
+
     /// Makes `buf` hold at least `need` elements (never fewer than one), reallocating (and dropping every recorded
     /// graph, which names the old memory) when it is smaller.
     fn ensure<T>(&self, what: &str, buf: &mut Option<CudaSlice<T>>, need: usize) -> bool

@@ -367,40 +367,18 @@ impl Backend for CudaBackend {
 
     fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Vec<u32> {
         let rows = x.len() / cols.max(1);
-        let (Some(xb), true) = (x.buf.as_ref(), rows > 0) else {
-            self.finish_step();
-            return Vec::new();
-        };
-        let mut ids = lock(&self.ids);
-        if !self.ensure("argmax buffer", &mut ids, rows) {
-            self.finish_step();
-            return vec![0; rows];
-        }
-        let Some(ids) = ids.as_mut() else {
-            return vec![0; rows];
-        };
         let c = cols as i32;
-        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
-        b.arg(xb).arg(&mut *ids).arg(&c);
-        self.launch("argmax", || {
-            unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
-        });
-        self.finish_step();
-        let mut out = vec![0u32; rows];
-        self.ok(
-            "copying token ids to the host",
-            self.stream.memcpy_dtoh(&ids.slice(0..rows), &mut out),
-        );
-        self.mark("token ids to host");
-        out
+        self.token_ids(x, rows, |xb, ids| {
+            let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+            b.arg(xb).arg(ids).arg(&c);
+            self.launch("argmax", || {
+                unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
+            });
+        })
     }
 
     fn sample_rows(&self, x: &CudaTensor, cols: usize, draws: &[Draw]) -> Vec<u32> {
         let rows = (x.len() / cols.max(1)).min(draws.len());
-        let (Some(xb), true) = (x.buf.as_ref(), rows > 0) else {
-            self.finish_step();
-            return Vec::new();
-        };
         // The draws as the kernel's `struct Draw` (five 32-bit fields each).
         let words: Vec<u32> = draws[..rows]
             .iter()
@@ -418,29 +396,15 @@ impl Backend for CudaBackend {
             self.finish_step();
             return vec![0; rows];
         };
-        let mut ids = lock(&self.ids);
-        if !self.ensure("token id buffer", &mut ids, rows) {
-            self.finish_step();
-            return vec![0; rows];
-        }
-        let Some(ids) = ids.as_mut() else {
-            return vec![0; rows];
-        };
         let c = cols as i32;
-        // The kernel turns the logits into weights in place: nothing reads them again this step.
-        let mut b = self.stream.launch_builder(&self.k.sample_rows);
-        b.arg(xb).arg(&dw).arg(&mut *ids).arg(&c);
-        self.launch("sample", || {
-            unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
-        });
-        self.finish_step();
-        let mut out = vec![0u32; rows];
-        self.ok(
-            "copying token ids to the host",
-            self.stream.memcpy_dtoh(&ids.slice(0..rows), &mut out),
-        );
-        self.mark("token ids to host");
-        out
+        self.token_ids(x, rows, |xb, ids| {
+            // The kernel turns the logits into weights in place: nothing reads them again this step.
+            let mut b = self.stream.launch_builder(&self.k.sample_rows);
+            b.arg(xb).arg(&dw).arg(ids).arg(&c);
+            self.launch("sample", || {
+                unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
+            });
+        })
     }
 
     fn read_kv_block(&self, kv: &CudaKvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>) {

@@ -250,6 +250,16 @@ mod tests {
         out
     }
 
+    fn quantized(xs: &[Vec<f32>]) -> Vec<Vec<ActBlock>> {
+        xs.iter()
+            .map(|x| {
+                let mut q = vec![ActBlock::default(); x.len() / 32];
+                quantize_activations(x, &mut q);
+                q
+            })
+            .collect()
+    }
+
     #[test]
     fn kernels_match_dequantized_f32_dot() {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
@@ -273,14 +283,7 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let xq: Vec<Vec<ActBlock>> = xs
-                .iter()
-                .map(|x| {
-                    let mut q = vec![ActBlock::default(); k / 32];
-                    quantize_activations(x, &mut q);
-                    q
-                })
-                .collect();
+            let xq = quantized(&xs);
             let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
             let packed = interleave::interleave(ty, &w, row_bytes);
             for n in 1..=xs.len() {
@@ -337,16 +340,14 @@ mod tests {
             let row_bytes = w.len() / wrows;
             let packed = interleave::interleave(ty, &w, row_bytes);
             for n in [1, 2, 4, 8, 16] {
-                let xq: Vec<Vec<ActBlock>> = (0..n)
+                let xs: Vec<Vec<f32>> = (0..n)
                     .map(|r| {
-                        let x: Vec<f32> = (0..k)
+                        (0..k)
                             .map(|i| ((i * 7 + r * 3) % 23) as f32 - 11.0)
-                            .collect();
-                        let mut q = vec![ActBlock::default(); k / 32];
-                        quantize_activations(&x, &mut q);
-                        q
+                            .collect()
                     })
                     .collect();
+                let xq = quantized(&xs);
                 let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
                 let mut out = vec![0f32; wrows * n];
                 let mut time = |layout: Layout, bytes: &[u8], kernels: DotKernels| {
