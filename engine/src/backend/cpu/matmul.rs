@@ -1,7 +1,7 @@
 //! `out = x @ W^T` with W in its stored format, the bulk of every forward step.
 //!
 //! Two regimes (the split llama.cpp and every CPU engine make):
-//! - few rows (decode, up to [`INT_PATH_MAX_ROWS`]): activations are quantized to 8-bit blocks once and each
+//! - few rows (decode, up to [`INT_PATH_MAX_ROWS`]): activations are quantized to 16-bit blocks once and each
 //!   weight row is read once from memory and dotted, in integer SIMD, with every activation row. Bound by weight
 //!   bytes, which is the floor for decode.
 //! - many rows (prefill chunks): tiles of W are expanded to f32 in a per-thread scratch buffer and multiplied with
@@ -69,8 +69,10 @@ pub fn matmul(
     for (pi, (w, _)) in pairs.iter().enumerate() {
         let chunk = if int_path {
             // Enough tasks to balance, big enough to amortize scheduling (a row is ~0.5 KiB of weights); whole
-            // interleaved groups.
-            (w.rows / (threads * 4)).clamp(16, 512) / GROUP_ROWS * GROUP_ROWS
+            // interleaved groups. A task's time grows with the activation rows, and the region waits for its last
+            // task: batches get finer tasks.
+            let per_thread = 4 * m.min(4);
+            (w.rows / (threads * per_thread)).clamp(GROUP_ROWS, 512) / GROUP_ROWS * GROUP_ROWS
         } else {
             GEMM_TILE_ROWS
         };
@@ -110,7 +112,8 @@ fn int_rows(
 ) {
     let bpr = w.cols / 32;
     let xrows: Vec<&[ActBlock]> = (0..m).map(|r| &xq[r * bpr..(r + 1) * bpr]).collect();
-    let mut res = vec![0f32; (r1 - r0) * m];
+    let cols = r1 - r0;
+    let mut res = vec![0f32; cols * m];
     dot_rows(
         w.ty,
         w.layout,
@@ -121,11 +124,9 @@ fn int_rows(
         &mut res,
         kernels,
     );
-    for (i, wr) in (r0..r1).enumerate() {
-        for (xr, v) in res[i * m..(i + 1) * m].iter().enumerate() {
-            // SAFETY: xr < m rows and wr < n columns of an m x n output; column wr belongs to this task only.
-            unsafe { *out.0.add(xr * n + wr) = *v };
-        }
+    for (xr, row) in res.chunks_exact(cols).enumerate() {
+        // SAFETY: xr < m rows and r0..r1 columns of an m x n output; these columns belong to this task only.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add(xr * n + r0), cols) };
     }
 }
 

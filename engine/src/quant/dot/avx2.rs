@@ -2,7 +2,7 @@
 //! `vpmaddwd`; activation rows four at a time share the unpacked block.
 
 use super::super::GgmlType;
-use super::ActBlock;
+use super::{ActBlock, OutRows};
 use std::arch::x86_64::*;
 
 /// # Safety
@@ -14,24 +14,22 @@ pub(super) unsafe fn dot_rows(
     row_bytes: usize,
     rows: std::ops::Range<usize>,
     xs: &[&[ActBlock]],
-    out: &mut [f32],
+    mut out: OutRows<'_>,
 ) {
     macro_rules! go {
         ($kernel:ident) => {{
             let n = xs.len();
             for (i, r) in rows.clone().enumerate() {
                 let w_row = &w[r * row_bytes..(r + 1) * row_bytes];
-                let o = &mut out[i * n..(i + 1) * n];
                 for g in (0..n).step_by(4) {
-                    match n - g {
-                        1 => o[g..g + 1].copy_from_slice(&$kernel::<1>(w_row, [xs[g]])),
-                        2 => o[g..g + 2].copy_from_slice(&$kernel::<2>(w_row, [xs[g], xs[g + 1]])),
-                        3 => o[g..g + 3]
-                            .copy_from_slice(&$kernel::<3>(w_row, [xs[g], xs[g + 1], xs[g + 2]])),
-                        _ => o[g..g + 4].copy_from_slice(&$kernel::<4>(
-                            w_row,
-                            [xs[g], xs[g + 1], xs[g + 2], xs[g + 3]],
-                        )),
+                    let sums: &[f32] = match n - g {
+                        1 => &$kernel::<1>(w_row, [xs[g]]),
+                        2 => &$kernel::<2>(w_row, [xs[g], xs[g + 1]]),
+                        3 => &$kernel::<3>(w_row, [xs[g], xs[g + 1], xs[g + 2]]),
+                        _ => &$kernel::<4>(w_row, [xs[g], xs[g + 1], xs[g + 2], xs[g + 3]]),
+                    };
+                    for (j, &v) in sums.iter().enumerate() {
+                        out.cols(g + j, i, 1)[0] = v;
                     }
                 }
             }

@@ -105,9 +105,26 @@ impl DotKernels {
     }
 }
 
+/// Where the kernels write: the result for activation row `j` and weight row `rows.start + k` goes to
+/// `data[j * stride + k]`, so that each activation row's outputs are contiguous, as in the matmul's output tensor
+/// (the tiles store eight of them with one instruction).
+pub(super) struct OutRows<'a> {
+    data: &'a mut [f32],
+    stride: usize,
+}
+
+impl OutRows<'_> {
+    /// The `len` outputs of activation row `j` from weight row `rows.start + k` on.
+    #[inline]
+    fn cols(&mut self, j: usize, k: usize, len: usize) -> &mut [f32] {
+        let at = j * self.stride + k;
+        &mut self.data[at..at + len]
+    }
+}
+
 /// Dot products of weight rows `rows` (each `row_bytes` long in `w`, ordered as `layout` says) with every activation
-/// row in `xs`: `out[(r - rows.start) * xs.len() + i] = dot(w_row(r), xs[i])`. `ty` must satisfy [`has_kernel`];
-/// with the interleaved layout, `rows` must start and (unless it runs past the last whole group) end on a group
+/// row in `xs`: `out[i * rows.len() + (r - rows.start)] = dot(w_row(r), xs[i])` (one output row per activation
+/// row). `ty` must satisfy [`has_kernel`]; with the interleaved layout, `rows` must start and (unless it runs past the last whole group) end on a group
 /// boundary.
 ///
 /// The row loop lives inside the SIMD function so that the kernel is inlined and dispatch happens once per call.
@@ -149,11 +166,11 @@ pub fn dot_rows(
             split
         }
     };
-    let n = xs.len();
+    let stride = rows.len();
     #[cfg(target_arch = "x86_64")]
     if kernels >= DotKernels::Avx2Rows && (split == rows.start || kernels >= DotKernels::Avx2Tiles)
     {
-        let (head, tail) = out.split_at_mut((split - rows.start) * n);
+        let head = OutRows { data: out, stride };
         // SAFETY: a DotKernels other than Portable is only made after checking that the CPU has what it needs;
         // sizes were checked above; rows.start..split are whole interleaved groups.
         unsafe {
@@ -164,6 +181,10 @@ pub fn dot_rows(
                     tiles::avx2::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
                 }
             }
+            let tail = OutRows {
+                data: &mut out[split - rows.start..],
+                stride,
+            };
             avx2::dot_rows(ty, w, row_bytes, split..rows.end, xs, tail);
         }
         return;
@@ -178,7 +199,7 @@ pub fn dot_rows(
             &w[r * row_bytes..(r + 1) * row_bytes]
         };
         for (j, x) in xs.iter().enumerate() {
-            out[i * n + j] = dot_scalar(ty, w_row, x);
+            out[j * stride + i] = dot_scalar(ty, w_row, x);
         }
     }
 }
@@ -305,7 +326,7 @@ mod tests {
                     );
                     for (i, (wq, wf)) in w.chunks_exact(row_bytes).zip(&wf).enumerate() {
                         for r in 0..n {
-                            let got = out[i * n + r];
+                            let got = out[r * wrows + i];
                             let exact: f32 = wf.iter().zip(&xs[r]).map(|(a, b)| a * b).sum();
                             let scalar = dot_scalar(ty, wq, &xq[r]);
                             assert!(

@@ -10,7 +10,7 @@
 
 use super::super::GgmlType;
 use super::super::interleave::GROUP_ROWS;
-use super::ActBlock;
+use super::{ActBlock, OutRows};
 use std::arch::x86_64::*;
 
 /// Weight rows per tile: one interleaved group.
@@ -88,7 +88,7 @@ macro_rules! tiled_kernel {
                 row_bytes: usize,
                 rows: std::ops::Range<usize>,
                 xs: &[&[ActBlock]],
-                out: &mut [f32],
+                mut out: OutRows<'_>,
             ) {
                 let n = xs.len();
                 let group_bytes = TILE_ROWS * row_bytes;
@@ -103,12 +103,10 @@ macro_rules! tiled_kernel {
                             _ => pass_of::<Q8_0>(group, xp, &mut acc),
                         }
                         for (j, a) in acc.iter().take(xp.len()).enumerate() {
-                            let mut lanes = [0f32; TILE_ROWS];
-                            // SAFETY: eight f32 = 32 bytes; storeu has no alignment requirement.
-                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-                            for (i, v) in lanes.into_iter().enumerate() {
-                                out[(ti * TILE_ROWS + i) * n + p0 + j] = v;
-                            }
+                            // The eight lanes are eight consecutive outputs of activation row p0 + j.
+                            let o = out.cols(p0 + j, ti * TILE_ROWS, TILE_ROWS);
+                            // SAFETY: eight f32 = 32 bytes, in bounds (sliced); storeu has no alignment requirement.
+                            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), *a) };
                         }
                     }
                 }
