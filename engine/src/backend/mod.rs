@@ -181,11 +181,15 @@ pub trait Backend: Send + Sync + 'static {
             .collect()
     }
     /// Each row's token drawn with its [`crate::sampling::Draw`] (one per row), by the rule of
-    /// [`crate::sampling::draw`], so that a device backend sends only token ids to the host.
+    /// [`crate::sampling::draw`], so that a device backend sends only token ids to the host. `draws` are the
+    /// step's [`BatchLayout::draws`], which `plan` was made from: a device backend reads them from its copy of the
+    /// plan (uploaded with the rest of the step's inputs, so that a recorded step finds each step's draws at the
+    /// same address), a host backend from `draws`.
     fn sample_rows(
         &self,
         x: &Self::Activations,
         cols: usize,
+        _plan: &Self::Plan,
         draws: &[crate::sampling::Draw],
     ) -> Vec<u32> {
         self.to_host(x)

@@ -25,7 +25,7 @@ struct Layer<B: Backend> {
 }
 
 /// What the output head hands back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Head {
     /// Every logit of the asked rows, row-major.
     #[default]
@@ -214,7 +214,9 @@ impl<B: Backend> LlamaModel<B> {
         let out = match head {
             Head::Logits => HeadOut::Logits(backend.to_host(&s.logits)),
             Head::Argmax => HeadOut::Tokens(backend.argmax_rows(&s.logits, c.vocab)),
-            Head::Sample => HeadOut::Tokens(backend.sample_rows(&s.logits, c.vocab, &batch.draws)),
+            Head::Sample => {
+                HeadOut::Tokens(backend.sample_rows(&s.logits, c.vocab, &plan, &batch.draws))
+            }
         };
         backend.check()?;
         Ok(out)

@@ -15,7 +15,7 @@ use tandem_engine::engine::SeqId;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
 use tandem_engine::model::dummy::{DummyWeights, NamedShape};
-use tandem_engine::sampling::argmax;
+use tandem_engine::sampling::{Draw, argmax};
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 
 #[derive(clap::Args, Debug)]
@@ -331,7 +331,8 @@ fn next_logits<B: Backend>(e: &mut Engine<B>, seq: SeqId) -> Result<Vec<f32>> {
     Ok(e.step(&[item])?.remove(0))
 }
 
-/// CUDA and CPU on the same dummy SmolLM2-shaped weights: prefill logits and 16 greedy tokens.
+/// CUDA and CPU on the same dummy SmolLM2-shaped weights: prefill logits, 16 greedy tokens, then sampled tokens
+/// alternating with logits steps.
 fn check(gpu: usize, threads: usize, seed: u64) -> Result<()> {
     let weights = || ModelSource::Dummy(DummyWeights::new(NamedShape::SmolLM2_135M, seed));
     let config = EngineConfig {
@@ -372,11 +373,43 @@ fn check(gpu: usize, threads: usize, seed: u64) -> Result<()> {
         bail!("greedy token on the GPU {gg:?}, on the CPU {gc:?}");
     }
     let agree = tc.iter().zip(&tg).filter(|(a, b)| a == b).count();
+    // Sampling steps (drawn on the GPU) alternating with logits steps of the same shape: both are recorded and
+    // replayed, and neither may replay the other's recording.
+    let mut t = gc[0];
+    let (mut drawn_agree, mut u) = (0, 0.37f32);
+    for i in 0..12 {
+        cpu.append_token(sc, t)?;
+        cuda.append_token(sg, t)?;
+        if i % 2 == 0 {
+            let item = StepItem {
+                seq: sc,
+                n_tokens: 1,
+                logits: LogitsWanted::Last,
+            };
+            let draw = Draw {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.95,
+                min_p: 0.0,
+                u,
+            };
+            u = (u + 0.618_034) % 1.0;
+            let dc = cpu.step_draw(&[item], &[draw])?;
+            let dg = cuda.step_draw(&[StepItem { seq: sg, ..item }], &[draw])?;
+            drawn_agree += usize::from(dc == dg);
+            t = dc[0];
+        } else {
+            let lc = next_logits(&mut cpu, sc)?;
+            let lg = next_logits(&mut cuda, sg)?;
+            worst = worst.max(rel_err(&lg, &lc));
+            t = argmax(&lc);
+        }
+    }
     println!(
-        "check (smollm2-135m dummy, CUDA vs CPU): logits rel. error {:.2e} after prefill, worst {:.2e} over 16 steps; greedy tokens agree {agree}/16",
+        "check (smollm2-135m dummy, CUDA vs CPU): logits rel. error {:.2e} after prefill, worst {:.2e} over 22 steps; greedy tokens agree {agree}/16; sampled tokens agree {drawn_agree}/6",
         first_err, worst
     );
-    if worst.is_nan() || worst >= 2e-2 || agree < 15 {
+    if worst.is_nan() || worst >= 2e-2 || agree < 15 || drawn_agree < 5 {
         bail!("CUDA disagrees with the CPU backend beyond bf16 tolerance");
     }
     Ok(())

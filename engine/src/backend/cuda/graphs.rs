@@ -12,12 +12,15 @@ use cudarc::driver::{CudaGraph, CudaStream, sys};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::model::Head;
+
 /// What a recording depends on besides buffer addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub rows: usize,
     pub logit_rows: usize,
-    pub argmax: bool,
+    /// What the step's head hands back (a sampling head records the sampling kernel, a logits head a copy).
+    pub head: Head,
     /// The longest context's bucket (it sets decode attention's split count).
     pub ctx_bucket: usize,
 }

@@ -10,7 +10,6 @@ use super::{CudaBackend, CudaMatrix, CudaTensor, Marked, cfg, grid_1d, lock};
 use crate::backend::{AttentionTally, Backend, BatchLayout};
 use crate::error::{EngineError, Result};
 use crate::kv::KvLayout;
-use crate::model::Head;
 use crate::model::config::RopeConfig;
 use crate::model::source::WeightView;
 use crate::quant::GgmlType;
@@ -114,7 +113,7 @@ impl Backend for CudaBackend {
         let shape = decode.then_some(Shape {
             rows: packed.rows,
             logit_rows: packed.n_logit_rows,
-            argmax: layout.head == Head::Argmax,
+            head: layout.head,
             ctx_bucket: packed.ctx_bucket,
         });
         let r = lock(&self.graphs).begin(&self.stream, shape);
@@ -377,30 +376,22 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn sample_rows(&self, x: &CudaTensor, cols: usize, draws: &[Draw]) -> Vec<u32> {
-        let rows = (x.len() / cols.max(1)).min(draws.len());
-        // The draws as the kernel's `struct Draw` (five 32-bit fields each).
-        let words: Vec<u32> = draws[..rows]
-            .iter()
-            .flat_map(|d| {
-                [
-                    d.temperature.to_bits(),
-                    d.top_k,
-                    d.top_p.to_bits(),
-                    d.min_p.to_bits(),
-                    d.u.to_bits(),
-                ]
-            })
-            .collect();
-        let Some(dw) = self.ok("uploading draws", self.stream.clone_htod(&words)) else {
-            self.finish_step();
-            return vec![0; rows];
-        };
+    fn sample_rows(
+        &self,
+        x: &CudaTensor,
+        cols: usize,
+        plan: &CudaPlan,
+        draws: &[Draw],
+    ) -> Vec<u32> {
+        // The draws were uploaded with the plan (an upload here would be recorded into a step's graph).
+        let rows = (x.len() / cols.max(1))
+            .min(draws.len())
+            .min(plan.n_logit_rows);
         let c = cols as i32;
         self.token_ids(x, rows, |xb, ids| {
             // The kernel turns the logits into weights in place: nothing reads them again this step.
             let mut b = self.stream.launch_builder(&self.k.sample_rows);
-            b.arg(xb).arg(&dw).arg(ids).arg(&c);
+            b.arg(xb).arg(&plan.draws).arg(ids).arg(&c);
             self.launch("sample", || {
                 unsafe { b.launch(cfg((rows as u32, 1), 1024)) }.map(drop)
             });

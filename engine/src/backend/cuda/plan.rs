@@ -1,6 +1,6 @@
 //! A step's layout on the GPU. Everything a forward pass reads per step (token ids, KV slots, positions and the
-//! RoPE frequencies, each
-//! row's context length and block table, the logit rows, the prefill attention tiles) is packed on the host into
+//! RoPE frequencies, each row's context length and block table, the logit rows and their draws, the prefill
+//! attention tiles) is packed on the host into
 //! one array of 32-bit words and copied in one transfer into a device buffer that is reused from step to step and
 //! only ever grows. Kernels get raw pointers into it, so a recorded decode step (a CUDA graph, see `graphs.rs`)
 //! reads the next step's values from the same addresses.
@@ -8,6 +8,7 @@
 use super::module::PREFILL_TILE_ROWS;
 use crate::backend::BatchLayout;
 use crate::model::config::{RopeConfig, RopeLayout};
+use crate::sampling::Draw;
 
 /// Sequences with more rows than this in one step use the tiled prefill attention kernel; decode steps (one row
 /// per sequence, or a few for speculative checks) use the flash-decoding kernel.
@@ -25,6 +26,8 @@ pub struct CudaPlan {
     pub tables: u64,
     pub logit_rows: u64,
     pub n_logit_rows: usize,
+    /// Each logit row's draw (`struct Draw` of `sample.cu`, five words), for a step whose head samples.
+    pub draws: u64,
     /// Prefill attention tiles: first row and row count of each (empty for a decode step).
     pub tile_row0: u64,
     pub tile_rows: u64,
@@ -39,10 +42,13 @@ pub struct CudaPlan {
 /// The most key splits of one row's decode attention.
 pub const MAX_SPLITS: usize = 128;
 
+/// Parts of the packed words.
+const PARTS: usize = 11;
+
 /// The host side of a plan: the packed words and where each part starts (in words).
 pub struct Packed {
     pub words: Vec<u32>,
-    offsets: [usize; 10],
+    offsets: [usize; PARTS],
     pub rows: usize,
     pub n_logit_rows: usize,
     pub n_tiles: usize,
@@ -79,10 +85,11 @@ impl Packed {
             }
         }
         let logit_rows: Vec<u32> = layout.logit_rows.iter().map(|&r| r as u32).collect();
+        let draws: Vec<u32> = layout.draws.iter().flat_map(draw_words).collect();
         // The block tables come last: their length changes from step to step (a sequence crossing a block
         // boundary), and a recorded decode step reads every other part from the address it had when recorded, so
         // those must depend on the step's shape alone.
-        let parts: [&[u32]; 10] = [
+        let parts: [&[u32]; PARTS] = [
             &layout.tokens,
             &layout.slots,
             &layout.positions,
@@ -90,12 +97,13 @@ impl Packed {
             &row_ctx,
             &row_table,
             &logit_rows,
+            &draws,
             &tile_row0,
             &tile_rows,
             &tables,
         ];
         let mut words = Vec::new();
-        let mut offsets = [0; 10];
+        let mut offsets = [0; PARTS];
         for (i, part) in parts.iter().enumerate() {
             // Every part starts on a 16-byte boundary.
             words.resize(words.len().next_multiple_of(4), 0);
@@ -129,15 +137,27 @@ impl Packed {
             row_table: p(5),
             logit_rows: p(6),
             n_logit_rows: self.n_logit_rows,
-            tile_row0: p(7),
-            tile_rows: p(8),
-            tables: p(9),
+            draws: p(7),
+            tile_row0: p(8),
+            tile_rows: p(9),
+            tables: p(10),
             n_tiles: self.n_tiles,
             ctx_bucket: self.ctx_bucket,
             half_dim: self.half_dim,
             interleaved: self.interleaved,
         }
     }
+}
+
+/// A draw as the device's `struct Draw` (five 32-bit fields, in declaration order).
+fn draw_words(d: &Draw) -> [u32; 5] {
+    [
+        d.temperature.to_bits(),
+        d.top_k,
+        d.top_p.to_bits(),
+        d.min_p.to_bits(),
+        d.u.to_bits(),
+    ]
 }
 
 #[cfg(test)]

@@ -247,7 +247,20 @@ fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             .map(|(r, d)| draw(r, d))
             .collect();
         let xt = b.tensor(rows, cols, &x);
-        let got = b.sample_rows(&xt, cols, &draws);
+        // The draws reach the device with a step's plan.
+        let layout = BatchLayout {
+            logit_rows: (0..rows).collect(),
+            head: crate::model::Head::Sample,
+            draws: draws.clone(),
+            ..Default::default()
+        };
+        let rope = RopeConfig {
+            theta: 10_000.0,
+            layout: RopeLayout::Halves,
+            freq_factors: None,
+        };
+        let plan = b.plan(&layout, &rope, 64);
+        let got = b.sample_rows(&xt, cols, &plan, &draws);
         let agree = got.iter().zip(&want).filter(|(g, w)| g == w).count();
         push(
             format!("sample {rows}x{cols} ({agree} of {rows} draws equal to the host's)"),
