@@ -4,11 +4,13 @@
 //! block table (vLLM's PagedAttention). Work is split into tasks of (sequence, KV head, tile of up to
 //! [`ROWS_PER_TASK`] query rows); a task gathers its KV head's keys and values once into contiguous scratch (from
 //! f32 or f16 blocks), then for each query head of the group computes scores = Q K^T as one SGEMM, applies the causal
-//! mask and a max-subtracted softmax, and writes P V with a second SGEMM. Prefill thus runs at matrix speed, and a
-//! decode row costs one pass over its context.
+//! mask and a max-subtracted softmax, and writes P V with a second SGEMM. Prefill thus runs at matrix speed. Tiles of
+//! at most [`VECTOR_MAX_ROWS`] rows (decode) skip the SGEMMs: over an f32 store they read each block's keys and values
+//! in place, scoring four keys per pass and accumulating P V in registers (`simd::scores`, `simd::weighted_sum`), so a
+//! decode row costs one pass over its context and no copy.
 
 use super::pool::SpinPool;
-use super::simd::{axpy, dot};
+use super::simd;
 use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
 use crate::backend::AttentionTally;
 use std::cell::RefCell;
@@ -121,19 +123,18 @@ pub fn attention(
                 v: gv,
                 scores: all_scores,
             } = sc;
-            let key = |j: usize| match in_place {
-                Some((k, _)) => {
-                    let at = slot_offset(lay, &s.block_table, kvh, j);
-                    &k[at..at + hd]
-                }
-                None => &gk[j * hd..(j + 1) * hd],
-            };
-            let value = |j: usize| match in_place {
-                Some((_, v)) => {
-                    let at = slot_offset(lay, &s.block_table, kvh, j);
-                    &v[at..at + hd]
-                }
-                None => &gv[j * hd..(j + 1) * hd],
+            // For vector rows: positions 0..ctx as runs of contiguous vectors, one per block in place, else the
+            // whole copy.
+            let spans: Vec<(&[f32], &[f32])> = match in_place {
+                Some((k, v)) => (0..ctx.div_ceil(lay.block_size))
+                    .map(|bi| {
+                        let n = lay.block_size.min(ctx - bi * lay.block_size);
+                        let at = slot_offset(lay, &s.block_table, kvh, bi * lay.block_size);
+                        (&k[at..at + n * hd], &v[at..at + n * hd])
+                    })
+                    .collect(),
+                None if rows <= VECTOR_MAX_ROWS => vec![(&gk[..ctx * hd], &gv[..ctx * hd])],
+                None => Vec::new(),
             };
             for h in kvh * group..(kvh + 1) * group {
                 if rows <= VECTOR_MAX_ROWS {
@@ -142,8 +143,11 @@ pub fn attention(
                         let visible = s.start_pos + r0 + r + 1;
                         let qv = &q.row(row)[h * hd..(h + 1) * hd];
                         let scores = &mut all_scores[..visible];
-                        for (j, x) in scores.iter_mut().enumerate() {
-                            *x = dot(qv, key(j)) * scale;
+                        let mut at = 0;
+                        for (k, _) in &spans {
+                            let n = (k.len() / hd).min(visible - at);
+                            simd::scores(qv, k, hd, scale, &mut scores[at..at + n]);
+                            at += n;
                         }
                         softmax_in_place(scores);
                         tally(visible - 1, scores);
@@ -155,8 +159,11 @@ pub fn attention(
                             )
                         };
                         o.fill(0.0);
-                        for (j, &p) in scores.iter().enumerate() {
-                            axpy(o, p, value(j));
+                        let mut at = 0;
+                        for (_, v) in &spans {
+                            let n = (v.len() / hd).min(visible - at);
+                            simd::weighted_sum(&scores[at..at + n], v, hd, o);
+                            at += n;
                         }
                     }
                     continue;

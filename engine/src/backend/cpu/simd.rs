@@ -31,23 +31,10 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline(always)]
-fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = a.mul_add(*xi, *yi);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_body(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-    axpy_body(y, a, x)
 }
 
 /// `sum(a[i] * b[i])`.
@@ -62,31 +49,151 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// `y += a * x`.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+/// `out[j] = scale * dot(q, keys[j])` for the `out.len()` keys of `hd` floats stored one after another in `keys`:
+/// one query head's attention scores over a contiguous run of cached keys.
+pub fn scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+    assert!(
+        q.len() >= hd && keys.len() >= out.len() * hd,
+        "scores: sizes"
+    );
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { axpy_avx2(y, a, x) };
+    if has_avx2() && hd.is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA are present (checked at run time); sizes checked above, hd a multiple of 8.
+        return unsafe { scores_avx2(q, keys, hd, scale, out) };
     }
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = scale
+            * q[..hd]
+                .iter()
+                .zip(&keys[j * hd..(j + 1) * hd])
+                .map(|(a, b)| a * b)
+                .sum::<f32>();
+    }
+}
+
+/// `out += sum_j p[j] * values[j]` for the `p.len()` value vectors of `hd` floats stored one after another:
+/// one query head's attention output over a contiguous run of cached values.
+pub fn weighted_sum(p: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
+    assert!(
+        out.len() >= hd && values.len() >= p.len() * hd,
+        "weighted_sum: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && hd.is_multiple_of(8) {
+        // SAFETY: as in `scores`.
+        return unsafe { weighted_sum_avx2(p, values, hd, out) };
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        for (o, v) in out[..hd].iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+            *o += pj * v;
+        }
+    }
+}
+
+/// Four keys at a time, each with its own accumulator (four independent FMA chains), reduced together by three
+/// horizontal adds: the per-key reduction that dominated a one-dot-per-key loop is shared by four keys.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `q` holds `hd` floats, `keys` `out.len() * hd`, `hd` is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(q: &[f32], keys: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+    let n = out.len();
+    let mut j = 0;
+    // SAFETY (all loads): key j + i < n, dims d + 8 <= hd, within the sizes the caller guarantees.
+    while j + 4 <= n {
+        let mut a = [_mm256_setzero_ps(); 4];
+        for d in (0..hd).step_by(8) {
+            let qv = unsafe { _mm256_loadu_ps(qp.add(d)) };
+            for (i, acc) in a.iter_mut().enumerate() {
+                let kv = unsafe { _mm256_loadu_ps(kp.add((j + i) * hd + d)) };
+                *acc = _mm256_fmadd_ps(qv, kv, *acc);
+            }
+        }
+        // [a0 a0 a1 a1 | a0 a0 a1 a1] and likewise for a2, a3; then [a0 a1 a2 a3 | a0 a1 a2 a3]; halves added.
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+        // SAFETY: out[j..j + 4] is in bounds (j + 4 <= n).
+        unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), s) };
+        j += 4;
+    }
+    for (jj, o) in out.iter_mut().enumerate().skip(j) {
+        *o = scale * dot_body(&q[..hd], &keys[jj * hd..(jj + 1) * hd]);
+    }
+}
+
+/// The output kept in registers (up to 64 dims at a time) while the values stream past.
+///
+/// # Safety
+/// As [`scores_avx2`], with `values` holding `p.len() * hd` floats and `out` `hd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2(p: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for d0 in (0..hd).step_by(64) {
+        let lanes = ((hd - d0) / 8).min(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        // SAFETY (all loads and stores): dims d0 + 8 * r + 8 <= hd for r < lanes; value rows j < p.len().
+        for (r, a) in acc.iter_mut().enumerate().take(lanes) {
+            *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(d0 + 8 * r)) };
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(pj);
+            let row = unsafe { values.as_ptr().add(j * hd + d0) };
+            for (r, a) in acc.iter_mut().enumerate().take(lanes) {
+                *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(row.add(8 * r)) }, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate().take(lanes) {
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * r), *a) };
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn dot_and_axpy_match_plain_loops() {
+    fn dot_matches_a_plain_loop() {
         let a: Vec<f32> = (0..67).map(|i| i as f32 * 0.25 - 3.0).collect();
         let b: Vec<f32> = (0..67).map(|i| (i % 7) as f32 - 2.0).collect();
         let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((super::dot(&a, &b) - want).abs() < 1e-3);
-        let mut y = b.clone();
-        super::axpy(&mut y, 0.5, &a);
-        for i in 0..67 {
-            assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-5);
+    }
+
+    #[test]
+    fn attention_kernels_match_plain_loops() {
+        // Head sizes with and without the vector path, key counts around the four-key step.
+        for hd in [8, 64, 72, 128, 6] {
+            for n in [1, 3, 4, 5, 11] {
+                let q: Vec<f32> = (0..hd).map(|i| (i % 5) as f32 * 0.3 - 0.6).collect();
+                let kv: Vec<f32> = (0..n * hd)
+                    .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                    .collect();
+                let mut s = vec![0f32; n];
+                super::scores(&q, &kv, hd, 0.125, &mut s);
+                let mut out: Vec<f32> = (0..hd).map(|i| i as f32 * 0.01).collect();
+                let start = out.clone();
+                super::weighted_sum(&s, &kv, hd, &mut out);
+                for j in 0..n {
+                    let want: f32 = (0..hd).map(|d| q[d] * kv[j * hd + d]).sum::<f32>() * 0.125;
+                    assert!(
+                        (s[j] - want).abs() < 1e-4,
+                        "hd {hd} n {n} key {j}: {} vs {want}",
+                        s[j]
+                    );
+                }
+                for d in 0..hd {
+                    let want = start[d] + (0..n).map(|j| s[j] * kv[j * hd + d]).sum::<f32>();
+                    assert!(
+                        (out[d] - want).abs() < 1e-4,
+                        "hd {hd} n {n} dim {d}: {} vs {want}",
+                        out[d]
+                    );
+                }
+            }
         }
     }
 }
