@@ -612,8 +612,8 @@ impl<B: Backend> Scheduler<B> {
         if items.is_empty() {
             return;
         }
-        // When no request choosing a token this step needs logits (penalties, logprobs), tokens are drawn where the
-        // logits are (on a GPU only the ids come back); otherwise every asked row's logits come to the host.
+        // When no request choosing a token this step needs logits (logprobs), tokens are drawn where the logits are,
+        // penalties included (on a GPU only the ids come back); otherwise every asked row's logits come to the host.
         let choosing: Vec<SeqId> = items
             .iter()
             .filter(|it| it.logits != LogitsWanted::None)
@@ -674,7 +674,7 @@ impl<B: Backend> Scheduler<B> {
                 a.ttft = a.admitted_at.elapsed();
             }
             let emitted = match next {
-                Next::Logits(mut l) => a.generation.sample(&self.tok, &mut l, len, ctx),
+                Next::Logits(l) => a.generation.sample(&self.tok, &l, len, ctx),
                 Next::Drawn(t) => a.generation.take_drawn(&self.tok, t, len, ctx),
             };
             match emitted {

@@ -406,8 +406,11 @@ impl<B: Backend> Engine<B> {
                 draws.len()
             )));
         }
-        // All greedy: the argmax head (and its recorded steps on a GPU) does the same with less.
-        let head = if draws.iter().all(|d| d.temperature == 0.0) {
+        // All greedy without penalties: the argmax head (and its recorded steps on a GPU) does the same with less.
+        let head = if draws
+            .iter()
+            .all(|d| d.temperature == 0.0 && d.penalties.is_empty())
+        {
             Head::Argmax
         } else {
             Head::Sample

@@ -193,11 +193,11 @@ impl Generation {
         self.generated
     }
 
-    /// Samples the next token from `logits` (modified in place) and accepts it.
+    /// Samples the next token from `logits` and accepts it.
     pub fn sample(
         &mut self,
         tok: &Tokenizer,
-        logits: &mut [f32],
+        logits: &[f32],
         seq_len: usize,
         context_len: usize,
     ) -> Result<Emitted> {
@@ -327,9 +327,9 @@ pub fn run_batch<B: Backend>(
         }
         // Prefill each request, then sample its first token.
         for (i, a) in active.iter_mut().enumerate() {
-            let mut logits = engine.prefill(a.seq)?;
+            let logits = engine.prefill(a.seq)?;
             a.ttft = start.elapsed();
-            accept(engine, tok, a, i, Next::Logits(&mut logits), &mut on_delta)?;
+            accept(engine, tok, a, i, Next::Logits(&logits), &mut on_delta)?;
         }
         // Decode all unfinished requests together.
         loop {
@@ -346,7 +346,7 @@ pub fn run_batch<B: Backend>(
                 return Ok(());
             }
             let running = |a: &&mut Active| a.generation.finished().is_none();
-            // No penalties or logprobs anywhere: tokens are drawn where the logits are.
+            // No logprobs anywhere: tokens are drawn (penalties included) where the logits are.
             if active
                 .iter_mut()
                 .filter(running)
@@ -368,8 +368,8 @@ pub fn run_batch<B: Backend>(
             let logits = engine.step(&items)?;
             let mut li = logits.into_iter();
             for (i, a) in active.iter_mut().enumerate().filter(|(_, a)| running(a)) {
-                let mut l = li.next().expect("one logits row per item");
-                accept(engine, tok, a, i, Next::Logits(&mut l), &mut on_delta)?;
+                let l = li.next().expect("one logits row per item");
+                accept(engine, tok, a, i, Next::Logits(&l), &mut on_delta)?;
             }
         }
     })();
@@ -395,7 +395,7 @@ pub fn run_batch<B: Backend>(
 /// Samples from `logits`, streams the text that became final, and appends the token for the next step.
 /// What a step gave one request to choose its next token from.
 enum Next<'a> {
-    Logits(&'a mut [f32]),
+    Logits(&'a [f32]),
     /// The token drawn where the logits are, for a request that does not need them.
     Drawn(u32),
 }

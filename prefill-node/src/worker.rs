@@ -385,8 +385,8 @@ fn check_dest_blocks(job: &PrefillJob, want: usize) -> Result<(), PrefillError> 
 }
 
 fn sample_first(job: &PrefillJob, logits: Vec<Vec<f32>>) -> Sampled {
-    let mut logits = logits.into_iter().next().unwrap_or_default();
-    Sampler::new(job.sampling.clone(), &job.prompt).sample(&mut logits)
+    let logits = logits.into_iter().next().unwrap_or_default();
+    Sampler::new(job.sampling.clone(), &job.prompt).sample(&logits)
 }
 
 /// Encodes and pushes one job's chunks, numbering them.

@@ -2,12 +2,14 @@
 //!
 //! Order (the one vLLM and llama.cpp use): repetition penalty (prompt and output tokens, divides positive logits and
 //! multiplies negative ones), presence and frequency penalties (output tokens), then greedy if temperature is 0,
-//! else temperature, top-k, softmax, min-p, top-p, and a draw ([`draw`], the one rule every backend follows). Logprobs are of the model's raw distribution, before
-//! any of this, as OpenAI reports them. With a seed, the same logits give the same tokens on every run.
+//! else temperature, top-k, softmax, min-p, top-p, and a draw ([`draw`], the one rule every backend follows: the
+//! sampler hands it the penalties as a [`Draw`], so a GPU applies them too). Logprobs are of the model's raw
+//! distribution, before any of this, as OpenAI reports them. With a seed, the same logits give the same tokens on
+//! every run.
 
 mod draw;
 
-pub use draw::{Draw, draw};
+pub use draw::{Draw, Penalty, draw};
 
 use crate::error::{EngineError, Result};
 use crate::rng::Rng;
@@ -130,15 +132,11 @@ impl Sampler {
         &self.params
     }
 
-    /// Whether choosing the next token needs the logits on the host: penalties (they read this sequence's token
-    /// counts) or logprobs. Otherwise the token is a [`Draw`] that can be made where the logits are, so only the id
-    /// crosses from a GPU.
+    /// Whether choosing the next token needs the logits on the host: only to report logprobs. Everything else
+    /// (penalties included) travels in a [`Draw`] that is carried out where the logits are, so only the id crosses
+    /// from a GPU.
     pub fn needs_logits(&self) -> bool {
-        let p = &self.params;
-        p.logprobs.is_some()
-            || p.repetition_penalty != 1.0
-            || p.presence_penalty != 0.0
-            || p.frequency_penalty != 0.0
+        self.params.logprobs.is_some()
     }
 
     /// Records a token that the same parameters and seed sampled elsewhere (a prefill worker samples the first
@@ -151,8 +149,9 @@ impl Sampler {
         *self.output_counts.entry(token).or_insert(0) += 1;
     }
 
-    /// Picks the next token from `logits` (modified in place) and records it for later penalties.
-    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+    /// Picks the next token from `logits` (by [`draw`], with this sequence's penalties) and records it for later
+    /// penalties.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let (logprob_of, top_logprobs) = match self.params.logprobs {
             Some(n) => {
                 let lse = log_sum_exp(logits);
@@ -164,51 +163,50 @@ impl Sampler {
             }
             None => (None, Vec::new()),
         };
-        let raw_logit = |logits: &[f32], t: u32| logits[t as usize];
-        // Keep the raw logit of whatever we choose: penalties below change `logits`.
-        let raw = logprob_of.map(|_| logits.to_vec());
-        self.apply_penalties(logits);
-        let token = if self.params.temperature == 0.0 {
-            argmax(logits)
-        } else {
-            self.draw(logits)
-        };
+        let token = draw(logits, &self.next_draw());
         *self.output_counts.entry(token).or_insert(0) += 1;
         Sampled {
             token,
-            logprob: logprob_of
-                .zip(raw)
-                .map(|(lse, r)| raw_logit(&r, token) - lse),
+            // Of the raw logits: `draw` penalizes a copy.
+            logprob: logprob_of.map(|lse| logits[token as usize] - lse),
             top_logprobs,
         }
     }
 
-    fn apply_penalties(&self, logits: &mut [f32]) {
+    /// What the penalties do to each token they touch: the repetition penalty to every prompt and output token,
+    /// presence and frequency to output tokens by their counts. Empty without penalties.
+    fn penalties(&self) -> Vec<Penalty> {
         let p = &self.params;
-        if p.repetition_penalty != 1.0 {
+        let rep = p.repetition_penalty;
+        let subtracts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let mut out: HashMap<u32, Penalty> = HashMap::new();
+        if rep != 1.0 {
             for &t in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
-                let l = &mut logits[t as usize];
-                *l = if *l > 0.0 {
-                    *l / p.repetition_penalty
-                } else {
-                    *l * p.repetition_penalty
-                };
+                out.insert(
+                    t,
+                    Penalty {
+                        token: t,
+                        repetition: rep,
+                        subtract: 0.0,
+                    },
+                );
             }
         }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        if subtracts {
             for (&t, &c) in &self.output_counts {
-                logits[t as usize] -= p.presence_penalty + p.frequency_penalty * c as f32;
+                let e = out.entry(t).or_insert(Penalty {
+                    token: t,
+                    repetition: 1.0,
+                    subtract: 0.0,
+                });
+                e.subtract = p.presence_penalty + p.frequency_penalty * c as f32;
             }
         }
+        out.into_values().collect()
     }
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
-        let d = self.next_draw();
-        draw(logits, &d)
-    }
-
-    /// This token's [`Draw`]: the parameters and, unless greedy, the next uniform number of the sequence's
-    /// generator (advancing it exactly as [`Sampler::sample`] does).
+    /// This token's [`Draw`]: the parameters, the penalties of the tokens seen so far and, unless greedy, the next
+    /// uniform number of the sequence's generator (advancing it exactly as [`Sampler::sample`] does).
     pub fn next_draw(&mut self) -> Draw {
         let p = &self.params;
         let u = if p.temperature != 0.0 {
@@ -222,6 +220,7 @@ impl Sampler {
             top_p: p.top_p,
             min_p: p.min_p,
             u,
+            penalties: self.penalties(),
         }
     }
 
@@ -296,7 +295,7 @@ mod tests {
             },
             &[],
         );
-        let out = s.sample(&mut logits());
+        let out = s.sample(&logits());
         assert_eq!(out.token, 1);
         let lse = log_sum_exp(&logits());
         assert!((out.logprob.unwrap() - (3.0 - lse)).abs() < 1e-6);
@@ -315,11 +314,11 @@ mod tests {
             ..Default::default()
         };
         let mut one = Sampler::new(params.clone(), &[]);
-        let first = one.sample(&mut logits()).token;
-        let rest: Vec<u32> = (0..20).map(|_| one.sample(&mut logits()).token).collect();
+        let first = one.sample(&logits()).token;
+        let rest: Vec<u32> = (0..20).map(|_| one.sample(&logits()).token).collect();
         let mut split = Sampler::new(params, &[]);
         split.record_external(first);
-        let rest2: Vec<u32> = (0..20).map(|_| split.sample(&mut logits()).token).collect();
+        let rest2: Vec<u32> = (0..20).map(|_| split.sample(&logits()).token).collect();
         assert_eq!(rest, rest2);
     }
 
@@ -334,7 +333,7 @@ mod tests {
         let run = || {
             let mut s = Sampler::new(p.clone(), &[]);
             (0..200)
-                .map(|_| s.sample(&mut logits()).token)
+                .map(|_| s.sample(&logits()).token)
                 .collect::<Vec<_>>()
         };
         let a = run();
@@ -359,7 +358,7 @@ mod tests {
         };
         let mut s = Sampler::new(p, &[]);
         // p(1) ~ 0.37, p(4) ~ 0.33: top_p 0.5 keeps exactly those two.
-        assert!((0..100).all(|_| matches!(s.sample(&mut logits()).token, 1 | 4)));
+        assert!((0..100).all(|_| matches!(s.sample(&logits()).token, 1 | 4)));
         let p = SamplingParams {
             temperature: 1.0,
             min_p: 0.95,
@@ -368,7 +367,7 @@ mod tests {
         };
         let mut s = Sampler::new(p, &[]);
         // Only tokens within 95% of the best probability survive: 4 has exp(-0.1) = 0.905 < 0.95.
-        assert!((0..100).all(|_| s.sample(&mut logits()).token == 1));
+        assert!((0..100).all(|_| s.sample(&logits()).token == 1));
     }
 
     #[test]
@@ -378,16 +377,50 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(p, &[]);
-        assert_eq!(s.sample(&mut logits()).token, 1);
+        assert_eq!(s.sample(&logits()).token, 1);
         // Token 1 is penalized by 2.0 -> 1.0 < 2.9.
-        assert_eq!(s.sample(&mut logits()).token, 4);
+        assert_eq!(s.sample(&logits()).token, 4);
         let p = SamplingParams {
             repetition_penalty: 2.0,
             ..Default::default()
         };
         let mut s = Sampler::new(p, &[1]);
         // 3.0 / 2 = 1.5 < 2.9: the prompt token is penalized too.
-        assert_eq!(s.sample(&mut logits()).token, 4);
+        assert_eq!(s.sample(&logits()).token, 4);
+    }
+
+    #[test]
+    fn draws_carry_the_penalties_the_host_applies() {
+        // A sampler choosing from host logits and its clone handing out draws (as for a GPU) pick the same stream
+        // with every penalty on, greedy and sampled.
+        for temperature in [0.0, 0.9] {
+            let p = SamplingParams {
+                temperature,
+                repetition_penalty: 1.3,
+                presence_penalty: 0.4,
+                frequency_penalty: 0.7,
+                seed: Some(11),
+                ..Default::default()
+            };
+            let mut host = Sampler::new(p, &[2, 4]);
+            let mut device = host.clone();
+            let mut distinct = std::collections::HashSet::new();
+            for step in 0..30 {
+                let l: Vec<f32> = logits()
+                    .iter()
+                    .map(|v| v + (step % 3) as f32 * 0.1)
+                    .collect();
+                let want = host.sample(&l).token;
+                let d = device.next_draw();
+                assert!(!d.penalties.is_empty());
+                let got = draw(&l, &d);
+                device.record_drawn(got);
+                assert_eq!(got, want, "step {step} at temperature {temperature}");
+                distinct.insert(got);
+            }
+            // The penalties did something: a greedy stream without them repeats one token.
+            assert!(distinct.len() > 1);
+        }
     }
 
     #[test]

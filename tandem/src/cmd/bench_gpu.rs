@@ -15,7 +15,7 @@ use tandem_engine::engine::SeqId;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
 use tandem_engine::model::dummy::{DummyWeights, NamedShape};
-use tandem_engine::sampling::{Draw, argmax};
+use tandem_engine::sampling::{Draw, Penalty, argmax};
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 
 #[derive(clap::Args, Debug)]
@@ -392,9 +392,19 @@ fn check(gpu: usize, threads: usize, seed: u64) -> Result<()> {
                 top_p: 0.95,
                 min_p: 0.0,
                 u,
+                // Every other sampling step penalizes the last token (the penalties travel with the plan).
+                penalties: if i % 4 == 2 {
+                    vec![Penalty {
+                        token: t,
+                        repetition: 1.2,
+                        subtract: 0.5,
+                    }]
+                } else {
+                    Vec::new()
+                },
             };
             u = (u + 0.618_034) % 1.0;
-            let dc = cpu.step_draw(&[item], &[draw])?;
+            let dc = cpu.step_draw(&[item], std::slice::from_ref(&draw))?;
             let dg = cuda.step_draw(&[StepItem { seq: sg, ..item }], &[draw])?;
             drawn_agree += usize::from(dc == dg);
             t = dc[0];

@@ -26,7 +26,9 @@ pub struct CudaPlan {
     pub tables: u64,
     pub logit_rows: u64,
     pub n_logit_rows: usize,
-    /// Each logit row's draw (`struct Draw` of `sample.cu`, five words), for a step whose head samples.
+    /// Each logit row's draw (`struct Draw` of `sample.cu`, seven words), for a step whose head samples. A draw
+    /// finds its penalties by an offset from this address: they lie in the last part, whose place and length
+    /// change from step to step.
     pub draws: u64,
     /// Prefill attention tiles: first row and row count of each (empty for a decode step).
     pub tile_row0: u64,
@@ -43,7 +45,7 @@ pub struct CudaPlan {
 pub const MAX_SPLITS: usize = 128;
 
 /// Parts of the packed words.
-const PARTS: usize = 11;
+const PARTS: usize = 12;
 
 /// The host side of a plan: the packed words and where each part starts (in words).
 pub struct Packed {
@@ -85,10 +87,19 @@ impl Packed {
             }
         }
         let logit_rows: Vec<u32> = layout.logit_rows.iter().map(|&r| r as u32).collect();
-        let draws: Vec<u32> = layout.draws.iter().flat_map(draw_words).collect();
-        // The block tables come last: their length changes from step to step (a sequence crossing a block
-        // boundary), and a recorded decode step reads every other part from the address it had when recorded, so
-        // those must depend on the step's shape alone.
+        // Each draw's penalties as (token, repetition, subtract) words, one run per draw; a draw's first entry is
+        // patched in below, once the parts' places are known.
+        let mut penalties = Vec::new();
+        let mut draws = Vec::with_capacity(layout.draws.len() * DRAW_WORDS);
+        for d in &layout.draws {
+            draws.extend(draw_words(d, (penalties.len() / 3) as u32));
+            for p in &d.penalties {
+                penalties.extend([p.token, p.repetition.to_bits(), p.subtract.to_bits()]);
+            }
+        }
+        // The block tables and the penalties come last: their lengths change from step to step (a sequence
+        // crossing a block boundary, a new token to penalize), and a recorded decode step reads every other part
+        // from the address it had when recorded, so those must depend on the step's shape alone.
         let parts: [&[u32]; PARTS] = [
             &layout.tokens,
             &layout.slots,
@@ -101,6 +112,7 @@ impl Packed {
             &tile_row0,
             &tile_rows,
             &tables,
+            &penalties,
         ];
         let mut words = Vec::new();
         let mut offsets = [0; PARTS];
@@ -111,6 +123,11 @@ impl Packed {
             words.extend_from_slice(part);
         }
         words.resize(words.len().max(1), 0);
+        // A draw's penalty offset counts words from the start of the draws part.
+        for i in 0..layout.draws.len() {
+            let at = offsets[7] + i * DRAW_WORDS + 5;
+            words[at] = (offsets[11] - offsets[7]) as u32 + 3 * words[at];
+        }
         let max_ctx = row_ctx.iter().copied().max().unwrap_or(0) as usize;
         Self {
             ctx_bucket: max_ctx.div_ceil(64).next_power_of_two().min(MAX_SPLITS),
@@ -149,14 +166,20 @@ impl Packed {
     }
 }
 
-/// A draw as the device's `struct Draw` (five 32-bit fields, in declaration order).
-fn draw_words(d: &Draw) -> [u32; 5] {
+/// 32-bit words of the device's `struct Draw`.
+const DRAW_WORDS: usize = 7;
+
+/// A draw as the device's `struct Draw` (its fields in declaration order), its penalties starting at entry
+/// `first_penalty` of the penalties part (turned into a word offset from the draws part by [`Packed::new`]).
+fn draw_words(d: &Draw, first_penalty: u32) -> [u32; DRAW_WORDS] {
     [
         d.temperature.to_bits(),
         d.top_k,
         d.top_p.to_bits(),
         d.min_p.to_bits(),
         d.u.to_bits(),
+        first_penalty,
+        d.penalties.len() as u32,
     ]
 }
 
@@ -212,9 +235,58 @@ mod tests {
             ("row_ctx", pa.row_ctx, pb.row_ctx),
             ("row_table", pa.row_table, pb.row_table),
             ("logit_rows", pa.logit_rows, pb.logit_rows),
+            ("draws", pa.draws, pb.draws),
             ("tables", pa.tables, pb.tables),
         ] {
             assert_eq!(x, y, "{name} moved between two steps of the same shape");
+        }
+    }
+
+    #[test]
+    fn each_draw_finds_its_own_penalties_from_the_draws_part() {
+        use crate::sampling::Penalty;
+        let rope = RopeConfig {
+            theta: 10_000.0,
+            layout: RopeLayout::Halves,
+            freq_factors: None,
+        };
+        let pen = |token| Penalty {
+            token,
+            repetition: 1.5,
+            subtract: 0.25 * token as f32,
+        };
+        let draw = |penalties: Vec<Penalty>| Draw {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            u: 0.5,
+            penalties,
+        };
+        let mut a = decode_step(&[16, 17, 30]);
+        a.head = Head::Sample;
+        a.draws = vec![draw(vec![pen(5), pen(9)]), draw(vec![]), draw(vec![pen(3)])];
+        let mut b = decode_step(&[40, 60, 63]);
+        b.head = Head::Sample;
+        b.draws = vec![
+            draw(vec![pen(1)]),
+            draw(vec![pen(2), pen(4), pen(6)]),
+            draw(vec![]),
+        ];
+        let (pa, pb) = (Packed::new(&a, &rope, 64), Packed::new(&b, &rope, 64));
+        assert_eq!(pa.at(0).draws, pb.at(0).draws, "the draws part moved");
+        for (p, layout) in [(&pa, &a), (&pb, &b)] {
+            let base = p.at(0).draws as usize / 4;
+            for (i, d) in layout.draws.iter().enumerate() {
+                let w = &p.words[base + i * DRAW_WORDS..base + (i + 1) * DRAW_WORDS];
+                assert_eq!(w[6] as usize, d.penalties.len());
+                for (j, want) in d.penalties.iter().enumerate() {
+                    let e = base + w[5] as usize + 3 * j;
+                    assert_eq!(p.words[e], want.token);
+                    assert_eq!(f32::from_bits(p.words[e + 1]), want.repetition);
+                    assert_eq!(f32::from_bits(p.words[e + 2]), want.subtract);
+                }
+            }
         }
     }
 }

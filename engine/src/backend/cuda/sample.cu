@@ -1,17 +1,21 @@
-// Drawing tokens on the device, by the rule of engine/src/sampling/draw.rs (the host's reference): temperature, top-k
-// and top-p as thresholds (radix selection over the values' bits, ties at a cut kept), min-p, then the kept weights
+// Drawing tokens on the device, by the rule of engine/src/sampling/draw.rs (the host's reference): penalties, then
+// temperature, top-k and top-p as thresholds (radix selection over the values' bits, ties at a cut kept), min-p, then the kept weights
 // walked in token order against u * total. One block of SAMPLE_THREADS threads per row; each thread owns a
 // contiguous run of the row, so a block-wide prefix sum of the threads' masses finds the drawn token in index order.
 
 #define SAMPLE_THREADS 1024
 
-// Matches struct Draw (repr(C)) on the host.
+// The words of a draw as the host packs them (`draw_words` in plan.rs).
 struct Draw {
     float temperature;
     u32 top_k;
     float top_p;
     float min_p;
     float u;
+    // The row's penalties: `pen_count` (token, repetition, subtract) word triples starting `pen_off` words after
+    // the first draw (they come with the step's plan).
+    u32 pen_off;
+    u32 pen_count;
 };
 
 // Order-preserving map of a float's bits to an unsigned key (larger float, larger key).
@@ -88,6 +92,15 @@ extern "C" __global__ void sample_rows(float* x, const Draw* draws, u32* out, in
     const int run = (cols + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
     const int lo = min(cols, (int)threadIdx.x * run), hi = min(cols, lo + run);
     if (threadIdx.x == 0) { found = 0x7fffffff; lastk = -1; }
+    // Penalties, at most one per token: rounded as on the host (no contraction into an FMA).
+    const u32* pen = reinterpret_cast<const u32*>(draws) + d.pen_off;
+    for (u32 i = threadIdx.x; i < d.pen_count; i += SAMPLE_THREADS) {
+        const u32 t = pen[3 * i];
+        if (t >= (u32)cols) continue;
+        const float rep = __uint_as_float(pen[3 * i + 1]), sub = __uint_as_float(pen[3 * i + 2]);
+        const float l = p[t];
+        p[t] = __fsub_rn(l > 0.0f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep), sub);
+    }
     __syncthreads();
 
     if (d.temperature == 0.0f) {

@@ -214,7 +214,7 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
 }
 
 /// Tokens drawn on the device against the host's rule ([`crate::sampling::draw`]) on the same logits and uniform
-/// numbers, over greedy rows and every filter. Device and host compute `exp` and their f64 sums differently, so a
+/// numbers, over greedy rows and every filter, half the rows with penalties. Device and host compute `exp` and their f64 sums differently, so a
 /// draw within rounding of a boundary may differ: at least 99% must agree (in practice all do).
 fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     use crate::sampling::{Draw, draw};
@@ -236,11 +236,29 @@ fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
                     top_p,
                     min_p,
                     u: rng.unit() as f32,
+                    penalties: Vec::new(),
                 });
             }
         }
         let rows = draws.len();
         let x = random(rng, rows * cols, 4.0);
+        // Every other row penalizes its best token and a few others (both signs of logit), as a sequence that
+        // has already produced them would.
+        for (i, d) in draws.iter_mut().enumerate().filter(|(i, _)| i % 2 == 1) {
+            let row = &x[i * cols..(i + 1) * cols];
+            let mut tokens = vec![crate::sampling::argmax(row)];
+            tokens.extend((0..6).map(|_| (rng.unit() * cols as f64) as u32 % cols as u32));
+            tokens.sort_unstable();
+            tokens.dedup();
+            d.penalties = tokens
+                .iter()
+                .map(|&token| crate::sampling::Penalty {
+                    token,
+                    repetition: 1.3,
+                    subtract: 0.4 + 0.1 * (token % 3) as f32,
+                })
+                .collect();
+        }
         let want: Vec<u32> = x
             .chunks(cols)
             .zip(&draws)
