@@ -6,7 +6,7 @@
 # nvidia-cuda-runtime, nvidia-cuda-crt, and ptxas from nvidia-cuda-nvcc), fetched once into $TANDEM_CACHE/nvrtc
 # (default ~/.cache/tandem). The PTX is then assembled with ptxas as the driver would, which catches what NVRTC lets
 # through (an instruction the architecture lacks) and reports each kernel's registers; any register spill fails the
-# check. It runs nothing.
+# check (`TANDEM_KERNELS_SHOWN=N` lists the N kernels with the most registers; default 4). It runs nothing.
 set -euo pipefail
 arch="${1:-sm_90}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -54,7 +54,7 @@ open(out, "wb").write(ptx.value)
 print(f"kernels.cu compiles for {arch}: {size.value} bytes of PTX")
 PY
 "$dir/nvidia/cu13/bin/ptxas" -arch="$arch" -v "$ptx" -o "$ptx.cubin" 2>&1 | python3 -c '
-import re, sys
+import os, re, sys
 kernels, name, spills = {}, None, []
 for line in sys.stdin:
     m = re.search(r"Compiling entry function .(\w+).", line)
@@ -64,7 +64,7 @@ for line in sys.stdin:
     m = re.search(r"Used (\d+) registers", line)
     if m and name: kernels[name] = int(m.group(1))
 if not kernels: sys.exit("ptxas assembled no kernels")
-top = sorted(kernels.items(), key=lambda kv: -kv[1])[:4]
+top = sorted(kernels.items(), key=lambda kv: -kv[1])[:int(os.environ.get("TANDEM_KERNELS_SHOWN", "4"))]
 print(f"ptxas: {len(kernels)} kernels; most registers: " + ", ".join(f"{k} {v}" for k, v in top))
 if spills: sys.exit("register spills in: " + ", ".join(spills))
 ' 

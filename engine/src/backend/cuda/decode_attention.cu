@@ -79,7 +79,7 @@ __device__ __forceinline__ void i8x4_to_half2x2(u32 w, u32& lo, u32& hi) {
 // What differs between cache formats: the bytes of an 8-dimension group, and one group as four half2 words (dimension pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers, its scale applied by the caller).
 template <typename T> struct Group;
 template <> struct Group<__half> {
-    static constexpr int BYTES = 16;
+    static constexpr int BYTES = 16, MIN_BLOCKS = 2;
     static constexpr bool SCALED = false, AFFINE = false;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const uint4 v = *reinterpret_cast<const uint4*>(p);
@@ -87,7 +87,7 @@ template <> struct Group<__half> {
     }
 };
 template <> struct Group<float> {
-    static constexpr int BYTES = 32;
+    static constexpr int BYTES = 32, MIN_BLOCKS = 2;
     static constexpr bool SCALED = false, AFFINE = false;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
@@ -96,7 +96,7 @@ template <> struct Group<float> {
     }
 };
 template <> struct Group<i8> {
-    static constexpr int BYTES = 8;
+    static constexpr int BYTES = 8, MIN_BLOCKS = 2;
     static constexpr bool SCALED = true, AFFINE = false;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const uint2 v = *reinterpret_cast<const uint2*>(p);
@@ -104,23 +104,54 @@ template <> struct Group<i8> {
         i8x4_to_half2x2(v.y, w[2], w[3]);
     }
 };
-// int4: eight 4-bit codes, dequantized here with their group's (min, scale) (`affine`: two halves, min low): each
-// byte's nibbles go under the exponent of 1024 (exact), 1024 comes off, then code * scale + min in one f16 FMA.
+// int4: eight 4-bit codes, dequantized with their group's (min, scale) (`affine`: two halves, min low). A mask puts
+// two nibbles under the exponent of a power of two in one instruction (nibbles at bits 0-3 and 16-19 under 1024's,
+// at bits 4-7 and 20-23 under 64's, whose mantissa step is 1/16: exact either way), the power comes off, then code *
+// scale + min in one f16 FMA: two dimensions per three instructions. The pairs this yields are dimensions (0, 4),
+// (1, 5), (2, 6), (3, 7) of the group, so for keys the query is packed in that order too (`pack_query`).
+__device__ __forceinline__ __half2 nibbles_lo(u32 v, __half2 s2, __half2 m2) {
+    const u32 h = (v & 0x000f000fu) | 0x64006400u;
+    const __half2 k = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
+    return __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&h), k), s2, m2);
+}
+__device__ __forceinline__ __half2 nibbles_hi(u32 v, __half2 s2, __half2 m2) {
+    const u32 h = (v & 0x00f000f0u) | 0x54005400u;
+    const __half2 k = __halves2half2(__ushort_as_half(0x5400), __ushort_as_half(0x5400));
+    return __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&h), k), s2, m2);
+}
+__device__ __forceinline__ u32 half2_bits(__half2 x) { return *reinterpret_cast<const u32*>(&x); }
 template <> struct Group<u4x2> {
     static constexpr int BYTES = 4;
     static constexpr bool SCALED = false, AFFINE = true;
+    // Its warps spend more instructions per byte than the others, so latency, not bandwidth, bounds them: registers
+    // for four resident blocks per SM rather than two.
+    static constexpr int MIN_BLOCKS = 4;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 affine) {
         const u32 v = *reinterpret_cast<const u32*>(p);
         const __half2 ms = *reinterpret_cast<const __half2*>(&affine);
         const __half2 m2 = __low2half2(ms), s2 = __high2half2(ms);
-        const __half2 k1024 = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const u32 b = v >> (8 * k);
-            const u32 h = (b & 0xfu) | ((b & 0xf0u) << 12) | 0x64006400u;
-            const __half2 x = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&h), k1024), s2, m2);
-            w[k] = *reinterpret_cast<const u32*>(&x);
-        }
+        w[0] = half2_bits(nibbles_lo(v, s2, m2));       // dims 0, 4
+        w[1] = half2_bits(nibbles_hi(v, s2, m2));       // dims 1, 5
+        w[2] = half2_bits(nibbles_lo(v >> 8, s2, m2));  // dims 2, 6
+        w[3] = half2_bits(nibbles_hi(v >> 8, s2, m2));  // dims 3, 7
+    }
+    // Two rows' groups `a` and `b` (with their affine words) as eight half2 of (row a, row b) for dims 0..7: the
+    // operand layout of the value product directly (each row's bytes interleaved first, so that each mask takes the
+    // same dimension of both rows).
+    static __device__ __forceinline__ void load_rows(const unsigned char* pa, const unsigned char* pb, u32 fa, u32 fb,
+                                                     u32 (&w)[8]) {
+        const u32 a = *reinterpret_cast<const u32*>(pa), b = *reinterpret_cast<const u32*>(pb);
+        const __half2 m2 = __lows2half2(*reinterpret_cast<const __half2*>(&fa), *reinterpret_cast<const __half2*>(&fb));
+        const __half2 s2 = __highs2half2(*reinterpret_cast<const __half2*>(&fa), *reinterpret_cast<const __half2*>(&fb));
+        const u32 lo = __byte_perm(a, b, 0x5410), hi = __byte_perm(a, b, 0x7632);  // dims 0-3, 4-7 of each row
+        w[0] = half2_bits(nibbles_lo(lo, s2, m2));
+        w[1] = half2_bits(nibbles_hi(lo, s2, m2));
+        w[2] = half2_bits(nibbles_lo(lo >> 8, s2, m2));
+        w[3] = half2_bits(nibbles_hi(lo >> 8, s2, m2));
+        w[4] = half2_bits(nibbles_lo(hi, s2, m2));
+        w[5] = half2_bits(nibbles_hi(hi, s2, m2));
+        w[6] = half2_bits(nibbles_lo(hi >> 8, s2, m2));
+        w[7] = half2_bits(nibbles_hi(hi >> 8, s2, m2));
     }
 };
 
@@ -172,10 +203,18 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             const float4* src = reinterpret_cast<const float4*>(q + ((size_t)r * heads + kvh * group + g) * HD +
                                                                (4 * p + c) * 8);
             const float4 a = src[0], b = src[1];
-            qb[p][0] = pack_half2(a.x * scale, a.y * scale);
-            qb[p][1] = pack_half2(a.z * scale, a.w * scale);
-            qb[p][2] = pack_half2(b.x * scale, b.y * scale);
-            qb[p][3] = pack_half2(b.z * scale, b.w * scale);
+            if constexpr (G8::AFFINE) {
+                // The int4 keys' dimension pairs: (0, 4), (1, 5), (2, 6), (3, 7).
+                qb[p][0] = pack_half2(a.x * scale, b.x * scale);
+                qb[p][1] = pack_half2(a.y * scale, b.y * scale);
+                qb[p][2] = pack_half2(a.z * scale, b.z * scale);
+                qb[p][3] = pack_half2(a.w * scale, b.w * scale);
+            } else {
+                qb[p][0] = pack_half2(a.x * scale, a.y * scale);
+                qb[p][1] = pack_half2(a.z * scale, a.w * scale);
+                qb[p][2] = pack_half2(b.x * scale, b.y * scale);
+                qb[p][3] = pack_half2(b.z * scale, b.w * scale);
+            }
         } else {
             qb[p][0] = qb[p][1] = qb[p][2] = qb[p][3] = 0u;
         }
@@ -326,17 +365,31 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
 #pragma unroll
         for (int qg = 0; qg < GROUPS / 8; qg++) {
             const int grp = 8 * qg + g;
-            u32 a[4], b[4], d[4], e[4];
             const int r0 = 2 * c, r1 = 2 * c + 1, r2 = 2 * c + 8, r3 = 2 * c + 9;
-            const int pg = grp / 4;  // int4: its 32-dim param group
-            G8::load(vs + r0 * ROW + v_slot<T, HD>(r0, grp) * G8::BYTES, a, G8::AFFINE ? affine(st, 16 + r0, pg) : 0u);
-            G8::load(vs + r1 * ROW + v_slot<T, HD>(r1, grp) * G8::BYTES, b, G8::AFFINE ? affine(st, 16 + r1, pg) : 0u);
-            G8::load(vs + r2 * ROW + v_slot<T, HD>(r2, grp) * G8::BYTES, d, G8::AFFINE ? affine(st, 16 + r2, pg) : 0u);
-            G8::load(vs + r3 * ROW + v_slot<T, HD>(r3, grp) * G8::BYTES, e, G8::AFFINE ? affine(st, 16 + r3, pg) : 0u);
+            if constexpr (G8::AFFINE) {
+                // int4: (key 2c, key 2c + 1) and (key 2c + 8, key 2c + 9) pairs per dimension, straight from the codes.
+                const int pg = grp / 4;  // the group's 32-dim param group
+                u32 a[8], d[8];
+                G8::load_rows(vs + r0 * ROW + v_slot<T, HD>(r0, grp) * G8::BYTES,
+                              vs + r1 * ROW + v_slot<T, HD>(r1, grp) * G8::BYTES, affine(st, 16 + r0, pg),
+                              affine(st, 16 + r1, pg), a);
+                G8::load_rows(vs + r2 * ROW + v_slot<T, HD>(r2, grp) * G8::BYTES,
+                              vs + r3 * ROW + v_slot<T, HD>(r3, grp) * G8::BYTES, affine(st, 16 + r2, pg),
+                              affine(st, 16 + r3, pg), d);
 #pragma unroll
-            for (int w = 0; w < 4; w++) {
-                mma_16816(acc[4 * qg + w], __byte_perm(a[w], b[w], 0x5410), __byte_perm(a[w], b[w], 0x7632),
-                          __byte_perm(d[w], e[w], 0x5410), __byte_perm(d[w], e[w], 0x7632), pb0, pb1);
+                for (int w = 0; w < 4; w++)
+                    mma_16816(acc[4 * qg + w], a[2 * w], a[2 * w + 1], d[2 * w], d[2 * w + 1], pb0, pb1);
+            } else {
+                u32 a[4], b[4], d[4], e[4];
+                G8::load(vs + r0 * ROW + v_slot<T, HD>(r0, grp) * G8::BYTES, a);
+                G8::load(vs + r1 * ROW + v_slot<T, HD>(r1, grp) * G8::BYTES, b);
+                G8::load(vs + r2 * ROW + v_slot<T, HD>(r2, grp) * G8::BYTES, d);
+                G8::load(vs + r3 * ROW + v_slot<T, HD>(r3, grp) * G8::BYTES, e);
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    mma_16816(acc[4 * qg + w], __byte_perm(a[w], b[w], 0x5410), __byte_perm(a[w], b[w], 0x7632),
+                              __byte_perm(d[w], e[w], 0x5410), __byte_perm(d[w], e[w], 0x7632), pb0, pb1);
+                }
             }
         }
         __syncwarp();
@@ -452,7 +505,8 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
 }
 
 #define ATTENTION(T, TN, HD)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 2) attention_##TN##_h##HD(                         \
+    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, Group<T>::MIN_BLOCKS)                           \
+        attention_##TN##_h##HD(                                                                                 \
         const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out, float* part, \
         u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int group,      \
         int block_size, size_t layer_off, float scale, int splits, int stages, int stage_bytes) {               \
