@@ -241,6 +241,34 @@ fn eval_kv_measures_every_codec_against_the_uncompressed_cache() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("lru"), "{}", stderr(&o));
+    // `--evictions none` measures the codecs alone.
+    let o = run(&[
+        "eval",
+        "kv",
+        "--file",
+        text.to_str().unwrap(),
+        "--codecs",
+        "int8",
+        "--evictions",
+        "none",
+        "--no-passkey",
+        "--context",
+        "64",
+        "--continuation",
+        "16",
+        "--max-windows",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let names: Vec<&str> = v["codecs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["codec"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["none", "int8"]);
 }
 
 #[test]

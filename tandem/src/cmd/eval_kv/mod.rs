@@ -33,11 +33,11 @@ pub struct KvEvalArgs {
     #[arg(long, value_delimiter = ',', value_parser = super::parse_codec,
           default_values_t = Codec::ALL.to_vec())]
     pub codecs: Vec<Codec>,
-    /// Eviction budgets to measure (comma list of policy:budget, e.g. snapkv:0.5 or streaming:256; empty: none),
-    /// each combined with every codec of --evict-codecs.
-    #[arg(long, value_delimiter = ',', value_parser = super::parse_eviction,
-          default_values_t = ["streaming:0.5", "snapkv:0.5", "h2o:0.5", "block:0.5"].map(|e| Eviction::parse(e).expect("valid")))]
-    pub evictions: Vec<Eviction>,
+    /// Eviction budgets to measure (comma list of policy:budget, e.g. snapkv:0.5 or streaming:256; `none` or an
+    /// empty value: no eviction rows), each combined with every codec of --evict-codecs.
+    #[arg(long, value_delimiter = ',', value_parser = parse_eviction_or_none,
+          default_values = ["streaming:0.5", "snapkv:0.5", "h2o:0.5", "block:0.5"])]
+    pub evictions: Vec<Option<Eviction>>,
     /// Codecs combined with each eviction budget (comma list).
     #[arg(long, value_delimiter = ',', value_parser = super::parse_codec,
           default_values_t = [Codec::None, Codec::Int4])]
@@ -281,6 +281,14 @@ pub(super) fn transfer<B: Backend>(
     Ok(target.seq)
 }
 
+/// One item of `--evictions`: `none` (or nothing) for no eviction, else a policy and budget.
+fn parse_eviction_or_none(s: &str) -> std::result::Result<Option<Eviction>, String> {
+    match s.trim() {
+        "" | "none" => Ok(None),
+        e => super::parse_eviction(e).map(Some),
+    }
+}
+
 fn log_softmax(row: &[f32]) -> Vec<f32> {
     let lse = log_sum_exp(row);
     row.iter().map(|&x| x - lse).collect()
@@ -343,7 +351,7 @@ pub fn run(a: KvEvalArgs, threads: usize) -> Result<()> {
             .filter(|&&c| c != Codec::None)
             .map(|&c| plain(c)),
     );
-    for &e in &a.evictions {
+    for &e in a.evictions.iter().flatten() {
         for &codec in &a.evict_codecs {
             variants.push(Variant {
                 codec,
