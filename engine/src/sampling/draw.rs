@@ -116,7 +116,7 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
 }
 
 /// The largest kept weight whose mass (the sum of every weight at least as large) reaches `top_p` of the total;
-/// the smallest kept weight if rounding leaves every mass short. Weights are non-negative, so their bits order them:
+/// the smallest kept weight if rounding leaves every mass short; 0 when no weight is kept. Weights are non-negative, so their bits order them:
 /// one pass sums the mass of each binade (exponent), and only the binade where the target falls is sorted.
 fn top_p_cut(p: &[f32], top_p: f32) -> f32 {
     let binade = |w: f32| (w.to_bits() >> 23) as usize;
@@ -132,7 +132,8 @@ fn top_p_cut(p: &[f32], top_p: f32) -> f32 {
         if mass[b] == 0.0 {
             continue;
         }
-        if above + mass[b] >= target || b == 0 {
+        let lowest = mass[..b].iter().all(|&m| m == 0.0);
+        if above + mass[b] >= target || lowest {
             let mut band: Vec<f32> = p
                 .iter()
                 .copied()
@@ -152,7 +153,7 @@ fn top_p_cut(p: &[f32], top_p: f32) -> f32 {
                 }
             }
             // Rounding left this binade short: the next one down holds the cut, else this is the smallest kept.
-            if (0..b).all(|lower| mass[lower] == 0.0) {
+            if lowest {
                 return cut;
             }
             continue;

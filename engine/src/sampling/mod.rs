@@ -390,6 +390,20 @@ mod tests {
     }
 
     #[test]
+    fn a_token_of_both_prompt_and_output_is_penalized_once() {
+        // As vLLM and transformers do: the repetition penalty divides a seen token's logit once, however it was
+        // seen. Token 1 (3.0, in the prompt) -> 1.5; after 4 (2.9 -> 1.45) and 2 (2.0 -> 1.0) come out, token 1
+        // wins twice at 1.5 (penalized twice it would fall to 0.75, below token 4's 1.45).
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p, &[1]);
+        let got: Vec<u32> = (0..4).map(|_| s.sample(&logits()).token).collect();
+        assert_eq!(got, [4, 2, 1, 1]);
+    }
+
+    #[test]
     fn draws_carry_the_penalties_the_host_applies() {
         // A sampler choosing from host logits and its clone handing out draws (as for a GPU) pick the same stream
         // with every penalty on, greedy and sampled.

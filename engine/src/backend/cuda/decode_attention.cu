@@ -76,7 +76,9 @@ __device__ __forceinline__ void i8x4_to_half2x2(u32 w, u32& lo, u32& hi) {
     hi = *reinterpret_cast<const u32*>(&y);
 }
 
-// What differs between cache formats: the bytes of an 8-dimension group, and one group as four half2 words (dimension pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers, its scale applied by the caller).
+// What differs between cache formats: the bytes of an 8-dimension group, one group as four half2 words (dimension
+// pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers, its scale applied by the caller; int4 pairs differently, see
+// below), and how many resident blocks per SM the kernel's registers are bounded for.
 template <typename T> struct Group;
 template <> struct Group<__half> {
     static constexpr int BYTES = 16, MIN_BLOCKS = 2;
