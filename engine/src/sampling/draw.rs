@@ -116,8 +116,9 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
 }
 
 /// The largest kept weight whose mass (the sum of every weight at least as large) reaches `top_p` of the total;
-/// the smallest kept weight if rounding leaves every mass short; 0 when no weight is kept. Weights are non-negative, so their bits order them:
-/// one pass sums the mass of each binade (exponent), and only the binade where the target falls is sorted.
+/// the smallest kept weight if rounding leaves every mass short; 0 when no weight is kept. Weights are non-negative,
+/// so their bits order them: one pass sums the mass of each binade (exponent), and only the binade where the target
+/// falls is sorted.
 fn top_p_cut(p: &[f32], top_p: f32) -> f32 {
     let binade = |w: f32| (w.to_bits() >> 23) as usize;
     let mut mass = [0f64; 256];

@@ -110,16 +110,20 @@ template <> struct Group<i8> {
 // two nibbles under the exponent of a power of two in one instruction (nibbles at bits 0-3 and 16-19 under 1024's,
 // at bits 4-7 and 20-23 under 64's, whose mantissa step is 1/16: exact either way), the power comes off, then code *
 // scale + min in one f16 FMA: two dimensions per three instructions. The pairs this yields are dimensions (0, 4),
-// (1, 5), (2, 6), (3, 7) of the group, so for keys the query is packed in that order too (`pack_query`).
-__device__ __forceinline__ __half2 nibbles_lo(u32 v, __half2 s2, __half2 m2) {
-    const u32 h = (v & 0x000f000fu) | 0x64006400u;
-    const __half2 k = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
+// (1, 5), (2, 6), (3, 7) of the group, so for keys the query's B fragments are packed in that order too
+// (`attention_impl`).
+template <u32 MASK, unsigned short POWER>
+__device__ __forceinline__ __half2 nibbles(u32 v, __half2 s2, __half2 m2) {
+    const u32 h = (v & MASK) | ((u32)POWER << 16 | POWER);
+    const __half2 k = __halves2half2(__ushort_as_half(POWER), __ushort_as_half(POWER));
     return __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&h), k), s2, m2);
 }
+// Nibbles at bits 0-3 and 16-19 (under 1024), at bits 4-7 and 20-23 (under 64).
+__device__ __forceinline__ __half2 nibbles_lo(u32 v, __half2 s2, __half2 m2) {
+    return nibbles<0x000f000fu, 0x6400>(v, s2, m2);
+}
 __device__ __forceinline__ __half2 nibbles_hi(u32 v, __half2 s2, __half2 m2) {
-    const u32 h = (v & 0x00f000f0u) | 0x54005400u;
-    const __half2 k = __halves2half2(__ushort_as_half(0x5400), __ushort_as_half(0x5400));
-    return __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&h), k), s2, m2);
+    return nibbles<0x00f000f0u, 0x5400>(v, s2, m2);
 }
 __device__ __forceinline__ u32 half2_bits(__half2 x) { return *reinterpret_cast<const u32*>(&x); }
 template <> struct Group<u4x2> {
@@ -143,8 +147,8 @@ template <> struct Group<u4x2> {
     static __device__ __forceinline__ void load_rows(const unsigned char* pa, const unsigned char* pb, u32 fa, u32 fb,
                                                      u32 (&w)[8]) {
         const u32 a = *reinterpret_cast<const u32*>(pa), b = *reinterpret_cast<const u32*>(pb);
-        const __half2 m2 = __lows2half2(*reinterpret_cast<const __half2*>(&fa), *reinterpret_cast<const __half2*>(&fb));
-        const __half2 s2 = __highs2half2(*reinterpret_cast<const __half2*>(&fa), *reinterpret_cast<const __half2*>(&fb));
+        const __half2 ha = *reinterpret_cast<const __half2*>(&fa), hb = *reinterpret_cast<const __half2*>(&fb);
+        const __half2 m2 = __lows2half2(ha, hb), s2 = __highs2half2(ha, hb);
         const u32 lo = __byte_perm(a, b, 0x5410), hi = __byte_perm(a, b, 0x7632);  // dims 0-3, 4-7 of each row
         w[0] = half2_bits(nibbles_lo(lo, s2, m2));
         w[1] = half2_bits(nibbles_hi(lo, s2, m2));

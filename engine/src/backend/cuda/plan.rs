@@ -87,12 +87,12 @@ impl Packed {
             }
         }
         let logit_rows: Vec<u32> = layout.logit_rows.iter().map(|&r| r as u32).collect();
-        // Each draw's penalties as (token, repetition, subtract) words, one run per draw; a draw's first entry is
-        // patched in below, once the parts' places are known.
+        // Each draw's penalties as (token, repetition, subtract) words, one run per draw; a draw's offset to its
+        // run counts from the penalties part here, from the draws part once the parts' places are known (below).
         let mut penalties = Vec::new();
         let mut draws = Vec::with_capacity(layout.draws.len() * DRAW_WORDS);
         for d in &layout.draws {
-            draws.extend(draw_words(d, (penalties.len() / 3) as u32));
+            draws.extend(draw_words(d, penalties.len() as u32));
             for p in &d.penalties {
                 penalties.extend([p.token, p.repetition.to_bits(), p.subtract.to_bits()]);
             }
@@ -126,7 +126,7 @@ impl Packed {
         // A draw's penalty offset counts words from the start of the draws part.
         for i in 0..layout.draws.len() {
             let at = offsets[7] + i * DRAW_WORDS + 5;
-            words[at] = (offsets[11] - offsets[7]) as u32 + 3 * words[at];
+            words[at] += (offsets[11] - offsets[7]) as u32;
         }
         let max_ctx = row_ctx.iter().copied().max().unwrap_or(0) as usize;
         Self {
@@ -169,8 +169,8 @@ impl Packed {
 /// 32-bit words of the device's `struct Draw`.
 const DRAW_WORDS: usize = 7;
 
-/// A draw as the device's `struct Draw` (its fields in declaration order), its penalties starting at entry
-/// `first_penalty` of the penalties part (turned into a word offset from the draws part by [`Packed::new`]).
+/// A draw as the device's `struct Draw` (its fields in declaration order), its penalties starting at word
+/// `first_penalty` of the penalties part (made an offset from the draws part by [`Packed::new`]).
 fn draw_words(d: &Draw, first_penalty: u32) -> [u32; DRAW_WORDS] {
     [
         d.temperature.to_bits(),

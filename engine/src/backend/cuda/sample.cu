@@ -1,7 +1,8 @@
 // Drawing tokens on the device, by the rule of engine/src/sampling/draw.rs (the host's reference): penalties, then
-// temperature, top-k and top-p as thresholds (radix selection over the values' bits, ties at a cut kept), min-p, then the kept weights
-// walked in token order against u * total. One block of SAMPLE_THREADS threads per row; each thread owns a
-// contiguous run of the row, so a block-wide prefix sum of the threads' masses finds the drawn token in index order.
+// temperature, top-k and top-p as thresholds (radix selection over the values' bits, ties at a cut kept), min-p,
+// then the kept weights walked in token order against u * total. One block of SAMPLE_THREADS threads per row; each
+// thread owns a contiguous run of the row, so a block-wide prefix sum of the threads' masses finds the drawn token in
+// index order.
 
 #define SAMPLE_THREADS 1024
 

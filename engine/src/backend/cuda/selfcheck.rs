@@ -214,8 +214,9 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
 }
 
 /// Tokens drawn on the device against the host's rule ([`crate::sampling::draw`]) on the same logits and uniform
-/// numbers, over greedy rows and every filter, half the rows with penalties. Device and host compute `exp` and their f64 sums differently, so a
-/// draw within rounding of a boundary may differ: at least 99% must agree (in practice all do).
+/// numbers, over greedy rows and every filter, half the rows with penalties. Device and host compute `exp` and their
+/// f64 sums differently, so a draw within rounding of a boundary may differ: at least 99% must agree (in practice
+/// all do).
 fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     use crate::sampling::{Draw, draw};
     let kinds = [
