@@ -243,6 +243,28 @@ fn int4_cache_holds_six_times_the_tokens_of_f32_and_stays_close() {
 }
 
 #[test]
+fn fp8_cache_stays_close_to_f32_in_a_quarter_of_the_memory() {
+    // The same bytes as int8 (a code per dim and an f16 scale per vector), E4M3 codes instead of integers.
+    let (mut a, mut b, ps, diffs) = against_f32(KvFormat::Fp8, 66);
+    // Measured: worst logit difference 0.96, mean 0.30 at most over the prompts; 27 of 30 greedy tokens agree.
+    for (same, worst, mean) in diffs {
+        assert!(same, "fp8 changes the next token");
+        assert!(
+            worst > 0.0 && worst < 2.0 && mean < 0.5,
+            "fp8 logits differ by {worst} (mean {mean})"
+        );
+    }
+    let ga = greedy_batch(&mut a, &ps, 6);
+    let gb = greedy_batch(&mut b, &ps, 6);
+    let same: usize = ga
+        .iter()
+        .zip(&gb)
+        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
+        .sum();
+    assert!(same >= 5 * 5, "{ga:?} vs {gb:?}");
+}
+
+#[test]
 fn exhausting_the_pool_is_a_clean_error() {
     let (mut e, tok) = setup(EngineConfig {
         num_blocks: 2,

@@ -14,7 +14,7 @@ pub mod quant;
 
 pub use hash::{BlockHash, HashSeed, block_hashes};
 pub use pool::{BlockId, BlockPool, KvEvent, PoolStats};
-pub use quant::{INT4_GROUP, quantize_int8};
+pub use quant::{ByteCode, INT4_GROUP};
 
 use crate::error::{EngineError, Result};
 
@@ -27,6 +27,9 @@ pub enum KvFormat {
     /// Symmetric int8 with one f16 scale per token per KV head (the `int8` codec's rule); attention dequantizes as
     /// it reads.
     Int8,
+    /// E4M3 (FP8) with one f16 scale per token per KV head (`max |x| / 448`): int8's bytes, with a relative rather
+    /// than absolute step, so small values of a vector with one large value keep their precision.
+    Fp8,
     /// Asymmetric int4 in groups of 32 dims with an f16 min and scale each (the `int4` codec's rule): 5 bits per
     /// element, 3.2x fewer bytes than f16 at head_dim 128.
     Int4,
@@ -38,25 +41,35 @@ impl KvFormat {
         match self {
             Self::F32 => 4 * head_dim,
             Self::F16 => 2 * head_dim,
-            Self::Int8 => head_dim + 2,
+            Self::Int8 | Self::Fp8 => head_dim + 2,
             Self::Int4 => head_dim.div_ceil(2) + 4 * head_dim.div_ceil(INT4_GROUP),
         }
     }
     /// The element type a cache in this format sends uncompressed (codec `none`): its own for f32 and f16, f16 for
-    /// int8 and int4 (whose values f16 holds up to the rounding of their f16 scale and min).
+    /// the quantized formats (whose values f16 holds up to the rounding of their f16 scale and min).
     pub fn raw_wire(self) -> Self {
         match self {
-            Self::Int8 | Self::Int4 => Self::F16,
+            Self::Int8 | Self::Fp8 | Self::Int4 => Self::F16,
             f => f,
         }
     }
-    pub const ALL: [KvFormat; 4] = [Self::F32, Self::F16, Self::Int8, Self::Int4];
+    pub const ALL: [KvFormat; 5] = [Self::F32, Self::F16, Self::Int8, Self::Fp8, Self::Int4];
+
+    /// The rule of a format of one byte per element and a scale per vector.
+    pub fn byte_code(self) -> Option<quant::ByteCode> {
+        match self {
+            Self::Int8 => Some(quant::ByteCode::Int8),
+            Self::Fp8 => Some(quant::ByteCode::Fp8),
+            _ => None,
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Int8 => "int8",
+            Self::Fp8 => "fp8",
             Self::Int4 => "int4",
         }
     }
@@ -65,7 +78,9 @@ impl KvFormat {
             .into_iter()
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                EngineError::invalid(format!("kv format {s:?}: expected f32, f16, int8 or int4"))
+                EngineError::invalid(format!(
+                    "kv format {s:?}: expected f32, f16, int8, fp8 or int4"
+                ))
             })
     }
 }

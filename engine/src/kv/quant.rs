@@ -1,8 +1,12 @@
 //! The quantization rules of the quantized cache formats, shared with the transfer codecs where their layouts allow,
 //! so that a cache block and its wire form round the same values the same way.
 //!
-//! - int8: symmetric, one f16 scale per vector (`max |x| / 127`). The `int8` codec applies the same rule with its
+//! - int8 ([`ByteCode::Int8`]): symmetric, one f16 scale per vector (`max |x| / 127`), rounded to f16 first so that
+//!   quantization and dequantization use the same value. The `int8` codec applies the same rule with its
 //!   own loop over packed bytes (and a scale saturated to f16's range).
+//! - fp8 (cache format): E4M3 codes under one f16 scale per vector (`max |x| / 448`, E4M3's largest value), so each
+//!   vector uses the whole E4M3 range. The `fp8` codec keeps one f32 scale per head per block instead (it sees the
+//!   whole block at once; a cache is written a token at a time).
 //! - int4 (and kivi2's 2-bit values): asymmetric over `[min, min + levels * scale]`, min and scale rounded to f16
 //!   (saturating) before the codes are computed; the cache format and the `int4` codec take groups of 32 dims, and
 //!   both compute their codes with [`affine_params`] and [`affine_code`].
@@ -17,20 +21,60 @@ pub fn f16_sat(x: f32) -> f16 {
     f16::from_f32(x.clamp(-65504.0, 65504.0))
 }
 
-/// The `int8` cache format's rule for one vector: a symmetric scale `max |x| / 127`, rounded to f16 first so that
-/// quantization and dequantization use the same value, and `q = round(x / scale)`. Returns the scale.
-pub fn quantize_int8(x: &[f32], q: &mut [i8]) -> f16 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let s = f16::from_f32(amax / 127.0);
-    let inv = if s.to_f32() > 0.0 {
-        1.0 / s.to_f32()
-    } else {
-        0.0
-    };
-    for (o, &v) in q.iter_mut().zip(x) {
-        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+/// The cache formats of one byte per element and one f16 scale per vector; the cache stores either as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteCode {
+    /// Symmetric int8: `q = round(x / scale)` under a scale of `max |x| / 127`.
+    Int8,
+    /// E4M3 under a scale of `max |x| / 448`.
+    Fp8,
+}
+
+impl ByteCode {
+    /// One vector's codes into `q`; returns its scale.
+    pub fn quantize(self, x: &[f32], q: &mut [u8]) -> f16 {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = f16_sat(amax / self.max());
+        let inv = affine_inv(s);
+        match self {
+            Self::Int8 => {
+                for (o, &v) in q.iter_mut().zip(x) {
+                    *o = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                }
+            }
+            Self::Fp8 => {
+                for (o, &v) in q.iter_mut().zip(x) {
+                    *o = super::codec::fp8::from_f32(v * inv);
+                }
+            }
+        }
+        s
     }
-    s
+
+    /// The inverse of [`ByteCode::quantize`].
+    pub fn dequantize(self, q: &[u8], scale: f16, out: &mut [f32]) {
+        let s = scale.to_f32();
+        match self {
+            Self::Int8 => {
+                for (o, &c) in out.iter_mut().zip(q) {
+                    *o = f32::from(c as i8) * s;
+                }
+            }
+            Self::Fp8 => {
+                for (o, &c) in out.iter_mut().zip(q) {
+                    *o = super::codec::fp8::to_f32(c) * s;
+                }
+            }
+        }
+    }
+
+    /// The largest code's magnitude.
+    fn max(self) -> f32 {
+        match self {
+            Self::Int8 => 127.0,
+            Self::Fp8 => super::codec::fp8::MAX,
+        }
+    }
 }
 
 /// The asymmetric rule's (min, scale) for a run of values quantized to codes `0..=levels`.
@@ -97,6 +141,36 @@ pub fn dequantize_int4(codes: &[u8], params: &[f16], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_codes_round_trip_within_their_steps() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.53).sin() * 7.0).collect();
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut q = vec![0u8; 64];
+        let mut out = vec![0f32; 64];
+        // int8 as the signed rule writes it.
+        let s = ByteCode::Int8.quantize(&x, &mut q);
+        assert_eq!(s, f16::from_f32(amax / 127.0));
+        assert!(q.iter().any(|&c| c as i8 == 127 || c as i8 == -127));
+        ByteCode::Int8.dequantize(&q, s, &mut out);
+        for (a, b) in x.iter().zip(&out) {
+            assert!((a - b).abs() <= s.to_f32() / 2.0 + 1e-6, "int8 {a} vs {b}");
+        }
+        // fp8: the largest value takes (about) the largest code; relative error at most half a step (1/16).
+        let s = ByteCode::Fp8.quantize(&x, &mut q);
+        assert!((s.to_f32() * 448.0 - amax).abs() <= amax * 1e-3);
+        ByteCode::Fp8.dequantize(&q, s, &mut out);
+        for (a, b) in x.iter().zip(&out) {
+            assert!(
+                (a - b).abs() <= a.abs() / 16.0 + s.to_f32() / 512.0,
+                "fp8 {a} vs {b}"
+            );
+        }
+        // Zeros stay zeros (scale 0, no NaN).
+        let s = ByteCode::Fp8.quantize(&[0.0; 4], &mut q[..4]);
+        ByteCode::Fp8.dequantize(&q[..4], s, &mut out[..4]);
+        assert_eq!(&out[..4], &[0.0; 4]);
+    }
 
     #[test]
     fn int4_round_trips_within_half_a_step() {

@@ -38,8 +38,8 @@ pub struct GpuBenchArgs {
     /// Prompt length for the prefill timing.
     #[arg(long, default_value_t = 2048)]
     pub prefill_tokens: usize,
-    /// Cache format for the timings: f16, f32, int8 or int4 (int8 reads about half the bytes of f16 per key, int4
-    /// about 0.31).
+    /// Cache format for the timings: f16, f32, int8, fp8 or int4 (int8 and fp8 read about half the bytes of f16
+    /// per key, int4 about 0.31).
     #[arg(long, default_value = "f16", value_parser = super::parse_kv_format)]
     pub kv_format: KvFormat,
     /// Timed repetitions (median reported).

@@ -35,8 +35,9 @@ pub struct ModelArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Element format of the KV cache: f32, f16, int8 (one f16 scale per token and head; 3.9x the tokens of f32) or
-    /// int4 (4-bit codes with an f16 min and scale per 32 dims; 6.4x the tokens of f32).
+    /// Element format of the KV cache: f32, f16, int8 or fp8 (a byte per dim, integer or E4M3, and one f16 scale
+    /// per token and head; 3.9x the tokens of f32) or int4 (4-bit codes with an f16 min and scale per 32 dims; 6.4x
+    /// the tokens of f32).
     #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
     pub kv_format: KvFormat,
     /// Most tokens computed in one forward pass (prefill chunk size).

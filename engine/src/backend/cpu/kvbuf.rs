@@ -1,22 +1,24 @@
 //! One layer's K or V for every block, in the cache's element format, and the only code that knows those formats.
 //!
 //! The store is a sequence of `head_dim`-long vectors (one per block, KV head and slot, laid out
-//! `[block][kv_head][slot]`). `f32` and `f16` hold the values; `int8` holds each vector quantized symmetrically
-//! with one f16 scale (the `int8` transfer codec's rule, 8.25 bits per element at head_dim 64), so the same memory
-//! holds 3.9x the tokens of `f32`; `int4` holds each vector in 4-bit codes with an f16 min and scale per 32 dims
+//! `[block][kv_head][slot]`). `f32` and `f16` hold the values; `int8` and `fp8` hold each vector as one byte per
+//! element under one f16 scale ([`ByteCode`]: 8.25 bits per element at head_dim 64), so the same memory holds 3.9x
+//! the tokens of `f32`; `int4` holds each vector in 4-bit codes with an f16 min and scale per 32 dims
 //! (the `int4` codec's rule, 5 bits per element), 6.4x the tokens of `f32`. Attention reads a range of vectors as f32 through [`KvBuf::read`], which
 //! dequantizes on the fly into its tile scratch: nothing is ever expanded cache-wide.
 
 use crate::kv::KvFormat;
-use crate::kv::quant::{INT4_GROUP, dequantize_int4, quantize_int4};
+use crate::kv::quant::{ByteCode, INT4_GROUP, dequantize_int4, quantize_int4};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 pub enum KvBuf {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    Int8 {
-        q: Vec<i8>,
+    /// int8 or fp8: a byte per element and an f16 scale per vector.
+    Bytes {
+        code: ByteCode,
+        q: Vec<u8>,
         scale: Vec<f16>,
     },
     /// Per vector: `head_dim / 2` bytes of codes, and (min, scale) per group of 32 dims.
@@ -33,7 +35,8 @@ impl KvBuf {
         match format {
             KvFormat::F32 => Self::F32(vec![0.0; n]),
             KvFormat::F16 => Self::F16(vec![f16::ZERO; n]),
-            KvFormat::Int8 => Self::Int8 {
+            KvFormat::Int8 | KvFormat::Fp8 => Self::Bytes {
+                code: format.byte_code().expect("a byte format"),
                 q: vec![0; n],
                 scale: vec![f16::ZERO; vectors],
             },
@@ -50,10 +53,9 @@ impl KvBuf {
         match self {
             Self::F32(b) => b[e..e + src.len()].copy_from_slice(src),
             Self::F16(b) => b[e..e + src.len()].convert_from_f32_slice(src),
-            Self::Int8 { q, scale } => {
+            Self::Bytes { code, q, scale } => {
                 for (i, x) in src.chunks_exact(hd).enumerate() {
-                    scale[at + i] =
-                        crate::kv::quantize_int8(x, &mut q[e + i * hd..e + (i + 1) * hd]);
+                    scale[at + i] = code.quantize(x, &mut q[e + i * hd..e + (i + 1) * hd]);
                 }
             }
             Self::Int4 { q, params } => {
@@ -76,12 +78,9 @@ impl KvBuf {
         match self {
             Self::F32(b) => dst.copy_from_slice(&b[e..e + dst.len()]),
             Self::F16(b) => b[e..e + dst.len()].convert_to_f32_slice(dst),
-            Self::Int8 { q, scale } => {
+            Self::Bytes { code, q, scale } => {
                 for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
-                    let s = scale[at + i].to_f32();
-                    for (o, &v) in d.iter_mut().zip(&q[e + i * hd..e + (i + 1) * hd]) {
-                        *o = f32::from(v) * s;
-                    }
+                    code.dequantize(&q[e + i * hd..e + (i + 1) * hd], scale[at + i], d);
                 }
             }
             Self::Int4 { q, params } => {
@@ -115,6 +114,8 @@ mod tests {
             (KvFormat::F32, 0.0),
             (KvFormat::F16, 5.0 / 1024.0),
             (KvFormat::Int8, 5.0 / 127.0),
+            // Half a step of E4M3 (1/16 relative) of values up to 5.
+            (KvFormat::Fp8, 5.0 / 16.0),
             // Half a step of a group spanning about [-5, 5], plus the min's f16 rounding.
             (KvFormat::Int4, 10.0 / 15.0 / 2.0 + 5e-3),
         ] {
@@ -131,7 +132,7 @@ mod tests {
             assert!(before.iter().all(|&x| x == 0.0), "{format:?}");
         }
         // An all-zero vector quantizes to zeros, not NaN.
-        for format in [KvFormat::Int8, KvFormat::Int4] {
+        for format in [KvFormat::Int8, KvFormat::Fp8, KvFormat::Int4] {
             let mut b = KvBuf::new(format, 1, hd);
             b.write(0, hd, &vec![0.0; hd]);
             let mut out = vec![1f32; hd];

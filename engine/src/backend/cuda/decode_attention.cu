@@ -77,12 +77,14 @@ __device__ __forceinline__ void i8x4_to_half2x2(u32 w, u32& lo, u32& hi) {
 }
 
 // What differs between cache formats: the bytes of an 8-dimension group, one group as four half2 words (dimension
-// pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers, its scale applied by the caller; int4 pairs differently, see
+// pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers and fp8 as exact values (/ `UNIT`), the scale (times `UNIT`)
+// applied by the caller; int4 pairs differently, see
 // below), and how many resident blocks per SM the kernel's registers are bounded for.
 template <typename T> struct Group;
 template <> struct Group<__half> {
     static constexpr int BYTES = 16, MIN_BLOCKS = 2;
     static constexpr bool SCALED = false, AFFINE = false;
+    static constexpr float UNIT = 1.f;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const uint4 v = *reinterpret_cast<const uint4*>(p);
         w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
@@ -91,6 +93,7 @@ template <> struct Group<__half> {
 template <> struct Group<float> {
     static constexpr int BYTES = 32, MIN_BLOCKS = 2;
     static constexpr bool SCALED = false, AFFINE = false;
+    static constexpr float UNIT = 1.f;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
         w[0] = pack_half2(a.x, a.y); w[1] = pack_half2(a.z, a.w);
@@ -100,10 +103,43 @@ template <> struct Group<float> {
 template <> struct Group<i8> {
     static constexpr int BYTES = 8, MIN_BLOCKS = 2;
     static constexpr bool SCALED = true, AFFINE = false;
+    static constexpr float UNIT = 1.f;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
         const uint2 v = *reinterpret_cast<const uint2*>(p);
         i8x4_to_half2x2(v.x, w[0], w[1]);
         i8x4_to_half2x2(v.y, w[2], w[3]);
+    }
+};
+// fp8: four codes to two half2. From sm_89 on, the hardware converts two E4M3 codes to an f16x2 of their exact
+// values in one instruction. Before it, a code's sign and low seven bits moved under f16's sign and exponent make an
+// f16 of the code's value / 256 (E4M3's exponent bias is 7, f16's 15; subnormals land on subnormals, exactly): three
+// instructions per two codes, the 256 (`UNIT`) joining the row's scale.
+#if __CUDA_ARCH__ >= 890
+#define E4M3_UNIT 1.f
+__device__ __forceinline__ void e4m3x4_to_half2x2(u32 w, u32& lo, u32& hi) {
+    asm("{\n .reg .b16 a, b;\n mov.b32 {a, b}, %2;\n cvt.rn.f16x2.e4m3x2 %0, a;\n cvt.rn.f16x2.e4m3x2 %1, b;\n}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+}
+#else
+#define E4M3_UNIT 256.f
+__device__ __forceinline__ u32 e4m3x2_to_half2(u32 w, u32 sel) {
+    const u32 r = __byte_perm(w, 0u, sel);  // the two codes in the high bytes of the halves
+    return (r & 0x80008000u) | ((r >> 1) & 0x3f803f80u);
+}
+__device__ __forceinline__ void e4m3x4_to_half2x2(u32 w, u32& lo, u32& hi) {
+    lo = e4m3x2_to_half2(w, 0x1404u);  // bytes 0, 1
+    hi = e4m3x2_to_half2(w, 0x3424u);  // bytes 2, 3
+}
+#endif
+template <> struct Group<f8> {
+    static constexpr int BYTES = 8, MIN_BLOCKS = 2;
+    static constexpr bool SCALED = true, AFFINE = false;
+    static constexpr float UNIT = E4M3_UNIT;
+    static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        e4m3x4_to_half2x2(v.x, w[0], w[1]);
+        e4m3x4_to_half2x2(v.y, w[2], w[3]);
     }
 };
 // int4: eight 4-bit codes, dequantized with their group's (min, scale) (`affine`: two halves, min low). A mask puts
@@ -129,6 +165,7 @@ __device__ __forceinline__ u32 half2_bits(__half2 x) { return *reinterpret_cast<
 template <> struct Group<u4x2> {
     static constexpr int BYTES = 4;
     static constexpr bool SCALED = false, AFFINE = true;
+    static constexpr float UNIT = 1.f;
     // Its warps spend more instructions per byte than the others, so latency, not bandwidth, bounds them: registers
     // for four resident blocks per SM rather than two.
     static constexpr int MIN_BLOCKS = 4;
@@ -295,10 +332,12 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     auto affine = [&](const unsigned char* st, int row, int pg) -> u32 {
         return reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + row * PARAMS)[pg];
     };
-    // A staged row's scale (int8): K rows are words 0-15, V rows 16-31; `upper`: the tile's mask word.
+    // A staged row's scale (int8, fp8; times the format's unit): K rows are words 0-15, V rows 16-31; `upper`: the
+    // tile's mask word.
     auto row_scale = [&](const unsigned char* st, u32 upper, int word, int row) -> float {
         const u32 w = reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW)[word];
-        return __half2float(__ushort_as_half((unsigned short)(((upper >> row) & 1u) ? w >> 16 : w & 0xffffu)));
+        const unsigned short bits = (unsigned short)(((upper >> row) & 1u) ? w >> 16 : w & 0xffffu);
+        return __half2float(__ushort_as_half(bits)) * G8::UNIT;
     };
 
     for (int j = 0; j < stages - 1; j++) {

@@ -182,8 +182,8 @@ extern "C" __global__ void rope(float* x, const u32* positions, const float* inv
 }
 
 // Cache element formats: f32, f16, and int8 with one f16 scale per vector (one token's K or V of one KV head:
-// scale = f16(max |x| / 127), x ~ round(x / scale), the host's rule). Scale arrays are indexed by vector, i.e. by a
-// vector's first element offset / head_dim; they are null for the other formats.
+// scale = f16(max |x| / 127), x ~ round(x / scale), the host's rule); fp8 and int4 below. Scale arrays are indexed
+// by vector, i.e. by a vector's first element offset / head_dim; they are null for f32 and f16.
 typedef signed char i8;
 
 __device__ float block_max(float v, float* shared) {
@@ -219,6 +219,31 @@ template <> __device__ __forceinline__ void store_pair<i8>(i8* c, __half* sc, si
     const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
     c[base + a] = (i8)fminf(fmaxf(roundf(y0 * inv), -127.f), 127.f);
     c[base + b] = (i8)fminf(fmaxf(roundf(y1 * inv), -127.f), 127.f);
+    if (threadIdx.x == 0) sc[vec] = s;
+}
+
+// fp8: E4M3 codes under one f16 scale per vector (scale = f16(max |x| / 448), the host's `ByteCode::Fp8` rule),
+// rounded as the host's `fp8::from_f32` rounds (to nearest even, saturating at 448), so both write the same bytes.
+// `f8` only tags the format; addresses are computed in bytes.
+struct f8 { unsigned char v; };
+__device__ __forceinline__ unsigned char f32_to_e4m3(float x) {
+    const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
+    const float a = fabsf(x);
+    if (!(a < 448.f)) return (unsigned char)(sign | (a != a ? 0x7fu : 0x7eu));
+    if (a < 0.015625f) return (unsigned char)(sign | (u32)__float2int_rn(a * 512.f));  // subnormals, steps of 2^-9
+    // Three mantissa bits kept, the 20 dropped rounded to nearest even; a carry into the exponent is the next code.
+    const u32 bits = __float_as_uint(a), keep = (bits >> 20) & 7u, rest = bits & 0xfffffu;
+    const u32 up = rest > 0x80000u || (rest == 0x80000u && (keep & 1u));
+    return (unsigned char)(sign | ((((bits >> 23) - 120u) << 3) + keep + up));
+}
+template <> __device__ __forceinline__ void store_pair<f8>(f8* c, __half* sc, size_t base, size_t vec, int a, int b,
+                                                           float y0, float y1, float* red) {
+    const float amax = block_max(fmaxf(fabsf(y0), fabsf(y1)), red);
+    const __half s = __float2half(amax / 448.f);
+    const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
+    unsigned char* p = reinterpret_cast<unsigned char*>(c);
+    p[base + a] = f32_to_e4m3(y0 * inv);
+    p[base + b] = f32_to_e4m3(y1 * inv);
     if (threadIdx.x == 0) sc[vec] = s;
 }
 
@@ -258,7 +283,7 @@ template <> __device__ __forceinline__ void store_pair<u4x2>(u4x2* c, __half* sc
 // FORMATS and HEAD_DIMS in module.rs name them.
 #define FOR_EACH_FORMAT_AND_HEAD_DIM(M) \
     M(float, f32, 64) M(float, f32, 128) M(__half, f16, 64) M(__half, f16, 128) M(i8, i8, 64) M(i8, i8, 128) \
-    M(u4x2, i4, 64) M(u4x2, i4, 128)
+    M(f8, f8, 64) M(f8, f8, 128) M(u4x2, i4, 64) M(u4x2, i4, 128)
 
 // Grid (rows, kv_heads), head_dim / 2 threads: writes each row's K and V into its slot of one layer.
 template <typename T>
@@ -317,6 +342,7 @@ __device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc
 STORE_KERNELS(f32, float)
 STORE_KERNELS(f16, __half)
 STORE_KERNELS(i8, i8)
+STORE_KERNELS(f8, f8)
 STORE_KERNELS(i4, u4x2)
 
 // One block per output row: out[i] = x[rows[i]].

@@ -1,12 +1,12 @@
 //! The paged KV store in GPU memory: K and V of every layer, laid out `[layer][block][kv_head][slot][dim]`, in f32,
-//! f16 (IEEE half, kept as raw bits), int8 with one f16 scale per vector (the host's rule,
-//! [`crate::kv::quantize_int8`]), or int4 with two dims per byte and an f16 (min, scale) per 32 dims
+//! f16 (IEEE half, kept as raw bits), int8 or fp8 with one f16 scale per vector (the host's rules,
+//! [`crate::kv::ByteCode`]), or int4 with two dims per byte and an f16 (min, scale) per 32 dims
 //! ([`crate::kv::quant::quantize_int4`]); scales and pairs laid out like the vectors. Whole blocks cross to and from
 //! the host here (for transfer and tests); the kernels read and write the store in place.
 
 use super::CudaBackend;
 use crate::error::{EngineError, Result};
-use crate::kv::{KvFormat, KvLayout};
+use crate::kv::{ByteCode, KvFormat, KvLayout};
 use cudarc::driver::{CudaSlice, CudaStream};
 
 pub(super) enum KvBufs {
@@ -19,10 +19,11 @@ pub(super) enum KvBufs {
         k: CudaSlice<u16>,
         v: CudaSlice<u16>,
     },
-    /// Symmetric int8 and one f16 scale (raw bits) per vector.
-    Int8 {
-        k: CudaSlice<i8>,
-        v: CudaSlice<i8>,
+    /// int8 or fp8 codes and one f16 scale (raw bits) per vector.
+    Bytes {
+        code: ByteCode,
+        k: CudaSlice<u8>,
+        v: CudaSlice<u8>,
         ks: CudaSlice<u16>,
         vs: CudaSlice<u16>,
     },
@@ -43,7 +44,7 @@ impl KvBufs {
         match self {
             KvBufs::F32 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
             KvBufs::F16 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
-            KvBufs::Int8 { k, v, ks, vs } => b.arg(k).arg(v).arg(ks).arg(vs),
+            KvBufs::Bytes { k, v, ks, vs, .. } => b.arg(k).arg(v).arg(ks).arg(vs),
             KvBufs::Int4 { k, v, kp, vp } => b.arg(k).arg(v).arg(kp).arg(vp),
         };
     }
@@ -69,7 +70,8 @@ impl CudaKvStore {
                 k: stream.alloc_zeros(n).map_err(dev)?,
                 v: stream.alloc_zeros(n).map_err(dev)?,
             },
-            KvFormat::Int8 => KvBufs::Int8 {
+            KvFormat::Int8 | KvFormat::Fp8 => KvBufs::Bytes {
+                code: layout.format.byte_code().expect("a byte format"),
                 k: stream.alloc_zeros(n).map_err(dev)?,
                 v: stream.alloc_zeros(n).map_err(dev)?,
                 ks: stream.alloc_zeros(n / layout.head_dim).map_err(dev)?,
@@ -141,24 +143,22 @@ impl CudaKvStore {
                 };
                 (read(k), read(v))
             }
-            KvBufs::Int8 { k, v, ks, vs } => {
+            KvBufs::Bytes { code, k, v, ks, vs } => {
                 let hd = self.layout.head_dim;
                 let vecs = range.start / hd..range.end / hd;
-                let read = |c: &CudaSlice<i8>, sc: &CudaSlice<u16>| {
-                    let mut q = vec![0i8; range.len()];
+                let read = |c: &CudaSlice<u8>, sc: &CudaSlice<u16>| {
+                    let mut q = vec![0u8; range.len()];
                     let mut bits = vec![0u16; vecs.len()];
                     b.ok(what, b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut q));
                     b.ok(
                         what,
                         b.stream.memcpy_dtoh(&sc.slice(vecs.clone()), &mut bits),
                     );
-                    q.chunks(hd)
-                        .zip(&bits)
-                        .flat_map(|(qv, &s)| {
-                            let s = half::f16::from_bits(s).to_f32();
-                            qv.iter().map(move |&x| f32::from(x) * s)
-                        })
-                        .collect()
+                    let mut out = vec![0f32; range.len()];
+                    for ((o, qv), &s) in out.chunks_mut(hd).zip(q.chunks(hd)).zip(&bits) {
+                        code.dequantize(qv, half::f16::from_bits(s), o);
+                    }
+                    out
                 };
                 (read(k, ks), read(v, vs))
             }
@@ -226,7 +226,8 @@ impl CudaKvStore {
                     );
                 }
             }
-            KvBufs::Int8 {
+            KvBufs::Bytes {
+                code,
                 k: kc,
                 v: vc,
                 ks,
@@ -235,11 +236,11 @@ impl CudaKvStore {
                 let hd = self.layout.head_dim;
                 let vecs = range.start / hd..range.end / hd;
                 for ((c, sc), x) in [(kc, ks), (vc, vs)].into_iter().zip([k, v]) {
-                    let mut q = vec![0i8; x.len()];
+                    let mut q = vec![0u8; x.len()];
                     let bits: Vec<u16> = x
                         .chunks(hd)
                         .zip(q.chunks_mut(hd))
-                        .map(|(xv, qv)| crate::kv::quantize_int8(xv, qv).to_bits())
+                        .map(|(xv, qv)| code.quantize(xv, qv).to_bits())
                         .collect();
                     b.ok(
                         what,

@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Every cache format the kernels read and write, with the suffix of its kernels' names.
-const FORMATS: [(KvFormat, &str); 4] = [
+const FORMATS: [(KvFormat, &str); 5] = [
     (KvFormat::F32, "f32"),
     (KvFormat::F16, "f16"),
     (KvFormat::Int8, "i8"),
+    (KvFormat::Fp8, "f8"),
     (KvFormat::Int4, "i4"),
 ];
 
@@ -82,7 +83,7 @@ pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
     match format {
         KvFormat::F32 => (3, 2 * tile * 4 * head_dim),
         KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
-        KvFormat::Int8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
+        KvFormat::Int8 | KvFormat::Fp8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
         KvFormat::Int4 => (4, 2 * tile * head_dim / 2 + 2 * tile * head_dim / 32 * 4),
     }
 }

@@ -13,12 +13,14 @@
 #define PF_BQ 64
 #define PF_BK 64
 
-// Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, 8 of int8 and the scale, or 4 of
-// int4 and the group's min and scale) from the prefetch until they are stored, so that the loads in flight cost few registers; `eight_halves` converts.
+// Eight consecutive cache values kept as loaded (16 bytes of halves, 32 of floats, 8 of int8 or fp8 and the scale, or
+// 4 of int4 and the group's min and scale) from the prefetch until they are stored, so that the loads in flight cost
+// few registers; `eight_halves` converts.
 template <typename T> struct Raw8;
 template <> struct Raw8<__half> { uint4 v; };
 template <> struct Raw8<float> { float4 a, b; };
 template <> struct Raw8<i8> { uint2 v; float s; };
+template <> struct Raw8<f8> { uint2 v; float s; };
 template <> struct Raw8<u4x2> { u32 v; __half2 ms; };
 // Element `at` (a multiple of 8) of the store onward; `sc`: int8's scales or int4's (min, scale) pairs.
 __device__ __forceinline__ void fetch_raw(const __half* c, size_t at, const __half*, int, Raw8<__half>& r) {
@@ -32,6 +34,10 @@ __device__ __forceinline__ void fetch_raw(const i8* c, size_t at, const __half* 
     r.v = *reinterpret_cast<const uint2*>(c + at);
     r.s = __half2float(sc[at / hd]);
 }
+__device__ __forceinline__ void fetch_raw(const f8* c, size_t at, const __half* sc, int hd, Raw8<f8>& r) {
+    r.v = *reinterpret_cast<const uint2*>(reinterpret_cast<const unsigned char*>(c) + at);
+    r.s = __half2float(sc[at / hd]) * Group<f8>::UNIT;
+}
 __device__ __forceinline__ void fetch_raw(const u4x2* c, size_t at, const __half* sc, int hd, Raw8<u4x2>& r) {
     r.v = *reinterpret_cast<const u32*>(reinterpret_cast<const unsigned char*>(c) + at / 2);
     r.ms = *reinterpret_cast<const __half2*>(sc + at / hd * (hd / 16) + (at % hd) / 32 * 2);
@@ -39,6 +45,10 @@ __device__ __forceinline__ void fetch_raw(const u4x2* c, size_t at, const __half
 __device__ __forceinline__ void zero_raw(Raw8<__half>& r) { r.v = make_uint4(0, 0, 0, 0); }
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
 __device__ __forceinline__ void zero_raw(Raw8<i8>& r) {
+    r.v = make_uint2(0, 0);
+    r.s = 0.f;
+}
+__device__ __forceinline__ void zero_raw(Raw8<f8>& r) {
     r.v = make_uint2(0, 0);
     r.s = 0.f;
 }
@@ -57,6 +67,17 @@ __device__ __forceinline__ uint4 eight_halves(const Raw8<u4x2>& r) {
 #pragma unroll
     for (int j = 0; j < 8; j++) f[j] = m + sc * (float)((r.v >> (4 * j)) & 15u);
     return make_uint4(pack_half2(f[0], f[1]), pack_half2(f[2], f[3]), pack_half2(f[4], f[5]), pack_half2(f[6], f[7]));
+}
+__device__ __forceinline__ uint4 eight_halves(const Raw8<f8>& r) {
+    u32 w[4];
+    Group<f8>::load(reinterpret_cast<const unsigned char*>(&r.v), w);
+    u32 out[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+        out[j] = pack_half2(f.x * r.s, f.y * r.s);
+    }
+    return make_uint4(out[0], out[1], out[2], out[3]);
 }
 __device__ __forceinline__ uint4 eight_halves(const Raw8<i8>& r) {
     const i8* b = reinterpret_cast<const i8*>(&r.v);

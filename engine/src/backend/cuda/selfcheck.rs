@@ -169,6 +169,8 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         (2, 64, KvFormat::Int8, vec![40, 64]),
         (4, 128, KvFormat::Int4, vec![1024, 7, 129]),
         (3, 64, KvFormat::Int4, vec![300, 64]),
+        (4, 128, KvFormat::Fp8, vec![1024, 7, 129]),
+        (3, 64, KvFormat::Fp8, vec![300, 64]),
     ] {
         attention(b, &mut rng, &mut push, group, hd, format, &contexts, 1);
     }
@@ -204,10 +206,21 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         &[70, 150],
         70,
     );
+    attention(
+        b,
+        &mut rng,
+        &mut push,
+        4,
+        128,
+        KvFormat::Fp8,
+        &[130, 200, 9],
+        130,
+    );
     swiglu(b, &mut rng, &mut push);
     rope_store(b, &mut rng, &mut push, KvFormat::F16);
     rope_store(b, &mut rng, &mut push, KvFormat::Int8);
     rope_store(b, &mut rng, &mut push, KvFormat::Int4);
+    rope_store(b, &mut rng, &mut push, KvFormat::Fp8);
     argmax(b, &mut rng, &mut push);
     sample(b, &mut rng, &mut push);
     out
@@ -640,20 +653,31 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
         }
     }
     // f16 rounds each value by about 3e-4 relative; int8 by up to half a step of max|x| / 127 per vector. int4's
-    // steps are coarse (a 32-dim group's range / 15), so its reference is the host's own quantization of the exact
-    // values: the kernel must reach the same codes (a value on a rounding boundary may land one code off).
+    // steps are coarse (a 32-dim group's range / 15) and fp8's relative (1/16), so their reference is the host's own
+    // quantization of the exact values: the kernel must reach the same codes (a value on a rounding boundary may
+    // land one code off).
     let tol = if format == KvFormat::Int8 { 1e-2 } else { 2e-3 };
     let stored = |exact: Vec<f64>| -> (Vec<f64>, f64) {
-        if format != KvFormat::Int4 {
-            return (exact, tol);
-        }
         let x: Vec<f32> = exact.iter().map(|&e| e as f32).collect();
         let mut out = vec![0f32; x.len()];
-        let pp = 2 * hd.div_ceil(crate::kv::INT4_GROUP);
-        for (xv, ov) in x.chunks(hd).zip(out.chunks_mut(hd)) {
-            let (mut q, mut p) = (vec![0u8; hd / 2], vec![half::f16::ZERO; pp]);
-            crate::kv::quant::quantize_int4(xv, &mut q, &mut p);
-            crate::kv::quant::dequantize_int4(&q, &p, ov);
+        match format {
+            KvFormat::Int4 => {
+                let pp = 2 * hd.div_ceil(crate::kv::INT4_GROUP);
+                for (xv, ov) in x.chunks(hd).zip(out.chunks_mut(hd)) {
+                    let (mut q, mut p) = (vec![0u8; hd / 2], vec![half::f16::ZERO; pp]);
+                    crate::kv::quant::quantize_int4(xv, &mut q, &mut p);
+                    crate::kv::quant::dequantize_int4(&q, &p, ov);
+                }
+            }
+            KvFormat::Fp8 => {
+                let code = crate::kv::ByteCode::Fp8;
+                for (xv, ov) in x.chunks(hd).zip(out.chunks_mut(hd)) {
+                    let mut q = vec![0u8; hd];
+                    let s = code.quantize(xv, &mut q);
+                    code.dequantize(&q, s, ov);
+                }
+            }
+            _ => return (exact, tol),
         }
         (out.into_iter().map(f64::from).collect(), 1e-2)
     };

@@ -3,7 +3,7 @@
 use super::*;
 use proptest::prelude::*;
 
-const RAWS: [KvFormat; 4] = KvFormat::ALL;
+const RAWS: [KvFormat; 5] = KvFormat::ALL;
 
 fn shape_and_block() -> impl Strategy<Value = (BlockShape, usize, Vec<f32>, Vec<f32>)> {
     (1usize..4, 1usize..20, 1usize..100).prop_flat_map(|(kv_heads, block_size, head_dim)| {
