@@ -66,7 +66,7 @@ where
         None => format!("http://{}", listener.local_addr()?),
     };
     let sessions = Sessions::new(
-        ChunkLayout::of(engine.kv_layout()),
+        ChunkLayout::of(engine.kv_layout(), engine.key_rotation()),
         engine.kv_layout().layers,
     );
     let hub = EventHub::new();

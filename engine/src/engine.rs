@@ -180,6 +180,14 @@ impl<B: Backend> Engine<B> {
     pub fn kv_layout(&self) -> &KvLayout {
         &self.layout
     }
+    /// How this model's RoPE turns keys within a block: what the kivi2 codec undoes before quantizing them.
+    pub fn key_rotation(&self) -> crate::kv::codec::KeyRotation {
+        crate::kv::codec::KeyRotation::new(
+            &self.model.config.rope,
+            self.layout.head_dim,
+            self.layout.block_size,
+        )
+    }
     /// How long recent forward passes took.
     pub fn recent_steps(&self) -> step_times::StepTimes {
         self.steps

@@ -1,17 +1,21 @@
 //! One transfer chunk: K and V of some destination blocks for a range of layers, encoded by a codec.
 //!
-//! Payload (format version 2, documented in docs/kv-wire-format.md): for each layer of the range, for each
+//! Payload (format version 3, documented in docs/kv-wire-format.md): for each layer of the range, for each
 //! destination block in order, the codec's encoding of that block's K and V ([`tandem_engine::kv::codec`]); then,
 //! if the sender chose the lossless stage, all of that compressed as one LZ4 block. Each block's fill (tokens
 //! holding data) travels in the header, so every size is known before a byte is read. The checksum is CRC32C
 //! (hardware-accelerated where the CPU has it) over every header field, little-endian, then the payload, so a
-//! flipped bit anywhere is caught, not only in the data. A chunk is decoded only after its version, codec, layout,
+//! flipped bit anywhere is caught, not only in the data. The layout names the key rotation kivi2 undoes (a CRC32C
+//! of the model's RoPE pairing and frequencies), and a receiver whose model rotates keys differently refuses. A chunk is decoded only after its version, codec, layout,
 //! sizes and checksum all check out; nothing is written from a chunk that fails any of them.
 
 use crate::error::TransferError;
 use crate::session::SessionId;
 use std::ops::Range;
-use tandem_engine::kv::codec::{self, BlockRef, BlockShape, Codec};
+use std::sync::Arc;
+use tandem_engine::kv::codec::{
+    self, BlockCoding, BlockRef, BlockShape, Codec, Fill, KeyRotation, Place,
+};
 use tandem_engine::kv::{BlockId, KvFormat, KvLayout};
 use tandem_proto::convert::{
     kv_codec_from_wire, kv_codec_to_wire, kv_format_from_wire, kv_format_to_wire,
@@ -19,7 +23,7 @@ use tandem_proto::convert::{
 use tandem_proto::v1;
 
 /// The payload format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Most blocks and layers one chunk may name (bounds every size computation).
 pub const MAX_BLOCKS_PER_CHUNK: usize = 4096;
@@ -27,23 +31,36 @@ pub const MAX_LAYERS_PER_CHUNK: usize = 1024;
 /// Largest encoded payload (before the lossless stage) a receiver accepts in one chunk.
 pub const MAX_CHUNK_BYTES: usize = 256 << 20;
 
-/// Shape and element type of the blocks in a chunk; sender and receiver must agree on all but the dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Shape and element type of the blocks in a chunk, and the model's key rotation; sender and receiver must agree
+/// on all but the dtype.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChunkLayout {
     pub kv_heads: u32,
     pub head_dim: u32,
     pub block_size: u32,
     pub dtype: KvFormat,
+    pub keys: Arc<KeyRotation>,
 }
 
 impl ChunkLayout {
-    pub fn of(l: &KvLayout) -> Self {
+    /// The layout of a cache, whose model rotates keys by `keys` ([`tandem_engine::Engine::key_rotation`]).
+    pub fn of(l: &KvLayout, keys: KeyRotation) -> Self {
         Self {
             kv_heads: l.kv_heads as u32,
             head_dim: l.head_dim as u32,
             block_size: l.block_size as u32,
             dtype: l.format.raw_wire(),
+            keys: Arc::new(keys),
         }
+    }
+    /// The CRC32C of the key rotation's words, little-endian: what the wire carries of it.
+    pub fn key_rotation_id(&self) -> u32 {
+        let bytes: Vec<u8> = self
+            .keys
+            .fingerprint_words()
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        crc32c::crc32c(&bytes)
     }
     /// Elements of one block's K (or V).
     pub fn block_elems(&self) -> usize {
@@ -56,14 +73,40 @@ impl ChunkLayout {
             head_dim: self.head_dim as usize,
         }
     }
-    fn to_wire(self) -> v1::KvChunkLayout {
+    /// How this layout's blocks are encoded under `codec`.
+    pub fn coding(&self, codec: Codec) -> BlockCoding<'_> {
+        BlockCoding {
+            codec,
+            raw: self.dtype,
+            shape: self.shape(),
+            keys: &self.keys,
+        }
+    }
+    fn to_wire(&self) -> v1::KvChunkLayout {
         v1::KvChunkLayout {
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             block_size: self.block_size,
             dtype: kv_format_to_wire(self.dtype) as i32,
+            key_rotation: self.key_rotation_id(),
         }
     }
+}
+
+fn place_to_wire(p: Place) -> i32 {
+    (match p {
+        Place::Middle => v1::KvBlockPlace::Middle,
+        Place::First => v1::KvBlockPlace::First,
+        Place::Newest => v1::KvBlockPlace::Newest,
+    }) as i32
+}
+
+fn place_from_wire(p: i32) -> Option<Place> {
+    Some(match v1::KvBlockPlace::try_from(p).ok()? {
+        v1::KvBlockPlace::Middle => Place::Middle,
+        v1::KvBlockPlace::First => Place::First,
+        v1::KvBlockPlace::Newest => Place::Newest,
+    })
 }
 
 /// K and V of one block of one layer, as f32.
@@ -92,8 +135,8 @@ pub struct ChunkHeader {
     pub index: u32,
     pub layers: Range<usize>,
     pub blocks: Vec<BlockId>,
-    /// Tokens holding data in each of `blocks` (the same for every layer).
-    pub fills: Vec<usize>,
+    /// Tokens holding data in each of `blocks`, and the block's place in its sequence (the same for every layer).
+    pub fills: Vec<Fill>,
 }
 
 /// How a sender encodes its chunks.
@@ -107,13 +150,13 @@ pub struct Encoding {
 /// Builds a chunk from `data` (ordered as [`DecodedChunk::data`]); `layout.dtype` is the element type `none` sends.
 pub fn encode(
     header: &ChunkHeader,
-    layout: ChunkLayout,
+    layout: &ChunkLayout,
     enc: Encoding,
     data: &[BlockData],
 ) -> v1::KvChunk {
     debug_assert_eq!(data.len(), header.layers.len() * header.blocks.len());
     debug_assert_eq!(header.fills.len(), header.blocks.len());
-    let shape = layout.shape();
+    let coding = layout.coding(enc.codec);
     let mut payload = Vec::with_capacity(raw_len(
         enc.codec,
         layout,
@@ -127,7 +170,7 @@ pub fn encode(
             v: &b.v,
             fill,
         };
-        codec::encode_block(enc.codec, layout.dtype, shape, block, &mut payload);
+        codec::encode_block(&coding, block, &mut payload);
     }
     let mut lossless = v1::KvLossless::None;
     if enc.lossless {
@@ -140,7 +183,8 @@ pub fn encode(
     let full = header
         .fills
         .iter()
-        .all(|&f| f == layout.block_size as usize);
+        .all(|f| f.tokens == layout.block_size as usize);
+    let middle = header.fills.iter().all(|f| f.place == Place::Middle);
     let mut c = v1::KvChunk {
         format_version: FORMAT_VERSION,
         session_id: header.session.0,
@@ -155,16 +199,25 @@ pub fn encode(
         block_fill: if full {
             Vec::new()
         } else {
-            header.fills.iter().map(|&f| f as u32).collect()
+            header.fills.iter().map(|f| f.tokens as u32).collect()
         },
         lossless: lossless as i32,
+        block_place: if middle {
+            Vec::new()
+        } else {
+            header
+                .fills
+                .iter()
+                .map(|f| place_to_wire(f.place))
+                .collect()
+        },
     };
     c.checksum = checksum(&c);
     c
 }
 
 /// Encoded bytes of `layers` layers of blocks with these fills, before the lossless stage.
-fn raw_len(codec: Codec, layout: ChunkLayout, layers: usize, fills: &[usize]) -> usize {
+fn raw_len(codec: Codec, layout: &ChunkLayout, layers: usize, fills: &[Fill]) -> usize {
     let per_layer: usize = fills
         .iter()
         .map(|&f| codec::encoded_len(codec, layout.dtype, layout.shape(), f))
@@ -186,7 +239,13 @@ pub fn checksum(c: &v1::KvChunk) -> u32 {
     }
     head.extend_from_slice(&c.codec.to_le_bytes());
     let l = c.layout.unwrap_or_default();
-    for x in [l.kv_heads, l.head_dim, l.block_size, l.dtype as u32] {
+    for x in [
+        l.kv_heads,
+        l.head_dim,
+        l.block_size,
+        l.dtype as u32,
+        l.key_rotation,
+    ] {
         head.extend_from_slice(&x.to_le_bytes());
     }
     head.extend_from_slice(&(c.block_fill.len() as u32).to_le_bytes());
@@ -194,6 +253,10 @@ pub fn checksum(c: &v1::KvChunk) -> u32 {
         head.extend_from_slice(&f.to_le_bytes());
     }
     head.extend_from_slice(&c.lossless.to_le_bytes());
+    head.extend_from_slice(&(c.block_place.len() as u32).to_le_bytes());
+    for p in &c.block_place {
+        head.extend_from_slice(&p.to_le_bytes());
+    }
     crc32c::crc32c_append(crc32c::crc32c(&head), &c.payload)
 }
 
@@ -225,6 +288,7 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
         head_dim: wl.head_dim,
         block_size: wl.block_size,
         dtype,
+        keys: expect.keys.clone(),
     };
     if (got.kv_heads, got.head_dim, got.block_size)
         != (expect.kv_heads, expect.head_dim, expect.block_size)
@@ -239,6 +303,14 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
             expect.block_size
         ));
     }
+    if wl.key_rotation != expect.key_rotation_id() {
+        return refuse(format!(
+            "key rotation {:#010x} differs from the receiver's {:#010x}: the two workers serve models with \
+             different RoPE",
+            wl.key_rotation,
+            expect.key_rotation_id()
+        ));
+    }
     let (ls, le) = (c.layer_start as usize, c.layer_end as usize);
     if ls >= le || le - ls > MAX_LAYERS_PER_CHUNK {
         return refuse(format!("layer range {ls}..{le} is empty or too long"));
@@ -250,15 +322,28 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
         ));
     }
     let bs = got.block_size as usize;
-    let fills: Vec<usize> = match c.block_fill.len() {
+    let tokens: Vec<usize> = match c.block_fill.len() {
         0 => vec![bs; nb],
         n if n == nb => c.block_fill.iter().map(|&f| f as usize).collect(),
         n => return refuse(format!("{n} block fills for {nb} destination blocks")),
     };
-    if let Some(f) = fills.iter().find(|&&f| f > bs) {
+    if let Some(f) = tokens.iter().find(|&&f| f > bs) {
         return refuse(format!("block fill {f} exceeds the block size {bs}"));
     }
-    let want = raw_len(codec, got, le - ls, &fills);
+    let places: Vec<Place> = match c.block_place.len() {
+        0 => vec![Place::Middle; nb],
+        n if n == nb => match c.block_place.iter().map(|&p| place_from_wire(p)).collect() {
+            Some(p) => p,
+            None => return refuse("a block place is unknown".into()),
+        },
+        n => return refuse(format!("{n} block places for {nb} destination blocks")),
+    };
+    let fills: Vec<Fill> = tokens
+        .into_iter()
+        .zip(places)
+        .map(|(tokens, place)| Fill { tokens, place })
+        .collect();
+    let want = raw_len(codec, &got, le - ls, &fills);
     if want > MAX_CHUNK_BYTES {
         return refuse(format!(
             "the header implies {want} payload bytes (at most {MAX_CHUNK_BYTES} per chunk)"
@@ -281,6 +366,7 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
         ));
     }
     let n = got.block_elems();
+    let coding = got.coding(codec);
     let mut data = Vec::with_capacity((le - ls) * nb);
     let mut pos = 0;
     for i in 0..(le - ls) * nb {
@@ -290,16 +376,8 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
             k: vec![0.0; n],
             v: vec![0.0; n],
         };
-        codec::decode_block(
-            codec,
-            dtype,
-            got.shape(),
-            fill,
-            &payload[pos..pos + len],
-            &mut b.k,
-            &mut b.v,
-        )
-        .map_err(|e| TransferError::Refused(e.to_string()))?;
+        codec::decode_block(&coding, fill, &payload[pos..pos + len], &mut b.k, &mut b.v)
+            .map_err(|e| TransferError::Refused(e.to_string()))?;
         pos += len;
         data.push(b);
     }
@@ -318,12 +396,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn rope(theta: f32) -> tandem_engine::model::RopeConfig {
+        tandem_engine::model::RopeConfig {
+            theta,
+            layout: tandem_engine::model::RopeLayout::Halves,
+            freq_factors: None,
+        }
+    }
+
     fn layout(dtype: KvFormat) -> ChunkLayout {
         ChunkLayout {
             kv_heads: 2,
             head_dim: 4,
             block_size: 3,
             dtype,
+            keys: Arc::new(KeyRotation::new(&rope(10_000.0), 4, 3)),
         }
     }
 
@@ -340,7 +427,7 @@ mod tests {
             index: 3,
             layers: 2..2 + layers,
             blocks: (0..blocks as u32).map(|b| BlockId(b * 5 + 1)).collect(),
-            fills: vec![l.block_size as usize; blocks],
+            fills: vec![Fill::middle(l.block_size as usize); blocks],
         };
         (header, data)
     }
@@ -350,7 +437,7 @@ mod tests {
         for dtype in [KvFormat::F32, KvFormat::F16] {
             let l = layout(dtype);
             let (h, data) = sample(2, 3, &l);
-            let d = decode(&encode(&h, l, Encoding::default(), &data), &l).unwrap();
+            let d = decode(&encode(&h, &l, Encoding::default(), &data), &l).unwrap();
             assert_eq!(d.session, h.session);
             assert_eq!(d.index, 3);
             assert_eq!(d.layers, 2..4);
@@ -364,7 +451,7 @@ mod tests {
     fn refuses_wrong_version_codec_layout_and_size() {
         let l = layout(KvFormat::F32);
         let (h, data) = sample(1, 2, &l);
-        let good = encode(&h, l, Encoding::default(), &data);
+        let good = encode(&h, &l, Encoding::default(), &data);
         let resealed = |f: &dyn Fn(&mut v1::KvChunk)| {
             let mut c = good.clone();
             f(&mut c);
@@ -376,7 +463,20 @@ mod tests {
         assert!(resealed(&|c| c.lossless = 9).contains("lossless"));
         assert!(resealed(&|c| c.block_fill = vec![1]).contains("block fills"));
         assert!(resealed(&|c| c.block_fill = vec![1, 4]).contains("exceeds the block size"));
+        assert!(resealed(&|c| c.block_place = vec![1]).contains("block places"));
+        assert!(resealed(&|c| c.block_place = vec![1, 7]).contains("place is unknown"));
         assert!(resealed(&|c| c.layout.as_mut().unwrap().head_dim = 8).contains("layout"));
+        // A receiver whose model turns keys by another RoPE refuses every codec's chunks, before decoding any.
+        let other = ChunkLayout {
+            keys: Arc::new(KeyRotation::new(&rope(500_000.0), 4, 3)),
+            ..l.clone()
+        };
+        assert!(
+            decode(&good, &other)
+                .unwrap_err()
+                .to_string()
+                .contains("key rotation")
+        );
         assert!(
             resealed(&|c| {
                 c.payload.pop();
@@ -394,10 +494,14 @@ mod tests {
     fn every_codec_with_and_without_lz4_round_trips_partial_blocks() {
         let l = layout(KvFormat::F32);
         let (mut h, data) = sample(2, 3, &l);
-        h.fills = vec![3, 3, 1];
+        h.fills = vec![
+            Fill::of_block(0, 7, 3),
+            Fill::of_block(1, 7, 3),
+            Fill::of_block(2, 7, 3),
+        ];
         for codec in Codec::ALL {
             for lossless in [false, true] {
-                let c = encode(&h, l, Encoding { codec, lossless }, &data);
+                let c = encode(&h, &l, Encoding { codec, lossless }, &data);
                 let d = decode(&c, &l).unwrap();
                 assert_eq!(d.codec, codec);
                 for (got, want) in d.data.iter().zip(&data) {
@@ -417,10 +521,10 @@ mod tests {
             }
         }
         // Zeros past the fill make the lossless stage pay on an uncompressed chunk.
-        let plain = encode(&h, l, Encoding::default(), &data);
+        let plain = encode(&h, &l, Encoding::default(), &data);
         let packed = encode(
             &h,
-            l,
+            &l,
             Encoding {
                 codec: Codec::None,
                 lossless: true,
@@ -440,13 +544,13 @@ mod tests {
         ) {
             let l = layout(KvFormat::F16);
             let (h, data) = sample(2, 2, &l);
-            let mut c = encode(&h, l, Encoding::default(), &data);
+            let mut c = encode(&h, &l, Encoding::default(), &data);
             c.codec = codec;
             c.lossless = lossless;
             c.payload = bytes;
             c.checksum = checksum(&c);
             let _ = decode(&c, &l);
-            let mut t = encode(&h, l, Encoding { codec: Codec::Int4, lossless: true }, &data);
+            let mut t = encode(&h, &l, Encoding { codec: Codec::Int4, lossless: true }, &data);
             t.payload.truncate(cut.min(t.payload.len().saturating_sub(1)));
             t.checksum = checksum(&t);
             prop_assert!(decode(&t, &l).is_err());
@@ -457,7 +561,7 @@ mod tests {
         fn any_flipped_bit_is_caught(pos in 0usize..10_000, bit in 0u8..8, field in 0usize..4) {
             let l = layout(KvFormat::F16);
             let (h, data) = sample(2, 2, &l);
-            let mut c = encode(&h, l, Encoding::default(), &data);
+            let mut c = encode(&h, &l, Encoding::default(), &data);
             match field {
                 0 => { let i = pos % c.payload.len(); c.payload[i] ^= 1 << bit; }
                 1 => c.session_id ^= 1 << (pos % 64),

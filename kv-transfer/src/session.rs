@@ -60,8 +60,8 @@ impl Sessions {
         }
     }
 
-    pub fn layout(&self) -> ChunkLayout {
-        self.layout
+    pub fn layout(&self) -> &ChunkLayout {
+        &self.layout
     }
 
     /// Sessions open now.
@@ -161,11 +161,17 @@ mod tests {
     use tandem_engine::kv::KvFormat;
 
     fn layout() -> ChunkLayout {
+        let rope = tandem_engine::model::RopeConfig {
+            theta: 10_000.0,
+            layout: tandem_engine::model::RopeLayout::Halves,
+            freq_factors: None,
+        };
         ChunkLayout {
             kv_heads: 1,
             head_dim: 2,
             block_size: 2,
             dtype: KvFormat::F32,
+            keys: Arc::new(tandem_engine::kv::codec::KeyRotation::new(&rope, 2, 2)),
         }
     }
 
@@ -175,7 +181,7 @@ mod tests {
             index: 0,
             layers: layer..layer + 1,
             blocks: blocks.iter().copied().map(BlockId).collect(),
-            fills: vec![2; blocks.len()],
+            fills: vec![tandem_engine::kv::codec::Fill::middle(2); blocks.len()],
         };
         let data = vec![
             BlockData {
@@ -184,7 +190,7 @@ mod tests {
             };
             blocks.len()
         ];
-        encode(&h, layout(), Default::default(), &data)
+        encode(&h, &layout(), Default::default(), &data)
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
+use tandem_engine::kv::codec::Fill;
 use tandem_engine::kv::evict::{self, Eviction};
 use tandem_engine::kv::{BlockId, HashSeed};
 use tandem_engine::sampling::{Sampled, Sampler, SamplingParams};
@@ -225,10 +226,13 @@ fn run_job<B: Backend>(
     let seq = engine.add_sequence(&job.prompt)?;
     let result = (|| {
         let layers = engine.kv_layout().layers;
-        let mut ship = Shipper::new(job, ChunkLayout::of(engine.kv_layout()));
+        let mut ship = Shipper::new(
+            job,
+            ChunkLayout::of(engine.kv_layout(), engine.key_rotation()),
+        );
         let cached_tokens = engine.seq_progress(seq)?.0;
         let cached_blocks = cached_tokens / bs;
-        let fill = |i: usize| (prompt_len - i * bs).min(bs);
+        let fill = |i: usize| Fill::of_block(i, prompt_len, bs);
         let dest =
             |r: &std::ops::Range<usize>| &job.dest_blocks[r.start - on_decode..r.end - on_decode];
         // Blocks this worker had cached that the decode worker lacks: all layers at once.
@@ -351,10 +355,13 @@ fn run_evicting_job<B: Backend>(
         let l = *engine.kv_layout();
         let scores = engine.attention_scores(seq)?;
         let plan = evict::plan(eviction, prompt_len, bs, l.layers, l.kv_heads, scores)?;
-        let mut ship = Shipper::new(job, ChunkLayout::of(&l));
+        let mut ship = Shipper::new(job, ChunkLayout::of(&l, engine.key_rotation()));
         for layer in 0..l.layers {
             let blocks = engine.compact_layer(seq, &plan, layer)?;
-            let fills = blocks.iter().map(|b| b.fill).collect();
+            let kept: usize = blocks.iter().map(|b| b.fill).sum();
+            let fills = (0..blocks.len())
+                .map(|i| Fill::of_block(i, kept, bs))
+                .collect();
             let data = blocks
                 .into_iter()
                 .map(|b| BlockData { k: b.k, v: b.v })
@@ -406,7 +413,7 @@ impl<'a> Shipper<'a> {
     }
 
     /// One layer's blocks into destination `dest`, holding `fills` tokens each.
-    fn send(&mut self, layer: usize, dest: &[BlockId], fills: Vec<usize>, data: Vec<BlockData>) {
+    fn send(&mut self, layer: usize, dest: &[BlockId], fills: Vec<Fill>, data: Vec<BlockData>) {
         let header = ChunkHeader {
             session: self.job.session,
             index: self.index,
@@ -416,7 +423,7 @@ impl<'a> Shipper<'a> {
         };
         self.job.pusher.push(chunk::encode(
             &header,
-            self.layout,
+            &self.layout,
             self.job.encoding,
             &data,
         ));

@@ -15,7 +15,7 @@ use crate::workers::{Lease, Workers};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_engine::generate::StopConditions;
-use tandem_engine::kv::codec::{BlockShape, Codec, encoded_len};
+use tandem_engine::kv::codec::{BlockShape, Codec, Fill, encoded_len};
 use tandem_engine::kv::evict::Eviction;
 use tandem_engine::kv::{KvFormat, block_hashes};
 use tandem_engine::sampling::SamplingParams;
@@ -61,7 +61,9 @@ impl ModelInfo {
             head_dim: d.head_dim,
         };
         let codec = kv.codec.unwrap_or(Codec::None);
-        let per_block = encoded_len(codec, KvFormat::F32, shape, block_size) as f64;
+        // A full block in the middle of the prompt (kivi2 sends two blocks per prompt in f16: a long prompt's
+        // average is close to this).
+        let per_block = encoded_len(codec, KvFormat::F32, shape, Fill::middle(block_size)) as f64;
         let kept = kv.eviction.map_or(1.0, |e| {
             e.kept_tokens(prompt_len, block_size) as f64 / prompt_len.max(1) as f64
         });

@@ -8,7 +8,8 @@
 use serde_json::{Value, json};
 use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
-use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::KvFormat;
+use tandem_engine::kv::codec::{BlockShape, Codec, Fill, encoded_len};
 use tandem_proto::v1;
 use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, always_disaggregate, used_blocks};
 use tandem_tests::{http, serial};
@@ -157,6 +158,30 @@ fn fp8_and_int8_keep_greedy_output_and_int4_moves_a_quarter_of_the_bytes() {
         ratio >= 3.5,
         "int4 moved {packed} bytes, none {plain}: {ratio:.2}x"
     );
+    // kivi2 sends each prompt's first and newest full block (and a partial last one) in f16 and the rest in 2 bits,
+    // keys turned into their block's frame: exactly the bytes its rule gives for the prompt, and the decode worker
+    // reads them back (the requests complete).
+    let kivi2 = run(Codec::Kivi2, &prompts, 2);
+    let shape = BlockShape {
+        kv_heads: 3,
+        block_size: 16,
+        head_dim: 64,
+    };
+    for (p, (ids, bytes)) in prompts.iter().zip(&kivi2) {
+        assert_eq!(ids.len(), 2);
+        let want: usize = (0..p.len().div_ceil(16))
+            .map(|i| {
+                encoded_len(
+                    Codec::Kivi2,
+                    KvFormat::F32,
+                    shape,
+                    Fill::of_block(i, p.len(), 16),
+                )
+            })
+            .sum::<usize>()
+            * 30;
+        assert_eq!(*bytes, want as u64, "kivi2, a prompt of {} tokens", p.len());
+    }
 }
 
 #[test]

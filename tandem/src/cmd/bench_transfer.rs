@@ -9,8 +9,9 @@ use anyhow::Result;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tandem_engine::kv::codec::Codec;
+use tandem_engine::kv::codec::{Codec, Fill, KeyRotation};
 use tandem_engine::kv::{BlockId, KvFormat};
+use tandem_engine::model::dummy::NamedShape;
 use tandem_kv_transfer::chunk::{self, BlockData, ChunkHeader, ChunkLayout, Encoding};
 use tandem_kv_transfer::{KvTransferService, Sender, SessionId, Sessions};
 use tandem_prefill_node::runtime::serve_grpc;
@@ -35,13 +36,17 @@ pub struct TransferBenchArgs {
     pub json: bool,
 }
 
-/// The default model's block shape: 3 KV heads of 64 dims, 16-token blocks, 30 layers.
-const LAYOUT: ChunkLayout = ChunkLayout {
-    kv_heads: 3,
-    head_dim: 64,
-    block_size: 16,
-    dtype: KvFormat::F32,
-};
+/// The default model's block shape (3 KV heads of 64 dims, 16-token blocks, 30 layers) and RoPE.
+fn default_layout() -> ChunkLayout {
+    let rope = NamedShape::SmolLM2_135M.config().rope;
+    ChunkLayout {
+        kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+        dtype: KvFormat::F32,
+        keys: std::sync::Arc::new(KeyRotation::new(&rope, 64, 16)),
+    }
+}
 const LAYERS: usize = 30;
 
 #[derive(Debug, serde::Serialize)]
@@ -76,7 +81,8 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
             chunk::MAX_BLOCKS_PER_CHUNK
         );
     }
-    let n = LAYOUT.block_elems();
+    let layout = default_layout();
+    let n = layout.block_elems();
     let raw_per_chunk = a.blocks_per_chunk * 2 * n * 4;
     let chunks = (a.mib << 20).div_ceil(raw_per_chunk);
     let blocks: Vec<BlockId> = (0..a.blocks_per_chunk as u32).map(BlockId).collect();
@@ -89,7 +95,7 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
         })
         .collect();
     let rows = runtime()?.block_on(async {
-        let sessions = Sessions::new(LAYOUT, LAYERS);
+        let sessions = Sessions::new(layout.clone(), LAYERS);
         let listener = bind("127.0.0.1:0".parse()?, "the transfer receiver").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -128,9 +134,9 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
                         index: i as u32,
                         layers: i % LAYERS..i % LAYERS + 1,
                         blocks: blocks.clone(),
-                        fills: vec![LAYOUT.block_size as usize; blocks.len()],
+                        fills: vec![Fill::middle(layout.block_size as usize); blocks.len()],
                     };
-                    chunk::encode(&header, LAYOUT, enc, &samples[i % samples.len()])
+                    chunk::encode(&header, &layout, enc, &samples[i % samples.len()])
                 })
                 .collect();
             let encode_s = encode_started.elapsed().as_secs_f64();

@@ -11,13 +11,21 @@
 //! | `kivi2` | 2-bit, f16 min and scale per channel over the block's tokens | 2-bit, per 32 elements along head_dim | 3.5 |
 //!
 //! `kivi2` follows KIVI (Liu et al., 2024: keys per channel, values per token): a block that is not full yet holds
-//! a sequence's most recent tokens, whose key group has not filled, so it travels in f16 (KIVI's full-precision
-//! residual). Every codec zeroes the tokens of a block past its `fill` and encodes fixed-size output for a given
-//! shape, so a decoder checks one length before reading anything. Decoding never panics: a wrong length or a
-//! non-finite scale is a [`CodecError`].
+//! a sequence's most recent tokens, whose key group has not filled, so it travels in f16, and so does the newest
+//! full block before it (together KIVI's full-precision residual of recent tokens) and the sequence's first block,
+//! which holds the attention sink ([`Place`]). Its keys are quantized in the frame of the block's first token
+//! ([`KeyRotation`]: each key turned back by RoPE for its offset within the block), where a channel varies far less
+//! across the block's tokens than in the cache's frame; the decoder turns them forward again.
+//!
+//! Every codec zeroes the tokens of a block past its fill and encodes fixed-size output for a given shape and fill,
+//! so a decoder checks one length before reading anything. Decoding never panics: a wrong length or a non-finite
+//! scale is a [`CodecError`].
 
 pub mod fp8;
 mod packed;
+pub mod rotation;
+
+pub use rotation::KeyRotation;
 
 use super::KvFormat;
 
@@ -96,16 +104,79 @@ pub enum CodecError {
     NonFinite { codec: Codec, what: &'static str },
 }
 
-/// One block's K and V in the cache's layout, and how many of its tokens hold data.
+/// Where a block sits in its sequence. kivi2 sends the first and the newest full block in f16; other codecs treat
+/// every place alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Place {
+    #[default]
+    Middle,
+    /// The sequence's first block. Its first tokens are the attention sink: every later query puts much of its
+    /// attention there (Xiao et al. 2023, StreamingLLM), so an error in them reaches every token (IntactKV, Liu et
+    /// al. 2024, keeps such tokens exact for the same reason).
+    First,
+    /// The sequence's newest full block: with the partial block after it, kivi2's full-precision residual of
+    /// recent tokens (KIVI keeps 32 to 128).
+    Newest,
+}
+
+/// How many of a block's tokens hold data, and where the block sits in its sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    pub tokens: usize,
+    pub place: Place,
+}
+
+impl Fill {
+    /// A block in the middle of its sequence holding `tokens` tokens.
+    pub fn middle(tokens: usize) -> Self {
+        Self {
+            tokens,
+            place: Place::Middle,
+        }
+    }
+
+    /// Block `i` of a sequence of `tokens` tokens in blocks of `block_size`.
+    pub fn of_block(i: usize, tokens: usize, block_size: usize) -> Self {
+        let place = if i == 0 {
+            Place::First
+        } else if i + 1 == tokens / block_size {
+            Place::Newest
+        } else {
+            Place::Middle
+        };
+        Self {
+            tokens: tokens.saturating_sub(i * block_size).min(block_size),
+            place,
+        }
+    }
+}
+
+/// What every block of one stream shares: the codec, the element type `none` sends, the shape, and the model's key
+/// rotation (which kivi2 undoes within a block).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCoding<'a> {
+    pub codec: Codec,
+    pub raw: KvFormat,
+    pub shape: BlockShape,
+    pub keys: &'a KeyRotation,
+}
+
+/// One block's K and V in the cache's layout, and which of its tokens hold data.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockRef<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
-    pub fill: usize,
+    pub fill: Fill,
 }
 
-/// Bytes of one encoded block (K and V) of `shape` with `fill` tokens.
-pub fn encoded_len(codec: Codec, raw: KvFormat, shape: BlockShape, fill: usize) -> usize {
+/// Whether kivi2 sends a block in f16: one still filling (its key group is not complete), or the first or the
+/// newest full one of its sequence.
+fn kivi2_in_f16(shape: BlockShape, fill: Fill) -> bool {
+    fill.tokens < shape.block_size || fill.place != Place::Middle
+}
+
+/// Bytes of one encoded block (K and V) of `shape` with `fill`.
+pub fn encoded_len(codec: Codec, raw: KvFormat, shape: BlockShape, fill: Fill) -> usize {
     let (h, t, d) = (shape.kv_heads, shape.block_size, shape.head_dim);
     let groups32 = |per: fn(usize) -> usize| -> usize {
         (0..d.div_ceil(32))
@@ -117,69 +188,71 @@ pub fn encoded_len(codec: Codec, raw: KvFormat, shape: BlockShape, fill: usize) 
         Codec::Fp8 => 2 * h * (4 + t * d),
         Codec::Int8 => 2 * h * t * (2 + d),
         Codec::Int4 => 2 * h * t * groups32(|n| n.div_ceil(2)),
-        Codec::Kivi2 if fill < t => 2 * shape.elems() * 2,
+        Codec::Kivi2 if kivi2_in_f16(shape, fill) => 2 * shape.elems() * 2,
         Codec::Kivi2 => h * d * (4 + t.div_ceil(4)) + h * t * groups32(|n| n.div_ceil(4)),
     }
 }
 
-/// Appends the encoding of `block` to `out`. `block.k`/`block.v` have `shape.elems()` values; `fill <= block_size`.
-pub fn encode_block(
-    codec: Codec,
-    raw: KvFormat,
-    shape: BlockShape,
-    block: BlockRef<'_>,
-    out: &mut Vec<u8>,
-) {
+/// Appends the encoding of `block` to `out`. `block.k`/`block.v` have `shape.elems()` values.
+pub fn encode_block(c: &BlockCoding<'_>, block: BlockRef<'_>, out: &mut Vec<u8>) {
+    let (shape, raw) = (c.shape, c.raw);
     debug_assert!(block.k.len() == shape.elems() && block.v.len() == shape.elems());
-    let fill = block.fill.min(shape.block_size);
+    let fill = Fill {
+        tokens: block.fill.tokens.min(shape.block_size),
+        place: block.fill.place,
+    };
+    let tokens = fill.tokens;
     let start = out.len();
-    match codec {
+    match c.codec {
         Codec::None => {
             for half in [block.k, block.v] {
-                packed::put_raw(raw, shape, fill, half, out);
+                packed::put_raw(raw, shape, tokens, half, out);
             }
         }
-        Codec::Kivi2 if fill < shape.block_size => {
+        Codec::Kivi2 if kivi2_in_f16(shape, fill) => {
             for half in [block.k, block.v] {
-                packed::put_raw(KvFormat::F16, shape, fill, half, out);
+                packed::put_raw(KvFormat::F16, shape, tokens, half, out);
             }
         }
         Codec::Kivi2 => {
-            packed::put_per_channel_2bit(shape, block.k, out);
-            packed::put_groups(shape, fill, block.v, 2, out);
+            let mut framed = block.k.to_vec();
+            c.keys
+                .to_block_frame(&mut framed, shape.head_dim, shape.block_size);
+            packed::put_per_channel_2bit(shape, &framed, out);
+            packed::put_groups(shape, tokens, block.v, 2, out);
         }
         Codec::Fp8 => {
             for half in [block.k, block.v] {
-                packed::put_fp8(shape, fill, half, out);
+                packed::put_fp8(shape, tokens, half, out);
             }
         }
         Codec::Int8 => {
             for half in [block.k, block.v] {
-                packed::put_int8(shape, fill, half, out);
+                packed::put_int8(shape, tokens, half, out);
             }
         }
         Codec::Int4 => {
             for half in [block.k, block.v] {
-                packed::put_groups(shape, fill, half, 4, out);
+                packed::put_groups(shape, tokens, half, 4, out);
             }
         }
     }
-    debug_assert_eq!(out.len() - start, encoded_len(codec, raw, shape, fill));
+    debug_assert_eq!(out.len() - start, encoded_len(c.codec, raw, shape, fill));
 }
 
-/// Decodes one block into `k` and `v` (`shape.elems()` each); tokens past `fill` come out as zeros.
+/// Decodes one block into `k` and `v` (`shape.elems()` each); tokens past the fill come out as zeros. `fill` must
+/// be what the encoder was given (the transfer header carries it).
 pub fn decode_block(
-    codec: Codec,
-    raw: KvFormat,
-    shape: BlockShape,
-    fill: usize,
+    c: &BlockCoding<'_>,
+    fill: Fill,
     bytes: &[u8],
     k: &mut [f32],
     v: &mut [f32],
 ) -> Result<(), CodecError> {
-    if fill > shape.block_size {
+    let (codec, raw, shape) = (c.codec, c.raw, c.shape);
+    if fill.tokens > shape.block_size {
         return Err(CodecError::Fill {
-            fill,
+            fill: fill.tokens,
             block_size: shape.block_size,
         });
     }
@@ -197,12 +270,13 @@ pub fn decode_block(
             r.raw(raw, k)?;
             r.raw(raw, v)?;
         }
-        Codec::Kivi2 if fill < shape.block_size => {
+        Codec::Kivi2 if kivi2_in_f16(shape, fill) => {
             r.raw(KvFormat::F16, k)?;
             r.raw(KvFormat::F16, v)?;
         }
         Codec::Kivi2 => {
             r.per_channel_2bit(shape, k)?;
+            c.keys.from_block_frame(k, shape.head_dim, shape.block_size);
             r.groups(shape, 2, v)?;
         }
         Codec::Fp8 => {
@@ -220,7 +294,7 @@ pub fn decode_block(
     }
     // Scales, minimums and raw elements were read from the wire: nothing non-finite reaches a cache.
     for half in [k, v] {
-        packed::zero_past_fill(shape, fill, half);
+        packed::zero_past_fill(shape, fill.tokens, half);
         if half.iter().any(|x| !x.is_finite()) {
             return Err(CodecError::NonFinite {
                 codec,

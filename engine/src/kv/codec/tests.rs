@@ -5,7 +5,17 @@ use proptest::prelude::*;
 
 const RAWS: [KvFormat; 5] = KvFormat::ALL;
 
-fn shape_and_block() -> impl Strategy<Value = (BlockShape, usize, Vec<f32>, Vec<f32>)> {
+/// A RoPE at the shape's head_dim (odd head dims have none: the rotation leaves them as they are).
+fn rotation(s: BlockShape) -> KeyRotation {
+    let rope = crate::model::RopeConfig {
+        theta: 10_000.0,
+        layout: crate::model::RopeLayout::Halves,
+        freq_factors: None,
+    };
+    KeyRotation::new(&rope, s.head_dim, s.block_size)
+}
+
+fn shape_and_block() -> impl Strategy<Value = (BlockShape, Fill, Vec<f32>, Vec<f32>)> {
     (1usize..4, 1usize..20, 1usize..100).prop_flat_map(|(kv_heads, block_size, head_dim)| {
         let s = BlockShape {
             kv_heads,
@@ -19,9 +29,10 @@ fn shape_and_block() -> impl Strategy<Value = (BlockShape, usize, Vec<f32>, Vec<
             1 => -300.0f32..300.0,
             1 => Just(0.0f32),
         ];
+        let place = prop_oneof![Just(Place::Middle), Just(Place::First), Just(Place::Newest)];
         (
             Just(s),
-            0..=block_size,
+            (0..=block_size, place).prop_map(|(tokens, place)| Fill { tokens, place }),
             proptest::collection::vec(val.clone(), n),
             proptest::collection::vec(val, n),
         )
@@ -33,11 +44,12 @@ fn bound(
     codec: Codec,
     raw: KvFormat,
     s: BlockShape,
-    fill: usize,
+    fill: Fill,
     x: &[f32],
     i: usize,
     key: bool,
 ) -> f32 {
+    let tokens = fill.tokens;
     let (h, t, d) = (
         i / (s.block_size * s.head_dim),
         i / s.head_dim % s.block_size,
@@ -61,9 +73,9 @@ fn bound(
             KvFormat::F32 => 0.0,
             _ => f16_err(x[i]),
         },
-        Codec::Kivi2 if fill < s.block_size => f16_err(x[i]),
+        Codec::Kivi2 if kivi2_in_f16(s, fill) => f16_err(x[i]),
         Codec::Fp8 => {
-            let m = absmax(&mut (0..fill).flat_map(|t| row(h, t).iter().copied()));
+            let m = absmax(&mut (0..tokens).flat_map(|t| row(h, t).iter().copied()));
             x[i].abs() / 16.0 + m / 448.0 / 1024.0 + 1e-6
         }
         Codec::Int8 => {
@@ -89,27 +101,39 @@ fn bound(
 proptest! {
     #[test]
     fn round_trip_within_bounds((s, fill, k, v) in shape_and_block()) {
+        let rot = rotation(s);
         for codec in Codec::ALL {
             for raw in RAWS {
+                let c = BlockCoding { codec, raw, shape: s, keys: &rot };
                 let mut bytes = Vec::new();
-                encode_block(codec, raw, s, BlockRef { k: &k, v: &v, fill }, &mut bytes);
+                encode_block(&c, BlockRef { k: &k, v: &v, fill }, &mut bytes);
                 prop_assert_eq!(bytes.len(), encoded_len(codec, raw, s, fill));
                 let (mut k2, mut v2) = (vec![f32::NAN; s.elems()], vec![f32::NAN; s.elems()]);
-                decode_block(codec, raw, s, fill, &bytes, &mut k2, &mut v2).unwrap();
+                decode_block(&c, fill, &bytes, &mut k2, &mut v2).unwrap();
+                // kivi2 quantizes full blocks' keys in the block's frame: compare them there.
+                let framed = codec == Codec::Kivi2 && !kivi2_in_f16(s, fill);
+                let frame = |x: &[f32]| {
+                    let mut x = x.to_vec();
+                    if framed {
+                        rot.to_block_frame(&mut x, s.head_dim, s.block_size);
+                    }
+                    x
+                };
+                let (k, k2) = (frame(&k), frame(&k2));
                 for (orig, back, key) in [(&k, &k2, true), (&v, &v2, false)] {
                     for i in 0..s.elems() {
                         let t = i / s.head_dim % s.block_size;
-                        if t >= fill {
+                        if t >= fill.tokens {
                             prop_assert_eq!(back[i], 0.0);
                             continue;
                         }
                         // Bounds are computed over the block as the encoder saw it (tokens past fill zeroed).
                         let mut seen = orig.clone();
-                        packed::zero_past_fill(s, fill, &mut seen);
+                        packed::zero_past_fill(s, fill.tokens, &mut seen);
                         let b = bound(codec, raw, s, fill, &seen, i, key);
                         prop_assert!(
                             (back[i] - orig[i]).abs() <= b,
-                            "{codec} {raw:?} {s:?} fill {fill}: element {i}: {} -> {} (bound {b})",
+                            "{codec} {raw:?} {s:?} {fill:?}: element {i}: {} -> {} (bound {b})",
                             orig[i], back[i]
                         );
                     }
@@ -121,19 +145,25 @@ proptest! {
     #[test]
     fn decoder_survives_any_bytes(
         bytes in proptest::collection::vec(any::<u8>(), 0..4000),
-        heads in 1usize..3, block_size in 1usize..17, head_dim in 1usize..70, fill in 0usize..20,
+        heads in 1usize..3, block_size in 1usize..17, head_dim in 1usize..70, tokens in 0usize..20,
+        first in any::<bool>(),
     ) {
         let s = BlockShape { kv_heads: heads, block_size, head_dim };
+        let place = if first { Place::First } else { Place::Middle };
+        let fill = Fill { tokens, place };
+        let fits = Fill { tokens: tokens.min(block_size), place };
+        let rot = rotation(s);
         for codec in Codec::ALL {
+            let c = BlockCoding { codec, raw: KvFormat::F16, shape: s, keys: &rot };
             let (mut k, mut v) = (vec![0.0; s.elems()], vec![0.0; s.elems()]);
-            let n = encoded_len(codec, KvFormat::F16, s, fill.min(block_size)).min(bytes.len());
+            let n = encoded_len(codec, KvFormat::F16, s, fits).min(bytes.len());
             // Random bytes of the right length decode or are refused; any other length is refused.
-            let right = decode_block(codec, KvFormat::F16, s, fill, &bytes[..n], &mut k, &mut v);
+            let right = decode_block(&c, fill, &bytes[..n], &mut k, &mut v);
             if let Ok(()) = right {
                 prop_assert!(k.iter().chain(&v).all(|x| x.is_finite()));
             }
-            let wrong = decode_block(codec, KvFormat::F16, s, fill, &bytes, &mut k, &mut v);
-            if bytes.len() != encoded_len(codec, KvFormat::F16, s, fill.min(block_size)) || fill > block_size {
+            let wrong = decode_block(&c, fill, &bytes, &mut k, &mut v);
+            if bytes.len() != encoded_len(codec, KvFormat::F16, s, fits) || tokens > block_size {
                 prop_assert!(wrong.is_err());
             }
         }
@@ -148,31 +178,114 @@ fn sizes_for_the_default_model_shape() {
         block_size: 16,
         head_dim: 64,
     };
-    let f16_bytes = encoded_len(Codec::None, KvFormat::F16, s, 16);
+    let full = Fill::middle(16);
+    let f16_bytes = encoded_len(Codec::None, KvFormat::F16, s, full);
     assert_eq!(
-        encoded_len(Codec::None, KvFormat::F32, s, 16),
+        encoded_len(Codec::None, KvFormat::F32, s, full),
         2 * f16_bytes
     );
     assert_eq!(f16_bytes, 2 * 3 * 16 * 64 * 2);
     assert_eq!(
-        encoded_len(Codec::Fp8, KvFormat::F16, s, 16),
+        encoded_len(Codec::Fp8, KvFormat::F16, s, full),
         2 * 3 * (4 + 16 * 64)
     );
     assert_eq!(
-        encoded_len(Codec::Int8, KvFormat::F16, s, 16),
+        encoded_len(Codec::Int8, KvFormat::F16, s, full),
         2 * 3 * 16 * 66
     );
     // int4: 5 bits per element; kivi2: 3.5 bits per element (4 for keys, 3 for values).
     assert_eq!(
-        encoded_len(Codec::Int4, KvFormat::F16, s, 16) * 8,
+        encoded_len(Codec::Int4, KvFormat::F16, s, full) * 8,
         2 * s.elems() * 5
     );
     assert_eq!(
-        encoded_len(Codec::Kivi2, KvFormat::F16, s, 16) * 8,
+        encoded_len(Codec::Kivi2, KvFormat::F16, s, full) * 8,
         2 * s.elems() * 7 / 2
     );
-    // A block still filling travels in f16 under kivi2.
-    assert_eq!(encoded_len(Codec::Kivi2, KvFormat::F16, s, 5), f16_bytes);
+    // A block still filling travels in f16 under kivi2, as do a sequence's first and newest full blocks.
+    assert_eq!(
+        encoded_len(Codec::Kivi2, KvFormat::F16, s, Fill::middle(5)),
+        f16_bytes
+    );
+    for place in [Place::First, Place::Newest] {
+        let fill = Fill { tokens: 16, place };
+        assert_eq!(encoded_len(Codec::Kivi2, KvFormat::F16, s, fill), f16_bytes);
+        assert_eq!(
+            encoded_len(Codec::Int4, KvFormat::F16, s, fill),
+            encoded_len(Codec::Int4, KvFormat::F16, s, full)
+        );
+    }
+}
+
+#[test]
+fn places_of_a_sequence_blocks() {
+    let places = |tokens: usize| -> Vec<(usize, Place)> {
+        (0..tokens.div_ceil(4))
+            .map(|i| Fill::of_block(i, tokens, 4))
+            .map(|f| (f.tokens, f.place))
+            .collect()
+    };
+    use Place::*;
+    // 14 tokens: three full blocks (the third the newest) and a partial one.
+    assert_eq!(
+        places(14),
+        [(4, First), (4, Middle), (4, Newest), (2, Middle)]
+    );
+    // 12 tokens: the last block is full, so it is the newest.
+    assert_eq!(places(12), [(4, First), (4, Middle), (4, Newest)]);
+    // One block: first wins.
+    assert_eq!(places(4), [(4, First)]);
+    assert_eq!(places(3), [(3, First)]);
+}
+
+#[test]
+fn kivi2_keys_are_quantized_in_the_block_frame() {
+    // The same raw key at every token of a block: RoPE makes each channel a sinusoid across the block, but in the
+    // block's frame every token holds the same key, so 2-bit codes per channel reproduce it almost exactly.
+    let s = BlockShape {
+        kv_heads: 1,
+        block_size: 16,
+        head_dim: 64,
+    };
+    let rope = crate::model::RopeConfig {
+        theta: 10_000.0,
+        layout: crate::model::RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let rot = KeyRotation::new(&rope, 64, 16);
+    let raw: Vec<f32> = (0..64).map(|d| ((d * 7 % 11) as f32 - 5.0) * 0.4).collect();
+    let inv = rope.inv_freq(64);
+    let mut k = Vec::new();
+    for t in 0..16 {
+        let mut key = raw.clone();
+        for (p, f) in inv.iter().enumerate() {
+            let (sn, cs) = (((100 + t) as f64) * (*f as f64)).sin_cos();
+            let (a, b) = (key[p] as f64, key[p + 32] as f64);
+            key[p] = (a * cs - b * sn) as f32;
+            key[p + 32] = (a * sn + b * cs) as f32;
+        }
+        k.extend(key);
+    }
+    let v = vec![0.5f32; 16 * 64];
+    let c = BlockCoding {
+        codec: Codec::Kivi2,
+        raw: KvFormat::F32,
+        shape: s,
+        keys: &rot,
+    };
+    let mut bytes = Vec::new();
+    let fill = Fill::middle(16);
+    encode_block(&c, BlockRef { k: &k, v: &v, fill }, &mut bytes);
+    let (mut k2, mut v2) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+    decode_block(&c, fill, &bytes, &mut k2, &mut v2).unwrap();
+    let worst = k
+        .iter()
+        .zip(&k2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // In the cache's frame the fast channels swing over about +-2 across the block (a 2-bit step near 1.3); in the
+    // block's frame each channel is one value, which the min alone holds (to f16 rounding).
+    assert!(worst < 0.01, "worst key error {worst}");
 }
 
 #[test]

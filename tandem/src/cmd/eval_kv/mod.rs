@@ -248,27 +248,34 @@ pub(super) fn transfer<B: Backend>(
         None => engine.add_sequence_for_transfer(prompt)?,
     };
     anyhow::ensure!(target.cached_blocks == 0, "the prefix cache was not reset");
+    let keys = engine.key_rotation();
+    let coding = codec::BlockCoding {
+        codec,
+        raw: layout.format,
+        shape,
+        keys: &keys,
+    };
+    // Tokens moved: the kept ones under eviction (compacted into the first blocks), else the whole context.
+    let moved = plan.as_ref().map_or(snap.tokens, |p| p.kept);
     let mut buf = Vec::new();
     let (mut k, mut v) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
     let (mut ck, mut cv) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
     for (layer, blocks) in snap.blocks.iter().enumerate() {
         for (i, &dest) in target.blocks.iter().enumerate() {
-            let (bk, bv, fill) = match &plan {
+            let (bk, bv) = match &plan {
                 Some(p) => {
-                    let fill = p.compact_block(layer, i, shape, |b| &blocks[b], &mut ck, &mut cv);
-                    (ck.as_slice(), cv.as_slice(), fill)
+                    p.compact_block(layer, i, shape, |b| &blocks[b], &mut ck, &mut cv);
+                    (ck.as_slice(), cv.as_slice())
                 }
-                None => {
-                    let fill = (snap.tokens - i * shape.block_size).min(shape.block_size);
-                    (blocks[i].0.as_slice(), blocks[i].1.as_slice(), fill)
-                }
+                None => (blocks[i].0.as_slice(), blocks[i].1.as_slice()),
             };
+            let fill = codec::Fill::of_block(i, moved, shape.block_size);
             buf.clear();
             let t0 = Instant::now();
             let block = BlockRef { k: bk, v: bv, fill };
-            codec::encode_block(codec, layout.format, shape, block, &mut buf);
+            codec::encode_block(&coding, block, &mut buf);
             let t1 = Instant::now();
-            codec::decode_block(codec, layout.format, shape, fill, &buf, &mut k, &mut v)?;
+            codec::decode_block(&coding, fill, &buf, &mut k, &mut v)?;
             r.decode += t1.elapsed();
             r.encode += t1 - t0;
             r.bytes += buf.len();
