@@ -103,28 +103,78 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
-/// Per-sequence sampling state: the RNG and the token counts penalties need.
+/// Per-sequence sampling state: the RNG and the penalties of the tokens seen so far.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    prompt_tokens: std::collections::HashSet<u32>,
-    output_counts: HashMap<u32, u32>,
+    seen: Seen,
+}
+
+/// One [`Penalty`] per distinct token seen (prompt tokens under a repetition penalty, output tokens under any
+/// penalty), kept up to date as tokens come out: building them from the whole prompt at every step cost a hash
+/// insert per prompt token per step (about 8k per sequence per step at 8k-token prompts).
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    entries: Vec<Penalty>,
+    /// Index into `entries`, and how often the token came out.
+    at: HashMap<u32, (usize, u32)>,
+}
+
+impl Seen {
+    /// The entry of `token`, added with no effect if it is new.
+    fn entry(&mut self, token: u32) -> (&mut Penalty, &mut u32) {
+        let n = self.entries.len();
+        let (i, count) = self.at.entry(token).or_insert((n, 0));
+        if *i == n {
+            self.entries.push(Penalty {
+                token,
+                repetition: 1.0,
+                subtract: 0.0,
+            });
+        }
+        (&mut self.entries[*i], count)
+    }
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
         let seed = params.seed.unwrap_or_else(fresh_seed);
-        let prompt_tokens = if params.repetition_penalty != 1.0 {
-            prompt.iter().copied().collect()
-        } else {
-            Default::default()
-        };
+        let mut seen = Seen::default();
+        if params.repetition_penalty != 1.0 {
+            for &t in prompt {
+                seen.entry(t).0.repetition = params.repetition_penalty;
+            }
+        }
         Self {
             params,
             rng: Rng::new(seed),
-            prompt_tokens,
-            output_counts: HashMap::new(),
+            seen,
+        }
+    }
+
+    /// Whether any penalty is set.
+    fn penalized(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    /// Records an output token for later penalties.
+    fn record(&mut self, token: u32) {
+        if !self.penalized() {
+            return;
+        }
+        let p = &self.params;
+        let (rep, presence, frequency) = (
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+        );
+        let (e, count) = self.seen.entry(token);
+        *count += 1;
+        e.repetition = rep;
+        if presence != 0.0 || frequency != 0.0 {
+            e.subtract = presence + frequency * *count as f32;
         }
     }
 
@@ -146,7 +196,7 @@ impl Sampler {
         if self.params.temperature != 0.0 {
             self.rng.next_u64();
         }
-        *self.output_counts.entry(token).or_insert(0) += 1;
+        self.record(token);
     }
 
     /// Picks the next token from `logits` (by [`draw`], with this sequence's penalties) and records it for later
@@ -164,7 +214,7 @@ impl Sampler {
             None => (None, Vec::new()),
         };
         let token = draw(logits, &self.next_draw());
-        *self.output_counts.entry(token).or_insert(0) += 1;
+        self.record(token);
         Sampled {
             token,
             // Of the raw logits: `draw` penalizes a copy.
@@ -174,35 +224,10 @@ impl Sampler {
     }
 
     /// What the penalties do to each token they touch: the repetition penalty to every prompt and output token,
-    /// presence and frequency to output tokens by their counts. Empty without penalties.
+    /// presence and frequency to output tokens by their counts; one entry per token, in the order first seen.
+    /// Empty without penalties.
     fn penalties(&self) -> Vec<Penalty> {
-        let p = &self.params;
-        let rep = p.repetition_penalty;
-        let subtracts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        let mut out: HashMap<u32, Penalty> = HashMap::new();
-        if rep != 1.0 {
-            for &t in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
-                out.insert(
-                    t,
-                    Penalty {
-                        token: t,
-                        repetition: rep,
-                        subtract: 0.0,
-                    },
-                );
-            }
-        }
-        if subtracts {
-            for (&t, &c) in &self.output_counts {
-                let e = out.entry(t).or_insert(Penalty {
-                    token: t,
-                    repetition: 1.0,
-                    subtract: 0.0,
-                });
-                e.subtract = p.presence_penalty + p.frequency_penalty * c as f32;
-            }
-        }
-        out.into_values().collect()
+        self.seen.entries.clone()
     }
 
     /// This token's [`Draw`]: the parameters, the penalties of the tokens seen so far and, unless greedy, the next
@@ -227,7 +252,7 @@ impl Sampler {
     /// Records a token drawn elsewhere with the [`Draw`] this sampler gave out ([`Sampler::next_draw`]), for later
     /// penalties.
     pub fn record_drawn(&mut self, token: u32) {
-        *self.output_counts.entry(token).or_insert(0) += 1;
+        self.record(token);
     }
 }
 
@@ -387,6 +412,44 @@ mod tests {
         let mut s = Sampler::new(p, &[1]);
         // 3.0 / 2 = 1.5 < 2.9: the prompt token is penalized too.
         assert_eq!(s.sample(&logits()).token, 4);
+    }
+
+    #[test]
+    fn penalty_entries_follow_the_tokens_as_they_come_out() {
+        let p = SamplingParams {
+            repetition_penalty: 1.3,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p, &[1, 1, 5]);
+        for t in [5, 7, 7] {
+            s.record_drawn(t);
+        }
+        let got: Vec<(u32, f32, f32)> = s
+            .penalties()
+            .iter()
+            .map(|e| (e.token, e.repetition, e.subtract))
+            .collect();
+        // One entry per distinct token, in the order first seen; prompt-only tokens subtract nothing.
+        assert_eq!(got, [(1, 1.3, 0.0), (5, 1.3, 0.75), (7, 1.3, 1.0)]);
+        // Presence and frequency only: the prompt adds no entries.
+        let p = SamplingParams {
+            frequency_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p, &[1, 2, 3]);
+        assert!(s.penalties().is_empty());
+        s.record_drawn(9);
+        let e = s.penalties();
+        assert_eq!(
+            (e.len(), e[0].token, e[0].repetition, e[0].subtract),
+            (1, 9, 1.0, 1.0)
+        );
+        // No penalty at all: nothing is kept.
+        let mut s = Sampler::new(SamplingParams::default(), &[1, 2, 3]);
+        s.record_drawn(4);
+        assert!(s.penalties().is_empty());
     }
 
     #[test]
