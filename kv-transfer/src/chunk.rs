@@ -3,11 +3,12 @@
 //! Payload (format version 3, documented in docs/kv-wire-format.md): for each layer of the range, for each
 //! destination block in order, the codec's encoding of that block's K and V ([`tandem_engine::kv::codec`]); then,
 //! if the sender chose the lossless stage, all of that compressed as one LZ4 block. Each block's fill (tokens
-//! holding data) travels in the header, so every size is known before a byte is read. The checksum is CRC32C
-//! (hardware-accelerated where the CPU has it) over every header field, little-endian, then the payload, so a
-//! flipped bit anywhere is caught, not only in the data. The layout names the key rotation kivi2 undoes (a CRC32C
-//! of the model's RoPE pairing and frequencies), and a receiver whose model rotates keys differently refuses. A chunk is decoded only after its version, codec, layout,
-//! sizes and checksum all check out; nothing is written from a chunk that fails any of them.
+//! holding data) and place in its sequence travel in the header, so every size is known before a byte is read. The
+//! checksum is CRC32C (hardware-accelerated where the CPU has it) over every header field, little-endian, then the
+//! payload, so a flipped bit anywhere is caught, not only in the data. The layout names the key rotation kivi2
+//! undoes (a CRC32C of the model's RoPE pairing and frequencies), and a receiver whose model rotates keys
+//! differently refuses. A chunk is decoded only after its version, codec, layout, sizes and checksum all check out;
+//! nothing is written from a chunk that fails any of them.
 
 use crate::error::TransferError;
 use crate::session::SessionId;

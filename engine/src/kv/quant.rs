@@ -1,9 +1,9 @@
 //! The quantization rules of the quantized cache formats, shared with the transfer codecs where their layouts allow,
 //! so that a cache block and its wire form round the same values the same way.
 //!
-//! - int8 ([`ByteCode::Int8`]): symmetric, one f16 scale per vector (`max |x| / 127`), rounded to f16 first so that
-//!   quantization and dequantization use the same value. The `int8` codec applies the same rule with its
-//!   own loop over packed bytes (and a scale saturated to f16's range).
+//! - int8 ([`ByteCode::Int8`]): symmetric, one f16 scale per vector (`max |x| / 127`, saturated to f16's range),
+//!   rounded to f16 first so that quantization and dequantization use the same value. The `int8` codec applies the
+//!   same rule with its own loop over packed bytes.
 //! - fp8 (cache format): E4M3 codes under one f16 scale per vector (`max |x| / 448`, E4M3's largest value), so each
 //!   vector uses the whole E4M3 range. The `fp8` codec keeps one f32 scale per head per block instead (it sees the
 //!   whole block at once; a cache is written a token at a time).

@@ -112,8 +112,8 @@ pub struct Sampler {
 }
 
 /// One [`Penalty`] per distinct token seen (prompt tokens under a repetition penalty, output tokens under any
-/// penalty), kept up to date as tokens come out: building them from the whole prompt at every step cost a hash
-/// insert per prompt token per step (about 8k per sequence per step at 8k-token prompts).
+/// penalty), kept up to date as tokens come out: building them at every step cost a hash insert per distinct prompt
+/// token per step.
 #[derive(Debug, Clone, Default)]
 struct Seen {
     entries: Vec<Penalty>,

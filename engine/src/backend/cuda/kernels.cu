@@ -215,7 +215,7 @@ template <> __device__ __forceinline__ void store_pair<__half>(__half* c, __half
 template <> __device__ __forceinline__ void store_pair<i8>(i8* c, __half* sc, size_t base, size_t vec, int a, int b,
                                                            float y0, float y1, float* red) {
     const float amax = block_max(fmaxf(fabsf(y0), fabsf(y1)), red);
-    const __half s = __float2half(amax / 127.f);
+    const __half s = __float2half(fminf(amax / 127.f, 65504.f));  // saturated, as the host's `f16_sat`
     const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
     c[base + a] = (i8)fminf(fmaxf(roundf(y0 * inv), -127.f), 127.f);
     c[base + b] = (i8)fminf(fmaxf(roundf(y1 * inv), -127.f), 127.f);
@@ -239,7 +239,7 @@ __device__ __forceinline__ unsigned char f32_to_e4m3(float x) {
 template <> __device__ __forceinline__ void store_pair<f8>(f8* c, __half* sc, size_t base, size_t vec, int a, int b,
                                                            float y0, float y1, float* red) {
     const float amax = block_max(fmaxf(fabsf(y0), fabsf(y1)), red);
-    const __half s = __float2half(amax / 448.f);
+    const __half s = __float2half(fminf(amax / 448.f, 65504.f));
     const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
     unsigned char* p = reinterpret_cast<unsigned char*>(c);
     p[base + a] = f32_to_e4m3(y0 * inv);

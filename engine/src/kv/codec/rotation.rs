@@ -4,9 +4,10 @@
 //! for pair `i`), so across the tokens of a block a channel traces a sinusoid, and the per-channel range kivi2's
 //! 2-bit keys are scaled to widens with it (KVQuant, Hooper et al. 2024, quantizes keys before RoPE for this
 //! reason). Rotations compose: turning the key of the block's token `t` back by `t * inv_freq[i]` leaves every key
-//! of the block in the frame of the block's first token, without knowing any absolute position. Turning it forward
-//! again after decoding restores the cache's keys up to float rounding. Both ends build this from their own model's
-//! RoPE; the transfer layer checks that the two agree ([`KeyRotation::fingerprint_words`]).
+//! of the block in the frame of the block's first token, without knowing any absolute position (for a block of
+//! consecutive tokens; the kept tokens of an evicted prompt are not, and gain less, but still decode exactly).
+//! Turning it forward again after decoding restores the cache's keys up to float rounding. Both ends build this from
+//! their own model's RoPE; the transfer layer checks that the two agree ([`KeyRotation::fingerprint_words`]).
 
 use crate::model::{RopeConfig, RopeLayout};
 
