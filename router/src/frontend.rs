@@ -45,14 +45,15 @@ pub struct KvDims {
 
 impl ModelInfo {
     /// Bytes one prompt token's KV takes between prefill and decode worker under `kv` (an f32 cache, as the
-    /// workers keep by default, through the codec; eviction keeps its share of a `prompt_len` prompt).
+    /// workers keep by default, through the codec; eviction keeps its share of a `prompt_len` prompt), averaged over
+    /// the prompt's blocks as the prefill worker sends them (kivi2 sends the first and newest full block in f16).
     pub fn wire_bytes_per_token(
         &self,
         kv: KvTransfer,
         prompt_len: usize,
         block_size: usize,
     ) -> f64 {
-        let Some(d) = self.kv_dims else {
+        let Some(d) = self.kv_dims.filter(|_| block_size > 0) else {
             return 0.0;
         };
         let shape = BlockShape {
@@ -61,13 +62,20 @@ impl ModelInfo {
             head_dim: d.head_dim,
         };
         let codec = kv.codec.unwrap_or(Codec::None);
-        // A full block in the middle of the prompt (kivi2 sends two blocks per prompt in f16: a long prompt's
-        // average is close to this).
-        let per_block = encoded_len(codec, KvFormat::F32, shape, Fill::middle(block_size)) as f64;
-        let kept = kv.eviction.map_or(1.0, |e| {
-            e.kept_tokens(prompt_len, block_size) as f64 / prompt_len.max(1) as f64
-        });
-        d.layers as f64 * per_block / block_size as f64 * kept
+        let moved = kv
+            .eviction
+            .map_or(prompt_len, |e| e.kept_tokens(prompt_len, block_size));
+        let bytes: usize = (0..moved.div_ceil(block_size))
+            .map(|i| {
+                encoded_len(
+                    codec,
+                    KvFormat::F32,
+                    shape,
+                    Fill::of_block(i, moved, block_size),
+                )
+            })
+            .sum();
+        d.layers as f64 * bytes as f64 / prompt_len.max(1) as f64
     }
 }
 
@@ -562,5 +570,33 @@ impl Frontend {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_bytes_follow_each_block_of_the_prompt() {
+        // SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f32 cache, 16-token blocks.
+        let m = ModelInfo {
+            id: "m".into(),
+            context_len: 8192,
+            kv_dims: Some(KvDims {
+                layers: 30,
+                kv_heads: 3,
+                head_dim: 64,
+            }),
+        };
+        let kv = |codec| KvTransfer {
+            codec: Some(codec),
+            eviction: None,
+        };
+        assert_eq!(m.wire_bytes_per_token(kv(Codec::None), 64, 16), 46080.0);
+        // kivi2 over 4 full blocks: the first and the newest in f16 (12,288 bytes a layer), two at 2 bits (2,688).
+        let want = 30.0 * (2.0 * 12288.0 + 2.0 * 2688.0) / 64.0;
+        assert_eq!(m.wire_bytes_per_token(kv(Codec::Kivi2), 64, 16), want);
+        assert_eq!(m.wire_bytes_per_token(kv(Codec::Kivi2), 64, 0), 0.0);
     }
 }
