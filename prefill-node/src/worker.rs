@@ -356,17 +356,18 @@ fn run_evicting_job<B: Backend>(
         let scores = engine.attention_scores(seq)?;
         let plan = evict::plan(eviction, prompt_len, bs, l.layers, l.kv_heads, scores)?;
         let mut ship = Shipper::new(job, ChunkLayout::of(&l, engine.key_rotation()));
+        // The kept tokens, compacted into the first blocks: the same fills for every layer.
+        let fills: Vec<Fill> = (0..plan.kept.div_ceil(bs))
+            .map(|i| Fill::of_block(i, plan.kept, bs))
+            .collect();
         for layer in 0..l.layers {
             let blocks = engine.compact_layer(seq, &plan, layer)?;
-            let kept: usize = blocks.iter().map(|b| b.fill).sum();
-            let fills = (0..blocks.len())
-                .map(|i| Fill::of_block(i, kept, bs))
-                .collect();
+            debug_assert_eq!(blocks.len(), fills.len());
             let data = blocks
                 .into_iter()
                 .map(|b| BlockData { k: b.k, v: b.v })
                 .collect();
-            ship.send(layer, &job.dest_blocks, fills, data);
+            ship.send(layer, &job.dest_blocks, fills.clone(), data);
         }
         Ok(PrefillOutcome {
             first: sample_first(job, logits),
