@@ -215,9 +215,9 @@ pub fn encode_block(c: &BlockCoding<'_>, block: BlockRef<'_>, out: &mut Vec<u8>)
             }
         }
         Codec::Kivi2 => {
+            debug_assert_eq!(c.keys.block_shape(), (shape.head_dim, shape.block_size));
             let mut framed = block.k.to_vec();
-            c.keys
-                .to_block_frame(&mut framed, shape.head_dim, shape.block_size);
+            c.keys.to_block_frame(&mut framed);
             packed::put_per_channel_2bit(shape, &framed, out);
             packed::put_groups(shape, tokens, block.v, 2, out);
         }
@@ -276,7 +276,8 @@ pub fn decode_block(
         }
         Codec::Kivi2 => {
             r.per_channel_2bit(shape, k)?;
-            c.keys.from_block_frame(k, shape.head_dim, shape.block_size);
+            debug_assert_eq!(c.keys.block_shape(), (shape.head_dim, shape.block_size));
+            c.keys.from_block_frame(k);
             r.groups(shape, 2, v)?;
         }
         Codec::Fp8 => {

@@ -16,6 +16,7 @@ use crate::model::{RopeConfig, RopeLayout};
 pub struct KeyRotation {
     layout: RopeLayout,
     inv_freq: Vec<f32>,
+    head_dim: usize,
     block_size: usize,
     /// `[t][i]`: cos and sin of `t * inv_freq[i]`.
     cos: Vec<f32>,
@@ -41,6 +42,7 @@ impl KeyRotation {
         Self {
             layout: rope.layout,
             inv_freq,
+            head_dim,
             block_size,
             cos,
             sin,
@@ -56,31 +58,36 @@ impl KeyRotation {
         std::iter::once(layout).chain(self.inv_freq.iter().map(|f| f.to_bits()))
     }
 
-    /// Turns each key of a block (`[head][token][dim]`, `block_size` tokens per head, `head_dim` dims) back by its
-    /// offset within the block.
-    pub fn to_block_frame(&self, keys: &mut [f32], head_dim: usize, block_size: usize) {
-        self.turn(keys, head_dim, block_size, -1.0);
+    /// The (head_dim, block_size) of the blocks this turns.
+    pub fn block_shape(&self) -> (usize, usize) {
+        (self.head_dim, self.block_size)
+    }
+
+    /// Turns each key of a block (`[head][token][dim]`, the `block_size` and `head_dim` this was built for) back by
+    /// its offset within the block.
+    pub fn to_block_frame(&self, keys: &mut [f32]) {
+        self.turn(keys, -1.0);
     }
 
     /// The inverse of [`KeyRotation::to_block_frame`].
-    pub fn from_block_frame(&self, keys: &mut [f32], head_dim: usize, block_size: usize) {
-        self.turn(keys, head_dim, block_size, 1.0);
+    pub fn from_block_frame(&self, keys: &mut [f32]) {
+        self.turn(keys, 1.0);
     }
 
-    fn turn(&self, keys: &mut [f32], head_dim: usize, block_size: usize, sign: f32) {
+    fn turn(&self, keys: &mut [f32], sign: f32) {
         let pairs = self.inv_freq.len();
-        if head_dim != 2 * pairs {
-            // Not the model this was built for; nothing sensible to turn (the codec's tests use odd sizes).
+        if self.head_dim != 2 * pairs {
+            // An odd head_dim has no RoPE pairs to turn (the codec's tests use odd sizes).
             return;
         }
-        for (i, key) in keys.chunks_exact_mut(head_dim).enumerate() {
-            let t = i % block_size;
+        for (i, key) in keys.chunks_exact_mut(self.head_dim).enumerate() {
+            let t = i % self.block_size;
             if t == 0 {
                 continue;
             }
+            let at = t * pairs;
             for p in 0..pairs {
-                let (c, s) = self.angle(t, p);
-                let s = sign * s;
+                let (c, s) = (self.cos[at + p], sign * self.sin[at + p]);
                 let (a, b) = match self.layout {
                     RopeLayout::Interleaved => (2 * p, 2 * p + 1),
                     RopeLayout::Halves => (p, p + pairs),
@@ -89,17 +96,6 @@ impl KeyRotation {
                 key[a] = x0 * c - x1 * s;
                 key[b] = x0 * s + x1 * c;
             }
-        }
-    }
-
-    /// cos and sin of `t * inv_freq[p]`, from the table for the block size it was built for.
-    fn angle(&self, t: usize, p: usize) -> (f32, f32) {
-        if t < self.block_size {
-            let at = t * self.inv_freq.len() + p;
-            (self.cos[at], self.sin[at])
-        } else {
-            let a = t as f64 * self.inv_freq[p] as f64;
-            (a.cos() as f32, a.sin() as f32)
         }
     }
 }
@@ -146,14 +142,14 @@ mod tests {
                 block.extend(k);
             }
             let cached = block.clone();
-            rot.to_block_frame(&mut block, hd, bs);
+            rot.to_block_frame(&mut block);
             let first = block[..hd].to_vec();
             for (t, k) in block.chunks(hd).enumerate() {
                 for (a, b) in k.iter().zip(&first) {
                     assert!((a - b).abs() < 1e-5, "{layout:?} token {t}: {a} vs {b}");
                 }
             }
-            rot.from_block_frame(&mut block, hd, bs);
+            rot.from_block_frame(&mut block);
             for (a, b) in block.iter().zip(&cached) {
                 assert!((a - b).abs() < 1e-5, "{layout:?}: {a} vs {b}");
             }

@@ -115,7 +115,7 @@ proptest! {
                 let frame = |x: &[f32]| {
                     let mut x = x.to_vec();
                     if framed {
-                        rot.to_block_frame(&mut x, s.head_dim, s.block_size);
+                        rot.to_block_frame(&mut x);
                     }
                     x
                 };
