@@ -284,60 +284,63 @@ mod tests {
     #[test]
     fn kernels_match_dequantized_f32_dot() {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            // 19 weight rows: two tiles of eight and three rows by the per-row kernel.
-            let (k, wrows) = (256, 19);
-            let w = random_blocks(ty, wrows * k / 32, 7 + ty as u64);
-            let row_bytes = w.len() / wrows;
-            let wf: Vec<Vec<f32>> = w
-                .chunks_exact(row_bytes)
-                .map(|row| {
-                    let mut f = vec![0f32; k];
-                    dequantize_row(ty, row, &mut f);
-                    f
-                })
-                .collect();
-            // Up to 19 activation rows: more than one pass of the tiles, groups of four and remainders.
-            let xs: Vec<Vec<f32>> = (0..19)
-                .map(|r| {
-                    (0..k)
-                        .map(|i| ((i * 7 + r * 3) % 23) as f32 * 0.1 - 1.1)
-                        .collect()
-                })
-                .collect();
-            let xq = quantized(&xs);
-            let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
-            let packed = interleave::interleave(ty, &w, row_bytes);
-            for n in 1..=xs.len() {
-                for (kernels, layout) in DotKernels::available()
-                    .into_iter()
-                    .flat_map(|k| [(k, Layout::File), (k, Layout::Interleaved)])
-                {
-                    let bytes = if layout == Layout::File { &w } else { &packed };
-                    let mut out = vec![0f32; wrows * n];
-                    dot_rows(
-                        ty,
-                        layout,
-                        bytes,
-                        row_bytes,
-                        0..wrows,
-                        &refs[..n],
-                        &mut out,
-                        kernels,
-                    );
-                    for (i, (wq, wf)) in w.chunks_exact(row_bytes).zip(&wf).enumerate() {
-                        for r in 0..n {
-                            let got = out[r * wrows + i];
-                            let exact: f32 = wf.iter().zip(&xs[r]).map(|(a, b)| a * b).sum();
-                            let scalar = dot_scalar(ty, wq, &xq[r]);
-                            assert!(
-                                (got - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()),
-                                "{ty} n={n} {kernels:?} {layout:?} weight row {i}, row {r}: {got} vs {scalar}"
-                            );
-                            // 16-bit activations: the error is tiny against the f32 dot.
-                            assert!(
-                                (got - exact).abs() <= 1e-3 * (1.0 + exact.abs()),
-                                "{ty} weight row {i}, row {r}: {got} vs {exact}"
-                            );
+            // 19 weight rows: two tiles of eight (paired from four activation rows on) and three rows by the
+            // per-row kernel; 27: a third tile, which the paired kernel takes alone.
+            for wrows in [19, 27] {
+                let k = 256;
+                let w = random_blocks(ty, wrows * k / 32, 7 + ty as u64);
+                let row_bytes = w.len() / wrows;
+                let wf: Vec<Vec<f32>> = w
+                    .chunks_exact(row_bytes)
+                    .map(|row| {
+                        let mut f = vec![0f32; k];
+                        dequantize_row(ty, row, &mut f);
+                        f
+                    })
+                    .collect();
+                // Up to 19 activation rows: more than one pass of the tiles, groups of four and remainders.
+                let xs: Vec<Vec<f32>> = (0..19)
+                    .map(|r| {
+                        (0..k)
+                            .map(|i| ((i * 7 + r * 3) % 23) as f32 * 0.1 - 1.1)
+                            .collect()
+                    })
+                    .collect();
+                let xq = quantized(&xs);
+                let refs: Vec<&[ActBlock]> = xq.iter().map(|v| v.as_slice()).collect();
+                let packed = interleave::interleave(ty, &w, row_bytes);
+                for n in 1..=xs.len() {
+                    for (kernels, layout) in DotKernels::available()
+                        .into_iter()
+                        .flat_map(|k| [(k, Layout::File), (k, Layout::Interleaved)])
+                    {
+                        let bytes = if layout == Layout::File { &w } else { &packed };
+                        let mut out = vec![0f32; wrows * n];
+                        dot_rows(
+                            ty,
+                            layout,
+                            bytes,
+                            row_bytes,
+                            0..wrows,
+                            &refs[..n],
+                            &mut out,
+                            kernels,
+                        );
+                        for (i, (wq, wf)) in w.chunks_exact(row_bytes).zip(&wf).enumerate() {
+                            for r in 0..n {
+                                let got = out[r * wrows + i];
+                                let exact: f32 = wf.iter().zip(&xs[r]).map(|(a, b)| a * b).sum();
+                                let scalar = dot_scalar(ty, wq, &xq[r]);
+                                assert!(
+                                    (got - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()),
+                                    "{ty} n={n} {kernels:?} {layout:?} weight row {i}, row {r}: {got} vs {scalar}"
+                                );
+                                // 16-bit activations: the error is tiny against the f32 dot.
+                                assert!(
+                                    (got - exact).abs() <= 1e-3 * (1.0 + exact.abs()),
+                                    "{ty} weight row {i}, row {r}: {got} vs {exact}"
+                                );
+                            }
                         }
                     }
                 }

@@ -20,6 +20,10 @@ const GROUP: usize = 4;
 /// Activation rows whose f32 outputs one pass over a weight group keeps.
 const PASS: usize = 16;
 
+/// Activation rows from which two Q4 groups are dotted at once ([`avx2::paired_rows`]; below it the second group's
+/// registers cost more than the shared broadcasts save).
+const PAIRED_FROM: usize = 4;
+
 /// How far ahead of the block being unpacked the kernel prefetches weights.
 const PREFETCH_BYTES: usize = 1024;
 
@@ -91,6 +95,9 @@ macro_rules! tiled_kernel {
                 mut out: OutRows<'_>,
             ) {
                 let n = xs.len();
+                if n >= PAIRED_FROM && ty != GgmlType::Q8_0 {
+                    return paired_rows(ty, w, row_bytes, rows, xs, out);
+                }
                 let group_bytes = TILE_ROWS * row_bytes;
                 for (ti, first) in rows.step_by(TILE_ROWS).enumerate() {
                     let group = &w[first * row_bytes..first * row_bytes + group_bytes];
@@ -102,13 +109,69 @@ macro_rules! tiled_kernel {
                             GgmlType::Q4_1 => pass_of::<Q4_1>(group, xp, &mut acc),
                             _ => pass_of::<Q8_0>(group, xp, &mut acc),
                         }
-                        for (j, a) in acc.iter().take(xp.len()).enumerate() {
-                            // The eight lanes are eight consecutive outputs of activation row p0 + j.
-                            let o = out.cols(p0 + j, ti * TILE_ROWS, TILE_ROWS);
-                            // SAFETY: eight f32 = 32 bytes, in bounds (sliced); storeu has no alignment requirement.
-                            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), *a) };
+                        store(&mut out, p0, ti * TILE_ROWS, &acc[..xp.len()]);
+                    }
+                }
+            }
+
+            /// [`dot_rows`] for Q4 types and at least [`PAIRED_FROM`] activation rows: two groups at a time, so
+            /// that each broadcast activation pair feeds two weight registers (a last odd group goes alone).
+            /// (Q8_0's unpacked pairs are plain loads that the single-group kernel folds into its multiply-adds,
+            /// so it keeps one group at a time.)
+            #[target_feature(enable = $features)]
+            fn paired_rows(
+                ty: GgmlType,
+                w: &[u8],
+                row_bytes: usize,
+                rows: std::ops::Range<usize>,
+                xs: &[&[ActBlock]],
+                mut out: OutRows<'_>,
+            ) {
+                let n = xs.len();
+                let group_bytes = TILE_ROWS * row_bytes;
+                let mut first = rows.start;
+                while first < rows.end {
+                    let g0 = &w[first * row_bytes..][..group_bytes];
+                    let two = rows.end - first >= 2 * TILE_ROWS;
+                    for p0 in (0..n).step_by(PASS) {
+                        let xp = &xs[p0..n.min(p0 + PASS)];
+                        let mut acc = [[_mm256_setzero_ps(); PASS]; 2];
+                        if two {
+                            let g1 = &w[first * row_bytes + group_bytes..][..group_bytes];
+                            // Exactly four rows keep their f32 accumulators in registers too.
+                            match (ty, xp.len()) {
+                                (GgmlType::Q4_0, GROUP) => {
+                                    paired_pass::<GROUP, Q4_0>([g0, g1], xp, &mut acc)
+                                }
+                                (GgmlType::Q4_0, _) => {
+                                    paired_pass::<PASS, Q4_0>([g0, g1], xp, &mut acc)
+                                }
+                                (_, GROUP) => paired_pass::<GROUP, Q4_1>([g0, g1], xp, &mut acc),
+                                _ => paired_pass::<PASS, Q4_1>([g0, g1], xp, &mut acc),
+                            }
+                        } else if ty == GgmlType::Q4_0 {
+                            pass_of::<Q4_0>(g0, xp, &mut acc[0]);
+                        } else {
+                            pass_of::<Q4_1>(g0, xp, &mut acc[0]);
+                        }
+                        let at = first - rows.start;
+                        store(&mut out, p0, at, &acc[0][..xp.len()]);
+                        if two {
+                            store(&mut out, p0, at + TILE_ROWS, &acc[1][..xp.len()]);
                         }
                     }
+                    first += if two { 2 * TILE_ROWS } else { TILE_ROWS };
+                }
+            }
+
+            /// Stores the eight outputs of activation rows `p0..p0 + acc.len()` from output column `col` on.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn store(out: &mut OutRows<'_>, p0: usize, col: usize, acc: &[__m256]) {
+                for (j, a) in acc.iter().enumerate() {
+                    let o = out.cols(p0 + j, col, TILE_ROWS);
+                    // SAFETY: eight f32 = 32 bytes, in bounds (sliced); storeu has no alignment requirement.
+                    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), *a) };
                 }
             }
 
@@ -191,6 +254,86 @@ macro_rules! tiled_kernel {
                         a = _mm256_fmadd_ps(u.m, _mm256_set1_ps(x[j].dsum), a);
                     }
                     acc[j] = a;
+                }
+            }
+
+            /// As [`pass`] for two groups at once (`xs` at least [`GROUP`] rows, at most `M`): one broadcast of
+            /// each activation pair feeds both groups' weight registers.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn paired_pass<const M: usize, const K: u8>(
+                groups: [&[u8]; 2],
+                xs: &[&[ActBlock]],
+                out: &mut [[__m256; PASS]; 2],
+            ) {
+                let mut acc = [[_mm256_setzero_ps(); M]; 2];
+                let run = TILE_ROWS * KIND_TYPES[K as usize].block_bytes();
+                for (b, (blk0, blk1)) in groups[0]
+                    .chunks_exact(run)
+                    .zip(groups[1].chunks_exact(run))
+                    .enumerate()
+                {
+                    for blk in [blk0, blk1] {
+                        // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
+                        let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
+                        for line in 0..run.div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                        }
+                    }
+                    let u = [unpack!(K, blk0), unpack!(K, blk1)];
+                    for g in (0..xs.len()).step_by(GROUP) {
+                        let xg = &xs[g..xs.len().min(g + GROUP)];
+                        match xg.len() {
+                            1 => paired_block::<1, K, M>(&u, xg, b, g, &mut acc),
+                            2 => paired_block::<2, K, M>(&u, xg, b, g, &mut acc),
+                            3 => paired_block::<3, K, M>(&u, xg, b, g, &mut acc),
+                            _ => paired_block::<GROUP, K, M>(&u, xg, b, g, &mut acc),
+                        }
+                    }
+                }
+                for (o, a) in out.iter_mut().zip(&acc) {
+                    o[..M].copy_from_slice(a);
+                }
+            }
+
+            /// As [`block`] for two unpacked groups: adds block `b` of the `N` activation rows `xs` (rows
+            /// `at..at + N` of the pass) into both groups' accumulators.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn paired_block<const N: usize, const K: u8, const M: usize>(
+                u: &[Unpacked; 2],
+                xs: &[&[ActBlock]],
+                b: usize,
+                at: usize,
+                acc: &mut [[__m256; M]; 2],
+            ) {
+                let x: [&ActBlock; N] = std::array::from_fn(|j| &xs[j][b]);
+                let mut sums = [[_mm256_setzero_si256(); N]; 2];
+                for p in 0..16 {
+                    let (w0, w1) = (u[0].pairs[p], u[1].pairs[p]);
+                    for j in 0..N {
+                        // SAFETY: p < 16, so the read covers qs[2p..2p + 2] of a 32-element block.
+                        let xv = unsafe {
+                            _mm256_set1_epi32(
+                                (x[j].qs.as_ptr() as *const i32).add(p).read_unaligned(),
+                            )
+                        };
+                        let ($s, $w, $x) = (sums[0][j], w0, xv);
+                        sums[0][j] = $acc;
+                        let ($s, $w, $x) = (sums[1][j], w1, xv);
+                        sums[1][j] = $acc;
+                    }
+                }
+                for (g, ug) in u.iter().enumerate() {
+                    for j in 0..N {
+                        let sum = _mm256_cvtepi32_ps(sums[g][j]);
+                        let a = _mm256_fmadd_ps(
+                            sum,
+                            _mm256_mul_ps(ug.d, _mm256_set1_ps(x[j].d)),
+                            acc[g][at + j],
+                        );
+                        acc[g][at + j] = _mm256_fmadd_ps(ug.m, _mm256_set1_ps(x[j].dsum), a);
+                    }
                 }
             }
         }
