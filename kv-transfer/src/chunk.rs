@@ -2,7 +2,8 @@
 //!
 //! Payload (format version 3, documented in docs/kv-wire-format.md): for each layer of the range, for each
 //! destination block in order, the codec's encoding of that block's K and V ([`tandem_engine::kv::codec`]); then,
-//! if the sender chose the lossless stage, all of that compressed as one LZ4 block. Each block's fill (tokens
+//! if the sender chose a lossless stage, all of that compressed as one LZ4 block or by the entropy stage
+//! ([`crate::entropy`]: static rANS over byte classes). Each block's fill (tokens
 //! holding data) and place in its sequence travel in the header, so every size is known before a byte is read. The
 //! checksum is CRC32C (hardware-accelerated where the CPU has it) over every header field, little-endian, then the
 //! payload, so a flipped bit anywhere is caught, not only in the data. The layout names the key rotation kivi2
@@ -10,12 +11,13 @@
 //! differently refuses. A chunk is decoded only after its version, codec, layout, sizes and checksum all check out;
 //! nothing is written from a chunk that fails any of them.
 
+use crate::entropy;
 use crate::error::TransferError;
 use crate::session::SessionId;
 use std::ops::Range;
 use std::sync::Arc;
 use tandem_engine::kv::codec::{
-    self, BlockCoding, BlockRef, BlockShape, Codec, Fill, KeyRotation, Place,
+    self, BlockCoding, BlockRef, BlockShape, Codec, Fill, KeyRotation, PayloadModel, Place,
 };
 use tandem_engine::kv::{BlockId, KvFormat, KvLayout};
 use tandem_proto::convert::{
@@ -144,7 +146,8 @@ pub struct ChunkHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Encoding {
     pub codec: Codec,
-    /// Try the LZ4 stage over each chunk and keep it where the chunk gets smaller.
+    /// Try the lossless stages (rANS over byte classes, LZ4) over each chunk and keep the smaller where the chunk
+    /// gets smaller.
     pub lossless: bool,
 }
 
@@ -175,10 +178,18 @@ pub fn encode(
     }
     let mut lossless = v1::KvLossless::None;
     if enc.lossless {
-        let packed = lz4_flex::block::compress(&payload);
-        if packed.len() < payload.len() {
+        // Both stages, keeping the smaller, and neither where it does not pay: rANS wins on quantized codes, LZ4
+        // on runs of zeros (partial blocks of an uncompressed chunk).
+        let model = payload_model(enc.codec, layout, header.layers.len(), &header.fills);
+        let candidates = [
+            (v1::KvLossless::Rans, entropy::compress(&payload, &model)),
+            (v1::KvLossless::Lz4, lz4_flex::block::compress(&payload)),
+        ];
+        if let Some((stage, packed)) = candidates.into_iter().min_by_key(|(_, p)| p.len())
+            && packed.len() < payload.len()
+        {
             payload = packed;
-            lossless = v1::KvLossless::Lz4;
+            lossless = stage;
         }
     }
     let full = header
@@ -215,6 +226,22 @@ pub fn encode(
     };
     c.checksum = checksum(&c);
     c
+}
+
+/// The layout of the encoded payload (as [`raw_len`] counts it) as the entropy stage models it.
+fn payload_model(
+    codec: Codec,
+    layout: &ChunkLayout,
+    layers: usize,
+    fills: &[Fill],
+) -> PayloadModel {
+    let mut model = PayloadModel::default();
+    for _ in 0..layers {
+        for &f in fills {
+            model.push_block(codec, layout.dtype, layout.shape(), f);
+        }
+    }
+    model
 }
 
 /// Encoded bytes of `layers` layers of blocks with these fills, before the lossless stage.
@@ -358,6 +385,12 @@ pub fn decode(c: &v1::KvChunk, expect: &ChunkLayout) -> Result<DecodedChunk, Tra
                 .map_err(|e| TransferError::Refused(format!("LZ4 stage: {e}")))?;
             &unpacked
         }
+        Ok(v1::KvLossless::Rans) => {
+            let model = payload_model(codec, &got, le - ls, &fills);
+            unpacked = entropy::decompress(&c.payload, &model)
+                .map_err(|e| TransferError::Refused(e.to_string()))?;
+            &unpacked
+        }
         Err(_) => return refuse(format!("lossless stage {} is unknown", c.lossless)),
     };
     if payload.len() != want {
@@ -492,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn every_codec_with_and_without_lz4_round_trips_partial_blocks() {
+    fn every_codec_with_and_without_the_lossless_stages_round_trips_partial_blocks() {
         let l = layout(KvFormat::F32);
         let (mut h, data) = sample(2, 3, &l);
         h.fills = vec![
@@ -532,8 +565,64 @@ mod tests {
             },
             &data,
         );
-        assert_eq!(packed.lossless, v1::KvLossless::Lz4 as i32);
+        assert_ne!(packed.lossless, v1::KvLossless::None as i32);
         assert!(packed.payload.len() < plain.payload.len());
+        // Bell-shaped values (as real K and V are), quantized: the entropy stage pays, and decodes to the same
+        // values.
+        let l = ChunkLayout {
+            kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            dtype: KvFormat::F32,
+            keys: Arc::new(KeyRotation::new(&rope(10_000.0), 64, 16)),
+        };
+        let (h, mut data) = sample(2, 8, &l);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut bell = || {
+            (0..4)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .sum::<f32>()
+        };
+        for b in &mut data {
+            b.k.iter_mut()
+                .chain(b.v.iter_mut())
+                .for_each(|x| *x = bell());
+        }
+        for codec in [Codec::Int8, Codec::Int4, Codec::Kivi2] {
+            let plain = encode(
+                &h,
+                &l,
+                Encoding {
+                    codec,
+                    lossless: false,
+                },
+                &data,
+            );
+            let packed = encode(
+                &h,
+                &l,
+                Encoding {
+                    codec,
+                    lossless: true,
+                },
+                &data,
+            );
+            assert_eq!(packed.lossless, v1::KvLossless::Rans as i32, "{codec}");
+            assert!(packed.payload.len() < plain.payload.len(), "{codec}");
+            let (a, b) = (decode(&plain, &l).unwrap(), decode(&packed, &l).unwrap());
+            assert!(
+                a.data
+                    .iter()
+                    .zip(&b.data)
+                    .all(|(x, y)| x.k == y.k && x.v == y.v),
+                "{codec}"
+            );
+        }
     }
 
     proptest! {
@@ -541,7 +630,7 @@ mod tests {
         #[test]
         fn random_or_truncated_payloads_never_panic(
             bytes in proptest::collection::vec(any::<u8>(), 0..3000),
-            codec in 0i32..7, lossless in 0i32..3, cut in 0usize..3000,
+            codec in 0i32..7, lossless in 0i32..4, cut in 0usize..3000,
         ) {
             let l = layout(KvFormat::F16);
             let (h, data) = sample(2, 2, &l);

@@ -13,6 +13,7 @@
 //! is stored, so transfer overlaps the rest of the forward pass.
 
 pub mod chunk;
+pub mod entropy;
 pub mod error;
 pub mod sender;
 pub mod server;

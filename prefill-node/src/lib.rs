@@ -24,7 +24,8 @@ use tokio::net::TcpListener;
 pub struct PrefillConfig {
     /// Deadline for prefill + transfer when a request gives none.
     pub default_deadline: Duration,
-    /// Apply the LZ4 stage over each KV chunk where it makes the chunk smaller.
+    /// Apply a lossless stage over each KV chunk (rANS over byte classes or LZ4, the smaller) where it makes the
+    /// chunk smaller.
     pub kv_lossless: bool,
 }
 

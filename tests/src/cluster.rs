@@ -21,6 +21,7 @@ pub struct ClusterSpec {
     pub prefill_engine: EngineOptions,
     pub decode_engine: EngineOptions,
     pub decode_config: DecodeConfig,
+    pub prefill_config: PrefillConfig,
     /// Extra prefill endpoints the router is told about (a fake or dead worker).
     pub extra_prefill_urls: Vec<String>,
     pub routing: tandem_router::Routing,
@@ -34,6 +35,7 @@ impl Default for ClusterSpec {
             prefill_engine: EngineOptions::default(),
             decode_engine: EngineOptions::default(),
             decode_config: DecodeConfig::default(),
+            prefill_config: PrefillConfig::default(),
             extra_prefill_urls: Vec::new(),
             routing: Default::default(),
         }
@@ -93,10 +95,9 @@ impl Cluster {
                 prefill_urls.push(format!("http://{}", l.local_addr().unwrap()));
                 let e = engine(spec.prefill_engine);
                 let s = stopped(stop_rx.clone());
+                let config = spec.prefill_config.clone();
                 tasks.push(tokio::spawn(async move {
-                    tandem_prefill_node::run(l, PrefillConfig::default(), e, s)
-                        .await
-                        .unwrap();
+                    tandem_prefill_node::run(l, config, e, s).await.unwrap();
                 }));
             }
             let mut decode_urls = Vec::new();

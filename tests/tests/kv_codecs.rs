@@ -10,6 +10,7 @@ use std::time::Duration;
 use tandem_decode_node::DecodeConfig;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::kv::codec::{BlockShape, Codec, Fill, encoded_len};
+use tandem_prefill_node::PrefillConfig;
 use tandem_proto::v1;
 use tandem_tests::cluster::{Cluster, ClusterSpec, MODEL_ID, always_disaggregate, used_blocks};
 use tandem_tests::{http, serial};
@@ -54,13 +55,18 @@ fn fixtures() -> Vec<Fixture> {
         .collect()
 }
 
-/// A cluster whose decode worker always asks the prefill worker (no local prefill), with `codec` as its default.
-fn cluster(codec: Codec) -> Cluster {
+/// A cluster whose decode worker always asks the prefill worker (no local prefill), with `codec` as its default;
+/// `lossless`: the prefill worker applies the lossless stage to its chunks.
+fn cluster(codec: Codec, lossless: bool) -> Cluster {
     Cluster::start(ClusterSpec {
         routing: always_disaggregate(),
         decode_config: DecodeConfig {
             local_prefill_threshold_tokens: 0,
             kv_codec: codec,
+            ..Default::default()
+        },
+        prefill_config: PrefillConfig {
+            kv_lossless: lossless,
             ..Default::default()
         },
         ..Default::default()
@@ -69,7 +75,11 @@ fn cluster(codec: Codec) -> Cluster {
 
 /// Greedy token ids and KV bytes moved, per prompt, on a fresh cluster (no prefix is cached on either side).
 fn run(codec: Codec, prompts: &[Vec<u32>], n: u32) -> Vec<(Vec<u32>, u64)> {
-    let c = cluster(codec);
+    run_with(codec, false, prompts, n)
+}
+
+fn run_with(codec: Codec, lossless: bool, prompts: &[Vec<u32>], n: u32) -> Vec<(Vec<u32>, u64)> {
+    let c = cluster(codec, lossless);
     let out = c.rt.block_on(async {
         let mut client =
             v1::generation_client::GenerationClient::new(Cluster::channel(&c.grpc).await);
@@ -185,9 +195,35 @@ fn fp8_and_int8_keep_greedy_output_and_int4_moves_a_quarter_of_the_bytes() {
 }
 
 #[test]
+fn the_lossless_stage_moves_fewer_bytes_and_changes_no_token() {
+    let _s = serial();
+    let prompts: Vec<Vec<u32>> = fixtures().into_iter().map(|f| f.prompt).collect();
+    for codec in [Codec::Int4, Codec::Int8] {
+        let plain = run_with(codec, false, &prompts, 8);
+        let packed = run_with(codec, true, &prompts, 8);
+        for (i, (a, b)) in plain.iter().zip(&packed).enumerate() {
+            assert_eq!(
+                a.0, b.0,
+                "{codec}, prompt {i}: the lossless stage changed the output"
+            );
+        }
+        let (p, q): (u64, u64) = (
+            plain.iter().map(|r| r.1).sum(),
+            packed.iter().map(|r| r.1).sum(),
+        );
+        // These prompts are short (a few blocks per layer chunk), so the tables weigh more than at 512 tokens.
+        assert!(
+            q < p,
+            "{codec}: {q} bytes with the lossless stage, {p} without"
+        );
+        eprintln!("{codec}: {p} -> {q} bytes ({:.3}x)", p as f64 / q as f64);
+    }
+}
+
+#[test]
 fn a_codec_the_decode_worker_cannot_read_is_refused_before_any_transfer() {
     let _s = serial();
-    let c = cluster(Codec::None);
+    let c = cluster(Codec::None, false);
     let status = c.rt.block_on(async {
         let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
             Cluster::channel(&c.decode_urls[0]).await,

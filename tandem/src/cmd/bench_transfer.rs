@@ -28,7 +28,7 @@ pub struct TransferBenchArgs {
     /// Blocks per chunk (a prefill step's worth of one layer).
     #[arg(long, default_value_t = 32)]
     pub blocks_per_chunk: usize,
-    /// Also try the LZ4 stage on every chunk.
+    /// Also apply the lossless stage (rANS or LZ4, the smaller) to every chunk where it pays.
     #[arg(long)]
     pub lossless: bool,
     /// Print JSON instead of a table.

@@ -29,7 +29,8 @@ pub struct PrefillArgs {
     /// Deadline for prefill + KV transfer when a request gives none, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub default_deadline_ms: u64,
-    /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
+    /// Compress each KV chunk after its codec with the lossless stage (rANS over byte classes and key channels, or
+    /// LZ4, whichever is smaller), where that makes it smaller; costs CPU on both ends (see bench/RESULTS.md).
     #[arg(long)]
     pub kv_lossless: bool,
     #[command(flatten)]

@@ -34,7 +34,8 @@ pub struct ClusterArgs {
     /// The id clients use in `model` (default: the model file's name without extension).
     #[arg(long)]
     pub model_id: Option<String>,
-    /// Compress each KV chunk with LZ4 after its codec, where that makes it smaller.
+    /// Compress each KV chunk after its codec with the lossless stage (rANS over byte classes and key channels, or
+    /// LZ4, whichever is smaller), where that makes it smaller; costs CPU on both ends (see bench/RESULTS.md).
     #[arg(long)]
     pub kv_lossless: bool,
     /// Token eviction before each KV transfer, as policy:budget (streaming, snapkv, h2o or block; a token count or

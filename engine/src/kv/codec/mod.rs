@@ -21,13 +21,18 @@
 //! so a decoder checks one length before reading anything. Decoding never panics: a wrong length or a non-finite
 //! scale is a [`CodecError`].
 
+mod classes;
 pub mod fp8;
 mod packed;
 pub mod rotation;
 
+pub use classes::{ByteClass, CLASSES, PayloadModel};
 pub use rotation::KeyRotation;
 
 use super::KvFormat;
+
+/// Dims per (min, scale) pair of int4 and of kivi2's values: the int4 cache format's group.
+const GROUP: usize = super::INT4_GROUP;
 
 /// How blocks are encoded for transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -8,13 +8,10 @@
 //! - per-channel 2-bit (kivi2 keys): per head and dim, an f16 min and f16 scale over the block's tokens, then the
 //!   codes of those tokens.
 
-use super::{BlockShape, Codec, CodecError, fp8};
+use super::{BlockShape, Codec, CodecError, GROUP, fp8};
 use crate::kv::KvFormat;
 use crate::kv::quant::{affine_code, affine_inv, affine_params, f16_sat};
 use half::f16;
-
-/// Dims per (min, scale) pair of int4 and of kivi2's values: the int4 cache format's group.
-const GROUP: usize = crate::kv::INT4_GROUP;
 
 fn at(s: BlockShape, h: usize, t: usize) -> usize {
     (h * s.block_size + t) * s.head_dim

@@ -1,6 +1,7 @@
 //! Every codec round-trips random blocks within its stated error bound, and its decoder survives any bytes.
 
 use super::*;
+use half::f16;
 use proptest::prelude::*;
 
 const RAWS: [KvFormat; 5] = KvFormat::ALL;
@@ -294,4 +295,105 @@ fn names_parse_back() {
         assert_eq!(Codec::parse(c.name()), Ok(c));
     }
     assert!(matches!(Codec::parse("int3"), Err(CodecError::Unknown(_))));
+}
+
+#[test]
+fn byte_classes_follow_each_layout() {
+    // A block of one repeated value: every f16 parameter and raw element is known, so the bytes the classes call
+    // high bytes of a scale, a minimum or a raw element must be exactly those bytes of the encoded block.
+    let value = 1.75f32;
+    for (kv_heads, block_size, head_dim) in [(3, 16, 64), (2, 5, 40), (1, 8, 7)] {
+        let s = BlockShape {
+            kv_heads,
+            block_size,
+            head_dim,
+        };
+        let keys = rotation(s);
+        let block = vec![value; s.elems()];
+        for codec in Codec::ALL {
+            for raw in [KvFormat::F32, KvFormat::F16] {
+                for fill in [
+                    Fill::middle(block_size),
+                    Fill::middle(block_size - 1),
+                    Fill::of_block(0, block_size, block_size),
+                ] {
+                    let c = BlockCoding {
+                        codec,
+                        raw,
+                        shape: s,
+                        keys: &keys,
+                    };
+                    let mut bytes = Vec::new();
+                    let r = BlockRef {
+                        k: &block,
+                        v: &block,
+                        fill,
+                    };
+                    encode_block(&c, r, &mut bytes);
+                    let mut model = PayloadModel::default();
+                    model.push_block(codec, raw, s, fill);
+                    let classes = &model.classes;
+                    assert_eq!(classes.len(), bytes.len(), "{codec:?} {s:?} {fill:?}");
+                    // int4 keys: every code byte named by its channel, the channels of a group in order.
+                    if codec == Codec::Int4 {
+                        let named: Vec<u32> = classes
+                            .iter()
+                            .zip(&model.channels)
+                            .filter(|(c, _)| **c == ByteClass::KeyNibbles as u8)
+                            .map(|(_, &ch)| ch)
+                            .collect();
+                        assert_eq!(named.len(), kv_heads * block_size * head_dim.div_ceil(2));
+                        let first_head: Vec<u32> = named[..head_dim.div_ceil(2)].to_vec();
+                        let want: Vec<u32> = (0..head_dim as u32).step_by(2).collect();
+                        assert_eq!(first_head, want, "{s:?}");
+                        let last = (kv_heads - 1) * head_dim + (head_dim - 1) / 2 * 2;
+                        assert_eq!(*named.last().unwrap() as usize, last);
+                        assert!(model.channel_tables() >= last + 2);
+                    }
+                    let raw16 = f16::from_f32(value).to_le_bytes()[1];
+                    let raw32 = value.to_le_bytes()[3];
+                    let mut seen = [0usize; CLASSES + 1];
+                    for (i, (&class, &b)) in classes.iter().zip(&bytes).enumerate() {
+                        seen[class as usize] += 1;
+                        let at = format!("{codec:?} {raw:?} {s:?} {fill:?} byte {i}");
+                        match class {
+                            // Tokens past the fill are zeros; the rest hold the value.
+                            x if x == ByteClass::RawHigh as u8 => assert!(
+                                b == 0
+                                    || b == raw16
+                                    || (raw == KvFormat::F32 && codec == Codec::None && b == raw32),
+                                "{at}: {b:#x}"
+                            ),
+                            // (kivi2's keys are turned into the block's frame, so their parameters vary.)
+                            _ if codec == Codec::Kivi2 && class != ByteClass::RawHigh as u8 => {}
+                            x if x == ByteClass::MinHigh as u8 => {
+                                assert!(b == 0 || b == raw16, "{at}: {b:#x}")
+                            }
+                            // A constant run has scale 0 (asymmetric: high byte 0) or value / 127 (int8) or
+                            // value / 448 (fp8, an f32).
+                            x if x == ByteClass::ScaleHigh as u8 => assert!(
+                                b == 0
+                                    || b == f16::from_f32(value / 127.0).to_le_bytes()[1]
+                                    || b == (value / 448.0).to_le_bytes()[3],
+                                "{at}: {b:#x}"
+                            ),
+                            _ => {}
+                        }
+                    }
+                    // kivi2's f16 blocks are as large as `none` at f16.
+                    let as_f16 = bytes.len() == encoded_len(Codec::None, KvFormat::F16, s, fill);
+                    let coded = codec != Codec::None && !(codec == Codec::Kivi2 && as_f16);
+                    // Key codes (int4's by channel) and value codes, in halves of equal size but for kivi2 (4 bits
+                    // per key element, 3 per value).
+                    let kc =
+                        seen[ByteClass::KeyCode as usize] + seen[ByteClass::KeyNibbles as usize];
+                    let vc = seen[ByteClass::ValueCode as usize];
+                    assert_eq!((kc > 0, vc > 0), (coded, coded), "{codec:?} {fill:?}");
+                    if codec != Codec::Kivi2 {
+                        assert_eq!(kc, vc, "{codec:?} {s:?}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -21,6 +21,7 @@ use tandem_engine::kv::codec::{self, BlockRef, BlockShape, Codec};
 use tandem_engine::kv::evict::{self, AttentionScores, Eviction};
 use tandem_engine::sampling::{argmax, log_sum_exp};
 use tandem_engine::{Engine, LogitsWanted, SeqId};
+use tandem_kv_transfer::entropy;
 
 #[derive(clap::Args, Debug)]
 pub struct KvEvalArgs {
@@ -104,6 +105,13 @@ pub struct CodecResult {
     /// Uncompressed (f32) megabytes per second through encode and decode.
     pub encode_mb_s: f64,
     pub decode_mb_s: f64,
+    /// With the transfer's lossless stage (entropy coding of each layer's blocks as one chunk, kept where it pays):
+    /// bytes per token, the ratio against f16, and the stage's own compress and decompress rates in uncompressed
+    /// (f32) megabytes per second.
+    pub lossless_bytes_per_token: f64,
+    pub lossless_ratio_vs_f16: f64,
+    pub lossless_compress_mb_s: f64,
+    pub lossless_decompress_mb_s: f64,
     /// Passkeys found, of those asked.
     pub passkey_found: usize,
     pub passkey_total: usize,
@@ -125,6 +133,12 @@ pub struct CodecResult {
     decode: Duration,
     #[serde(skip)]
     raw_bytes: usize,
+    #[serde(skip)]
+    lossless_bytes: usize,
+    #[serde(skip)]
+    compress: Duration,
+    #[serde(skip)]
+    decompress: Duration,
 }
 
 /// Computes every pending token of `seq`; returns the logits of each computed row (`wants` All) or of the last.
@@ -260,7 +274,10 @@ pub(super) fn transfer<B: Backend>(
     let mut buf = Vec::new();
     let (mut k, mut v) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
     let (mut ck, mut cv) = (vec![0f32; shape.elems()], vec![0f32; shape.elems()]);
+    let mut chunk = Vec::new();
     for (layer, blocks) in snap.blocks.iter().enumerate() {
+        chunk.clear();
+        let mut model = codec::PayloadModel::default();
         for (i, &dest) in target.blocks.iter().enumerate() {
             let (bk, bv) = match &plan {
                 Some(p) => {
@@ -280,8 +297,23 @@ pub(super) fn transfer<B: Backend>(
             r.encode += t1 - t0;
             r.bytes += buf.len();
             r.raw_bytes += 2 * shape.elems() * 4;
+            chunk.extend_from_slice(&buf);
+            model.push_block(codec, layout.format, shape, fill);
             engine.write_transferred_block(target.seq, layer, dest, &k, &v)?;
         }
+        // The layer's blocks as one chunk through the entropy stage, as a sender with `--kv-lossless` sends them
+        // (the stage only where it makes the chunk smaller).
+        let t0 = Instant::now();
+        let packed = entropy::compress(&chunk, &model);
+        let t1 = Instant::now();
+        let back = entropy::decompress(&packed, &model)?;
+        r.decompress += t1.elapsed();
+        r.compress += t1 - t0;
+        anyhow::ensure!(
+            back == chunk,
+            "the entropy stage did not give the payload back"
+        );
+        r.lossless_bytes += packed.len().min(chunk.len());
     }
     r.tokens_moved += snap.tokens;
     engine.complete_transfer(target.seq, codec == Codec::None && plan.is_none())?;

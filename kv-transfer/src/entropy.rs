@@ -1,0 +1,553 @@
+//! The entropy stage: a chunk's encoded payload compressed by static rANS, with frequency tables per byte class and
+//! per key channel.
+//!
+//! Quantized KV codes are far from uniform (values cluster near the middle of a token's range), and the f16
+//! parameters between them have predictable high bytes; LZ4 finds no repeats in either, an entropy coder does
+//! (CacheGen, Liu et al. 2024, codes quantized KV arithmetically for the same reason). Both ends know the layout of
+//! every byte from the header alone ([`PayloadModel`]), so the stage keeps one byte table per [`ByteClass`] at no
+//! cost in side information beyond the tables. int4 keys go further: a key channel keeps its place in its 32-dim
+//! group token after token (outlier channels sit at the ends of the range, quiet ones in the middle), so each of a
+//! key byte's two 4-bit codes is coded with the table of its own channel: on the default model that takes key codes
+//! from 0.94 to about 0.77 of their bits, where one table for all keys leaves them at 0.94.
+//!
+//! Layout: the byte tables, one per class in order, then the channel tables, one per channel context; each starts
+//! with a flag: 0 (nothing of it in the payload), 1 (a table follows) or 2 (coded flat, every value at equal
+//! frequency: what near-random bytes such as f16 low bytes cost anyway, without a table). A table is a bitmap of the
+//! values present (32 bytes for bytes, 2 for 4-bit codes), then each present value's frequency (at least 1, summing
+//! to 4096) as one byte if below 128, else two (low seven bits with the top bit set, then the rest). Then the rANS
+//! stream: a 32-bit state in `[2^23, 2^31)` as four big-endian bytes, renormalized a byte at a time; a key byte
+//! decodes as its low code, then its high one. Decoding the whole payload must leave the state at `2^23` with the
+//! stream used up.
+
+use tandem_engine::kv::codec::{ByteClass, CLASSES, PayloadModel};
+
+/// Frequencies of one table sum to `1 << SCALE_BITS`.
+const SCALE_BITS: u32 = 12;
+const SCALE: u32 = 1 << SCALE_BITS;
+/// The lower bound of the coder's state.
+const LOW: u32 = 1 << 23;
+
+/// Why a stream does not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EntropyError {
+    #[error("entropy stage: the tables end early")]
+    TablesCut,
+    #[error("entropy stage: table {0} is malformed ({1})")]
+    BadTable(usize, &'static str),
+    #[error("entropy stage: a symbol of table {0}, which the stream left out")]
+    NoTable(usize),
+    #[error("entropy stage: the stream ends early")]
+    StreamCut,
+    #[error("entropy stage: the stream does not end where the payload does")]
+    BadEnd,
+}
+
+/// One table's frequencies and cumulative starts over an alphabet of 256 (bytes) or 16 (4-bit codes) values.
+struct Table {
+    freq: Vec<u32>,
+    start: Vec<u32>,
+}
+
+impl Table {
+    /// Frequencies normalized to [`SCALE`], each present value at least 1, from raw counts (not all zero).
+    fn from_counts(counts: &[u64]) -> Self {
+        let total: u64 = counts.iter().sum();
+        let mut freq: Vec<u32> = counts
+            .iter()
+            .map(|&c| {
+                if c > 0 {
+                    ((c * SCALE as u64) / total).max(1) as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        // Rounding down leaves a shortfall, which the most frequent value takes; lifting rare values to 1 may
+        // overshoot instead, which comes off the largest frequencies first (never below 1: at most 256 values
+        // share 4096 slots, so there is always room).
+        let sum: u32 = freq.iter().sum();
+        let mut order: Vec<usize> = (0..freq.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(freq[i]));
+        if sum < SCALE {
+            freq[order[0]] += SCALE - sum;
+        }
+        let mut excess = sum.saturating_sub(SCALE);
+        while excess > 0 {
+            for &i in &order {
+                if excess == 0 {
+                    break;
+                }
+                if freq[i] > 1 {
+                    freq[i] -= 1;
+                    excess -= 1;
+                }
+            }
+        }
+        debug_assert_eq!(
+            freq.iter().sum::<u32>(),
+            SCALE,
+            "a table must sum to the scale"
+        );
+        Self::from_freq(freq)
+    }
+
+    fn from_freq(freq: Vec<u32>) -> Self {
+        let start = freq
+            .iter()
+            .scan(0, |acc, &f| {
+                let s = *acc;
+                *acc += f;
+                Some(s)
+            })
+            .collect();
+        Self { freq, start }
+    }
+
+    /// Every value of an alphabet of `n` at equal frequency.
+    fn flat(n: usize) -> Self {
+        Self::from_freq(vec![SCALE / n as u32; n])
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut bitmap = vec![0u8; self.freq.len() / 8];
+        for (b, &f) in self.freq.iter().enumerate() {
+            if f > 0 {
+                bitmap[b / 8] |= 1 << (b % 8);
+            }
+        }
+        out.extend_from_slice(&bitmap);
+        for &f in self.freq.iter().filter(|&&f| f > 0) {
+            if f < 128 {
+                out.push(f as u8);
+            } else {
+                out.extend_from_slice(&[0x80 | (f & 0x7f) as u8, (f >> 7) as u8]);
+            }
+        }
+    }
+
+    /// Bytes of the table as written, and of `counts` coded with it (the entropy under its frequencies).
+    fn cost(&self, counts: &[u64]) -> f64 {
+        let present = self
+            .freq
+            .iter()
+            .map(|&f| (f > 0) as usize + (f >= 128) as usize);
+        let table = self.freq.len() / 8 + present.sum::<usize>();
+        let bits: f64 = counts
+            .iter()
+            .zip(&self.freq)
+            .filter(|(c, _)| **c > 0)
+            .map(|(&c, &f)| c as f64 * (SCALE as f64 / f as f64).log2())
+            .sum();
+        table as f64 + bits / 8.0
+    }
+
+    /// Reads a table of an alphabet of `n` written by [`Table::write`] from `bytes[*pos..]`.
+    fn read(bytes: &[u8], pos: &mut usize, n: usize, id: usize) -> Result<Self, EntropyError> {
+        let bitmap = bytes
+            .get(*pos..*pos + n / 8)
+            .ok_or(EntropyError::TablesCut)?;
+        *pos += n / 8;
+        let mut freq = vec![0u32; n];
+        let mut sum = 0u32;
+        for (b, f) in freq.iter_mut().enumerate() {
+            if bitmap[b / 8] >> (b % 8) & 1 == 1 {
+                let lo = *bytes.get(*pos).ok_or(EntropyError::TablesCut)?;
+                *pos += 1;
+                *f = lo as u32;
+                if lo & 0x80 != 0 {
+                    let hi = *bytes.get(*pos).ok_or(EntropyError::TablesCut)?;
+                    *pos += 1;
+                    *f = (lo & 0x7f) as u32 | (hi as u32) << 7;
+                }
+                if *f == 0 || *f > SCALE {
+                    return Err(EntropyError::BadTable(
+                        id,
+                        "a present value's frequency is 0 or above 4096",
+                    ));
+                }
+                sum += *f;
+            }
+        }
+        if sum != SCALE {
+            return Err(EntropyError::BadTable(id, "frequencies do not sum to 4096"));
+        }
+        Ok(Self::from_freq(freq))
+    }
+
+    /// The value whose range holds each of the [`SCALE`] slots.
+    fn slots(&self) -> Vec<u8> {
+        let mut s = vec![0u8; SCALE as usize];
+        for (v, (&lo, &f)) in self.start.iter().zip(&self.freq).enumerate() {
+            s[lo as usize..(lo + f) as usize].fill(v as u8);
+        }
+        s
+    }
+}
+
+/// Every coded symbol of the payload, in order: (table, value). Byte tables are `0..CLASSES`; channel table `c` of
+/// int4 keys is `CLASSES + c`, and a key byte is two symbols, its low code then its high one.
+fn symbols<'a>(
+    payload: &'a [u8],
+    model: &'a PayloadModel,
+) -> impl DoubleEndedIterator<Item = (usize, u8)> + 'a {
+    payload
+        .iter()
+        .zip(model.classes.iter().zip(&model.channels))
+        .flat_map(|(&b, (&class, &ch))| {
+            if class == ByteClass::KeyNibbles as u8 {
+                let t = CLASSES + ch as usize;
+                [Some((t, b & 0x0f)), Some((t + 1, b >> 4))]
+            } else {
+                [Some((class as usize, b)), None]
+            }
+        })
+        .flatten()
+}
+
+/// Alphabet size of table `t`.
+fn alphabet(t: usize) -> usize {
+    if t < CLASSES { 256 } else { 16 }
+}
+
+/// Compresses `payload`, laid out as `model` says (same length).
+pub fn compress(payload: &[u8], model: &PayloadModel) -> Vec<u8> {
+    assert_eq!(payload.len(), model.len(), "compress: a class per byte");
+    let n_tables = CLASSES + model.channel_tables();
+    let mut counts: Vec<Vec<u64>> = (0..n_tables).map(|t| vec![0; alphabet(t)]).collect();
+    for (t, v) in symbols(payload, model) {
+        counts[t][v as usize] += 1;
+    }
+    let mut out = Vec::with_capacity(payload.len() / 2 + 1024);
+    let mut tables: Vec<Option<Table>> = Vec::with_capacity(n_tables);
+    for c in &counts {
+        let n: u64 = c.iter().sum();
+        if n == 0 {
+            out.push(0);
+            tables.push(None);
+            continue;
+        }
+        // A table where it pays for itself, else flat.
+        let t = Table::from_counts(c);
+        let flat_bytes = n as f64 * (c.len() as f64).log2() / 8.0;
+        if t.cost(c) < flat_bytes {
+            out.push(1);
+            t.write(&mut out);
+            tables.push(Some(t));
+        } else {
+            out.push(2);
+            tables.push(Some(Table::flat(c.len())));
+        }
+    }
+    // rANS encodes the last symbol first; its output is read back to front.
+    let mut stream = Vec::with_capacity(payload.len() / 2);
+    let mut x = LOW;
+    for (t, v) in symbols(payload, model).rev() {
+        let t = tables[t].as_ref().expect("a table with symbols is written");
+        let (f, s) = (t.freq[v as usize], t.start[v as usize]);
+        let x_max = ((LOW >> SCALE_BITS) << 8) * f;
+        while x >= x_max {
+            stream.push(x as u8);
+            x >>= 8;
+        }
+        x = ((x / f) << SCALE_BITS) + x % f + s;
+    }
+    stream.extend_from_slice(&x.to_le_bytes());
+    out.extend(stream.iter().rev());
+    out
+}
+
+/// Decompresses what [`compress`] made of a payload laid out as `model` says (whose length is the payload's).
+pub fn decompress(bytes: &[u8], model: &PayloadModel) -> Result<Vec<u8>, EntropyError> {
+    let n_tables = CLASSES + model.channel_tables();
+    let mut pos = 0;
+    let mut tables = Vec::with_capacity(n_tables);
+    for id in 0..n_tables {
+        let flag = *bytes.get(pos).ok_or(EntropyError::TablesCut)?;
+        pos += 1;
+        let t = match flag {
+            0 => None,
+            1 => Some(Table::read(bytes, &mut pos, alphabet(id), id)?),
+            2 => Some(Table::flat(alphabet(id))),
+            _ => return Err(EntropyError::BadTable(id, "its flag is not 0, 1 or 2")),
+        };
+        // Byte tables look a slot's value up; the 16 values of a channel table are searched (building 4096 slots
+        // for each of hundreds of channel tables would cost more than decoding the chunk).
+        tables.push(t.map(|t| {
+            let slots = if t.freq.len() > 16 {
+                t.slots()
+            } else {
+                Vec::new()
+            };
+            (t, slots)
+        }));
+    }
+    let head = bytes.get(pos..pos + 4).ok_or(EntropyError::StreamCut)?;
+    let mut x = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    pos += 4;
+    if !(LOW..LOW << 8).contains(&x) {
+        return Err(EntropyError::BadEnd);
+    }
+    let mut decode = |id: usize| -> Result<u8, EntropyError> {
+        let (t, slots) = tables
+            .get(id)
+            .and_then(|t| t.as_ref())
+            .ok_or(EntropyError::NoTable(id))?;
+        let slot = x & (SCALE - 1);
+        let v = match slots.get(slot as usize) {
+            Some(&v) => v,
+            None => (t.start.partition_point(|&s| s <= slot) - 1) as u8,
+        };
+        x = t.freq[v as usize] * (x >> SCALE_BITS) + slot - t.start[v as usize];
+        while x < LOW {
+            let next = *bytes.get(pos).ok_or(EntropyError::StreamCut)?;
+            pos += 1;
+            x = x << 8 | next as u32;
+        }
+        Ok(v)
+    };
+    let mut out = Vec::with_capacity(model.len());
+    for (&class, &ch) in model.classes.iter().zip(&model.channels) {
+        out.push(if class == ByteClass::KeyNibbles as u8 {
+            let t = CLASSES + ch as usize;
+            let lo = decode(t)?;
+            lo | decode(t + 1)? << 4
+        } else {
+            decode(class as usize)?
+        });
+    }
+    if x != LOW || pos != bytes.len() {
+        return Err(EntropyError::BadEnd);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tandem_engine::kv::KvFormat;
+    use tandem_engine::kv::codec::{BlockShape, Codec, Fill};
+
+    fn m(classes: &[u8]) -> PayloadModel {
+        PayloadModel::of_byte_classes(classes.to_vec())
+    }
+
+    /// Bytes of two classes: class 0 skewed toward a few values, class 1 uniform.
+    fn sample(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let mut s = seed | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let classes: Vec<u8> = (0..n).map(|i| (i % 5 == 0) as u8).collect();
+        let bytes = classes
+            .iter()
+            .map(|&c| {
+                let r = next();
+                if c == 0 {
+                    (120 + (r % 7) * (r % 3)) as u8
+                } else {
+                    r as u8
+                }
+            })
+            .collect();
+        (bytes, classes)
+    }
+
+    #[test]
+    fn round_trips_and_shrinks_skewed_bytes() {
+        for n in [0, 1, 2, 100, 10_000] {
+            let (bytes, classes) = sample(n, n as u64 + 3);
+            let packed = compress(&bytes, &m(&classes));
+            assert_eq!(decompress(&packed, &m(&classes)).unwrap(), bytes, "n = {n}");
+            if n == 10_000 {
+                // Within 1% of the sample's own order-0 entropy per class, plus the tables (at most 545 bytes
+                // each, and none for the uniform class, which goes flat).
+                let mut bits = 0f64;
+                for class in 0..2u8 {
+                    let mut counts = [0f64; 256];
+                    let picked = bytes.iter().zip(&classes).filter(|(_, c)| **c == class);
+                    picked.for_each(|(&b, _)| counts[b as usize] += 1.0);
+                    let total: f64 = counts.iter().sum();
+                    bits -= counts
+                        .iter()
+                        .filter(|&&c| c > 0.0)
+                        .map(|&c| c * (c / total).log2())
+                        .sum::<f64>();
+                }
+                let bound = bits / 8.0 * 1.01 + 2.0 * 545.0 + 16.0;
+                assert!(
+                    (packed.len() as f64) < bound,
+                    "{} bytes, bound {bound:.0}",
+                    packed.len()
+                );
+                assert!(
+                    packed.len() < bytes.len() * 6 / 10,
+                    "{} of {}",
+                    packed.len(),
+                    bytes.len()
+                );
+            }
+        }
+        // One value only: a table of one entry, a stream of nearly nothing.
+        let packed = compress(&[7; 5000], &m(&[0; 5000]));
+        assert!(packed.len() < 64, "{}", packed.len());
+        assert_eq!(decompress(&packed, &m(&[0; 5000])).unwrap(), vec![7; 5000]);
+    }
+
+    /// The model of `blocks` int4 blocks of 2 heads x 16 tokens x 64 dims.
+    fn int4_model(blocks: usize) -> PayloadModel {
+        let shape = BlockShape {
+            kv_heads: 2,
+            block_size: 16,
+            head_dim: 64,
+        };
+        let mut model = PayloadModel::default();
+        for _ in 0..blocks {
+            model.push_block(Codec::Int4, KvFormat::F16, shape, Fill::middle(16));
+        }
+        model
+    }
+
+    #[test]
+    fn key_codes_take_their_channels_tables() {
+        // Each channel's codes keep to two values of its own; over all channels every value is common. Channel
+        // tables code a key code in about one bit, where one table for all would need four.
+        let model = int4_model(8);
+        let mut s = 7u64;
+        let bytes: Vec<u8> = model
+            .classes
+            .iter()
+            .zip(&model.channels)
+            .map(|(&class, &ch)| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = (s >> 33) as u32;
+                if class == ByteClass::KeyNibbles as u8 {
+                    let code = |c: u32, bit: u32| ((c * 5 + (r >> bit & 1)) % 16) as u8;
+                    code(ch, 0) | code(ch + 1, 1) << 4
+                } else {
+                    r as u8
+                }
+            })
+            .collect();
+        let packed = compress(&bytes, &model);
+        assert_eq!(decompress(&packed, &model).unwrap(), bytes);
+        let keys = model
+            .classes
+            .iter()
+            .filter(|&&c| c == ByteClass::KeyNibbles as u8)
+            .count();
+        let others = bytes.len() - keys;
+        // Key bytes at 2 bits (two codes of one bit) plus 128 small channel tables; the rest flat.
+        let bound = others + keys / 4 + 128 * 8 + 64;
+        assert!(
+            packed.len() < bound,
+            "{} bytes, bound {bound}",
+            packed.len()
+        );
+        // The same payload with the key bytes under one byte table (a byte's two codes are five apart, give or
+        // take one: about 5.5 bits) costs over a bit more per key byte.
+        let classes = model
+            .classes
+            .iter()
+            .map(|&c| c.min(ByteClass::RawHigh as u8))
+            .collect();
+        let pooled = compress(&bytes, &PayloadModel::of_byte_classes(classes));
+        assert!(
+            pooled.len() > packed.len() + keys / 8,
+            "{} vs {}",
+            pooled.len(),
+            packed.len()
+        );
+    }
+
+    #[test]
+    fn tables_sum_to_the_scale_when_rare_bytes_overshoot() {
+        // 128 common bytes of equal count take 32 slots each; 128 rare ones must still get one.
+        let mut counts = [0u64; 256];
+        for (b, c) in counts.iter_mut().enumerate() {
+            *c = if b < 128 { 1_000_000 } else { 1 };
+        }
+        let t = Table::from_counts(&counts);
+        assert_eq!(t.freq.iter().sum::<u32>(), SCALE);
+        assert!(t.freq.iter().all(|&f| f >= 1));
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        let classes = vec![0u8; bytes.len()];
+        assert_eq!(
+            decompress(&compress(&bytes, &m(&classes)), &m(&classes)).unwrap(),
+            bytes
+        );
+    }
+
+    #[test]
+    fn refuses_damaged_streams() {
+        let (bytes, classes) = sample(3000, 11);
+        let packed = compress(&bytes, &m(&classes));
+        // Cut anywhere: an error, never a panic or a short payload.
+        for cut in [0, 1, 20, packed.len() / 2, packed.len() - 1] {
+            assert!(
+                decompress(&packed[..cut], &m(&classes)).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // A byte of a class with no table.
+        let mut other = classes.clone();
+        other[10] = 3;
+        assert_eq!(
+            decompress(&packed, &m(&other)),
+            Err(EntropyError::NoTable(3))
+        );
+        // A flag that is none of 0, 1, 2.
+        let mut flagged = packed.clone();
+        flagged[0] = 3;
+        assert!(matches!(
+            decompress(&flagged, &m(&classes)),
+            Err(EntropyError::BadTable(0, _))
+        ));
+        // Trailing bytes.
+        let mut longer = packed.clone();
+        longer.push(0);
+        assert_eq!(decompress(&longer, &m(&classes)), Err(EntropyError::BadEnd));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(
+            junk in proptest::collection::vec(any::<u8>(), 0..400),
+            n in 0usize..300,
+        ) {
+            let classes: Vec<u8> = (0..n).map(|i| (i % CLASSES) as u8).collect();
+            let _ = decompress(&junk, &m(&classes));
+        }
+
+        #[test]
+        fn random_payloads_round_trip(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2000),
+            period in 1usize..7,
+        ) {
+            let classes: Vec<u8> = (0..bytes.len()).map(|i| (i % period % CLASSES) as u8).collect();
+            let packed = compress(&bytes, &m(&classes));
+            prop_assert_eq!(decompress(&packed, &m(&classes)).unwrap(), bytes);
+        }
+
+        #[test]
+        fn random_int4_payloads_round_trip(blocks in 1usize..4, seed in any::<u64>()) {
+            let model = int4_model(blocks);
+            let mut s = seed | 1;
+            let bytes: Vec<u8> = (0..model.len()).map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            }).collect();
+            let packed = compress(&bytes, &model);
+            prop_assert_eq!(decompress(&packed, &model).unwrap(), bytes);
+            // Damaged: cut short, an error.
+            prop_assert!(decompress(&packed[..packed.len() / 2], &model).is_err());
+        }
+    }
+}
