@@ -15,9 +15,9 @@
 //! frequency: what near-random bytes such as f16 low bytes cost anyway, without a table). A table is a bitmap of the
 //! values present (32 bytes for bytes, 2 for 4-bit codes), then each present value's frequency (at least 1, summing
 //! to 4096) as one byte if below 128, else two (low seven bits with the top bit set, then the rest). Then the rANS
-//! stream: a 32-bit state in `[2^23, 2^31)` as four big-endian bytes, renormalized a byte at a time; a key byte
-//! decodes as its low code, then its high one. Decoding the whole payload must leave the state at `2^23` with the
-//! stream used up.
+//! stream: two 32-bit states in `[2^23, 2^31)`, each as four big-endian bytes, symbol `k` (counting from 0, a key
+//! byte's low code before its high one) coded by state `k % 2`, both renormalized a byte at a time from the one
+//! stream. Decoding the whole payload must leave both states at `2^23` with the stream used up.
 
 use tandem_engine::kv::codec::{ByteClass, CLASSES, PayloadModel};
 
@@ -214,8 +214,10 @@ pub fn compress(payload: &[u8], model: &PayloadModel) -> Vec<u8> {
     assert_eq!(payload.len(), model.len(), "compress: a class per byte");
     let n_tables = CLASSES + model.channel_tables();
     let mut counts: Vec<Vec<u64>> = (0..n_tables).map(|t| vec![0; alphabet(t)]).collect();
+    let mut n_symbols = 0;
     for (t, v) in symbols(payload, model) {
         counts[t][v as usize] += 1;
+        n_symbols += 1;
     }
     let mut out = Vec::with_capacity(payload.len() / 2 + 1024);
     let mut tables: Vec<Option<Table>> = Vec::with_capacity(n_tables);
@@ -238,20 +240,23 @@ pub fn compress(payload: &[u8], model: &PayloadModel) -> Vec<u8> {
             tables.push(Some(Table::flat(c.len())));
         }
     }
-    // rANS encodes the last symbol first; its output is read back to front.
+    // rANS encodes the last symbol first; its output is read back to front. Symbol k goes through state k % 2
+    // (two independent chains, which the CPU overlaps), both renormalizing into the one stream.
     let mut stream = Vec::with_capacity(payload.len() / 2);
-    let mut x = LOW;
-    for (t, v) in symbols(payload, model).rev() {
+    let mut x = [LOW; 2];
+    for (k, (t, v)) in (0..n_symbols).rev().zip(symbols(payload, model).rev()) {
         let t = tables[t].as_ref().expect("a table with symbols is written");
         let (f, s) = (t.freq[v as usize], t.start[v as usize]);
+        let x = &mut x[k & 1];
         let x_max = ((LOW >> SCALE_BITS) << 8) * f;
-        while x >= x_max {
-            stream.push(x as u8);
-            x >>= 8;
+        while *x >= x_max {
+            stream.push(*x as u8);
+            *x >>= 8;
         }
-        x = ((x / f) << SCALE_BITS) + x % f + s;
+        *x = ((*x / f) << SCALE_BITS) + *x % f + s;
     }
-    stream.extend_from_slice(&x.to_le_bytes());
+    stream.extend_from_slice(&x[1].to_le_bytes());
+    stream.extend_from_slice(&x[0].to_le_bytes());
     out.extend(stream.iter().rev());
     out
 }
@@ -281,27 +286,33 @@ pub fn decompress(bytes: &[u8], model: &PayloadModel) -> Result<Vec<u8>, Entropy
             (t, slots)
         }));
     }
-    let head = bytes.get(pos..pos + 4).ok_or(EntropyError::StreamCut)?;
-    let mut x = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-    pos += 4;
-    if !(LOW..LOW << 8).contains(&x) {
-        return Err(EntropyError::BadEnd);
+    let mut x = [0u32; 2];
+    for x in &mut x {
+        let head = bytes.get(pos..pos + 4).ok_or(EntropyError::StreamCut)?;
+        *x = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        pos += 4;
+        if !(LOW..LOW << 8).contains(x) {
+            return Err(EntropyError::BadEnd);
+        }
     }
+    let mut k = 0usize;
     let mut decode = |id: usize| -> Result<u8, EntropyError> {
         let (t, slots) = tables
             .get(id)
             .and_then(|t| t.as_ref())
             .ok_or(EntropyError::NoTable(id))?;
-        let slot = x & (SCALE - 1);
+        let x = &mut x[k & 1];
+        k += 1;
+        let slot = *x & (SCALE - 1);
         let v = match slots.get(slot as usize) {
             Some(&v) => v,
             None => (t.start.partition_point(|&s| s <= slot) - 1) as u8,
         };
-        x = t.freq[v as usize] * (x >> SCALE_BITS) + slot - t.start[v as usize];
-        while x < LOW {
+        *x = t.freq[v as usize] * (*x >> SCALE_BITS) + slot - t.start[v as usize];
+        while *x < LOW {
             let next = *bytes.get(pos).ok_or(EntropyError::StreamCut)?;
             pos += 1;
-            x = x << 8 | next as u32;
+            *x = *x << 8 | next as u32;
         }
         Ok(v)
     };
@@ -315,7 +326,7 @@ pub fn decompress(bytes: &[u8], model: &PayloadModel) -> Result<Vec<u8>, Entropy
             decode(class as usize)?
         });
     }
-    if x != LOW || pos != bytes.len() {
+    if x != [LOW; 2] || pos != bytes.len() {
         return Err(EntropyError::BadEnd);
     }
     Ok(out)
