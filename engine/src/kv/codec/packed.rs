@@ -10,7 +10,7 @@
 
 use super::{BlockShape, Codec, CodecError, GROUP, fp8};
 use crate::kv::KvFormat;
-use crate::kv::quant::{affine_code, affine_inv, affine_params, f16_sat};
+use crate::kv::quant::{ByteCode, affine_code, affine_inv, affine_params};
 use half::f16;
 
 fn at(s: BlockShape, h: usize, t: usize) -> usize {
@@ -51,34 +51,20 @@ pub(super) fn put_fp8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) 
     }
 }
 
+/// Per head and token: the f16 scale, then the codes, by the int8 cache format's own rule ([`ByteCode::Int8`]);
+/// tokens past the fill as a zero scale and zero codes.
 pub(super) fn put_int8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) {
     for h in 0..s.kv_heads {
         for t in 0..s.block_size {
-            let row = &x[at(s, h, t)..at(s, h, t) + s.head_dim];
-            let absmax = if t < fill {
-                row.iter().fold(0f32, |m, v| m.max(v.abs()))
-            } else {
-                0.0
-            };
-            let scale = f16_sat(absmax / 127.0);
-            out.extend_from_slice(&scale.to_le_bytes());
-            let sf = scale.to_f32();
-            if t >= fill || sf == 0.0 {
-                out.resize(out.len() + s.head_dim, 0);
-                continue;
+            let start = out.len();
+            out.resize(start + 2 + s.head_dim, 0);
+            if t < fill {
+                let row = &x[at(s, h, t)..at(s, h, t) + s.head_dim];
+                let scale = ByteCode::Int8.quantize(row, &mut out[start + 2..]);
+                out[start..start + 2].copy_from_slice(&scale.to_le_bytes());
             }
-            let inv = 1.0 / sf;
-            out.extend(
-                row.iter()
-                    .map(|&v| round_half_away(v * inv).clamp(-127, 127) as i8 as u8),
-            );
         }
     }
-}
-
-/// Nearest integer, halves away from zero, by truncation (no libm call on targets without SSE4.1); NaN gives 0.
-fn round_half_away(x: f32) -> i32 {
-    (x + 0.5f32.copysign(x)) as i32
 }
 
 /// Quantizes `vals` to `bits`-bit codes over `[min, min + scale * levels]` and appends min, scale and the codes.
