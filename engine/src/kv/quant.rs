@@ -2,8 +2,8 @@
 //! so that a cache block and its wire form round the same values the same way.
 //!
 //! - int8 ([`ByteCode::Int8`]): symmetric, one f16 scale per vector (`max |x| / 127`, saturated to f16's range),
-//!   rounded to f16 first so that quantization and dequantization use the same value. The `int8` codec applies the
-//!   same rule with its own loop over packed bytes.
+//!   rounded to f16 first so that quantization and dequantization use the same value. The `int8` codec calls it
+//!   for each token of a block.
 //! - fp8 (cache format): E4M3 codes under one f16 scale per vector (`max |x| / 448`, E4M3's largest value), so each
 //!   vector uses the whole E4M3 range. The `fp8` codec keeps one f32 scale per head per block instead (it sees the
 //!   whole block at once; a cache is written a token at a time).
@@ -105,7 +105,9 @@ pub fn affine_code(v: f32, min: f32, inv: f32, levels: u32) -> u8 {
 pub fn round_half_away(x: f32) -> i32 {
     let t = x as i32;
     let f = x - t as f32;
-    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
+    // Saturating: `t` is already i32::MAX (or MIN) for an infinite or out-of-range `x`, whose remainder is too.
+    t.saturating_add(i32::from(f >= 0.5))
+        .saturating_sub(i32::from(f <= -0.5))
 }
 
 /// The reciprocal the codes are computed with.
@@ -186,6 +188,15 @@ mod tests {
         for x in xs {
             assert_eq!(round_half_away(x) as f32, x.round(), "{x}");
         }
+        // Beyond i32's range it saturates, so the int8 rule's clamp still lands on the right end.
+        for x in [f32::INFINITY, f32::NEG_INFINITY, 1e10, -1e10, 3e38, -3e38] {
+            assert_eq!(
+                round_half_away(x).clamp(-127, 127) as f32,
+                x.round().clamp(-127.0, 127.0),
+                "{x}"
+            );
+        }
+        assert_eq!(round_half_away(f32::NAN), 0);
     }
 
     #[test]

@@ -41,11 +41,14 @@ pub enum ByteClass {
 /// Number of byte classes coded by byte tables (all but [`ByteClass::KeyNibbles`]).
 pub const CLASSES: usize = 8;
 
-/// The classes of a payload's bytes, and for each [`ByteClass::KeyNibbles`] byte the channel context of its low
-/// code (its high code's is the next): `head * head_dim + dim`.
+/// The classes of a payload's bytes, and for each [`ByteClass::KeyNibbles`] byte, in payload order, the channel
+/// context of its low code (its high code's is the next): `head * head_dim + dim`. (With an odd head_dim the last
+/// byte of a head holds one code and a zero pad, whose context is the next index: the next head's first channel, or
+/// the extra context `kv_heads * head_dim` after the last head.)
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PayloadModel {
     pub classes: Vec<u8>,
+    /// One per [`ByteClass::KeyNibbles`] byte (not per byte: a chunk's model stays about the payload's size).
     pub channels: Vec<u32>,
     /// One more than the largest channel context named (0: none).
     channel_count: usize,
@@ -54,9 +57,10 @@ pub struct PayloadModel {
 impl PayloadModel {
     /// A payload of bytes of these classes only (none of them [`ByteClass::KeyNibbles`]).
     pub fn of_byte_classes(classes: Vec<u8>) -> Self {
+        debug_assert!(!classes.contains(&(ByteClass::KeyNibbles as u8)));
         Self {
-            channels: vec![0; classes.len()],
             classes,
+            channels: Vec::new(),
             channel_count: 0,
         }
     }
@@ -73,7 +77,6 @@ impl PayloadModel {
 
     fn push(&mut self, class: ByteClass, n: usize) {
         self.classes.extend(std::iter::repeat_n(class as u8, n));
-        self.channels.resize(self.classes.len(), 0);
     }
 
     /// Appends the model of one encoded block (`encoded_len` bytes: K, then V).
@@ -81,11 +84,15 @@ impl PayloadModel {
         use ByteClass::*;
         let (h, t, d) = (shape.kv_heads, shape.block_size, shape.head_dim);
         let start = self.len();
-        // Runs of `n` values at `bits` bits: f16 min, f16 scale, then the codes.
-        let run = |m: &mut Self, code: ByteClass, n: usize, bits: usize| {
+        // A run's f16 min and f16 scale.
+        let params = |m: &mut Self| {
             for class in [MinLow, MinHigh, ScaleLow, ScaleHigh] {
                 m.push(class, 1);
             }
+        };
+        // Runs of `n` values at `bits` bits: the parameters, then the codes.
+        let run = |m: &mut Self, code: ByteClass, n: usize, bits: usize| {
+            params(m);
             m.push(code, (n * bits).div_ceil(8));
         };
         let raw_half = |m: &mut Self, fmt: KvFormat| {
@@ -137,11 +144,10 @@ impl PayloadModel {
                 for head in 0..h {
                     for _ in 0..t {
                         for g in (0..d).step_by(GROUP) {
-                            run(self, KeyNibbles, 0, 4);
+                            params(self);
                             for dim in (g..d.min(g + GROUP)).step_by(2) {
                                 self.push(KeyNibbles, 1);
-                                *self.channels.last_mut().expect("just pushed") =
-                                    (head * d + dim) as u32;
+                                self.channels.push((head * d + dim) as u32);
                             }
                         }
                     }

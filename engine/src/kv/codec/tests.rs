@@ -336,12 +336,11 @@ fn byte_classes_follow_each_layout() {
                     assert_eq!(classes.len(), bytes.len(), "{codec:?} {s:?} {fill:?}");
                     // int4 keys: every code byte named by its channel, the channels of a group in order.
                     if codec == Codec::Int4 {
-                        let named: Vec<u32> = classes
+                        let named = &model.channels;
+                        let key_bytes = classes
                             .iter()
-                            .zip(&model.channels)
-                            .filter(|(c, _)| **c == ByteClass::KeyNibbles as u8)
-                            .map(|(_, &ch)| ch)
-                            .collect();
+                            .filter(|&&c| c == ByteClass::KeyNibbles as u8);
+                        assert_eq!(named.len(), key_bytes.count());
                         assert_eq!(named.len(), kv_heads * block_size * head_dim.div_ceil(2));
                         let first_head: Vec<u32> = named[..head_dim.div_ceil(2)].to_vec();
                         let want: Vec<u32> = (0..head_dim as u32).step_by(2).collect();

@@ -326,6 +326,31 @@ mod tests {
                             &mut out,
                             kernels,
                         );
+                        // Batch invariance, bit for bit: a row's outputs in a batch of n (the paired kernel from four
+                        // rows on) equal its outputs alone (the one-group kernel), so batched decode gives the tokens
+                        // of one sequence at a time.
+                        for r in 0..n {
+                            let mut alone = vec![0f32; wrows];
+                            let one = &refs[r..r + 1];
+                            dot_rows(
+                                ty,
+                                layout,
+                                bytes,
+                                row_bytes,
+                                0..wrows,
+                                one,
+                                &mut alone,
+                                kernels,
+                            );
+                            let batched = &out[r * wrows..(r + 1) * wrows];
+                            assert!(
+                                alone
+                                    .iter()
+                                    .zip(batched)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{ty} n={n} {kernels:?} {layout:?} row {r}: batched differs from alone"
+                            );
+                        }
                         for (i, (wq, wf)) in w.chunks_exact(row_bytes).zip(&wf).enumerate() {
                             for r in 0..n {
                                 let got = out[r * wrows + i];

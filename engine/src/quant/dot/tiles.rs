@@ -257,8 +257,9 @@ macro_rules! tiled_kernel {
                 }
             }
 
-            /// As [`pass`] for two groups at once (`xs` at least [`GROUP`] rows, at most `M`): one broadcast of
-            /// each activation pair feeds both groups' weight registers.
+            /// As [`pass`] for two groups at once (`xs` at most `M` rows; `M` is [`GROUP`] for exactly four, so
+            /// that the accumulators live in registers, else [`PASS`]): one broadcast of each activation pair feeds
+            /// both groups' weight registers.
             #[inline]
             #[target_feature(enable = $features)]
             fn paired_pass<const M: usize, const K: u8>(
@@ -307,6 +308,7 @@ macro_rules! tiled_kernel {
                 at: usize,
                 acc: &mut [[__m256; M]; 2],
             ) {
+                debug_assert!(K != Q8_0, "the minimum term below is Q4's");
                 let x: [&ActBlock; N] = std::array::from_fn(|j| &xs[j][b]);
                 let mut sums = [[_mm256_setzero_si256(); N]; 2];
                 for p in 0..16 {
