@@ -7,7 +7,7 @@
 //! | `none` | the cache dtype | same | 32 (f32) or 16 (f16) |
 //! | `fp8` | E4M3, one f32 scale per head per block | same | ~8.0 |
 //! | `int8` | symmetric, f16 scale per token per head | same | 8.25 |
-//! | `int4` | asymmetric, f16 min and scale per 32 elements along head_dim | same | 5 |
+//! | `int4` | asymmetric, f16 min and scale per 32 elements along head_dim, after a Walsh-Hadamard turn | asymmetric, per 32 elements | 5 |
 //! | `kivi2` | 2-bit, f16 min and scale per channel over the block's tokens | 2-bit, per 32 elements along head_dim | 3.5 |
 //!
 //! `kivi2` follows KIVI (Liu et al., 2024: keys per channel, values per token): a block that is not full yet holds
@@ -17,6 +17,9 @@
 //! ([`KeyRotation`]: each key turned back by RoPE for its offset within the block), where a channel varies far less
 //! across the block's tokens than in the cache's frame; the decoder turns them forward again.
 //!
+//! `int4` turns each key by an orthonormal Walsh-Hadamard transform before quantizing it and turns it back after
+//! decoding ([`spread`]), so that a key's few large channels do not widen the range of the groups that hold them.
+//!
 //! Every codec zeroes the tokens of a block past its fill and encodes fixed-size output for a given shape and fill,
 //! so a decoder checks one length before reading anything. Decoding never panics: a wrong length or a non-finite
 //! scale is a [`CodecError`].
@@ -25,6 +28,7 @@ mod classes;
 pub mod fp8;
 mod packed;
 pub mod rotation;
+pub mod spread;
 
 pub use classes::{ByteClass, CLASSES, PayloadModel};
 pub use rotation::KeyRotation;
@@ -237,9 +241,10 @@ pub fn encode_block(c: &BlockCoding<'_>, block: BlockRef<'_>, out: &mut Vec<u8>)
             }
         }
         Codec::Int4 => {
-            for half in [block.k, block.v] {
-                packed::put_groups(shape, tokens, half, 4, out);
-            }
+            let mut turned = block.k.to_vec();
+            spread::turn_all(&mut turned, shape.head_dim);
+            packed::put_groups(shape, tokens, &turned, 4, out);
+            packed::put_groups(shape, tokens, block.v, 4, out);
         }
     }
     debug_assert_eq!(out.len() - start, encoded_len(c.codec, raw, shape, fill));
@@ -295,6 +300,7 @@ pub fn decode_block(
         }
         Codec::Int4 => {
             r.groups(shape, 4, k)?;
+            spread::turn_all(k, shape.head_dim);
             r.groups(shape, 4, v)?;
         }
     }

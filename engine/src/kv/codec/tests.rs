@@ -40,6 +40,19 @@ fn shape_and_block() -> impl Strategy<Value = (BlockShape, Fill, Vec<f32>, Vec<f
     })
 }
 
+/// The power-of-two run of a `head_dim` vector that holds dim `d` (see [`spread`]): its start and length.
+fn run_of(d: usize, head_dim: usize) -> (usize, usize) {
+    let (mut start, mut rest) = (0, head_dim);
+    loop {
+        let len = 1 << rest.ilog2();
+        if d < start + len {
+            return (start, len);
+        }
+        start += len;
+        rest -= len;
+    }
+}
+
 /// The largest error `codec` may make on element `(h, t, d)` of `x` (tokens below `fill`).
 fn bound(
     codec: Codec,
@@ -82,6 +95,22 @@ fn bound(
         Codec::Int8 => {
             let m = absmax(&mut row(h, t).iter().copied());
             m / 127.0 * 0.5 * 1.002 + m / 1024.0 + 1e-6
+        }
+        Codec::Int4 if key => {
+            // Quantized after the turn: each turned dim within its group's step, and dim d a signed sum of its run's
+            // turned errors over sqrt(run length); plus the float rounding of turning there and back.
+            let mut y = row(h, t).to_vec();
+            spread::turn(&mut y);
+            let (start, len) = run_of(d, s.head_dim);
+            let steps: f32 = (start..start + len)
+                .map(|j| {
+                    let g = j / 32 * 32;
+                    let (r, m) = range(&mut y[g..(g + 32).min(s.head_dim)].iter().copied());
+                    runs(r, m, 15.0)
+                })
+                .sum();
+            let norm = y.iter().map(|v| v * v).sum::<f32>().sqrt();
+            steps / (len as f32).sqrt() + norm * 1e-5
         }
         Codec::Int4 => {
             let (r, m) = range(&mut group(t));
@@ -363,8 +392,10 @@ fn byte_classes_follow_each_layout() {
                                     || (raw == KvFormat::F32 && codec == Codec::None && b == raw32),
                                 "{at}: {b:#x}"
                             ),
-                            // (kivi2's keys are turned into the block's frame, so their parameters vary.)
+                            // (kivi2's keys are turned into the block's frame and int4's by the Walsh-Hadamard
+                            // transform, so their parameters vary; int4's keys are the first half.)
                             _ if codec == Codec::Kivi2 && class != ByteClass::RawHigh as u8 => {}
+                            _ if codec == Codec::Int4 && i < bytes.len() / 2 => {}
                             x if x == ByteClass::MinHigh as u8 => {
                                 assert!(b == 0 || b == raw16, "{at}: {b:#x}")
                             }
