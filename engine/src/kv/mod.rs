@@ -31,7 +31,8 @@ pub enum KvFormat {
     /// than absolute step, so small values of a vector with one large value keep their precision.
     Fp8,
     /// Asymmetric int4 in groups of 32 dims with an f16 min and scale each (the `int4` codec's rule): 5 bits per
-    /// element, 3.2x fewer bytes than f16 at head_dim 128.
+    /// element, 3.2x fewer bytes than f16 at head_dim 128. Keys are stored turned by the Walsh-Hadamard transform
+    /// ([`KvFormat::turns_keys`]).
     Int4,
 }
 
@@ -45,6 +46,15 @@ impl KvFormat {
             Self::Int4 => head_dim.div_ceil(2) + 4 * head_dim.div_ceil(INT4_GROUP),
         }
     }
+    /// Whether the cache stores each key turned by the orthonormal Walsh-Hadamard transform of
+    /// [`codec::spread`] (int4: the turn spreads a key's few large channels over all of them, so its 32-dim groups
+    /// get even ranges; decision 0014). Attention then turns each query the same way, which leaves every score as
+    /// it was (`Hq . Hk = q . k`); values are stored as they are, so outputs need no turn back. Reading a block out
+    /// of the cache (for transfer) turns its keys back.
+    pub fn turns_keys(self) -> bool {
+        self == Self::Int4
+    }
+
     /// The element type a cache in this format sends uncompressed (codec `none`): its own for f32 and f16, f16 for
     /// the quantized formats (whose values f16 holds up to the rounding of their f16 scale and min).
     pub fn raw_wire(self) -> Self {

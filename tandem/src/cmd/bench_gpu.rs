@@ -99,7 +99,7 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
             checks.len(),
             checks.len()
         );
-        check(a.gpu, threads, a.seed)?;
+        check(a.gpu, threads, a.seed, a.kv_format)?;
     }
     if let Some(dir) = &a.reference {
         check_reference(a.gpu, dir)?;
@@ -333,10 +333,15 @@ fn next_logits<B: Backend>(e: &mut Engine<B>, seq: SeqId) -> Result<Vec<f32>> {
 
 /// CUDA and CPU on the same dummy SmolLM2-shaped weights: prefill logits, 16 greedy tokens, then sampled tokens
 /// alternating with logits steps.
-fn check(gpu: usize, threads: usize, seed: u64) -> Result<()> {
+/// CUDA against the CPU backend on dummy SmolLM2-shaped weights, both with a `format` cache. A quantized cache
+/// rounds values that already differ (bf16 weights on the GPU) to codes, so a value near a code boundary may take
+/// the next code on one side: those formats get a looser logit tolerance, and still fail on any systematic
+/// difference (a wrongly turned query or key moves every score).
+fn check(gpu: usize, threads: usize, seed: u64, format: KvFormat) -> Result<()> {
     let weights = || ModelSource::Dummy(DummyWeights::new(NamedShape::SmolLM2_135M, seed));
     let config = EngineConfig {
         num_blocks: 64,
+        kv_format: format,
         ..Default::default()
     };
     let mut cpu = Engine::new(
@@ -416,10 +421,19 @@ fn check(gpu: usize, threads: usize, seed: u64) -> Result<()> {
         }
     }
     println!(
-        "check (smollm2-135m dummy, CUDA vs CPU): logits rel. error {:.2e} after prefill, worst {:.2e} over 22 steps; greedy tokens agree {agree}/16; sampled tokens agree {drawn_agree}/6",
-        first_err, worst
+        "check (smollm2-135m dummy, CUDA vs CPU, {} cache): logits rel. error {:.2e} after prefill, worst {:.2e} over 22 steps; greedy tokens agree {agree}/16; sampled tokens agree {drawn_agree}/6",
+        format.name(),
+        first_err,
+        worst
     );
-    if worst.is_nan() || worst >= 2e-2 || agree < 15 || drawn_agree < 5 {
+    // (Measured on an H200: f16 7.6e-3, int8 2.1e-2, int4 1.65e-1 with 15/16 greedy and 4/6 sampled tokens equal;
+    // the real model's int4 perplexity on CUDA is within 0.2% of the CPU's, bench/RESULTS.md.)
+    let (tol, min_agree, min_drawn) = match format {
+        KvFormat::F32 | KvFormat::F16 => (2e-2, 15, 5),
+        KvFormat::Int8 | KvFormat::Fp8 => (1e-1, 14, 4),
+        KvFormat::Int4 => (3e-1, 13, 3),
+    };
+    if worst.is_nan() || worst >= tol || agree < min_agree || drawn_agree < min_drawn {
         bail!("CUDA disagrees with the CPU backend beyond bf16 tolerance");
     }
     Ok(())

@@ -7,12 +7,14 @@
 //! mask and a max-subtracted softmax, and writes P V with a second SGEMM. Prefill thus runs at matrix speed. Tiles of
 //! at most [`VECTOR_MAX_ROWS`] rows (decode) skip the SGEMMs: over an f32 store they read each block's keys and values
 //! in place, scoring four keys per pass and accumulating P V in registers (`simd::scores`, `simd::weighted_sum`), so a
-//! decode row costs one pass over its context and no copy.
+//! decode row costs one pass over its context and no copy. Where the key store holds turned keys (int4,
+//! [`crate::kv::KvFormat::turns_keys`]) each query is turned the same way first, into scratch.
 
 use super::pool::SpinPool;
 use super::simd;
 use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
 use crate::backend::AttentionTally;
+use crate::kv::codec::spread;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
@@ -37,6 +39,8 @@ impl Ptr {
 struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
+    /// The task's query rows of one head, turned (only over a turned key store).
+    q: Vec<f32>,
     scores: Vec<f32>,
 }
 
@@ -121,8 +125,10 @@ pub fn attention(
             let Scratch {
                 k: gk,
                 v: gv,
+                q: turned_q,
                 scores: all_scores,
             } = sc;
+            let turn = kbuf.turned();
             // For vector rows: positions 0..ctx as runs of contiguous vectors, one per block in place, else the
             // whole copy.
             let spans: Vec<(&[f32], &[f32])> = match in_place {
@@ -141,7 +147,13 @@ pub fn attention(
                     for r in 0..rows {
                         let row = s.first_row + r0 + r;
                         let visible = s.start_pos + r0 + r + 1;
-                        let qv = &q.row(row)[h * hd..(h + 1) * hd];
+                        let mut qv = &q.row(row)[h * hd..(h + 1) * hd];
+                        if turn {
+                            turned_q.clear();
+                            turned_q.extend_from_slice(qv);
+                            spread::turn(turned_q);
+                            qv = turned_q;
+                        }
                         let scores = &mut all_scores[..visible];
                         let mut at = 0;
                         for (k, _) in &spans {
@@ -168,9 +180,21 @@ pub fn attention(
                     }
                     continue;
                 }
-                let qp = q.data[(s.first_row + r0) * q.cols + h * hd..].as_ptr();
-                // SAFETY: Q rows r0..r1 of head h are `rows` x hd with row stride q.cols, inside q; K is ctx x hd
-                // contiguous, read transposed; scores is rows x ctx contiguous and exclusively ours.
+                let (mut qp, mut q_stride) = (
+                    q.data[(s.first_row + r0) * q.cols + h * hd..].as_ptr(),
+                    q.cols,
+                );
+                if turn {
+                    turned_q.clear();
+                    for r in s.first_row + r0..s.first_row + r1 {
+                        turned_q.extend_from_slice(&q.row(r)[h * hd..(h + 1) * hd]);
+                    }
+                    spread::turn_all(turned_q, hd);
+                    (qp, q_stride) = (turned_q.as_ptr(), hd);
+                }
+                // SAFETY: Q rows r0..r1 of head h are `rows` x hd with row stride `q_stride`, inside q (or the
+                // turned copy); K is ctx x hd contiguous, read transposed; scores is rows x ctx contiguous and
+                // exclusively ours.
                 unsafe {
                     matrixmultiply::sgemm(
                         rows,
@@ -178,7 +202,7 @@ pub fn attention(
                         ctx,
                         scale,
                         qp,
-                        q.cols as isize,
+                        q_stride as isize,
                         1,
                         gk.as_ptr(),
                         1,

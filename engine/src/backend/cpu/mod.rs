@@ -21,7 +21,7 @@ use crate::quant::GgmlType;
 use crate::quant::dequant::dequantize_row;
 use crate::quant::dot::DotKernels;
 use crate::quant::interleave::{self, GROUP_ROWS, Layout};
-use kvbuf::KvBuf;
+use kvbuf::{Half, KvBuf};
 
 /// A weight matrix: borrowed from the model file's map as stored there, or (types the tiled kernels read) an owned
 /// copy in the interleaved layout ([`crate::quant::interleave`]).
@@ -214,11 +214,11 @@ impl Backend for CpuBackend {
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKvStore> {
         let vectors = layout.num_blocks * layout.kv_heads * layout.block_size;
-        let make = || KvBuf::new(layout.format, vectors, layout.head_dim);
+        let make = |half| KvBuf::new(layout.format, half, vectors, layout.head_dim);
         Ok(CpuKvStore {
             layout: *layout,
-            k: (0..layout.layers).map(|_| make()).collect(),
-            v: (0..layout.layers).map(|_| make()).collect(),
+            k: (0..layout.layers).map(|_| make(Half::Keys)).collect(),
+            v: (0..layout.layers).map(|_| make(Half::Values)).collect(),
         })
     }
 
@@ -372,7 +372,7 @@ impl Backend for CpuBackend {
         let at = block as usize * (n / hd);
         let read = |b: &KvBuf| {
             let mut out = vec![0f32; n];
-            b.read(at, hd, &mut out);
+            b.read_written(at, hd, &mut out);
             out
         };
         (read(&kv.k[layer]), read(&kv.v[layer]))

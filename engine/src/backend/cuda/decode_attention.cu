@@ -223,6 +223,56 @@ template <typename T, int HD> struct Stage {
     static constexpr int PARAMS = HD / 32 * 4;  // bytes of one int4 row's (min, scale) pairs
 };
 
+// The orthonormal Walsh-Hadamard turn of a query head held as decode attention's B fragments hold it: dimension
+// (4p + c) * 8 + e in x[p][e] of the four lanes sharing g (c = lane % 4). Spans 1-4 lie within a lane's eight, 8
+// and 16 across the lanes (xor 1, 2), 32 and up across its p. All lanes take part (the shuffles need the warp).
+__device__ __forceinline__ float butterfly_across(float x, int c, int bit) {
+    const float other = __shfl_xor_sync(0xffffffffu, x, bit);
+    return (c & bit) ? other - x : x + other;
+}
+template <int HD> __device__ __forceinline__ void turn_query(float (&x)[HD / 32][8], int c) {
+#pragma unroll
+    for (int p = 0; p < HD / 32; p++) {
+#pragma unroll
+        for (int span = 1; span < 8; span <<= 1) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                if (e & span) continue;
+                const float u = x[p][e], w = x[p][e + span];
+                x[p][e] = u + w;
+                x[p][e + span] = u - w;
+            }
+        }
+    }
+#pragma unroll
+    for (int bit = 1; bit <= 2; bit <<= 1) {
+#pragma unroll
+        for (int p = 0; p < HD / 32; p++) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) x[p][e] = butterfly_across(x[p][e], c, bit);
+        }
+    }
+#pragma unroll
+    for (int span = 1; span < HD / 32; span <<= 1) {
+#pragma unroll
+        for (int p = 0; p < HD / 32; p++) {
+            if (p & span) continue;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float u = x[p][e], w = x[p + span][e];
+                x[p][e] = u + w;
+                x[p + span][e] = u - w;
+            }
+        }
+    }
+    const float norm = rsqrtf((float)HD);
+#pragma unroll
+    for (int p = 0; p < HD / 32; p++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) x[p][e] *= norm;
+    }
+}
+
 template <typename T, int HD>
 __device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
                                float* out, float* part, u32* arrived, const u32* row_ctx, const u32* row_table,
@@ -239,27 +289,36 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     unsigned char* ring = smem + (size_t)warp * stages * stage_bytes;
 
     // Q^T as B fragments, scaled: lane (g, c) holds head g's group 4 * pair + c; zeros for heads past the group.
-    u32 qb[HD / 32][4];
+    // Over int4 keys (stored turned) the query is turned the same way first (`turn_query`).
+    float qv[HD / 32][8];
 #pragma unroll
     for (int p = 0; p < HD / 32; p++) {
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
         if (g < group) {
             const float4* src = reinterpret_cast<const float4*>(q + ((size_t)r * heads + kvh * group + g) * HD +
                                                                (4 * p + c) * 8);
-            const float4 a = src[0], b = src[1];
-            if constexpr (G8::AFFINE) {
-                // The int4 keys' dimension pairs: (0, 4), (1, 5), (2, 6), (3, 7).
-                qb[p][0] = pack_half2(a.x * scale, b.x * scale);
-                qb[p][1] = pack_half2(a.y * scale, b.y * scale);
-                qb[p][2] = pack_half2(a.z * scale, b.z * scale);
-                qb[p][3] = pack_half2(a.w * scale, b.w * scale);
-            } else {
-                qb[p][0] = pack_half2(a.x * scale, a.y * scale);
-                qb[p][1] = pack_half2(a.z * scale, a.w * scale);
-                qb[p][2] = pack_half2(b.x * scale, b.y * scale);
-                qb[p][3] = pack_half2(b.z * scale, b.w * scale);
-            }
+            a = src[0];
+            b = src[1];
+        }
+        qv[p][0] = a.x; qv[p][1] = a.y; qv[p][2] = a.z; qv[p][3] = a.w;
+        qv[p][4] = b.x; qv[p][5] = b.y; qv[p][6] = b.z; qv[p][7] = b.w;
+    }
+    if constexpr (G8::AFFINE) turn_query<HD>(qv, c);
+    u32 qb[HD / 32][4];
+#pragma unroll
+    for (int p = 0; p < HD / 32; p++) {
+        const float* x = qv[p];
+        if constexpr (G8::AFFINE) {
+            // The int4 keys' dimension pairs: (0, 4), (1, 5), (2, 6), (3, 7).
+            qb[p][0] = pack_half2(x[0] * scale, x[4] * scale);
+            qb[p][1] = pack_half2(x[1] * scale, x[5] * scale);
+            qb[p][2] = pack_half2(x[2] * scale, x[6] * scale);
+            qb[p][3] = pack_half2(x[3] * scale, x[7] * scale);
         } else {
-            qb[p][0] = qb[p][1] = qb[p][2] = qb[p][3] = 0u;
+            qb[p][0] = pack_half2(x[0] * scale, x[1] * scale);
+            qb[p][1] = pack_half2(x[2] * scale, x[3] * scale);
+            qb[p][2] = pack_half2(x[4] * scale, x[5] * scale);
+            qb[p][3] = pack_half2(x[6] * scale, x[7] * scale);
         }
     }
     float acc[MT][4];

@@ -201,19 +201,19 @@ __device__ float block_max(float v, float* shared) {
 // Writes one vector's elements a and b (each of the block's threads holds one pair; the whole block is the
 // vector). `vec`: the vector's index for its scale.
 template <typename T> __device__ __forceinline__ void store_pair(T* c, __half* sc, size_t base, size_t vec, int a, int b,
-                                                                 float y0, float y1, float* red);
+                                                                 float y0, float y1, float* red, bool turn);
 template <> __device__ __forceinline__ void store_pair<float>(float* c, __half*, size_t base, size_t, int a, int b,
-                                                              float y0, float y1, float*) {
+                                                              float y0, float y1, float*, bool) {
     c[base + a] = y0;
     c[base + b] = y1;
 }
 template <> __device__ __forceinline__ void store_pair<__half>(__half* c, __half*, size_t base, size_t, int a, int b,
-                                                               float y0, float y1, float*) {
+                                                               float y0, float y1, float*, bool) {
     c[base + a] = __float2half(y0);
     c[base + b] = __float2half(y1);
 }
 template <> __device__ __forceinline__ void store_pair<i8>(i8* c, __half* sc, size_t base, size_t vec, int a, int b,
-                                                           float y0, float y1, float* red) {
+                                                           float y0, float y1, float* red, bool) {
     const float amax = block_max(fmaxf(fabsf(y0), fabsf(y1)), red);
     const __half s = __float2half(fminf(amax / 127.f, 65504.f));  // saturated, as the host's `f16_sat`
     const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
@@ -237,7 +237,7 @@ __device__ __forceinline__ unsigned char f32_to_e4m3(float x) {
     return (unsigned char)(sign | ((((bits >> 23) - 120u) << 3) + keep + up));
 }
 template <> __device__ __forceinline__ void store_pair<f8>(f8* c, __half* sc, size_t base, size_t vec, int a, int b,
-                                                           float y0, float y1, float* red) {
+                                                           float y0, float y1, float* red, bool) {
     const float amax = block_max(fmaxf(fabsf(y0), fabsf(y1)), red);
     const __half s = __float2half(fminf(amax / 448.f, 65504.f));
     const float sf = __half2float(s), inv = sf > 0.f ? 1.f / sf : 0.f;
@@ -249,15 +249,30 @@ template <> __device__ __forceinline__ void store_pair<f8>(f8* c, __half* sc, si
 
 // int4 (a byte holds two dims, the even one in the low nibble; per 32 dims an f16 min and scale, the host's
 // `quant::quantize_int4` rule): the vector goes through shared memory, then each thread packs one byte from its
-// group's min and max. `u4x2` only tags the format; addresses are computed in bytes.
+// group's min and max. `u4x2` only tags the format; addresses are computed in bytes. Keys (`turn`) are first turned
+// by the orthonormal Walsh-Hadamard transform, as the host's `spread::turn` does (the same butterflies in the same
+// order of spans, then the same scaling, so both reach the same values and codes): one butterfly per thread per span.
 struct u4x2 { unsigned char v; };
 template <> __device__ __forceinline__ void store_pair<u4x2>(u4x2* c, __half* sc, size_t base, size_t vec, int a, int b,
-                                                             float y0, float y1, float*) {
+                                                             float y0, float y1, float*, bool turn) {
     __shared__ float vals[256];
     const int i = threadIdx.x, hd = 2 * blockDim.x;
     vals[a] = y0;
     vals[b] = y1;
     __syncthreads();
+    if (turn) {
+        for (int span = 1; span < hd; span <<= 1) {
+            const int j = (i / span) * 2 * span + i % span;
+            const float u = vals[j], w = vals[j + span];
+            vals[j] = u + w;
+            vals[j + span] = u - w;
+            __syncthreads();
+        }
+        const float norm = __fdiv_rn(1.f, __fsqrt_rn((float)hd));
+        vals[2 * i] *= norm;
+        vals[2 * i + 1] *= norm;
+        __syncthreads();
+    }
     const int g = (2 * i) / 32, g0 = g * 32, g1 = min(g0 + 32, hd);
     float lo = vals[g0], hi = vals[g0];
     for (int d = g0 + 1; d < g1; d++) {
@@ -295,8 +310,8 @@ __device__ void store_kv_impl(const float* k, const float* v, T* kc, T* vc, __ha
     const size_t dst = layer_off + (((size_t)block * kv_heads + h) * block_size + off) * head_dim;
     const float* kr = k + ((size_t)r * kv_heads + h) * head_dim;
     const float* vr = v + ((size_t)r * kv_heads + h) * head_dim;
-    store_pair<T>(kc, ksc, dst, dst / head_dim, i, i + half, kr[i], kr[i + half], red);
-    store_pair<T>(vc, vsc, dst, dst / head_dim, i, i + half, vr[i], vr[i + half], red);
+    store_pair<T>(kc, ksc, dst, dst / head_dim, i, i + half, kr[i], kr[i + half], red, true);
+    store_pair<T>(vc, vsc, dst, dst / head_dim, i, i + half, vr[i], vr[i + half], red, false);
 }
 
 // RoPE and the cache write in one pass. Grid (rows, heads + kv_heads), half_dim threads: blocks h < heads rotate
@@ -322,8 +337,8 @@ __device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc
     const u32 slot = slots[r], block = slot / block_size, off = slot % block_size;
     const size_t dst = layer_off + (((size_t)block * kv_heads + hh) * block_size + off) * head_dim;
     const float* vr = v + ((size_t)r * kv_heads + hh) * head_dim;
-    store_pair<T>(kc, ksc, dst, dst / head_dim, a, b, y0, y1, red);
-    store_pair<T>(vc, vsc, dst, dst / head_dim, a, b, vr[a], vr[b], red);
+    store_pair<T>(kc, ksc, dst, dst / head_dim, a, b, y0, y1, red, true);
+    store_pair<T>(vc, vsc, dst, dst / head_dim, a, b, vr[a], vr[b], red, false);
 }
 
 #define STORE_KERNELS(TN, T)                                                                                    \

@@ -190,7 +190,10 @@ impl CudaKvStore {
                     }
                     out
                 };
-                (read(k, kp), read(v, vp))
+                // Keys are stored turned (`KvFormat::turns_keys`): turned back for whoever reads the block.
+                let mut keys = read(k, kp);
+                crate::kv::codec::spread::turn_all(&mut keys, hd);
+                (keys, read(v, vp))
             }
         }
     }
@@ -261,7 +264,10 @@ impl CudaKvStore {
                 let hd = self.layout.head_dim;
                 let pp = Self::int4_params(hd);
                 let vecs = range.start / hd * pp..range.end / hd * pp;
-                for ((c, pc), x) in [(kc, kp), (vc, vp)].into_iter().zip([k, v]) {
+                // Keys are stored turned, as the store kernel writes them.
+                let mut turned = k.to_vec();
+                crate::kv::codec::spread::turn_all(&mut turned, hd);
+                for ((c, pc), x) in [(kc, kp), (vc, vp)].into_iter().zip([&turned[..], v]) {
                     let mut q = vec![0u8; x.len() / 2];
                     let mut params = vec![half::f16::ZERO; vecs.len()];
                     for ((xv, qv), pv) in x

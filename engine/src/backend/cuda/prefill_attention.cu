@@ -100,6 +100,57 @@ __device__ __forceinline__ void ldmatrix_x4_trans(const __half* row, u32& r0, u3
                  : "r"(s));
 }
 
+// The orthonormal Walsh-Hadamard turn of one query row held as prefill attention's A fragments hold it: dimension
+// kk * 16 + 8j + 2c + e in x[kk][2j + e] (c = lane % 4). Span 1 lies within a pair, 2 and 4 across the lanes
+// (xor 1, 2), 8 across j, 16 and up across kk.
+template <int HD> __device__ __forceinline__ void turn_query_rows(float (&x)[HD / 16][4], int c) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+        for (int j = 0; j < 4; j += 2) {
+            const float u = x[kk][j], w = x[kk][j + 1];
+            x[kk][j] = u + w;
+            x[kk][j + 1] = u - w;
+        }
+    }
+#pragma unroll
+    for (int bit = 1; bit <= 2; bit <<= 1) {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) x[kk][j] = butterfly_across(x[kk][j], c, bit);
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float u = x[kk][j], w = x[kk][j + 2];
+            x[kk][j] = u + w;
+            x[kk][j + 2] = u - w;
+        }
+    }
+#pragma unroll
+    for (int span = 1; span < HD / 16; span <<= 1) {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            if (kk & span) continue;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float u = x[kk][j], w = x[kk + span][j];
+                x[kk][j] = u + w;
+                x[kk + span][j] = u - w;
+            }
+        }
+    }
+    const float norm = rsqrtf((float)HD);
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) x[kk][j] *= norm;
+    }
+}
+
 template <typename T, int HD>
 __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
                                        float* out, __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows,
@@ -124,16 +175,28 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
     {
         const float* qra = q + ((size_t)(r0 + min(ra, (int)nr - 1)) * heads + h) * HD;
         const float* qrb = q + ((size_t)(r0 + min(rb, (int)nr - 1)) * heads + h) * HD;
+        // [kk][0..1]: dims kk * 16 + 2c, + 1 of row a; [kk][2..3]: the same + 8; xb likewise for row b.
+        float xa[HD / 16][4], xb[HD / 16][4];
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             const float2 x0 = *reinterpret_cast<const float2*>(qra + kk * 16 + 2 * c);
             const float2 x1 = *reinterpret_cast<const float2*>(qrb + kk * 16 + 2 * c);
             const float2 x2 = *reinterpret_cast<const float2*>(qra + kk * 16 + 8 + 2 * c);
             const float2 x3 = *reinterpret_cast<const float2*>(qrb + kk * 16 + 8 + 2 * c);
-            qa[kk][0] = pack_half2(x0.x * scale, x0.y * scale);
-            qa[kk][1] = pack_half2(x1.x * scale, x1.y * scale);
-            qa[kk][2] = pack_half2(x2.x * scale, x2.y * scale);
-            qa[kk][3] = pack_half2(x3.x * scale, x3.y * scale);
+            xa[kk][0] = x0.x; xa[kk][1] = x0.y; xa[kk][2] = x2.x; xa[kk][3] = x2.y;
+            xb[kk][0] = x1.x; xb[kk][1] = x1.y; xb[kk][2] = x3.x; xb[kk][3] = x3.y;
+        }
+        // Over int4 keys (stored turned) each query row is turned the same way.
+        if constexpr (Group<T>::AFFINE) {
+            turn_query_rows<HD>(xa, c);
+            turn_query_rows<HD>(xb, c);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            qa[kk][0] = pack_half2(xa[kk][0] * scale, xa[kk][1] * scale);
+            qa[kk][1] = pack_half2(xb[kk][0] * scale, xb[kk][1] * scale);
+            qa[kk][2] = pack_half2(xa[kk][2] * scale, xa[kk][3] * scale);
+            qa[kk][3] = pack_half2(xb[kk][2] * scale, xb[kk][3] * scale);
         }
     }
     float o[HD / 8][4];

@@ -657,16 +657,25 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
     // quantization of the exact values: the kernel must reach the same codes (a value on a rounding boundary may
     // land one code off).
     let tol = if format == KvFormat::Int8 { 1e-2 } else { 2e-3 };
-    let stored = |exact: Vec<f64>| -> (Vec<f64>, f64) {
-        let x: Vec<f32> = exact.iter().map(|&e| e as f32).collect();
+    // (int4 keys are stored turned: the reference turns them, quantizes, and turns the decoded values back, as
+    // the read-back does.)
+    let stored = |exact: Vec<f64>, keys: bool| -> (Vec<f64>, f64) {
+        let mut x: Vec<f32> = exact.iter().map(|&e| e as f32).collect();
         let mut out = vec![0f32; x.len()];
+        let turn = keys && format.turns_keys();
         match format {
             KvFormat::Int4 => {
                 let pp = 2 * hd.div_ceil(crate::kv::INT4_GROUP);
+                if turn {
+                    crate::kv::codec::spread::turn_all(&mut x, hd);
+                }
                 for (xv, ov) in x.chunks(hd).zip(out.chunks_mut(hd)) {
                     let (mut q, mut p) = (vec![0u8; hd / 2], vec![half::f16::ZERO; pp]);
                     crate::kv::quant::quantize_int4(xv, &mut q, &mut p);
                     crate::kv::quant::dequantize_int4(&q, &p, ov);
+                }
+                if turn {
+                    crate::kv::codec::spread::turn_all(&mut out, hd);
                 }
             }
             KvFormat::Fp8 => {
@@ -681,14 +690,14 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
         }
         (out.into_iter().map(f64::from).collect(), 1e-2)
     };
-    let (want_k, tol_k) = stored(rotate(&k, kvh));
+    let (want_k, tol_k) = stored(rotate(&k, kvh), true);
     push(
         format!("rope_store cached K hd{hd} {format:?}"),
         got_k,
         want_k,
         tol_k,
     );
-    let (want_v, tol_v) = stored(v.iter().map(|&x| x as f64).collect());
+    let (want_v, tol_v) = stored(v.iter().map(|&x| x as f64).collect(), false);
     push(
         format!("rope_store cached V hd{hd} {format:?}"),
         got_v,
