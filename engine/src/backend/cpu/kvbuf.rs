@@ -72,7 +72,7 @@ impl KvBuf {
             }
             Self::Int4 { q, params, turned } => {
                 let (cb, pb) = (hd.div_ceil(2), 2 * hd.div_ceil(INT4_GROUP));
-                let mut y = vec![0f32; hd];
+                let mut y = if *turned { vec![0f32; hd] } else { Vec::new() };
                 for (i, x) in src.chunks_exact(hd).enumerate() {
                     let v = at + i;
                     let x = if *turned {
