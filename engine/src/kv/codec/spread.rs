@@ -16,14 +16,23 @@
 //! largest first (64 is one run, 96 is 64 + 32, 80 is 64 + 16), and each run is transformed alone; both ends derive
 //! the runs from the layout the transfer header carries.
 
+/// The runs a `head_dim`-long vector is turned in: the powers of two of `head_dim`'s binary form, largest first.
+pub fn runs(head_dim: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let rest = head_dim - start;
+        (rest > 0).then(|| {
+            let run = start..start + (1 << rest.ilog2());
+            start = run.end;
+            run
+        })
+    })
+}
+
 /// Turns one head vector in place (applying it twice gives the vector back up to float rounding).
 pub fn turn(x: &mut [f32]) {
-    let mut rest = x;
-    while !rest.is_empty() {
-        let run = 1usize << rest.len().ilog2();
-        let (head, tail) = rest.split_at_mut(run);
-        walsh_hadamard(head);
-        rest = tail;
+    for run in runs(x.len()) {
+        walsh_hadamard(&mut x[run]);
     }
 }
 
@@ -109,6 +118,15 @@ mod tests {
             (lo.min(v.abs()), hi.max(v.abs()))
         });
         assert!(hi < 1.2 && lo > 0.8, "magnitudes {lo}..{hi}");
+    }
+
+    #[test]
+    fn runs_are_the_binary_form_of_the_head_largest_first() {
+        let all = |n| runs(n).collect::<Vec<_>>();
+        assert_eq!(all(64), vec![(0..64)]);
+        assert_eq!(all(96), [0..64, 64..96]);
+        assert_eq!(all(7), [0..4, 4..6, 6..7]);
+        assert!(all(0).is_empty());
     }
 
     #[test]

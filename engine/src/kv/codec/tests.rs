@@ -40,19 +40,6 @@ fn shape_and_block() -> impl Strategy<Value = (BlockShape, Fill, Vec<f32>, Vec<f
     })
 }
 
-/// The power-of-two run of a `head_dim` vector that holds dim `d` (see [`spread`]): its start and length.
-fn run_of(d: usize, head_dim: usize) -> (usize, usize) {
-    let (mut start, mut rest) = (0, head_dim);
-    loop {
-        let len = 1 << rest.ilog2();
-        if d < start + len {
-            return (start, len);
-        }
-        start += len;
-        rest -= len;
-    }
-}
-
 /// The largest error `codec` may make on element `(h, t, d)` of `x` (tokens below `fill`).
 fn bound(
     codec: Codec,
@@ -101,8 +88,11 @@ fn bound(
             // turned errors over sqrt(run length); plus the float rounding of turning there and back.
             let mut y = row(h, t).to_vec();
             spread::turn(&mut y);
-            let (start, len) = run_of(d, s.head_dim);
-            let steps: f32 = (start..start + len)
+            let run = spread::runs(s.head_dim)
+                .find(|r| r.contains(&d))
+                .expect("every dim lies in a run");
+            let len = run.len();
+            let steps: f32 = run
                 .map(|j| {
                     let g = j / 32 * 32;
                     let (r, m) = range(&mut y[g..(g + 32).min(s.head_dim)].iter().copied());
