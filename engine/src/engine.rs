@@ -57,8 +57,11 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Sizes the pool to fit a byte budget.
     pub fn with_kv_budget_bytes(mut self, model: &crate::model::ModelConfig, bytes: usize) -> Self {
-        let per_vector = self.kv_format.bytes_per_vector(model.head_dim);
-        let per_block = 2 * model.layers * model.kv_heads * per_vector * self.block_size;
+        let per_block = model.layers
+            * model.kv_heads
+            * self
+                .kv_format
+                .block_head_bytes(model.head_dim, self.block_size);
         self.num_blocks = (bytes / per_block.max(1)).max(1);
         self
     }
@@ -157,7 +160,14 @@ impl<B: Backend> Engine<B> {
             num_blocks: config.num_blocks,
             format: config.kv_format,
         };
-        let kv = backend.alloc_kv(&layout)?;
+        let kv = backend.alloc_kv(
+            &layout,
+            &crate::kv::codec::KeyRotation::new(
+                &model.config.rope,
+                layout.head_dim,
+                layout.block_size,
+            ),
+        )?;
         let scratch = Scratch::new(&backend);
         Ok(Self {
             backend,
@@ -307,6 +317,8 @@ impl<B: Backend> Engine<B> {
             .seqs
             .remove(&seq)
             .ok_or(EngineError::UnknownSequence(seq.0))?;
+        let ids: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
+        self.backend.retire_kv_blocks(&mut self.kv, &ids);
         self.pool.release(&s.blocks);
         Ok(())
     }
@@ -319,6 +331,8 @@ impl<B: Backend> Engine<B> {
             .seqs
             .get_mut(&seq)
             .ok_or(EngineError::UnknownSequence(seq.0))?;
+        let ids: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
+        self.backend.retire_kv_blocks(&mut self.kv, &ids);
         self.pool.release(&s.blocks);
         *s = Sequence::new(std::mem::take(&mut s.tokens), Vec::new(), Vec::new(), bs);
         Ok(())

@@ -469,7 +469,7 @@ fn quantized_caches_hold_a_larger_decode_batch_in_the_same_memory() {
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let rows = v["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["format"].as_str().unwrap()).collect();
-    assert_eq!(names, ["f32", "f16", "int8", "fp8", "int4"]);
+    assert_eq!(names, ["f32", "f16", "int8", "fp8", "int4", "kivi2"]);
     let get = |i: usize, k: &str| rows[i][k].as_f64().unwrap();
     // 2 x 30 layers x 3 heads x (64 dims x 4 bytes | 64 x 2 | 64 + a 2-byte scale (int8, fp8) | 32 + two 4-byte
     // (min, scale) pairs) per token.
@@ -478,7 +478,15 @@ fn quantized_caches_hold_a_larger_decode_batch_in_the_same_memory() {
     assert_eq!(get(2, "bytes_per_token"), 11880.0);
     assert_eq!(get(3, "bytes_per_token"), 11880.0);
     assert_eq!(get(4, "bytes_per_token"), 7200.0);
-    for (i, (lo, hi)) in [(2, (3.5, 4.1)), (3, (3.5, 4.1)), (4, (5.8, 6.6))] {
+    // kivi2: keys 16 bytes of 2-bit codes plus a 16-token block's 64 (min, scale) pairs shared out (16 bytes);
+    // values 16 bytes of codes plus two pairs.
+    assert_eq!(get(5, "bytes_per_token"), 5040.0);
+    for (i, (lo, hi)) in [
+        (2, (3.5, 4.1)),
+        (3, (3.5, 4.1)),
+        (4, (5.8, 6.6)),
+        (5, (8.2, 9.6)),
+    ] {
         let held = get(i, "tokens_held") / get(0, "tokens_held");
         assert!(
             held > lo && held < hi,
@@ -489,6 +497,7 @@ fn quantized_caches_hold_a_larger_decode_batch_in_the_same_memory() {
     assert!(get(2, "sequences") >= 3.0 * get(0, "sequences"), "{}", v);
     assert!(get(3, "sequences") >= 3.0 * get(0, "sequences"), "{}", v);
     assert!(get(4, "sequences") >= 5.0 * get(0, "sequences"), "{}", v);
+    assert!(get(5, "sequences") >= 7.0 * get(0, "sequences"), "{}", v);
     for r in rows {
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }

@@ -77,7 +77,13 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn load_matrix(&self, w: &WeightView<'_>) -> Result<Self::Matrix>;
     fn load_vector(&self, w: &WeightView<'_>) -> Result<Self::Vector>;
-    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::KvStore>;
+    /// The paged K/V store of `layout`; `keys` is the model's key rotation within a block, the frame a format that
+    /// quantizes key channels across a block's tokens (kivi2) quantizes them in.
+    fn alloc_kv(
+        &self,
+        layout: &KvLayout,
+        keys: &crate::kv::codec::KeyRotation,
+    ) -> Result<Self::KvStore>;
     fn activations(&self, rows: usize, cols: usize) -> Self::Activations;
     fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> Self::Plan;
 
@@ -210,6 +216,10 @@ pub trait Backend: Send + Sync + 'static {
         k: &[f32],
         v: &[f32],
     );
+    /// Tells the store that no sequence holds `blocks` any more, so it may drop what it keeps for them beside the
+    /// cache (kivi2's keys of a block that had not filled). Blocks kept in the prefix cache are complete, so nothing
+    /// a later prompt could reuse is lost.
+    fn retire_kv_blocks(&self, _kv: &mut Self::KvStore, _blocks: &[u32]) {}
     /// The first error of the operations since the last check (operations on a device run asynchronously and
     /// cannot fail one by one; like CUDA's sticky error, it is reported here). The forward pass checks before it
     /// returns.

@@ -10,6 +10,8 @@
 //! - int4 (and kivi2's 2-bit values): asymmetric over `[min, min + levels * scale]`, min and scale rounded to f16
 //!   (saturating) before the codes are computed; the cache format and the `int4` codec take groups of 32 dims, and
 //!   both compute their codes with [`affine_params`] and [`affine_code`].
+//! - kivi2 (cache format): values by the same rule at 2 bits ([`quantize_groups`]); keys per channel over a block's
+//!   tokens ([`quantize_channels`]), the rule of the `kivi2` codec's keys without its in-block RoPE frame.
 
 use half::f16;
 
@@ -120,33 +122,82 @@ pub fn affine_inv(scale: f16) -> f32 {
 /// One vector in the int4 cache format: codes two per byte (even dim in the low nibble) into `codes`
 /// (`x.len().div_ceil(2)` bytes), and per group of [`INT4_GROUP`] dims its min and scale into `params`.
 pub fn quantize_int4(x: &[f32], codes: &mut [u8], params: &mut [f16]) {
+    quantize_groups::<4>(x, codes, params)
+}
+
+/// The inverse of [`quantize_int4`]: `out.len()` values from their codes and group parameters. Attention reads
+/// every cached token through this.
+pub fn dequantize_int4(codes: &[u8], params: &[f16], out: &mut [f32]) {
+    dequantize_groups::<4>(codes, params, out)
+}
+
+/// One vector at `BITS` bits (4: int4; 2: kivi2's values) in groups of [`INT4_GROUP`] dims: codes `8 / BITS` per
+/// byte from the low bits up into `codes` (`x.len().div_ceil(8 / BITS)` bytes), and per group its min and scale into
+/// `params`.
+pub fn quantize_groups<const BITS: usize>(x: &[f32], codes: &mut [u8], params: &mut [f16]) {
+    let (per, levels) = (8 / BITS, (1u32 << BITS) - 1);
     codes.fill(0);
     for (g, run) in x.chunks(INT4_GROUP).enumerate() {
-        let (min, scale) = affine_params(run, 15);
+        let (min, scale) = affine_params(run, levels);
         params[2 * g] = min;
         params[2 * g + 1] = scale;
         let (mf, inv) = (min.to_f32(), affine_inv(scale));
         for (i, &v) in run.iter().enumerate() {
             let d = g * INT4_GROUP + i;
-            codes[d / 2] |= affine_code(v, mf, inv, 15) << (4 * (d % 2));
+            codes[d / per] |= affine_code(v, mf, inv, levels) << (BITS * (d % per));
         }
     }
 }
 
-/// The inverse of [`quantize_int4`]: `out.len()` values from their codes and group parameters. Attention reads
-/// every cached token through this: whole groups go two values per byte in a loop the compiler vectorizes.
-pub fn dequantize_int4(codes: &[u8], params: &[f16], out: &mut [f32]) {
+/// The inverse of [`quantize_groups`]: whole bytes go `8 / BITS` values at a time in a loop the compiler unrolls
+/// and vectorizes.
+pub fn dequantize_groups<const BITS: usize>(codes: &[u8], params: &[f16], out: &mut [f32]) {
+    let (per, mask) = (8 / BITS, (1u8 << BITS) - 1);
     for (g, run) in out.chunks_mut(INT4_GROUP).enumerate() {
         let (min, scale) = (params[2 * g].to_f32(), params[2 * g + 1].to_f32());
-        let (bytes, n) = (&codes[g * INT4_GROUP / 2..], run.len());
-        let mut pairs = run.chunks_exact_mut(2);
-        for (pair, &b) in (&mut pairs).zip(bytes) {
-            pair[0] = min + scale * f32::from(b & 15);
-            pair[1] = min + scale * f32::from(b >> 4);
+        let (bytes, n) = (&codes[g * INT4_GROUP / per..], run.len());
+        let mut whole = run.chunks_exact_mut(per);
+        for (vals, &b) in (&mut whole).zip(bytes) {
+            for (j, v) in vals.iter_mut().enumerate() {
+                *v = min + scale * f32::from((b >> (BITS * j)) & mask);
+            }
         }
-        if let [last] = pairs.into_remainder() {
-            *last = min + scale * f32::from(bytes[n / 2] & 15);
+        let rest = whole.into_remainder();
+        if !rest.is_empty() {
+            let b = bytes[n / per];
+            for (j, v) in rest.iter_mut().enumerate() {
+                *v = min + scale * f32::from((b >> (BITS * j)) & mask);
+            }
         }
+    }
+}
+
+/// A block of `x.len() / head_dim` keys, 2 bits per element, each channel over the block's tokens: an f16 min and
+/// scale per channel into `params` (`2 * head_dim`: min then scale, channel after channel) and each token's codes,
+/// four per byte from the low bits up, into `codes` (`head_dim.div_ceil(4)` bytes per token, token after token).
+pub fn quantize_channels(x: &[f32], head_dim: usize, codes: &mut [u8], params: &mut [f16]) {
+    let (cb, tokens) = (head_dim.div_ceil(4), x.len() / head_dim.max(1));
+    codes[..tokens * cb].fill(0);
+    let mut channel = vec![0f32; tokens];
+    for d in 0..head_dim {
+        for (t, c) in channel.iter_mut().enumerate() {
+            *c = x[t * head_dim + d];
+        }
+        let (min, scale) = affine_params(&channel, 3);
+        params[2 * d] = min;
+        params[2 * d + 1] = scale;
+        let (mf, inv) = (min.to_f32(), affine_inv(scale));
+        for (t, &v) in channel.iter().enumerate() {
+            codes[t * cb + d / 4] |= affine_code(v, mf, inv, 3) << (2 * (d % 4));
+        }
+    }
+}
+
+/// One token's key from its codes (`head_dim.div_ceil(4)` bytes) and its block's channel parameters.
+pub fn dequantize_channels(codes: &[u8], params: &[f16], out: &mut [f32]) {
+    for (d, o) in out.iter_mut().enumerate() {
+        let q = (codes[d / 4] >> (2 * (d % 4))) & 3;
+        *o = params[2 * d].to_f32() + params[2 * d + 1].to_f32() * f32::from(q);
     }
 }
 
@@ -230,6 +281,40 @@ mod tests {
     }
 
     #[test]
+    fn key_channels_round_trip_within_half_their_own_step() {
+        // 16 tokens of 6 dims; channel 2 is an outlier channel (large, with a wide range), channel 4 is constant.
+        let (hd, tokens) = (6, 16);
+        let x: Vec<f32> = (0..tokens * hd)
+            .map(|i| match i % hd {
+                2 => 40.0 + (i as f32 * 0.3).sin() * 8.0,
+                4 => -0.75,
+                d => (i as f32 * 0.17 + d as f32).cos() * 0.5,
+            })
+            .collect();
+        let mut codes = vec![0xffu8; tokens * 2];
+        let mut params = vec![f16::ZERO; 2 * hd];
+        quantize_channels(&x, hd, &mut codes, &mut params);
+        let mut out = vec![0f32; hd];
+        for t in 0..tokens {
+            dequantize_channels(&codes[t * 2..t * 2 + 2], &params, &mut out);
+            for (d, (&a, &b)) in x[t * hd..(t + 1) * hd].iter().zip(&out).enumerate() {
+                let step = params[2 * d + 1].to_f32();
+                // Each channel's own step: the quiet channels keep their precision beside the outlier one.
+                assert!(
+                    (a - b).abs() <= step / 2.0 + 0.02,
+                    "token {t} dim {d}: {a} vs {b}"
+                );
+                if d != 2 {
+                    assert!(step < 0.4, "dim {d} step {step}");
+                }
+            }
+        }
+        assert_eq!(params[2 * 4 + 1], f16::ZERO);
+        // The pad bits of a token's last byte stay zero.
+        assert!(codes.chunks(2).all(|c| c[1] >> 4 == 0));
+    }
+
+    #[test]
     fn int4_round_trips_within_half_a_step() {
         // 40 dims: one full group and a short one.
         let x: Vec<f32> = (0..40)
@@ -260,6 +345,19 @@ mod tests {
                     "group {g}: {a} vs {b} (step {step})"
                 );
             }
+        }
+        // The same rule at 2 bits (kivi2's values): four codes per byte, within half a (wider) step.
+        let mut codes2 = vec![0u8; 10];
+        quantize_groups::<2>(&x, &mut codes2, &mut params);
+        dequantize_groups::<2>(&codes2, &params, &mut out);
+        for (d, (&a, &b)) in x.iter().zip(&out).enumerate() {
+            let (g, code) = (
+                d / INT4_GROUP,
+                f32::from((codes2[d / 4] >> (2 * (d % 4))) & 3),
+            );
+            let (min, step) = (params[2 * g].to_f32(), params[2 * g + 1].to_f32());
+            assert_eq!(b, min + step * code, "dim {d}");
+            assert!((a - b).abs() <= step / 2.0 + 3e-3, "dim {d}: {a} vs {b}");
         }
         // A constant run: scale 0, every value exact up to the min's rounding, no NaN.
         let mut c = vec![0u8; 2];

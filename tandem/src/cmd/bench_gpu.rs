@@ -431,7 +431,7 @@ fn check(gpu: usize, threads: usize, seed: u64, format: KvFormat) -> Result<()> 
     let (tol, min_agree, min_drawn) = match format {
         KvFormat::F32 | KvFormat::F16 => (2e-2, 15, 5),
         KvFormat::Int8 | KvFormat::Fp8 => (1e-1, 14, 4),
-        KvFormat::Int4 => (3e-1, 13, 3),
+        KvFormat::Int4 | KvFormat::Kivi2 => (3e-1, 13, 3),
     };
     if worst.is_nan() || worst >= tol || agree < min_agree || drawn_agree < min_drawn {
         bail!("CUDA disagrees with the CPU backend beyond bf16 tolerance");

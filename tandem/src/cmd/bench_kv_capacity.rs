@@ -13,9 +13,9 @@ use tandem_engine::sampling::argmax;
 pub struct KvCapacityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Cache formats to compare (comma list of f32, f16, int8, fp8, int4); the first is the baseline.
+    /// Cache formats to compare (comma list of f32, f16, int8, fp8, int4, kivi2); the first is the baseline.
     #[arg(long, value_delimiter = ',', value_parser = super::parse_kv_format,
-          default_values_t = [KvFormat::F32, KvFormat::F16, KvFormat::Int8, KvFormat::Fp8, KvFormat::Int4])]
+          default_values_t = KvFormat::ALL)]
     pub formats: Vec<KvFormat>,
     /// Tokens each sequence reaches (prompt plus decoded tokens).
     #[arg(long, default_value_t = 512)]

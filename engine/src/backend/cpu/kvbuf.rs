@@ -5,14 +5,21 @@
 //! element under one f16 scale ([`ByteCode`]: 8.25 bits per element at head_dim 64), so the same memory holds 3.9x
 //! the tokens of `f32`; `int4` holds each vector in 4-bit codes with an f16 min and scale per 32 dims
 //! (the `int4` codec's rule, 5 bits per element), 6.4x the tokens of `f32`; an int4 key store holds each key turned
-//! ([`KvFormat::turns_keys`]). Attention reads a range of vectors as f32, as stored, through [`KvBuf::read`], which
-//! dequantizes on the fly into its tile scratch: nothing is ever expanded cache-wide.
+//! ([`KvFormat::turns_keys`]). kivi2 holds values by the same group rule at 2 bits, and keys as [`KeyChannels`]:
+//! per block and KV head, 2-bit codes per token under an f16 min and scale per channel, quantized when the block's
+//! last slot is written; until then that block's keys wait in f32 beside the codes. Attention reads a range of
+//! vectors as f32, as stored, through [`KvBuf::read`], which dequantizes on the fly into its tile scratch: nothing
+//! is ever expanded cache-wide.
 
 use crate::kv::KvFormat;
-use crate::kv::codec::spread;
-use crate::kv::quant::{ByteCode, INT4_GROUP, dequantize_int4, quantize_int4};
+use crate::kv::codec::{KeyRotation, spread};
+use crate::kv::quant::{
+    ByteCode, INT4_GROUP, dequantize_channels, dequantize_groups, quantize_channels,
+    quantize_groups,
+};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use std::collections::HashMap;
 
 pub enum KvBuf {
     F32(Vec<f32>),
@@ -23,13 +30,36 @@ pub enum KvBuf {
         q: Vec<u8>,
         scale: Vec<f16>,
     },
-    /// Per vector: `head_dim / 2` bytes of codes, and (min, scale) per group of 32 dims; `turned`: each vector
-    /// was turned before it was quantized (a key store).
-    Int4 {
+    /// Per vector: `head_dim * bits / 8` bytes of codes (`bits` 4: int4; 2: kivi2's values), and (min, scale) per
+    /// group of 32 dims; `turned`: each vector was turned before it was quantized (an int4 key store).
+    Groups {
+        bits: u8,
         q: Vec<u8>,
         params: Vec<f16>,
         turned: bool,
     },
+    /// kivi2's keys.
+    Channels(KeyChannels),
+}
+
+/// kivi2's key store. Vectors are addressed as in every store (`[block][kv_head][slot]`); a run of `block_size`
+/// of them (one block of one KV head, a "block head") shares one f16 (min, scale) per channel, so its codes can be
+/// computed only once all its slots are written. Until then its keys are `open`: kept in f32 and read from there.
+/// Writing a block head's last slot quantizes it and drops the f32 copy; writing its slot 0 starts it afresh;
+/// writing a later slot of a quantized block head (a partial block received from a transfer, then decoded into)
+/// opens it again from its dequantized keys. [`KeyChannels::retire`] drops the open keys of blocks whose sequence
+/// ended before they filled.
+pub struct KeyChannels {
+    block_size: usize,
+    head_dim: usize,
+    /// Keys are quantized in the frame of their block's first token (as the `kivi2` codec's are), where a
+    /// channel varies far less across the block than RoPE makes it vary in the cache's frame.
+    frame: KeyRotation,
+    /// Per vector: `head_dim / 4` bytes of codes.
+    q: Vec<u8>,
+    /// Per block head: (min, scale) per channel.
+    params: Vec<f16>,
+    open: HashMap<usize, Vec<f32>>,
 }
 
 /// Which half of the cache a store holds: keys are turned where the format says so.
@@ -40,8 +70,14 @@ pub enum Half {
 }
 
 impl KvBuf {
-    /// Room for `vectors` vectors of `head_dim` elements, zeroed.
-    pub fn new(format: KvFormat, half: Half, vectors: usize, head_dim: usize) -> Self {
+    /// Room for `vectors` vectors of `head_dim` elements, zeroed, in blocks of `block_size` slots.
+    pub fn new(
+        format: KvFormat,
+        half: Half,
+        vectors: usize,
+        head_dim: usize,
+        frame: &KeyRotation,
+    ) -> Self {
         let n = vectors * head_dim;
         match format {
             KvFormat::F32 => Self::F32(vec![0.0; n]),
@@ -51,11 +87,25 @@ impl KvBuf {
                 q: vec![0; n],
                 scale: vec![f16::ZERO; vectors],
             },
-            KvFormat::Int4 => Self::Int4 {
-                q: vec![0; vectors * head_dim.div_ceil(2)],
-                params: vec![f16::ZERO; vectors * 2 * head_dim.div_ceil(INT4_GROUP)],
-                turned: half == Half::Keys && format.turns_keys(),
-            },
+            KvFormat::Int4 => Self::groups(4, vectors, head_dim, half == Half::Keys),
+            KvFormat::Kivi2 if half == Half::Values => Self::groups(2, vectors, head_dim, false),
+            KvFormat::Kivi2 => Self::Channels(KeyChannels {
+                block_size: frame.block_shape().1,
+                head_dim,
+                frame: frame.clone(),
+                q: vec![0; vectors * head_dim.div_ceil(4)],
+                params: vec![f16::ZERO; vectors.div_ceil(frame.block_shape().1) * 2 * head_dim],
+                open: HashMap::new(),
+            }),
+        }
+    }
+
+    fn groups(bits: u8, vectors: usize, head_dim: usize, turned: bool) -> Self {
+        Self::Groups {
+            bits,
+            q: vec![0; vectors * (head_dim * bits as usize).div_ceil(8)],
+            params: vec![f16::ZERO; vectors * 2 * head_dim.div_ceil(INT4_GROUP)],
+            turned,
         }
     }
 
@@ -70,8 +120,16 @@ impl KvBuf {
                     scale[at + i] = code.quantize(x, &mut q[e + i * hd..e + (i + 1) * hd]);
                 }
             }
-            Self::Int4 { q, params, turned } => {
-                let (cb, pb) = (hd.div_ceil(2), 2 * hd.div_ceil(INT4_GROUP));
+            Self::Groups {
+                bits,
+                q,
+                params,
+                turned,
+            } => {
+                let (cb, pb) = (
+                    (hd * *bits as usize).div_ceil(8),
+                    2 * hd.div_ceil(INT4_GROUP),
+                );
                 let mut y = if *turned { vec![0f32; hd] } else { Vec::new() };
                 for (i, x) in src.chunks_exact(hd).enumerate() {
                     let v = at + i;
@@ -82,19 +140,30 @@ impl KvBuf {
                     } else {
                         x
                     };
-                    quantize_int4(
-                        x,
+                    let (q, p) = (
                         &mut q[v * cb..(v + 1) * cb],
                         &mut params[v * pb..(v + 1) * pb],
                     );
+                    match bits {
+                        2 => quantize_groups::<2>(x, q, p),
+                        _ => quantize_groups::<4>(x, q, p),
+                    }
                 }
             }
+            Self::Channels(c) => c.write(at, src),
+        }
+    }
+
+    /// Drops what the store keeps for blocks no sequence holds any more (kivi2's open keys).
+    pub fn retire(&mut self, blocks: &[u32], kv_heads: usize) {
+        if let Self::Channels(c) = self {
+            c.retire(blocks, kv_heads);
         }
     }
 
     /// Whether the vectors are stored turned (attention then turns its queries).
     pub fn turned(&self) -> bool {
-        matches!(self, Self::Int4 { turned: true, .. })
+        matches!(self, Self::Groups { turned: true, .. })
     }
 
     /// Reads `dst.len() / hd` vectors starting at vector `at` into `dst` as the values written, turned back where
@@ -117,13 +186,23 @@ impl KvBuf {
                     code.dequantize(&q[e + i * hd..e + (i + 1) * hd], scale[at + i], d);
                 }
             }
-            Self::Int4 { q, params, .. } => {
-                let (cb, pb) = (hd.div_ceil(2), 2 * hd.div_ceil(INT4_GROUP));
+            Self::Groups {
+                bits, q, params, ..
+            } => {
+                let (cb, pb) = (
+                    (hd * *bits as usize).div_ceil(8),
+                    2 * hd.div_ceil(INT4_GROUP),
+                );
                 for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
                     let v = at + i;
-                    dequantize_int4(&q[v * cb..(v + 1) * cb], &params[v * pb..(v + 1) * pb], d);
+                    let (q, p) = (&q[v * cb..(v + 1) * cb], &params[v * pb..(v + 1) * pb]);
+                    match bits {
+                        2 => dequantize_groups::<2>(q, p, d),
+                        _ => dequantize_groups::<4>(q, p, d),
+                    }
                 }
             }
+            Self::Channels(c) => c.read(at, dst),
         }
     }
 
@@ -136,9 +215,93 @@ impl KvBuf {
     }
 }
 
+impl KeyChannels {
+    fn code_bytes(&self) -> usize {
+        self.head_dim.div_ceil(4)
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        let (bs, hd) = (self.block_size, self.head_dim);
+        for (i, x) in src.chunks_exact(hd).enumerate() {
+            let (bh, slot) = ((at + i) / bs, (at + i) % bs);
+            if slot == 0 {
+                self.open.insert(bh, vec![0.0; bs * hd]);
+            } else if !self.open.contains_key(&bh) {
+                let mut keys = vec![0.0; bs * hd];
+                self.read(bh * bs, &mut keys);
+                self.open.insert(bh, keys);
+            }
+            let keys = self.open.get_mut(&bh).expect("opened above");
+            keys[slot * hd..(slot + 1) * hd].copy_from_slice(x);
+            if slot + 1 == bs {
+                let mut keys = self.open.remove(&bh).expect("opened above");
+                self.frame.to_block_frame(&mut keys);
+                let cb = self.code_bytes();
+                quantize_channels(
+                    &keys,
+                    hd,
+                    &mut self.q[bh * bs * cb..(bh + 1) * bs * cb],
+                    &mut self.params[bh * 2 * hd..(bh + 1) * 2 * hd],
+                );
+            }
+        }
+    }
+
+    /// Vectors `at..` into `dst`: from the open keys where their block head is open, else from the codes.
+    fn read(&self, at: usize, dst: &mut [f32]) {
+        let (bs, hd) = (self.block_size, self.head_dim);
+        let (mut v, mut rest) = (at, dst);
+        while !rest.is_empty() {
+            let (bh, slot) = (v / bs, v % bs);
+            let n = (bs - slot).min(rest.len() / hd);
+            let (run, tail) = std::mem::take(&mut rest).split_at_mut(n * hd);
+            rest = tail;
+            match self.open.get(&bh) {
+                Some(keys) => run.copy_from_slice(&keys[slot * hd..(slot + n) * hd]),
+                // A whole block head turns forward in place; part of one is cut from its whole.
+                None if n == bs => self.dequantize(bh, run),
+                None => {
+                    let mut whole = vec![0f32; bs * hd];
+                    self.dequantize(bh, &mut whole);
+                    run.copy_from_slice(&whole[slot * hd..(slot + n) * hd]);
+                }
+            }
+            v += n;
+        }
+    }
+
+    /// Block head `bh`'s keys from its codes, turned forward out of the block's frame.
+    fn dequantize(&self, bh: usize, out: &mut [f32]) {
+        let (bs, hd, cb) = (self.block_size, self.head_dim, self.code_bytes());
+        let params = &self.params[bh * 2 * hd..(bh + 1) * 2 * hd];
+        for (t, d) in out.chunks_exact_mut(hd).enumerate() {
+            let u = bh * bs + t;
+            dequantize_channels(&self.q[u * cb..(u + 1) * cb], params, d);
+        }
+        self.frame.from_block_frame(out);
+    }
+
+    fn retire(&mut self, blocks: &[u32], kv_heads: usize) {
+        for &b in blocks {
+            for h in 0..kv_heads {
+                self.open.remove(&(b as usize * kv_heads + h));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(head_dim: usize, block_size: usize) -> KeyRotation {
+        let rope = crate::model::RopeConfig {
+            theta: 10_000.0,
+            layout: crate::model::RopeLayout::Halves,
+            freq_factors: None,
+        };
+        KeyRotation::new(&rope, head_dim, block_size)
+    }
 
     #[test]
     fn every_format_round_trips_within_its_precision() {
@@ -152,8 +315,10 @@ mod tests {
             (KvFormat::Fp8, 5.0 / 16.0),
             // Half a step of a group spanning about [-5, 5], plus the min's f16 rounding.
             (KvFormat::Int4, 10.0 / 15.0 / 2.0 + 5e-3),
+            // 2-bit values: half a step of a group spanning about [-5, 5].
+            (KvFormat::Kivi2, 10.0 / 3.0 / 2.0 + 5e-3),
         ] {
-            let mut b = KvBuf::new(format, Half::Values, 10, hd);
+            let mut b = KvBuf::new(format, Half::Values, 10, hd, &frame(hd, 16));
             b.write(4, hd, &src);
             let mut out = vec![0f32; src.len()];
             b.read(4, hd, &mut out);
@@ -166,8 +331,13 @@ mod tests {
             assert!(before.iter().all(|&x| x == 0.0), "{format:?}");
         }
         // An all-zero vector quantizes to zeros, not NaN.
-        for format in [KvFormat::Int8, KvFormat::Fp8, KvFormat::Int4] {
-            let mut b = KvBuf::new(format, Half::Keys, 1, hd);
+        for format in [
+            KvFormat::Int8,
+            KvFormat::Fp8,
+            KvFormat::Int4,
+            KvFormat::Kivi2,
+        ] {
+            let mut b = KvBuf::new(format, Half::Keys, 1, hd, &frame(hd, 16));
             b.write(0, hd, &vec![0.0; hd]);
             let mut out = vec![1f32; hd];
             b.read(0, hd, &mut out);
@@ -182,11 +352,11 @@ mod tests {
         let mut key: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.9).sin() * 0.3).collect();
         key[3] = 12.0;
         let (mut keys, mut values) = (
-            KvBuf::new(KvFormat::Int4, Half::Keys, 2, hd),
-            KvBuf::new(KvFormat::Int4, Half::Values, 2, hd),
+            KvBuf::new(KvFormat::Int4, Half::Keys, 2, hd, &frame(hd, 16)),
+            KvBuf::new(KvFormat::Int4, Half::Values, 2, hd, &frame(hd, 16)),
         );
         assert!(keys.turned() && !values.turned());
-        assert!(!KvBuf::new(KvFormat::Int8, Half::Keys, 1, hd).turned());
+        assert!(!KvBuf::new(KvFormat::Int8, Half::Keys, 1, hd, &frame(hd, 16)).turned());
         keys.write(1, hd, &key);
         values.write(1, hd, &key);
         let (mut stored, mut back, mut plain) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]);
@@ -213,5 +383,82 @@ mod tests {
         };
         let (t, p) = (l2(&back, &key), l2(&plain, &key));
         assert!(t < p * 0.75, "{t} vs {p}");
+    }
+
+    #[test]
+    fn kivi2_keys_stay_exact_until_their_block_fills_then_quantize_in_the_blocks_frame() {
+        // 2 blocks of 4 slots, 2 KV heads, head_dim 8: vectors [block][head][slot]. The keys of one block are
+        // RoPE turns (by their offset in the block) of one key with a large channel, plus a little noise: in the
+        // block's frame each channel barely moves, while in the cache's frame the large channel sweeps its pair.
+        let (hd, bs, heads) = (8, 4, 2);
+        let rot = frame(hd, bs);
+        let mut block: Vec<f32> = (0..bs * hd)
+            .map(|i| {
+                let (t, d) = (i / hd, i % hd);
+                let base = if d == 5 { 30.0 } else { (d as f32).sin() };
+                base + 0.05 * ((t * 7 + d) as f32).cos()
+            })
+            .collect();
+        rot.from_block_frame(&mut block);
+        let key = |t: usize, d: usize| block[t * hd + d];
+        let mut b = KvBuf::new(
+            KvFormat::Kivi2,
+            Half::Keys,
+            2 * heads * bs,
+            hd,
+            &frame(hd, bs),
+        );
+        let at = |block: usize, h: usize, slot: usize| (block * heads + h) * bs + slot;
+        let mut out = vec![0f32; hd];
+        // Block 1, head 1: three slots written one at a time read back exactly (open).
+        for t in 0..3 {
+            let x: Vec<f32> = (0..hd).map(|d| key(t, d)).collect();
+            b.write(at(1, 1, t), hd, &x);
+            b.read(at(1, 1, t), hd, &mut out);
+            assert_eq!(out, x, "slot {t}");
+        }
+        // The last slot quantizes the block head in its frame: every key comes back within the noise's step
+        // (plus the f16 rounding of a min near 30), though in the cache's frame channel 1 spans several units.
+        let x: Vec<f32> = (0..hd).map(|d| key(3, d)).collect();
+        b.write(at(1, 1, 3), hd, &x);
+        let mut all = vec![0f32; bs * hd];
+        b.read(at(1, 1, 0), hd, &mut all);
+        let span = (0..bs).map(|t| key(t, 1)).fold(0f32, f32::max)
+            - (0..bs).map(|t| key(t, 1)).fold(f32::MAX, f32::min);
+        assert!(span > 5.0, "{span}");
+        for t in 0..bs {
+            for d in 0..hd {
+                let err = (all[t * hd + d] - key(t, d)).abs();
+                assert!(err <= 0.05, "slot {t} dim {d}: {err}");
+            }
+        }
+        assert!(
+            all != (0..bs * hd)
+                .map(|i| key(i / hd, i % hd))
+                .collect::<Vec<_>>()
+        );
+        // The neighbouring block head (block 1, head 0) was never written: zeros, and reading across the
+        // boundary takes each side from its own place.
+        let mut across = vec![1f32; 2 * hd];
+        b.read(at(1, 0, 3), hd, &mut across);
+        assert!(across[..hd].iter().all(|&v| v == 0.0));
+        assert_eq!(&across[hd..], &all[..hd]);
+        // Writing slot 1 of the quantized block head opens it again from its dequantized keys.
+        let y = vec![0.25f32; hd];
+        b.write(at(1, 1, 1), hd, &y);
+        let mut reopened = vec![0f32; bs * hd];
+        b.read(at(1, 1, 0), hd, &mut reopened);
+        assert_eq!(&reopened[..hd], &all[..hd]);
+        assert_eq!(&reopened[hd..2 * hd], &y[..]);
+        assert_eq!(&reopened[2 * hd..], &all[2 * hd..]);
+        // Retiring block 1 drops the open keys: the block head reads its last codes again.
+        b.retire(&[1], heads);
+        b.read(at(1, 1, 0), hd, &mut reopened);
+        assert_eq!(reopened, all);
+        // Slot 0 starts a block head afresh: the slots after it read as zeros until written.
+        b.write(at(1, 1, 0), hd, &y);
+        b.read(at(1, 1, 0), hd, &mut reopened);
+        assert_eq!(&reopened[..hd], &y[..]);
+        assert!(reopened[hd..].iter().all(|&v| v == 0.0));
     }
 }

@@ -212,9 +212,13 @@ impl Backend for CpuBackend {
         Ok(v)
     }
 
-    fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKvStore> {
+    fn alloc_kv(
+        &self,
+        layout: &KvLayout,
+        keys: &crate::kv::codec::KeyRotation,
+    ) -> Result<CpuKvStore> {
         let vectors = layout.num_blocks * layout.kv_heads * layout.block_size;
-        let make = |half| KvBuf::new(layout.format, half, vectors, layout.head_dim);
+        let make = |half| KvBuf::new(layout.format, half, vectors, layout.head_dim, keys);
         Ok(CpuKvStore {
             layout: *layout,
             k: (0..layout.layers).map(|_| make(Half::Keys)).collect(),
@@ -376,6 +380,12 @@ impl Backend for CpuBackend {
             out
         };
         (read(&kv.k[layer]), read(&kv.v[layer]))
+    }
+
+    fn retire_kv_blocks(&self, kv: &mut CpuKvStore, blocks: &[u32]) {
+        for buf in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            buf.retire(blocks, kv.layout.kv_heads);
+        }
     }
 
     fn write_kv_block(&self, kv: &mut CpuKvStore, layer: usize, block: u32, k: &[f32], v: &[f32]) {

@@ -57,6 +57,12 @@ pub struct CudaKvStore {
 
 impl CudaKvStore {
     pub(super) fn alloc(stream: &std::sync::Arc<CudaStream>, layout: &KvLayout) -> Result<Self> {
+        if layout.format == KvFormat::Kivi2 {
+            return Err(EngineError::invalid(
+                "kv format kivi2 is a CPU cache format for now: the CUDA backend reads f32, f16, int8, fp8 and int4 \
+                 caches (kivi2 still travels on the wire as a codec)",
+            ));
+        }
         let n = layout.layers * layout.num_blocks * layout.block_elems();
         let dev = |e: cudarc::driver::DriverError| {
             EngineError::Device(format!("allocating the KV cache ({n} elements x2): {e}"))
@@ -86,6 +92,7 @@ impl CudaKvStore {
                     vp: stream.alloc_zeros(pairs).map_err(dev)?,
                 }
             }
+            KvFormat::Kivi2 => unreachable!("refused above"),
         };
         Ok(Self {
             layout: *layout,

@@ -85,6 +85,8 @@ pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
         KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
         KvFormat::Int8 | KvFormat::Fp8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
         KvFormat::Int4 => (4, 2 * tile * head_dim / 2 + 2 * tile * head_dim / 32 * 4),
+        // No kivi2 kernel: the CUDA store refuses the format before any kernel is chosen.
+        KvFormat::Kivi2 => (0, 0),
     }
 }
 

@@ -63,7 +63,11 @@ impl Backend for CudaBackend {
             .map_err(|e| EngineError::Device(format!("uploading a vector: {e}")))
     }
 
-    fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKvStore> {
+    fn alloc_kv(
+        &self,
+        layout: &KvLayout,
+        _keys: &crate::kv::codec::KeyRotation,
+    ) -> Result<CudaKvStore> {
         CudaKvStore::alloc(&self.stream, layout)
     }
 

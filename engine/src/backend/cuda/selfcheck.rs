@@ -476,7 +476,7 @@ fn attention(
         num_blocks: blocks + 3,
         format,
     };
-    let Ok(mut kv) = b.alloc_kv(&layout) else {
+    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout)) else {
         return push(
             format!("attention alloc {format:?}"),
             vec![],
@@ -607,7 +607,7 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
         num_blocks: 3,
         format,
     };
-    let Ok(mut kv) = b.alloc_kv(&layout) else {
+    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout)) else {
         return push("rope_store alloc".into(), vec![], vec![0.0], 0.0);
     };
     let cfg = RopeConfig {
@@ -719,4 +719,14 @@ fn argmax(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     let got: Vec<f32> = b.argmax_rows(&xt, cols).iter().map(|&i| i as f32).collect();
     let want = winners.iter().map(|&w| w as f64).collect();
     push(format!("argmax {rows}x{cols}"), got, want, 0.0);
+}
+
+/// A key rotation for a store the checks fill directly (no kivi2 store is made on the device).
+fn test_rotation(layout: &KvLayout) -> crate::kv::codec::KeyRotation {
+    let rope = crate::model::RopeConfig {
+        theta: 10_000.0,
+        layout: crate::model::RopeLayout::Halves,
+        freq_factors: None,
+    };
+    crate::kv::codec::KeyRotation::new(&rope, layout.head_dim, layout.block_size)
 }

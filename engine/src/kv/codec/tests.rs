@@ -4,7 +4,7 @@ use super::*;
 use half::f16;
 use proptest::prelude::*;
 
-const RAWS: [KvFormat; 5] = KvFormat::ALL;
+const RAWS: [KvFormat; 6] = KvFormat::ALL;
 
 /// A RoPE at the shape's head_dim (odd head dims have none: the rotation leaves them as they are).
 fn rotation(s: BlockShape) -> KeyRotation {
