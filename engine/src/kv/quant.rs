@@ -193,11 +193,22 @@ pub fn quantize_channels(x: &[f32], head_dim: usize, codes: &mut [u8], params: &
     }
 }
 
-/// One token's key from its codes (`head_dim.div_ceil(4)` bytes) and its block's channel parameters.
-pub fn dequantize_channels(codes: &[u8], params: &[f16], out: &mut [f32]) {
-    for (d, o) in out.iter_mut().enumerate() {
-        let q = (codes[d / 4] >> (2 * (d % 4))) & 3;
-        *o = params[2 * d].to_f32() + params[2 * d + 1].to_f32() * f32::from(q);
+/// The inverse of [`quantize_channels`]: `out.len() / head_dim` keys from their codes and their block's channel
+/// parameters (converted once, then four codes a byte).
+pub fn dequantize_channels(codes: &[u8], params: &[f16], head_dim: usize, out: &mut [f32]) {
+    let cb = head_dim.div_ceil(4);
+    let (mins, scales): (Vec<f32>, Vec<f32>) = params
+        .chunks_exact(2)
+        .map(|p| (p[0].to_f32(), p[1].to_f32()))
+        .unzip();
+    for (key, row) in out.chunks_exact_mut(head_dim).zip(codes.chunks_exact(cb)) {
+        // Four channels a byte; a head_dim that is not a multiple of 4 ends in a short chunk.
+        let quads = key.chunks_mut(4).zip(mins.chunks(4).zip(scales.chunks(4)));
+        for ((o, (m, s)), &b) in quads.zip(row) {
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = m[j] + s[j] * f32::from((b >> (2 * j)) & 3);
+            }
+        }
     }
 }
 
@@ -294,10 +305,11 @@ mod tests {
         let mut codes = vec![0xffu8; tokens * 2];
         let mut params = vec![f16::ZERO; 2 * hd];
         quantize_channels(&x, hd, &mut codes, &mut params);
-        let mut out = vec![0f32; hd];
+        let mut all = vec![0f32; tokens * hd];
+        dequantize_channels(&codes, &params, hd, &mut all);
         for t in 0..tokens {
-            dequantize_channels(&codes[t * 2..t * 2 + 2], &params, &mut out);
-            for (d, (&a, &b)) in x[t * hd..(t + 1) * hd].iter().zip(&out).enumerate() {
+            let out = &all[t * hd..(t + 1) * hd];
+            for (d, (&a, &b)) in x[t * hd..(t + 1) * hd].iter().zip(out).enumerate() {
                 let step = params[2 * d + 1].to_f32();
                 // Each channel's own step: the quiet channels keep their precision beside the outlier one.
                 assert!(

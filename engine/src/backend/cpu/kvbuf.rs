@@ -273,11 +273,12 @@ impl KeyChannels {
     /// Block head `bh`'s keys from its codes, turned forward out of the block's frame.
     fn dequantize(&self, bh: usize, out: &mut [f32]) {
         let (bs, hd, cb) = (self.block_size, self.head_dim, self.code_bytes());
-        let params = &self.params[bh * 2 * hd..(bh + 1) * 2 * hd];
-        for (t, d) in out.chunks_exact_mut(hd).enumerate() {
-            let u = bh * bs + t;
-            dequantize_channels(&self.q[u * cb..(u + 1) * cb], params, d);
-        }
+        dequantize_channels(
+            &self.q[bh * bs * cb..(bh + 1) * bs * cb],
+            &self.params[bh * 2 * hd..(bh + 1) * 2 * hd],
+            hd,
+            out,
+        );
         self.frame.from_block_frame(out);
     }
 
