@@ -148,6 +148,10 @@ fn fp8_and_int8_keep_greedy_output_and_int4_moves_a_quarter_of_the_bytes() {
                 .iter()
                 .take_while(|&&m| m >= NEAR_TIE)
                 .count();
+            // (Shown with --nocapture: where each codec leaves the fixture, for bench/RESULTS.md.)
+            eprintln!(
+                "{codec}: prompt {i} equal for {same} of 16 tokens (first near-tie at {confident})"
+            );
             if same < confident.min(16) {
                 failures.push(format!(
                     "{codec}: prompt {i} diverged at token {same} (margin {:.3}), before its first near-tie at {confident}",

@@ -5,8 +5,8 @@
 //! | codec | K | V | bits per element (head_dim 64, block 16) |
 //! |---|---|---|---|
 //! | `none` | the cache dtype | same | 32 (f32) or 16 (f16) |
-//! | `fp8` | E4M3, one f32 scale per head per block | same | ~8.0 |
-//! | `int8` | symmetric, f16 scale per token per head | same | 8.25 |
+//! | `fp8` | E4M3, one f32 scale per head per block, after a Walsh-Hadamard turn | E4M3, one f32 scale per head per block | ~8.0 |
+//! | `int8` | symmetric, f16 scale per token per head, after a Walsh-Hadamard turn | symmetric, per token per head | 8.25 |
 //! | `int4` | asymmetric, f16 min and scale per 32 elements along head_dim, after a Walsh-Hadamard turn | asymmetric, per 32 elements | 5 |
 //! | `kivi2` | 2-bit, f16 min and scale per channel over the block's tokens | 2-bit, per 32 elements along head_dim | 3.5 |
 //!
@@ -17,8 +17,9 @@
 //! ([`KeyRotation`]: each key turned back by RoPE for its offset within the block), where a channel varies far less
 //! across the block's tokens than in the cache's frame; the decoder turns them forward again.
 //!
-//! `int4` turns each key by an orthonormal Walsh-Hadamard transform before quantizing it and turns it back after
-//! decoding ([`spread`]), so that a key's few large channels do not widen the range of the groups that hold them.
+//! `fp8`, `int8` and `int4` turn each key by an orthonormal Walsh-Hadamard transform before quantizing it and turn
+//! it back after decoding ([`spread`]), so that a key's few large channels do not widen the range of the groups (or
+//! the scale of the vector) that hold them.
 //!
 //! Every codec zeroes the tokens of a block past its fill and encodes fixed-size output for a given shape and fill,
 //! so a decoder checks one length before reading anything. Decoding never panics: a wrong length or a non-finite
@@ -67,6 +68,12 @@ impl Codec {
             Self::Int4 => "int4",
             Self::Kivi2 => "kivi2",
         }
+    }
+
+    /// Whether keys are turned by the orthonormal Walsh-Hadamard transform before quantizing and turned back after
+    /// decoding (fp8, int8, int4: [`spread`]; decision 0014).
+    pub fn turns_keys(self) -> bool {
+        matches!(self, Self::Fp8 | Self::Int8 | Self::Int4)
     }
 
     pub fn parse(s: &str) -> Result<Self, CodecError> {
@@ -230,21 +237,16 @@ pub fn encode_block(c: &BlockCoding<'_>, block: BlockRef<'_>, out: &mut Vec<u8>)
             packed::put_per_channel_2bit(shape, &framed, out);
             packed::put_groups(shape, tokens, block.v, 2, out);
         }
-        Codec::Fp8 => {
-            for half in [block.k, block.v] {
-                packed::put_fp8(shape, tokens, half, out);
-            }
-        }
-        Codec::Int8 => {
-            for half in [block.k, block.v] {
-                packed::put_int8(shape, tokens, half, out);
-            }
-        }
-        Codec::Int4 => {
+        Codec::Fp8 | Codec::Int8 | Codec::Int4 => {
             let mut turned = block.k.to_vec();
             spread::turn_all(&mut turned, shape.head_dim);
-            packed::put_groups(shape, tokens, &turned, 4, out);
-            packed::put_groups(shape, tokens, block.v, 4, out);
+            for half in [&turned[..], block.v] {
+                match c.codec {
+                    Codec::Fp8 => packed::put_fp8(shape, tokens, half, out),
+                    Codec::Int8 => packed::put_int8(shape, tokens, half, out),
+                    _ => packed::put_groups(shape, tokens, half, 4, out),
+                }
+            }
         }
     }
     debug_assert_eq!(out.len() - start, encoded_len(c.codec, raw, shape, fill));
@@ -290,18 +292,15 @@ pub fn decode_block(
             c.keys.from_block_frame(k);
             r.groups(shape, 2, v)?;
         }
-        Codec::Fp8 => {
-            r.fp8(shape, k)?;
-            r.fp8(shape, v)?;
-        }
-        Codec::Int8 => {
-            r.int8(shape, k)?;
-            r.int8(shape, v)?;
-        }
-        Codec::Int4 => {
-            r.groups(shape, 4, k)?;
+        Codec::Fp8 | Codec::Int8 | Codec::Int4 => {
+            for half in [&mut *k, &mut *v] {
+                match codec {
+                    Codec::Fp8 => r.fp8(shape, half)?,
+                    Codec::Int8 => r.int8(shape, half)?,
+                    _ => r.groups(shape, 4, half)?,
+                }
+            }
             spread::turn_all(k, shape.head_dim);
-            r.groups(shape, 4, v)?;
         }
     }
     // Scales, minimums and raw elements were read from the wire: nothing non-finite reaches a cache.

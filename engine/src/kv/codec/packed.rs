@@ -46,8 +46,11 @@ pub(super) fn put_fp8(s: BlockShape, fill: usize, x: &[f32], out: &mut Vec<u8>) 
         let scale = if absmax > 0.0 { absmax / fp8::MAX } else { 1.0 };
         out.extend_from_slice(&scale.to_le_bytes());
         let inv = 1.0 / scale;
-        out.extend(rows.iter().map(|&v| fp8::from_f32(v * inv)));
-        out.resize(out.len() + (s.block_size - fill) * s.head_dim, 0);
+        let start = out.len();
+        out.resize(start + s.block_size * s.head_dim, 0);
+        for (o, &v) in out[start..].iter_mut().zip(rows) {
+            *o = fp8::from_f32(v * inv);
+        }
     }
 }
 

@@ -40,6 +40,17 @@ fn shape_and_block() -> impl Strategy<Value = (BlockShape, Fill, Vec<f32>, Vec<f
     })
 }
 
+/// fp8's largest error on `v` under a head's largest magnitude `m`: half an E4M3 step (1/16 relative), the f32
+/// scale's rounding, and the smallest subnormal's half.
+fn fp8_bound(v: f32, m: f32) -> f32 {
+    v.abs() / 16.0 + m / 448.0 / 1024.0 + 1e-6
+}
+
+/// int8's largest error in a row of largest magnitude `m`: half a step, plus the f16 scale's rounding.
+fn int8_bound(m: f32) -> f32 {
+    m / 127.0 * 0.5 * 1.002 + m / 1024.0 + 1e-6
+}
+
 /// The largest error `codec` may make on element `(h, t, d)` of `x` (tokens below `fill`).
 fn bound(
     codec: Codec,
@@ -75,33 +86,40 @@ fn bound(
             _ => f16_err(x[i]),
         },
         Codec::Kivi2 if kivi2_in_f16(s, fill) => f16_err(x[i]),
-        Codec::Fp8 => {
-            let m = absmax(&mut (0..tokens).flat_map(|t| row(h, t).iter().copied()));
-            x[i].abs() / 16.0 + m / 448.0 / 1024.0 + 1e-6
-        }
-        Codec::Int8 => {
-            let m = absmax(&mut row(h, t).iter().copied());
-            m / 127.0 * 0.5 * 1.002 + m / 1024.0 + 1e-6
-        }
-        Codec::Int4 if key => {
-            // Quantized after the turn: each turned dim within its group's step, and dim d a signed sum of its run's
-            // turned errors over sqrt(run length); plus the float rounding of turning there and back.
-            let mut y = row(h, t).to_vec();
-            spread::turn(&mut y);
+        Codec::Fp8 | Codec::Int8 | Codec::Int4 if key => {
+            // Quantized after the turn: each turned dim within the codec's bound on the turned rows, and dim d a
+            // signed sum of its run's turned errors over sqrt(run length); plus the float rounding of turning there
+            // and back.
+            let turned = |t: usize| {
+                let mut y = row(h, t).to_vec();
+                spread::turn(&mut y);
+                y
+            };
+            let y = turned(t);
+            let head_max = absmax(&mut (0..tokens).flat_map(turned));
             let run = spread::runs(s.head_dim)
                 .find(|r| r.contains(&d))
                 .expect("every dim lies in a run");
             let len = run.len();
             let steps: f32 = run
-                .map(|j| {
-                    let g = j / 32 * 32;
-                    let (r, m) = range(&mut y[g..(g + 32).min(s.head_dim)].iter().copied());
-                    runs(r, m, 15.0)
+                .map(|j| match codec {
+                    Codec::Fp8 => fp8_bound(y[j], head_max),
+                    Codec::Int8 => int8_bound(absmax(&mut y.iter().copied())),
+                    _ => {
+                        let g = j / 32 * 32;
+                        let (r, m) = range(&mut y[g..(g + 32).min(s.head_dim)].iter().copied());
+                        runs(r, m, 15.0)
+                    }
                 })
                 .sum();
             let norm = y.iter().map(|v| v * v).sum::<f32>().sqrt();
             steps / (len as f32).sqrt() + norm * 1e-5
         }
+        Codec::Fp8 => {
+            let m = absmax(&mut (0..tokens).flat_map(|t| row(h, t).iter().copied()));
+            fp8_bound(x[i], m)
+        }
+        Codec::Int8 => int8_bound(absmax(&mut row(h, t).iter().copied())),
         Codec::Int4 => {
             let (r, m) = range(&mut group(t));
             runs(r, m, 15.0)
@@ -382,10 +400,10 @@ fn byte_classes_follow_each_layout() {
                                     || (raw == KvFormat::F32 && codec == Codec::None && b == raw32),
                                 "{at}: {b:#x}"
                             ),
-                            // (kivi2's keys are turned into the block's frame and int4's by the Walsh-Hadamard
-                            // transform, so their parameters vary; int4's keys are the first half.)
+                            // (kivi2's keys are turned into the block's frame and fp8's, int8's and int4's by the
+                            // Walsh-Hadamard transform, so their parameters vary; keys are the first half.)
                             _ if codec == Codec::Kivi2 && class != ByteClass::RawHigh as u8 => {}
-                            _ if codec == Codec::Int4 && i < bytes.len() / 2 => {}
+                            _ if codec.turns_keys() && i < bytes.len() / 2 => {}
                             x if x == ByteClass::MinHigh as u8 => {
                                 assert!(b == 0 || b == raw16, "{at}: {b:#x}")
                             }
