@@ -3,7 +3,7 @@
 //!
 //! - int8 ([`ByteCode::Int8`]): symmetric, one f16 scale per vector (`max |x| / 127`, saturated to f16's range),
 //!   rounded to f16 first so that quantization and dequantization use the same value. The `int8` codec calls it
-//!   for each token of a block.
+//!   for each token of a block (its keys after the Walsh-Hadamard turn, which the int8 cache format does not apply).
 //! - fp8 (cache format): E4M3 codes under one f16 scale per vector (`max |x| / 448`, E4M3's largest value), so each
 //!   vector uses the whole E4M3 range. The `fp8` codec keeps one f32 scale per head per block instead (it sees the
 //!   whole block at once; a cache is written a token at a time).
@@ -11,7 +11,8 @@
 //!   (saturating) before the codes are computed; the cache format and the `int4` codec take groups of 32 dims, and
 //!   both compute their codes with [`affine_params`] and [`affine_code`].
 //! - kivi2 (cache format): values by the same rule at 2 bits ([`quantize_groups`]); keys per channel over a block's
-//!   tokens ([`quantize_channels`]), the rule of the `kivi2` codec's keys without its in-block RoPE frame.
+//!   tokens ([`quantize_channels`]), the rule of the `kivi2` codec's keys; both give it keys turned into the frame
+//!   of the block's first token.
 
 use half::f16;
 
