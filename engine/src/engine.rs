@@ -317,10 +317,15 @@ impl<B: Backend> Engine<B> {
             .seqs
             .remove(&seq)
             .ok_or(EngineError::UnknownSequence(seq.0))?;
-        let ids: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
-        self.backend.retire_kv_blocks(&mut self.kv, &ids);
-        self.pool.release(&s.blocks);
+        self.release_blocks(&s.blocks);
         Ok(())
+    }
+
+    /// Gives a sequence's blocks back: the store drops what it kept beside them, the pool takes them back.
+    fn release_blocks(&mut self, blocks: &[BlockId]) {
+        let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+        self.backend.retire_kv_blocks(&mut self.kv, &ids);
+        self.pool.release(blocks);
     }
 
     /// Drops every block of `seq` so its tokens are computed again from the first (a transfer that failed part-way
@@ -331,10 +336,9 @@ impl<B: Backend> Engine<B> {
             .seqs
             .get_mut(&seq)
             .ok_or(EngineError::UnknownSequence(seq.0))?;
-        let ids: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
-        self.backend.retire_kv_blocks(&mut self.kv, &ids);
-        self.pool.release(&s.blocks);
+        let blocks = std::mem::take(&mut s.blocks);
         *s = Sequence::new(std::mem::take(&mut s.tokens), Vec::new(), Vec::new(), bs);
+        self.release_blocks(&blocks);
         Ok(())
     }
 

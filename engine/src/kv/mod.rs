@@ -43,8 +43,8 @@ pub enum KvFormat {
 }
 
 impl KvFormat {
-    /// Bytes one token's K (or V) vector of one KV head takes, for the formats that store each vector on its own
-    /// (all but kivi2, whose key parameters belong to a whole block: [`KvFormat::block_head_bytes`]).
+    /// Bytes one token's K (or V) vector of one KV head takes where the format stores each vector on its own; for
+    /// kivi2 a value vector (its keys' parameters belong to a whole block: [`KvFormat::block_head_bytes`]).
     pub fn bytes_per_vector(self, head_dim: usize) -> usize {
         match self {
             Self::F32 => 4 * head_dim,

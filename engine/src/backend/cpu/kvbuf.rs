@@ -224,17 +224,19 @@ impl KeyChannels {
         let (bs, hd) = (self.block_size, self.head_dim);
         for (i, x) in src.chunks_exact(hd).enumerate() {
             let (bh, slot) = ((at + i) / bs, (at + i) % bs);
-            if slot == 0 {
-                self.open.insert(bh, vec![0.0; bs * hd]);
-            } else if !self.open.contains_key(&bh) {
-                let mut keys = vec![0.0; bs * hd];
-                self.read(bh * bs, &mut keys);
-                self.open.insert(bh, keys);
-            }
-            let keys = self.open.get_mut(&bh).expect("opened above");
+            let mut keys = match self.open.remove(&bh) {
+                Some(keys) if slot > 0 => keys,
+                None if slot > 0 => {
+                    let mut keys = vec![0.0; bs * hd];
+                    self.dequantize(bh, &mut keys);
+                    keys
+                }
+                _ => vec![0.0; bs * hd],
+            };
             keys[slot * hd..(slot + 1) * hd].copy_from_slice(x);
-            if slot + 1 == bs {
-                let mut keys = self.open.remove(&bh).expect("opened above");
+            if slot + 1 < bs {
+                self.open.insert(bh, keys);
+            } else {
                 self.frame.to_block_frame(&mut keys);
                 let cb = self.code_bytes();
                 quantize_channels(

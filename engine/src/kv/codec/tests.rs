@@ -96,7 +96,10 @@ fn bound(
                 y
             };
             let y = turned(t);
-            let head_max = absmax(&mut (0..tokens).flat_map(turned));
+            let (row_max, head_max) = (
+                absmax(&mut y.iter().copied()),
+                absmax(&mut (0..tokens).flat_map(turned)),
+            );
             let run = spread::runs(s.head_dim)
                 .find(|r| r.contains(&d))
                 .expect("every dim lies in a run");
@@ -104,7 +107,7 @@ fn bound(
             let steps: f32 = run
                 .map(|j| match codec {
                     Codec::Fp8 => fp8_bound(y[j], head_max),
-                    Codec::Int8 => int8_bound(absmax(&mut y.iter().copied())),
+                    Codec::Int8 => int8_bound(row_max),
                     _ => {
                         let g = j / 32 * 32;
                         let (r, m) = range(&mut y[g..(g + 32).min(s.head_dim)].iter().copied());
