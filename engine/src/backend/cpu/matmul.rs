@@ -14,7 +14,7 @@ use super::pool::SpinPool;
 use super::{CpuMatrix, CpuTensor};
 use crate::quant::actq::{ActBlock, quantize_activations};
 use crate::quant::dequant::dequantize_row;
-use crate::quant::dot::{DotKernels, dot_rows, has_kernel};
+use crate::quant::dot::{DotKernels, OutRows, dot_rows, has_kernel};
 use crate::quant::interleave::GROUP_ROWS;
 use std::cell::RefCell;
 
@@ -34,6 +34,7 @@ unsafe impl Sync for OutPtr {}
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static ACTS: RefCell<Vec<ActBlock>> = const { RefCell::new(Vec::new()) };
 }
 
 pub fn matmul(
@@ -55,14 +56,6 @@ pub fn matmul(
         return;
     }
     let int_path = m <= INT_PATH_MAX_ROWS && pairs.iter().all(|(w, _)| has_kernel(w.ty));
-    let xq = int_path.then(|| {
-        let bpr = x.cols / 32;
-        let mut q = vec![ActBlock::default(); m * bpr];
-        for r in 0..m {
-            quantize_activations(x.row(r), &mut q[r * bpr..(r + 1) * bpr]);
-        }
-        q
-    });
     // One task list over all pairs, so that q/k/v (or gate/up) share one parallel region.
     let threads = pool.threads();
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
@@ -88,46 +81,58 @@ pub fn matmul(
         .map(|(w, o)| (OutPtr(o.data.as_mut_ptr()), w.rows))
         .collect();
     let weights: Vec<&CpuMatrix> = pairs.iter().map(|(w, _)| *w).collect();
-    pool.run(tasks.len(), &|t| {
-        let (pi, r0, r1) = tasks[t];
-        let w = weights[pi];
-        let (out, n) = outs[pi];
-        match &xq {
-            Some(xq) => int_rows(w, xq, m, r0, r1, out, n, kernels),
-            None => gemm_rows(w, x, r0, r1, out, n),
+    let run = |xq: Option<&[&[ActBlock]]>| {
+        pool.run(tasks.len(), &|t| {
+            let (pi, r0, r1) = tasks[t];
+            let w = weights[pi];
+            let (out, n) = outs[pi];
+            match xq {
+                Some(xrows) => int_rows(w, xrows, r0, r1, out, n, kernels),
+                None => gemm_rows(w, x, r0, r1, out, n),
+            }
+        })
+    };
+    if !int_path {
+        return run(None);
+    }
+    // The activations are quantized once, into a buffer this (calling) thread keeps across steps.
+    ACTS.with(|q| {
+        let mut q = q.borrow_mut();
+        let bpr = x.cols / 32;
+        if q.len() < m * bpr {
+            q.resize(m * bpr, ActBlock::default());
         }
+        for r in 0..m {
+            quantize_activations(x.row(r), &mut q[r * bpr..(r + 1) * bpr]);
+        }
+        let rows: Vec<&[ActBlock]> = q[..m * bpr].chunks_exact(bpr).collect();
+        run(Some(&rows));
     });
 }
 
-#[allow(clippy::too_many_arguments)] // a leaf kernel; bundling these would only add indirection
+/// Dots weight rows `r0..r1` with every activation row, straight into those columns of the `xrows.len() x n` output.
 fn int_rows(
     w: &CpuMatrix,
-    xq: &[ActBlock],
-    m: usize,
+    xrows: &[&[ActBlock]],
     r0: usize,
     r1: usize,
     out: OutPtr,
     n: usize,
     kernels: DotKernels,
 ) {
-    let bpr = w.cols / 32;
-    let xrows: Vec<&[ActBlock]> = (0..m).map(|r| &xq[r * bpr..(r + 1) * bpr]).collect();
-    let cols = r1 - r0;
-    let mut res = vec![0f32; cols * m];
+    // SAFETY: the output is m x n row-major and outlives the parallel region; columns r0..r1 of every row belong
+    // to this task only.
+    let cols = unsafe { OutRows::strided(out.0.add(r0), n, xrows.len(), r1 - r0) };
     dot_rows(
         w.ty,
         w.layout,
         w.bytes(),
         w.row_bytes(),
         r0..r1,
-        &xrows,
-        &mut res,
+        xrows,
+        cols,
         kernels,
     );
-    for (xr, row) in res.chunks_exact(cols).enumerate() {
-        // SAFETY: xr < m rows and r0..r1 columns of an m x n output; these columns belong to this task only.
-        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add(xr * n + r0), cols) };
-    }
 }
 
 fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: OutPtr, n: usize) {

@@ -349,9 +349,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
-        for (g, u) in gate.data.iter_mut().zip(&up.data) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        simd::silu_mul(&mut gate.data, &up.data);
     }
 
     fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {

@@ -105,25 +105,87 @@ impl DotKernels {
     }
 }
 
-/// Where the kernels write: the result for activation row `j` and weight row `rows.start + k` goes to
-/// `data[j * stride + k]`, so that each activation row's outputs are contiguous, as in the matmul's output tensor
-/// (the tiles store eight of them with one instruction).
-pub(super) struct OutRows<'a> {
-    data: &'a mut [f32],
+/// Where [`dot_rows`] writes: the result for activation row `j` and weight row `rows.start + k` goes to
+/// `j * stride + k` from the start, so that each activation row's outputs are contiguous (the tiles store eight of
+/// them with one instruction). Either a whole `rows x cols` slice ([`OutRows::new`]) or, for a matmul task that owns
+/// a range of columns of a wider output, those columns in place ([`OutRows::strided`]), so no result is copied.
+pub struct OutRows<'a> {
+    ptr: *mut f32,
     stride: usize,
+    rows: usize,
+    cols: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-impl OutRows<'_> {
+impl<'a> OutRows<'a> {
+    /// All of `out`, as rows of `cols` outputs.
+    pub fn new(out: &'a mut [f32], cols: usize) -> Self {
+        assert!(
+            cols > 0 && out.len().is_multiple_of(cols),
+            "OutRows: {} outputs are not rows of {cols}",
+            out.len()
+        );
+        Self {
+            ptr: out.as_mut_ptr(),
+            stride: cols,
+            rows: out.len() / cols,
+            cols,
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// `rows` rows of `cols` outputs, row `j` starting at `ptr + j * stride`.
+    ///
+    /// # Safety
+    /// For every `j < rows` and `k < cols`, `ptr + j * stride + k` is valid for writes for `'a`, and nothing else
+    /// reads or writes those elements while this value lives.
+    pub unsafe fn strided(ptr: *mut f32, stride: usize, rows: usize, cols: usize) -> Self {
+        assert!(cols <= stride || rows <= 1, "OutRows: rows overlap");
+        Self {
+            ptr,
+            stride,
+            rows,
+            cols,
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// The same outputs, for a shorter borrow.
+    fn reborrow(&mut self) -> OutRows<'_> {
+        OutRows {
+            _out: std::marker::PhantomData,
+            ..*self
+        }
+    }
+
+    /// The columns from `k` on.
+    fn skip(self, k: usize) -> Self {
+        assert!(k <= self.cols, "OutRows: skipping past the last column");
+        Self {
+            // SAFETY: k <= cols, so the pointer stays within (or one past) row 0's columns.
+            ptr: unsafe { self.ptr.add(k) },
+            cols: self.cols - k,
+            ..self
+        }
+    }
+
     /// The `len` outputs of activation row `j` from weight row `rows.start + k` on.
     #[inline]
     fn cols(&mut self, j: usize, k: usize, len: usize) -> &mut [f32] {
-        let at = j * self.stride + k;
-        &mut self.data[at..at + len]
+        assert!(
+            j < self.rows && k + len <= self.cols,
+            "OutRows: ({j}, {k}..{}) outside {} x {}",
+            k + len,
+            self.rows,
+            self.cols
+        );
+        // SAFETY: in bounds (checked above), and these elements are ours alone (the constructors' contracts).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(j * self.stride + k), len) }
     }
 }
 
 /// Dot products of weight rows `rows` (each `row_bytes` long in `w`, ordered as `layout` says) with every activation
-/// row in `xs`: `out[i * rows.len() + (r - rows.start)] = dot(w_row(r), xs[i])` (one output row per activation
+/// row in `xs`: output `(i, r - rows.start)` of `out` is `dot(w_row(r), xs[i])` (one output row per activation
 /// row). `ty` must satisfy [`has_kernel`]; with the interleaved layout, `rows` must start and (unless it runs past the last whole group) end on a group
 /// boundary.
 ///
@@ -136,10 +198,17 @@ pub fn dot_rows(
     row_bytes: usize,
     rows: std::ops::Range<usize>,
     xs: &[&[ActBlock]],
-    out: &mut [f32],
+    mut out: OutRows<'_>,
     kernels: DotKernels,
 ) {
-    assert_eq!(out.len(), rows.len() * xs.len(), "dot_rows: output size");
+    assert!(
+        out.rows == xs.len() && out.cols == rows.len(),
+        "dot_rows: output of {} x {} for {} x {}",
+        out.rows,
+        out.cols,
+        xs.len(),
+        rows.len()
+    );
     assert!(
         rows.end * row_bytes <= w.len(),
         "dot_rows: rows out of range"
@@ -166,25 +235,21 @@ pub fn dot_rows(
             split
         }
     };
-    let stride = rows.len();
     #[cfg(target_arch = "x86_64")]
     if kernels >= DotKernels::Avx2Rows && (split == rows.start || kernels >= DotKernels::Avx2Tiles)
     {
-        let head = OutRows { data: out, stride };
         // SAFETY: a DotKernels other than Portable is only made after checking that the CPU has what it needs;
         // sizes were checked above; rows.start..split are whole interleaved groups.
         unsafe {
             if split > rows.start {
+                let head = out.reborrow();
                 if kernels == DotKernels::VnniTiles {
                     tiles::vnni::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
                 } else {
                     tiles::avx2::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
                 }
             }
-            let tail = OutRows {
-                data: &mut out[split - rows.start..],
-                stride,
-            };
+            let tail = out.skip(split - rows.start);
             avx2::dot_rows(ty, w, row_bytes, split..rows.end, xs, tail);
         }
         return;
@@ -199,7 +264,7 @@ pub fn dot_rows(
             &w[r * row_bytes..(r + 1) * row_bytes]
         };
         for (j, x) in xs.iter().enumerate() {
-            out[j * stride + i] = dot_scalar(ty, w_row, x);
+            out.cols(j, i, 1)[0] = dot_scalar(ty, w_row, x);
         }
     }
 }
@@ -323,7 +388,7 @@ mod tests {
                             row_bytes,
                             0..wrows,
                             &refs[..n],
-                            &mut out,
+                            OutRows::new(&mut out, wrows),
                             kernels,
                         );
                         // Batch invariance, bit for bit: a row's outputs in a batch of n (the paired kernel from four
@@ -339,7 +404,7 @@ mod tests {
                                 row_bytes,
                                 0..wrows,
                                 one,
-                                &mut alone,
+                                OutRows::new(&mut alone, wrows),
                                 kernels,
                             );
                             let batched = &out[r * wrows..(r + 1) * wrows];
@@ -410,7 +475,7 @@ mod tests {
                             row_bytes,
                             0..wrows,
                             &refs,
-                            &mut out,
+                            OutRows::new(&mut out, wrows),
                             kernels,
                         );
                     }
