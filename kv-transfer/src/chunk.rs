@@ -1,6 +1,6 @@
 //! One transfer chunk: K and V of some destination blocks for a range of layers, encoded by a codec.
 //!
-//! Payload (format version 5, documented in docs/kv-wire-format.md): for each layer of the range, for each
+//! Payload (format version 6, documented in docs/kv-wire-format.md): for each layer of the range, for each
 //! destination block in order, the codec's encoding of that block's K and V ([`tandem_engine::kv::codec`]); then,
 //! if the sender chose a lossless stage, all of that compressed as one LZ4 block or by the entropy stage
 //! ([`crate::entropy`]: static rANS over byte classes). Each block's fill (tokens
@@ -26,7 +26,7 @@ use tandem_proto::convert::{
 use tandem_proto::v1;
 
 /// The payload format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 /// Most blocks and layers one chunk may name (bounds every size computation).
 pub const MAX_BLOCKS_PER_CHUNK: usize = 4096;

@@ -11,10 +11,14 @@
 //! from 0.94 to about 0.77 of their bits, where one table for all keys leaves them at 0.94.
 //!
 //! Layout: the byte tables, one per class in order, then the channel tables, one per channel context; each starts
-//! with a flag: 0 (nothing of it in the payload), 1 (a table follows) or 2 (coded flat, every value at equal
-//! frequency: what near-random bytes such as f16 low bytes cost anyway, without a table). A table is a bitmap of the
-//! values present (32 bytes for bytes, 2 for 4-bit codes), then each present value's frequency (at least 1, summing
-//! to 4096) as one byte if below 128, else two (low seven bits with the top bit set, then the rest). Then the rANS
+//! with a flag: 0 (nothing of it in the payload), 1 (a table follows), 2 (coded flat, every value at equal
+//! frequency: what near-random bytes such as f16 low bytes cost anyway, without a table) or, for channel tables
+//! only, 3 (a compact table follows). A table is a bitmap of the values present (32 bytes for bytes, 2 for 4-bit
+//! codes), then each present value's frequency (at least 1, summing to 4096) as one byte if below 128, else two (low
+//! seven bits with the top bit set, then the rest). A compact table is 8 bytes: a 4-bit level per value (value `2i`
+//! in the low half of byte `i`), level `l` standing for a weight of `LEVEL_WEIGHTS[l]` (0 for absent, then about
+//! `2^(l / 2)`), the weights normalized to 4096 as counts are. A channel codes a few hundred symbols per chunk, so
+//! its table's size matters as much as its precision; the encoder sends whichever of the three costs least. Then the rANS
 //! stream: two 32-bit states in `[2^23, 2^31)`, each as four big-endian bytes, symbol `k` (counting from 0, a key
 //! byte's low code before its high one) coded by state `k % 2`, both renormalized a byte at a time from the one
 //! stream. Decoding the whole payload must leave both states at `2^23` with the stream used up.
@@ -26,6 +30,14 @@ const SCALE_BITS: u32 = 12;
 const SCALE: u32 = 1 << SCALE_BITS;
 /// The lower bound of the coder's state.
 const LOW: u32 = 1 << 23;
+/// The weight of each level of a compact 16-value table: `round(2^(l / 2))`, level 0 absent.
+const LEVEL_WEIGHTS: [u64; 16] = [0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181];
+
+/// How a table travels: the flag byte before it.
+const ABSENT: u8 = 0;
+const FULL: u8 = 1;
+const FLAT: u8 = 2;
+const COMPACT: u8 = 3;
 
 /// Why a stream does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -127,20 +139,47 @@ impl Table {
         }
     }
 
-    /// Bytes of the table as written, and of `counts` coded with it (the entropy under its frequencies).
-    fn cost(&self, counts: &[u64]) -> f64 {
+    /// Bytes of the table as [`Table::write`] writes it.
+    fn table_bytes(&self) -> usize {
         let present = self
             .freq
             .iter()
             .map(|&f| (f > 0) as usize + (f >= 128) as usize);
-        let table = self.freq.len() / 8 + present.sum::<usize>();
+        self.freq.len() / 8 + present.sum::<usize>()
+    }
+
+    /// Bytes of `counts` coded with this table (the entropy under its frequencies; infinite where a counted value
+    /// has no frequency).
+    fn coded_bytes(&self, counts: &[u64]) -> f64 {
         let bits: f64 = counts
             .iter()
             .zip(&self.freq)
             .filter(|(c, _)| **c > 0)
             .map(|(&c, &f)| c as f64 * (SCALE as f64 / f as f64).log2())
             .sum();
-        table as f64 + bits / 8.0
+        bits / 8.0
+    }
+
+    /// A 16-value table from its compact form: one 4-bit level per value (0: absent), each level `l` standing for
+    /// a weight of about `2^(l / 2)`, normalized as [`Table::from_counts`] does. Half a level of error is at most
+    /// 19% in a value's probability, about 0.02 bits a symbol; the table costs 8 bytes where a full one costs
+    /// 20-30, which on a chunk's few hundred symbols per channel is the larger saving.
+    fn from_levels(levels: &[u8; 16]) -> Option<Self> {
+        let weights: Vec<u64> = levels.iter().map(|&l| LEVEL_WEIGHTS[l as usize]).collect();
+        weights
+            .iter()
+            .any(|&w| w > 0)
+            .then(|| Self::from_counts(&weights))
+    }
+
+    /// The compact levels of `counts` (not all zero): each present value's level from its count against the
+    /// largest, the largest at level 15, none below 1.
+    fn levels(counts: &[u64]) -> [u8; 16] {
+        let max = *counts.iter().max().expect("16 counts") as f64;
+        std::array::from_fn(|v| match counts[v] {
+            0 => 0,
+            c => (15.0 - (2.0 * (max / c as f64).log2()).round()).max(1.0) as u8,
+        })
     }
 
     /// Reads a table of an alphabet of `n` written by [`Table::write`] from `bytes[*pos..]`.
@@ -238,21 +277,36 @@ pub fn compress(payload: &[u8], model: &PayloadModel) -> Vec<u8> {
     for c in &counts {
         let n: u64 = c.iter().sum();
         if n == 0 {
-            out.push(0);
+            out.push(ABSENT);
             tables.push(None);
             continue;
         }
-        // A table where it pays for itself, else flat.
-        let t = Table::from_counts(c);
-        let flat_bytes = n as f64 * (c.len() as f64).log2() / 8.0;
-        if t.cost(c) < flat_bytes {
-            out.push(1);
-            t.write(&mut out);
-            tables.push(Some(t));
-        } else {
-            out.push(2);
-            tables.push(Some(Table::flat(c.len())));
+        // The cheapest of a full table, a compact one (16-value alphabets) and none (flat), tables included.
+        let full = Table::from_counts(c);
+        let mut best = (full.table_bytes() as f64 + full.coded_bytes(c), FULL, full);
+        if c.len() == 16 {
+            let levels = Table::levels(c);
+            let t = Table::from_levels(&levels).expect("some value is counted");
+            let cost = 8.0 + t.coded_bytes(c);
+            if cost < best.0 {
+                best = (cost, COMPACT, t);
+            }
         }
+        let flat_bytes = n as f64 * (c.len() as f64).log2() / 8.0;
+        if flat_bytes <= best.0 {
+            best = (flat_bytes, FLAT, Table::flat(c.len()));
+        }
+        let (_, flag, t) = best;
+        out.push(flag);
+        match flag {
+            FULL => t.write(&mut out),
+            COMPACT => {
+                let l = Table::levels(c);
+                out.extend((0..8).map(|i| l[2 * i] | l[2 * i + 1] << 4));
+            }
+            _ => {}
+        }
+        tables.push(Some(t));
     }
     // rANS encodes the last symbol first; its output is read back to front. Symbol k goes through state k % 2
     // (two independent chains, which the CPU overlaps), both renormalizing into the one stream.
@@ -286,10 +340,25 @@ pub fn decompress(bytes: &[u8], model: &PayloadModel) -> Result<Vec<u8>, Entropy
         let flag = *bytes.get(pos).ok_or(EntropyError::TablesCut)?;
         pos += 1;
         let t = match flag {
-            0 => None,
-            1 => Some(Table::read(bytes, &mut pos, alphabet(id), id)?),
-            2 => Some(Table::flat(alphabet(id))),
-            _ => return Err(EntropyError::BadTable(id, "its flag is not 0, 1 or 2")),
+            ABSENT => None,
+            FULL => Some(Table::read(bytes, &mut pos, alphabet(id), id)?),
+            FLAT => Some(Table::flat(alphabet(id))),
+            COMPACT if alphabet(id) == 16 => {
+                let packed = bytes.get(pos..pos + 8).ok_or(EntropyError::TablesCut)?;
+                pos += 8;
+                let levels = std::array::from_fn(|v| packed[v / 2] >> (4 * (v % 2)) & 0x0f);
+                let t = Table::from_levels(&levels).ok_or(EntropyError::BadTable(
+                    id,
+                    "a compact table with no value present",
+                ))?;
+                Some(t)
+            }
+            _ => {
+                return Err(EntropyError::BadTable(
+                    id,
+                    "its flag is not 0, 1, 2 or (for a channel table) 3",
+                ));
+            }
         };
         // Byte tables look a slot's value up; the 16 values of a channel table are searched (building 4096 slots
         // for each of hundreds of channel tables would cost more than decoding the chunk).
@@ -491,6 +560,96 @@ mod tests {
             "{} vs {}",
             pooled.len(),
             packed.len()
+        );
+    }
+
+    #[test]
+    fn channel_tables_travel_compact_where_that_is_cheaper() {
+        // 256 tokens: each channel's codes bell-shaped around a centre of its own, all 16 values present, as int4
+        // keys are. A full table costs 20-30 bytes a channel, a compact one 8.
+        let model = int4_model(16);
+        let mut s = 11u64;
+        let mut channels = model.channels.iter();
+        let mut counts = vec![[0u64; 16]; model.channel_tables()];
+        let bytes: Vec<u8> = model
+            .classes
+            .iter()
+            .map(|&class| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = (s >> 20) as u32;
+                if class != ByteClass::KeyNibbles as u8 {
+                    return r as u8;
+                }
+                let ch = *channels.next().unwrap() as usize;
+                let code = |c: usize, bits: u32| {
+                    let bell: u32 = (0..6).map(|i| bits >> (2 * i) & 3).sum();
+                    ((c % 5) as u32 + bell).min(15) as u8
+                };
+                let (lo, hi) = (code(ch, r), code(ch + 1, r >> 12));
+                counts[ch][lo as usize] += 1;
+                counts[ch + 1][hi as usize] += 1;
+                lo | hi << 4
+            })
+            .collect();
+        let packed = compress(&bytes, &model);
+        assert_eq!(decompress(&packed, &model).unwrap(), bytes);
+        let entropy: f64 = counts
+            .iter()
+            .map(|c| {
+                let n: u64 = c.iter().sum();
+                c.iter()
+                    .filter(|&&k| k > 0)
+                    .map(|&k| k as f64 * (n as f64 / k as f64).log2())
+                    .sum::<f64>()
+                    / 8.0
+            })
+            .sum();
+        let keys = model
+            .classes
+            .iter()
+            .filter(|&&c| c == ByteClass::KeyNibbles as u8)
+            .count();
+        // The other bytes flat; key codes within 3% of their entropy; 9 bytes per channel table.
+        let bound = (bytes.len() - keys) as f64 + entropy * 1.03 + 9.0 * counts.len() as f64 + 64.0;
+        assert!(
+            (packed.len() as f64) < bound,
+            "{} bytes, bound {bound:.0}",
+            packed.len()
+        );
+    }
+
+    #[test]
+    fn a_compact_table_with_nothing_present_is_refused() {
+        let model = int4_model(1);
+        let bytes = vec![0x53u8; model.len()];
+        let mut packed = compress(&bytes, &model);
+        // Rewrite the first channel table as compact with every level 0.
+        let at = (0..CLASSES).fold(0, |pos, _| match packed[pos] {
+            FULL => {
+                let mut p = pos + 1;
+                Table::read(&packed, &mut p, 256, 0).unwrap();
+                p
+            }
+            _ => pos + 1,
+        });
+        let end = match packed[at] {
+            FULL => {
+                let mut p = at + 1;
+                Table::read(&packed, &mut p, 16, CLASSES).unwrap();
+                p
+            }
+            COMPACT => at + 9,
+            _ => at + 1,
+        };
+        packed.splice(at..end, [COMPACT, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decompress(&packed, &model),
+            Err(EntropyError::BadTable(
+                CLASSES,
+                "a compact table with no value present"
+            ))
         );
     }
 

@@ -369,6 +369,20 @@ impl Backend for CpuBackend {
         x.data.clone()
     }
 
+    /// Rows in parallel, read in place (the default would copy every logit first).
+    fn argmax_rows(&self, x: &CpuTensor, cols: usize) -> Vec<u32> {
+        let rows: Vec<&[f32]> = x.data.chunks(cols.max(1)).collect();
+        let best: Vec<std::sync::atomic::AtomicU32> =
+            rows.iter().map(|_| Default::default()).collect();
+        self.pool.run(rows.len(), &|i| {
+            best[i].store(
+                crate::sampling::argmax(rows[i]),
+                std::sync::atomic::Ordering::Relaxed,
+            )
+        });
+        best.into_iter().map(|b| b.into_inner()).collect()
+    }
+
     fn read_kv_block(&self, kv: &CpuKvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>) {
         let (n, hd) = (kv.layout.block_elems(), kv.layout.head_dim);
         let at = block as usize * (n / hd);
