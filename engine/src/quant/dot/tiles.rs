@@ -23,6 +23,10 @@ const PASS: usize = 16;
 /// Activation rows from which two Q4 groups are dotted at once ([`avx2::paired_rows`]; below it the second group's
 /// registers cost more than the shared broadcasts save).
 const PAIRED_FROM: usize = 4;
+/// The same for Q8_0, whose unpacked pairs are plain loads that the one-group kernel folds into its multiply-adds:
+/// pairing pays only in large batches (one thread, ns per block and row of the 49152 x 576 head, one group / two:
+/// 16 rows 0.79 / 0.70-0.75; 8 rows 0.89 / 0.86-0.94; 4 rows 0.87 / 1.20).
+const PAIRED_Q8_FROM: usize = 12;
 
 /// How far ahead of the block being unpacked the kernel prefetches weights.
 const PREFETCH_BYTES: usize = 1024;
@@ -95,7 +99,11 @@ macro_rules! tiled_kernel {
                 mut out: OutRows<'_>,
             ) {
                 let n = xs.len();
-                if n >= PAIRED_FROM && ty != GgmlType::Q8_0 {
+                if n >= if ty == GgmlType::Q8_0 {
+                    PAIRED_Q8_FROM
+                } else {
+                    PAIRED_FROM
+                } {
                     return paired_rows(ty, w, row_bytes, rows, xs, out);
                 }
                 let group_bytes = TILE_ROWS * row_bytes;
@@ -114,10 +122,9 @@ macro_rules! tiled_kernel {
                 }
             }
 
-            /// [`dot_rows`] for Q4 types and at least [`PAIRED_FROM`] activation rows: two groups at a time, so
-            /// that each broadcast activation pair feeds two weight registers (a last odd group goes alone).
-            /// (Q8_0's unpacked pairs are plain loads that the single-group kernel folds into its multiply-adds,
-            /// so it keeps one group at a time.)
+            /// [`dot_rows`] from [`PAIRED_FROM`] activation rows ([`PAIRED_Q8_FROM`] for Q8_0): two groups at a
+            /// time, so that each broadcast activation pair feeds two weight registers (a last odd group goes
+            /// alone).
             #[target_feature(enable = $features)]
             fn paired_rows(
                 ty: GgmlType,
@@ -146,13 +153,21 @@ macro_rules! tiled_kernel {
                                 (GgmlType::Q4_0, _) => {
                                     paired_pass::<PASS, Q4_0>([g0, g1], xp, &mut acc)
                                 }
+                                (GgmlType::Q8_0, GROUP) => {
+                                    paired_pass::<GROUP, Q8_0>([g0, g1], xp, &mut acc)
+                                }
+                                (GgmlType::Q8_0, _) => {
+                                    paired_pass::<PASS, Q8_0>([g0, g1], xp, &mut acc)
+                                }
                                 (_, GROUP) => paired_pass::<GROUP, Q4_1>([g0, g1], xp, &mut acc),
                                 _ => paired_pass::<PASS, Q4_1>([g0, g1], xp, &mut acc),
                             }
-                        } else if ty == GgmlType::Q4_0 {
-                            pass_of::<Q4_0>(g0, xp, &mut acc[0]);
                         } else {
-                            pass_of::<Q4_1>(g0, xp, &mut acc[0]);
+                            match ty {
+                                GgmlType::Q4_0 => pass_of::<Q4_0>(g0, xp, &mut acc[0]),
+                                GgmlType::Q8_0 => pass_of::<Q8_0>(g0, xp, &mut acc[0]),
+                                _ => pass_of::<Q4_1>(g0, xp, &mut acc[0]),
+                            }
                         }
                         let at = first - rows.start;
                         store(&mut out, p0, at, &acc[0][..xp.len()]);
@@ -308,7 +323,6 @@ macro_rules! tiled_kernel {
                 at: usize,
                 acc: &mut [[__m256; M]; 2],
             ) {
-                debug_assert!(K != Q8_0, "the minimum term below is Q4's");
                 let x: [&ActBlock; N] = std::array::from_fn(|j| &xs[j][b]);
                 let mut sums = [[_mm256_setzero_si256(); N]; 2];
                 for p in 0..16 {
@@ -329,12 +343,15 @@ macro_rules! tiled_kernel {
                 for (g, ug) in u.iter().enumerate() {
                     for j in 0..N {
                         let sum = _mm256_cvtepi32_ps(sums[g][j]);
-                        let a = _mm256_fmadd_ps(
+                        let mut a = _mm256_fmadd_ps(
                             sum,
                             _mm256_mul_ps(ug.d, _mm256_set1_ps(x[j].d)),
                             acc[g][at + j],
                         );
-                        acc[g][at + j] = _mm256_fmadd_ps(ug.m, _mm256_set1_ps(x[j].dsum), a);
+                        if K != Q8_0 {
+                            a = _mm256_fmadd_ps(ug.m, _mm256_set1_ps(x[j].dsum), a);
+                        }
+                        acc[g][at + j] = a;
                     }
                 }
             }
