@@ -508,30 +508,41 @@ mod tests {
         model
     }
 
-    #[test]
-    fn key_codes_take_their_channels_tables() {
-        // Each channel's codes keep to two values of its own; over all channels every value is common. Channel
-        // tables code a key code in about one bit, where one table for all would need four.
-        let model = int4_model(8);
-        let mut s = 7u64;
+    /// A payload laid out as `model`: each key byte `key(channel, r)` of a pseudo-random `r`, every other byte `r`'s
+    /// low byte.
+    fn payload_of(
+        model: &PayloadModel,
+        seed: u64,
+        mut key: impl FnMut(usize, u32) -> u8,
+    ) -> Vec<u8> {
+        let mut s = seed;
         let mut channels = model.channels.iter();
-        let bytes: Vec<u8> = model
+        model
             .classes
             .iter()
             .map(|&class| {
                 s = s
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                let r = (s >> 33) as u32;
+                let r = (s >> 20) as u32;
                 if class == ByteClass::KeyNibbles as u8 {
-                    let ch = *channels.next().unwrap();
-                    let code = |c: u32, bit: u32| ((c * 5 + (r >> bit & 1)) % 16) as u8;
-                    code(ch, 0) | code(ch + 1, 1) << 4
+                    key(*channels.next().unwrap() as usize, r)
                 } else {
                     r as u8
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn key_codes_take_their_channels_tables() {
+        // Each channel's codes keep to two values of its own; over all channels every value is common. Channel
+        // tables code a key code in about one bit, where one table for all would need four.
+        let model = int4_model(8);
+        let bytes = payload_of(&model, 7, |ch, r| {
+            let code = |c: usize, bit: u32| ((c as u32 * 5 + (r >> bit & 1)) % 16) as u8;
+            code(ch, 0) | code(ch + 1, 1) << 4
+        });
         let packed = compress(&bytes, &model);
         assert_eq!(decompress(&packed, &model).unwrap(), bytes);
         let keys = model
@@ -568,31 +579,17 @@ mod tests {
         // 256 tokens: each channel's codes bell-shaped around a centre of its own, all 16 values present, as int4
         // keys are. A full table costs 20-30 bytes a channel, a compact one 8.
         let model = int4_model(16);
-        let mut s = 11u64;
-        let mut channels = model.channels.iter();
         let mut counts = vec![[0u64; 16]; model.channel_tables()];
-        let bytes: Vec<u8> = model
-            .classes
-            .iter()
-            .map(|&class| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let r = (s >> 20) as u32;
-                if class != ByteClass::KeyNibbles as u8 {
-                    return r as u8;
-                }
-                let ch = *channels.next().unwrap() as usize;
-                let code = |c: usize, bits: u32| {
-                    let bell: u32 = (0..6).map(|i| bits >> (2 * i) & 3).sum();
-                    ((c % 5) as u32 + bell).min(15) as u8
-                };
-                let (lo, hi) = (code(ch, r), code(ch + 1, r >> 12));
-                counts[ch][lo as usize] += 1;
-                counts[ch + 1][hi as usize] += 1;
-                lo | hi << 4
-            })
-            .collect();
+        let bytes = payload_of(&model, 11, |ch, r| {
+            let code = |c: usize, bits: u32| {
+                let bell: u32 = (0..6).map(|i| bits >> (2 * i) & 3).sum();
+                ((c % 5) as u32 + bell).min(15) as u8
+            };
+            let (lo, hi) = (code(ch, r), code(ch + 1, r >> 12));
+            counts[ch][lo as usize] += 1;
+            counts[ch + 1][hi as usize] += 1;
+            lo | hi << 4
+        });
         let packed = compress(&bytes, &model);
         assert_eq!(decompress(&packed, &model).unwrap(), bytes);
         let entropy: f64 = counts
