@@ -291,6 +291,10 @@ fn bench_reports_every_figure() {
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert!(v["prefill"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["decode"].as_array().unwrap().len(), 2);
+    // Each batch size against the first, round by round: the first against itself is exactly 1.
+    assert_eq!(v["decode"][0]["vs_first_batch"].as_f64(), Some(1.0));
+    let ratio = v["decode"][1]["vs_first_batch"].as_f64().unwrap();
+    assert!(ratio > 0.2 && ratio < 10.0, "batch 2 at {ratio}x batch 1");
     assert!(v["decode_bytes_per_token_floor"].as_u64().unwrap() > 50_000_000);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
 }

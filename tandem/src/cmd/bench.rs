@@ -2,7 +2,9 @@
 //! bound by (FLOPs for prefill, bytes read per token for decode) measured in the same run.
 //!
 //! Prefill is timed on fresh prompts (a different first token per run, so the prefix cache never hits); decode on
-//! B sequences stepped together, greedy, after a short prompt. Each figure is the median of `--runs`. The memory
+//! B sequences stepped together, greedy, after a short prompt, every batch size once per round so that a round's
+//! batch sizes see the machine in the same state; each batch size's ratio to the first is the median of the rounds'
+//! ratios. Each figure is the median of `--runs`. The memory
 //! bandwidth is measured by streaming a buffer larger than the last-level cache, so "fraction of floor" says how
 //! close decode is to reading the weights at the machine's speed.
 
@@ -130,13 +132,15 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
         let flops = 2.0 * cfg.matmul_params() as f64 * n as f64;
         prefill.push(serde_json::json!({"tokens": n, "seconds": dt, "tokens_per_s": n as f64 / dt, "gflops": flops / dt / 1e9}));
     }
-    let mut decode = Vec::new();
-    for &b in &a.decode_batch {
-        if b == 0 {
-            anyhow::bail!("--decode-batch sizes must be at least 1");
-        }
-        let mut rates = Vec::new();
-        for r in 0..=a.runs {
+    // Decode rounds: every batch size once per round, so that each round's figures share the machine's state of the
+    // moment (a shared VM's speed drifts by tens of percent over a minute) and a round's ratio to the first batch
+    // size compares like with like. Round 0 warms up and is not counted.
+    if a.decode_batch.contains(&0) {
+        anyhow::bail!("--decode-batch sizes must be at least 1");
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); a.decode_batch.len()];
+    for r in 0..=a.runs {
+        for (bi, &b) in a.decode_batch.iter().enumerate() {
             salt += 1;
             let mut seqs = Vec::new();
             for s in 0..b {
@@ -156,12 +160,24 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
                 eng.remove_sequence(s)?;
             }
             if r > 0 {
-                rates.push((b * steps) as f64 / dt);
+                rates[bi].push((b * steps) as f64 / dt);
             }
             pb.inc(1);
         }
-        decode.push(serde_json::json!({"batch": b, "tokens_per_s": median(rates)}));
     }
+    let decode: Vec<serde_json::Value> = a
+        .decode_batch
+        .iter()
+        .zip(&rates)
+        .map(|(&b, rs)| {
+            let vs_first: Vec<f64> = rs.iter().zip(&rates[0]).map(|(x, f)| x / f).collect();
+            serde_json::json!({
+                "batch": b,
+                "tokens_per_s": median(rs.clone()),
+                "vs_first_batch": median(vs_first),
+            })
+        })
+        .collect();
     pb.finish_and_clear();
     // Read the peak before the bandwidth probe allocates its own buffer.
     let rss = peak_rss_bytes();
@@ -203,12 +219,11 @@ fn engine(a: EngineBenchArgs, threads: usize) -> Result<()> {
         .and_then(|d| d["tokens_per_s"].as_f64())
         .unwrap_or(0.0);
     for d in &decode {
-        let tps = d["tokens_per_s"].as_f64().unwrap_or(0.0);
         println!(
-            "decode batch {:>3}:     {:>8.1} tok/s  ({:.2}x batch {})",
+            "decode batch {:>3}:     {:>8.1} tok/s  ({:.2}x batch {}, median of the rounds' ratios)",
             d["batch"],
-            tps,
-            tps / b1,
+            d["tokens_per_s"].as_f64().unwrap_or(0.0),
+            d["vs_first_batch"].as_f64().unwrap_or(0.0),
             decode[0]["batch"]
         );
     }
