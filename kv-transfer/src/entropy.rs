@@ -38,6 +38,25 @@ const ABSENT: u8 = 0;
 const FULL: u8 = 1;
 const FLAT: u8 = 2;
 const COMPACT: u8 = 3;
+/// Bytes of a compact table: a 4-bit level for each of 16 values.
+const COMPACT_BYTES: usize = 8;
+
+/// The form the encoder chose for a table, with what it writes after the flag.
+enum Form {
+    Full,
+    Compact([u8; 16]),
+    Flat,
+}
+
+/// Two levels a byte, value `2i` in the low half of byte `i`.
+fn pack_levels(levels: &[u8; 16]) -> [u8; COMPACT_BYTES] {
+    std::array::from_fn(|i| levels[2 * i] | levels[2 * i + 1] << 4)
+}
+
+/// The levels [`pack_levels`] wrote into `packed` (`COMPACT_BYTES` long).
+fn unpack_levels(packed: &[u8]) -> [u8; 16] {
+    std::array::from_fn(|v| packed[v / 2] >> (4 * (v % 2)) & 0x0f)
+}
 
 /// Why a stream does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -283,28 +302,34 @@ pub fn compress(payload: &[u8], model: &PayloadModel) -> Vec<u8> {
         }
         // The cheapest of a full table, a compact one (16-value alphabets) and none (flat), tables included.
         let full = Table::from_counts(c);
-        let mut best = (full.table_bytes() as f64 + full.coded_bytes(c), FULL, full);
+        let mut best = (
+            full.table_bytes() as f64 + full.coded_bytes(c),
+            Form::Full,
+            full,
+        );
         if c.len() == 16 {
             let levels = Table::levels(c);
             let t = Table::from_levels(&levels).expect("some value is counted");
-            let cost = 8.0 + t.coded_bytes(c);
+            let cost = COMPACT_BYTES as f64 + t.coded_bytes(c);
             if cost < best.0 {
-                best = (cost, COMPACT, t);
+                best = (cost, Form::Compact(levels), t);
             }
         }
         let flat_bytes = n as f64 * (c.len() as f64).log2() / 8.0;
         if flat_bytes <= best.0 {
-            best = (flat_bytes, FLAT, Table::flat(c.len()));
+            best = (flat_bytes, Form::Flat, Table::flat(c.len()));
         }
-        let (_, flag, t) = best;
-        out.push(flag);
-        match flag {
-            FULL => t.write(&mut out),
-            COMPACT => {
-                let l = Table::levels(c);
-                out.extend((0..8).map(|i| l[2 * i] | l[2 * i + 1] << 4));
+        let (_, form, t) = best;
+        match form {
+            Form::Full => {
+                out.push(FULL);
+                t.write(&mut out);
             }
-            _ => {}
+            Form::Compact(levels) => {
+                out.push(COMPACT);
+                out.extend(pack_levels(&levels));
+            }
+            Form::Flat => out.push(FLAT),
         }
         tables.push(Some(t));
     }
@@ -344,13 +369,13 @@ pub fn decompress(bytes: &[u8], model: &PayloadModel) -> Result<Vec<u8>, Entropy
             FULL => Some(Table::read(bytes, &mut pos, alphabet(id), id)?),
             FLAT => Some(Table::flat(alphabet(id))),
             COMPACT if alphabet(id) == 16 => {
-                let packed = bytes.get(pos..pos + 8).ok_or(EntropyError::TablesCut)?;
-                pos += 8;
-                let levels = std::array::from_fn(|v| packed[v / 2] >> (4 * (v % 2)) & 0x0f);
-                let t = Table::from_levels(&levels).ok_or(EntropyError::BadTable(
-                    id,
-                    "a compact table with no value present",
-                ))?;
+                let packed = bytes
+                    .get(pos..pos + COMPACT_BYTES)
+                    .ok_or(EntropyError::TablesCut)?;
+                pos += COMPACT_BYTES;
+                let t = Table::from_levels(&unpack_levels(packed)).ok_or(
+                    EntropyError::BadTable(id, "a compact table with no value present"),
+                )?;
                 Some(t)
             }
             _ => {

@@ -41,8 +41,8 @@ pub fn quantize_activations(x: &[f32], out: &mut [ActBlock]) {
         "quantize_activations: size mismatch"
     );
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected; sizes were checked above.
+    if super::dot::avx2_available() {
+        // SAFETY: AVX2 is present (checked at run time); sizes were checked above.
         unsafe { avx2::quantize(x, out) };
         return;
     }

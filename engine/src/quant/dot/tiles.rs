@@ -20,8 +20,8 @@ const GROUP: usize = 4;
 /// Activation rows whose f32 outputs one pass over a weight group keeps.
 const PASS: usize = 16;
 
-/// Activation rows from which two Q4 groups are dotted at once ([`avx2::paired_rows`]; below it the second group's
-/// registers cost more than the shared broadcasts save).
+/// Activation rows from which two groups of a Q4 type are dotted at once ([`avx2::paired_rows`]; below it the second
+/// group's registers cost more than the shared broadcasts save).
 const PAIRED_FROM: usize = 4;
 /// The same for Q8_0, whose unpacked pairs are plain loads that the one-group kernel folds into its multiply-adds:
 /// pairing pays only in large batches (one thread, ns per block and row of the 49152 x 576 head, one group / two:
@@ -99,11 +99,12 @@ macro_rules! tiled_kernel {
                 mut out: OutRows<'_>,
             ) {
                 let n = xs.len();
-                if n >= if ty == GgmlType::Q8_0 {
+                let paired_from = if ty == GgmlType::Q8_0 {
                     PAIRED_Q8_FROM
                 } else {
                     PAIRED_FROM
-                } {
+                };
+                if n >= paired_from {
                     return paired_rows(ty, w, row_bytes, rows, xs, out);
                 }
                 let group_bytes = TILE_ROWS * row_bytes;
