@@ -14,8 +14,7 @@ use super::pool::SpinPool;
 use super::{CpuMatrix, CpuTensor};
 use crate::quant::actq::{ActBlock, quantize_activations};
 use crate::quant::dequant::dequantize_row;
-use crate::quant::dot::{DotKernels, OutRows, dot_rows, has_kernel};
-use crate::quant::interleave::GROUP_ROWS;
+use crate::quant::dot::{DotKernels, OutRows, dot_rows, has_kernel, task_rows};
 use std::cell::RefCell;
 
 /// Above this many rows, dequantize + SGEMM beats the integer kernel. Measured on the 2-vCPU development VM with
@@ -65,7 +64,8 @@ pub fn matmul(
             // interleaved groups. A task's time grows with the activation rows, and the region waits for its last
             // task: batches get finer tasks.
             let per_thread = 4 * m.min(4);
-            (w.rows / (threads * per_thread)).clamp(GROUP_ROWS, 512) / GROUP_ROWS * GROUP_ROWS
+            let granule = task_rows(kernels, m);
+            (w.rows / (threads * per_thread)).clamp(granule, 512) / granule * granule
         } else {
             GEMM_TILE_ROWS
         };

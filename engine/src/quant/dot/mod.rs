@@ -5,8 +5,9 @@
 //! per step. Two AVX2 kernels, monomorphized per type and row count so accumulators stay in registers: [`tiles`]
 //! eight weight rows at a time from the interleaved layout made at load (the default, every batch size), and
 //! [`avx2`] one weight row at a time from the file layout (rows past the last whole group, and the baseline the
-//! tiles are measured against); [`DotKernels`] is chosen at run time, and a portable scalar path computes the same
-//! integer sums from either layout.
+//! tiles are measured against); with AVX-512, [`wide`] dots batches with two groups (sixteen rows) per 512-bit
+//! register, bit for bit as the tiles do. [`DotKernels`] is chosen at run time, and a portable scalar path computes
+//! the same integer sums from either layout.
 //! Types without a kernel here (K-quants, floats) return `false` from [`has_kernel`] and are served by dequantizing
 //! rows (`backend::cpu::matmul`).
 
@@ -14,6 +15,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
+#[cfg(target_arch = "x86_64")]
+mod wide;
 
 use super::GgmlType;
 use super::actq::ActBlock;
@@ -52,11 +55,14 @@ pub enum DotKernels {
     Avx2Tiles,
     /// As `Avx2Tiles`, the tiles multiply-accumulating with AVX-512 VNNI's `vpdpwssd` (256-bit form).
     VnniTiles,
+    /// As `VnniTiles`, batches of four activation rows or more dotted with two groups at once in 512-bit registers
+    /// ([`wide`]).
+    Avx512Wide,
 }
 
 impl DotKernels {
     /// The best kernels this CPU runs, capped by `TANDEM_CPU_KERNELS` (`portable`, `avx2-rows`, `avx2-tiles` or
-    /// `vnni-tiles`) when set, so that a benchmark can measure older kernels as its baseline on the same machine.
+    /// `vnni-tiles`, `avx512-wide`) when set, so that a benchmark can measure older kernels as its baseline on the same machine.
     pub fn detect() -> Self {
         static KERNELS: OnceLock<DotKernels> = OnceLock::new();
         *KERNELS.get_or_init(|| {
@@ -80,6 +86,9 @@ impl DotKernels {
                 && std::is_x86_feature_detected!("avx512vnni")
             {
                 v.push(Self::VnniTiles);
+                if std::is_x86_feature_detected!("avx512bw") {
+                    v.push(Self::Avx512Wide);
+                }
             }
         }
         v
@@ -101,8 +110,21 @@ impl DotKernels {
             Self::Avx2Rows => "avx2-rows",
             Self::Avx2Tiles => "avx2-tiles",
             Self::VnniTiles => "vnni-tiles",
+            Self::Avx512Wide => "avx512-wide",
         }
     }
+}
+
+/// The multiple of weight rows a task of [`dot_rows`] over `n` activation rows should take, so that no task leaves
+/// the kernels a part they run more slowly (the wide kernel dots two groups at a time and leaves an odd one to the
+/// tiles).
+pub fn task_rows(kernels: DotKernels, n: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if kernels == DotKernels::Avx512Wide && n >= wide::WIDE_FROM {
+        return 2 * GROUP_ROWS;
+    }
+    let _ = (kernels, n);
+    GROUP_ROWS
 }
 
 /// Where [`dot_rows`] writes: the result for activation row `j` and weight row `rows.start + k` goes to
@@ -243,7 +265,9 @@ pub fn dot_rows(
         unsafe {
             if split > rows.start {
                 let head = out.reborrow();
-                if kernels == DotKernels::VnniTiles {
+                if kernels == DotKernels::Avx512Wide {
+                    wide::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
+                } else if kernels == DotKernels::VnniTiles {
                     tiles::vnni::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
                 } else {
                     tiles::avx2::dot_rows(ty, w, row_bytes, rows.start..split, xs, head);
@@ -481,13 +505,16 @@ mod tests {
                     }
                     t.elapsed().as_secs_f64() * 1e9 / (reps * wrows * n * k / 32) as f64
                 };
-                let (mut rows, mut tiles) = (f64::MAX, f64::MAX);
+                let (mut rows, mut tiles, mut vnni) = (f64::MAX, f64::MAX, f64::MAX);
                 for _ in 0..5 {
                     rows = rows.min(time(Layout::File, &w, DotKernels::Avx2Rows));
                     tiles = tiles.min(time(Layout::Interleaved, &packed, best));
+                    if best > DotKernels::VnniTiles {
+                        vnni = vnni.min(time(Layout::Interleaved, &packed, DotKernels::VnniTiles));
+                    }
                 }
                 eprintln!(
-                    "{ty} {wrows}x{k}, {n:2} rows: per-row {rows:.3} ns, tiles ({}) {tiles:.3} ns per block and row ({:.2}x)",
+                    "{ty} {wrows}x{k}, {n:2} rows: per-row {rows:.3} ns, vnni-tiles {vnni:.3} ns, {} {tiles:.3} ns per block and row ({:.2}x per-row)",
                     best.name(),
                     rows / tiles
                 );
