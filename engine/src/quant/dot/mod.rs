@@ -61,8 +61,9 @@ pub enum DotKernels {
 }
 
 impl DotKernels {
-    /// The best kernels this CPU runs, capped by `TANDEM_CPU_KERNELS` (`portable`, `avx2-rows`, `avx2-tiles` or
-    /// `vnni-tiles`, `avx512-wide`) when set, so that a benchmark can measure older kernels as its baseline on the same machine.
+    /// The best kernels this CPU runs, capped by `TANDEM_CPU_KERNELS` (`portable`, `avx2-rows`, `avx2-tiles`,
+    /// `vnni-tiles` or `avx512-wide`) when set, so that a benchmark can measure older kernels as its baseline on the
+    /// same machine.
     pub fn detect() -> Self {
         static KERNELS: OnceLock<DotKernels> = OnceLock::new();
         *KERNELS.get_or_init(|| {
