@@ -16,9 +16,9 @@ use std::arch::x86_64::*;
 /// Weight rows per tile: one interleaved group.
 pub(super) const TILE_ROWS: usize = GROUP_ROWS;
 /// Activation rows whose accumulators stay in registers while one unpacked block is dotted with them.
-const GROUP: usize = 4;
+pub(super) const GROUP: usize = 4;
 /// Activation rows whose f32 outputs one pass over a weight group keeps.
-const PASS: usize = 16;
+pub(super) const PASS: usize = 16;
 
 /// Activation rows from which two groups of a Q4 type are dotted at once ([`avx2::paired_rows`]; below it the second
 /// group's registers cost more than the shared broadcasts save).
@@ -31,12 +31,23 @@ const PAIRED_Q8_FROM: usize = 12;
 /// How far ahead of the block being unpacked the kernel prefetches weights.
 const PREFETCH_BYTES: usize = 1024;
 
+/// Prefetches the cache lines [`PREFETCH_BYTES`] ahead of the `len` bytes of a block at `blk`.
+#[inline]
+pub(super) fn prefetch_ahead(blk: *const u8, len: usize) {
+    // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
+    let ahead = blk.wrapping_add(PREFETCH_BYTES) as *const i8;
+    for line in 0..len.div_ceil(64) {
+        // SAFETY: a prefetch of any address is allowed (it never faults).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
+    }
+}
+
 /// Kinds of tiles, as const parameters (the type's branches then vanish from the inner loops).
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
+pub(super) const Q4_0: u8 = 0;
+pub(super) const Q4_1: u8 = 1;
+pub(super) const Q8_0: u8 = 2;
 /// The element type of each kind.
-const KIND_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+pub(super) const KIND_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
 /// One unpacked block of a group: pair `p` (elements `2p, 2p + 1`) of the eight rows, and the rows' scales and
 /// minimum terms (Q4_1's minimum, Q4_0's `-8 * scale`, nothing for Q8_0).
@@ -216,11 +227,7 @@ macro_rules! tiled_kernel {
                 let mut acc = [_mm256_setzero_ps(); M];
                 let bb = KIND_TYPES[K as usize].block_bytes();
                 for (b, blk) in group.chunks_exact(TILE_ROWS * bb).enumerate() {
-                    // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
-                    let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
-                    for line in 0..(TILE_ROWS * bb).div_ceil(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                    }
+                    prefetch_ahead(blk.as_ptr(), TILE_ROWS * bb);
                     let u = unpack!(K, blk);
                     for g in (0..xs.len()).step_by(GROUP) {
                         let (xg, ag) = (&xs[g..xs.len().min(g + GROUP)], &mut acc[g..]);
@@ -291,11 +298,7 @@ macro_rules! tiled_kernel {
                     .enumerate()
                 {
                     for blk in [blk0, blk1] {
-                        // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
-                        let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
-                        for line in 0..run.div_ceil(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                        }
+                        prefetch_ahead(blk.as_ptr(), run);
                     }
                     let u = [unpack!(K, blk0), unpack!(K, blk1)];
                     for g in (0..xs.len()).step_by(GROUP) {

@@ -11,24 +11,13 @@
 
 use super::super::GgmlType;
 use super::super::interleave::GROUP_ROWS;
+use super::tiles::{GROUP, KIND_TYPES, PASS, Q4_0, Q4_1, Q8_0, prefetch_ahead};
 use super::{ActBlock, OutRows};
 use std::arch::x86_64::*;
 
 /// Activation rows from which the wide kernel runs (below it the tiles' one-group kernel costs less: the unpacked
 /// pair of groups is reused by too few rows).
 pub(super) const WIDE_FROM: usize = 8;
-/// Activation rows whose integer accumulators stay in registers while one unpacked block is dotted with them (two
-/// chains of multiply-adds each, even and odd pairs: eight chains keep the multiply-add unit busy).
-const GROUP: usize = 4;
-/// Activation rows whose f32 outputs one pass over a pair of weight groups keeps.
-const PASS: usize = 16;
-/// How far ahead of the block being unpacked the kernel prefetches weights.
-const PREFETCH_BYTES: usize = 1024;
-
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-const KIND_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
 /// One unpacked block of a pair of groups: pair `p` (elements `2p, 2p + 1`) of the sixteen rows as i16 (the first
 /// group's rows in the low half), and the rows' scales and minimum terms (Q4_1's minimum, Q4_0's `-8 * scale`).
@@ -158,11 +147,7 @@ fn pass<const K: u8>(g0: &[u8], g1: &[u8], xs: &[&[ActBlock]], out: &mut [__m512
     let run = GROUP_ROWS * KIND_TYPES[K as usize].block_bytes();
     for (b, (blk0, blk1)) in g0.chunks_exact(run).zip(g1.chunks_exact(run)).enumerate() {
         for blk in [blk0, blk1] {
-            // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
-            let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
-            for line in 0..run.div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
+            prefetch_ahead(blk.as_ptr(), run);
         }
         let u = unpack!(K, blk0, blk1);
         for g in (0..xs.len()).step_by(GROUP) {
