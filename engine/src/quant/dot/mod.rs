@@ -55,8 +55,8 @@ pub enum DotKernels {
     Avx2Tiles,
     /// As `Avx2Tiles`, the tiles multiply-accumulating with AVX-512 VNNI's `vpdpwssd` (256-bit form).
     VnniTiles,
-    /// As `VnniTiles`, batches of four activation rows or more dotted with two groups at once in 512-bit registers
-    /// ([`wide`]).
+    /// As `VnniTiles`, batches of eight activation rows or more (`wide::WIDE_FROM`) dotted with two groups at once
+    /// in 512-bit registers ([`wide`]).
     Avx512Wide,
 }
 

@@ -105,38 +105,37 @@ pub(super) unsafe fn dot_rows(
 ) {
     let n = xs.len();
     let wide_rows = 2 * GROUP_ROWS;
-    let paired_end = rows.start + (rows.len() / wide_rows) * wide_rows;
-    if n >= WIDE_FROM {
-        let group_bytes = GROUP_ROWS * row_bytes;
-        for first in (rows.start..paired_end).step_by(wide_rows) {
-            let g0 = &w[first * row_bytes..][..group_bytes];
-            let g1 = &w[first * row_bytes + group_bytes..][..group_bytes];
-            for p0 in (0..n).step_by(PASS) {
-                let xp = &xs[p0..n.min(p0 + PASS)];
-                let mut acc = [_mm512_setzero_ps(); PASS];
-                match ty {
-                    GgmlType::Q4_0 => pass::<Q4_0>(g0, g1, xp, &mut acc),
-                    GgmlType::Q8_0 => pass::<Q8_0>(g0, g1, xp, &mut acc),
-                    _ => pass::<Q4_1>(g0, g1, xp, &mut acc),
-                }
-                for (j, a) in acc[..xp.len()].iter().enumerate() {
-                    let o = out.cols(p0 + j, first - rows.start, wide_rows);
-                    // SAFETY: sixteen f32 = 64 bytes, in bounds (sliced); storeu has no alignment requirement.
-                    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
-                }
-            }
-        }
-    }
-    let from = if n >= WIDE_FROM {
-        paired_end
+    // Rows rows.start..wide_end go two groups at a time here (none below WIDE_FROM activation rows), the rest to
+    // the tiles.
+    let wide_end = if n >= WIDE_FROM {
+        rows.start + (rows.len() / wide_rows) * wide_rows
     } else {
         rows.start
     };
-    if from < rows.end {
-        let rest = out.skip(from - rows.start);
-        // SAFETY: the CPU has what the VNNI tiles need (a subset of this function's features); `from..rows.end`
+    let group_bytes = GROUP_ROWS * row_bytes;
+    for first in (rows.start..wide_end).step_by(wide_rows) {
+        let g0 = &w[first * row_bytes..][..group_bytes];
+        let g1 = &w[first * row_bytes + group_bytes..][..group_bytes];
+        for p0 in (0..n).step_by(PASS) {
+            let xp = &xs[p0..n.min(p0 + PASS)];
+            let mut acc = [_mm512_setzero_ps(); PASS];
+            match ty {
+                GgmlType::Q4_0 => pass::<Q4_0>(g0, g1, xp, &mut acc),
+                GgmlType::Q8_0 => pass::<Q8_0>(g0, g1, xp, &mut acc),
+                _ => pass::<Q4_1>(g0, g1, xp, &mut acc),
+            }
+            for (j, a) in acc[..xp.len()].iter().enumerate() {
+                let o = out.cols(p0 + j, first - rows.start, wide_rows);
+                // SAFETY: sixteen f32 = 64 bytes, in bounds (sliced); storeu has no alignment requirement.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
+            }
+        }
+    }
+    if wide_end < rows.end {
+        let rest = out.skip(wide_end - rows.start);
+        // SAFETY: the CPU has what the VNNI tiles need (a subset of this function's features); `wide_end..rows.end`
         // are whole groups, as `rows` were.
-        unsafe { super::tiles::vnni::dot_rows(ty, w, row_bytes, from..rows.end, xs, rest) };
+        unsafe { super::tiles::vnni::dot_rows(ty, w, row_bytes, wide_end..rows.end, xs, rest) };
     }
 }
 
