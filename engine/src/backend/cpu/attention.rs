@@ -15,6 +15,7 @@ use super::simd;
 use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
 use crate::backend::AttentionTally;
 use crate::kv::codec::spread;
+use runs::Runs;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
@@ -111,57 +112,39 @@ pub fn attention(
         };
         SCRATCH.with(|cell| {
             let sc = &mut *cell.borrow_mut();
-            // Decode rows over an f32 store read K/V in place through the block table; everything else works on
-            // a contiguous copy.
-            let in_place = match (kbuf.as_f32(), vbuf.as_f32()) {
-                (Some(k), Some(v)) if rows <= VECTOR_MAX_ROWS => Some((k, v)),
-                _ => None,
-            };
-            if in_place.is_none() {
-                gather(kbuf, lay, &s.block_table, kvh, ctx, &mut sc.k);
-                gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
-            }
-            sc.scores.resize(rows * ctx, 0.0);
-            let Scratch {
-                k: gk,
-                v: gv,
-                q: turned_q,
-                scores: all_scores,
-            } = sc;
             let turn = kbuf.turned();
-            // For vector rows: positions 0..ctx as runs of contiguous vectors, one per block in place, else the
-            // whole copy.
-            let spans: Vec<(&[f32], &[f32])> = match in_place {
-                Some((k, v)) => (0..ctx.div_ceil(lay.block_size))
-                    .map(|bi| {
-                        let n = lay.block_size.min(ctx - bi * lay.block_size);
-                        let at = slot_offset(lay, &s.block_table, kvh, bi * lay.block_size);
-                        (&k[at..at + n * hd], &v[at..at + n * hd])
-                    })
-                    .collect(),
-                None if rows <= VECTOR_MAX_ROWS => vec![(&gk[..ctx * hd], &gv[..ctx * hd])],
-                None => Vec::new(),
-            };
-            for h in kvh * group..(kvh + 1) * group {
-                if rows <= VECTOR_MAX_ROWS {
+            if rows <= VECTOR_MAX_ROWS {
+                // Decode rows: keys and values in place where the store holds plain elements, else a copy.
+                let runs = Runs::in_place(
+                    kbuf.elements(),
+                    vbuf.elements(),
+                    lay,
+                    &s.block_table,
+                    kvh,
+                    ctx,
+                )
+                .unwrap_or_else(|| {
+                    gather(kbuf, lay, &s.block_table, kvh, ctx, &mut sc.k);
+                    gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
+                    Runs::F32(vec![(&sc.k[..ctx * hd], &sc.v[..ctx * hd])])
+                });
+                runs.prefetch_start();
+                sc.scores.resize(ctx, 0.0);
+                for h in kvh * group..(kvh + 1) * group {
                     for r in 0..rows {
                         let row = s.first_row + r0 + r;
                         let visible = s.start_pos + r0 + r + 1;
                         let mut qv = &q.row(row)[h * hd..(h + 1) * hd];
                         if turn {
-                            turned_q.clear();
-                            turned_q.extend_from_slice(qv);
-                            spread::turn(turned_q);
-                            qv = turned_q;
+                            sc.q.clear();
+                            sc.q.extend_from_slice(qv);
+                            spread::turn(&mut sc.q);
+                            qv = &sc.q;
                         }
-                        let scores = &mut all_scores[..visible];
-                        let mut at = 0;
-                        for (k, _) in &spans {
-                            let n = (k.len() / hd).min(visible - at);
-                            simd::scores(qv, k, hd, scale, &mut scores[at..at + n]);
-                            at += n;
-                        }
-                        softmax_in_place(scores);
+                        let scores = &mut sc.scores[..visible];
+                        // The group's first head reads the keys and values from memory: it asks ahead.
+                        runs.scores(qv, hd, scale, scores, h == kvh * group);
+                        simd::softmax(scores);
                         tally(visible - 1, scores);
                         // SAFETY: this task alone writes head h of this row; the slice lies inside `out`.
                         let o = unsafe {
@@ -171,15 +154,21 @@ pub fn attention(
                             )
                         };
                         o.fill(0.0);
-                        let mut at = 0;
-                        for (_, v) in &spans {
-                            let n = (v.len() / hd).min(visible - at);
-                            simd::weighted_sum(&scores[at..at + n], v, hd, o);
-                            at += n;
-                        }
+                        runs.weighted_sum(scores, hd, o);
                     }
-                    continue;
                 }
+                return;
+            }
+            gather(kbuf, lay, &s.block_table, kvh, ctx, &mut sc.k);
+            gather(vbuf, lay, &s.block_table, kvh, ctx, &mut sc.v);
+            sc.scores.resize(rows * ctx, 0.0);
+            let Scratch {
+                k: gk,
+                v: gv,
+                q: turned_q,
+                scores: all_scores,
+            } = sc;
+            for h in kvh * group..(kvh + 1) * group {
                 let (mut qp, mut q_stride) = (
                     q.data[(s.first_row + r0) * q.cols + h * hd..].as_ptr(),
                     q.cols,
@@ -216,7 +205,7 @@ pub fn attention(
                 for r in 0..rows {
                     let visible = s.start_pos + r0 + r + 1;
                     let row = &mut all_scores[r * ctx..(r + 1) * ctx];
-                    softmax_in_place(&mut row[..visible]);
+                    simd::softmax(&mut row[..visible]);
                     row[visible..].fill(0.0);
                     tally(visible - 1, &row[..visible]);
                 }
@@ -258,27 +247,6 @@ pub fn attention(
     }
 }
 
-/// Max-subtracted softmax.
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// Element offset of position `pos`'s vector for KV head `kvh` in a layer laid out `[block][kv_head][slot][dim]`.
-#[inline]
-fn slot_offset(lay: &crate::kv::KvLayout, table: &[u32], kvh: usize, pos: usize) -> usize {
-    let block = table[pos / lay.block_size] as usize;
-    ((block * lay.kv_heads + kvh) * lay.block_size + pos % lay.block_size) * lay.head_dim
-}
-
 /// Copies positions `0..ctx` of one KV head into `dst` as a contiguous `ctx x head_dim` f32 matrix.
 fn gather(
     buf: &KvBuf,
@@ -296,3 +264,7 @@ fn gather(
         buf.read(first, hd, &mut dst[bi * bs * hd..(bi * bs + n) * hd]);
     }
 }
+
+mod runs;
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,7 @@
 //! vectors as f32, as stored, through [`KvBuf::read`], which dequantizes on the fly into its tile scratch: nothing
 //! is ever expanded cache-wide.
 
+use super::pages::Pages;
 use crate::kv::KvFormat;
 use crate::kv::codec::{KeyRotation, spread};
 use crate::kv::quant::{
@@ -22,24 +23,30 @@ use half::slice::HalfFloatSliceExt;
 use std::collections::HashMap;
 
 pub enum KvBuf {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+    F32(Pages<f32>),
+    F16(Pages<f16>),
     /// int8 or fp8: a byte per element and an f16 scale per vector.
     Bytes {
         code: ByteCode,
-        q: Vec<u8>,
-        scale: Vec<f16>,
+        q: Pages<u8>,
+        scale: Pages<f16>,
     },
     /// Per vector: `head_dim * bits / 8` bytes of codes (`bits` 4: int4; 2: kivi2's values), and (min, scale) per
     /// group of 32 dims; `turned`: each vector was turned before it was quantized (an int4 key store).
     Groups {
         bits: u8,
-        q: Vec<u8>,
-        params: Vec<f16>,
+        q: Pages<u8>,
+        params: Pages<f16>,
         turned: bool,
     },
     /// kivi2's keys.
     Channels(KeyChannels),
+}
+
+/// A store's elements, borrowed as they lie ([`KvBuf::elements`]).
+pub enum Elements<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
 }
 
 /// kivi2's key store. Vectors are addressed as in every store (`[block][kv_head][slot]`); a run of `block_size`
@@ -56,9 +63,9 @@ pub struct KeyChannels {
     /// channel varies far less across the block than RoPE makes it vary in the cache's frame.
     frame: KeyRotation,
     /// Per vector: `head_dim / 4` bytes of codes.
-    q: Vec<u8>,
+    q: Pages<u8>,
     /// Per block head: (min, scale) per channel.
-    params: Vec<f16>,
+    params: Pages<f16>,
     open: HashMap<usize, Vec<f32>>,
 }
 
@@ -77,36 +84,36 @@ impl KvBuf {
         vectors: usize,
         head_dim: usize,
         frame: &KeyRotation,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let n = vectors * head_dim;
-        match format {
-            KvFormat::F32 => Self::F32(vec![0.0; n]),
-            KvFormat::F16 => Self::F16(vec![f16::ZERO; n]),
+        Ok(match format {
+            KvFormat::F32 => Self::F32(Pages::zeroed(n)?),
+            KvFormat::F16 => Self::F16(Pages::zeroed(n)?),
             KvFormat::Int8 | KvFormat::Fp8 => Self::Bytes {
                 code: format.byte_code().expect("a byte format"),
-                q: vec![0; n],
-                scale: vec![f16::ZERO; vectors],
+                q: Pages::zeroed(n)?,
+                scale: Pages::zeroed(vectors)?,
             },
-            KvFormat::Int4 => Self::groups(4, vectors, head_dim, half == Half::Keys),
-            KvFormat::Kivi2 if half == Half::Values => Self::groups(2, vectors, head_dim, false),
+            KvFormat::Int4 => Self::groups(4, vectors, head_dim, half == Half::Keys)?,
+            KvFormat::Kivi2 if half == Half::Values => Self::groups(2, vectors, head_dim, false)?,
             KvFormat::Kivi2 => Self::Channels(KeyChannels {
                 block_size: frame.block_shape().1,
                 head_dim,
                 frame: frame.clone(),
-                q: vec![0; vectors * head_dim.div_ceil(4)],
-                params: vec![f16::ZERO; vectors.div_ceil(frame.block_shape().1) * 2 * head_dim],
+                q: Pages::zeroed(vectors * head_dim.div_ceil(4))?,
+                params: Pages::zeroed(vectors.div_ceil(frame.block_shape().1) * 2 * head_dim)?,
                 open: HashMap::new(),
             }),
-        }
+        })
     }
 
-    fn groups(bits: u8, vectors: usize, head_dim: usize, turned: bool) -> Self {
-        Self::Groups {
+    fn groups(bits: u8, vectors: usize, head_dim: usize, turned: bool) -> std::io::Result<Self> {
+        Ok(Self::Groups {
             bits,
-            q: vec![0; vectors * (head_dim * bits as usize).div_ceil(8)],
-            params: vec![f16::ZERO; vectors * 2 * head_dim.div_ceil(INT4_GROUP)],
+            q: Pages::zeroed(vectors * (head_dim * bits as usize).div_ceil(8))?,
+            params: Pages::zeroed(vectors * 2 * head_dim.div_ceil(INT4_GROUP))?,
             turned,
-        }
+        })
     }
 
     /// Stores `src` (a whole number of vectors) starting at vector `at`.
@@ -207,9 +214,11 @@ impl KvBuf {
     }
 
     /// The f32 values themselves, where the format stores f32 (attention then reads them in place).
-    pub fn as_f32(&self) -> Option<&[f32]> {
+    /// The store's elements as they lie, where they are plain numbers attention can read in place.
+    pub fn elements(&self) -> Option<Elements<'_>> {
         match self {
-            Self::F32(b) => Some(b),
+            Self::F32(b) => Some(Elements::F32(b)),
+            Self::F16(b) => Some(Elements::F16(b)),
             _ => None,
         }
     }
@@ -321,7 +330,7 @@ mod tests {
             // 2-bit values: half a step of a group spanning about [-5, 5].
             (KvFormat::Kivi2, 10.0 / 3.0 / 2.0 + 5e-3),
         ] {
-            let mut b = KvBuf::new(format, Half::Values, 10, hd, &frame(hd, 16));
+            let mut b = KvBuf::new(format, Half::Values, 10, hd, &frame(hd, 16)).expect("map");
             b.write(4, hd, &src);
             let mut out = vec![0f32; src.len()];
             b.read(4, hd, &mut out);
@@ -340,7 +349,7 @@ mod tests {
             KvFormat::Int4,
             KvFormat::Kivi2,
         ] {
-            let mut b = KvBuf::new(format, Half::Keys, 1, hd, &frame(hd, 16));
+            let mut b = KvBuf::new(format, Half::Keys, 1, hd, &frame(hd, 16)).expect("map");
             b.write(0, hd, &vec![0.0; hd]);
             let mut out = vec![1f32; hd];
             b.read(0, hd, &mut out);
@@ -355,11 +364,15 @@ mod tests {
         let mut key: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.9).sin() * 0.3).collect();
         key[3] = 12.0;
         let (mut keys, mut values) = (
-            KvBuf::new(KvFormat::Int4, Half::Keys, 2, hd, &frame(hd, 16)),
-            KvBuf::new(KvFormat::Int4, Half::Values, 2, hd, &frame(hd, 16)),
+            KvBuf::new(KvFormat::Int4, Half::Keys, 2, hd, &frame(hd, 16)).expect("map"),
+            KvBuf::new(KvFormat::Int4, Half::Values, 2, hd, &frame(hd, 16)).expect("map"),
         );
         assert!(keys.turned() && !values.turned());
-        assert!(!KvBuf::new(KvFormat::Int8, Half::Keys, 1, hd, &frame(hd, 16)).turned());
+        assert!(
+            !KvBuf::new(KvFormat::Int8, Half::Keys, 1, hd, &frame(hd, 16))
+                .expect("map")
+                .turned()
+        );
         keys.write(1, hd, &key);
         values.write(1, hd, &key);
         let (mut stored, mut back, mut plain) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]);
@@ -410,7 +423,8 @@ mod tests {
             2 * heads * bs,
             hd,
             &frame(hd, bs),
-        );
+        )
+        .expect("map");
         let at = |block: usize, h: usize, slot: usize| (block * heads + h) * bs + slot;
         let mut out = vec![0f32; hd];
         // Block 1, head 1: three slots written one at a time read back exactly (open).

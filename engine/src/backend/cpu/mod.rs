@@ -8,6 +8,7 @@
 mod attention;
 mod kvbuf;
 mod matmul;
+mod pages;
 pub mod pool;
 pub mod simd;
 
@@ -218,11 +219,22 @@ impl Backend for CpuBackend {
         keys: &crate::kv::codec::KeyRotation,
     ) -> Result<CpuKvStore> {
         let vectors = layout.num_blocks * layout.kv_heads * layout.block_size;
-        let make = |half| KvBuf::new(layout.format, half, vectors, layout.head_dim, keys);
+        let make = |half| {
+            KvBuf::new(layout.format, half, vectors, layout.head_dim, keys).map_err(|e| {
+                EngineError::Device(format!(
+                    "cannot map the KV cache ({} MiB): {e}",
+                    layout.total_bytes() >> 20
+                ))
+            })
+        };
         Ok(CpuKvStore {
             layout: *layout,
-            k: (0..layout.layers).map(|_| make(Half::Keys)).collect(),
-            v: (0..layout.layers).map(|_| make(Half::Values)).collect(),
+            k: (0..layout.layers)
+                .map(|_| make(Half::Keys))
+                .collect::<Result<_>>()?,
+            v: (0..layout.layers)
+                .map(|_| make(Half::Values))
+                .collect::<Result<_>>()?,
         })
     }
 

@@ -1,0 +1,160 @@
+//! Decode attention over a cache laid out as the engine lays it out at batch 16: a timing harness (ignored) for the
+//! part of a batched decode step that does not batch, since every sequence reads its own keys and values.
+
+use super::super::kvbuf::KvBuf;
+use super::super::{CpuBackend, CpuKvStore, CpuPlan, CpuTensor};
+use crate::backend::{Backend, BatchLayout, SeqSlice};
+use crate::kv::codec::KeyRotation;
+use crate::kv::{KvFormat, KvLayout};
+use crate::model::config::{RopeConfig, RopeLayout};
+
+const LAYERS: usize = 30;
+const KV_HEADS: usize = 3;
+const HEADS: usize = 9;
+const HD: usize = 64;
+const BS: usize = 16;
+
+/// A store of `seqs` sequences of `ctx` tokens each, their blocks scattered over a pool twice as large (as a
+/// cache that has served for a while holds them), filled with pseudo-random keys and values.
+fn store(format: KvFormat, seqs: usize, ctx: usize) -> (CpuKvStore, Vec<Vec<u32>>) {
+    let per_seq = ctx.div_ceil(BS);
+    let num_blocks = 2 * seqs * per_seq;
+    let layout = KvLayout {
+        layers: LAYERS,
+        kv_heads: KV_HEADS,
+        head_dim: HD,
+        block_size: BS,
+        num_blocks,
+        format,
+    };
+    let rope = RopeConfig {
+        theta: 100_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let mut kv = CpuBackend::new(1)
+        .alloc_kv(&layout, &KeyRotation::new(&rope, HD, BS))
+        .expect("store");
+    let _ = &mut kv;
+    // Every other block of a scrambled order: a multiplicative walk mod a prime above the pool size.
+    let order: Vec<u32> = (0..num_blocks)
+        .map(|i| ((i * 7919 + 13) % num_blocks) as u32)
+        .collect();
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| (0..per_seq).map(|b| order[2 * (s * per_seq + b)]).collect())
+        .collect();
+    let vectors = num_blocks * KV_HEADS * BS;
+    let fill = |buf: &mut KvBuf, salt: usize| {
+        let src: Vec<f32> = (0..vectors * HD)
+            .map(|i| (((i + salt) * 2654435761) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        buf.write(0, HD, &src);
+    };
+    for l in 0..LAYERS {
+        fill(&mut kv.k[l], l);
+        fill(&mut kv.v[l], l + 1000);
+    }
+    (kv, tables)
+}
+
+/// `cargo test --release -p tandem-engine --lib attention_timing -- --ignored --nocapture`: milliseconds per
+/// decode step (every layer's attention) at batch 16 for several contexts and cache formats, and the rate the
+/// step reads the cache at.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn attention_timing() {
+    let threads = std::env::var("ATT_THREADS").ok().map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |v| v.parse().unwrap(),
+    );
+    let backend = CpuBackend::new(threads);
+    let seqs = 16;
+    let ctxs: Vec<usize> = std::env::var("ATT_CTX").ok().map_or(vec![128, 512], |v| {
+        v.split(',').map(|x| x.parse().unwrap()).collect()
+    });
+    for ctx in ctxs {
+        for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8] {
+            let (kv, tables) = store(format, seqs, ctx);
+            let layout = BatchLayout {
+                seqs: tables
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, block_table)| SeqSlice {
+                        first_row: i,
+                        n_rows: 1,
+                        start_pos: ctx - 1,
+                        block_table,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let plan = CpuPlan {
+                layout,
+                cos: Vec::new(),
+                sin: Vec::new(),
+                half_dim: HD / 2,
+                rope_layout: RopeLayout::Halves,
+            };
+            let q = CpuTensor {
+                rows: seqs,
+                cols: HEADS * HD,
+                data: (0..seqs * HEADS * HD)
+                    .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                    .collect(),
+            };
+            let mut out = CpuTensor::default();
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                for l in 0..LAYERS {
+                    super::attention(&backend.pool, &q, &kv, l, &plan, &mut out, &mut []);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            // Keys and values of every token, layer and KV head.
+            let bytes =
+                (seqs * ctx * LAYERS * KV_HEADS * format.block_head_bytes(HD, BS) / BS) as f64;
+            eprintln!(
+                "ctx {ctx:4} {format:?}: {:.2} ms per step, cache read at {:.1} GB/s",
+                best * 1e3,
+                bytes / best / 1e9
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "a measurement, not a check"]
+fn vector_loop_timing() {
+    use super::super::simd;
+    let n = 512;
+    let keys: Vec<f32> = (0..n * HD)
+        .map(|i| ((i * 7) % 13) as f32 / 7.0 - 1.0)
+        .collect();
+    let q: Vec<f32> = (0..HD).map(|i| i as f32 / 64.0).collect();
+    let mut s = vec![0f32; n];
+    let mut o = vec![0f32; HD];
+    let reps = 20000;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        simd::scores(&q, &keys, HD, 0.125, &mut s);
+    }
+    let ts = t.elapsed().as_secs_f64() / (reps * n) as f64;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        simd::softmax(&mut s);
+    }
+    let tm = t.elapsed().as_secs_f64() / (reps * n) as f64;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        simd::weighted_sum(&s, &keys, HD, &mut o);
+    }
+    let tw = t.elapsed().as_secs_f64() / (reps * n) as f64;
+    eprintln!(
+        "per key, hot: scores {:.2} ns, softmax {:.2} ns, weighted sum {:.2} ns ({})",
+        ts * 1e9,
+        tm * 1e9,
+        tw * 1e9,
+        o[0]
+    );
+}
