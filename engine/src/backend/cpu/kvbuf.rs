@@ -47,6 +47,8 @@ pub enum KvBuf {
 pub enum Elements<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    /// The int8 format: a vector is its codes times its scale.
+    Int8(&'a [i8], &'a [f16]),
 }
 
 /// kivi2's key store. Vectors are addressed as in every store (`[block][kv_head][slot]`); a run of `block_size`
@@ -219,6 +221,15 @@ impl KvBuf {
         match self {
             Self::F32(b) => Some(Elements::F32(b)),
             Self::F16(b) => Some(Elements::F16(b)),
+            Self::Bytes {
+                code: ByteCode::Int8,
+                q,
+                scale,
+            } => {
+                // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid for both.
+                let codes = unsafe { std::slice::from_raw_parts(q.as_ptr().cast::<i8>(), q.len()) };
+                Some(Elements::Int8(codes, scale))
+            }
             _ => None,
         }
     }

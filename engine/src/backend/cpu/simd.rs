@@ -49,8 +49,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// An element type the cache keeps keys and values in, which attention reads in place: `f32`, or `f16` widened
-/// eight lanes at a time by F16C as it is loaded (half the bytes from memory, no copy).
+/// An element type the cache keeps keys and values in, which attention reads in place: `f32`; `f16` widened eight
+/// lanes at a time by F16C as it is loaded (half the bytes from memory, no copy); `i8`, the int8 format's codes,
+/// whose per-vector scale the caller applies to each score and weight.
 pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Eight elements from `p` as f32 lanes.
@@ -83,6 +84,19 @@ impl Elem for half::f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees eight readable halves and F16C.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+impl Elem for i8 {
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable bytes and AVX2.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
     }
 }
 
@@ -410,6 +424,7 @@ mod tests {
         }
         check::<f32>(|x| x);
         check::<half::f16>(half::f16::from_f32);
+        check::<i8>(|x| (x * 10.0).round() as i8);
     }
 
     #[test]

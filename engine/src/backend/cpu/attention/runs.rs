@@ -1,9 +1,10 @@
 //! A decode row's keys and values as runs of contiguous vectors: one run per block, read in place from a store
-//! that holds plain elements (f32 or f16), or a single run over a gathered f32 copy (the quantized stores).
+//! whose elements attention can read directly (f32, f16, or int8 codes under a scale per vector), or a single run
+//! over a gathered f32 copy (the other quantized stores).
 //!
-//! Reading in place costs no copy and, at f16, half the bytes of f32; the runs of one sequence lie wherever its
-//! blocks do, so the first query head of a group asks for each run's keys and values [`AHEAD`] runs before it
-//! reads them (the rest of the group finds them in L2).
+//! Reading in place costs no copy, and the bytes read shrink with the format (f16 half of f32, int8 about a
+//! quarter); the runs of one sequence lie wherever its blocks do, so the first query head of a group asks for each
+//! run's keys and values [`AHEAD`] runs before it reads them (the rest of the group finds them in L2).
 
 use super::super::kvbuf::Elements;
 use super::super::simd::{self, Elem};
@@ -13,14 +14,75 @@ use half::f16;
 /// How many runs ahead of the one being scored the keys and values are asked for.
 const AHEAD: usize = 2;
 
+/// Vectors of one block and KV head, as stored.
+trait Run: Copy {
+    fn prefetch(self);
+    /// `out[j] = scale * q . vector_j` for the first `out.len()` vectors.
+    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32]);
+    /// `out += sum_j p[j] * vector_j` for the first `p.len()` vectors.
+    fn weighted_sum(self, p: &[f32], hd: usize, out: &mut [f32]);
+    fn vectors(self, hd: usize) -> usize;
+}
+
+impl<T: Elem> Run for &[T] {
+    fn prefetch(self) {
+        simd::prefetch(self);
+    }
+    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+        simd::scores(q, self, hd, scale, out);
+    }
+    fn weighted_sum(self, p: &[f32], hd: usize, out: &mut [f32]) {
+        simd::weighted_sum(p, self, hd, out);
+    }
+    fn vectors(self, hd: usize) -> usize {
+        self.len() / hd
+    }
+}
+
+/// int8 codes and their vectors' scales: a vector is `scale * code`, so a score is its code's dot times the scale,
+/// and a weight multiplies the scale before it multiplies the codes.
+#[derive(Clone, Copy)]
+pub struct Scaled<'a> {
+    codes: &'a [i8],
+    scales: &'a [f16],
+}
+
+impl Run for Scaled<'_> {
+    fn prefetch(self) {
+        simd::prefetch(self.codes);
+        simd::prefetch(self.scales);
+    }
+    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+        simd::scores(q, self.codes, hd, scale, out);
+        for (o, s) in out.iter_mut().zip(self.scales) {
+            *o *= s.to_f32();
+        }
+    }
+    fn weighted_sum(self, p: &[f32], hd: usize, out: &mut [f32]) {
+        const STEP: usize = 16;
+        let mut w = [0f32; STEP];
+        for (c, (ps, ss)) in p.chunks(STEP).zip(self.scales.chunks(STEP)).enumerate() {
+            for ((w, &p), s) in w.iter_mut().zip(ps).zip(ss) {
+                *w = p * s.to_f32();
+            }
+            let codes = &self.codes[c * STEP * hd..(c * STEP + ps.len()) * hd];
+            simd::weighted_sum(&w[..ps.len()], codes, hd, out);
+        }
+    }
+    fn vectors(self, _hd: usize) -> usize {
+        self.scales.len()
+    }
+}
+
 pub enum Runs<'a> {
     F32(Vec<(&'a [f32], &'a [f32])>),
     F16(Vec<(&'a [f16], &'a [f16])>),
+    Int8(Vec<(Scaled<'a>, Scaled<'a>)>),
 }
 
 impl<'a> Runs<'a> {
     /// Positions `0..ctx` of KV head `kvh` through `table`, in place; `None` where the store's elements are not
-    /// plain (the caller gathers a copy then).
+    /// read in place (the caller gathers a copy then).
     pub fn in_place(
         k: Option<Elements<'a>>,
         v: Option<Elements<'a>>,
@@ -29,39 +91,53 @@ impl<'a> Runs<'a> {
         kvh: usize,
         ctx: usize,
     ) -> Option<Self> {
-        fn runs<'a, T>(
+        let (bs, hd) = (lay.block_size, lay.head_dim);
+        // Per block of the context: its first vector and how many of its vectors are in the context.
+        let blocks: Vec<(usize, usize)> = (0..ctx.div_ceil(bs))
+            .map(|bi| {
+                let first = (table[bi] as usize * lay.kv_heads + kvh) * bs;
+                (first, bs.min(ctx - bi * bs))
+            })
+            .collect();
+        fn plain<'a, T>(
             k: &'a [T],
             v: &'a [T],
-            lay: &KvLayout,
-            table: &[u32],
-            kvh: usize,
-            ctx: usize,
+            blocks: &[(usize, usize)],
+            hd: usize,
         ) -> Vec<(&'a [T], &'a [T])> {
-            let (bs, hd) = (lay.block_size, lay.head_dim);
-            (0..ctx.div_ceil(bs))
-                .map(|bi| {
-                    let n = bs.min(ctx - bi * bs);
-                    let at = ((table[bi] as usize * lay.kv_heads + kvh) * bs) * hd;
-                    (&k[at..at + n * hd], &v[at..at + n * hd])
+            blocks
+                .iter()
+                .map(|&(first, n)| {
+                    let r = first * hd..(first + n) * hd;
+                    (&k[r.clone()], &v[r])
                 })
                 .collect()
         }
-        match (k?, v?) {
-            (Elements::F32(k), Elements::F32(v)) => {
-                Some(Self::F32(runs(k, v, lay, table, kvh, ctx)))
+        Some(match (k?, v?) {
+            (Elements::F32(k), Elements::F32(v)) => Self::F32(plain(k, v, &blocks, hd)),
+            (Elements::F16(k), Elements::F16(v)) => Self::F16(plain(k, v, &blocks, hd)),
+            (Elements::Int8(kc, ks), Elements::Int8(vc, vs)) => {
+                let run = |codes: &'a [i8], scales: &'a [f16], first: usize, n: usize| Scaled {
+                    codes: &codes[first * hd..(first + n) * hd],
+                    scales: &scales[first..first + n],
+                };
+                Self::Int8(
+                    blocks
+                        .iter()
+                        .map(|&(first, n)| (run(kc, ks, first, n), run(vc, vs, first, n)))
+                        .collect(),
+                )
             }
-            (Elements::F16(k), Elements::F16(v)) => {
-                Some(Self::F16(runs(k, v, lay, table, kvh, ctx)))
-            }
-            _ => None,
-        }
+            _ => return None,
+        })
     }
 
     /// Asks for the first runs, before the first head's scores start.
     pub fn prefetch_start(&self) {
         match self {
-            Self::F32(r) => prefetch_from(r, 0),
-            Self::F16(r) => prefetch_from(r, 0),
+            Self::F32(r) => prefetch_first(r),
+            Self::F16(r) => prefetch_first(r),
+            Self::Int8(r) => prefetch_first(r),
         }
     }
 
@@ -70,6 +146,7 @@ impl<'a> Runs<'a> {
         match self {
             Self::F32(r) => scores_over(r, q, hd, scale, scores, prefetch),
             Self::F16(r) => scores_over(r, q, hd, scale, scores, prefetch),
+            Self::Int8(r) => scores_over(r, q, hd, scale, scores, prefetch),
         }
     }
 
@@ -78,19 +155,20 @@ impl<'a> Runs<'a> {
         match self {
             Self::F32(r) => weighted_sum_over(r, p, hd, out),
             Self::F16(r) => weighted_sum_over(r, p, hd, out),
+            Self::Int8(r) => weighted_sum_over(r, p, hd, out),
         }
     }
 }
 
-fn prefetch_from<T>(runs: &[(&[T], &[T])], from: usize) {
-    for (k, v) in runs.iter().skip(from).take(AHEAD) {
-        simd::prefetch(k);
-        simd::prefetch(v);
+fn prefetch_first<R: Run>(runs: &[(R, R)]) {
+    for &(k, v) in runs.iter().take(AHEAD) {
+        k.prefetch();
+        v.prefetch();
     }
 }
 
-fn scores_over<T: Elem>(
-    runs: &[(&[T], &[T])],
+fn scores_over<R: Run>(
+    runs: &[(R, R)],
     q: &[f32],
     hd: usize,
     scale: f32,
@@ -98,28 +176,28 @@ fn scores_over<T: Elem>(
     prefetch: bool,
 ) {
     let mut at = 0;
-    for (i, (k, _)) in runs.iter().enumerate() {
+    for (i, &(k, _)) in runs.iter().enumerate() {
         if at == scores.len() {
             break;
         }
-        if prefetch && let Some((nk, nv)) = runs.get(i + AHEAD) {
-            simd::prefetch(nk);
-            simd::prefetch(nv);
+        if prefetch && let Some(&(nk, nv)) = runs.get(i + AHEAD) {
+            nk.prefetch();
+            nv.prefetch();
         }
-        let n = (k.len() / hd).min(scores.len() - at);
-        simd::scores(q, k, hd, scale, &mut scores[at..at + n]);
+        let n = k.vectors(hd).min(scores.len() - at);
+        k.scores(q, hd, scale, &mut scores[at..at + n]);
         at += n;
     }
 }
 
-fn weighted_sum_over<T: Elem>(runs: &[(&[T], &[T])], p: &[f32], hd: usize, out: &mut [f32]) {
+fn weighted_sum_over<R: Run>(runs: &[(R, R)], p: &[f32], hd: usize, out: &mut [f32]) {
     let mut at = 0;
-    for (_, v) in runs {
+    for &(_, v) in runs {
         if at == p.len() {
             break;
         }
-        let n = (v.len() / hd).min(p.len() - at);
-        simd::weighted_sum(&p[at..at + n], v, hd, out);
+        let n = v.vectors(hd).min(p.len() - at);
+        v.weighted_sum(&p[at..at + n], hd, out);
         at += n;
     }
 }

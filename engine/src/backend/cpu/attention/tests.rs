@@ -57,6 +57,93 @@ fn store(format: KvFormat, seqs: usize, ctx: usize) -> (CpuKvStore, Vec<Vec<u32>
     (kv, tables)
 }
 
+fn plan(tables: Vec<Vec<u32>>, rows: usize, ctx: usize) -> CpuPlan {
+    let layout = BatchLayout {
+        seqs: tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, block_table)| SeqSlice {
+                first_row: i * rows,
+                n_rows: rows,
+                start_pos: ctx - rows,
+                block_table,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    CpuPlan {
+        layout,
+        cos: Vec::new(),
+        sin: Vec::new(),
+        half_dim: HD / 2,
+        rope_layout: RopeLayout::Halves,
+    }
+}
+
+fn queries(rows: usize) -> CpuTensor {
+    CpuTensor {
+        rows,
+        cols: HEADS * HD,
+        data: (0..rows * HEADS * HD)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect(),
+    }
+}
+
+/// A decode row reads its keys and values in place (f32, f16, int8) or through a copy (int4), block by block;
+/// a tile of prefill rows copies them and multiplies matrices. The last row of a tile and the same row alone
+/// see the same context, so they must agree, over block tables that scatter the context.
+#[test]
+fn decode_rows_read_in_place_agree_with_the_prefill_path() {
+    let backend = CpuBackend::new(2);
+    let (seqs, ctx, tile) = (3, 45, 4);
+    for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8, KvFormat::Int4] {
+        let (kv, tables) = store(format, seqs, ctx);
+        let q = queries(seqs * tile);
+        let mut tiled = CpuTensor::default();
+        super::attention(
+            &backend.pool,
+            &q,
+            &kv,
+            1,
+            &plan(tables.clone(), tile, ctx),
+            &mut tiled,
+            &mut [],
+        );
+        // Each sequence's last query alone.
+        let last = CpuTensor {
+            rows: seqs,
+            cols: q.cols,
+            data: (0..seqs)
+                .flat_map(|s| q.row(s * tile + tile - 1).to_vec())
+                .collect(),
+        };
+        let mut alone = CpuTensor::default();
+        super::attention(
+            &backend.pool,
+            &last,
+            &kv,
+            1,
+            &plan(tables, 1, ctx),
+            &mut alone,
+            &mut [],
+        );
+        for s in 0..seqs {
+            for (d, (a, b)) in alone
+                .row(s)
+                .iter()
+                .zip(tiled.row(s * tile + tile - 1))
+                .enumerate()
+            {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{format:?} seq {s} dim {d}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 /// `cargo test --release -p tandem-engine --lib attention_timing -- --ignored --nocapture`: milliseconds per
 /// decode step (every layer's attention) at batch 16 for several contexts and cache formats, and the rate the
 /// step reads the cache at.
@@ -75,33 +162,8 @@ fn attention_timing() {
     for ctx in ctxs {
         for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8] {
             let (kv, tables) = store(format, seqs, ctx);
-            let layout = BatchLayout {
-                seqs: tables
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, block_table)| SeqSlice {
-                        first_row: i,
-                        n_rows: 1,
-                        start_pos: ctx - 1,
-                        block_table,
-                    })
-                    .collect(),
-                ..Default::default()
-            };
-            let plan = CpuPlan {
-                layout,
-                cos: Vec::new(),
-                sin: Vec::new(),
-                half_dim: HD / 2,
-                rope_layout: RopeLayout::Halves,
-            };
-            let q = CpuTensor {
-                rows: seqs,
-                cols: HEADS * HD,
-                data: (0..seqs * HEADS * HD)
-                    .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
-                    .collect(),
-            };
+            let plan = plan(tables, 1, ctx);
+            let q = queries(seqs);
             let mut out = CpuTensor::default();
             let mut best = f64::MAX;
             for _ in 0..20 {
