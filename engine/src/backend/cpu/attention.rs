@@ -129,33 +129,35 @@ pub fn attention(
                     Runs::F32(vec![(&sc.k[..ctx * hd], &sc.v[..ctx * hd])])
                 });
                 runs.prefetch_start();
-                sc.scores.resize(ctx, 0.0);
-                for h in kvh * group..(kvh + 1) * group {
-                    for r in 0..rows {
-                        let row = s.first_row + r0 + r;
-                        let visible = s.start_pos + r0 + r + 1;
-                        let mut qv = &q.row(row)[h * hd..(h + 1) * hd];
-                        if turn {
-                            sc.q.clear();
-                            sc.q.extend_from_slice(qv);
-                            spread::turn(&mut sc.q);
-                            qv = &sc.q;
-                        }
-                        let scores = &mut sc.scores[..visible];
-                        // The group's first head reads the keys and values from memory: it asks ahead.
-                        runs.scores(qv, hd, scale, scores, h == kvh * group);
-                        simd::softmax(scores);
-                        tally(visible - 1, scores);
-                        // SAFETY: this task alone writes head h of this row; the slice lies inside `out`.
-                        let o = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                optr.get().add(row * heads * hd + h * hd),
-                                hd,
-                            )
-                        };
-                        o.fill(0.0);
-                        runs.weighted_sum(scores, hd, o);
+                let (h0, hs) = (kvh * group * hd, (kvh + 1) * group * hd);
+                for r in 0..rows {
+                    let row = s.first_row + r0 + r;
+                    let visible = s.start_pos + r0 + r + 1;
+                    // The group's queries, one after another as the row holds them.
+                    let mut qg = &q.row(row)[h0..hs];
+                    if turn {
+                        sc.q.clear();
+                        sc.q.extend_from_slice(qg);
+                        spread::turn_all(&mut sc.q, hd);
+                        qg = &sc.q;
                     }
+                    sc.scores.resize(group * visible, 0.0);
+                    let scores = &mut sc.scores[..group * visible];
+                    // The first row reads the keys and values from memory: it asks ahead.
+                    runs.scores(qg, hd, scale, scores, r == 0);
+                    for p in scores.chunks_exact_mut(visible) {
+                        simd::softmax(p);
+                        tally(visible - 1, p);
+                    }
+                    // SAFETY: this task alone writes the group's heads of this row; the slice lies inside `out`.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            optr.get().add(row * heads * hd + h0),
+                            hs - h0,
+                        )
+                    };
+                    o.fill(0.0);
+                    runs.weighted_sum(scores, hd, o);
                 }
                 return;
             }

@@ -116,20 +116,52 @@ pub fn prefetch<T>(data: &[T]) {
     }
 }
 
-/// `out[j] = scale * dot(q, keys[j])` for the `out.len()` keys of `hd` elements stored one after another in
-/// `keys`: one query head's attention scores over a contiguous run of cached keys.
-pub fn scores<T: Elem>(q: &[f32], keys: &[T], hd: usize, scale: f32, out: &mut [f32]) {
+/// Most query heads one pass over a run of keys or values serves: their accumulators and the run's vectors fit
+/// the sixteen vector registers of AVX2 (three heads times four keys, or times 32 dims).
+const HEADS_PER_PASS: usize = 3;
+
+/// Attention scores of the query heads in `q` (`q.len() / hd` heads, one after another, as a row of Q holds the
+/// heads of one KV group) over a run of `n` keys of `hd` elements: `out[h * stride + at + j] = scale * q_h .
+/// key_j`, with `stride = out.len() / heads` (a row of scores per head). Each key is loaded once for up to three
+/// heads.
+pub fn scores<T: Elem>(
+    q: &[f32],
+    keys: &[T],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+    at: usize,
+    n: usize,
+) {
+    let heads = q.len() / hd;
+    let stride = out.len() / heads.max(1);
     assert!(
-        q.len() >= hd && keys.len() >= out.len() * hd,
+        heads * hd == q.len() && keys.len() >= n * hd && at + n <= stride,
         "scores: sizes"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd.is_multiple_of(8) {
-        // SAFETY: AVX2, FMA and F16C are present (checked at run time); sizes checked above, hd a multiple of 8.
-        return unsafe { scores_avx2(q, keys, hd, scale, out) };
-    }
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = scale * key_dot(q, &keys[j * hd..(j + 1) * hd]);
+    for h0 in (0..heads).step_by(HEADS_PER_PASS) {
+        let g = HEADS_PER_PASS.min(heads - h0);
+        let q = &q[h0 * hd..(h0 + g) * hd];
+        let out = &mut out[h0 * stride..(h0 + g) * stride];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && hd.is_multiple_of(8) {
+            // SAFETY: AVX2, FMA and F16C are present (checked at run time); sizes checked above, hd a multiple
+            // of 8.
+            unsafe {
+                match g {
+                    1 => scores_avx2::<T, 1>(q, keys, hd, scale, out, stride, at, n),
+                    2 => scores_avx2::<T, 2>(q, keys, hd, scale, out, stride, at, n),
+                    _ => scores_avx2::<T, 3>(q, keys, hd, scale, out, stride, at, n),
+                }
+            }
+            continue;
+        }
+        for h in 0..g {
+            for j in 0..n {
+                out[h * stride + at + j] =
+                    scale * key_dot(&q[h * hd..(h + 1) * hd], &keys[j * hd..(j + 1) * hd]);
+            }
+        }
     }
 }
 
@@ -137,85 +169,146 @@ fn key_dot<T: Elem>(q: &[f32], key: &[T]) -> f32 {
     q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>()
 }
 
-/// `out += sum_j p[j] * values[j]` for the `p.len()` value vectors of `hd` elements stored one after another:
-/// one query head's attention output over a contiguous run of cached values.
-pub fn weighted_sum<T: Elem>(p: &[f32], values: &[T], hd: usize, out: &mut [f32]) {
+/// The attention output of several query heads over a run of `n` values of `hd` elements: `out[h * hd + d] +=
+/// sum_j p[h * stride + at + j] * value_j[d]` for the `out.len() / hd` heads, with `stride = p.len() / heads` (a
+/// row of probabilities per head). Each value is loaded once for up to three heads.
+pub fn weighted_sum<T: Elem>(
+    p: &[f32],
+    at: usize,
+    n: usize,
+    values: &[T],
+    hd: usize,
+    out: &mut [f32],
+) {
+    let heads = out.len() / hd;
+    let stride = p.len() / heads.max(1);
     assert!(
-        out.len() >= hd && values.len() >= p.len() * hd,
+        heads * hd == out.len() && values.len() >= n * hd && at + n <= stride,
         "weighted_sum: sizes"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd.is_multiple_of(8) {
-        // SAFETY: as in `scores`.
-        return unsafe { weighted_sum_avx2(p, values, hd, out) };
-    }
-    for (j, &pj) in p.iter().enumerate() {
-        for (o, v) in out[..hd].iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
-            *o += pj * v.to_f32();
+    for h0 in (0..heads).step_by(HEADS_PER_PASS) {
+        let g = HEADS_PER_PASS.min(heads - h0);
+        let p = &p[h0 * stride..(h0 + g) * stride];
+        let out = &mut out[h0 * hd..(h0 + g) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && hd.is_multiple_of(8) {
+            // SAFETY: as in `scores`.
+            unsafe {
+                match g {
+                    1 => weighted_sum_avx2::<T, 1>(p, stride, at, n, values, hd, out),
+                    2 => weighted_sum_avx2::<T, 2>(p, stride, at, n, values, hd, out),
+                    _ => weighted_sum_avx2::<T, 3>(p, stride, at, n, values, hd, out),
+                }
+            }
+            continue;
+        }
+        for h in 0..g {
+            for j in 0..n {
+                let pj = p[h * stride + at + j];
+                for (o, v) in out[h * hd..(h + 1) * hd]
+                    .iter_mut()
+                    .zip(&values[j * hd..(j + 1) * hd])
+                {
+                    *o += pj * v.to_f32();
+                }
+            }
         }
     }
 }
 
-/// Four keys at a time, each with its own accumulator (four independent FMA chains), reduced together by three
-/// horizontal adds: the per-key reduction that dominated a one-dot-per-key loop is shared by four keys.
+/// Four keys at a time, each with its own accumulator per head (independent FMA chains), reduced together by three
+/// horizontal adds: the per-key reduction that dominated a one-dot-per-key loop is shared by four keys, and each
+/// key vector loaded (and widened) serves all `G` heads.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `q` holds `hd` floats, `keys` `out.len() * hd` elements, `hd` is a
-/// multiple of 8.
+/// AVX2, FMA and F16C must be available; `q` holds `G * hd` floats, `keys` `n * hd` elements, `out` `G` rows of
+/// `stride` with `at + n <= stride`; `hd` is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores_avx2<T: Elem>(q: &[f32], keys: &[T], hd: usize, scale: f32, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_avx2<T: Elem, const G: usize>(
+    q: &[f32],
+    keys: &[T],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+    at: usize,
+    n: usize,
+) {
     use std::arch::x86_64::*;
     let (qp, kp) = (q.as_ptr(), keys.as_ptr());
-    let n = out.len();
     let mut j = 0;
-    // SAFETY (all loads): key j + i < n, dims d + 8 <= hd, within the sizes the caller guarantees.
+    // SAFETY (all loads): key j + i < n, dims d + 8 <= hd, heads g < G, within the sizes the caller guarantees.
     while j + 4 <= n {
-        let mut a = [_mm256_setzero_ps(); 4];
+        let mut a = [[_mm256_setzero_ps(); 4]; G];
         for d in (0..hd).step_by(8) {
-            let qv = unsafe { _mm256_loadu_ps(qp.add(d)) };
-            for (i, acc) in a.iter_mut().enumerate() {
+            for i in 0..4 {
                 let kv = unsafe { T::load8(kp.add((j + i) * hd + d)) };
-                *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                for (g, acc) in a.iter_mut().enumerate() {
+                    let qv = unsafe { _mm256_loadu_ps(qp.add(g * hd + d)) };
+                    acc[i] = _mm256_fmadd_ps(qv, kv, acc[i]);
+                }
             }
         }
-        // [a0 a0 a1 a1 | a0 a0 a1 a1] and likewise for a2, a3; then [a0 a1 a2 a3 | a0 a1 a2 a3]; halves added.
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        let s = _mm_mul_ps(s, _mm_set1_ps(scale));
-        // SAFETY: out[j..j + 4] is in bounds (j + 4 <= n).
-        unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), s) };
+        for (g, a) in a.iter().enumerate() {
+            // [a0 a0 a1 a1 | a0 a0 a1 a1] and likewise for a2, a3; then [a0 a1 a2 a3 | a0 a1 a2 a3]; halves added.
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+            // SAFETY: out[g * stride + at + j..][..4] is in bounds (j + 4 <= n, at + n <= stride).
+            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(g * stride + at + j), s) };
+        }
         j += 4;
     }
-    for (jj, o) in out.iter_mut().enumerate().skip(j) {
-        *o = scale * key_dot(&q[..hd], &keys[jj * hd..(jj + 1) * hd]);
+    for jj in j..n {
+        for g in 0..G {
+            out[g * stride + at + jj] =
+                scale * key_dot(&q[g * hd..(g + 1) * hd], &keys[jj * hd..(jj + 1) * hd]);
+        }
     }
 }
 
-/// The output kept in registers (up to 64 dims at a time) while the values stream past.
+/// The outputs of `G` heads kept in registers, 32 dims at a time, while the values stream past.
 ///
 /// # Safety
-/// As [`scores_avx2`], with `values` holding `p.len() * hd` elements and `out` `hd`.
+/// AVX2, FMA and F16C must be available; `p` holds `G` rows of `stride` with `at + n <= stride`, `values` `n * hd`
+/// elements, `out` `G * hd` floats; `hd` is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum_avx2<T: Elem>(p: &[f32], values: &[T], hd: usize, out: &mut [f32]) {
+unsafe fn weighted_sum_avx2<T: Elem, const G: usize>(
+    p: &[f32],
+    stride: usize,
+    at: usize,
+    n: usize,
+    values: &[T],
+    hd: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    for d0 in (0..hd).step_by(64) {
-        let lanes = ((hd - d0) / 8).min(8);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        // SAFETY (all loads and stores): dims d0 + 8 * r + 8 <= hd for r < lanes; value rows j < p.len().
-        for (r, a) in acc.iter_mut().enumerate().take(lanes) {
-            *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(d0 + 8 * r)) };
-        }
-        for (j, &pj) in p.iter().enumerate() {
-            let w = _mm256_set1_ps(pj);
-            let row = unsafe { values.as_ptr().add(j * hd + d0) };
+    for d0 in (0..hd).step_by(32) {
+        let lanes = ((hd - d0) / 8).min(4);
+        let mut acc = [[_mm256_setzero_ps(); 4]; G];
+        // SAFETY (all loads and stores): dims d0 + 8 * r + 8 <= hd for r < lanes; heads g < G; value rows j < n.
+        for (g, acc) in acc.iter_mut().enumerate() {
             for (r, a) in acc.iter_mut().enumerate().take(lanes) {
-                *a = _mm256_fmadd_ps(w, unsafe { T::load8(row.add(8 * r)) }, *a);
+                *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(g * hd + d0 + 8 * r)) };
             }
         }
-        for (r, a) in acc.iter().enumerate().take(lanes) {
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * r), *a) };
+        for j in 0..n {
+            let w: [__m256; G] = std::array::from_fn(|g| _mm256_set1_ps(p[g * stride + at + j]));
+            let row = unsafe { values.as_ptr().add(j * hd + d0) };
+            for r in 0..lanes {
+                let v = unsafe { T::load8(row.add(8 * r)) };
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    acc[r] = _mm256_fmadd_ps(*w, v, acc[r]);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate().take(lanes) {
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(g * hd + d0 + 8 * r), *a) };
+            }
         }
     }
 }
@@ -398,26 +491,40 @@ mod tests {
                         .map(|i| from(((i * 7) % 13) as f32 * 0.1 - 0.6))
                         .collect();
                     let kf: Vec<f32> = kv.iter().map(|x| x.to_f32()).collect();
-                    let mut s = vec![0f32; n];
-                    super::scores(&q, &kv, hd, 0.125, &mut s);
-                    let mut out: Vec<f32> = (0..hd).map(|i| i as f32 * 0.01).collect();
-                    let start = out.clone();
-                    super::weighted_sum(&s, &kv, hd, &mut out);
-                    for j in 0..n {
-                        let want: f32 = (0..hd).map(|d| q[d] * kf[j * hd + d]).sum::<f32>() * 0.125;
-                        assert!(
-                            (s[j] - want).abs() < 1e-4,
-                            "hd {hd} n {n} key {j}: {} vs {want}",
-                            s[j]
-                        );
-                    }
-                    for d in 0..hd {
-                        let want = start[d] + (0..n).map(|j| s[j] * kf[j * hd + d]).sum::<f32>();
-                        assert!(
-                            (out[d] - want).abs() < 1e-4,
-                            "hd {hd} n {n} dim {d}: {} vs {want}",
-                            out[d]
-                        );
+                    // One head alone, then three heads at once (the second and third queries scaled copies).
+                    for heads in [1, 3, 4] {
+                        let qs: Vec<f32> = (0..heads)
+                            .flat_map(|h| q.iter().map(move |x| x * (1.0 + h as f32 * 0.5)))
+                            .collect();
+                        let stride = n + 2;
+                        let mut s = vec![0f32; heads * stride];
+                        super::scores(&qs, &kv, hd, 0.125, &mut s, 1, n);
+                        let mut out: Vec<f32> = (0..heads * hd).map(|i| i as f32 * 0.01).collect();
+                        let start = out.clone();
+                        super::weighted_sum(&s, 1, n, &kv, hd, &mut out);
+                        for h in 0..heads {
+                            let qh = &qs[h * hd..(h + 1) * hd];
+                            for j in 0..n {
+                                let want: f32 =
+                                    (0..hd).map(|d| qh[d] * kf[j * hd + d]).sum::<f32>() * 0.125;
+                                let got = s[h * stride + 1 + j];
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "hd {hd} n {n} heads {heads} head {h} key {j}: {got} vs {want}"
+                                );
+                            }
+                            for d in 0..hd {
+                                let want = start[h * hd + d]
+                                    + (0..n)
+                                        .map(|j| s[h * stride + 1 + j] * kf[j * hd + d])
+                                        .sum::<f32>();
+                                let got = out[h * hd + d];
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "hd {hd} n {n} heads {heads} head {h} dim {d}: {got} vs {want}"
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -14,13 +14,16 @@ use half::f16;
 /// How many runs ahead of the one being scored the keys and values are asked for.
 const AHEAD: usize = 2;
 
-/// Vectors of one block and KV head, as stored.
+/// Vectors of one block and KV head, as stored. Scores and outputs are for the query heads of one KV group at
+/// once: `q` holds their queries one after another, `out`/`p` a row of `stride` scores per head, of which a run
+/// fills or reads columns `at..at + n`.
 trait Run: Copy {
     fn prefetch(self);
-    /// `out[j] = scale * q . vector_j` for the first `out.len()` vectors.
-    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32]);
-    /// `out += sum_j p[j] * vector_j` for the first `p.len()` vectors.
-    fn weighted_sum(self, p: &[f32], hd: usize, out: &mut [f32]);
+    /// `out[h * stride + at + j] = scale * q_h . vector_j` for `j < n`.
+    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize);
+    /// `out[h * hd..][..hd] += sum_j p[h * stride + at + j] * vector_j` for `j < n`; `p`'s columns may be
+    /// rescaled in place (they are consumed).
+    fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]);
     fn vectors(self, hd: usize) -> usize;
 }
 
@@ -28,11 +31,11 @@ impl<T: Elem> Run for &[T] {
     fn prefetch(self) {
         simd::prefetch(self);
     }
-    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
-        simd::scores(q, self, hd, scale, out);
+    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize) {
+        simd::scores(q, self, hd, scale, out, at, n);
     }
-    fn weighted_sum(self, p: &[f32], hd: usize, out: &mut [f32]) {
-        simd::weighted_sum(p, self, hd, out);
+    fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]) {
+        simd::weighted_sum(p, at, n, self, hd, out);
     }
     fn vectors(self, hd: usize) -> usize {
         self.len() / hd
@@ -47,27 +50,29 @@ pub struct Scaled<'a> {
     scales: &'a [f16],
 }
 
+impl Scaled<'_> {
+    /// For each of `heads` rows, columns `at..at + n` times the vectors' scales.
+    fn rescale(self, rows: &mut [f32], heads: usize, at: usize, n: usize) {
+        for row in rows.chunks_exact_mut(rows.len() / heads) {
+            for (x, s) in row[at..at + n].iter_mut().zip(self.scales) {
+                *x *= s.to_f32();
+            }
+        }
+    }
+}
+
 impl Run for Scaled<'_> {
     fn prefetch(self) {
         simd::prefetch(self.codes);
         simd::prefetch(self.scales);
     }
-    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
-        simd::scores(q, self.codes, hd, scale, out);
-        for (o, s) in out.iter_mut().zip(self.scales) {
-            *o *= s.to_f32();
-        }
+    fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize) {
+        simd::scores(q, self.codes, hd, scale, out, at, n);
+        self.rescale(out, q.len() / hd, at, n);
     }
-    fn weighted_sum(self, p: &[f32], hd: usize, out: &mut [f32]) {
-        const STEP: usize = 16;
-        let mut w = [0f32; STEP];
-        for (c, (ps, ss)) in p.chunks(STEP).zip(self.scales.chunks(STEP)).enumerate() {
-            for ((w, &p), s) in w.iter_mut().zip(ps).zip(ss) {
-                *w = p * s.to_f32();
-            }
-            let codes = &self.codes[c * STEP * hd..(c * STEP + ps.len()) * hd];
-            simd::weighted_sum(&w[..ps.len()], codes, hd, out);
-        }
+    fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]) {
+        self.rescale(p, out.len() / hd, at, n);
+        simd::weighted_sum(p, at, n, self.codes, hd, out);
     }
     fn vectors(self, _hd: usize) -> usize {
         self.scales.len()
@@ -141,7 +146,8 @@ impl<'a> Runs<'a> {
         }
     }
 
-    /// `scores[j] = scale * q . key_j` over the first `scores.len()` positions; `prefetch`: ask for later runs.
+    /// The scores of the query heads in `q` over the first `visible` positions, a row of `visible` per head in
+    /// `scores`; `prefetch`: ask for later runs.
     pub fn scores(&self, q: &[f32], hd: usize, scale: f32, scores: &mut [f32], prefetch: bool) {
         match self {
             Self::F32(r) => scores_over(r, q, hd, scale, scores, prefetch),
@@ -150,8 +156,9 @@ impl<'a> Runs<'a> {
         }
     }
 
-    /// `out += sum_j p[j] * value_j` over the first `p.len()` positions.
-    pub fn weighted_sum(&self, p: &[f32], hd: usize, out: &mut [f32]) {
+    /// `out[h * hd..][..hd] += sum_j p[h * visible + j] * value_j` for the heads of `out`; consumes `p` (an int8
+    /// run rescales its columns in place).
+    pub fn weighted_sum(&self, p: &mut [f32], hd: usize, out: &mut [f32]) {
         match self {
             Self::F32(r) => weighted_sum_over(r, p, hd, out),
             Self::F16(r) => weighted_sum_over(r, p, hd, out),
@@ -175,29 +182,31 @@ fn scores_over<R: Run>(
     scores: &mut [f32],
     prefetch: bool,
 ) {
+    let visible = scores.len() / (q.len() / hd);
     let mut at = 0;
     for (i, &(k, _)) in runs.iter().enumerate() {
-        if at == scores.len() {
+        if at == visible {
             break;
         }
         if prefetch && let Some(&(nk, nv)) = runs.get(i + AHEAD) {
             nk.prefetch();
             nv.prefetch();
         }
-        let n = k.vectors(hd).min(scores.len() - at);
-        k.scores(q, hd, scale, &mut scores[at..at + n]);
+        let n = k.vectors(hd).min(visible - at);
+        k.scores(q, hd, scale, scores, at, n);
         at += n;
     }
 }
 
-fn weighted_sum_over<R: Run>(runs: &[(R, R)], p: &[f32], hd: usize, out: &mut [f32]) {
+fn weighted_sum_over<R: Run>(runs: &[(R, R)], p: &mut [f32], hd: usize, out: &mut [f32]) {
+    let visible = p.len() / (out.len() / hd);
     let mut at = 0;
     for &(_, v) in runs {
-        if at == p.len() {
+        if at == visible {
             break;
         }
-        let n = v.vectors(hd).min(p.len() - at);
-        v.weighted_sum(&p[at..at + n], hd, out);
+        let n = v.vectors(hd).min(visible - at);
+        v.weighted_sum(p, at, n, hd, out);
         at += n;
     }
 }

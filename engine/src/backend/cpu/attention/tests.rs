@@ -184,39 +184,3 @@ fn attention_timing() {
         }
     }
 }
-
-#[test]
-#[ignore = "a measurement, not a check"]
-fn vector_loop_timing() {
-    use super::super::simd;
-    let n = 512;
-    let keys: Vec<f32> = (0..n * HD)
-        .map(|i| ((i * 7) % 13) as f32 / 7.0 - 1.0)
-        .collect();
-    let q: Vec<f32> = (0..HD).map(|i| i as f32 / 64.0).collect();
-    let mut s = vec![0f32; n];
-    let mut o = vec![0f32; HD];
-    let reps = 20000;
-    let t = std::time::Instant::now();
-    for _ in 0..reps {
-        simd::scores(&q, &keys, HD, 0.125, &mut s);
-    }
-    let ts = t.elapsed().as_secs_f64() / (reps * n) as f64;
-    let t = std::time::Instant::now();
-    for _ in 0..reps {
-        simd::softmax(&mut s);
-    }
-    let tm = t.elapsed().as_secs_f64() / (reps * n) as f64;
-    let t = std::time::Instant::now();
-    for _ in 0..reps {
-        simd::weighted_sum(&s, &keys, HD, &mut o);
-    }
-    let tw = t.elapsed().as_secs_f64() / (reps * n) as f64;
-    eprintln!(
-        "per key, hot: scores {:.2} ns, softmax {:.2} ns, weighted sum {:.2} ns ({})",
-        ts * 1e9,
-        tm * 1e9,
-        tw * 1e9,
-        o[0]
-    );
-}
