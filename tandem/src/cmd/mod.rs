@@ -35,8 +35,9 @@ pub struct ModelArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Element format of the KV cache: f32, f16, int8 or fp8 (a byte per dim, integer or E4M3, and one f16 scale
-    /// per token and head; 3.9x the tokens of f32), int4 (4-bit codes with an f16 min and scale per 32 dims; 6.4x
+    /// Element format of the KV cache: f32, f16 (half the memory; CPU decode attention reads it in place, about
+    /// twice as fast as f32 at long contexts), int8 or fp8 (a byte per dim, integer or E4M3, and one f16 scale per
+    /// token and head; 3.9x the tokens of f32), int4 (4-bit codes with an f16 min and scale per 32 dims; 6.4x
     /// the tokens of f32) or kivi2 (2-bit: keys per channel over each block, values per 32 dims of a token; 9.1x
     /// the tokens of f32, CPU only, at a large perplexity cost on small models).
     #[arg(long, default_value = "f32", value_parser = parse_kv_format)]

@@ -2,13 +2,14 @@
 //!
 //! Each query row of a sequence at position `p` attends to positions `0..=p` of that sequence, read through its
 //! block table (vLLM's PagedAttention). Work is split into tasks of (sequence, KV head, tile of up to
-//! [`ROWS_PER_TASK`] query rows); a task gathers its KV head's keys and values once into contiguous scratch (from
-//! f32 or f16 blocks), then for each query head of the group computes scores = Q K^T as one SGEMM, applies the causal
-//! mask and a max-subtracted softmax, and writes P V with a second SGEMM. Prefill thus runs at matrix speed. Tiles of
-//! at most [`VECTOR_MAX_ROWS`] rows (decode) skip the SGEMMs: over an f32 store they read each block's keys and values
-//! in place, scoring four keys per pass and accumulating P V in registers (`simd::scores`, `simd::weighted_sum`), so a
-//! decode row costs one pass over its context and no copy. Where the key store holds turned keys (int4,
-//! [`crate::kv::KvFormat::turns_keys`]) each query is turned the same way first, into scratch.
+//! [`ROWS_PER_TASK`] query rows). A prefill tile gathers its KV head's keys and values once into contiguous f32
+//! scratch (dequantizing as it copies), then for each query head of the group computes scores = Q K^T as one SGEMM,
+//! applies the causal mask and a max-subtracted softmax, and writes P V with a second SGEMM: prefill runs at matrix
+//! speed. Tiles of at most [`VECTOR_MAX_ROWS`] rows (decode) skip the SGEMMs and read each block where it lies
+//! ([`runs`]: f32, f16 and int8 stores in place; the others through a gathered copy), the query heads of the KV
+//! group sharing each pass over a block's keys and then its values, so a decode row costs one pass over its context
+//! (decision 0017). Where the key store holds turned keys (int4, [`crate::kv::KvFormat::turns_keys`]) each query is
+//! turned the same way first, into scratch.
 
 use super::pool::SpinPool;
 use super::simd;

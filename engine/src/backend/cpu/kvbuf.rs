@@ -7,9 +7,10 @@
 //! (the `int4` codec's rule, 5 bits per element), 6.4x the tokens of `f32`; an int4 key store holds each key turned
 //! ([`KvFormat::turns_keys`]). kivi2 holds values by the same group rule at 2 bits, and keys as [`KeyChannels`]:
 //! per block and KV head, 2-bit codes per token under an f16 min and scale per channel, quantized when the block's
-//! last slot is written; until then that block's keys wait in f32 beside the codes. Attention reads a range of
-//! vectors as f32, as stored, through [`KvBuf::read`], which dequantizes on the fly into its tile scratch: nothing
-//! is ever expanded cache-wide.
+//! last slot is written; until then that block's keys wait in f32 beside the codes. Decode attention reads f32, f16
+//! and int8 stores where they lie ([`KvBuf::elements`]); everything else reads a range of vectors as f32 through
+//! [`KvBuf::read`], which dequantizes on the fly into a tile's scratch: nothing is ever expanded cache-wide. Every
+//! buffer is its own anonymous mapping on huge pages where the kernel grants them ([`super::pages`]).
 
 use super::pages::Pages;
 use crate::kv::KvFormat;
