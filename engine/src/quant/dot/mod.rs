@@ -60,7 +60,22 @@ pub enum DotKernels {
     Avx512Wide,
 }
 
+/// Above this many activation rows, dequantize + SGEMM beats the per-row and portable kernels. Measured on the
+/// 2-vCPU development VM with SmolLM2 Q4_1 and the per-row AVX2 kernel: at 8 and 16 rows the integer path decoded
+/// 176 and 196 tok/s, SGEMM 112 and 160.
+pub const SMALL_BATCH_ROWS: usize = 16;
+
 impl DotKernels {
+    /// The most activation rows for which these kernels beat dequantizing the weights and multiplying in f32: the
+    /// tiled kernels at every size measured (prefill of 512 rows: 1.3-1.7x SGEMM's tokens/s on the same cores),
+    /// the per-row and portable ones up to [`SMALL_BATCH_ROWS`].
+    pub fn int_path_max_rows(self) -> usize {
+        if self >= Self::Avx2Tiles {
+            usize::MAX
+        } else {
+            SMALL_BATCH_ROWS
+        }
+    }
     /// The best kernels this CPU runs, capped by `TANDEM_CPU_KERNELS` (`portable`, `avx2-rows`, `avx2-tiles`,
     /// `vnni-tiles` or `avx512-wide`) when set, so that a benchmark can measure older kernels as its baseline on the
     /// same machine.
