@@ -13,6 +13,7 @@
 //! buffer is its own anonymous mapping on huge pages where the kernel grants them ([`super::pages`]).
 
 use super::pages::Pages;
+use super::simd::E4m3;
 use crate::kv::KvFormat;
 use crate::kv::codec::{KeyRotation, spread};
 use crate::kv::quant::{
@@ -50,6 +51,8 @@ pub enum Elements<'a> {
     F16(&'a [f16]),
     /// The int8 format: a vector is its codes times its scale.
     Int8(&'a [i8], &'a [f16]),
+    /// The fp8 format: a vector is its E4M3 codes' values times its scale.
+    Fp8(&'a [E4m3], &'a [f16]),
 }
 
 /// kivi2's key store. Vectors are addressed as in every store (`[block][kv_head][slot]`); a run of `block_size`
@@ -231,7 +234,17 @@ impl KvBuf {
                 let codes = unsafe { std::slice::from_raw_parts(q.as_ptr().cast::<i8>(), q.len()) };
                 Some(Elements::Int8(codes, scale))
             }
-            _ => None,
+            Self::Bytes {
+                code: ByteCode::Fp8,
+                q,
+                scale,
+            } => {
+                // SAFETY: E4m3 is a transparent u8.
+                let codes =
+                    unsafe { std::slice::from_raw_parts(q.as_ptr().cast::<E4m3>(), q.len()) };
+                Some(Elements::Fp8(codes, scale))
+            }
+            Self::Groups { .. } | Self::Channels(_) => None,
         }
     }
 }

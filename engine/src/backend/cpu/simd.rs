@@ -50,8 +50,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// An element type the cache keeps keys and values in, which attention reads in place: `f32`; `f16` widened eight
-/// lanes at a time by F16C as it is loaded (half the bytes from memory, no copy); `i8`, the int8 format's codes,
-/// whose per-vector scale the caller applies to each score and weight.
+/// lanes at a time by F16C as it is loaded (half the bytes from memory, no copy); `i8` and [`E4m3`], the int8 and
+/// fp8 formats' codes, whose per-vector scale the caller applies to each score and weight.
 pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Eight elements from `p` as f32 lanes.
@@ -97,6 +97,35 @@ impl Elem for i8 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees eight readable bytes and AVX2.
         unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+}
+
+/// An E4M3 code as the fp8 cache format stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct E4m3(pub u8);
+
+impl Elem for E4m3 {
+    fn to_f32(self) -> f32 {
+        crate::kv::codec::fp8::to_f32(self.0)
+    }
+    /// The code's bits moved into an f16's (sign to bit 15, exponent and mantissa to bits 7-14) make the f16 whose
+    /// value is the code's times 2^-8 (exponent bias 15 against 7), subnormals included; F16C widens it. The NaN
+    /// codes (0x7f, 0xff), which quantizing finite values never writes, read as 480.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const E4m3) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable bytes, AVX2 and F16C.
+        unsafe {
+            let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
+            let magnitude = _mm_slli_epi16::<7>(_mm_and_si128(b, _mm_set1_epi16(0x7f)));
+            let sign = _mm_slli_epi16::<8>(_mm_and_si128(b, _mm_set1_epi16(0x80)));
+            _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm_or_si128(magnitude, sign)),
+                _mm256_set1_ps(256.0),
+            )
+        }
     }
 }
 
@@ -532,6 +561,39 @@ mod tests {
         check::<f32>(|x| x);
         check::<half::f16>(half::f16::from_f32);
         check::<i8>(|x| (x * 10.0).round() as i8);
+        check::<super::E4m3>(|x| super::E4m3(crate::kv::codec::fp8::from_f32(x * 100.0)));
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_fp8_code_widens_to_its_value() {
+        if !super::has_avx2() {
+            return;
+        }
+        let codes: Vec<super::E4m3> = (0..=255u8).map(super::E4m3).collect();
+        for chunk in codes.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: eight codes; AVX2 and F16C checked above.
+            unsafe {
+                std::arch::x86_64::_mm256_storeu_ps(
+                    got.as_mut_ptr(),
+                    super::Elem::load8(chunk.as_ptr()),
+                )
+            };
+            for (c, g) in chunk.iter().zip(got) {
+                let want = super::Elem::to_f32(*c);
+                if c.0 & 0x7f == 0x7f {
+                    assert!(want.is_nan(), "code {:#x}", c.0);
+                } else {
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "code {:#x}: {g} vs {want}",
+                        c.0
+                    );
+                }
+            }
+        }
     }
 
     #[test]

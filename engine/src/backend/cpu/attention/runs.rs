@@ -1,13 +1,13 @@
 //! A decode row's keys and values as runs of contiguous vectors: one run per block, read in place from a store
-//! whose elements attention can read directly (f32, f16, or int8 codes under a scale per vector), or a single run
-//! over a gathered f32 copy (the other quantized stores).
+//! whose elements attention can read directly (f32, f16, or int8 and fp8 codes under a scale per vector), or a
+//! single run over a gathered f32 copy (int4, kivi2).
 //!
 //! Reading in place costs no copy, and the bytes read shrink with the format (f16 half of f32, int8 about a
 //! quarter); the runs of one sequence lie wherever its blocks do, so the first query head of a group asks for each
 //! run's keys and values [`AHEAD`] runs before it reads them (the rest of the group finds them in L2).
 
 use super::super::kvbuf::Elements;
-use super::super::simd::{self, Elem};
+use super::super::simd::{self, E4m3, Elem};
 use crate::kv::KvLayout;
 use half::f16;
 
@@ -42,15 +42,15 @@ impl<T: Elem> Run for &[T] {
     }
 }
 
-/// int8 codes and their vectors' scales: a vector is `scale * code`, so a score is its code's dot times the scale,
-/// and a weight multiplies the scale before it multiplies the codes.
+/// int8 or fp8 codes and their vectors' scales: a vector is `scale * code`, so a score is its codes' dot times the
+/// scale, and a weight multiplies the scale before it multiplies the codes.
 #[derive(Clone, Copy)]
-pub struct Scaled<'a> {
-    codes: &'a [i8],
+pub struct Scaled<'a, C> {
+    codes: &'a [C],
     scales: &'a [f16],
 }
 
-impl Scaled<'_> {
+impl<C: Elem> Scaled<'_, C> {
     /// For each of `heads` rows, columns `at..at + n` times the vectors' scales.
     fn rescale(self, rows: &mut [f32], heads: usize, at: usize, n: usize) {
         for row in rows.chunks_exact_mut(rows.len() / heads) {
@@ -61,7 +61,7 @@ impl Scaled<'_> {
     }
 }
 
-impl Run for Scaled<'_> {
+impl<C: Elem> Run for Scaled<'_, C> {
     fn prefetch(self) {
         simd::prefetch(self.codes);
         simd::prefetch(self.scales);
@@ -82,7 +82,8 @@ impl Run for Scaled<'_> {
 pub enum Runs<'a> {
     F32(Vec<(&'a [f32], &'a [f32])>),
     F16(Vec<(&'a [f16], &'a [f16])>),
-    Int8(Vec<(Scaled<'a>, Scaled<'a>)>),
+    Int8(Vec<(Scaled<'a, i8>, Scaled<'a, i8>)>),
+    Fp8(Vec<(Scaled<'a, E4m3>, Scaled<'a, E4m3>)>),
 }
 
 impl<'a> Runs<'a> {
@@ -118,20 +119,31 @@ impl<'a> Runs<'a> {
                 })
                 .collect()
         }
+        fn scaled<'a, C>(
+            kc: &'a [C],
+            ks: &'a [f16],
+            vc: &'a [C],
+            vs: &'a [f16],
+            blocks: &[(usize, usize)],
+            hd: usize,
+        ) -> Vec<(Scaled<'a, C>, Scaled<'a, C>)> {
+            let run = |codes: &'a [C], scales: &'a [f16], first: usize, n: usize| Scaled {
+                codes: &codes[first * hd..(first + n) * hd],
+                scales: &scales[first..first + n],
+            };
+            blocks
+                .iter()
+                .map(|&(first, n)| (run(kc, ks, first, n), run(vc, vs, first, n)))
+                .collect()
+        }
         Some(match (k?, v?) {
             (Elements::F32(k), Elements::F32(v)) => Self::F32(plain(k, v, &blocks, hd)),
             (Elements::F16(k), Elements::F16(v)) => Self::F16(plain(k, v, &blocks, hd)),
             (Elements::Int8(kc, ks), Elements::Int8(vc, vs)) => {
-                let run = |codes: &'a [i8], scales: &'a [f16], first: usize, n: usize| Scaled {
-                    codes: &codes[first * hd..(first + n) * hd],
-                    scales: &scales[first..first + n],
-                };
-                Self::Int8(
-                    blocks
-                        .iter()
-                        .map(|&(first, n)| (run(kc, ks, first, n), run(vc, vs, first, n)))
-                        .collect(),
-                )
+                Self::Int8(scaled(kc, ks, vc, vs, &blocks, hd))
+            }
+            (Elements::Fp8(kc, ks), Elements::Fp8(vc, vs)) => {
+                Self::Fp8(scaled(kc, ks, vc, vs, &blocks, hd))
             }
             _ => return None,
         })
@@ -143,6 +155,7 @@ impl<'a> Runs<'a> {
             Self::F32(r) => prefetch_first(r),
             Self::F16(r) => prefetch_first(r),
             Self::Int8(r) => prefetch_first(r),
+            Self::Fp8(r) => prefetch_first(r),
         }
     }
 
@@ -153,6 +166,7 @@ impl<'a> Runs<'a> {
             Self::F32(r) => scores_over(r, q, hd, scale, scores, prefetch),
             Self::F16(r) => scores_over(r, q, hd, scale, scores, prefetch),
             Self::Int8(r) => scores_over(r, q, hd, scale, scores, prefetch),
+            Self::Fp8(r) => scores_over(r, q, hd, scale, scores, prefetch),
         }
     }
 
@@ -163,6 +177,7 @@ impl<'a> Runs<'a> {
             Self::F32(r) => weighted_sum_over(r, p, hd, out),
             Self::F16(r) => weighted_sum_over(r, p, hd, out),
             Self::Int8(r) => weighted_sum_over(r, p, hd, out),
+            Self::Fp8(r) => weighted_sum_over(r, p, hd, out),
         }
     }
 }

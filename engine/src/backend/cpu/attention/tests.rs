@@ -97,7 +97,13 @@ fn queries(rows: usize) -> CpuTensor {
 fn decode_rows_read_in_place_agree_with_the_prefill_path() {
     let backend = CpuBackend::new(2);
     let (seqs, ctx, tile) = (3, 45, 4);
-    for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8, KvFormat::Int4] {
+    for format in [
+        KvFormat::F32,
+        KvFormat::F16,
+        KvFormat::Int8,
+        KvFormat::Fp8,
+        KvFormat::Int4,
+    ] {
         let (kv, tables) = store(format, seqs, ctx);
         let q = queries(seqs * tile);
         let mut tiled = CpuTensor::default();
@@ -160,7 +166,7 @@ fn attention_timing() {
         v.split(',').map(|x| x.parse().unwrap()).collect()
     });
     for ctx in ctxs {
-        for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8] {
+        for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8, KvFormat::Fp8] {
             let (kv, tables) = store(format, seqs, ctx);
             let plan = plan(tables, 1, ctx);
             let q = queries(seqs);
