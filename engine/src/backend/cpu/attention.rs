@@ -268,6 +268,7 @@ fn gather(
     }
 }
 
+pub(super) mod kernels;
 mod runs;
 #[cfg(test)]
 mod tests;

@@ -12,8 +12,8 @@
 //! [`KvBuf::read`], which dequantizes on the fly into a tile's scratch: nothing is ever expanded cache-wide. Every
 //! buffer is its own anonymous mapping on huge pages where the kernel grants them ([`super::pages`]).
 
+use super::attention::kernels::E4m3;
 use super::pages::Pages;
-use super::simd::E4m3;
 use crate::kv::KvFormat;
 use crate::kv::codec::{KeyRotation, spread};
 use crate::kv::quant::{

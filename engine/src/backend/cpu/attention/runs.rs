@@ -7,7 +7,7 @@
 //! run's keys and values [`AHEAD`] runs before it reads them (the rest of the group finds them in L2).
 
 use super::super::kvbuf::Elements;
-use super::super::simd::{self, E4m3, Elem};
+use super::kernels::{self, E4m3, Elem};
 use crate::kv::KvLayout;
 use half::f16;
 
@@ -29,13 +29,13 @@ trait Run: Copy {
 
 impl<T: Elem> Run for &[T] {
     fn prefetch(self) {
-        simd::prefetch(self);
+        kernels::prefetch(self);
     }
     fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize) {
-        simd::scores(q, self, hd, scale, out, at, n);
+        kernels::scores(q, self, hd, scale, out, at, n);
     }
     fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]) {
-        simd::weighted_sum(p, at, n, self, hd, out);
+        kernels::weighted_sum(p, at, n, self, hd, out);
     }
     fn vectors(self, hd: usize) -> usize {
         self.len() / hd
@@ -63,16 +63,16 @@ impl<C: Elem> Scaled<'_, C> {
 
 impl<C: Elem> Run for Scaled<'_, C> {
     fn prefetch(self) {
-        simd::prefetch(self.codes);
-        simd::prefetch(self.scales);
+        kernels::prefetch(self.codes);
+        kernels::prefetch(self.scales);
     }
     fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize) {
-        simd::scores(q, self.codes, hd, scale, out, at, n);
+        kernels::scores(q, self.codes, hd, scale, out, at, n);
         self.rescale(out, q.len() / hd, at, n);
     }
     fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]) {
         self.rescale(p, out.len() / hd, at, n);
-        simd::weighted_sum(p, at, n, self.codes, hd, out);
+        kernels::weighted_sum(p, at, n, self.codes, hd, out);
     }
     fn vectors(self, _hd: usize) -> usize {
         self.scales.len()
