@@ -6,7 +6,7 @@
 //! scratch (dequantizing as it copies), then for each query head of the group computes scores = Q K^T as one SGEMM,
 //! applies the causal mask and a max-subtracted softmax, and writes P V with a second SGEMM: prefill runs at matrix
 //! speed. Tiles of at most [`VECTOR_MAX_ROWS`] rows (decode) skip the SGEMMs and read each block where it lies
-//! ([`runs`]: f32, f16 and int8 stores in place; the others through a gathered copy), the query heads of the KV
+//! ([`runs`]: f32, f16, int8, fp8 and int4 stores in place; kivi2 through a gathered copy), the query heads of the KV
 //! group sharing each pass over a block's keys and then its values, so a decode row costs one pass over its context
 //! (decision 0017). Where the key store holds turned keys (int4, [`crate::kv::KvFormat::turns_keys`]) each query is
 //! turned the same way first, into scratch.
@@ -268,6 +268,7 @@ fn gather(
     }
 }
 
+mod affine;
 pub(super) mod kernels;
 mod runs;
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! (the `int4` codec's rule, 5 bits per element), 6.4x the tokens of `f32`; an int4 key store holds each key turned
 //! ([`KvFormat::turns_keys`]). kivi2 holds values by the same group rule at 2 bits, and keys as [`KeyChannels`]:
 //! per block and KV head, 2-bit codes per token under an f16 min and scale per channel, quantized when the block's
-//! last slot is written; until then that block's keys wait in f32 beside the codes. Decode attention reads f32, f16
-//! and int8 stores where they lie ([`KvBuf::elements`]); everything else reads a range of vectors as f32 through
+//! last slot is written; until then that block's keys wait in f32 beside the codes. Decode attention reads f32, f16,
+//! int8, fp8 and int4 stores where they lie ([`KvBuf::elements`]); everything else reads a range of vectors as f32 through
 //! [`KvBuf::read`], which dequantizes on the fly into a tile's scratch: nothing is ever expanded cache-wide. Every
 //! buffer is its own anonymous mapping on huge pages where the kernel grants them ([`super::pages`]).
 
@@ -53,6 +53,9 @@ pub enum Elements<'a> {
     Int8(&'a [i8], &'a [f16]),
     /// The fp8 format: a vector is its E4M3 codes' values times its scale.
     Fp8(&'a [E4m3], &'a [f16]),
+    /// The int4 format: per vector `head_dim / 2` bytes of codes (two per byte, low nibble first) and a (min,
+    /// scale) pair per 32 dims; a vector is `min + scale * code` group by group.
+    Int4(&'a [u8], &'a [f16]),
 }
 
 /// kivi2's key store. Vectors are addressed as in every store (`[block][kv_head][slot]`); a run of `block_size`
@@ -219,8 +222,7 @@ impl KvBuf {
         }
     }
 
-    /// The f32 values themselves, where the format stores f32 (attention then reads them in place).
-    /// The store's elements as they lie, where they are plain numbers attention can read in place.
+    /// The store's elements as they lie, where attention reads them in place (every format but kivi2).
     pub fn elements(&self) -> Option<Elements<'_>> {
         match self {
             Self::F32(b) => Some(Elements::F32(b)),
@@ -244,6 +246,9 @@ impl KvBuf {
                     unsafe { std::slice::from_raw_parts(q.as_ptr().cast::<E4m3>(), q.len()) };
                 Some(Elements::Fp8(codes, scale))
             }
+            Self::Groups {
+                bits: 4, q, params, ..
+            } => Some(Elements::Int4(q, params)),
             Self::Groups { .. } | Self::Channels(_) => None,
         }
     }

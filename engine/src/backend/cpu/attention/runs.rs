@@ -1,12 +1,13 @@
 //! A decode row's keys and values as runs of contiguous vectors: one run per block, read in place from a store
-//! whose elements attention can read directly (f32, f16, or int8 and fp8 codes under a scale per vector), or a
-//! single run over a gathered f32 copy (int4, kivi2).
+//! whose elements attention can read directly (f32, f16, int8 and fp8 codes under a scale per vector, int4 codes
+//! under a min and scale per group: [`super::affine`]), or a single run over a gathered f32 copy (kivi2).
 //!
 //! Reading in place costs no copy, and the bytes read shrink with the format (f16 half of f32, int8 about a
 //! quarter); the runs of one sequence lie wherever its blocks do, so the first query head of a group asks for each
 //! run's keys and values [`AHEAD`] runs before it reads them (the rest of the group finds them in L2).
 
 use super::super::kvbuf::Elements;
+use super::affine::{self, Affine};
 use super::kernels::{self, E4m3, Elem};
 use crate::kv::KvLayout;
 use half::f16;
@@ -14,31 +15,38 @@ use half::f16;
 /// How many runs ahead of the one being scored the keys and values are asked for.
 const AHEAD: usize = 2;
 
-/// Vectors of one block and KV head, as stored. Scores and outputs are for the query heads of one KV group at
-/// once: `q` holds their queries one after another, `out`/`p` a row of `stride` scores per head, of which a run
-/// fills or reads columns `at..at + n`.
+/// Vectors of one block and KV head, as stored.
 trait Run: Copy {
     fn prefetch(self);
+    fn vectors(self, hd: usize) -> usize;
+}
+
+/// A run whose scores and weighted sums take the queries and outputs as they are. Scores and outputs are for the
+/// query heads of one KV group at once: `q` holds their queries one after another, `out`/`p` a row of `stride`
+/// scores per head, of which a run fills or reads columns `at..at + n`.
+trait Plain: Run {
     /// `out[h * stride + at + j] = scale * q_h . vector_j` for `j < n`.
     fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize);
     /// `out[h * hd..][..hd] += sum_j p[h * stride + at + j] * vector_j` for `j < n`; `p`'s columns may be
     /// rescaled in place (they are consumed).
     fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]);
-    fn vectors(self, hd: usize) -> usize;
 }
 
 impl<T: Elem> Run for &[T] {
     fn prefetch(self) {
         kernels::prefetch(self);
     }
+    fn vectors(self, hd: usize) -> usize {
+        self.len() / hd
+    }
+}
+
+impl<T: Elem> Plain for &[T] {
     fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize) {
         kernels::scores(q, self, hd, scale, out, at, n);
     }
     fn weighted_sum(self, p: &mut [f32], at: usize, n: usize, hd: usize, out: &mut [f32]) {
         kernels::weighted_sum(p, at, n, self, hd, out);
-    }
-    fn vectors(self, hd: usize) -> usize {
-        self.len() / hd
     }
 }
 
@@ -66,6 +74,12 @@ impl<C: Elem> Run for Scaled<'_, C> {
         kernels::prefetch(self.codes);
         kernels::prefetch(self.scales);
     }
+    fn vectors(self, _hd: usize) -> usize {
+        self.scales.len()
+    }
+}
+
+impl<C: Elem> Plain for Scaled<'_, C> {
     fn scores(self, q: &[f32], hd: usize, scale: f32, out: &mut [f32], at: usize, n: usize) {
         kernels::scores(q, self.codes, hd, scale, out, at, n);
         self.rescale(out, q.len() / hd, at, n);
@@ -74,8 +88,15 @@ impl<C: Elem> Run for Scaled<'_, C> {
         self.rescale(p, out.len() / hd, at, n);
         kernels::weighted_sum(p, at, n, self.codes, hd, out);
     }
-    fn vectors(self, _hd: usize) -> usize {
-        self.scales.len()
+}
+
+impl Run for Affine<'_> {
+    fn prefetch(self) {
+        kernels::prefetch(self.codes);
+        kernels::prefetch(self.params);
+    }
+    fn vectors(self, hd: usize) -> usize {
+        Affine::vectors(self, hd)
     }
 }
 
@@ -84,6 +105,7 @@ pub enum Runs<'a> {
     F16(Vec<(&'a [f16], &'a [f16])>),
     Int8(Vec<(Scaled<'a, i8>, Scaled<'a, i8>)>),
     Fp8(Vec<(Scaled<'a, E4m3>, Scaled<'a, E4m3>)>),
+    Int4(Vec<(Affine<'a>, Affine<'a>)>),
 }
 
 impl<'a> Runs<'a> {
@@ -145,6 +167,21 @@ impl<'a> Runs<'a> {
             (Elements::Fp8(kc, ks), Elements::Fp8(vc, vs)) => {
                 Self::Fp8(scaled(kc, ks, vc, vs, &blocks, hd))
             }
+            (Elements::Int4(kc, kp), Elements::Int4(vc, vp))
+                if hd.is_multiple_of(affine::GROUP) =>
+            {
+                let pv = 2 * hd / affine::GROUP; // params per vector
+                let run = |codes: &'a [u8], params: &'a [f16], first: usize, n: usize| Affine {
+                    codes: &codes[first * hd / 2..(first + n) * hd / 2],
+                    params: &params[first * pv..(first + n) * pv],
+                };
+                Self::Int4(
+                    blocks
+                        .iter()
+                        .map(|&(first, n)| (run(kc, kp, first, n), run(vc, vp, first, n)))
+                        .collect(),
+                )
+            }
             _ => return None,
         })
     }
@@ -156,6 +193,7 @@ impl<'a> Runs<'a> {
             Self::F16(r) => prefetch_first(r),
             Self::Int8(r) => prefetch_first(r),
             Self::Fp8(r) => prefetch_first(r),
+            Self::Int4(r) => prefetch_first(r),
         }
     }
 
@@ -163,10 +201,17 @@ impl<'a> Runs<'a> {
     /// `scores`; `prefetch`: ask for later runs.
     pub fn scores(&self, q: &[f32], hd: usize, scale: f32, scores: &mut [f32], prefetch: bool) {
         match self {
-            Self::F32(r) => scores_over(r, q, hd, scale, scores, prefetch),
-            Self::F16(r) => scores_over(r, q, hd, scale, scores, prefetch),
-            Self::Int8(r) => scores_over(r, q, hd, scale, scores, prefetch),
-            Self::Fp8(r) => scores_over(r, q, hd, scale, scores, prefetch),
+            Self::F32(r) => plain_scores(r, q, hd, scale, scores, prefetch),
+            Self::F16(r) => plain_scores(r, q, hd, scale, scores, prefetch),
+            Self::Int8(r) => plain_scores(r, q, hd, scale, scores, prefetch),
+            Self::Fp8(r) => plain_scores(r, q, hd, scale, scores, prefetch),
+            Self::Int4(r) => {
+                let visible = scores.len() / (q.len() / hd);
+                let (qn, qsum) = affine::nibble_query(q, hd);
+                over(r, visible, hd, prefetch, |k, at, n| {
+                    k.0.scores(&qn, &qsum, hd, scale, scores, at, n)
+                });
+            }
         }
     }
 
@@ -174,10 +219,19 @@ impl<'a> Runs<'a> {
     /// run rescales its columns in place).
     pub fn weighted_sum(&self, p: &mut [f32], hd: usize, out: &mut [f32]) {
         match self {
-            Self::F32(r) => weighted_sum_over(r, p, hd, out),
-            Self::F16(r) => weighted_sum_over(r, p, hd, out),
-            Self::Int8(r) => weighted_sum_over(r, p, hd, out),
-            Self::Fp8(r) => weighted_sum_over(r, p, hd, out),
+            Self::F32(r) => plain_weighted_sum(r, p, hd, out),
+            Self::F16(r) => plain_weighted_sum(r, p, hd, out),
+            Self::Int8(r) => plain_weighted_sum(r, p, hd, out),
+            Self::Fp8(r) => plain_weighted_sum(r, p, hd, out),
+            Self::Int4(r) => {
+                let visible = p.len() / (out.len() / hd);
+                let mut on = vec![0.0; out.len()];
+                affine::to_nibble_order(out, &mut on);
+                over(r, visible, hd, false, |v, at, n| {
+                    v.1.weighted_sum(p, at, n, hd, &mut on)
+                });
+                affine::from_nibble_order(&on, out);
+            }
         }
     }
 }
@@ -189,17 +243,17 @@ fn prefetch_first<R: Run>(runs: &[(R, R)]) {
     }
 }
 
-fn scores_over<R: Run>(
+/// Calls `each(run pair, at, n)` over the runs covering the first `visible` vectors (`at`: the first vector's
+/// column, `n`: how many of the run's vectors are visible); `prefetch`: ask for each pair [`AHEAD`] runs ahead.
+fn over<R: Run>(
     runs: &[(R, R)],
-    q: &[f32],
+    visible: usize,
     hd: usize,
-    scale: f32,
-    scores: &mut [f32],
     prefetch: bool,
+    mut each: impl FnMut((R, R), usize, usize),
 ) {
-    let visible = scores.len() / (q.len() / hd);
     let mut at = 0;
-    for (i, &(k, _)) in runs.iter().enumerate() {
+    for (i, &(k, v)) in runs.iter().enumerate() {
         if at == visible {
             break;
         }
@@ -208,20 +262,28 @@ fn scores_over<R: Run>(
             nv.prefetch();
         }
         let n = k.vectors(hd).min(visible - at);
-        k.scores(q, hd, scale, scores, at, n);
+        each((k, v), at, n);
         at += n;
     }
 }
 
-fn weighted_sum_over<R: Run>(runs: &[(R, R)], p: &mut [f32], hd: usize, out: &mut [f32]) {
+fn plain_scores<R: Plain>(
+    runs: &[(R, R)],
+    q: &[f32],
+    hd: usize,
+    scale: f32,
+    scores: &mut [f32],
+    prefetch: bool,
+) {
+    let visible = scores.len() / (q.len() / hd);
+    over(runs, visible, hd, prefetch, |(k, _), at, n| {
+        k.scores(q, hd, scale, scores, at, n)
+    });
+}
+
+fn plain_weighted_sum<R: Plain>(runs: &[(R, R)], p: &mut [f32], hd: usize, out: &mut [f32]) {
     let visible = p.len() / (out.len() / hd);
-    let mut at = 0;
-    for &(_, v) in runs {
-        if at == visible {
-            break;
-        }
-        let n = v.vectors(hd).min(visible - at);
-        v.weighted_sum(p, at, n, hd, out);
-        at += n;
-    }
+    over(runs, visible, hd, false, |(_, v), at, n| {
+        v.weighted_sum(p, at, n, hd, out)
+    });
 }

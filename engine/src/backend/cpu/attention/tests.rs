@@ -166,7 +166,13 @@ fn attention_timing() {
         v.split(',').map(|x| x.parse().unwrap()).collect()
     });
     for ctx in ctxs {
-        for format in [KvFormat::F32, KvFormat::F16, KvFormat::Int8, KvFormat::Fp8] {
+        for format in [
+            KvFormat::F32,
+            KvFormat::F16,
+            KvFormat::Int8,
+            KvFormat::Fp8,
+            KvFormat::Int4,
+        ] {
             let (kv, tables) = store(format, seqs, ctx);
             let plan = plan(tables, 1, ctx);
             let q = queries(seqs);
