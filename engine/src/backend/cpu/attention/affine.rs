@@ -62,7 +62,7 @@ impl Affine<'_> {
     /// The code of dim `d` (in natural order) of vector `j`, and that vector's (min, scale) for the dim's group.
     fn code(self, hd: usize, j: usize, d: usize) -> (f32, f32, f32) {
         let b = self.codes[j * hd / 2 + d / 2];
-        let c = if d % 2 == 0 { b & 15 } else { b >> 4 };
+        let c = if d.is_multiple_of(2) { b & 15 } else { b >> 4 };
         let p = j * 2 * (hd / GROUP) + 2 * (d / GROUP);
         (
             f32::from(c),
