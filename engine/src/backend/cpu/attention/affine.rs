@@ -302,6 +302,7 @@ unsafe fn weighted_sum_avx2<const G: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernels::tests::assert_matches_plain_loops;
     use super::*;
     use crate::kv::quant::quantize_groups;
 
@@ -338,30 +339,7 @@ mod tests {
                     run.weighted_sum(&s, 2, n, hd, &mut out);
                     let mut got = vec![0f32; out.len()];
                     from_nibble_order(&out, &mut got);
-                    for h in 0..heads {
-                        for j in 0..n {
-                            let want: f32 = (0..hd)
-                                .map(|d| q[h * hd + d] * deq[j * hd + d])
-                                .sum::<f32>()
-                                * 0.125;
-                            let g = s[h * stride + 2 + j];
-                            assert!(
-                                (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "hd {hd} n {n} heads {heads} head {h} key {j}: {g} vs {want}"
-                            );
-                        }
-                        for d in 0..hd {
-                            let want = start[h * hd + d]
-                                + (0..n)
-                                    .map(|j| s[h * stride + 2 + j] * deq[j * hd + d])
-                                    .sum::<f32>();
-                            let g = got[h * hd + d];
-                            assert!(
-                                (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "hd {hd} n {n} heads {heads} head {h} dim {d}: {g} vs {want}"
-                            );
-                        }
-                    }
+                    assert_matches_plain_loops(&q, &deq, hd, n, &s, 2, &start, &got);
                 }
             }
         }

@@ -299,7 +299,47 @@ unsafe fn weighted_sum_avx2<T: Elem, const G: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    /// Checks scores `s` (a row of `stride = s.len() / heads` per head, columns `at..at + n`) and outputs `out`
+    /// (heads of `hd`, from `start`) against plain loops over the queries `q` and the `n` vectors `kf` as f32,
+    /// with the scale 0.125.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assert_matches_plain_loops(
+        q: &[f32],
+        kf: &[f32],
+        hd: usize,
+        n: usize,
+        s: &[f32],
+        at: usize,
+        start: &[f32],
+        out: &[f32],
+    ) {
+        let heads = q.len() / hd;
+        let stride = s.len() / heads;
+        for h in 0..heads {
+            let qh = &q[h * hd..(h + 1) * hd];
+            for j in 0..n {
+                let want: f32 = (0..hd).map(|d| qh[d] * kf[j * hd + d]).sum::<f32>() * 0.125;
+                let got = s[h * stride + at + j];
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "hd {hd} n {n} heads {heads} head {h} key {j}: {got} vs {want}"
+                );
+            }
+            for d in 0..hd {
+                let want = start[h * hd + d]
+                    + (0..n)
+                        .map(|j| s[h * stride + at + j] * kf[j * hd + d])
+                        .sum::<f32>();
+                let got = out[h * hd + d];
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "hd {hd} n {n} heads {heads} head {h} dim {d}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn attention_kernels_match_plain_loops() {
         fn check<T: super::Elem>(from: fn(f32) -> T) {
@@ -322,29 +362,7 @@ mod tests {
                         let mut out: Vec<f32> = (0..heads * hd).map(|i| i as f32 * 0.01).collect();
                         let start = out.clone();
                         super::weighted_sum(&s, 1, n, &kv, hd, &mut out);
-                        for h in 0..heads {
-                            let qh = &qs[h * hd..(h + 1) * hd];
-                            for j in 0..n {
-                                let want: f32 =
-                                    (0..hd).map(|d| qh[d] * kf[j * hd + d]).sum::<f32>() * 0.125;
-                                let got = s[h * stride + 1 + j];
-                                assert!(
-                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                    "hd {hd} n {n} heads {heads} head {h} key {j}: {got} vs {want}"
-                                );
-                            }
-                            for d in 0..hd {
-                                let want = start[h * hd + d]
-                                    + (0..n)
-                                        .map(|j| s[h * stride + 1 + j] * kf[j * hd + d])
-                                        .sum::<f32>();
-                                let got = out[h * hd + d];
-                                assert!(
-                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                    "hd {hd} n {n} heads {heads} head {h} dim {d}: {got} vs {want}"
-                                );
-                            }
-                        }
+                        assert_matches_plain_loops(&qs, &kf, hd, n, &s, 1, &start, &out);
                     }
                 }
             }

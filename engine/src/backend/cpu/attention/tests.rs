@@ -13,6 +13,14 @@ const KV_HEADS: usize = 3;
 const HEADS: usize = 9;
 const HD: usize = 64;
 const BS: usize = 16;
+/// The formats decode rows read in place.
+const IN_PLACE: [KvFormat; 5] = [
+    KvFormat::F32,
+    KvFormat::F16,
+    KvFormat::Int8,
+    KvFormat::Fp8,
+    KvFormat::Int4,
+];
 
 /// A store of `seqs` sequences of `ctx` tokens each, their blocks scattered over a pool twice as large (as a
 /// cache that has served for a while holds them), filled with pseudo-random keys and values.
@@ -97,13 +105,7 @@ fn queries(rows: usize) -> CpuTensor {
 fn decode_rows_read_in_place_agree_with_the_prefill_path() {
     let backend = CpuBackend::new(2);
     let (seqs, ctx, tile) = (3, 45, 4);
-    for format in [
-        KvFormat::F32,
-        KvFormat::F16,
-        KvFormat::Int8,
-        KvFormat::Fp8,
-        KvFormat::Int4,
-    ] {
+    for format in IN_PLACE {
         let (kv, tables) = store(format, seqs, ctx);
         let q = queries(seqs * tile);
         let mut tiled = CpuTensor::default();
@@ -166,13 +168,7 @@ fn attention_timing() {
         v.split(',').map(|x| x.parse().unwrap()).collect()
     });
     for ctx in ctxs {
-        for format in [
-            KvFormat::F32,
-            KvFormat::F16,
-            KvFormat::Int8,
-            KvFormat::Fp8,
-            KvFormat::Int4,
-        ] {
+        for format in IN_PLACE {
             let (kv, tables) = store(format, seqs, ctx);
             let plan = plan(tables, 1, ctx);
             let q = queries(seqs);
