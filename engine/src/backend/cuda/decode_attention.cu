@@ -60,6 +60,13 @@ __device__ __forceinline__ void copy_wait(int pending) {
     else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::);
     else asm volatile("cp.async.wait_group 3;\n" ::);
 }
+// 2^x by the special-function unit alone (subnormal results flush to zero, which a softmax weight can afford);
+// `__expf` adds a range check and a rescale around it for subnormals.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ u32 pack_half2(float a, float b) {
     const __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<const u32*>(&h);
@@ -79,10 +86,12 @@ __device__ __forceinline__ void i8x4_to_half2x2(u32 w, u32& lo, u32& hi) {
 // What differs between cache formats: the bytes of an 8-dimension group, one group as four half2 words (dimension
 // pairs 0-1, 2-3, 4-5, 6-7; int8 as exact integers and fp8 as exact values (/ `UNIT`), the scale (times `UNIT`)
 // applied by the caller; int4 pairs differently, see
-// below), and how many resident blocks per SM the kernel's registers are bounded for.
+// below), how many resident blocks per SM the kernel's registers are bounded for, and how many tiles each warp's
+// ring holds (`decode_stages` in module.rs sizes the rings alike).
 template <typename T> struct Group;
 template <> struct Group<__half> {
-    static constexpr int BYTES = 16, MIN_BLOCKS = 2;
+    static constexpr int BYTES = 16, MIN_BLOCKS = 2, STAGES = 3;
+    static constexpr bool PIPELINED = false;
     static constexpr bool SCALED = false, AFFINE = false;
     static constexpr float UNIT = 1.f;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
@@ -91,7 +100,8 @@ template <> struct Group<__half> {
     }
 };
 template <> struct Group<float> {
-    static constexpr int BYTES = 32, MIN_BLOCKS = 2;
+    static constexpr int BYTES = 32, MIN_BLOCKS = 2, STAGES = 3;
+    static constexpr bool PIPELINED = false;
     static constexpr bool SCALED = false, AFFINE = false;
     static constexpr float UNIT = 1.f;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
@@ -101,7 +111,8 @@ template <> struct Group<float> {
     }
 };
 template <> struct Group<i8> {
-    static constexpr int BYTES = 8, MIN_BLOCKS = 2;
+    static constexpr int BYTES = 8, MIN_BLOCKS = 2, STAGES = 3;
+    static constexpr bool PIPELINED = true;
     static constexpr bool SCALED = true, AFFINE = false;
     static constexpr float UNIT = 1.f;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
@@ -133,7 +144,8 @@ __device__ __forceinline__ void e4m3x4_to_half2x2(u32 w, u32& lo, u32& hi) {
 }
 #endif
 template <> struct Group<f8> {
-    static constexpr int BYTES = 8, MIN_BLOCKS = 2;
+    static constexpr int BYTES = 8, MIN_BLOCKS = 2, STAGES = 3;
+    static constexpr bool PIPELINED = true;
     static constexpr bool SCALED = true, AFFINE = false;
     static constexpr float UNIT = E4M3_UNIT;
     static __device__ __forceinline__ void load(const unsigned char* p, u32 (&w)[4], u32 = 0) {
@@ -163,7 +175,8 @@ __device__ __forceinline__ __half2 nibbles_hi(u32 v, __half2 s2, __half2 m2) {
 }
 __device__ __forceinline__ u32 half2_bits(__half2 x) { return *reinterpret_cast<const u32*>(&x); }
 template <> struct Group<u4x2> {
-    static constexpr int BYTES = 4;
+    static constexpr int BYTES = 4, STAGES = 4;
+    static constexpr bool PIPELINED = true;
     static constexpr bool SCALED = false, AFFINE = true;
     static constexpr float UNIT = 1.f;
     // Its warps spend more instructions per byte than the others, so latency, not bandwidth, bounds them: registers
@@ -184,8 +197,9 @@ template <> struct Group<u4x2> {
     static __device__ __forceinline__ void load_rows(const unsigned char* pa, const unsigned char* pb, u32 fa, u32 fb,
                                                      u32 (&w)[8]) {
         const u32 a = *reinterpret_cast<const u32*>(pa), b = *reinterpret_cast<const u32*>(pb);
-        const __half2 ha = *reinterpret_cast<const __half2*>(&fa), hb = *reinterpret_cast<const __half2*>(&fb);
-        const __half2 m2 = __lows2half2(ha, hb), s2 = __highs2half2(ha, hb);
+        // (min a, min b) and (scale a, scale b): one byte permute each.
+        const u32 mw = __byte_perm(fa, fb, 0x5410), sw = __byte_perm(fa, fb, 0x7632);
+        const __half2 m2 = *reinterpret_cast<const __half2*>(&mw), s2 = *reinterpret_cast<const __half2*>(&sw);
         const u32 lo = __byte_perm(a, b, 0x5410), hi = __byte_perm(a, b, 0x7632);  // dims 0-3, 4-7 of each row
         w[0] = half2_bits(nibbles_lo(lo, s2, m2));
         w[1] = half2_bits(nibbles_hi(lo, s2, m2));
@@ -277,8 +291,9 @@ template <typename T, int HD>
 __device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
                                float* out, float* part, u32* arrived, const u32* row_ctx, const u32* row_table,
                                const u32* tables, int kv_heads, int group, int block_size, size_t layer_off,
-                               float scale, int splits, int stages, int stage_bytes) {
+                               float scale, int splits, int stage_bytes) {
     using G8 = Group<T>;
+    constexpr int STAGES = G8::STAGES;
     constexpr int ROW = Stage<T, HD>::ROW, PARAMS = Stage<T, HD>::PARAMS, GROUPS = HD / 8, UNITS = ROW / 16;
     constexpr int MT = HD / 16;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -286,10 +301,12 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     const int heads = kv_heads * group;
     const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-    unsigned char* ring = smem + (size_t)warp * stages * stage_bytes;
+    unsigned char* ring = smem + (size_t)warp * STAGES * stage_bytes;
 
-    // Q^T as B fragments, scaled: lane (g, c) holds head g's group 4 * pair + c; zeros for heads past the group.
-    // Over int4 keys (stored turned) the query is turned the same way first (`turn_query`).
+    // Q^T as B fragments, scaled (by log2(e) too, so that the softmax works in powers of two): lane (g, c) holds head
+    // g's group 4 * pair + c; zeros for heads past the group. Over int4 keys (stored turned) the query is turned the
+    // same way first (`turn_query`).
+    scale *= 1.44269504088896341f;
     float qv[HD / 32][8];
 #pragma unroll
     for (int p = 0; p < HD / 32; p++) {
@@ -335,21 +352,31 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     const int mine = tiles > warp ? (tiles - warp + DA_WARPS - 1) / DA_WARPS : 0;
     const u32* table = tables + row_table[r];
 
-    // Lane l's key in this warp's `j`-th tile (its row l % 16), and that key's cache block: read one tile ahead of
-    // its copy, so that the warp never waits on the block table.
-    auto key_of = [&](int j) { return begin + (u32)(warp + j * DA_WARPS) * DA_TILE + (lane & (DA_TILE - 1)); };
-    auto block_of = [&](int j) -> u32 {
-        const u32 t = key_of(j);
-        return j < mine && t < end ? table[t / block_size] : 0u;
+    // Lane l's key in this warp's tiles (its row l % 16) as (key, index in the block table, offset in its block).
+    // A warp's tiles lie `stride` keys apart, so the cursor steps from one to the next without dividing.
+    const u32 stride = DA_WARPS * DA_TILE, stride_blocks = stride / block_size, stride_off = stride % block_size;
+    u32 cur_t = begin + (u32)warp * DA_TILE + (lane & (DA_TILE - 1));
+    u32 cur_idx = cur_t / block_size, cur_off = cur_t % block_size;
+    auto advance = [&]() {
+        cur_t += stride;
+        cur_idx += stride_blocks;
+        cur_off += stride_off;
+        if (cur_off >= (u32)block_size) {
+            cur_off -= block_size;
+            cur_idx++;
+        }
     };
-    // Starts the copy of this warp's `j`-th tile (whose keys lie in cache block `blk`) into its stage: each lane
-    // finds one row's place in the cache, and the 16-byte units are dealt out with the rows' offsets by shuffle.
-    auto issue = [&](int j, u32 blk) {
-        unsigned char* st = ring + (j % stages) * stage_bytes;
-        const u32 t = key_of(j);
+    // The cache block of the cursor's key, which lies in this warp's tile `j` (0 past the split's keys). Read one
+    // tile ahead of its copy, so that the warp never waits on the block table.
+    auto block_at = [&](int j) -> u32 { return j < mine && cur_t < end ? table[cur_idx] : 0u; };
+    // Starts the copy of a tile into stage `slot`: this lane's key `t` lies at offset `off` of cache block `blk`.
+    // Each lane finds its row's place in the cache, and the 16-byte units are dealt out with the rows' offsets by
+    // shuffle.
+    auto issue = [&](int slot, u32 t, u32 blk, u32 off) {
+        unsigned char* st = ring + slot * stage_bytes;
         const bool valid = t < end;
         // The row's vector index within the layer (its offset / HD), passed around in 32 bits.
-        const u32 vec = valid ? ((u32)blk * kv_heads + kvh) * block_size + t % block_size : 0u;
+        const u32 vec = valid ? ((u32)blk * kv_heads + kvh) * block_size + off : 0u;
         const u32 live = __ballot_sync(0xffffffffu, valid);
         // K and V units of a row lie alike (only the swizzle differs): one shuffle serves both copies.
 #pragma unroll
@@ -399,24 +426,10 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         return __half2float(__ushort_as_half(bits)) * G8::UNIT;
     };
 
-    for (int j = 0; j < stages - 1; j++) {
-        if (j < mine) issue(j, block_of(j));
-        copy_commit();
-    }
-    u32 next_blk = block_of(stages - 1);
-    for (int j = 0; j < mine; j++) {
-        if (j + stages - 1 < mine) issue(j + stages - 1, next_blk);
-        copy_commit();
-        next_blk = block_of(j + stages);
-        copy_wait(stages - 1);
-        __syncwarp();
-        const unsigned char* st = ring + (j % stages) * stage_bytes;
+    // Scores of the tile in stage `st` whose first key is `first`: rows g and g + 8 of the tile, heads 2c and 2c + 1.
+    auto score = [&](const unsigned char* st, u32 first, float (&s)[4]) {
+        s[0] = s[1] = s[2] = s[3] = 0.f;
         const unsigned char* ks = st;
-        const unsigned char* vs = st + DA_TILE * ROW;
-        const u32 t0 = begin + (u32)(warp + j * DA_WARPS) * DA_TILE;
-
-        // Scores: rows g and g + 8 of the tile, heads 2c and 2c + 1.
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int p = 0; p < HD / 32; p++) {
             const int grp = 4 * p + c;
@@ -428,16 +441,57 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             mma_16816(s, x[0], y[0], x[1], y[1], qb[p][0], qb[p][1]);
             mma_16816(s, x[2], y[2], x[3], y[3], qb[p][2], qb[p][3]);
         }
-        const u32 upper = G8::SCALED ? *reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4) : 0u;
         if (G8::SCALED) {
+            const u32 upper = *reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4);
             const float s0 = row_scale(st, upper, g, g), s1 = row_scale(st, upper, g + 8, g + 8);
             s[0] *= s0; s[1] *= s0; s[2] *= s1; s[3] *= s1;
         }
-        if (t0 + g >= end) s[0] = s[1] = NEG_INF;
-        if (t0 + g + 8 >= end) s[2] = s[3] = NEG_INF;
+        if (first + g >= end) s[0] = s[1] = NEG_INF;
+        if (first + g + 8 >= end) s[2] = s[3] = NEG_INF;
+    };
 
-        // Online softmax per head (the 8 lanes sharing c hold one head pair's 16 keys).
-        float p[4];
+    for (int j = 0; j < STAGES - 1; j++) {
+        if (j < mine) issue(j, cur_t, block_at(j), cur_off);
+        copy_commit();
+        advance();
+    }
+    // The tile issued next (STAGES - 1 ahead of the one read): this lane's key, its block and offset.
+    u32 next_t = cur_t, next_blk = block_at(STAGES - 1), next_off = cur_off;
+    advance();
+    int read_slot = 0, write_slot = STAGES - 1;
+    u32 t0 = begin + (u32)warp * DA_TILE;  // the first key of the tile read
+    // Pipelined formats score each tile's keys one tile ahead, so that the next tile's key products overlap this
+    // tile's softmax and value products (their warps are bound by dependent arithmetic, not by bytes): the ring then
+    // holds one tile fewer in flight.
+    constexpr bool PIPE = G8::PIPELINED;
+    float s[4];
+    if constexpr (PIPE) {
+        copy_wait(STAGES - 2);
+        __syncwarp();
+        score(ring, t0, s);
+    }
+    for (int j = 0; j < mine; j++, t0 += stride) {
+        if (j + STAGES - 1 < mine) issue(write_slot, next_t, next_blk, next_off);
+        copy_commit();
+        next_t = cur_t;
+        next_blk = block_at(j + STAGES);
+        next_off = cur_off;
+        advance();
+        copy_wait(PIPE ? STAGES - 2 : STAGES - 1);
+        __syncwarp();
+        const unsigned char* st = ring + read_slot * stage_bytes;
+        const unsigned char* vs = st + DA_TILE * ROW;
+        // The stage read now takes the copy issued next (after the __syncwarp that ends this tile).
+        write_slot = read_slot;
+        read_slot = read_slot == STAGES - 1 ? 0 : read_slot + 1;
+        // The next tile's scores (past the split's last tile, of whatever its stage holds, and never used).
+        float sn[4];
+        if constexpr (PIPE) score(ring + read_slot * stage_bytes, t0 + stride, sn);
+        else score(st, t0, s);
+
+        // Online softmax per head in powers of two (the 8 lanes sharing c hold one head pair's 16 keys).
+        float p[4], corr[2];
+        bool rose = false;
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             float m = fmaxf(s[e], s[e + 2]);
@@ -445,20 +499,28 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
             const float nm = fmaxf(mx[e], m);
-            const float corr = nm == NEG_INF ? 1.f : __expf(mx[e] - nm);
-            p[e] = nm == NEG_INF ? 0.f : __expf(s[e] - nm);
-            p[e + 2] = nm == NEG_INF ? 0.f : __expf(s[e + 2] - nm);
-            sum[e] = sum[e] * corr + p[e] + p[e + 2];
+            rose |= nm > mx[e];
+            corr[e] = nm == NEG_INF ? 1.f : ex2(mx[e] - nm);
+            p[e] = nm == NEG_INF ? 0.f : ex2(s[e] - nm);
+            p[e + 2] = nm == NEG_INF ? 0.f : ex2(s[e + 2] - nm);
+            sum[e] = sum[e] * corr[e] + p[e] + p[e + 2];
             mx[e] = nm;
+        }
+        // The output is rescaled only when a maximum of the warp rose (past the first tiles, seldom): otherwise
+        // every factor is exactly 1.
+        if (__any_sync(0xffffffffu, rose)) {
 #pragma unroll
             for (int m2 = 0; m2 < MT; m2++) {
-                acc[m2][e] *= corr;
-                acc[m2][e + 2] *= corr;
+                acc[m2][0] *= corr[0];
+                acc[m2][2] *= corr[0];
+                acc[m2][1] *= corr[1];
+                acc[m2][3] *= corr[1];
             }
         }
         // P^T as B fragments (int8: each key's value scale folded into its probabilities).
         float v0 = 1.f, v1 = 1.f;
         if (G8::SCALED) {
+            const u32 upper = *reinterpret_cast<const u32*>(st + 2 * DA_TILE * ROW + 2 * DA_TILE * 4);
             v0 = row_scale(st, upper, DA_TILE + g, g);
             v1 = row_scale(st, upper, DA_TILE + g + 8, g + 8);
         }
@@ -496,6 +558,10 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
                 }
             }
         }
+        if constexpr (PIPE) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[i] = sn[i];
+        }
         __syncwarp();
     }
     asm volatile("cp.async.wait_all;\n" ::);
@@ -527,7 +593,7 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     __syncthreads();
 
     // Merge the warps: thread per (head, dim).
-    const size_t region = (size_t)stages * stage_bytes / 4;  // floats per warp
+    const size_t region = (size_t)STAGES * stage_bytes / 4;  // floats per warp
     const float* all = reinterpret_cast<const float*>(smem);
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         const int h = i / HD, d = i % HD;
@@ -540,7 +606,7 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             const float* ws = all + w * region;
             const float mw = ws[8 * HD + h];
             if (mw == NEG_INF) continue;
-            const float f = __expf(mw - mm);
+            const float f = ex2(mw - mm);
             v += ws[h * HD + d] * f;
             ll += ws[8 * HD + 8 + h] * f;
         }
@@ -581,7 +647,7 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         float ll = 0.f;
         for (int sp = lane; sp < splits; sp += 32) {
             const float ms = wt[h * splits + sp];
-            const float f = ms == NEG_INF ? 0.f : __expf(ms - mm);
+            const float f = ms == NEG_INF ? 0.f : ex2(ms - mm);
             ll += f * __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD + 1);
             wt[h * splits + sp] = f;
         }
@@ -613,8 +679,8 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         attention_##TN##_h##HD(                                                                                 \
         const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc, float* out, float* part, \
         u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int group,      \
-        int block_size, size_t layer_off, float scale, int splits, int stages, int stage_bytes) {               \
+        int block_size, size_t layer_off, float scale, int splits, int stage_bytes) {                           \
         attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, part, arrived, row_ctx, row_table, tables, kv_heads,    \
-                              group, block_size, layer_off, scale, splits, stages, stage_bytes);                \
+                              group, block_size, layer_off, scale, splits, stage_bytes);                        \
     }
 FOR_EACH_FORMAT_AND_HEAD_DIM(ATTENTION)

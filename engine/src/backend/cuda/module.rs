@@ -77,7 +77,8 @@ pub const DECODE_WARPS: usize = 4;
 /// bytes in flight per warp to keep HBM busy with two blocks per SM (f16), and for int8 small enough that four
 /// blocks fit (its warps have more arithmetic per byte, and more of them hide its latency); int4's tiles are small
 /// enough for four stages with four blocks per SM (its kernel is register-bounded for four; a fifth stage measured
-/// no faster on an H200).
+/// no faster on an H200). The kernel holds the same depths as compile-time constants (`Group<T>::STAGES`), so that
+/// its ring slots turn without dividing: the two must change together.
 pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
     let tile = 16;
     match format {

@@ -448,7 +448,7 @@ impl CudaBackend {
                 );
             }
         };
-        let (stages, stage_bytes) = decode_stages(l.format, l.head_dim);
+        let (_, stage_bytes) = decode_stages(l.format, l.head_dim);
         let shared = decode_shared_bytes(l.format, l.head_dim);
         let per_sm = self.k.attention_per_sm[&(l.format, l.head_dim)];
         let blocks = q.rows * l.kv_heads;
@@ -476,7 +476,7 @@ impl CudaBackend {
         let layer_off = (layer * kv.layer_elems()) as u64;
         let (kvh, bs) = (l.kv_heads as i32, l.block_size as i32);
         let (scale, sp) = (1.0 / (l.head_dim as f32).sqrt(), splits as i32);
-        let (group, stages, stage_bytes) = (group as i32, stages as i32, stage_bytes as i32);
+        let (group, stage_bytes) = (group as i32, stage_bytes as i32);
         let grid = LaunchConfig {
             grid_dim: (q.rows as u32, l.kv_heads as u32, splits as u32),
             block_dim: (32 * DECODE_WARPS as u32, 1, 1),
@@ -497,7 +497,6 @@ impl CudaBackend {
             .arg(&layer_off)
             .arg(&scale)
             .arg(&sp)
-            .arg(&stages)
             .arg(&stage_bytes);
         self.launch("attention", || unsafe { b.launch(grid) }.map(drop));
     }
