@@ -9,6 +9,7 @@
 //! ([`to_nibble_order`], [`from_nibble_order`]). Needs a head dim that is a multiple of [`GROUP`].
 
 use super::super::simd::has_avx2;
+use super::kernels::HEADS_PER_PASS;
 use half::f16;
 
 /// Dims per (min, scale) pair.
@@ -20,9 +21,6 @@ pub struct Affine<'a> {
     pub codes: &'a [u8],
     pub params: &'a [f16],
 }
-
-/// Most query heads one pass serves (their accumulators and a group's widened codes fit AVX2's registers).
-const HEADS_PER_PASS: usize = 3;
 
 /// `x` (whole groups) with each group's even dims first, then its odd dims, into `out`.
 pub fn to_nibble_order(x: &[f32], out: &mut [f32]) {
@@ -113,10 +111,10 @@ impl Affine<'_> {
                 continue;
             }
             for h in 0..g {
-                let qh = &q[h * hd..(h + 1) * hd];
+                let qh = natural(&q[h * hd..(h + 1) * hd]);
                 for j in 0..n {
                     let mut s = 0.0;
-                    for (d, &qd) in natural(qh).iter().enumerate() {
+                    for (d, &qd) in qh.iter().enumerate() {
                         let (c, min, sc) = self.code(hd, j, d);
                         s += qd * (min + sc * c);
                     }

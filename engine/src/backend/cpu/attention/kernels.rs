@@ -102,8 +102,9 @@ pub fn prefetch<T>(data: &[T]) {
 }
 
 /// Most query heads one pass over a run of keys or values serves: their accumulators and the run's vectors fit
-/// the sixteen vector registers of AVX2 (three heads times four keys, or times 32 dims).
-const HEADS_PER_PASS: usize = 3;
+/// the sixteen vector registers of AVX2 (three heads times four keys, or times 32 dims; for int4 runs, three heads
+/// times a group's 32 dims, `super::affine`).
+pub(super) const HEADS_PER_PASS: usize = 3;
 
 /// Attention scores of the query heads in `q` (`q.len() / hd` heads, one after another, as a row of Q holds the
 /// heads of one KV group) over a run of `n` keys of `hd` elements: `out[h * stride + at + j] = scale * q_h .
