@@ -106,26 +106,40 @@ pub fn gemv_read_rate(b: &CudaBackend, rows: usize, cols: usize, swiglu: bool) -
         b.tensor(1, rows, &values[..rows]),
         b.tensor(1, rows, &values[..rows]),
     );
-    const LAUNCHES: usize = 24;
+    let seconds = time_launches(b, 24, "the GEMV", |l| {
+        let w = &weights[per_launch * (l % copies)..];
+        if swiglu {
+            b.swiglu_rows(&x, &w[0], &w[1], &mut o1, &mut o2);
+        } else {
+            b.matmul_rows(&x, &mut [(&w[0], &mut o1)]);
+        }
+    })?;
+    Ok(bytes as f64 / seconds)
+}
+
+/// Seconds per launch of what `launch` issues (given the launch's index): the median of 11 timings of `launches`
+/// back to back, after a warm-up round; then the backend's error check.
+fn time_launches(
+    b: &CudaBackend,
+    launches: usize,
+    what: &str,
+    mut launch: impl FnMut(usize),
+) -> Result<f64> {
+    let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("timing {what}: {e}"));
     let mut times = Vec::new();
     for i in 0..12 {
         b.stream.synchronize().map_err(dev)?;
         let t = Instant::now();
-        for l in 0..LAUNCHES {
-            let w = &weights[per_launch * (l % copies)..];
-            if swiglu {
-                b.swiglu_rows(&x, &w[0], &w[1], &mut o1, &mut o2);
-            } else {
-                b.matmul_rows(&x, &mut [(&w[0], &mut o1)]);
-            }
+        for l in 0..launches {
+            launch(l);
         }
         b.stream.synchronize().map_err(dev)?;
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64() / LAUNCHES as f64);
+            times.push(t.elapsed().as_secs_f64() / launches as f64);
         }
     }
-    crate::backend::Backend::check(b)?;
-    Ok(bytes as f64 / median(times))
+    b.check()?;
+    Ok(median(times))
 }
 
 /// The cache one decode attention timing reads: `batch` sequences of `context` tokens, `kv_heads` KV heads of
@@ -157,9 +171,6 @@ pub fn decode_attention_time(
     format: KvFormat,
     shape: AttentionShape,
 ) -> Result<f64> {
-    let dev = |e: cudarc::driver::DriverError| {
-        EngineError::Device(format!("timing decode attention: {e}"))
-    };
     let bs = 16;
     let per_seq = shape.context.div_ceil(bs);
     let layout = KvLayout {
@@ -211,19 +222,7 @@ pub fn decode_attention_time(
     );
     let plan = b.plan(&query, &rope, shape.head_dim);
     let mut out = b.activations(0, 0);
-    const LAUNCHES: usize = 8;
-    let mut times = Vec::new();
-    for i in 0..12 {
-        b.stream.synchronize().map_err(dev)?;
-        let t = Instant::now();
-        for _ in 0..LAUNCHES {
-            b.attention(&q, &kv, 0, &plan, &mut out, &mut []);
-        }
-        b.stream.synchronize().map_err(dev)?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64() / LAUNCHES as f64);
-        }
-    }
-    b.check()?;
-    Ok(median(times))
+    time_launches(b, 8, "decode attention", |_| {
+        b.attention(&q, &kv, 0, &plan, &mut out, &mut [])
+    })
 }
