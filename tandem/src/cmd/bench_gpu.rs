@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use std::time::Instant;
 use tandem_engine::backend::Backend;
 use tandem_engine::backend::cpu::CpuBackend;
-use tandem_engine::backend::cuda::{CudaBackend, ceilings, check_kernels, gemv_read_rate};
+use tandem_engine::backend::cuda::{
+    AttentionShape, CudaBackend, ceilings, check_kernels, decode_attention_time, gemv_read_rate,
+};
 use tandem_engine::engine::SeqId;
 use tandem_engine::kv::KvFormat;
 use tandem_engine::model::ModelSource;
@@ -42,6 +44,10 @@ pub struct GpuBenchArgs {
     /// per key, int4 about 0.31).
     #[arg(long, default_value = "f16", value_parser = super::parse_kv_format)]
     pub kv_format: KvFormat,
+    /// Also time decode attention alone (one layer of the shape, the largest `--batch` at `--context`) over each
+    /// of these cache formats, comma-separated; the first is the baseline of the printed ratios (e.g. f16,int4).
+    #[arg(long, value_delimiter = ',', value_parser = super::parse_kv_format)]
+    pub attention_formats: Vec<KvFormat>,
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
@@ -145,6 +151,33 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
         rates.join(", ")
     );
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
+    if !a.attention_formats.is_empty() {
+        let shape = AttentionShape {
+            batch: max_batch,
+            context: a.context,
+            kv_heads: cfg.kv_heads,
+            group: cfg.heads / cfg.kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let mut base: Option<(KvFormat, f64)> = None;
+        let mut parts = Vec::new();
+        for &f in &a.attention_formats {
+            let t = decode_attention_time(&gpu, f, shape)
+                .with_context(|| format!("timing decode attention over a {f} cache"))?;
+            let (bf, bt) = *base.get_or_insert((f, t));
+            parts.push(format!(
+                "{f} {:.1} us ({:.0} GB/s of cache, {:.2}x {bf})",
+                t * 1e6,
+                shape.cache_bytes(f) as f64 / t / 1e9,
+                bt / t
+            ));
+        }
+        println!(
+            "decode attention alone, one layer, batch {max_batch} at {} context: {}",
+            a.context,
+            parts.join(", ")
+        );
+    }
     let bs = 16;
     let per_seq = (a.context + 64).div_ceil(bs);
     let num_blocks = (per_seq * max_batch).max(a.prefill_tokens.div_ceil(bs) + 1);

@@ -1,8 +1,12 @@
 //! The two ceilings every GPU figure is judged against, measured on the device at hand: device-to-device copy
-//! bandwidth (bytes read plus bytes written) and the bf16 GEMM rate of the backend's own GEMM path.
+//! bandwidth (bytes read plus bytes written) and the bf16 GEMM rate of the backend's own GEMM path; and what single
+//! kernels reach alone against them (the batch-1 GEMV, decode attention over each cache format).
 
 use super::{CudaBackend, CudaMatrix};
+use crate::backend::Backend;
 use crate::error::{EngineError, Result};
+use crate::kv::{KvFormat, KvLayout};
+use crate::model::config::{RopeConfig, RopeLayout};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -102,24 +106,123 @@ pub fn gemv_read_rate(b: &CudaBackend, rows: usize, cols: usize, swiglu: bool) -
         b.tensor(1, rows, &values[..rows]),
         b.tensor(1, rows, &values[..rows]),
     );
-    const LAUNCHES: usize = 24;
+    let seconds = time_launches(b, 24, "the GEMV", |l| {
+        let w = &weights[per_launch * (l % copies)..];
+        if swiglu {
+            b.swiglu_rows(&x, &w[0], &w[1], &mut o1, &mut o2);
+        } else {
+            b.matmul_rows(&x, &mut [(&w[0], &mut o1)]);
+        }
+    })?;
+    Ok(bytes as f64 / seconds)
+}
+
+/// Seconds per launch of what `launch` issues (given the launch's index): the median of 11 timings of `launches`
+/// back to back, after a warm-up round; then the backend's error check.
+fn time_launches(
+    b: &CudaBackend,
+    launches: usize,
+    what: &str,
+    mut launch: impl FnMut(usize),
+) -> Result<f64> {
+    let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("timing {what}: {e}"));
     let mut times = Vec::new();
     for i in 0..12 {
         b.stream.synchronize().map_err(dev)?;
         let t = Instant::now();
-        for l in 0..LAUNCHES {
-            let w = &weights[per_launch * (l % copies)..];
-            if swiglu {
-                b.swiglu_rows(&x, &w[0], &w[1], &mut o1, &mut o2);
-            } else {
-                b.matmul_rows(&x, &mut [(&w[0], &mut o1)]);
-            }
+        for l in 0..launches {
+            launch(l);
         }
         b.stream.synchronize().map_err(dev)?;
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64() / LAUNCHES as f64);
+            times.push(t.elapsed().as_secs_f64() / launches as f64);
         }
     }
-    crate::backend::Backend::check(b)?;
-    Ok(bytes as f64 / median(times))
+    b.check()?;
+    Ok(median(times))
+}
+
+/// The cache one decode attention timing reads: `batch` sequences of `context` tokens, `kv_heads` KV heads of
+/// `head_dim` dims with `group` query heads each, one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub context: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Bytes of cache one launch reads in `format` (K and V of every token, with their scales or parameters).
+    pub fn cache_bytes(&self, format: KvFormat) -> usize {
+        let blocks = self.batch * self.context.div_ceil(16);
+        blocks * self.kv_heads * format.block_head_bytes(self.head_dim, 16)
+    }
+}
+
+/// Seconds one decode attention launch takes alone over a cache in `format` of the given shape: the median of 11
+/// timings of 8 back-to-back launches, after a warm-up. Keys and values go in through the store kernel, as in
+/// serving (so each format holds its own codes), from a fixed pseudo-random pattern; each sequence's blocks lie
+/// together. Timed for several formats in one run, it gives what a quantized cache saves in attention time without
+/// the per-operation profile's synchronizations.
+pub fn decode_attention_time(
+    b: &CudaBackend,
+    format: KvFormat,
+    shape: AttentionShape,
+) -> Result<f64> {
+    let bs = 16;
+    let per_seq = shape.context.div_ceil(bs);
+    let layout = KvLayout {
+        layers: 1,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        block_size: bs,
+        num_blocks: shape.batch * per_seq,
+        format,
+    };
+    let rope = RopeConfig {
+        theta: 500_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let rotation = crate::kv::codec::KeyRotation::new(&rope, shape.head_dim, bs);
+    let mut kv = b.alloc_kv(&layout, &rotation)?;
+    let tables: Vec<Vec<u32>> = (0..shape.batch)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let pattern = |n: usize, salt: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = ((i + salt) as u32).wrapping_mul(2_654_435_761) >> 8;
+                h as f32 / 8_388_608.0 - 1.0
+            })
+            .collect()
+    };
+    // Stored a few sequences at a time (about 16k tokens), as prefill chunks would.
+    let width = shape.kv_heads * shape.head_dim;
+    let chunk = (16_384 / shape.context).max(1);
+    for first in (0..shape.batch).step_by(chunk) {
+        let seqs = first..(first + chunk).min(shape.batch);
+        let contexts = vec![shape.context; seqs.len()];
+        let store = super::selfcheck::layout_of(&contexts, &tables[seqs], bs, usize::MAX);
+        let n = store.tokens.len();
+        let k = b.tensor(n, width, &pattern(n * width, first));
+        let v = b.tensor(n, width, &pattern(n * width, first + 7));
+        let plan = b.plan(&store, &rope, shape.head_dim);
+        b.store_kv(&mut kv, 0, &k, &v, &plan);
+    }
+    let contexts = vec![shape.context; shape.batch];
+    let query = super::selfcheck::layout_of(&contexts, &tables, bs, 1);
+    let heads = shape.kv_heads * shape.group;
+    let q = b.tensor(
+        shape.batch,
+        heads * shape.head_dim,
+        &pattern(shape.batch * heads * shape.head_dim, 3),
+    );
+    let plan = b.plan(&query, &rope, shape.head_dim);
+    let mut out = b.activations(0, 0);
+    time_launches(b, 8, "decode attention", |_| {
+        b.attention(&q, &kv, 0, &plan, &mut out, &mut [])
+    })
 }

@@ -17,7 +17,7 @@ mod ops;
 mod plan;
 mod selfcheck;
 
-pub use ceilings::{Ceilings, ceilings, gemv_read_rate};
+pub use ceilings::{AttentionShape, Ceilings, ceilings, decode_attention_time, gemv_read_rate};
 pub use kv::CudaKvStore;
 pub use plan::CudaPlan;
 pub use selfcheck::{KernelCheck, check_kernels};

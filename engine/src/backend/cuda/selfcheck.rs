@@ -432,7 +432,12 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
 }
 
 /// A step over the last `rows` (at most all) positions of each sequence of `contexts` keys, in `tables`' blocks.
-fn layout_of(contexts: &[usize], tables: &[Vec<u32>], bs: usize, rows: usize) -> BatchLayout {
+pub(super) fn layout_of(
+    contexts: &[usize],
+    tables: &[Vec<u32>],
+    bs: usize,
+    rows: usize,
+) -> BatchLayout {
     let mut l = BatchLayout::default();
     for (table, &c) in tables.iter().zip(contexts) {
         let r = rows.min(c);
