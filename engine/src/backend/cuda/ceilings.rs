@@ -2,6 +2,7 @@
 //! bandwidth (bytes read plus bytes written) and the bf16 GEMM rate of the backend's own GEMM path; and what single
 //! kernels reach alone against them (the batch-1 GEMV, decode attention over each cache format).
 
+use super::selfcheck::random;
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
@@ -142,6 +143,9 @@ fn time_launches(
     Ok(median(times))
 }
 
+/// Tokens per cache block in the decode attention timing (the engine's default block size).
+const ATTENTION_BLOCK: usize = 16;
+
 /// The cache one decode attention timing reads: `batch` sequences of `context` tokens, `kv_heads` KV heads of
 /// `head_dim` dims with `group` query heads each, one layer.
 #[derive(Debug, Clone, Copy)]
@@ -156,14 +160,14 @@ pub struct AttentionShape {
 impl AttentionShape {
     /// Bytes of cache one launch reads in `format` (K and V of every token, with their scales or parameters).
     pub fn cache_bytes(&self, format: KvFormat) -> usize {
-        let blocks = self.batch * self.context.div_ceil(16);
-        blocks * self.kv_heads * format.block_head_bytes(self.head_dim, 16)
+        let blocks = self.batch * self.context.div_ceil(ATTENTION_BLOCK);
+        blocks * self.kv_heads * format.block_head_bytes(self.head_dim, ATTENTION_BLOCK)
     }
 }
 
 /// Seconds one decode attention launch takes alone over a cache in `format` of the given shape: the median of 11
 /// timings of 8 back-to-back launches, after a warm-up. Keys and values go in through the store kernel, as in
-/// serving (so each format holds its own codes), from a fixed pseudo-random pattern; each sequence's blocks lie
+/// serving (so each format holds its own codes), seeded uniform in [-1, 1); each sequence's blocks lie
 /// together. Timed for several formats in one run, it gives what a quantized cache saves in attention time without
 /// the per-operation profile's synchronizations.
 pub fn decode_attention_time(
@@ -171,7 +175,7 @@ pub fn decode_attention_time(
     format: KvFormat,
     shape: AttentionShape,
 ) -> Result<f64> {
-    let bs = 16;
+    let bs = ATTENTION_BLOCK;
     let per_seq = shape.context.div_ceil(bs);
     let layout = KvLayout {
         layers: 1,
@@ -191,14 +195,7 @@ pub fn decode_attention_time(
     let tables: Vec<Vec<u32>> = (0..shape.batch)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
-    let pattern = |n: usize, salt: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = ((i + salt) as u32).wrapping_mul(2_654_435_761) >> 8;
-                h as f32 / 8_388_608.0 - 1.0
-            })
-            .collect()
-    };
+    let mut rng = crate::rng::Rng::new(7);
     // Stored a few sequences at a time (about 16k tokens), as prefill chunks would.
     let width = shape.kv_heads * shape.head_dim;
     let chunk = (16_384 / shape.context).max(1);
@@ -207,8 +204,8 @@ pub fn decode_attention_time(
         let contexts = vec![shape.context; seqs.len()];
         let store = super::selfcheck::layout_of(&contexts, &tables[seqs], bs, usize::MAX);
         let n = store.tokens.len();
-        let k = b.tensor(n, width, &pattern(n * width, first));
-        let v = b.tensor(n, width, &pattern(n * width, first + 7));
+        let k = b.tensor(n, width, &random(&mut rng, n * width, 1.0));
+        let v = b.tensor(n, width, &random(&mut rng, n * width, 1.0));
         let plan = b.plan(&store, &rope, shape.head_dim);
         b.store_kv(&mut kv, 0, &k, &v, &plan);
     }
@@ -218,7 +215,7 @@ pub fn decode_attention_time(
     let q = b.tensor(
         shape.batch,
         heads * shape.head_dim,
-        &pattern(shape.batch * heads * shape.head_dim, 3),
+        &random(&mut rng, shape.batch * heads * shape.head_dim, 1.0),
     );
     let plan = b.plan(&query, &rope, shape.head_dim);
     let mut out = b.activations(0, 0);

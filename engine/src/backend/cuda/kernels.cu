@@ -391,12 +391,13 @@ __device__ __forceinline__ void gemv_step(const uint4 packed, const float* x, in
     }
 }
 
+template <typename T> __device__ __forceinline__ T pick3(int i, T a, T b, T c) { return i == 0 ? a : i == 1 ? b : c; }
 template <int R>
 __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __nv_bfloat16* w1, float* out1, int n1,
                           const __nv_bfloat16* w2, float* out2, int n2, const float* x, int k) {
     const int lane = threadIdx.x & 31;
-    // Which weight this warp's row is in; the output pointer is picked again at the end from the parameters (in
-    // constant memory), so that it holds no registers across the loop.
+    // Which weight this warp's row is in; the output pointer is picked at the end from the parameters (in constant
+    // memory), so that it holds no registers across the loop.
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), which = 0;
     if (row >= n0) {
         row -= n0;
@@ -406,8 +407,9 @@ __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __
             which = 2;
         }
     }
-    if (row >= (which == 0 ? n0 : which == 1 ? n1 : n2)) return;
-    const __nv_bfloat16* w = which == 0 ? w0 : which == 1 ? w1 : w2;
+    const int n = pick3(which, n0, n1, n2);
+    if (row >= n) return;
+    const __nv_bfloat16* w = pick3(which, w0, w1, w2);
     const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)row * k);
     float acc[R];
 #pragma unroll
@@ -443,10 +445,7 @@ __device__ void gemv_impl(const __nv_bfloat16* w0, float* out0, int n0, const __
     for (int r = 0; r < R; r++) {
         float v = acc[r];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-        if (lane == 0) {
-            float* out = which == 0 ? out0 : which == 1 ? out1 : out2;
-            out[(size_t)r * (which == 0 ? n0 : which == 1 ? n1 : n2) + row] = v;
-        }
+        if (lane == 0) pick3(which, out0, out1, out2)[(size_t)r * n + row] = v;
     }
 }
 

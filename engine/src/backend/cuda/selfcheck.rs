@@ -36,7 +36,7 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     if e.is_nan() { f64::INFINITY } else { e }
 }
 
-fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+pub(super) fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
         .collect()
