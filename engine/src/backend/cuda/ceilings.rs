@@ -86,9 +86,7 @@ pub fn ceilings(b: &CudaBackend) -> Result<Ceilings> {
 /// the batch-1 decode step can reach.
 pub fn gemv_read_rate(b: &CudaBackend, rows: usize, cols: usize, swiglu: bool) -> Result<f64> {
     let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("timing the GEMV: {e}"));
-    let values: Vec<f32> = (0..rows * cols)
-        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5)
-        .collect();
+    let values = random(&mut crate::rng::Rng::new(5), rows * cols, 0.5);
     let per_launch = if swiglu { 2 } else { 1 };
     let bytes = rows * cols * 2 * per_launch;
     let copies = (256usize << 20).div_ceil(bytes).max(2);
