@@ -3,6 +3,7 @@
 //! at full load width and takes up to three weights sharing one input in one launch; more rows go through cuBLAS
 //! (the input copied to bf16 first, f32 accumulate and output).
 
+use super::module::{GEMV_THREADS, fuller_last_wave};
 use super::{CudaBackend, CudaMatrix, CudaTensor, grid_1d, lock};
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
@@ -131,8 +132,14 @@ impl CudaBackend {
             arg(&mut xp),
             arg(&mut k),
         ];
-        let blocks = total.div_ceil(8) as u32;
-        self.launch_early("gemv", &self.k.gemv[rows - 1], blocks, 256, &mut args);
+        let blocks = total.div_ceil(GEMV_THREADS / 32);
+        let f = if rows == 1 {
+            let [(a, pa), (b, pb)] = &self.k.gemv_one_row;
+            [a, b][fuller_last_wave(blocks, self.sms, &[*pa, *pb])]
+        } else {
+            &self.k.gemv[rows - 1]
+        };
+        self.launch_early("gemv", f, blocks as u32, GEMV_THREADS as u32, &mut args);
     }
 
     /// `out (rows x w.rows) = x (rows x w.cols) @ w^T` in cuBLAS's column-major terms: `out^T = w . x^T`, with `w`

@@ -50,6 +50,9 @@ pub struct Kernels {
     pub gather_rows: CudaFunction,
     /// `gemv_bf16_r{R}` for R = 1..=8 input rows, at index R - 1.
     pub gemv: Vec<CudaFunction>,
+    /// The one-row GEMV's two builds, `gemv_bf16_r1` and `gemv_bf16_r1_bounded` (64 registers), each with how many
+    /// of its 256-thread blocks one SM holds at once; [`fuller_last_wave`] picks one per product.
+    pub gemv_one_row: [(CudaFunction, usize); 2],
     /// `gemv_swiglu_r{R}`, likewise.
     pub gemv_swiglu: Vec<CudaFunction>,
     pub argmax_rows: CudaFunction,
@@ -158,6 +161,10 @@ impl Kernels {
             gemv: (1..=8)
                 .map(|r| f(&format!("gemv_bf16_r{r}")))
                 .collect::<Result<_>>()?,
+            gemv_one_row: [
+                one_row(f("gemv_bf16_r1")?)?,
+                one_row(f("gemv_bf16_r1_bounded")?)?,
+            ],
             gemv_swiglu: (1..=8)
                 .map(|r| f(&format!("gemv_swiglu_r{r}")))
                 .collect::<Result<_>>()?,
@@ -165,6 +172,34 @@ impl Kernels {
             sample_rows: f("sample_rows")?,
         })
     }
+}
+
+/// Threads per GEMV block (`gemv` in gemm.rs launches them so): eight warps, one weight row each.
+pub const GEMV_THREADS: usize = 256;
+
+/// A one-row GEMV build with how many of its blocks one SM holds (the occupancy calculator's answer).
+fn one_row(func: CudaFunction) -> Result<(CudaFunction, usize)> {
+    let n = func
+        .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS as u32, 0, None)
+        .map_err(dev("GEMV occupancy"))?;
+    Ok((func, (n as usize).max(1)))
+}
+
+/// Which of several builds of a kernel to launch for `blocks` equal blocks on `sms` SMs, given how many blocks of
+/// each build one SM holds (`per_sm`): blocks run as whole waves of resident blocks, so the build whose last wave
+/// is fullest wastes the least of the GPU (on a tie, the first).
+pub fn fuller_last_wave(blocks: usize, sms: usize, per_sm: &[usize]) -> usize {
+    let fill = |p: usize| {
+        let resident = (p * sms).max(1);
+        blocks as f64 / (blocks.div_ceil(resident).max(1) * resident) as f64
+    };
+    (0..per_sm.len()).fold(0, |best, i| {
+        if fill(per_sm[i]) > fill(per_sm[best]) + 1e-9 {
+            i
+        } else {
+            best
+        }
+    })
 }
 
 /// `{name}_{format}_h{head_dim}` for every cache format and head dim, each allowed the dynamic shared memory
@@ -228,6 +263,22 @@ fn cached_ptx(arch: &str) -> Result<Ptx> {
 
 #[cfg(test)]
 mod tests {
+    use super::fuller_last_wave;
+
+    #[test]
+    fn the_build_with_the_fuller_last_wave_is_chosen() {
+        // Llama-3.1-8B on 132 SMs, 8 rows a block: 4096 rows = 512 blocks fill one wave of four per SM (97%) but
+        // 1.29 waves of three (65%); 6144 rows = 768 blocks fill 1.94 waves of three (97%), 1.45 of four (73%).
+        assert_eq!(fuller_last_wave(512, 132, &[3, 4]), 1);
+        assert_eq!(fuller_last_wave(768, 132, &[3, 4]), 0);
+        // Many waves either way: the tail matters little, and the fuller one still wins (14336 rows: 1792 blocks
+        // are 4.53 waves of three, 91%; 3.39 of four, 85%).
+        assert_eq!(fuller_last_wave(1792, 132, &[3, 4]), 0);
+        // Less than one wave of either: the same time both ways, and the build with fewer places counts fuller.
+        assert_eq!(fuller_last_wave(10, 132, &[3, 4]), 0);
+        assert_eq!(fuller_last_wave(10, 132, &[4, 3]), 1);
+    }
+
     /// Every `.cu` file next to this one is part of the source NVRTC compiles (a file left out of `SOURCE` would
     /// only show as a missing kernel on a GPU host).
     #[test]

@@ -3,6 +3,7 @@
 //! 1 to 8). Inputs the device holds in reduced precision (bf16 weights, f16 or f32 cache) are rounded the same way
 //! before the reference sees them, so what remains is the kernel's own error. `tandem bench gpu` runs these first.
 
+use super::module::{GEMV_THREADS, fuller_last_wave};
 use super::{CudaBackend, CudaMatrix, CudaTensor};
 use crate::backend::{Backend, BatchLayout, SeqSlice};
 use crate::kv::{KvFormat, KvLayout};
@@ -397,6 +398,26 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         };
         push(
             format!("{path} {rows}x{k} @ {n}x{k}^T"),
+            b.to_host(&o),
+            want,
+            1e-5,
+        );
+    }
+    // The one-row GEMV's other build: a weight whose rows fill exactly one wave of the bounded build's blocks,
+    // which `fuller_last_wave` then picks wherever the two builds differ in residency (the cases above take the
+    // first build).
+    let (rows, k) = (1, 264);
+    let per_sm = [b.k.gemv_one_row[0].1, b.k.gemv_one_row[1].1];
+    let n = per_sm[1] * b.sms * GEMV_THREADS / 32;
+    let build = ["", " (bounded build)"][fuller_last_wave(n / (GEMV_THREADS / 32), b.sms, &per_sm)];
+    let x = random(rng, rows * k, 1.0);
+    let w = random(rng, n * k, 0.05);
+    if let (Some(wm), xt) = (b.matrix(n, k, &w), b.tensor(rows, k, &x)) {
+        let mut o = b.activations(0, 0);
+        b.matmul(&xt, &mut [(&wm, &mut o)]);
+        let want = matmul_reference(&gemm_input(b, &x, rows, k), k, &w);
+        push(
+            format!("gemv {rows}x{k} @ {n}x{k}^T{build}"),
             b.to_host(&o),
             want,
             1e-5,
