@@ -96,36 +96,48 @@ impl Sessions {
         }
     }
 
-    /// Verifies one chunk and hands it to its session's sink.
+    /// Verifies one chunk and hands it to its session's sink. What the chunk's header names (session, destination
+    /// blocks, layers) is checked against the open sessions before its payload is decoded, so a chunk no session
+    /// expects costs neither the decoding nor the memory of its decoded blocks; the decoded chunk is checked again
+    /// (the session may have closed meanwhile, and only the checksum vouches for the header).
     pub fn deliver(&self, c: &v1::KvChunk) -> Result<(), TransferError> {
-        let d = chunk::decode(c, &self.layout)?;
-        if d.layers.end > self.layers {
+        let (start, end) = (c.layer_start as usize, c.layer_end as usize);
+        if end > self.layers {
             return Err(TransferError::Refused(format!(
-                "layers {}..{} beyond the receiver's {}",
-                d.layers.start, d.layers.end, self.layers
+                "layers {start}..{end} beyond the receiver's {}",
+                self.layers
             )));
         }
-        let sink = {
-            let mut g = self.lock();
-            let Some(e) = g.open.get(&d.session) else {
-                return Err(TransferError::Refused(format!(
-                    "session {} is not open (finished, cancelled or never opened)",
-                    d.session
-                )));
-            };
-            if Instant::now() > e.deadline {
-                g.open.remove(&d.session);
-                return Err(TransferError::DeadlineExceeded(d.session));
-            }
-            if let Some(b) = d.blocks.iter().find(|b| !e.allowed.contains(b)) {
-                return Err(TransferError::Refused(format!(
-                    "block {} is not a destination of session {}",
-                    b.0, d.session
-                )));
-            }
-            e.sink.clone()
-        };
+        self.sink_for(SessionId(c.session_id), &c.dest_block_ids)?;
+        let d = chunk::decode(c, &self.layout)?;
+        let ids: Vec<u32> = d.blocks.iter().map(|b| b.0).collect();
+        let sink = self.sink_for(d.session, &ids)?;
         sink(d).map_err(TransferError::Refused)
+    }
+
+    /// The sink of `session` if it is open, within its deadline (else it closes) and may write every one of
+    /// `blocks`.
+    fn sink_for(
+        &self,
+        session: SessionId,
+        blocks: &[u32],
+    ) -> Result<Arc<SessionSink>, TransferError> {
+        let mut g = self.lock();
+        let Some(e) = g.open.get(&session) else {
+            return Err(TransferError::Refused(format!(
+                "session {session} is not open (finished, cancelled or never opened)"
+            )));
+        };
+        if Instant::now() > e.deadline {
+            g.open.remove(&session);
+            return Err(TransferError::DeadlineExceeded(session));
+        }
+        if let Some(b) = blocks.iter().find(|&&b| !e.allowed.contains(&BlockId(b))) {
+            return Err(TransferError::Refused(format!(
+                "block {b} is not a destination of session {session}"
+            )));
+        }
+        Ok(e.sink.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -218,6 +230,29 @@ mod tests {
         let e = s.deliver(&chunk(id, &[4], 0)).unwrap_err().to_string();
         assert!(e.contains("not open"), "{e}");
         assert_eq!(got.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_chunk_no_session_expects_is_refused_before_its_payload_is_decoded() {
+        let s = Sessions::new(layout(), 2);
+        let guard = s.open(
+            &[BlockId(4)],
+            Instant::now() + Duration::from_secs(60),
+            Box::new(|_| Ok(())),
+        );
+        // A payload that could never decode (and a stale checksum): the session or block check answers first.
+        let mut c = chunk(SessionId(guard.id().0 + 1), &[4], 0);
+        c.payload.truncate(1);
+        let e = s.deliver(&c).unwrap_err().to_string();
+        assert!(e.contains("not open"), "{e}");
+        let mut c = chunk(guard.id(), &[9], 0);
+        c.payload.truncate(1);
+        let e = s.deliver(&c).unwrap_err().to_string();
+        assert!(e.contains("block 9"), "{e}");
+        // For the session and block it expects, the same payload is decoded and found corrupt.
+        let mut c = chunk(guard.id(), &[4], 0);
+        c.payload.truncate(1);
+        assert!(matches!(s.deliver(&c), Err(TransferError::Corrupt { .. })));
     }
 
     #[test]
