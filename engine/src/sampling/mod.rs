@@ -51,6 +51,10 @@ impl Default for SamplingParams {
     }
 }
 
+/// The smallest non-zero temperature and the smallest repetition penalty (a logit is divided by each).
+pub const MIN_TEMPERATURE: f32 = 1e-3;
+pub const MIN_REPETITION_PENALTY: f32 = 1e-3;
+
 /// Most alternatives a caller may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -58,9 +62,14 @@ impl SamplingParams {
     /// Checks every field against its range; the error names the field and the limit.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::invalid(m));
-        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+        // Below these, scaling a logit by 1 / temperature or 1 / penalty overflows f32, and the draw would see NaN
+        // weights instead of a sharper distribution.
+        if !(self.temperature == 0.0
+            || (self.temperature.is_finite()
+                && (MIN_TEMPERATURE..=100.0).contains(&self.temperature)))
+        {
             return bad(format!(
-                "temperature {} must be between 0 and 100",
+                "temperature {} must be 0 (greedy) or between {MIN_TEMPERATURE} and 100",
                 self.temperature
             ));
         }
@@ -70,9 +79,9 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p {} must be in [0, 1]", self.min_p));
         }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+        if !(MIN_REPETITION_PENALTY..=10.0).contains(&self.repetition_penalty) {
             return bad(format!(
-                "repetition_penalty {} must be in (0, 10]",
+                "repetition_penalty {} must be between {MIN_REPETITION_PENALTY} and 10",
                 self.repetition_penalty
             ));
         }
@@ -538,6 +547,22 @@ mod tests {
                 },
                 "repetition_penalty",
             ),
+            // Positive but so small that 1 / x overflows: refused, not drawn from NaN weights.
+            (
+                SamplingParams {
+                    temperature: 1e-40,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 1e-39,
+                    temperature: 1.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
             (
                 SamplingParams {
                     presence_penalty: 5.0,
@@ -557,5 +582,17 @@ mod tests {
             assert!(e.contains(field), "{e}");
         }
         assert!(SamplingParams::default().validate().is_ok());
+        // At the limits, the draw still picks the clear winner.
+        let sharp = SamplingParams {
+            temperature: MIN_TEMPERATURE,
+            repetition_penalty: MIN_REPETITION_PENALTY,
+            seed: Some(1),
+            ..Default::default()
+        };
+        assert!(sharp.validate().is_ok());
+        // Token 1 is in the prompt, so the penalty divides its logit by 1000 (it stays the winner: 3000 > 2.9).
+        let mut s = Sampler::new(sharp, &[1]);
+        let logits = [0.5f32, 3.0, -1.0, 2.9];
+        assert_eq!(s.sample(&logits).token, 1);
     }
 }
