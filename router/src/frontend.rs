@@ -434,10 +434,9 @@ impl Frontend {
         stop.max_tokens = max_tokens;
         stop.validate(ctx)
             .map_err(|e| RouterError::invalid(e.to_string(), "stop"))?;
-        p.sampling.validate().map_err(|e| RouterError::Invalid {
-            message: e.to_string(),
-            param: None,
-        })?;
+        p.sampling
+            .check()
+            .map_err(|(field, message)| RouterError::invalid(message, field))?;
         // A fixed seed makes a stream resumed on another worker continue the same draw.
         let mut sampling = p.sampling;
         sampling.seed = Some(

@@ -61,44 +61,57 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 impl SamplingParams {
     /// Checks every field against its range; the error names the field and the limit.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(EngineError::invalid(m));
+        self.check()
+            .map_err(|(_, message)| EngineError::invalid(message))
+    }
+
+    /// [`SamplingParams::validate`] with the offending field's name apart (an API reports it as the parameter).
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let bad = |field: &'static str, m: String| Err((field, m));
         // Below these, scaling a logit by 1 / temperature or 1 / penalty overflows f32, and the draw would see NaN
         // weights instead of a sharper distribution.
         if !(self.temperature == 0.0
             || (self.temperature.is_finite()
                 && (MIN_TEMPERATURE..=100.0).contains(&self.temperature)))
         {
-            return bad(format!(
-                "temperature {} must be 0 (greedy) or between {MIN_TEMPERATURE} and 100",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                format!(
+                    "temperature {} must be 0 (greedy) or between {MIN_TEMPERATURE} and 100",
+                    self.temperature
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+            return bad("top_p", format!("top_p {} must be in (0, 1]", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p {} must be in [0, 1]", self.min_p));
+            return bad("min_p", format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(MIN_REPETITION_PENALTY..=10.0).contains(&self.repetition_penalty) {
-            return bad(format!(
-                "repetition_penalty {} must be between {MIN_REPETITION_PENALTY} and 10",
-                self.repetition_penalty
-            ));
+            return bad(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty {} must be between {MIN_REPETITION_PENALTY} and 10",
+                    self.repetition_penalty
+                ),
+            );
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
             if !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} {v} must be between -2 and 2"));
+                return bad(name, format!("{name} {v} must be between -2 and 2"));
             }
         }
         if let Some(n) = self.logprobs
             && n > MAX_TOP_LOGPROBS
         {
-            return bad(format!(
-                "top_logprobs {n} must be at most {MAX_TOP_LOGPROBS}"
-            ));
+            return bad(
+                "top_logprobs",
+                format!("top_logprobs {n} must be at most {MAX_TOP_LOGPROBS}"),
+            );
         }
         Ok(())
     }
@@ -580,6 +593,7 @@ mod tests {
         ] {
             let e = p.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{e}");
+            assert_eq!(p.check().unwrap_err().0, field);
         }
         assert!(SamplingParams::default().validate().is_ok());
         // At the limits, the draw still picks the clear winner.

@@ -41,14 +41,23 @@ impl<'a> Fields<'a> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
+    /// A number, refused by name where f32 cannot hold it (it would turn into infinity or zero and be judged as
+    /// that).
     fn f32(&self, name: &str) -> Result<Option<f32>, RouterError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| RouterError::invalid(format!("{name} must be a number"), name)),
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let x = v
+            .as_f64()
+            .ok_or_else(|| RouterError::invalid(format!("{name} must be a number"), name))?;
+        let y = x as f32;
+        if y.is_infinite() || (y == 0.0 && x != 0.0) {
+            return Err(RouterError::invalid(
+                format!("{name} {x:e} is out of range"),
+                name,
+            ));
         }
+        Ok(Some(y))
     }
 
     /// A non-negative integer; negative or fractional values are refused by name.
@@ -369,6 +378,14 @@ mod tests {
         assert!(e.to_string().contains("negative"), "{e}");
         assert_eq!(
             err(r#"{"model":"m","messages":[],"temperature":"hot"}"#, c).param(),
+            Some("temperature")
+        );
+        // Numbers f32 cannot hold are refused as given, not judged as infinity or zero.
+        let e = err(r#"{"model":"m","messages":[],"top_p":1e-50}"#, c);
+        assert_eq!(e.param(), Some("top_p"));
+        assert!(e.to_string().contains("out of range"), "{e}");
+        assert_eq!(
+            err(r#"{"model":"m","messages":[],"temperature":1e39}"#, c).param(),
             Some("temperature")
         );
         assert_eq!(
