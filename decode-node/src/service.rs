@@ -146,7 +146,8 @@ impl Shared {
             transfer_session_id: _session.id().0,
             dest_block_ids: job.dest_blocks.iter().map(|b| b.0).collect(),
             codec: convert::kv_codec_to_wire(job.codec) as i32,
-            deadline_ms: timeout.as_millis() as u32,
+            // Past u32's range (49 days) the deadline is as good as none: saturate rather than wrap.
+            deadline_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             sampling: Some(convert::sampling_to_wire(&job.sampling)),
             eviction: job.eviction.as_ref().map(convert::kv_eviction_to_wire),
         };

@@ -362,6 +362,24 @@ fn bad_input_gets_a_one_line_error() {
             vec!["generate", "--prompt", "hi", "--max-tokens", "100000"],
             "max_tokens",
         ),
+        // An output the KV cache cannot hold is refused before the first token, not cut off part-way.
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "hi",
+                "--kv-cache-mib",
+                "1",
+                "--max-tokens",
+                "40",
+            ],
+            "--kv-cache-mib",
+        ),
+        // Positive but so small that dividing a logit by it overflows.
+        (
+            vec!["generate", "--prompt", "hi", "--temperature", "1e-40"],
+            "temperature",
+        ),
         (
             vec![
                 "eval",

@@ -77,7 +77,7 @@ impl SamplingParams {
             return bad(
                 "temperature",
                 format!(
-                    "temperature {} must be 0 (greedy) or between {MIN_TEMPERATURE} and 100",
+                    "temperature {:?} must be 0 (greedy) or between {MIN_TEMPERATURE} and 100",
                     self.temperature
                 ),
             );
@@ -92,7 +92,7 @@ impl SamplingParams {
             return bad(
                 "repetition_penalty",
                 format!(
-                    "repetition_penalty {} must be between {MIN_REPETITION_PENALTY} and 10",
+                    "repetition_penalty {:?} must be between {MIN_REPETITION_PENALTY} and 10",
                     self.repetition_penalty
                 ),
             );

@@ -77,6 +77,19 @@ fn generate_on<B: tandem_engine::backend::Backend>(
             prompt.len()
         );
     }
+    // The whole output must fit the KV cache, or generation would stop part-way with the text so far lost (a
+    // --max-tokens past the context is the engine's to refuse, by name).
+    let (kv, total) = (loaded.engine.kv_layout(), prompt.len() + a.max_tokens);
+    let need = total.div_ceil(kv.block_size);
+    if total <= ctx && need > kv.num_blocks {
+        anyhow::bail!(
+            "the prompt ({} tokens) plus --max-tokens {} need {need} KV blocks of {} tokens; the KV cache (--kv-cache-mib) holds {}",
+            prompt.len(),
+            a.max_tokens,
+            kv.block_size,
+            kv.num_blocks
+        );
+    }
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,

@@ -29,9 +29,9 @@ pub struct ModelArgs {
     /// Model: a .gguf file or an HF directory (config.json + *.safetensors + tokenizer.json).
     #[arg(long, env = "TANDEM_MODEL", default_value_os_t = default_model_path())]
     pub model: PathBuf,
-    /// KV cache budget in MiB (sets the number of KV blocks).
-    #[arg(long, default_value_t = 256)]
-    pub kv_cache_mib: usize,
+    /// KV cache budget in MiB (sets the number of KV blocks; 1 to 16777216).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    pub kv_cache_mib: u64,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -312,16 +312,13 @@ pub fn load_on<B: Backend>(args: &ModelArgs, backend: B) -> Result<Loaded<B>> {
     let tokenizer =
         Tokenizer::for_model(&src).with_context(|| format!("tokenizer of {}", path.display()))?;
     let cfg = src.config()?;
-    if args.kv_cache_mib == 0 {
-        anyhow::bail!("--kv-cache-mib must be at least 1");
-    }
     let config = EngineConfig {
         block_size: args.block_size,
         kv_format: args.kv_format,
         max_batch_tokens: args.max_batch_tokens,
         ..Default::default()
     }
-    .with_kv_budget_bytes(&cfg, args.kv_cache_mib << 20);
+    .with_kv_budget_bytes(&cfg, (args.kv_cache_mib as usize) << 20);
     let pb = crate::progress::bar(cfg.layers as u64, "loading");
     let engine = Engine::new(backend, &src, config, |done, _| {
         pb.set_position(done as u64)

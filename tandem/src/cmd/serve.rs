@@ -85,8 +85,9 @@ pub struct DecodeOptions {
     /// Fail requests whose prefill worker is unreachable instead of prefilling them locally.
     #[arg(long)]
     pub no_local_fallback: bool,
-    /// Deadline for a remote prefill and its KV transfer, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
+    /// Deadline for a remote prefill and its KV transfer, in milliseconds (1 to 4294967295: it travels to the
+    /// prefill worker as a 32-bit field).
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     pub transfer_timeout_ms: u64,
     /// KV codec between prefill and decode worker for requests that name none: none, fp8, int8, int4 or kivi2.
     #[arg(long, default_value = "none", value_parser = super::parse_codec)]
