@@ -321,7 +321,7 @@ impl Client {
 
     /// Starts a generation. Connection failures (the router restarting) are retried before any token was produced.
     pub async fn generate(&self, req: GenerateRequest) -> Result<TokenStream, ClientError> {
-        let deadline = req.deadline.or(self.config.default_deadline);
+        let deadline = effective_deadline(req.deadline, self.config.default_deadline);
         let until = deadline.map(|d| tokio::time::Instant::now() + d);
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 0;
@@ -378,4 +378,32 @@ impl Client {
 /// The call never reached a server (so retrying cannot duplicate work).
 fn is_connection_failure(s: &Status) -> bool {
     s.code() == Code::Unavailable && s.metadata().is_empty()
+}
+
+/// The longest deadline sent or timed: a longer one (up to `Duration::MAX`) means "none" in practice, and would
+/// overflow the clock it is added to.
+pub const LONGEST_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A request's deadline, else the client's default, at most [`LONGEST_DEADLINE`].
+fn effective_deadline(request: Option<Duration>, default: Option<Duration>) -> Option<Duration> {
+    request.or(default).map(|d| d.min(LONGEST_DEADLINE))
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[test]
+    fn any_deadline_can_be_added_to_now() {
+        let d = effective_deadline(Some(Duration::MAX), None).unwrap();
+        assert_eq!(d, LONGEST_DEADLINE);
+        assert!(tokio::time::Instant::now().checked_add(d).is_some());
+        let short = Duration::from_millis(5);
+        assert_eq!(effective_deadline(None, Some(short)), Some(short));
+        assert_eq!(
+            effective_deadline(Some(short), Some(Duration::MAX)),
+            Some(short)
+        );
+        assert_eq!(effective_deadline(None, None), None);
+    }
 }

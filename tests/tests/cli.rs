@@ -569,4 +569,8 @@ fn simulate_compares_policies_on_every_workload() {
     let o = run(&["simulate", "--w-queue=-1"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--w-queue"), "{}", stderr(&o));
+    // A KV pool smaller than the largest request is refused, not reported as a run of zero requests.
+    let o = run(&["simulate", "--decode-kv-blocks", "0", "--json"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains("--decode-kv-blocks"), "{}", stderr(&o));
 }

@@ -147,6 +147,33 @@ pub fn run(a: SimulateArgs, threads: usize) -> Result<()> {
             rate /= 5.0; // sessions per second; five turns on average
         }
         let work = workload::generate(kind, a.requests, rate, a.seed);
+        // A request larger than a worker's KV pool could never run: it would vanish from the results.
+        let largest = |tokens: &dyn Fn(&workload::SimRequest) -> usize| {
+            let bs = a.model.block_size;
+            work.requests
+                .iter()
+                .map(|r| tokens(r).div_ceil(bs))
+                .max()
+                .unwrap_or(0)
+        };
+        for (flag, blocks, largest) in [
+            (
+                "--decode-kv-blocks",
+                a.decode_kv_blocks,
+                largest(&|r| r.prompt.len() + r.output.len()),
+            ),
+            (
+                "--prefill-kv-blocks",
+                a.prefill_kv_blocks,
+                largest(&|r| r.prompt.len()),
+            ),
+        ] {
+            if blocks < largest {
+                bail!(
+                    "{flag} {blocks} is less than the {largest} blocks the largest request of the {kind:?} workload needs"
+                );
+            }
+        }
         for &p in &a.policies {
             let t = Instant::now();
             let policy = Policy::new(p, cost, a.seed);
