@@ -28,6 +28,8 @@ pub struct StopConditions {
 /// Longest stop string accepted, in bytes; most stop strings a request may carry.
 pub const MAX_STOP_STRING_BYTES: usize = 256;
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most stop token ids a caller may give (each generated token is checked against all of them).
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
 impl StopConditions {
     pub fn validate(&self, context_len: usize) -> Result<()> {
@@ -41,6 +43,12 @@ impl StopConditions {
             return Err(EngineError::invalid(format!(
                 "stop: {} strings given, at most {MAX_STOP_STRINGS}",
                 self.stop_strings.len()
+            )));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(EngineError::invalid(format!(
+                "stop_token_ids: {} given, at most {MAX_STOP_TOKEN_IDS}",
+                self.stop_token_ids.len()
             )));
         }
         for s in &self.stop_strings {
@@ -468,6 +476,15 @@ mod tests {
             ..Default::default()
         };
         assert!(ok.validate(100).is_ok());
+        let e = StopConditions {
+            max_tokens: 10,
+            stop_token_ids: vec![7; MAX_STOP_TOKEN_IDS + 1],
+            ..Default::default()
+        }
+        .validate(100)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stop_token_ids"), "{e}");
         let e = StopConditions {
             max_tokens: 0,
             ..Default::default()
