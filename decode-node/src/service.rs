@@ -27,6 +27,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+/// Most prefill workers a request may name besides its first (the router names two).
+pub const MAX_PREFILL_ALTERNATES: usize = 8;
+/// The longest pause before trying the next prefill worker (pauses double from 25 ms).
+const MAX_ALTERNATE_PAUSE: Duration = Duration::from_secs(1);
+
 pub struct DecodeService {
     shared: Arc<Shared>,
 }
@@ -114,7 +119,7 @@ impl Shared {
                     let next = &job.endpoints[i + 1];
                     tracing::warn!(%endpoint, %next, "prefill worker unavailable ({message}); trying the next");
                     tokio::time::sleep(pause).await;
-                    pause *= 2;
+                    pause = (pause * 2).min(MAX_ALTERNATE_PAUSE);
                 }
                 r => return r,
             }
@@ -320,6 +325,13 @@ impl v1::decode_worker_server::DecodeWorker for DecodeService {
                 .unwrap_or_else(tandem_engine::sampling::fresh_seed),
         );
         let stop = convert::stop_from_wire(&r.stop.unwrap_or_default());
+        if r.prefill_alternates.len() > MAX_PREFILL_ALTERNATES {
+            return Err(DecodeError::Invalid(format!(
+                "prefill_alternates: {} given, at most {MAX_PREFILL_ALTERNATES}",
+                r.prefill_alternates.len()
+            ))
+            .to_status());
+        }
         if !r.resume_token_ids.is_empty() && !r.prefill_endpoint.is_empty() {
             return Err(DecodeError::Invalid(
                 "resume_token_ids: a resumed request is prefilled here; prefill_endpoint must be empty".into(),

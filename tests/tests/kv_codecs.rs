@@ -245,6 +245,27 @@ fn a_codec_the_decode_worker_cannot_read_is_refused_before_any_transfer() {
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("kv_codec"), "{status:?}");
+    // So is a request naming more alternate prefill workers than a decode worker will try.
+    let status = c.rt.block_on(async {
+        let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
+            Cluster::channel(&c.decode_urls[0]).await,
+        );
+        client
+            .generate(v1::DecodeRequest {
+                prompt_token_ids: vec![1000; 40],
+                prefill_endpoint: c.prefill_urls[0].clone(),
+                prefill_alternates: vec!["http://127.0.0.1:1".into(); 30],
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("prefill_alternates"),
+        "{status:?}"
+    );
     let (d, p) = c.wait_idle(Duration::from_secs(2));
     assert_eq!(used_blocks(&d[0]), 0);
     assert_eq!(p[0].running_requests, 0);
