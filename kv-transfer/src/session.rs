@@ -98,8 +98,8 @@ impl Sessions {
 
     /// Verifies one chunk and hands it to its session's sink. What the chunk's header names (session, destination
     /// blocks, layers) is checked against the open sessions before its payload is decoded, so a chunk no session
-    /// expects costs neither the decoding nor the memory of its decoded blocks; the decoded chunk is checked again
-    /// (the session may have closed meanwhile, and only the checksum vouches for the header).
+    /// expects costs neither the decoding nor the memory of its decoded blocks; the session is checked again once
+    /// the chunk is decoded (and so its checksum verified), since it may have closed meanwhile.
     pub fn deliver(&self, c: &v1::KvChunk) -> Result<(), TransferError> {
         let (start, end) = (c.layer_start as usize, c.layer_end as usize);
         if end > self.layers {
@@ -108,10 +108,11 @@ impl Sessions {
                 self.layers
             )));
         }
-        self.sink_for(SessionId(c.session_id), &c.dest_block_ids)?;
+        let session = SessionId(c.session_id);
+        self.sink_for(session, &c.dest_block_ids)?;
         let d = chunk::decode(c, &self.layout)?;
-        let ids: Vec<u32> = d.blocks.iter().map(|b| b.0).collect();
-        let sink = self.sink_for(d.session, &ids)?;
+        // The decoded chunk names the header's session and blocks (`chunk::decode` takes them as they are).
+        let sink = self.sink_for(session, &c.dest_block_ids)?;
         sink(d).map_err(TransferError::Refused)
     }
 

@@ -228,38 +228,34 @@ fn the_lossless_stage_moves_fewer_bytes_and_changes_no_token() {
 fn a_codec_the_decode_worker_cannot_read_is_refused_before_any_transfer() {
     let _s = serial();
     let c = cluster(Codec::None, false);
-    let status = c.rt.block_on(async {
-        let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
-            Cluster::channel(&c.decode_urls[0]).await,
-        );
-        client
-            .generate(v1::DecodeRequest {
-                prompt_token_ids: vec![1000; 40],
-                prefill_endpoint: c.prefill_urls[0].clone(),
-                codec: 99,
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err()
+    // The status a decode worker answers `req` with (a prompt for the first prefill worker added), which must be
+    // a refusal.
+    let refused = |req: v1::DecodeRequest| {
+        c.rt.block_on(async {
+            let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
+                Cluster::channel(&c.decode_urls[0]).await,
+            );
+            client
+                .generate(v1::DecodeRequest {
+                    prompt_token_ids: vec![1000; 40],
+                    prefill_endpoint: c.prefill_urls[0].clone(),
+                    ..req
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        })
+    };
+    let status = refused(v1::DecodeRequest {
+        codec: 99,
+        ..Default::default()
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("kv_codec"), "{status:?}");
     // So is a request naming more alternate prefill workers than a decode worker will try.
-    let status = c.rt.block_on(async {
-        let mut client = v1::decode_worker_client::DecodeWorkerClient::new(
-            Cluster::channel(&c.decode_urls[0]).await,
-        );
-        client
-            .generate(v1::DecodeRequest {
-                prompt_token_ids: vec![1000; 40],
-                prefill_endpoint: c.prefill_urls[0].clone(),
-                prefill_alternates: vec!["http://127.0.0.1:1".into(); 30],
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err()
+    let status = refused(v1::DecodeRequest {
+        prefill_alternates: vec!["http://127.0.0.1:1".into(); 30],
+        ..Default::default()
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(
