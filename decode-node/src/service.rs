@@ -44,7 +44,7 @@ struct Shared {
     config: DecodeConfig,
     /// Where prefill workers send this worker's KV.
     transfer_endpoint: String,
-    channels: tandem_prefill_node::runtime::ChannelCache,
+    channels: tandem_prefill_node::channels::ChannelCache,
 }
 
 impl DecodeService {

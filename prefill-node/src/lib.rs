@@ -4,6 +4,7 @@
 //! until `shutdown` resolves. The engine runs on its own thread ([`worker`]); the async side only validates,
 //! opens the transfer stream and waits. See DESIGN.md, steps 4-5 of the request flow.
 
+pub mod channels;
 pub mod error;
 pub mod runtime;
 pub mod service;

@@ -5,10 +5,7 @@
 //! It lives here because the decode node depends on this crate anyway (it is a prefill client); see
 //! docs/decisions/0003-worker-runtime.md.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
-use std::time::Duration;
 use tandem_engine::EngineError;
 use tandem_engine::kv::KvEvent;
 use tandem_proto::{FILE_DESCRIPTOR_SET, convert, v1};
@@ -121,28 +118,4 @@ pub enum ServeError {
     Thread(#[from] std::io::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
-}
-
-/// One lazily connected gRPC channel per peer endpoint, reused across calls (prefill -> decode transfers,
-/// decode -> prefill requests).
-#[derive(Default)]
-pub struct ChannelCache {
-    channels: Mutex<HashMap<String, tonic::transport::Channel>>,
-}
-
-impl ChannelCache {
-    /// The channel to `endpoint`; `Err` carries the reason an endpoint is not a valid URL.
-    pub fn get(&self, endpoint: &str) -> Result<tonic::transport::Channel, String> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let c = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("{endpoint:?}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        map.insert(endpoint.to_string(), c.clone());
-        Ok(c)
-    }
 }

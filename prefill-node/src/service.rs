@@ -18,7 +18,7 @@ use tracing::Instrument;
 pub struct PrefillService {
     engine: Arc<EngineThread>,
     hub: EventHub,
-    channels: crate::runtime::ChannelCache,
+    channels: crate::channels::ChannelCache,
     config: PrefillConfig,
 }
 
