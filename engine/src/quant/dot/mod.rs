@@ -489,7 +489,7 @@ mod tests {
             return;
         }
         // An FFN matrix (L2-sized) and the output head (from memory).
-        for (ty, wrows, k) in [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q8_0, 49152, 576)] {
+        for (ty, wrows, k) in [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q4_1, 192, 576), (GgmlType::Q4_1, 276480, 576), (GgmlType::Q8_0, 49152, 576)] {
             let w = random_blocks(ty, wrows * k / 32, 3);
             let row_bytes = w.len() / wrows;
             let packed = interleave::interleave(ty, &w, row_bytes);

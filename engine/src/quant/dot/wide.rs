@@ -68,20 +68,22 @@ macro_rules! unpack {
     }};
 }
 
-/// `$acc + $w . [*$p; 16]`: `vpdpwssd` with the i32 at `$p` broadcast to every lane by the instruction itself.
-/// Written out because the compiler otherwise splits the intrinsic into a multiply-add and an add (two 512-bit
-/// operations, each split in two on Zen 4) and broadcasts with a separate instruction.
+/// `$acc + $w . [*($p + $off); 16]`: `vpdpwssd` with the i32 `$off` bytes past `$p` broadcast to every lane by the
+/// instruction itself. Written out because the compiler otherwise splits the intrinsic into a multiply-add and an
+/// add (two 512-bit operations, each split in two on Zen 4) and broadcasts with a separate instruction; the offset is
+/// a constant of the instruction, so no address arithmetic sits between the multiply-adds.
 macro_rules! dpwssd {
-    ($acc:expr, $w:expr, $p:expr) => {{
-        let (mut acc, w, p): (__m512i, __m512i, *const i32) = ($acc, $w, $p);
-        // SAFETY: the caller's `p` points at four readable bytes; the instruction reads exactly those (an unaligned
-        // 32-bit read is allowed for an embedded broadcast) and writes only `acc`.
+    ($acc:expr, $w:expr, $p:expr, $off:expr) => {{
+        let (mut acc, w, p): (__m512i, __m512i, *const i16) = ($acc, $w, $p);
+        // SAFETY: the caller's `p + off` points at four readable bytes; the instruction reads exactly those (an
+        // unaligned 32-bit read is allowed for an embedded broadcast) and writes only `acc`.
         unsafe {
             std::arch::asm!(
-                "vpdpwssd {acc}, {w}, dword ptr [{p}]{{1to16}}",
+                "vpdpwssd {acc}, {w}, dword ptr [{p} + {off}]{{1to16}}",
                 acc = inout(zmm_reg) acc,
                 w = in(zmm_reg) w,
                 p = in(reg) p,
+                off = const $off,
                 options(pure, readonly, nostack, preserves_flags),
             );
         }
@@ -172,16 +174,20 @@ fn block<const N: usize, const K: u8>(
 ) {
     let x: [&ActBlock; N] = std::array::from_fn(|j| &xs[j][b]);
     let (mut even, mut odd) = ([_mm512_setzero_si512(); N], [_mm512_setzero_si512(); N]);
-    // Where the i32 holding elements 2p and 2p+1 of row j's activation block is.
-    // SAFETY: p < 16, so the address is that of qs[2p..2p + 2] of a 32-element block.
-    let pair = |j: usize, p: usize| unsafe { (x[j].qs.as_ptr() as *const i32).add(p) };
-    for q in 0..8 {
-        let (w0, w1) = (u.pairs[2 * q], u.pairs[2 * q + 1]);
-        for j in 0..N {
-            even[j] = dpwssd!(even[j], w0, pair(j, 2 * q));
-            odd[j] = dpwssd!(odd[j], w1, pair(j, 2 * q + 1));
-        }
+    let qs: [*const i16; N] = std::array::from_fn(|j| x[j].qs.as_ptr());
+    // Pair `p` (elements 2p and 2p + 1) of each row's activation block lies 4p bytes into its `qs`, which holds 32
+    // elements, so every offset below (at most 60) is in bounds. Pairs 2q and 2q + 1 go with the unpacked pairs
+    // 2q and 2q + 1, into the even and odd sums.
+    macro_rules! pairs {
+        ($($q:literal)*) => {$(
+            let (w0, w1) = (u.pairs[2 * $q], u.pairs[2 * $q + 1]);
+            for j in 0..N {
+                even[j] = dpwssd!(even[j], w0, qs[j], 8 * $q);
+                odd[j] = dpwssd!(odd[j], w1, qs[j], 8 * $q + 4);
+            }
+        )*};
     }
+    pairs!(0 1 2 3 4 5 6 7);
     for j in 0..N {
         let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[j], odd[j]));
         let mut a = _mm512_fmadd_ps(sum, _mm512_mul_ps(u.d, _mm512_set1_ps(x[j].d)), acc[j]);
