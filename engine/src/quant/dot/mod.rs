@@ -488,8 +488,15 @@ mod tests {
             eprintln!("no tiled kernels on this CPU");
             return;
         }
-        // An FFN matrix (L2-sized) and the output head (from memory).
-        for (ty, wrows, k) in [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q4_1, 192, 576), (GgmlType::Q4_1, 276480, 576), (GgmlType::Q8_0, 49152, 576)] {
+        // SmolLM2-135M's shapes in cache (the FFN's up and down, a K/V projection), then a Q4_1 matrix larger than
+        // the last-level cache and the output head, both read from memory as the model's weights are in a step.
+        for (ty, wrows, k) in [
+            (GgmlType::Q4_1, 1536, 576),
+            (GgmlType::Q4_1, 576, 1536),
+            (GgmlType::Q4_1, 192, 576),
+            (GgmlType::Q4_1, 276480, 576),
+            (GgmlType::Q8_0, 49152, 576),
+        ] {
             let w = random_blocks(ty, wrows * k / 32, 3);
             let row_bytes = w.len() / wrows;
             let packed = interleave::interleave(ty, &w, row_bytes);

@@ -28,14 +28,14 @@ const PAIRED_FROM: usize = 4;
 /// 16 rows 0.79 / 0.70-0.75; 8 rows 0.89 / 0.86-0.94; 4 rows 0.87 / 1.20).
 const PAIRED_Q8_FROM: usize = 12;
 
-/// How far ahead of the block being unpacked the kernel prefetches weights.
-const PREFETCH_BYTES: usize = 1024;
+/// How many blocks ahead of the one being unpacked the kernel prefetches weights.
+const PREFETCH_BLOCKS: usize = 40;
 
-/// Prefetches the cache lines [`PREFETCH_BYTES`] ahead of the `len` bytes of a block at `blk`.
+/// Prefetches the `len` bytes (a block of a group's rows) [`PREFETCH_BLOCKS`] blocks of that size ahead of `blk`.
 #[inline]
 pub(super) fn prefetch_ahead(blk: *const u8, len: usize) {
     // Prefetching has no effect on memory; wrapping_add keeps the address computation defined.
-    let ahead = blk.wrapping_add(PREFETCH_BYTES) as *const i8;
+    let ahead = blk.wrapping_add(PREFETCH_BLOCKS * len) as *const i8;
     for line in 0..len.div_ceil(64) {
         // SAFETY: a prefetch of any address is allowed (it never faults).
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
