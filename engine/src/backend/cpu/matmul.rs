@@ -25,8 +25,31 @@ use std::cell::RefCell;
 /// Weight rows per SGEMM tile: 64 rows x 1536 cols of f32 is 384 KiB, about an L2.
 const GEMM_TILE_ROWS: usize = 64;
 
+/// Activation rows from which quantizing them is spread over the pool (below it, one thread does it faster than
+/// the region costs).
+const PARALLEL_QUANT_ROWS: usize = 4;
+
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+
+#[derive(Clone, Copy)]
+struct ActPtr(*mut ActBlock);
+// SAFETY: tasks write disjoint rows of the activation buffer; the pointer outlives the parallel region.
+unsafe impl Send for ActPtr {}
+unsafe impl Sync for ActPtr {}
+
+impl ActPtr {
+    /// Row `r` of `bpr` blocks.
+    ///
+    /// # Safety
+    /// The buffer holds at least `(r + 1) * bpr` blocks, and nothing else reads or writes row `r` while the slice
+    /// lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, bpr: usize) -> &mut [ActBlock] {
+        // SAFETY: as the caller guarantees.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(r * bpr), bpr) }
+    }
+}
 // SAFETY: tasks write disjoint column ranges of the output; the pointer outlives the parallel region.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -103,8 +126,19 @@ pub fn matmul(
         if q.len() < m * bpr {
             q.resize(m * bpr, ActBlock::default());
         }
-        for r in 0..m {
-            quantize_activations(x.row(r), &mut q[r * bpr..(r + 1) * bpr]);
+        if m < PARALLEL_QUANT_ROWS {
+            for r in 0..m {
+                quantize_activations(x.row(r), &mut q[r * bpr..(r + 1) * bpr]);
+            }
+        } else {
+            // One row per task: a batch's rows cost as much as a small matmul, and the other threads would wait.
+            let dst = ActPtr(q.as_mut_ptr());
+            pool.run(m, &|r| {
+                // SAFETY: row r's blocks lie within `q` (resized above) and only this task writes them; `q`
+                // outlives the region.
+                let row = unsafe { dst.row(r, bpr) };
+                quantize_activations(x.row(r), row);
+            });
         }
         let rows: Vec<&[ActBlock]> = q[..m * bpr].chunks_exact(bpr).collect();
         run(Some(&rows));
