@@ -86,8 +86,15 @@ pub fn matmul(
         let chunk = if int_path {
             // Enough tasks to balance, big enough to amortize scheduling (a row is ~0.5 KiB of weights); whole
             // interleaved groups. A task's time grows with the activation rows, and the region waits for its last
-            // task: batches get finer tasks.
-            let per_thread = 4 * m.min(4);
+            // task: batches get finer tasks. Decode batches of 8-32 rows take two tasks a thread: each thread then
+            // streams long runs of weights that its own prefetches (40 blocks ahead) serve, where 16-row tasks
+            // left most of a thread's prefetched lines to the task the other thread claimed next (batch 16 about
+            // 5% faster, bench/RESULTS.md 2026-12-06).
+            let per_thread = if (8..=32).contains(&m) {
+                2
+            } else {
+                4 * m.min(4)
+            };
             let granule = task_rows(kernels, m);
             (w.rows / (threads * per_thread)).clamp(granule, 512) / granule * granule
         } else {
