@@ -2,8 +2,8 @@
 //! prefill for remote prefills): one lazily connected channel per endpoint, reused across calls.
 //!
 //! The endpoints come from requests, so the cache is bounded: past [`ChannelCache::CAPACITY`] endpoints the one
-//! used longest ago is dropped (its connection closes once no call holds it). A channel pings its peer over HTTP/2,
-//! so a peer host that vanishes without closing the connection fails the calls on it instead of leaving them hung.
+//! used longest ago is dropped (its connection closes once no call holds it). [`peer_endpoint`] is how every node
+//! (the router too) dials a peer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,13 +37,8 @@ impl ChannelCache {
             *used = tick;
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(endpoint.to_string())
+        let c = peer_endpoint(endpoint)
             .map_err(|e| format!("{endpoint:?}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
             .connect_lazy();
         if lru.channels.len() >= Self::CAPACITY {
             let oldest = lru
@@ -81,6 +76,19 @@ impl ChannelCache {
             .channels
             .contains_key(endpoint)
     }
+}
+
+/// How every node reaches a peer (router -> workers, worker -> worker): no Nagle delay, a 2 s connect timeout, and
+/// HTTP/2 pings every 10 s, so a peer host that vanishes without closing its connections (power loss, a partition)
+/// fails the calls on it within about 20 s instead of TCP's retransmission timeout (a quarter of an hour).
+pub fn peer_endpoint(url: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
 }
 
 #[cfg(test)]

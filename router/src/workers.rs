@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tandem_engine::kv::{BlockHash, HashSeed};
 use tandem_proto::v1;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A worker's gRPC endpoint, `http://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -90,16 +90,9 @@ pub struct Worker {
 
 impl Worker {
     fn new(id: WorkerId, endpoint: &WorkerEndpoint, role: WorkerRole) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(endpoint.0.clone())
+        // HTTP/2 pings notice a worker host that vanished within about 20 s, so its streams fail over.
+        let channel = tandem_prefill_node::channels::peer_endpoint(&endpoint.0)
             .map_err(|err| format!("worker endpoint {endpoint}: {err}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            // A worker host that vanishes without closing its connections (power loss, a partition) is noticed
-            // within about 20 s by HTTP/2 pings, so streams fail over instead of waiting on TCP's retransmissions
-            // (a quarter of an hour).
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
             .connect_lazy();
         Ok(Self {
             id,
