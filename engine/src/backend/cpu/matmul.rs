@@ -31,6 +31,9 @@ const PARALLEL_QUANT_ROWS: usize = 4;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output; the pointer outlives the parallel region.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 #[derive(Clone, Copy)]
 struct ActPtr(*mut ActBlock);
@@ -50,9 +53,6 @@ impl ActPtr {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(r * bpr), bpr) }
     }
 }
-// SAFETY: tasks write disjoint column ranges of the output; the pointer outlives the parallel region.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
