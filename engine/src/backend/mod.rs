@@ -85,7 +85,16 @@ pub trait Backend: Send + Sync + 'static {
         keys: &crate::kv::codec::KeyRotation,
     ) -> Result<Self::KvStore>;
     fn activations(&self, rows: usize, cols: usize) -> Self::Activations;
-    fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> Self::Plan;
+    /// The device's form of a step's layout. `kv` is the store the step writes, where a backend's cache format
+    /// needs to know the step's writes ahead of them (kivi2 on CUDA gives each written block a place for its keys);
+    /// `None` for a step that writes no cache.
+    fn plan(
+        &self,
+        layout: &BatchLayout,
+        rope: &RopeConfig,
+        head_dim: usize,
+        kv: Option<&mut Self::KvStore>,
+    ) -> Self::Plan;
 
     /// `out[r] = table[tokens[r]]`.
     fn embed(&self, table: &Self::Matrix, plan: &Self::Plan, out: &mut Self::Activations);

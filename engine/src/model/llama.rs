@@ -172,7 +172,7 @@ impl<B: Backend> LlamaModel<B> {
                 c.vocab
             )));
         }
-        let plan = backend.plan(batch, &c.rope, c.head_dim);
+        let plan = backend.plan(batch, &c.rope, c.head_dim, Some(&mut *kv));
         backend.embed(&self.embed, &plan, &mut s.x);
         if let Some(first) = self.layers.first() {
             backend.rms_norm(&s.x, &first.attn_norm, c.rms_eps, &mut s.h);

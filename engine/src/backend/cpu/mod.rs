@@ -246,7 +246,13 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> CpuPlan {
+    fn plan(
+        &self,
+        layout: &BatchLayout,
+        rope: &RopeConfig,
+        head_dim: usize,
+        _kv: Option<&mut CpuKvStore>,
+    ) -> CpuPlan {
         let inv = rope.inv_freq(head_dim);
         let half_dim = head_dim / 2;
         let mut cos = Vec::with_capacity(layout.positions.len() * half_dim);

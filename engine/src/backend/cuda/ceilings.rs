@@ -204,7 +204,7 @@ pub fn decode_attention_time(
         let n = store.tokens.len();
         let k = b.tensor(n, width, &random(&mut rng, n * width, 1.0));
         let v = b.tensor(n, width, &random(&mut rng, n * width, 1.0));
-        let plan = b.plan(&store, &rope, shape.head_dim);
+        let plan = b.plan(&store, &rope, shape.head_dim, Some(&mut kv));
         b.store_kv(&mut kv, 0, &k, &v, &plan);
     }
     let contexts = vec![shape.context; shape.batch];
@@ -215,7 +215,7 @@ pub fn decode_attention_time(
         heads * shape.head_dim,
         &random(&mut rng, shape.batch * heads * shape.head_dim, 1.0),
     );
-    let plan = b.plan(&query, &rope, shape.head_dim);
+    let plan = b.plan(&query, &rope, shape.head_dim, Some(&mut kv));
     let mut out = b.activations(0, 0);
     time_launches(b, 8, "decode attention", |_| {
         b.attention(&q, &kv, 0, &plan, &mut out, &mut [])

@@ -2,9 +2,11 @@
 //! f16 (IEEE half, kept as raw bits), int8 or fp8 with one f16 scale per vector (the host's rules,
 //! [`crate::kv::ByteCode`]), or int4 with two dims per byte and an f16 (min, scale) per 32 dims
 //! ([`crate::kv::quant::quantize_int4`]); scales and pairs laid out like the vectors. Whole blocks cross to and from
-//! the host here (for transfer and tests); the kernels read and write the store in place.
+//! the host here (for transfer and tests); the kernels read and write the store in place. kivi2 has a store of its
+//! own ([`super::kivi2`]).
 
 use super::CudaBackend;
+use super::kivi2::Kivi2Store;
 use crate::error::{EngineError, Result};
 use crate::kv::{ByteCode, KvFormat, KvLayout};
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -34,6 +36,8 @@ pub(super) enum KvBufs {
         kp: CudaSlice<u16>,
         vp: CudaSlice<u16>,
     },
+    /// 2-bit keys per channel over each block, 2-bit values per token, and the open blocks' keys.
+    Kivi2(Box<Kivi2Store>),
 }
 
 impl KvBufs {
@@ -46,6 +50,7 @@ impl KvBufs {
             KvBufs::F16 { k, v } => b.arg(k).arg(v).arg(&NULL).arg(&NULL),
             KvBufs::Bytes { k, v, ks, vs, .. } => b.arg(k).arg(v).arg(ks).arg(vs),
             KvBufs::Int4 { k, v, kp, vp } => b.arg(k).arg(v).arg(kp).arg(vp),
+            KvBufs::Kivi2(s) => b.arg(&s.k).arg(&s.v).arg(&s.kp).arg(&s.vp),
         };
     }
 }
@@ -56,13 +61,11 @@ pub struct CudaKvStore {
 }
 
 impl CudaKvStore {
-    pub(super) fn alloc(stream: &std::sync::Arc<CudaStream>, layout: &KvLayout) -> Result<Self> {
-        if layout.format == KvFormat::Kivi2 {
-            return Err(EngineError::invalid(
-                "kv format kivi2 is a CPU cache format for now: the CUDA backend reads f32, f16, int8, fp8 and int4 \
-                 caches (kivi2 still travels on the wire as a codec)",
-            ));
-        }
+    pub(super) fn alloc(
+        stream: &std::sync::Arc<CudaStream>,
+        layout: &KvLayout,
+        keys: &crate::kv::codec::KeyRotation,
+    ) -> Result<Self> {
         let n = layout.layers * layout.num_blocks * layout.block_elems();
         let dev = |e: cudarc::driver::DriverError| {
             EngineError::Device(format!("allocating the KV cache ({n} elements x2): {e}"))
@@ -92,7 +95,7 @@ impl CudaKvStore {
                     vp: stream.alloc_zeros(pairs).map_err(dev)?,
                 }
             }
-            KvFormat::Kivi2 => unreachable!("refused above"),
+            KvFormat::Kivi2 => KvBufs::Kivi2(Box::new(Kivi2Store::alloc(stream, layout, keys)?)),
         };
         Ok(Self {
             layout: *layout,
@@ -126,6 +129,7 @@ impl CudaKvStore {
         let range = self.block_range(layer, block);
         let what = "reading a KV block";
         match &self.bufs {
+            KvBufs::Kivi2(s) => s.read_block(b, layer, block),
             KvBufs::F32 { k, v } => {
                 let read = |c: &CudaSlice<f32>| {
                     let mut out = vec![0f32; range.len()];
@@ -216,6 +220,7 @@ impl CudaKvStore {
         let range = self.block_range(layer, block);
         let what = "writing a KV block";
         match &mut self.bufs {
+            KvBufs::Kivi2(s) => s.write_block(b, layer, block, k, v),
             KvBufs::F32 { k: kc, v: vc } => {
                 for (c, x) in [(kc, k), (vc, v)] {
                     b.ok(

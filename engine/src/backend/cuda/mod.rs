@@ -11,8 +11,11 @@
 mod ceilings;
 mod gemm;
 mod graphs;
+mod kivi2;
+mod kivi2_check;
 mod kv;
 mod module;
+mod open_blocks;
 mod ops;
 mod plan;
 mod selfcheck;

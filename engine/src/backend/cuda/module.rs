@@ -23,7 +23,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("decode_attention.cu"),
     include_str!("prefill_attention.cu"),
-    include_str!("sample.cu")
+    include_str!("sample.cu"),
+    include_str!("kivi2.cu")
 );
 
 /// Every kernel of [`SOURCE`], loaded.
@@ -57,6 +58,13 @@ pub struct Kernels {
     pub gemv_swiglu: Vec<CudaFunction>,
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
+    /// The kivi2 cache's write (without and with RoPE), seal and attention (by head_dim) kernels, and how many
+    /// attention blocks one SM holds.
+    pub store_kv_k2: CudaFunction,
+    pub rope_store_k2: CudaFunction,
+    pub seal_k2: CudaFunction,
+    pub attention_k2: HashMap<usize, CudaFunction>,
+    pub attention_k2_per_sm: HashMap<usize, usize>,
 }
 
 /// Head dimensions the attention kernels are compiled for.
@@ -89,7 +97,7 @@ pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
         KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
         KvFormat::Int8 | KvFormat::Fp8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
         KvFormat::Int4 => (4, 2 * tile * head_dim / 2 + 2 * tile * head_dim / 32 * 4),
-        // No kivi2 kernel: the CUDA store refuses the format before any kernel is chosen.
+        // kivi2 has a kernel of its own (`kivi2.cu`), which stages nothing in dynamic shared memory.
         KvFormat::Kivi2 => (0, 0),
     }
 }
@@ -122,6 +130,10 @@ impl Kernels {
                 .map_err(|e| EngineError::Device(format!("kernel {name}: {e}")))
         };
         let attention = per_format(&f, "attention", decode_shared_bytes)?;
+        let attention_k2: HashMap<usize, CudaFunction> = HEAD_DIMS
+            .iter()
+            .map(|&hd| Ok((hd, f(&format!("attention_k2_h{hd}"))?)))
+            .collect::<Result<_>>()?;
         let attention_per_sm = attention
             .iter()
             .map(|(&(fmt, hd), func)| {
@@ -170,6 +182,23 @@ impl Kernels {
                 .collect::<Result<_>>()?,
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
+            store_kv_k2: f("store_kv_k2")?,
+            rope_store_k2: f("rope_store_k2")?,
+            seal_k2: f("seal_k2")?,
+            attention_k2_per_sm: attention_k2
+                .iter()
+                .map(|(&hd, func)| {
+                    let n = func
+                        .occupancy_max_active_blocks_per_multiprocessor(
+                            32 * DECODE_WARPS as u32,
+                            0,
+                            None,
+                        )
+                        .map_err(dev("kivi2 attention occupancy"))?;
+                    Ok((hd, (n as usize).max(1)))
+                })
+                .collect::<Result<_>>()?,
+            attention_k2,
         })
     }
 }

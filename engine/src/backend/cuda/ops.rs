@@ -3,7 +3,7 @@
 //! from a recorded graph issues nothing.
 
 use super::graphs::Shape;
-use super::kv::CudaKvStore;
+use super::kv::{CudaKvStore, KvBufs};
 use super::module::{DECODE_WARPS, decode_shared_bytes, decode_stages, prefill_shared_bytes};
 use super::plan::{CudaPlan, Packed};
 use super::{CudaBackend, CudaMatrix, CudaTensor, Marked, cfg, grid_1d, lock};
@@ -66,9 +66,9 @@ impl Backend for CudaBackend {
     fn alloc_kv(
         &self,
         layout: &KvLayout,
-        _keys: &crate::kv::codec::KeyRotation,
+        keys: &crate::kv::codec::KeyRotation,
     ) -> Result<CudaKvStore> {
-        CudaKvStore::alloc(&self.stream, layout)
+        CudaKvStore::alloc(&self.stream, layout, keys)
     }
 
     fn activations(&self, rows: usize, cols: usize) -> CudaTensor {
@@ -83,10 +83,20 @@ impl Backend for CudaBackend {
         t
     }
 
-    fn plan(&self, layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> CudaPlan {
+    fn plan(
+        &self,
+        layout: &BatchLayout,
+        rope: &RopeConfig,
+        head_dim: usize,
+        kv: Option<&mut CudaKvStore>,
+    ) -> CudaPlan {
         self.mark("host (between steps)");
         let _uploaded = Marked(self, "plan upload");
-        let packed = Packed::new(layout, rope, head_dim);
+        let k2rows = match kv.map(|kv| &mut kv.bufs) {
+            Some(KvBufs::Kivi2(s)) => Some(s.prepare(self, layout)),
+            _ => None,
+        };
+        let packed = Packed::new(layout, rope, head_dim, k2rows.as_deref());
         let mut buf = lock(&self.plan_buf);
         // Room to spare, so that growing contexts do not reallocate (and drop the recorded graphs) every step.
         let need = packed.words.len();
@@ -191,6 +201,9 @@ impl Backend for CudaBackend {
         v: &CudaTensor,
         plan: &CudaPlan,
     ) {
+        if let KvBufs::Kivi2(s) = &mut kv.bufs {
+            return self.kivi2_store(s, layer, k, v, plan);
+        }
         let l = kv.layout;
         let layer_off = (layer * kv.layer_elems()) as u64;
         let (Some(kb), Some(vb)) = (k.buf.as_ref(), v.buf.as_ref()) else {
@@ -226,6 +239,9 @@ impl Backend for CudaBackend {
         layer: usize,
         plan: &CudaPlan,
     ) {
+        if let KvBufs::Kivi2(s) = &mut kv.bufs {
+            return self.kivi2_rope_store(s, layer, q, k, v, heads, plan);
+        }
         let l = kv.layout;
         let layer_off = (layer * kv.layer_elems()) as u64;
         q.bf16_fresh = false;
@@ -292,7 +308,9 @@ impl Backend for CudaBackend {
             );
         }
         self.resize(out, q.rows, q.cols);
-        if plan.n_tiles > 0 {
+        if let KvBufs::Kivi2(s) = &kv.bufs {
+            self.kivi2_attention(q, s, layer, plan, out);
+        } else if plan.n_tiles > 0 {
             self.prefill_attention(q, kv, layer, plan, out);
         } else {
             self.decode_attention(q, kv, layer, plan, out);
@@ -408,6 +426,12 @@ impl Backend for CudaBackend {
 
     fn write_kv_block(&self, kv: &mut CudaKvStore, layer: usize, block: u32, k: &[f32], v: &[f32]) {
         kv.write_block(self, layer, block, k, v)
+    }
+
+    fn retire_kv_blocks(&self, kv: &mut CudaKvStore, blocks: &[u32]) {
+        if let KvBufs::Kivi2(s) = &mut kv.bufs {
+            s.retire(blocks);
+        }
     }
 
     fn check(&self) -> Result<()> {

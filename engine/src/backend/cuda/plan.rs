@@ -24,6 +24,9 @@ pub struct CudaPlan {
     pub row_ctx: u64,
     pub row_table: u64,
     pub tables: u64,
+    /// kivi2's words per row ([`super::open_blocks::ROW_WORDS`]: where its key goes, which block stays open), or 0 when
+    /// the step was planned without a kivi2 store.
+    pub k2rows: u64,
     pub logit_rows: u64,
     pub n_logit_rows: usize,
     /// Each logit row's draw (`struct Draw` of `sample.cu`, seven words), for a step whose head samples. A draw
@@ -45,7 +48,7 @@ pub struct CudaPlan {
 pub const MAX_SPLITS: usize = 128;
 
 /// Parts of the packed words.
-const PARTS: usize = 12;
+const PARTS: usize = 13;
 
 /// The host side of a plan: the packed words and where each part starts (in words).
 pub struct Packed {
@@ -55,12 +58,19 @@ pub struct Packed {
     pub n_logit_rows: usize,
     pub n_tiles: usize,
     pub ctx_bucket: usize,
+    has_k2: bool,
     half_dim: usize,
     interleaved: i32,
 }
 
 impl Packed {
-    pub fn new(layout: &BatchLayout, rope: &RopeConfig, head_dim: usize) -> Self {
+    /// `k2rows`: a kivi2 store's words for the step's rows ([`super::kivi2::Kivi2Store::prepare`]).
+    pub fn new(
+        layout: &BatchLayout,
+        rope: &RopeConfig,
+        head_dim: usize,
+        k2rows: Option<&[u32]>,
+    ) -> Self {
         let inv: Vec<u32> = rope
             .inv_freq(head_dim)
             .iter()
@@ -111,6 +121,7 @@ impl Packed {
             &draws,
             &tile_row0,
             &tile_rows,
+            k2rows.unwrap_or_default(),
             &tables,
             &penalties,
         ];
@@ -126,7 +137,7 @@ impl Packed {
         // A draw's penalty offset counts words from the start of the draws part.
         for i in 0..layout.draws.len() {
             let at = offsets[7] + i * DRAW_WORDS + 5;
-            words[at] += (offsets[11] - offsets[7]) as u32;
+            words[at] += (offsets[12] - offsets[7]) as u32;
         }
         let max_ctx = row_ctx.iter().copied().max().unwrap_or(0) as usize;
         Self {
@@ -136,6 +147,7 @@ impl Packed {
             rows: n,
             n_logit_rows: logit_rows.len(),
             n_tiles: tile_row0.len(),
+            has_k2: k2rows.is_some(),
             half_dim: head_dim / 2,
             interleaved: i32::from(rope.layout == RopeLayout::Interleaved),
         }
@@ -157,7 +169,8 @@ impl Packed {
             draws: p(7),
             tile_row0: p(8),
             tile_rows: p(9),
-            tables: p(10),
+            k2rows: if self.has_k2 { p(10) } else { 0 },
+            tables: p(11),
             n_tiles: self.n_tiles,
             ctx_bucket: self.ctx_bucket,
             half_dim: self.half_dim,
@@ -224,7 +237,12 @@ mod tests {
         };
         // Same shape (three rows, three logit rows, one context bucket), 4 vs 10 table entries.
         let (a, b) = (decode_step(&[16, 17, 30]), decode_step(&[40, 60, 63]));
-        let (pa, pb) = (Packed::new(&a, &rope, 64), Packed::new(&b, &rope, 64));
+        // With a kivi2 store's words (three per row), which a recorded step reads where they were recorded too.
+        let words = [1u32; 9];
+        let (pa, pb) = (
+            Packed::new(&a, &rope, 64, Some(&words)),
+            Packed::new(&b, &rope, 64, Some(&words)),
+        );
         assert_eq!(pa.ctx_bucket, pb.ctx_bucket);
         let (pa, pb) = (pa.at(0), pb.at(0));
         for (name, x, y) in [
@@ -237,9 +255,11 @@ mod tests {
             ("logit_rows", pa.logit_rows, pb.logit_rows),
             ("draws", pa.draws, pb.draws),
             ("tables", pa.tables, pb.tables),
+            ("k2rows", pa.k2rows, pb.k2rows),
         ] {
             assert_eq!(x, y, "{name} moved between two steps of the same shape");
         }
+        assert_ne!(pa.k2rows, 0, "the kivi2 words are in the plan");
     }
 
     #[test]
@@ -273,7 +293,10 @@ mod tests {
             draw(vec![pen(2), pen(4), pen(6)]),
             draw(vec![]),
         ];
-        let (pa, pb) = (Packed::new(&a, &rope, 64), Packed::new(&b, &rope, 64));
+        let (pa, pb) = (
+            Packed::new(&a, &rope, 64, None),
+            Packed::new(&b, &rope, 64, None),
+        );
         assert_eq!(pa.at(0).draws, pb.at(0).draws, "the draws part moved");
         for (p, layout) in [(&pa, &a), (&pb, &b)] {
             let base = p.at(0).draws as usize / 4;

@@ -157,23 +157,29 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
     norms(b, &mut rng, &mut push);
     rope(b, &mut rng, &mut push);
     matmuls(b, &mut rng, &mut push);
-    for (group, hd, format, contexts) in [
-        (1, 64, KvFormat::F32, vec![1, 17, 300]),
-        (3, 64, KvFormat::F16, vec![5, 64, 1000, 33]),
-        (4, 128, KvFormat::F16, vec![1024, 7, 129]),
-        (5, 128, KvFormat::F32, vec![250]),
-        (8, 128, KvFormat::F16, vec![77, 4097]),
-        (4, 128, KvFormat::Int8, vec![1024, 7, 129]),
-        (3, 64, KvFormat::Int8, vec![300]),
+    use RopeLayout::{Halves, Interleaved};
+    for (group, hd, format, contexts, pairs) in [
+        (1, 64, KvFormat::F32, vec![1, 17, 300], Halves),
+        (3, 64, KvFormat::F16, vec![5, 64, 1000, 33], Halves),
+        (4, 128, KvFormat::F16, vec![1024, 7, 129], Halves),
+        (5, 128, KvFormat::F32, vec![250], Halves),
+        (8, 128, KvFormat::F16, vec![77, 4097], Halves),
+        (4, 128, KvFormat::Int8, vec![1024, 7, 129], Halves),
+        (3, 64, KvFormat::Int8, vec![300], Halves),
         // Every context within one 64-key bucket: a single split, written by the block itself.
-        (7, 128, KvFormat::F16, vec![64, 3, 50]),
-        (2, 64, KvFormat::Int8, vec![40, 64]),
-        (4, 128, KvFormat::Int4, vec![1024, 7, 129]),
-        (3, 64, KvFormat::Int4, vec![300, 64]),
-        (4, 128, KvFormat::Fp8, vec![1024, 7, 129]),
-        (3, 64, KvFormat::Fp8, vec![300, 64]),
+        (7, 128, KvFormat::F16, vec![64, 3, 50], Halves),
+        (2, 64, KvFormat::Int8, vec![40, 64], Halves),
+        (4, 128, KvFormat::Int4, vec![1024, 7, 129], Halves),
+        (3, 64, KvFormat::Int4, vec![300, 64], Halves),
+        (4, 128, KvFormat::Fp8, vec![1024, 7, 129], Halves),
+        (3, 64, KvFormat::Fp8, vec![300, 64], Halves),
+        (4, 128, KvFormat::Kivi2, vec![1024, 7, 129], Halves),
+        (3, 64, KvFormat::Kivi2, vec![300, 64, 33], Interleaved),
+        (8, 128, KvFormat::Kivi2, vec![4097, 16], Interleaved),
     ] {
-        attention(b, &mut rng, &mut push, group, hd, format, &contexts, 1);
+        attention(
+            b, &mut rng, &mut push, group, hd, format, &contexts, 1, pairs,
+        );
     }
     // Prefill: rows per sequence past the decode threshold, after a cached prefix, ending mid-tile.
     attention(
@@ -185,8 +191,19 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         KvFormat::F16,
         &[130, 200, 9],
         130,
+        Halves,
     );
-    attention(b, &mut rng, &mut push, 3, 64, KvFormat::F32, &[65, 100], 65);
+    attention(
+        b,
+        &mut rng,
+        &mut push,
+        3,
+        64,
+        KvFormat::F32,
+        &[65, 100],
+        65,
+        Halves,
+    );
     attention(
         b,
         &mut rng,
@@ -196,6 +213,7 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         KvFormat::Int8,
         &[130, 200, 9],
         130,
+        Halves,
     );
     attention(
         b,
@@ -206,6 +224,7 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         KvFormat::Int4,
         &[70, 150],
         70,
+        Halves,
     );
     attention(
         b,
@@ -216,12 +235,42 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
         KvFormat::Fp8,
         &[130, 200, 9],
         130,
+        Halves,
     );
+    for (contexts, first, pairs) in [
+        (&[70, 150][..], 70, Halves),
+        (&[130, 200, 9][..], 130, Interleaved),
+    ] {
+        attention(
+            b,
+            &mut rng,
+            &mut push,
+            2,
+            64,
+            KvFormat::Kivi2,
+            contexts,
+            first,
+            pairs,
+        );
+        attention(
+            b,
+            &mut rng,
+            &mut push,
+            4,
+            128,
+            KvFormat::Kivi2,
+            contexts,
+            first,
+            pairs,
+        );
+    }
     swiglu(b, &mut rng, &mut push);
     rope_store(b, &mut rng, &mut push, KvFormat::F16);
     rope_store(b, &mut rng, &mut push, KvFormat::Int8);
     rope_store(b, &mut rng, &mut push, KvFormat::Int4);
     rope_store(b, &mut rng, &mut push, KvFormat::Fp8);
+    rope_store(b, &mut rng, &mut push, KvFormat::Kivi2);
+    super::kivi2_check::checks(b, &mut rng, &mut push);
     argmax(b, &mut rng, &mut push);
     sample(b, &mut rng, &mut push);
     out
@@ -292,7 +341,7 @@ fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             layout: RopeLayout::Halves,
             freq_factors: None,
         };
-        let plan = b.plan(&layout, &rope, 64);
+        let plan = b.plan(&layout, &rope, 64, None);
         let got = b.sample_rows(&xt, cols, &plan, &draws);
         let agree = got.iter().zip(&want).filter(|(g, w)| g == w).count();
         push(
@@ -304,7 +353,7 @@ fn sample(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     }
 }
 
-type Push<'a> = dyn FnMut(String, Vec<f32>, Vec<f64>, f64) + 'a;
+pub(super) type Push<'a> = dyn FnMut(String, Vec<f32>, Vec<f64>, f64) + 'a;
 
 fn norms(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     let (rows, cols, eps) = (3, 1001, 1e-5f32);
@@ -359,7 +408,7 @@ fn rope(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             ..Default::default()
         };
         let x = random(rng, rows * heads * hd, 1.0);
-        let plan = b.plan(&batch, &cfg, hd);
+        let plan = b.plan(&batch, &cfg, hd, None);
         let mut xt = b.tensor(rows, heads * hd, &x);
         b.rope(&mut xt, heads, &plan);
         let want = rope_reference(&x, heads, hd, &positions, &cfg);
@@ -490,6 +539,7 @@ fn attention(
     format: KvFormat,
     contexts: &[usize],
     q_rows: usize,
+    pairs: RopeLayout,
 ) {
     let (kvh, bs) = (2, 16);
     let heads = kvh * group;
@@ -502,7 +552,12 @@ fn attention(
         num_blocks: blocks + 3,
         format,
     };
-    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout)) else {
+    let rope = RopeConfig {
+        theta: 10_000.0,
+        layout: pairs,
+        freq_factors: None,
+    };
+    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout, &rope)) else {
         return push(
             format!("attention alloc {format:?}"),
             vec![],
@@ -520,24 +575,19 @@ fn attention(
         .iter()
         .map(|c| (0..c.div_ceil(bs)).map(|_| next.next().unwrap()).collect())
         .collect();
-    let rope = RopeConfig {
-        theta: 10_000.0,
-        layout: RopeLayout::Halves,
-        freq_factors: None,
-    };
     let layer = 1;
     // Store every context token's K/V (one sequence slice per context).
     let store = layout_of(contexts, &tables, bs, usize::MAX);
     let n = store.tokens.len();
     let k = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.5));
     let v = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.0));
-    let plan = b.plan(&store, &rope, hd);
+    let plan = b.plan(&store, &rope, hd, Some(&mut kv));
     b.store_kv(&mut kv, layer, &k, &v, &plan);
     // The query rows: the last `q_rows` (at most the context) of each sequence.
     let query = layout_of(contexts, &tables, bs, q_rows);
     let rows = query.tokens.len();
     let q = random(rng, rows * heads * hd, 1.0);
-    let plan = b.plan(&query, &rope, hd);
+    let plan = b.plan(&query, &rope, hd, Some(&mut kv));
     let qt = b.tensor(rows, heads * hd, &q);
     let mut o = b.activations(0, 0);
     b.attention(&qt, &kv, layer, &plan, &mut o, &mut []);
@@ -633,13 +683,13 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
         num_blocks: 3,
         format,
     };
-    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout)) else {
-        return push("rope_store alloc".into(), vec![], vec![0.0], 0.0);
-    };
     let cfg = RopeConfig {
         theta: 10_000.0,
         layout: RopeLayout::Halves,
         freq_factors: None,
+    };
+    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout, &cfg)) else {
+        return push("rope_store alloc".into(), vec![], vec![0.0], 0.0);
     };
     let positions: Vec<u32> = (0..rows).map(|_| rng.below(3000) as u32).collect();
     // Rows land in block 2, slots 3..8.
@@ -655,7 +705,7 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
         random(rng, rows * kvh * hd, 1.0),
         random(rng, rows * kvh * hd, 1.0),
     );
-    let plan = b.plan(&batch, &cfg, hd);
+    let plan = b.plan(&batch, &cfg, hd, Some(&mut kv));
     let (mut qt, mut kt, vt) = (
         b.tensor(rows, heads * hd, &q),
         b.tensor(rows, kvh * hd, &k),
@@ -704,6 +754,9 @@ fn rope_store(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>, format: KvFor
                     crate::kv::codec::spread::turn_all(&mut out, hd);
                 }
             }
+            // kivi2 keys wait exact in their open block (rows land mid-block).
+            KvFormat::Kivi2 if keys => return (exact, tol),
+            KvFormat::Kivi2 => return (super::kivi2_check::stored_values(&x, hd), 1e-2),
             KvFormat::Fp8 => {
                 let code = crate::kv::ByteCode::Fp8;
                 for (xv, ov) in x.chunks(hd).zip(out.chunks_mut(hd)) {
@@ -747,12 +800,7 @@ fn argmax(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     push(format!("argmax {rows}x{cols}"), got, want, 0.0);
 }
 
-/// A key rotation for a store the checks fill directly (no kivi2 store is made on the device).
-fn test_rotation(layout: &KvLayout) -> crate::kv::codec::KeyRotation {
-    let rope = crate::model::RopeConfig {
-        theta: 10_000.0,
-        layout: crate::model::RopeLayout::Halves,
-        freq_factors: None,
-    };
-    crate::kv::codec::KeyRotation::new(&rope, layout.head_dim, layout.block_size)
+/// The key rotation within a block of a store whose keys are turned by `rope` (the frame kivi2 quantizes them in).
+fn test_rotation(layout: &KvLayout, rope: &RopeConfig) -> crate::kv::codec::KeyRotation {
+    crate::kv::codec::KeyRotation::new(rope, layout.head_dim, layout.block_size)
 }
