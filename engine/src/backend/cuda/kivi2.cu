@@ -111,10 +111,11 @@ extern "C" __global__ void rope_store_k2(float* q, float* k, const float* v, uns
 }
 
 // Grid (rows, kv_heads), head_dim threads (one per channel): a row that wrote its block's last slot quantizes the
-// block head from its open entry, in the block's frame (the host's `KeyRotation::to_block_frame`, angles in double
-// as the host computes them), one (min, scale) per channel over the block's tokens.
+// block head from its open entry, in the block's frame (the host's `KeyRotation::to_block_frame`, by the host's own
+// angles: `turn` holds (cos, sin) of t * inv_freq[p] per token t and pair p), one (min, scale) per channel over the
+// block's tokens.
 extern "C" __global__ void seal_k2(unsigned char* kc, __half* kp, const float* pool, const u32* k2rows,
-                                   const u32* slots, const float* inv_freq, int kv_heads, int head_dim,
+                                   const u32* slots, const float2* turn, int kv_heads, int head_dim,
                                    int interleaved, size_t layer_vec, int layer, int layers) {
     __shared__ float keys[K2_BS * 128];
     __shared__ unsigned char codes[K2_BS * 128];
@@ -127,8 +128,8 @@ extern "C" __global__ void seal_k2(unsigned char* kc, __half* kp, const float* p
     if (d < half) {
         const int a = interleaved ? 2 * d : d, b = interleaved ? 2 * d + 1 : d + half;
         for (int t = 1; t < K2_BS; t++) {
-            const double angle = (double)t * (double)inv_freq[d];
-            const float c = (float)cos(angle), s = -(float)sin(angle);
+            const float2 cs = turn[t * half + d];
+            const float c = cs.x, s = -cs.y;
             const float x0 = keys[t * hd + a], x1 = keys[t * hd + b];
             keys[t * hd + a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
             keys[t * hd + b] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
@@ -174,7 +175,7 @@ template <int HD> struct K2Shared {
 template <int HD, bool INTERLEAVED>
 __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsigned char* kc, const unsigned char* vc,
                                   const __half* kp, const __half* vp, const float* pool, const u32* k2rows,
-                                  const float* inv_freq, float* out, float* part, u32* arrived, const u32* row_ctx,
+                                  const float2* turn, float* out, float* part, u32* arrived, const u32* row_ctx,
                                   const u32* row_table, const u32* tables, int kv_heads, int group, size_t layer_vec,
                                   int layer, int layers, float scale, int splits) {
     constexpr int HALF = HD / 2, QUARTER = HD / 4, CB = HD / 4, NG = HD / 32;
@@ -186,11 +187,7 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
         const int g = i / HD, d = i % HD;
         sh.q[g][d] = g < group ? q[((size_t)r * heads + kvh * group + g) * HD + d] * qscale : 0.f;
     }
-    for (int i = threadIdx.x; i < K2_BS * HALF; i += blockDim.x) {
-        const int tt = i / HALF, p = i % HALF;
-        const double angle = (double)tt * (double)inv_freq[p];
-        sh.turn[tt][p] = make_float2((float)cos(angle), (float)sin(angle));
-    }
+    for (int i = threadIdx.x; i < K2_BS * HALF; i += blockDim.x) sh.turn[i / HALF][i % HALF] = turn[i];
     __syncthreads();
 
     const u32 ctx = row_ctx[r];
@@ -389,16 +386,16 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
 #define K2_ATTENTION(HD)                                                                                        \
     extern "C" __global__ void __launch_bounds__(K2_WARPS * 32) attention_k2_h##HD(                             \
         const float* q, const unsigned char* kc, const unsigned char* vc, const __half* kp, const __half* vp,   \
-        const float* pool, const u32* k2rows, const float* inv_freq, int interleaved, float* out, float* part,  \
+        const float* pool, const u32* k2rows, const float2* turn, int interleaved, float* out, float* part,     \
         u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int group,     \
         size_t layer_vec, int layer, int layers, float scale, int splits) {                                     \
         __shared__ K2Shared<HD> sh;                                                                             \
         if (interleaved)                                                                                        \
-            k2_attention_impl<HD, true>(sh, q, kc, vc, kp, vp, pool, k2rows, inv_freq, out, part, arrived,      \
+            k2_attention_impl<HD, true>(sh, q, kc, vc, kp, vp, pool, k2rows, turn, out, part, arrived,      \
                                         row_ctx, row_table, tables, kv_heads, group, layer_vec, layer, layers,  \
                                         scale, splits);                                                         \
         else                                                                                                    \
-            k2_attention_impl<HD, false>(sh, q, kc, vc, kp, vp, pool, k2rows, inv_freq, out, part, arrived,     \
+            k2_attention_impl<HD, false>(sh, q, kc, vc, kp, vp, pool, k2rows, turn, out, part, arrived,     \
                                          row_ctx, row_table, tables, kv_heads, group, layer_vec, layer, layers, \
                                          scale, splits);                                                        \
     }

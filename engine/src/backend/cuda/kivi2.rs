@@ -43,6 +43,8 @@ pub struct Kivi2Store {
     pub(super) kp: CudaSlice<u16>,
     /// Per vector: an f16 (min, scale) per 32 dims, as raw bits.
     pub(super) vp: CudaSlice<u16>,
+    /// The frame's angles ([`KeyRotation::angles`]), which the seal and attention kernels turn keys by.
+    turn: CudaSlice<f32>,
     pool: Option<CudaSlice<f32>>,
     /// Entries the pool has room for.
     capacity: usize,
@@ -83,6 +85,7 @@ impl Kivi2Store {
                 .alloc_zeros(vectors / layout.block_size * 2 * hd)
                 .map_err(dev)?,
             vp: stream.alloc_zeros(vectors * 2 * (hd / 32)).map_err(dev)?,
+            turn: stream.clone_htod(&frame.angles()).map_err(dev)?,
             pool: None,
             capacity: 0,
             open: OpenBlocks::new(layout.block_size),
@@ -463,7 +466,7 @@ impl CudaBackend {
             .arg(&args.pool)
             .arg(&plan.k2rows)
             .arg(&plan.slots)
-            .arg(&plan.inv_freq);
+            .arg(&kv.turn);
         a.arg(&args.kv_heads)
             .arg(&args.head_dim)
             .arg(&plan.interleaved);
@@ -553,7 +556,7 @@ impl CudaBackend {
             .arg(&kv.vp)
             .arg(&args.pool)
             .arg(&plan.k2rows);
-        a.arg(&plan.inv_freq)
+        a.arg(&kv.turn)
             .arg(&plan.interleaved)
             .arg(o)
             .arg(pb)

@@ -63,6 +63,16 @@ impl KeyRotation {
         (self.head_dim, self.block_size)
     }
 
+    /// (cos, sin) of `t * inv_freq[p]` for each token `t` of a block and RoPE pair `p`, as consecutive values
+    /// (`[t][p][2]`): the angles a device turns keys by, taken from here so that both sides turn alike.
+    pub fn angles(&self) -> Vec<f32> {
+        self.cos
+            .iter()
+            .zip(&self.sin)
+            .flat_map(|(&c, &s)| [c, s])
+            .collect()
+    }
+
     /// Turns each key of a block (`[head][token][dim]`, the `block_size` and `head_dim` this was built for) back by
     /// its offset within the block.
     pub fn to_block_frame(&self, keys: &mut [f32]) {
