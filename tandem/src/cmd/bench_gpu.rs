@@ -40,8 +40,8 @@ pub struct GpuBenchArgs {
     /// Prompt length for the prefill timing.
     #[arg(long, default_value_t = 2048)]
     pub prefill_tokens: usize,
-    /// Cache format for the timings: f16, f32, int8, fp8 or int4 (int8 and fp8 read about half the bytes of f16
-    /// per key, int4 about 0.31).
+    /// Cache format for the checks and timings: f16, f32, int8, fp8, int4 or kivi2 (int8 and fp8 read about half
+    /// the bytes of f16 per key, int4 about 0.31, kivi2 about 0.22).
     #[arg(long, default_value = "f16", value_parser = super::parse_kv_format)]
     pub kv_format: KvFormat,
     /// Also time decode attention alone (one layer of the shape, the largest `--batch` at `--context`) over each
