@@ -39,7 +39,7 @@ pub struct ModelArgs {
     /// twice as fast as f32 at long contexts), int8 or fp8 (a byte per dim, integer or E4M3, and one f16 scale per
     /// token and head; 3.9x the tokens of f32), int4 (4-bit codes with an f16 min and scale per 32 dims; 6.4x
     /// the tokens of f32) or kivi2 (2-bit: keys per channel over each block, values per 32 dims of a token; 9.1x
-    /// the tokens of f32, CPU only, at a large perplexity cost on small models).
+    /// the tokens of f32, at a large perplexity cost on small models).
     #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
     pub kv_format: KvFormat,
     /// Most tokens computed in one forward pass (prefill chunk size).

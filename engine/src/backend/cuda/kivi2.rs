@@ -273,9 +273,9 @@ impl Kivi2Store {
         (keys, values)
     }
 
-    /// Writes a whole block of `layer` from the host. Its keys are quantized in the block's frame, as a block whose
-    /// last slot is written, unless the block is open (its other layers' keys wait in its entry): then they join
-    /// them there, exact, and are quantized when the block fills.
+    /// Writes a whole block of `layer` from the host (a transfer's blocks). As on the CPU, writing every slot fills
+    /// the block: its keys are quantized in the block's frame, and an entry the block held (a block id reused without
+    /// being retired) is given back, so that every layer reads the block from its codes.
     pub(super) fn write_block(
         &mut self,
         b: &CudaBackend,
@@ -287,41 +287,34 @@ impl Kivi2Store {
         let (hd, bs) = (self.layout.head_dim, self.layout.block_size);
         let vecs = self.block_vectors(layer, block);
         let what = "writing a kivi2 block";
-        let open = self.open.entry(block).map(|e| self.entry_layer(e, layer));
-        match (open, self.pool.as_mut()) {
-            (Some(range), Some(pool)) => {
-                b.ok(what, b.stream.memcpy_htod(k, &mut pool.slice_mut(range)));
-            }
-            _ => {
-                let mut framed = k.to_vec();
-                self.frame.to_block_frame(&mut framed);
-                let mut codes = vec![0u8; vecs.len() * hd / 4];
-                let mut params = vec![f16::ZERO; vecs.len() / bs * 2 * hd];
-                for ((x, c), p) in framed
-                    .chunks(bs * hd)
-                    .zip(codes.chunks_mut(bs * hd / 4))
-                    .zip(params.chunks_mut(2 * hd))
-                {
-                    quantize_channels(x, hd, c, p);
-                }
-                let bits: Vec<u16> = params.iter().map(|p| p.to_bits()).collect();
-                let heads = vecs.start / bs..vecs.end / bs;
-                b.ok(
-                    what,
-                    b.stream.memcpy_htod(
-                        &codes,
-                        &mut self.k.slice_mut(vecs.start * hd / 4..vecs.end * hd / 4),
-                    ),
-                );
-                b.ok(
-                    what,
-                    b.stream.memcpy_htod(
-                        &bits,
-                        &mut self.kp.slice_mut(heads.start * 2 * hd..heads.end * 2 * hd),
-                    ),
-                );
-            }
+        self.open.retire(&[block]);
+        let mut framed = k.to_vec();
+        self.frame.to_block_frame(&mut framed);
+        let mut codes = vec![0u8; vecs.len() * hd / 4];
+        let mut params = vec![f16::ZERO; vecs.len() / bs * 2 * hd];
+        for ((x, c), p) in framed
+            .chunks(bs * hd)
+            .zip(codes.chunks_mut(bs * hd / 4))
+            .zip(params.chunks_mut(2 * hd))
+        {
+            quantize_channels(x, hd, c, p);
         }
+        let bits: Vec<u16> = params.iter().map(|p| p.to_bits()).collect();
+        let heads = vecs.start / bs..vecs.end / bs;
+        b.ok(
+            what,
+            b.stream.memcpy_htod(
+                &codes,
+                &mut self.k.slice_mut(vecs.start * hd / 4..vecs.end * hd / 4),
+            ),
+        );
+        b.ok(
+            what,
+            b.stream.memcpy_htod(
+                &bits,
+                &mut self.kp.slice_mut(heads.start * 2 * hd..heads.end * 2 * hd),
+            ),
+        );
         let pp = 2 * (hd / 32);
         let mut codes = vec![0u8; vecs.len() * hd / 4];
         let mut params = vec![f16::ZERO; vecs.len() * pp];
