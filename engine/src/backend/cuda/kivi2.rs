@@ -124,11 +124,12 @@ impl Kivi2Store {
 
     /// The plan words of a step writing `layout`'s rows ([`super::open_blocks::ROW_WORDS`] per row), after giving each written block an
     /// entry ([`OpenBlocks::step`]) and filling the entries handed out: zeroed, or refilled from a block's codes
-    /// (host work, rare: a transferred partial block decoded into).
-    pub(super) fn prepare(&mut self, b: &CudaBackend, layout: &BatchLayout) -> Vec<u32> {
+    /// (host work, rare: a transferred partial block decoded into). `None` when the pool cannot grow.
+    pub(super) fn prepare(&mut self, b: &CudaBackend, layout: &BatchLayout) -> Option<Vec<u32>> {
         let step = self.open.step(layout);
         if !self.hold(b, step.entries) {
-            return step.words;
+            // The failure is recorded; a plan without the words launches no kivi2 kernel.
+            return None;
         }
         for &(entry, block, how) in &step.fills {
             match how {
@@ -144,7 +145,7 @@ impl Kivi2Store {
                 Fill::FromCodes => self.reopen(b, block, entry),
             }
         }
-        step.words
+        Some(step.words)
     }
 
     /// Makes the pool hold `entries` entries, doubling it (`false`, with the failure recorded, when it cannot).

@@ -93,7 +93,7 @@ impl Backend for CudaBackend {
         self.mark("host (between steps)");
         let _uploaded = Marked(self, "plan upload");
         let k2rows = match kv.map(|kv| &mut kv.bufs) {
-            Some(KvBufs::Kivi2(s)) => Some(s.prepare(self, layout)),
+            Some(KvBufs::Kivi2(s)) => s.prepare(self, layout),
             _ => None,
         };
         let packed = Packed::new(layout, rope, head_dim, k2rows.as_deref());
