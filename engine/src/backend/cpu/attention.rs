@@ -11,7 +11,7 @@
 //! (decision 0017). Where the key store holds turned keys (int4, [`crate::kv::KvFormat::turns_keys`]) each query is
 //! turned the same way first, into scratch.
 
-use super::pool::SpinPool;
+use super::pool::{Disjoint, SpinPool};
 use super::simd;
 use super::{CpuKvStore, CpuPlan, CpuTensor, KvBuf};
 use crate::backend::AttentionTally;
@@ -24,18 +24,6 @@ const ROWS_PER_TASK: usize = 64;
 
 /// Tiles this small are computed with vector loops instead of SGEMM.
 const VECTOR_MAX_ROWS: usize = 2;
-
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: each task writes the head slices of its own query rows only; the pointer outlives the parallel region.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 #[derive(Default)]
 struct Scratch {
@@ -88,7 +76,7 @@ pub fn attention(
     })
     .collect();
     let scale = 1.0 / (hd as f32).sqrt();
-    let optr = Ptr(out.data.as_mut_ptr());
+    let optr = Disjoint::new(&mut out.data);
     let (kbuf, vbuf) = (&kv.k[layer], &kv.v[layer]);
     pool.run(tasks.len(), &|t| {
         let (si, kvh, r0, r1) = tasks[t];
@@ -152,10 +140,7 @@ pub fn attention(
                     }
                     // SAFETY: this task alone writes the group's heads of this row; the slice lies inside `out`.
                     let o = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            optr.get().add(row * heads * hd + h0),
-                            hs - h0,
-                        )
+                        std::slice::from_raw_parts_mut(optr.at(row * heads * hd + h0), hs - h0)
                     };
                     o.fill(0.0);
                     runs.weighted_sum(scores, hd, o);
@@ -214,7 +199,7 @@ pub fn attention(
                 }
                 // SAFETY: the output rows r0..r1, head h slice, are written by this task only (row stride out.cols).
                 unsafe {
-                    let op = optr.get().add((s.first_row + r0) * heads * hd + h * hd);
+                    let op = optr.at((s.first_row + r0) * heads * hd + h * hd);
                     matrixmultiply::sgemm(
                         rows,
                         ctx,

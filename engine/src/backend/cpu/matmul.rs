@@ -15,7 +15,7 @@
 //! Work is split over output columns (weight rows) across the backend's [`SpinPool`]; tasks write disjoint column ranges of the
 //! output.
 
-use super::pool::SpinPool;
+use super::pool::{Disjoint, SpinPool};
 use super::{CpuMatrix, CpuTensor};
 use crate::quant::actq::{ActBlock, quantize_activations};
 use crate::quant::dequant::dequantize_row;
@@ -28,31 +28,6 @@ const GEMM_TILE_ROWS: usize = 64;
 /// Activation rows from which quantizing them is spread over the pool (below it, one thread does it faster than
 /// the region costs).
 const PARALLEL_QUANT_ROWS: usize = 4;
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output; the pointer outlives the parallel region.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-#[derive(Clone, Copy)]
-struct ActPtr(*mut ActBlock);
-// SAFETY: tasks write disjoint rows of the activation buffer; the pointer outlives the parallel region.
-unsafe impl Send for ActPtr {}
-unsafe impl Sync for ActPtr {}
-
-impl ActPtr {
-    /// Row `r` of `bpr` blocks.
-    ///
-    /// # Safety
-    /// The buffer holds at least `(r + 1) * bpr` blocks, and nothing else reads or writes row `r` while the slice
-    /// lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, r: usize, bpr: usize) -> &mut [ActBlock] {
-        // SAFETY: as the caller guarantees.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(r * bpr), bpr) }
-    }
-}
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -107,9 +82,9 @@ pub fn matmul(
             r0 = r1;
         }
     }
-    let outs: Vec<(OutPtr, usize)> = pairs
+    let outs: Vec<(Disjoint<f32>, usize)> = pairs
         .iter_mut()
-        .map(|(w, o)| (OutPtr(o.data.as_mut_ptr()), w.rows))
+        .map(|(w, o)| (Disjoint::new(&mut o.data), w.rows))
         .collect();
     let weights: Vec<&CpuMatrix> = pairs.iter().map(|(w, _)| *w).collect();
     let run = |xq: Option<&[&[ActBlock]]>| {
@@ -139,11 +114,11 @@ pub fn matmul(
             }
         } else {
             // One row per task: a batch's rows cost as much as a small matmul, and the other threads would wait.
-            let dst = ActPtr(q.as_mut_ptr());
+            let dst = Disjoint::new(&mut q[..]);
             pool.run(m, &|r| {
                 // SAFETY: row r's blocks lie within `q` (resized above) and only this task writes them; `q`
                 // outlives the region.
-                let row = unsafe { dst.row(r, bpr) };
+                let row = unsafe { dst.slice(r * bpr, bpr) };
                 quantize_activations(x.row(r), row);
             });
         }
@@ -158,13 +133,13 @@ fn int_rows(
     xrows: &[&[ActBlock]],
     r0: usize,
     r1: usize,
-    out: OutPtr,
+    out: Disjoint<f32>,
     n: usize,
     kernels: DotKernels,
 ) {
     // SAFETY: the output is m x n row-major and outlives the parallel region; columns r0..r1 of every row belong
     // to this task only.
-    let cols = unsafe { OutRows::strided(out.0.add(r0), n, xrows.len(), r1 - r0) };
+    let cols = unsafe { OutRows::strided(out.at(r0), n, xrows.len(), r1 - r0) };
     dot_rows(
         w.ty,
         w.layout,
@@ -177,7 +152,7 @@ fn int_rows(
     );
 }
 
-fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: OutPtr, n: usize) {
+fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: Disjoint<f32>, n: usize) {
     let k = w.cols;
     let tile = r1 - r0;
     SCRATCH.with(|s| {
@@ -206,7 +181,7 @@ fn gemm_rows(w: &CpuMatrix, x: &CpuTensor, r0: usize, r1: usize, out: OutPtr, n:
                 1,
                 k as isize,
                 0.0,
-                out.0.add(r0),
+                out.at(r0),
                 n as isize,
                 1,
             );

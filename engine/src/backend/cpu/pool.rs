@@ -23,6 +23,46 @@ const SPIN_LIMIT: u32 = 20_000;
 /// engines in one test process, a busy host) still make progress instead of burning each other's time slices.
 const SPIN_BEFORE_YIELD: u32 = 2_000;
 
+/// A buffer that a parallel region's tasks write in disjoint parts (each task its own rows or columns), handed to
+/// them by copy. Every use is `unsafe`: its caller promises that the part lies within the buffer, that no other
+/// task touches it while in use, and that the buffer outlives the region.
+pub struct Disjoint<T>(*mut T);
+
+impl<T> Clone for Disjoint<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Disjoint<T> {}
+// SAFETY: tasks reach the buffer only through the unsafe methods below, whose callers promise disjoint parts.
+unsafe impl<T> Send for Disjoint<T> {}
+unsafe impl<T> Sync for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    pub fn new(buf: &mut [T]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+
+    /// The address of element `i`.
+    ///
+    /// # Safety
+    /// `i` is at most the buffer's length.
+    pub unsafe fn at(self, i: usize) -> *mut T {
+        // SAFETY: as the caller guarantees.
+        unsafe { self.0.add(i) }
+    }
+
+    /// Elements `start..start + len`.
+    ///
+    /// # Safety
+    /// The range lies within the buffer, and nothing else reads or writes it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: as the caller guarantees.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
 #[inline]
 fn backoff(spins: u32) {
     if spins < SPIN_BEFORE_YIELD {
