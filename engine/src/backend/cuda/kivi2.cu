@@ -162,10 +162,13 @@ extern "C" __global__ void seal_k2(unsigned char* kc, __half* kp, const float* p
 // forward out of the block's frame, and scores it against every query head of the KV head; the two halves add up
 // by one shuffle. The row's open block is read from its entry instead (exact keys, already in the cache's frame).
 // Values: lane l takes dims l, l + 32, ... of every key, weighted by the keys' probabilities through shared memory.
+// Rows indexed by dimension are skewed by one word per 32 (`k2_skew`): the two halves of a warp read dims 32 or 64
+// apart, which would otherwise share a bank.
+__device__ __forceinline__ int k2_skew(int d) { return d + (d >> 5); }
 template <int HD> struct K2Shared {
-    float q[8][HD];             // the query heads of this KV head, scaled (zeros past the group)
-    float2 turn[K2_BS][HD / 2]; // (cos, sin) of t * inv_freq[p]
-    float kmin[K2_WARPS][HD], kscale[K2_WARPS][HD];
+    float q[8][HD + HD / 32];   // the query heads of this KV head, scaled (zeros past the group), skewed
+    float2 turn[HD / 2][K2_BS]; // (cos, sin) of t * inv_freq[p], pair-major so the 16 keys' lanes read apart
+    float kmin[K2_WARPS][HD + HD / 32], kscale[K2_WARPS][HD + HD / 32];  // skewed
     u32 vcodes[K2_WARPS][K2_BS * HD / 16];
     float2 vparams[K2_WARPS][K2_BS][HD / 32];
     float p[K2_WARPS][8][K2_BS];
@@ -185,9 +188,9 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
     const float qscale = scale * 1.44269504088896341f;  // softmax in powers of two
     for (int i = threadIdx.x; i < 8 * HD; i += blockDim.x) {
         const int g = i / HD, d = i % HD;
-        sh.q[g][d] = g < group ? q[((size_t)r * heads + kvh * group + g) * HD + d] * qscale : 0.f;
+        sh.q[g][k2_skew(d)] = g < group ? q[((size_t)r * heads + kvh * group + g) * HD + d] * qscale : 0.f;
     }
-    for (int i = threadIdx.x; i < K2_BS * HALF; i += blockDim.x) sh.turn[i / HALF][i % HALF] = turn[i];
+    for (int i = threadIdx.x; i < K2_BS * HALF; i += blockDim.x) sh.turn[i % HALF][i / HALF] = turn[i];
     __syncthreads();
 
     const u32 ctx = row_ctx[r];
@@ -207,8 +210,8 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
         const u32 blk = table[kb];
         const size_t bh = layer_vec / K2_BS + (size_t)blk * kv_heads + kvh, vec0 = bh * K2_BS;
         for (int i = lane; i < HD; i += 32) {
-            sh.kmin[warp][i] = __half2float(kp[bh * 2 * HD + 2 * i]);
-            sh.kscale[warp][i] = __half2float(kp[bh * 2 * HD + 2 * i + 1]);
+            sh.kmin[warp][k2_skew(i)] = __half2float(kp[bh * 2 * HD + 2 * i]);
+            sh.kscale[warp][k2_skew(i)] = __half2float(kp[bh * 2 * HD + 2 * i + 1]);
         }
         const u32* vsrc = reinterpret_cast<const u32*>(vc + vec0 * CB);
         for (int i = lane; i < K2_BS * HD / 16; i += 32) sh.vcodes[warp][i] = vsrc[i];
@@ -224,8 +227,11 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
         for (int g = 0; g < 8; g++) s[g] = 0.f;
         // Pair p (of this lane's QUARTER) has dims (a, b); turned forward by (c, sn) when read from codes.
         auto add_pair = [&](int a, int b, float ka, float kb2) {
+            const int sa = k2_skew(a), sb = k2_skew(b);
 #pragma unroll
-            for (int g = 0; g < 8; g++) s[g] += sh.q[g][a] * ka + sh.q[g][b] * kb2;
+            for (int g = 0; g < 8; g++) {
+                if (g < group) s[g] += sh.q[g][sa] * ka + sh.q[g][sb] * kb2;
+            }
         };
         if (kb == open_kb) {
             const float* kx = pool + ((((size_t)open_entry * layers + layer) * kv_heads + kvh) * K2_BS + t) * HD;
@@ -267,9 +273,10 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
                     ca = (wa[i / 16] >> (2 * (i % 16))) & 3u;
                     cb = (wb[i / 16] >> (2 * (i % 16))) & 3u;
                 }
-                const float x0 = __fadd_rn(sh.kmin[warp][a], __fmul_rn(sh.kscale[warp][a], (float)ca));
-                const float x1 = __fadd_rn(sh.kmin[warp][b], __fmul_rn(sh.kscale[warp][b], (float)cb));
-                const float2 cs = sh.turn[t][p];
+                const int sa = k2_skew(a), sb = k2_skew(b);
+                const float x0 = __fadd_rn(sh.kmin[warp][sa], __fmul_rn(sh.kscale[warp][sa], (float)ca));
+                const float x1 = __fadd_rn(sh.kmin[warp][sb], __fmul_rn(sh.kscale[warp][sb], (float)cb));
+                const float2 cs = sh.turn[p][t];
                 add_pair(a, b, x0 * cs.x - x1 * cs.y, x0 * cs.y + x1 * cs.x);
             }
         }
