@@ -206,7 +206,8 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
 #pragma unroll
         for (int j = 0; j < NG; j++) acc[g][j] = 0.f;
     }
-    for (u32 kb = begin / K2_BS + warp; kb * K2_BS < end; kb += K2_WARPS) {
+    // (A split past the context has no keys: begin == end, and the loop must not start at the context's last block.)
+    for (u32 kb = begin / K2_BS + warp; begin < end && kb * K2_BS < end; kb += K2_WARPS) {
         const u32 blk = table[kb];
         const size_t bh = layer_vec / K2_BS + (size_t)blk * kv_heads + kvh, vec0 = bh * K2_BS;
         for (int i = lane; i < HD; i += 32) {

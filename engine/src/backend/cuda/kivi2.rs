@@ -126,9 +126,11 @@ impl Kivi2Store {
     /// entry ([`OpenBlocks::step`]) and filling the entries handed out: zeroed, or refilled from a block's codes
     /// (host work, rare: a transferred partial block decoded into). `None` when the pool cannot grow.
     pub(super) fn prepare(&mut self, b: &CudaBackend, layout: &BatchLayout) -> Option<Vec<u32>> {
+        let before = self.open.clone();
         let step = self.open.step(layout);
         if !self.hold(b, step.entries) {
-            // The failure is recorded; a plan without the words launches no kivi2 kernel.
+            // The failure is recorded and the step undone; a plan without the words launches no kivi2 kernel.
+            self.open = before;
             return None;
         }
         for &(entry, block, how) in &step.fills {

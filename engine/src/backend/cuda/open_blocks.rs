@@ -35,7 +35,7 @@ pub struct StepEntries {
     pub entries: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OpenBlocks {
     block_size: u32,
     entry_of: HashMap<u32, u32>,
@@ -73,36 +73,37 @@ impl OpenBlocks {
         let bs = self.block_size;
         self.free.append(&mut self.sealing);
         let mut out = StepEntries {
-            words: vec![NONE; ROW_WORDS * layout.tokens.len()],
+            words: vec![NONE; ROW_WORDS * layout.slots.len()],
             ..Default::default()
         };
+        // Every row writes its key, whether or not a sequence slice names it.
+        for r in 0..layout.slots.len() {
+            let (block, off) = (layout.slots[r] / bs, layout.slots[r] % bs);
+            let entry = match self.entry_of.get(&block) {
+                Some(&e) => e,
+                None => {
+                    let e = self.free.pop().unwrap_or_else(|| {
+                        self.made += 1;
+                        self.made - 1
+                    });
+                    let how = if off == 0 {
+                        Fill::Zero
+                    } else {
+                        Fill::FromCodes
+                    };
+                    out.fills.push((e, block, how));
+                    self.entry_of.insert(block, e);
+                    e
+                }
+            };
+            out.words[ROW_WORDS * r] = entry;
+            if off + 1 == bs {
+                self.entry_of.remove(&block);
+                self.sealing.push(entry);
+            }
+        }
         for s in &layout.seqs {
             let rows = s.first_row..s.first_row + s.n_rows;
-            for r in rows.clone() {
-                let (block, off) = (layout.slots[r] / bs, layout.slots[r] % bs);
-                let entry = match self.entry_of.get(&block) {
-                    Some(&e) => e,
-                    None => {
-                        let e = self.free.pop().unwrap_or_else(|| {
-                            self.made += 1;
-                            self.made - 1
-                        });
-                        let how = if off == 0 {
-                            Fill::Zero
-                        } else {
-                            Fill::FromCodes
-                        };
-                        out.fills.push((e, block, how));
-                        self.entry_of.insert(block, e);
-                        e
-                    }
-                };
-                out.words[ROW_WORDS * r] = entry;
-                if off + 1 == bs {
-                    self.entry_of.remove(&block);
-                    self.sealing.push(entry);
-                }
-            }
             // The block of the sequence's newest key stays open unless this step fills it.
             let Some(last) = rows.clone().last() else {
                 continue;
@@ -201,6 +202,21 @@ mod tests {
         let s = o.step(&step(&[(&[3, 1], 21, 1)]));
         assert_eq!(s.fills, vec![(0, 1, Fill::FromCodes)]);
         assert_eq!(row(&s, 0), [0, 1, 0]);
+    }
+
+    #[test]
+    fn rows_no_sequence_names_still_get_entries() {
+        let mut o = OpenBlocks::new(16);
+        let layout = BatchLayout {
+            tokens: vec![0; 3],
+            positions: vec![3, 4, 5],
+            slots: vec![35, 36, 47],
+            ..Default::default()
+        };
+        let s = o.step(&layout);
+        assert_eq!(s.fills, vec![(0, 2, Fill::FromCodes)]);
+        assert_eq!(s.words, vec![0, NONE, NONE, 0, NONE, NONE, 0, NONE, NONE]);
+        assert_eq!(o.open(), 0, "slot 15 sealed the block");
     }
 
     #[test]

@@ -92,9 +92,13 @@ impl Backend for CudaBackend {
     ) -> CudaPlan {
         self.mark("host (between steps)");
         let _uploaded = Marked(self, "plan upload");
-        let k2rows = match kv.map(|kv| &mut kv.bufs) {
-            Some(KvBufs::Kivi2(s)) => s.prepare(self, layout),
-            _ => None,
+        let (k2rows, k2_missing) = match kv.map(|kv| &mut kv.bufs) {
+            Some(KvBufs::Kivi2(s)) => {
+                let words = s.prepare(self, layout);
+                let missing = words.is_none();
+                (words, missing)
+            }
+            _ => (None, false),
         };
         let packed = Packed::new(layout, rope, head_dim, k2rows.as_deref());
         let mut buf = lock(&self.plan_buf);
@@ -121,7 +125,9 @@ impl Backend for CudaBackend {
             let (ptr, _guard) = b.device_ptr(&self.stream);
             ptr
         };
+        // (A kivi2 step planned without its words must not replay a recording, which would read them.)
         let decode = layout.capturable
+            && !k2_missing
             && !layout.logit_rows.is_empty()
             && layout.seqs.iter().all(|s| s.n_rows == 1);
         let shape = decode.then_some(Shape {
