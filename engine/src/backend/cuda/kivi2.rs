@@ -515,25 +515,17 @@ impl CudaBackend {
             return;
         };
         let per_sm = self.k.attention_k2_per_sm[&l.head_dim];
-        let blocks = q.rows * l.kv_heads;
-        let splits = super::ops::choose_splits(
-            blocks,
-            64 * plan.ctx_bucket,
-            per_sm * self.sms,
-            plan.ctx_bucket,
-        );
-        let (mut part, mut arrived) = (lock(&self.part), lock(&self.arrived));
-        let need = q.rows * heads * splits * (l.head_dim + 2);
-        if !self.ensure("allocating attention splits", &mut part, need)
-            || !self.ensure("allocating attention counts", &mut arrived, blocks)
-        {
+        let Some(mut bufs) =
+            self.attention_splits(q.rows, heads, l.kv_heads, l.head_dim, per_sm, plan)
+        else {
             return;
-        }
+        };
+        let splits = bufs.n;
         let (Some(qb), Some(o), Some(pb), Some(ab)) = (
             q.buf.as_ref(),
             out.buf.as_mut(),
-            part.as_mut(),
-            arrived.as_mut(),
+            bufs.part.as_mut(),
+            bufs.arrived.as_mut(),
         ) else {
             return;
         };

@@ -481,25 +481,17 @@ impl CudaBackend {
         let (_, stage_bytes) = decode_stages(l.format, l.head_dim);
         let shared = decode_shared_bytes(l.format, l.head_dim);
         let per_sm = self.k.attention_per_sm[&(l.format, l.head_dim)];
-        let blocks = q.rows * l.kv_heads;
-        let splits = choose_splits(
-            blocks,
-            64 * plan.ctx_bucket,
-            per_sm * self.sms,
-            plan.ctx_bucket,
-        );
-        let (mut part, mut arrived) = (lock(&self.part), lock(&self.arrived));
-        let need = q.rows * heads * splits * (l.head_dim + 2);
-        if !self.ensure("allocating attention splits", &mut part, need)
-            || !self.ensure("allocating attention counts", &mut arrived, blocks)
-        {
+        let Some(mut bufs) =
+            self.attention_splits(q.rows, heads, l.kv_heads, l.head_dim, per_sm, plan)
+        else {
             return;
-        }
+        };
+        let splits = bufs.n;
         let (Some(qb), Some(o), Some(pb), Some(ab)) = (
             q.buf.as_ref(),
             out.buf.as_mut(),
-            part.as_mut(),
-            arrived.as_mut(),
+            bufs.part.as_mut(),
+            bufs.arrived.as_mut(),
         ) else {
             return;
         };
@@ -529,6 +521,32 @@ impl CudaBackend {
             .arg(&sp)
             .arg(&stage_bytes);
         self.launch("attention", || unsafe { b.launch(grid) }.map(drop));
+    }
+
+    /// How many splits each (row, KV head) of a split attention launch over `rows` rows takes ([`choose_splits`],
+    /// for kernels of which one SM holds `per_sm` blocks), with the partial results and arrival counts made to hold
+    /// them and locked for the launch (`None`, with the failure recorded, when they cannot be).
+    pub(super) fn attention_splits(
+        &self,
+        rows: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        per_sm: usize,
+        plan: &CudaPlan,
+    ) -> Option<Splits<'_>> {
+        let blocks = rows * kv_heads;
+        let n = choose_splits(
+            blocks,
+            64 * plan.ctx_bucket,
+            per_sm * self.sms,
+            plan.ctx_bucket,
+        );
+        let (mut part, mut arrived) = (lock(&self.part), lock(&self.arrived));
+        let need = rows * heads * n * (head_dim + 2);
+        (self.ensure("allocating attention splits", &mut part, need)
+            && self.ensure("allocating attention counts", &mut arrived, blocks))
+        .then_some(Splits { n, part, arrived })
     }
 
     /// Tiled tensor-core attention over 64-row tiles of each sequence's rows: grid (tile, query head).
@@ -577,6 +595,13 @@ impl CudaBackend {
         b.arg(&kvh).arg(&group).arg(&bs).arg(&layer_off).arg(&scale);
         self.launch("prefill_attention", || unsafe { b.launch(grid) }.map(drop));
     }
+}
+
+/// A split attention launch's split count and its buffers, locked while the launch is issued.
+pub(super) struct Splits<'a> {
+    pub n: usize,
+    pub part: std::sync::MutexGuard<'a, Option<cudarc::driver::CudaSlice<f32>>>,
+    pub arrived: std::sync::MutexGuard<'a, Option<cudarc::driver::CudaSlice<u32>>>,
 }
 
 /// Splits per (row, KV head) for `blocks` such pairs of up to `keys` keys each (the context bucket's upper end), on
