@@ -7,11 +7,10 @@
 //! ([`Kivi2Store::prepare`]) every row learns the entry its key goes to and which block of its sequence is still open
 //! after the step, and the entries handed out are zeroed or refilled from codes; those words travel in the step's
 //! plan, so a recorded decode step replays with the next step's entries. A block whose last slot a step writes is
-//! sealed by `seal_k2` right after the store kernel of
-//! each layer, so that step's attention already reads its codes (the CPU store quantizes a block as its last slot
-//! is written, and both read the same thing); its entry is handed out again from the next step on. The pool grows
-//! by doubling (dropping recorded steps, which name its address) and holds one entry per block open at once: one
-//! per running sequence, plus the blocks a prefill chunk fills.
+//! sealed by `seal_k2` right after the store kernel of each layer, so that step's attention already reads its codes
+//! (the CPU store quantizes a block as its last slot is written, and both read the same thing); its entry is handed
+//! out again from the next step on. The pool grows by doubling (dropping recorded steps, which name its address) and
+//! holds one entry per block open at once: one per running sequence, plus the blocks a prefill chunk fills.
 
 use super::open_blocks::{Fill, OpenBlocks};
 use super::{CudaBackend, CudaPlan, CudaTensor, cfg, lock};
