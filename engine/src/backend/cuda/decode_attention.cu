@@ -287,6 +287,63 @@ template <int HD> __device__ __forceinline__ void turn_query(float (&x)[HD / 32]
     }
 }
 
+// After a split attention launch's blocks have left their parts (per head: unnormalized output over HD dims, then
+// max and sum, in powers of two) in `part`, the last split block of a (row, KV head) to finish merges every split's
+// part into `out` and resets the arrival count for the next launch. Every thread of the block calls it; `scratch`
+// is shared memory free by then, group * (splits + 1) floats.
+template <int HD>
+__device__ void merge_splits(float* out, const float* part, u32* arrived, float* scratch, int r, int kvh, int kv_heads,
+                             int group, int splits) {
+    const int heads = kv_heads * group, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __shared__ u32 ticket;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(&arrived[r * kv_heads + kvh], 1);
+    __syncthreads();
+    if (ticket != (u32)splits - 1) return;
+    __threadfence();
+    // Each split's weight per head, exp(max_split - max) (its sum folded into the total), into shared memory.
+    float* wt = scratch;  // [group][splits], then the total per head
+    float* total = wt + group * splits;
+    for (int i = threadIdx.x; i < group * splits; i += blockDim.x) {
+        const int h = i / splits, sp = i % splits;
+        wt[i] = __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD);
+    }
+    __syncthreads();
+    for (int h = warp; h < group; h += warps) {
+        float mm = NEG_INF;
+        for (int sp = lane; sp < splits; sp += 32) mm = fmaxf(mm, wt[h * splits + sp]);
+        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+        float ll = 0.f;
+        for (int sp = lane; sp < splits; sp += 32) {
+            const float ms = wt[h * splits + sp];
+            const float f = ms == NEG_INF ? 0.f : ex2(ms - mm);
+            ll += f * __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD + 1);
+            wt[h * splits + sp] = f;
+        }
+        for (int o = 16; o > 0; o >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, o);
+        if (lane == 0) total[h] = ll;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int h = i / HD, d = i % HD, head = kvh * group + h;
+        const float* pp = part + ((size_t)r * heads + head) * splits * (HD + 2) + d;
+        const float* f = wt + h * splits;
+        // Eight splits' loads in flight at a time: this loop runs once per (row, KV head) at the end of the launch,
+        // and its L2 latency is the tail of the whole kernel.
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        int sp = 0;
+        for (; sp + 7 < splits; sp += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] += f[sp + u] * __ldcg(pp + (size_t)(sp + u) * (HD + 2));
+        }
+        for (; sp < splits; sp++) v[0] += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
+        const float sum8 = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        out[((size_t)r * heads + head) * HD + d] = total[h] > 0.f ? sum8 / total[h] : 0.f;
+    }
+    if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
+}
+
 template <typename T, int HD>
 __device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
                                float* out, float* part, u32* arrived, const u32* row_ctx, const u32* row_table,
@@ -624,54 +681,7 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     }
     if (splits == 1) return;
 
-    // The last split block of this (row, KV head) merges every split's part.
-    __shared__ u32 ticket;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) ticket = atomicAdd(&arrived[r * kv_heads + kvh], 1);
-    __syncthreads();
-    if (ticket != (u32)splits - 1) return;
-    __threadfence();
-    // Each split's weight per head, exp(max_split - max) (its sum folded into the total), into shared memory.
-    float* wt = reinterpret_cast<float*>(smem);  // [group][splits], then the total per head
-    float* total = wt + group * splits;
-    for (int i = threadIdx.x; i < group * splits; i += blockDim.x) {
-        const int h = i / splits, sp = i % splits;
-        wt[i] = __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD);
-    }
-    __syncthreads();
-    for (int h = warp; h < group; h += DA_WARPS) {
-        float mm = NEG_INF;
-        for (int sp = lane; sp < splits; sp += 32) mm = fmaxf(mm, wt[h * splits + sp]);
-        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-        float ll = 0.f;
-        for (int sp = lane; sp < splits; sp += 32) {
-            const float ms = wt[h * splits + sp];
-            const float f = ms == NEG_INF ? 0.f : ex2(ms - mm);
-            ll += f * __ldcg(part + (((size_t)r * heads + kvh * group + h) * splits + sp) * (HD + 2) + HD + 1);
-            wt[h * splits + sp] = f;
-        }
-        for (int o = 16; o > 0; o >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, o);
-        if (lane == 0) total[h] = ll;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        const int h = i / HD, d = i % HD, head = kvh * group + h;
-        const float* pp = part + ((size_t)r * heads + head) * splits * (HD + 2) + d;
-        const float* f = wt + h * splits;
-        // Eight splits' loads in flight at a time: this loop runs once per (row, KV head) at the end of the launch,
-        // and its L2 latency is the tail of the whole kernel.
-        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        int sp = 0;
-        for (; sp + 7 < splits; sp += 8) {
-#pragma unroll
-            for (int u = 0; u < 8; u++) v[u] += f[sp + u] * __ldcg(pp + (size_t)(sp + u) * (HD + 2));
-        }
-        for (; sp < splits; sp++) v[0] += f[sp] * __ldcg(pp + (size_t)sp * (HD + 2));
-        const float sum8 = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-        out[((size_t)r * heads + head) * HD + d] = total[h] > 0.f ? sum8 / total[h] : 0.f;
-    }
-    if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
+    merge_splits<HD>(out, part, arrived, reinterpret_cast<float*>(smem), r, kvh, kv_heads, group, splits);
 }
 
 #define ATTENTION(T, TN, HD)                                                                                    \

@@ -166,19 +166,30 @@ extern "C" __global__ void silu_mul(float* g, const float* u, size_t n, __nv_bfl
     }
 }
 
-// Grid (rows, heads), half_dim threads: rotates each pair of a head by its row's angles, position x inverse
-// frequency (sincosf at full precision, as the host computes them).
+// Turns pair i of the head vector x in place by the angle position x inv_freq[i] (sincosf at full precision, as the
+// host computes it): dims (2i, 2i + 1) when interleaved, else (i, i + half). The pair's dims and new values come back.
+struct RopePair {
+    int a, b;
+    float y0, y1;
+};
+__device__ __forceinline__ RopePair rope_pair(float* x, u32 position, const float* inv_freq, int i, int half,
+                                              int interleaved) {
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    float s, c;
+    sincosf((float)position * inv_freq[i], &s, &c);
+    const float x0 = x[a], x1 = x[b];
+    const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    x[a] = y0;
+    x[b] = y1;
+    return {a, b, y0, y1};
+}
+
+// Grid (rows, heads), half_dim threads: rotates each pair of a head by its row's angles.
 extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq, int heads, int head_dim,
                                 int interleaved) {
     const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
     if (i >= half) return;
-    float* v = x + ((size_t)r * heads + h) * head_dim;
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    float s, c;
-    sincosf((float)positions[r] * inv_freq[i], &s, &c);
-    const float x0 = v[a], x1 = v[b];
-    v[a] = x0 * c - x1 * s;
-    v[b] = x0 * s + x1 * c;
+    rope_pair(x + ((size_t)r * heads + h) * head_dim, positions[r], inv_freq, i, half, interleaved);
 }
 
 // Cache element formats: f32, f16, and int8 with one f16 scale per vector (one token's K or V of one KV head:
@@ -326,13 +337,7 @@ __device__ void rope_store_impl(float* q, float* k, const float* v, T* kc, T* vc
     const bool is_q = h < heads;
     const int hh = is_q ? h : h - heads;
     float* x = is_q ? q + ((size_t)r * heads + hh) * head_dim : k + ((size_t)r * kv_heads + hh) * head_dim;
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    float s, c;
-    sincosf((float)positions[r] * inv_freq[i], &s, &c);
-    const float x0 = x[a], x1 = x[b];
-    const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
-    x[a] = y0;
-    x[b] = y1;
+    const auto [a, b, y0, y1] = rope_pair(x, positions[r], inv_freq, i, half, interleaved);
     if (is_q) return;
     const u32 slot = slots[r], block = slot / block_size, off = slot % block_size;
     const size_t dst = layer_off + (((size_t)block * kv_heads + hh) * block_size + off) * head_dim;

@@ -93,13 +93,7 @@ extern "C" __global__ void rope_store_k2(float* q, float* k, const float* v, uns
     const bool is_q = h < heads;
     const int hh = is_q ? h : h - heads;
     float* x = is_q ? q + ((size_t)r * heads + hh) * head_dim : k + ((size_t)r * kv_heads + hh) * head_dim;
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    float s, c;
-    sincosf((float)positions[r] * inv_freq[i], &s, &c);
-    const float x0 = x[a], x1 = x[b];
-    const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
-    x[a] = y0;
-    x[b] = y1;
+    const auto [a, b, y0, y1] = rope_pair(x, positions[r], inv_freq, i, half, interleaved);
     if (is_q) return;
     const u32 slot = slots[r], block = slot / K2_BS, off = slot % K2_BS;
     float* dst = k2_open_key(pool, k2rows, r, off, layer, layers, kv_heads, hh, head_dim);
@@ -364,31 +358,7 @@ __device__ void k2_attention_impl(K2Shared<HD>& sh, const float* q, const unsign
     }
     if (splits == 1) return;
 
-    // The last split block of this (row, KV head) to finish merges every split's part.
-    __shared__ u32 ticket;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) ticket = atomicAdd(&arrived[r * kv_heads + kvh], 1);
-    __syncthreads();
-    if (ticket != (u32)splits - 1) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        const int g = i / HD, d = i % HD, head = kvh * group + g;
-        const float* pp = part + ((size_t)r * heads + head) * splits * (HD + 2);
-        float mm = NEG_INF;
-        for (int sp = 0; sp < splits; sp++) mm = fmaxf(mm, __ldcg(pp + (size_t)sp * (HD + 2) + HD));
-        float v = 0.f, l = 0.f;
-        for (int sp = 0; sp < splits; sp++) {
-            const float ms = __ldcg(pp + (size_t)sp * (HD + 2) + HD);
-            if (ms == NEG_INF) continue;
-            const float f = ex2(ms - mm);
-            v += f * __ldcg(pp + (size_t)sp * (HD + 2) + d);
-            l += f * __ldcg(pp + (size_t)sp * (HD + 2) + HD + 1);
-        }
-        out[((size_t)r * heads + head) * HD + d] = l > 0.f ? v / l : 0.f;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
+    merge_splits<HD>(out, part, arrived, &sh.merge[0][0], r, kvh, kv_heads, group, splits);
 }
 
 #define K2_ATTENTION(HD)                                                                                        \
