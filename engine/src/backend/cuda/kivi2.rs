@@ -12,6 +12,7 @@
 //! out again from the next step on. The pool grows by doubling (dropping recorded steps, which name its address) and
 //! holds one entry per block open at once: one per running sequence, plus the blocks a prefill chunk fills.
 
+use super::kv::{codes_to_device, codes_to_host};
 use super::open_blocks::{Fill, OpenBlocks};
 use super::{CudaBackend, CudaPlan, CudaTensor, cfg, lock};
 use crate::backend::BatchLayout;
@@ -106,7 +107,7 @@ impl Kivi2Store {
     /// Where `layer` of `entry` lies in the pool.
     fn entry_layer(&self, entry: u32, layer: usize) -> std::ops::Range<usize> {
         let n = self.layout.block_elems();
-        let at = entry as usize * self.entry_elems() + layer * n;
+        let at = self.entry_range(entry).start + layer * n;
         at..at + n
     }
 
@@ -196,24 +197,14 @@ impl Kivi2Store {
         let (hd, bs) = (self.layout.head_dim, self.layout.block_size);
         let vecs = self.block_vectors(layer, block);
         let heads = vecs.start / bs..vecs.end / bs;
-        let mut codes = vec![0u8; vecs.len() * hd / 4];
-        let mut bits = vec![0u16; heads.len() * 2 * hd];
-        let what = "reading kivi2 keys";
-        b.ok(
-            what,
-            b.stream.memcpy_dtoh(
-                &self.k.slice(vecs.start * hd / 4..vecs.end * hd / 4),
-                &mut codes,
-            ),
+        let (codes, params) = codes_to_host(
+            b,
+            "reading kivi2 keys",
+            &self.k,
+            vecs.start * hd / 4..vecs.end * hd / 4,
+            &self.kp,
+            heads.start * 2 * hd..heads.end * 2 * hd,
         );
-        b.ok(
-            what,
-            b.stream.memcpy_dtoh(
-                &self.kp.slice(heads.start * 2 * hd..heads.end * 2 * hd),
-                &mut bits,
-            ),
-        );
-        let params: Vec<f16> = bits.into_iter().map(f16::from_bits).collect();
         let mut out = vec![0f32; vecs.len() * hd];
         for ((o, c), p) in out
             .chunks_mut(bs * hd)
@@ -249,22 +240,14 @@ impl Kivi2Store {
         };
         let vecs = self.block_vectors(layer, block);
         let pp = 2 * (hd / 32);
-        let mut codes = vec![0u8; vecs.len() * hd / 4];
-        let mut bits = vec![0u16; vecs.len() * pp];
-        let what = "reading kivi2 values";
-        b.ok(
-            what,
-            b.stream.memcpy_dtoh(
-                &self.v.slice(vecs.start * hd / 4..vecs.end * hd / 4),
-                &mut codes,
-            ),
+        let (codes, params) = codes_to_host(
+            b,
+            "reading kivi2 values",
+            &self.v,
+            vecs.start * hd / 4..vecs.end * hd / 4,
+            &self.vp,
+            vecs.start * pp..vecs.end * pp,
         );
-        b.ok(
-            what,
-            b.stream
-                .memcpy_dtoh(&self.vp.slice(vecs.start * pp..vecs.end * pp), &mut bits),
-        );
-        let params: Vec<f16> = bits.into_iter().map(f16::from_bits).collect();
         let mut values = vec![0f32; vecs.len() * hd];
         for ((o, c), p) in values
             .chunks_mut(hd)
@@ -302,21 +285,16 @@ impl Kivi2Store {
         {
             quantize_channels(x, hd, c, p);
         }
-        let bits: Vec<u16> = params.iter().map(|p| p.to_bits()).collect();
-        let heads = vecs.start / bs..vecs.end / bs;
-        b.ok(
+        let head0 = vecs.start / bs;
+        codes_to_device(
+            b,
             what,
-            b.stream.memcpy_htod(
-                &codes,
-                &mut self.k.slice_mut(vecs.start * hd / 4..vecs.end * hd / 4),
-            ),
-        );
-        b.ok(
-            what,
-            b.stream.memcpy_htod(
-                &bits,
-                &mut self.kp.slice_mut(heads.start * 2 * hd..heads.end * 2 * hd),
-            ),
+            &codes,
+            &mut self.k,
+            vecs.start * hd / 4,
+            &params,
+            &mut self.kp,
+            head0 * 2 * hd,
         );
         let pp = 2 * (hd / 32);
         let mut codes = vec![0u8; vecs.len() * hd / 4];
@@ -328,20 +306,15 @@ impl Kivi2Store {
         {
             quantize_groups::<2>(x, c, p);
         }
-        let bits: Vec<u16> = params.iter().map(|p| p.to_bits()).collect();
-        b.ok(
+        codes_to_device(
+            b,
             what,
-            b.stream.memcpy_htod(
-                &codes,
-                &mut self.v.slice_mut(vecs.start * hd / 4..vecs.end * hd / 4),
-            ),
-        );
-        b.ok(
-            what,
-            b.stream.memcpy_htod(
-                &bits,
-                &mut self.vp.slice_mut(vecs.start * pp..vecs.end * pp),
-            ),
+            &codes,
+            &mut self.v,
+            vecs.start * hd / 4,
+            &params,
+            &mut self.vp,
+            vecs.start * pp,
         );
     }
 

@@ -178,19 +178,8 @@ impl CudaKvStore {
                 let pp = Self::int4_params(hd);
                 let vecs = range.start / hd * pp..range.end / hd * pp;
                 let read = |c: &CudaSlice<u8>, pc: &CudaSlice<u16>| {
-                    let mut q = vec![0u8; range.len() / 2];
-                    let mut bits = vec![0u16; vecs.len()];
-                    b.ok(
-                        what,
-                        b.stream
-                            .memcpy_dtoh(&c.slice(range.start / 2..range.end / 2), &mut q),
-                    );
-                    b.ok(
-                        what,
-                        b.stream.memcpy_dtoh(&pc.slice(vecs.clone()), &mut bits),
-                    );
-                    let params: Vec<half::f16> =
-                        bits.into_iter().map(half::f16::from_bits).collect();
+                    let (q, params) =
+                        codes_to_host(b, what, c, range.start / 2..range.end / 2, pc, vecs.clone());
                     let mut out = vec![0f32; range.len()];
                     for ((o, qv), pv) in out
                         .chunks_mut(hd)
@@ -289,18 +278,52 @@ impl CudaKvStore {
                     {
                         crate::kv::quant::quantize_int4(xv, qv, pv);
                     }
-                    let bits: Vec<u16> = params.iter().map(|p| p.to_bits()).collect();
-                    b.ok(
-                        what,
-                        b.stream
-                            .memcpy_htod(&q, &mut c.slice_mut(range.start / 2..range.end / 2)),
-                    );
-                    b.ok(
-                        what,
-                        b.stream.memcpy_htod(&bits, &mut pc.slice_mut(vecs.clone())),
-                    );
+                    codes_to_device(b, what, &q, c, range.start / 2, &params, pc, vecs.start);
                 }
             }
         }
     }
+}
+
+/// Codes `codes[cr]` and their f16 parameters `params[pr]` (kept as raw bits), copied to the host.
+pub(super) fn codes_to_host(
+    b: &CudaBackend,
+    what: &str,
+    codes: &CudaSlice<u8>,
+    cr: std::ops::Range<usize>,
+    params: &CudaSlice<u16>,
+    pr: std::ops::Range<usize>,
+) -> (Vec<u8>, Vec<half::f16>) {
+    let mut q = vec![0u8; cr.len()];
+    let mut bits = vec![0u16; pr.len()];
+    b.ok(what, b.stream.memcpy_dtoh(&codes.slice(cr), &mut q));
+    b.ok(what, b.stream.memcpy_dtoh(&params.slice(pr), &mut bits));
+    (q, bits.into_iter().map(half::f16::from_bits).collect())
+}
+
+/// Host codes and their f16 parameters into the device buffers, from element `at` and `params_at` on.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn codes_to_device(
+    b: &CudaBackend,
+    what: &str,
+    q: &[u8],
+    codes: &mut CudaSlice<u8>,
+    at: usize,
+    p: &[half::f16],
+    params: &mut CudaSlice<u16>,
+    params_at: usize,
+) {
+    let bits: Vec<u16> = p.iter().map(|x| x.to_bits()).collect();
+    b.ok(
+        what,
+        b.stream
+            .memcpy_htod(q, &mut codes.slice_mut(at..at + q.len())),
+    );
+    b.ok(
+        what,
+        b.stream.memcpy_htod(
+            &bits,
+            &mut params.slice_mut(params_at..params_at + bits.len()),
+        ),
+    );
 }
