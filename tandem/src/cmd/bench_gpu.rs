@@ -383,7 +383,12 @@ fn check(gpu: usize, threads: usize, seed: u64, format: KvFormat) -> Result<()> 
         config.clone(),
         |_, _| {},
     )?;
-    let mut cuda = Engine::new(CudaBackend::new(gpu)?, &weights(), config, |_, _| {})?;
+    let mut cuda = Engine::new(
+        CudaBackend::new(gpu)?,
+        &weights(),
+        config.clone(),
+        |_, _| {},
+    )?;
     let vocab = cpu.model.config.vocab;
     let prompt: Vec<u32> = (0..77).map(|i| ((i * 7919 + 11) % vocab) as u32).collect();
     let (sc, sg) = (cpu.add_sequence(&prompt)?, cuda.add_sequence(&prompt)?);
@@ -471,9 +476,8 @@ fn check(gpu: usize, threads: usize, seed: u64, format: KvFormat) -> Result<()> 
         KvFormat::Int4 => (3e-1, 13, 3),
         KvFormat::Kivi2 => {
             let exact = EngineConfig {
-                num_blocks: 64,
                 kv_format: KvFormat::F32,
-                ..Default::default()
+                ..config
             };
             let mut f32_cache =
                 Engine::new(CpuBackend::new(threads), &weights(), exact, |_, _| {})?;
