@@ -344,6 +344,111 @@ __device__ void merge_splits(float* out, const float* part, u32* arrived, float*
     if (threadIdx.x == 0) arrived[r * kv_heads + kvh] = 0;
 }
 
+// One tile's online softmax for heads 2c and 2c + 1 (the 8 lanes sharing c hold one head pair's 16 keys), in
+// powers of two: updates the running max and sum, rescales the output when a maximum rose, and leaves P^T as the
+// value product's B fragments, each key's probabilities times `v0` (rows g) or `v1` (rows g + 8).
+template <int MT>
+__device__ __forceinline__ void softmax_tile(const float (&s)[4], float (&mx)[2], float (&sum)[2], float (&acc)[MT][4],
+                                             float v0, float v1, u32& pb0, u32& pb1) {
+    float p[4], corr[2];
+    bool rose = false;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        float m = fmaxf(s[e], s[e + 2]);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+        const float nm = fmaxf(mx[e], m);
+        rose |= nm > mx[e];
+        corr[e] = nm == NEG_INF ? 1.f : ex2(mx[e] - nm);
+        p[e] = nm == NEG_INF ? 0.f : ex2(s[e] - nm);
+        p[e + 2] = nm == NEG_INF ? 0.f : ex2(s[e + 2] - nm);
+        sum[e] = sum[e] * corr[e] + p[e] + p[e + 2];
+        mx[e] = nm;
+    }
+    // The output is rescaled only when a maximum of the warp rose (past the first tiles, seldom): otherwise every
+    // factor is exactly 1.
+    if (__any_sync(0xffffffffu, rose)) {
+#pragma unroll
+        for (int m2 = 0; m2 < MT; m2++) {
+            acc[m2][0] *= corr[0];
+            acc[m2][2] *= corr[0];
+            acc[m2][1] *= corr[1];
+            acc[m2][3] *= corr[1];
+        }
+    }
+    pb0 = transpose_8x8(pack_half2(p[0] * v0, p[1] * v0));
+    pb1 = transpose_8x8(pack_half2(p[2] * v1, p[3] * v1));
+}
+
+// After its tiles, each warp leaves its per-head state in its (now idle) ring: sums reduced over the lanes of each
+// head pair, output at [head][dim] through the value mapping (m-tile 4q + w, row g: dimension 8 * (8q + g) + 2w;
+// row g + 8: + 1), then max[8] and sum[8]; rings lie `region` floats apart from `smem` on. The block then merges its
+// warps, thread per (head, dim), into `out` (one split) or this split's part, and with several splits the last
+// split block to finish merges them all (`merge_splits`).
+template <int HD, int MT>
+__device__ __forceinline__ void finish_warps(const float (&acc)[MT][4], const float (&mx)[2], float (&sum)[2],
+                                             unsigned char* ring, unsigned char* smem, size_t region, float* out,
+                                             float* part, u32* arrived, int r, int kvh, int kv_heads, int group,
+                                             int split, int splits) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, heads = kv_heads * group;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 4);
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 8);
+        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 16);
+    }
+    __syncwarp();
+    float* wo = reinterpret_cast<float*>(ring);  // [8 heads][HD], then max[8], sum[8]
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        const int d = 8 * (8 * (m / 4) + g) + 2 * (m % 4);
+        wo[(2 * c) * HD + d] = acc[m][0];
+        wo[(2 * c + 1) * HD + d] = acc[m][1];
+        wo[(2 * c) * HD + d + 1] = acc[m][2];
+        wo[(2 * c + 1) * HD + d + 1] = acc[m][3];
+    }
+    if (g == 0) {
+        wo[8 * HD + 2 * c] = mx[0];
+        wo[8 * HD + 2 * c + 1] = mx[1];
+        wo[8 * HD + 8 + 2 * c] = sum[0];
+        wo[8 * HD + 8 + 2 * c + 1] = sum[1];
+    }
+    __syncthreads();
+
+    const float* all = reinterpret_cast<const float*>(smem);
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int h = i / HD, d = i % HD;
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; w++) mm = fmaxf(mm, all[w * region + 8 * HD + h]);
+        float v = 0.f, ll = 0.f;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; w++) {
+            const float* ws = all + w * region;
+            const float mw = ws[8 * HD + h];
+            if (mw == NEG_INF) continue;
+            const float f = ex2(mw - mm);
+            v += ws[h * HD + d] * f;
+            ll += ws[8 * HD + 8 + h] * f;
+        }
+        const int head = kvh * group + h;
+        if (splits == 1) {
+            out[((size_t)r * heads + head) * HD + d] = ll > 0.f ? v / ll : 0.f;
+        } else {
+            float* pp = part + (((size_t)r * heads + head) * splits + split) * (HD + 2);
+            pp[d] = v;
+            if (d == 0) {
+                pp[HD] = mm;
+                pp[HD + 1] = ll;
+            }
+        }
+    }
+    if (splits == 1) return;
+
+    merge_splits<HD>(out, part, arrived, reinterpret_cast<float*>(smem), r, kvh, kv_heads, group, splits);
+}
+
 template <typename T, int HD>
 __device__ void attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
                                float* out, float* part, u32* arrived, const u32* row_ctx, const u32* row_table,
@@ -546,34 +651,6 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
         if constexpr (PIPE) score(ring + read_slot * stage_bytes, t0 + stride, sn);
         else score(st, t0, s);
 
-        // Online softmax per head in powers of two (the 8 lanes sharing c hold one head pair's 16 keys).
-        float p[4], corr[2];
-        bool rose = false;
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            float m = fmaxf(s[e], s[e + 2]);
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-            const float nm = fmaxf(mx[e], m);
-            rose |= nm > mx[e];
-            corr[e] = nm == NEG_INF ? 1.f : ex2(mx[e] - nm);
-            p[e] = nm == NEG_INF ? 0.f : ex2(s[e] - nm);
-            p[e + 2] = nm == NEG_INF ? 0.f : ex2(s[e + 2] - nm);
-            sum[e] = sum[e] * corr[e] + p[e] + p[e + 2];
-            mx[e] = nm;
-        }
-        // The output is rescaled only when a maximum of the warp rose (past the first tiles, seldom): otherwise
-        // every factor is exactly 1.
-        if (__any_sync(0xffffffffu, rose)) {
-#pragma unroll
-            for (int m2 = 0; m2 < MT; m2++) {
-                acc[m2][0] *= corr[0];
-                acc[m2][2] *= corr[0];
-                acc[m2][1] *= corr[1];
-                acc[m2][3] *= corr[1];
-            }
-        }
         // P^T as B fragments (int8: each key's value scale folded into its probabilities).
         float v0 = 1.f, v1 = 1.f;
         if (G8::SCALED) {
@@ -581,8 +658,8 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
             v0 = row_scale(st, upper, DA_TILE + g, g);
             v1 = row_scale(st, upper, DA_TILE + g + 8, g + 8);
         }
-        const u32 pb0 = transpose_8x8(pack_half2(p[0] * v0, p[1] * v0));
-        const u32 pb1 = transpose_8x8(pack_half2(p[2] * v1, p[3] * v1));
+        u32 pb0, pb1;
+        softmax_tile<MT>(s, mx, sum, acc, v0, v1, pb0, pb1);
         // Values: lane (g, c) takes groups 8q + g of rows 2c, 2c + 1, 2c + 8, 2c + 9; the m-tile 4q + w covers
         // dimension pair w of those groups (rows g and g + 8 of the m-tile are its two dimensions).
 #pragma unroll
@@ -623,65 +700,8 @@ __device__ void attention_impl(const float* q, const T* kc, const T* vc, const _
     }
     asm volatile("cp.async.wait_all;\n" ::);
 
-    // The warp's per-head state into its (now idle) ring: sums reduced over the lanes of each head pair, output at
-    // [head][dim] through the value mapping (m-tile 4q + w, row g: dimension 8 * (8q + g) + 2w; row g + 8: + 1).
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 4);
-        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 8);
-        sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], 16);
-    }
-    __syncwarp();
-    float* wo = reinterpret_cast<float*>(ring);  // [8 heads][HD], then max[8], sum[8]
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-        const int d = 8 * (8 * (m / 4) + g) + 2 * (m % 4);
-        wo[(2 * c) * HD + d] = acc[m][0];
-        wo[(2 * c + 1) * HD + d] = acc[m][1];
-        wo[(2 * c) * HD + d + 1] = acc[m][2];
-        wo[(2 * c + 1) * HD + d + 1] = acc[m][3];
-    }
-    if (g == 0) {
-        wo[8 * HD + 2 * c] = mx[0];
-        wo[8 * HD + 2 * c + 1] = mx[1];
-        wo[8 * HD + 8 + 2 * c] = sum[0];
-        wo[8 * HD + 8 + 2 * c + 1] = sum[1];
-    }
-    __syncthreads();
-
-    // Merge the warps: thread per (head, dim).
-    const size_t region = (size_t)STAGES * stage_bytes / 4;  // floats per warp
-    const float* all = reinterpret_cast<const float*>(smem);
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        const int h = i / HD, d = i % HD;
-        float mm = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < DA_WARPS; w++) mm = fmaxf(mm, all[w * region + 8 * HD + h]);
-        float v = 0.f, ll = 0.f;
-#pragma unroll
-        for (int w = 0; w < DA_WARPS; w++) {
-            const float* ws = all + w * region;
-            const float mw = ws[8 * HD + h];
-            if (mw == NEG_INF) continue;
-            const float f = ex2(mw - mm);
-            v += ws[h * HD + d] * f;
-            ll += ws[8 * HD + 8 + h] * f;
-        }
-        const int head = kvh * group + h;
-        if (splits == 1) {
-            out[((size_t)r * heads + head) * HD + d] = ll > 0.f ? v / ll : 0.f;
-        } else {
-            float* pp = part + (((size_t)r * heads + head) * splits + split) * (HD + 2);
-            pp[d] = v;
-            if (d == 0) {
-                pp[HD] = mm;
-                pp[HD + 1] = ll;
-            }
-        }
-    }
-    if (splits == 1) return;
-
-    merge_splits<HD>(out, part, arrived, reinterpret_cast<float*>(smem), r, kvh, kv_heads, group, splits);
+    finish_warps<HD, MT>(acc, mx, sum, ring, smem, (size_t)STAGES * stage_bytes / 4, out, part, arrived, r, kvh,
+                         kv_heads, group, split, splits);
 }
 
 #define ATTENTION(T, TN, HD)                                                                                    \

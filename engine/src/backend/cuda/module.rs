@@ -18,13 +18,14 @@ const FORMATS: [(KvFormat, &str); 5] = [
     (KvFormat::Int4, "i4"),
 ];
 
-/// `kernels.cu`, then the attention kernels (decode first: prefill uses its helpers).
+/// `kernels.cu`, then the attention kernels (decode first: prefill and kivi2 attention use its helpers).
 const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("decode_attention.cu"),
     include_str!("prefill_attention.cu"),
     include_str!("sample.cu"),
-    include_str!("kivi2.cu")
+    include_str!("kivi2.cu"),
+    include_str!("kivi2_attention.cu")
 );
 
 /// Every kernel of [`SOURCE`], loaded.
@@ -97,7 +98,7 @@ pub fn decode_stages(format: KvFormat, head_dim: usize) -> (usize, usize) {
         KvFormat::F16 => (3, 2 * tile * 2 * head_dim),
         KvFormat::Int8 | KvFormat::Fp8 => (3, 2 * tile * head_dim + 2 * tile * 4 + 16),
         KvFormat::Int4 => (4, 2 * tile * head_dim / 2 + 2 * tile * head_dim / 32 * 4),
-        // kivi2 has a kernel of its own (`kivi2.cu`), which stages nothing in dynamic shared memory.
+        // kivi2 has a kernel of its own (`kivi2_attention.cu`), whose rings are static shared memory.
         KvFormat::Kivi2 => (0, 0),
     }
 }

@@ -1,0 +1,300 @@
+// Attention over a kivi2 cache on tensor cores, in the flash-decoding style (appended after kivi2.cu when compiled;
+// decision 0018 and its addendum). Serves decode and prefill rows alike: grid (row, KV head, split), four warps, each
+// row reading its own context, as `attention_impl` in decode_attention.cu, whose softmax step and warp merge it
+// shares. A tile is one cache block (16 keys), so each warp streams whole block heads into its ring with cp.async:
+// key codes, value codes, the keys' (min, scale) per channel and the values' per token and group, all contiguous.
+//
+// Keys are quantized in the frame of their block's first token (each turned back by RoPE for its offset t in the
+// block), so a score turns each key forward again. For RoPE pair p with dims (a, b) and angle t * theta_p, the key
+// k' = min + scale * code as read and the query q:
+//
+//   q . R(t) k' = cos (k'_a q_a + k'_b q_b) + sin (k'_a q_b - k'_b q_a)
+//
+// which is one row of E . Q'^T over twice the head dimension: per pair E[t] = (cos k'_a, cos k'_b, sin k'_a,
+// sin k'_b) (built from the codes: a mask and a subtraction make the codes exact f16 integers, one f16 FMA applies
+// the channels' (min, scale), two multiplies the angle's cos and sin), and Q' = (q_a, q_b, q_b, -q_a), fixed for
+// the whole kernel. The block frame costs the product twice the depth, which tensor cores have to spare. The row's
+// open block is read from its pool entry instead (exact keys already in the cache's frame: E[t] = (k_a, k_b, 0, 0)).
+//
+// The key product's depth is dealt out by pairs: at step i (16 columns of E) lane (g, c) supplies the pair
+// `c * CH + (i ^ x)` (CH = HD / 8 steps, x a multiple of 4 that differs by c), as (cos k'_a, cos k'_b) at columns
+// 2c, 2c + 1 and (sin k'_a, sin k'_b) at 2c + 8, 2c + 9 of rows g and g + 8, and the B lanes of the same c hold
+// that pair's Q'. Only the pair's place in the depth changes with x: it spreads the lanes' loads of the channels'
+// (min, scale) over all banks. The (cos, sin) table is staged once per block in the order lanes read it.
+//
+// Values are 2-bit per token in 32-dim groups, int4's layout at half the bits: the value product is int4's (V^T as
+// operand A, P^T as B, the same dimension mapping), its operands unpacked from two bits a dimension.
+#define K2_STAGES 4
+
+// The bytes of one block head in a stage, in the order staged: key codes (16 tokens x HD / 4), value codes (alike),
+// the keys' (min, scale) per channel, the values' per token and 32-dim group.
+template <int HD> struct K2Tile {
+    static constexpr int CODES = K2_BS * HD / 4, KPARAMS = HD * 4, VPARAMS = K2_BS * HD / 32 * 4;
+    static constexpr int BYTES = 2 * CODES + KPARAMS + VPARAMS;
+    static constexpr int CH = HD / 8;  // 16-column steps of the key product (its depth is 2 HD)
+};
+template <int HD> struct K2Smem {
+    uint2 turn[K2Tile<HD>::CH][32];  // per step and lane: (cos, sin) f16 of its pair for rows g and g + 8
+    __align__(16) unsigned char ring[DA_WARPS][K2_STAGES][K2Tile<HD>::BYTES];
+};
+
+// f16 bits of the power of two whose mantissa step puts a 2-bit code at bits 2e, 2e + 1 of a half on integers:
+// 1024, 256, 64, 16.
+__device__ __forceinline__ u32 k2_power(int e) { return e == 0 ? 0x6400u : e == 1 ? 0x5c00u : e == 2 ? 0x5400u : 0x4c00u; }
+// The code at position `lo` (bits 2 lo, 2 lo + 1) of x's low half and at `hi` of its high half, as a half2 of the
+// exact integers: one mask-and-or, one subtraction (positions are constants once unrolled).
+__device__ __forceinline__ __half2 k2_codes(u32 x, int lo, int hi) {
+    const u32 pw = k2_power(lo) | k2_power(hi) << 16;
+    const u32 h = (x & ((3u << (2 * lo)) | (3u << (16 + 2 * hi)))) | pw;
+    return __hsub2(*reinterpret_cast<const __half2*>(&h), *reinterpret_cast<const __half2*>(&pw));
+}
+// Dims 0..7 of a 32-dim value group for two tokens: `a` and `b` hold each token's 16 bits of codes (low bits), `fa`
+// and `fb` their (min, scale) words; w[d] = (dim d of a, dim d of b), the value product's operand order.
+__device__ __forceinline__ void k2_value_rows(u32 a, u32 b, u32 fa, u32 fb, u32 (&w)[8]) {
+    const u32 mw = __byte_perm(fa, fb, 0x5410), sw = __byte_perm(fa, fb, 0x7632);
+    const __half2 m2 = *reinterpret_cast<const __half2*>(&mw), s2 = *reinterpret_cast<const __half2*>(&sw);
+    const u32 x = __byte_perm(a, b, 0x5410), y = x >> 8;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        w[e] = half2_bits(__hfma2(k2_codes(x, e, e), s2, m2));
+        w[4 + e] = half2_bits(__hfma2(k2_codes(y, e, e), s2, m2));
+    }
+}
+
+template <int HD, bool INTERLEAVED>
+__device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned char* kc, const unsigned char* vc,
+                                  const __half* kp, const __half* vp, const float* pool, const u32* k2rows,
+                                  const float2* turn, float* out, float* part, u32* arrived, const u32* row_ctx,
+                                  const u32* row_table, const u32* tables, int kv_heads, int group, size_t layer_vec,
+                                  int layer, int layers, float scale, int splits) {
+    using TL = K2Tile<HD>;
+    constexpr int CH = TL::CH, MT = HD / 16, RW = HD / 16;  // RW: words of one token's codes
+    allow_next();  // the output projection behind may start loading its weights
+    const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const int heads = kv_heads * group;
+    unsigned char* ring = &sh.ring[warp][0][0];
+    // The lane's pair order: x / 4 flips the groups of four pairs (HD 128: by c; HD 64: by c / 2).
+    auto flip = [](int cc) { return HD == 128 ? cc : cc >> 1; };
+    const int xq = flip(c);
+
+    for (int i = threadIdx.x; i < CH * 32; i += blockDim.x) {
+        const int k = i / 32, l = i % 32, gg = l >> 2, cc = l & 3;
+        const int p = cc * CH + (k ^ (4 * flip(cc)));
+        const float2 a = turn[gg * (HD / 2) + p], b = turn[(gg + 8) * (HD / 2) + p];
+        sh.turn[k][l] = make_uint2(pack_half2(a.x, a.y), pack_half2(b.x, b.y));
+    }
+    // Q'^T as B fragments, scaled (by log2(e) too: the softmax works in powers of two); zeros past the group.
+    const float qscale = scale * 1.44269504088896341f;
+    u32 qb[CH][2];
+    {
+        const float* qh = q + ((size_t)r * heads + kvh * group + min(g, group - 1)) * HD;
+        const float sg = g < group ? qscale : 0.f;
+#pragma unroll
+        for (int i = 0; i < CH; i++) {
+            const int p = c * CH + 4 * ((i >> 2) ^ xq) + (i & 3);
+            const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
+            const float qa = qh[a] * sg, qbv = qh[b] * sg;
+            qb[i][0] = pack_half2(qa, qbv);
+            qb[i][1] = pack_half2(qbv, -qa);
+        }
+    }
+    __syncthreads();
+
+    float acc[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+    float mx[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};
+
+    const u32 ctx = row_ctx[r];
+    const u32 chunk = (max(64u, (ctx + splits - 1) / splits) + K2_BS - 1) / K2_BS * K2_BS;
+    const u32 begin = min(ctx, split * chunk), end = min(ctx, begin + chunk);
+    const int tiles = (int)((end - begin + K2_BS - 1) / K2_BS);
+    const int mine = tiles > warp ? (tiles - warp + DA_WARPS - 1) / DA_WARPS : 0;
+    const u32* table = tables + row_table[r];
+    const u32 open_kb = k2rows[3 * r + 1], open_entry = k2rows[3 * r + 2];
+    // The warp's tile j is the block at index kb0 + j * DA_WARPS of the row's block table.
+    const u32 kb0 = begin / K2_BS + warp;
+    auto block_at = [&](int j) -> u32 { return j < mine ? table[kb0 + j * DA_WARPS] : 0u; };
+    // Starts the copy of block head `blk` (table index kb) into stage `slot`; the values' (min, scale) of tokens past
+    // the split read as zeros (never written, they could hold anything, and a zero probability times a NaN is NaN).
+    auto issue = [&](int slot, u32 blk, u32 kb) {
+        unsigned char* st = ring + slot * TL::BYTES;
+        const size_t bh = layer_vec / K2_BS + (size_t)blk * kv_heads + kvh;
+        constexpr int C16 = TL::CODES / 16, U16 = 2 * C16 + TL::KPARAMS / 16;
+#pragma unroll
+        for (int i = 0; i < (U16 + 31) / 32; i++) {
+            const int u = lane + 32 * i;
+            if (U16 % 32 == 0 || u < U16) {
+                const unsigned char* src =
+                    u < C16       ? kc + bh * TL::CODES + u * 16
+                    : u < 2 * C16 ? vc + bh * TL::CODES + (u - C16) * 16
+                                  : reinterpret_cast<const unsigned char*>(kp) + bh * TL::KPARAMS + (u - 2 * C16) * 16;
+                copy16(st + u * 16, src, true);
+            }
+        }
+        constexpr int U8 = TL::VPARAMS / 8, PER = U8 / K2_BS;  // 8-byte units, per token
+        if (lane < U8)
+            copy8(st + 2 * TL::CODES + TL::KPARAMS + lane * 8,
+                  reinterpret_cast<const unsigned char*>(vp) + bh * TL::VPARAMS + lane * 8,
+                  kb * K2_BS + lane / PER < end);
+    };
+
+    // Scores of the tile in stage `st` (block table index kb): rows g and g + 8, heads 2c and 2c + 1.
+    auto score = [&](const unsigned char* st, u32 kb, float (&s)[4]) {
+        s[0] = s[1] = s[2] = s[3] = 0.f;
+        if (kb == open_kb) {
+            const float* k0 = pool + ((((size_t)open_entry * layers + layer) * kv_heads + kvh) * K2_BS + g) * HD;
+            const float* k1 = k0 + 8 * HD;
+#pragma unroll
+            for (int i = 0; i < CH; i++) {
+                const int p = c * CH + 4 * ((i >> 2) ^ xq) + (i & 3);
+                const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
+                mma_16816(s, pack_half2(k0[a], k0[b]), pack_half2(k1[a], k1[b]), 0u, 0u, qb[i][0], qb[i][1]);
+            }
+        } else {
+            // The lane's code bytes of rows g and g + 8 in two words each. Halves: the first channels of its pairs
+            // (pairs c * CH ..: CH / 4 bytes at byte `boff` of w[.][0]) and their second channels (the same bytes of
+            // w[.][1], HD / 8 bytes further on). Interleaved: CH / 2 bytes, both channels of a pair in one byte.
+            const u32* kw = reinterpret_cast<const u32*>(st);
+            const u32* kpar = reinterpret_cast<const u32*>(st + 2 * TL::CODES);
+            u32 w[2][2];
+            int boff = 0;
+#pragma unroll
+            for (int R = 0; R < 2; R++) {
+                const u32* row = kw + (g + 8 * R) * RW;
+                if (INTERLEAVED) {
+                    w[R][0] = row[HD == 128 ? 2 * c : c];
+                    w[R][1] = HD == 128 ? row[2 * c + 1] : 0u;
+                } else {
+                    w[R][0] = row[HD == 128 ? c : c >> 1];
+                    w[R][1] = row[HD == 128 ? 4 + c : 2 + (c >> 1)];
+                    boff = HD == 128 ? 0 : 2 * (c & 1);
+                }
+            }
+#pragma unroll
+            for (int gi = 0; gi < CH / 4; gi++) {
+                const int kbase = 4 * (gi ^ xq), p0 = c * CH + kbase;
+                u32 xr[2][2];  // per row: the code byte(s) of this group's four pairs, placed for k2_codes
+#pragma unroll
+                for (int R = 0; R < 2; R++) {
+                    if (INTERLEAVED) {
+                        const u32 jb = (u32)kbase / 2;  // two pairs a byte
+                        xr[R][0] = __byte_perm(w[R][0], w[R][1], jb | jb << 8);
+                        xr[R][1] = __byte_perm(w[R][0], w[R][1], (jb + 1) | (jb + 1) << 8);
+                    } else {
+                        const u32 jb = (u32)(kbase / 4 + boff);
+                        xr[R][0] = xr[R][1] = __byte_perm(w[R][0], w[R][1], jb | (jb + 4) << 8);
+                    }
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = 4 * gi + e, p = p0 + e;
+                    u32 wa, wb;
+                    if (INTERLEAVED) {
+                        const uint2 ab = reinterpret_cast<const uint2*>(kpar)[p];
+                        wa = ab.x;
+                        wb = ab.y;
+                    } else {
+                        wa = kpar[p];
+                        wb = kpar[p + HD / 2];
+                    }
+                    const u32 mw = __byte_perm(wa, wb, 0x5410), sw = __byte_perm(wa, wb, 0x7632);
+                    const __half2 m2 = *reinterpret_cast<const __half2*>(&mw);
+                    const __half2 s2 = *reinterpret_cast<const __half2*>(&sw);
+                    const uint2 cs = sh.turn[i][lane];
+                    u32 ec[2], es[2];
+#pragma unroll
+                    for (int R = 0; R < 2; R++) {
+                        const __half2 c2 = INTERLEAVED ? k2_codes(xr[R][e >> 1], 2 * (e & 1), 2 * (e & 1) + 1)
+                                                       : k2_codes(xr[R][0], e, e);
+                        const __half2 k2 = __hfma2(c2, s2, m2);
+                        const u32 t2 = R ? cs.y : cs.x;
+                        const __half2 a2 = *reinterpret_cast<const __half2*>(&t2);
+                        ec[R] = half2_bits(__hmul2(k2, __low2half2(a2)));
+                        es[R] = half2_bits(__hmul2(k2, __high2half2(a2)));
+                    }
+                    mma_16816(s, ec[0], ec[1], es[0], es[1], qb[i][0], qb[i][1]);
+                }
+            }
+        }
+        const u32 first = kb * K2_BS;
+        if (first + g >= end) s[0] = s[1] = NEG_INF;
+        if (first + g + 8 >= end) s[2] = s[3] = NEG_INF;
+    };
+
+    for (int j = 0; j < K2_STAGES - 1; j++) {
+        if (j < mine) issue(j, block_at(j), kb0 + j * DA_WARPS);
+        copy_commit();
+    }
+    u32 next_blk = block_at(K2_STAGES - 1);  // read one tile ahead of its copy
+    int read_slot = 0, write_slot = K2_STAGES - 1;
+    // Each tile's keys are scored one tile ahead, so that the next tile's key products overlap this tile's softmax
+    // and value products.
+    float s[4];
+    copy_wait(K2_STAGES - 2);
+    __syncwarp();
+    score(ring, kb0, s);
+    for (int j = 0; j < mine; j++) {
+        const u32 kb = kb0 + j * DA_WARPS;
+        if (j + K2_STAGES - 1 < mine) issue(write_slot, next_blk, kb + (K2_STAGES - 1) * DA_WARPS);
+        copy_commit();
+        next_blk = block_at(j + K2_STAGES);
+        copy_wait(K2_STAGES - 2);
+        __syncwarp();
+        const unsigned char* st = ring + read_slot * TL::BYTES;
+        write_slot = read_slot;
+        read_slot = read_slot == K2_STAGES - 1 ? 0 : read_slot + 1;
+        // The next tile's scores (past the warp's last tile, of whatever its stage holds, and never used).
+        float sn[4];
+        score(ring + read_slot * TL::BYTES, kb + DA_WARPS, sn);
+
+        u32 pb0, pb1;
+        softmax_tile<MT>(s, mx, sum, acc, 1.f, 1.f, pb0, pb1);
+        // Values: lane (g, c) takes group 8q + g of tokens 2c, 2c + 1, 2c + 8, 2c + 9 (16 bits of codes each); the
+        // m-tile 4q + w covers dimensions 2w, 2w + 1 of the group.
+        const unsigned char* vs = st + TL::CODES;
+        const u32* vpar = reinterpret_cast<const u32*>(st + 2 * TL::CODES + TL::KPARAMS);
+#pragma unroll
+        for (int qg = 0; qg < HD / 64; qg++) {
+            const int grp = 8 * qg + g, pg = grp / 4;
+            auto codes = [&](int t) -> u32 {
+                return *reinterpret_cast<const unsigned short*>(vs + t * (HD / 4) + 2 * grp);
+            };
+            auto params = [&](int t) { return vpar[t * (HD / 32) + pg]; };
+            const int r0 = 2 * c, r1 = 2 * c + 1, r2 = 2 * c + 8, r3 = 2 * c + 9;
+            u32 a[8], d[8];
+            k2_value_rows(codes(r0), codes(r1), params(r0), params(r1), a);
+            k2_value_rows(codes(r2), codes(r3), params(r2), params(r3), d);
+#pragma unroll
+            for (int w = 0; w < 4; w++)
+                mma_16816(acc[4 * qg + w], a[2 * w], a[2 * w + 1], d[2 * w], d[2 * w + 1], pb0, pb1);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[i] = sn[i];
+        __syncwarp();
+    }
+    asm volatile("cp.async.wait_all;\n" ::);
+
+    finish_warps<HD, MT>(acc, mx, sum, ring, &sh.ring[0][0][0], (size_t)K2_STAGES * TL::BYTES / 4, out, part,
+                         arrived, r, kvh, kv_heads, group, split, splits);
+}
+
+#define K2_ATTENTION(HD)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 2) attention_k2_h##HD(                          \
+        const float* q, const unsigned char* kc, const unsigned char* vc, const __half* kp, const __half* vp,   \
+        const float* pool, const u32* k2rows, const float2* turn, int interleaved, float* out, float* part,     \
+        u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int group,     \
+        size_t layer_vec, int layer, int layers, float scale, int splits) {                                     \
+        __shared__ K2Smem<HD> sh;                                                                               \
+        if (interleaved)                                                                                        \
+            k2_attention_impl<HD, true>(sh, q, kc, vc, kp, vp, pool, k2rows, turn, out, part, arrived, row_ctx, \
+                                        row_table, tables, kv_heads, group, layer_vec, layer, layers, scale,    \
+                                        splits);                                                                \
+        else                                                                                                    \
+            k2_attention_impl<HD, false>(sh, q, kc, vc, kp, vp, pool, k2rows, turn, out, part, arrived,         \
+                                         row_ctx, row_table, tables, kv_heads, group, layer_vec, layer, layers, \
+                                         scale, splits);                                                        \
+    }
+K2_ATTENTION(64)
+K2_ATTENTION(128)
