@@ -6,7 +6,8 @@
 # nvidia-cuda-runtime, nvidia-cuda-crt, and ptxas from nvidia-cuda-nvcc), fetched once into $TANDEM_CACHE/nvrtc
 # (default ~/.cache/tandem). The PTX is then assembled with ptxas as the driver would, which catches what NVRTC lets
 # through (an instruction the architecture lacks) and reports each kernel's registers; any register spill fails the
-# check (`TANDEM_KERNELS_SHOWN=N` lists the N kernels with the most registers; default 4). It runs nothing.
+# check (`TANDEM_KERNELS_SHOWN=N` lists the N kernels with the most registers; default 4; `TANDEM_KERNELS_CUBIN=PATH`
+# keeps the assembled cubin there, for cuobjdump -sass). It runs nothing.
 set -euo pipefail
 arch="${1:-sm_90}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -67,4 +68,5 @@ if not kernels: sys.exit("ptxas assembled no kernels")
 top = sorted(kernels.items(), key=lambda kv: -kv[1])[:int(os.environ.get("TANDEM_KERNELS_SHOWN", "4"))]
 print(f"ptxas: {len(kernels)} kernels; most registers: " + ", ".join(f"{k} {v}" for k, v in top))
 if spills: sys.exit("register spills in: " + ", ".join(spills))
-' 
+'
+if [ -n "${TANDEM_KERNELS_CUBIN:-}" ]; then cp "$ptx.cubin" "$TANDEM_KERNELS_CUBIN"; fi

@@ -20,7 +20,7 @@
 // `c * CH + (i ^ x)` (CH = HD / 8 steps, x a multiple of 4 that differs by c), as (cos k'_a, cos k'_b) at columns
 // 2c, 2c + 1 and (sin k'_a, sin k'_b) at 2c + 8, 2c + 9 of rows g and g + 8, and the B lanes of the same c hold
 // that pair's Q'. Only the pair's place in the depth changes with x: it spreads the lanes' loads of the channels'
-// (min, scale) over all banks. The (cos, sin) table is staged once per block in the order lanes read it.
+// (min, scale) over all banks. The (cos, sin) table and Q' are staged once per block in the order lanes read them.
 //
 // Values are 2-bit per token in 32-dim groups, int4's layout at half the bits: the value product is int4's (V^T as
 // operand A, P^T as B, the same dimension mapping), its operands unpacked from two bits a dimension.
@@ -33,8 +33,10 @@ template <int HD> struct K2Tile {
     static constexpr int BYTES = 2 * CODES + KPARAMS + VPARAMS;
     static constexpr int CH = HD / 8;  // 16-column steps of the key product (its depth is 2 HD)
 };
+// Per step of the key product and lane: (cos, sin) f16 of its pair's angle for rows g and g + 8, then its B
+// fragment of Q'^T (held here rather than in registers, which then suffice for four blocks per SM).
 template <int HD> struct K2Smem {
-    uint2 turn[K2Tile<HD>::CH][32];  // per step and lane: (cos, sin) f16 of its pair for rows g and g + 8
+    uint4 step[K2Tile<HD>::CH][32];
     __align__(16) unsigned char ring[DA_WARPS][K2_STAGES][K2Tile<HD>::BYTES];
 };
 
@@ -78,26 +80,21 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
     auto flip = [](int cc) { return HD == 128 ? cc : cc >> 1; };
     const int xq = flip(c);
 
+    // Q'^T scaled (by log2(e) too: the softmax works in powers of two); zeros past the group.
+    const float qscale = scale * 1.44269504088896341f;
     for (int i = threadIdx.x; i < CH * 32; i += blockDim.x) {
         const int k = i / 32, l = i % 32, gg = l >> 2, cc = l & 3;
         const int p = cc * CH + (k ^ (4 * flip(cc)));
-        const float2 a = turn[gg * (HD / 2) + p], b = turn[(gg + 8) * (HD / 2) + p];
-        sh.turn[k][l] = make_uint2(pack_half2(a.x, a.y), pack_half2(b.x, b.y));
-    }
-    // Q'^T as B fragments, scaled (by log2(e) too: the softmax works in powers of two); zeros past the group.
-    const float qscale = scale * 1.44269504088896341f;
-    u32 qb[CH][2];
-    {
-        const float* qh = q + ((size_t)r * heads + kvh * group + min(g, group - 1)) * HD;
-        const float sg = g < group ? qscale : 0.f;
-#pragma unroll
-        for (int i = 0; i < CH; i++) {
-            const int p = c * CH + 4 * ((i >> 2) ^ xq) + (i & 3);
-            const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
-            const float qa = qh[a] * sg, qbv = qh[b] * sg;
-            qb[i][0] = pack_half2(qa, qbv);
-            qb[i][1] = pack_half2(qbv, -qa);
+        const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
+        const float2 ta = turn[gg * (HD / 2) + p], tb = turn[(gg + 8) * (HD / 2) + p];
+        float qa = 0.f, qbv = 0.f;
+        if (gg < group) {
+            const float* qh = q + ((size_t)r * heads + kvh * group + gg) * HD;
+            qa = qh[a] * qscale;
+            qbv = qh[b] * qscale;
         }
+        sh.step[k][l] = make_uint4(pack_half2(ta.x, ta.y), pack_half2(tb.x, tb.y), pack_half2(qa, qbv),
+                                   pack_half2(qbv, -qa));
     }
     __syncthreads();
 
@@ -150,7 +147,8 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
             for (int i = 0; i < CH; i++) {
                 const int p = c * CH + 4 * ((i >> 2) ^ xq) + (i & 3);
                 const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
-                mma_16816(s, pack_half2(k0[a], k0[b]), pack_half2(k1[a], k1[b]), 0u, 0u, qb[i][0], qb[i][1]);
+                const uint4 st = sh.step[i][lane];
+                mma_16816(s, pack_half2(k0[a], k0[b]), pack_half2(k1[a], k1[b]), 0u, 0u, st.z, st.w);
             }
         } else {
             // The lane's code bytes of rows g and g + 8 in two words each. Halves: the first channels of its pairs
@@ -202,7 +200,7 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
                     const u32 mw = __byte_perm(wa, wb, 0x5410), sw = __byte_perm(wa, wb, 0x7632);
                     const __half2 m2 = *reinterpret_cast<const __half2*>(&mw);
                     const __half2 s2 = *reinterpret_cast<const __half2*>(&sw);
-                    const uint2 cs = sh.turn[i][lane];
+                    const uint4 cs = sh.step[i][lane];
                     u32 ec[2], es[2];
 #pragma unroll
                     for (int R = 0; R < 2; R++) {
@@ -214,7 +212,7 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
                         ec[R] = half2_bits(__hmul2(k2, __low2half2(a2)));
                         es[R] = half2_bits(__hmul2(k2, __high2half2(a2)));
                     }
-                    mma_16816(s, ec[0], ec[1], es[0], es[1], qb[i][0], qb[i][1]);
+                    mma_16816(s, ec[0], ec[1], es[0], es[1], cs.z, cs.w);
                 }
             }
         }
@@ -281,7 +279,7 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
 }
 
 #define K2_ATTENTION(HD)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 2) attention_k2_h##HD(                          \
+    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) attention_k2_h##HD(                          \
         const float* q, const unsigned char* kc, const unsigned char* vc, const __half* kp, const __half* vp,   \
         const float* pool, const u32* k2rows, const float2* turn, int interleaved, float* out, float* part,     \
         u32* arrived, const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads, int group,     \
