@@ -1,8 +1,9 @@
-// Attention over a kivi2 cache on tensor cores, in the flash-decoding style (appended after kivi2.cu when compiled;
-// decision 0018 and its addendum). Serves decode and prefill rows alike: grid (row, KV head, split), four warps, each
-// row reading its own context, as `attention_impl` in decode_attention.cu, whose softmax step and warp merge it
-// shares. A tile is one cache block (16 keys), so each warp streams whole block heads into its ring with cp.async:
-// key codes, value codes, the keys' (min, scale) per channel and the values' per token and group, all contiguous.
+// Attention over a kivi2 cache on tensor cores, in the flash-decoding style (appended after attention_common.cu and
+// kivi2.cu when compiled; decision 0018 and its addendum). Serves decode and prefill rows alike: grid (row, KV head,
+// split), four warps, each row reading its own context, as `attention_impl` in decode_attention.cu does, with the
+// same softmax step, warp merge and split merge (attention_common.cu). A tile is one cache block (16 keys), so each
+// warp streams whole block heads into its ring with cp.async: key codes, value codes, the keys' (min, scale) per
+// channel and the values' per token and group, all contiguous.
 //
 // Keys are quantized in the frame of their block's first token (each turned back by RoPE for its offset t in the
 // block), so a score turns each key forward again. For RoPE pair p with dims (a, b) and angle t * theta_p, the key
@@ -25,6 +26,7 @@
 // Values are 2-bit per token in 32-dim groups, int4's layout at half the bits: the value product is int4's (V^T as
 // operand A, P^T as B, the same dimension mapping), its operands unpacked from two bits a dimension.
 #define K2_STAGES 4
+static_assert(K2_BS == DA_TILE, "a kivi2 attention tile is one cache block");
 
 // The bytes of one block head in a stage, in the order staged: key codes (16 tokens x HD / 4), value codes (alike),
 // the keys' (min, scale) per channel, the values' per token and 32-dim group.
@@ -104,10 +106,9 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
     float mx[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};
 
     const u32 ctx = row_ctx[r];
-    const u32 chunk = (max(64u, (ctx + splits - 1) / splits) + K2_BS - 1) / K2_BS * K2_BS;
-    const u32 begin = min(ctx, split * chunk), end = min(ctx, begin + chunk);
-    const int tiles = (int)((end - begin + K2_BS - 1) / K2_BS);
-    const int mine = tiles > warp ? (tiles - warp + DA_WARPS - 1) / DA_WARPS : 0;
+    const SplitKeys keys = split_keys(ctx, split, splits, warp);  // tiles of 16 keys: whole blocks
+    const u32 begin = keys.begin, end = keys.end;
+    const int mine = keys.mine;
     const u32* table = tables + row_table[r];
     const u32 open_kb = k2rows[3 * r + 1], open_entry = k2rows[3 * r + 2];
     // The warp's tile j is the block at index kb0 + j * DA_WARPS of the row's block table.

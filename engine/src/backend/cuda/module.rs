@@ -18,9 +18,10 @@ const FORMATS: [(KvFormat, &str); 5] = [
     (KvFormat::Int4, "i4"),
 ];
 
-/// `kernels.cu`, then the attention kernels (decode first: prefill and kivi2 attention use its helpers).
+/// `kernels.cu`, then the attention kernels (their shared parts first: `attention_common.cu`).
 const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
+    include_str!("attention_common.cu"),
     include_str!("decode_attention.cu"),
     include_str!("prefill_attention.cu"),
     include_str!("sample.cu"),

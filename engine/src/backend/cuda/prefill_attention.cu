@@ -1,5 +1,5 @@
 // Prefill attention in the flash-attention style on tensor cores, with every intermediate in registers (appended
-// after decode_attention.cu, whose mma and copy helpers it uses).
+// after attention_common.cu and decode_attention.cu, whose mma and copy helpers and cache formats it uses).
 //
 // Grid (tile, head): a tile is up to 64 consecutive query rows of one sequence (rows tile_row0[t] .. + tile_rows[t]);
 // each of the four warps owns 16 of them and holds their Q (scaled, f16) as mma A fragments for the whole kernel.
