@@ -469,8 +469,10 @@ fn check(gpu: usize, threads: usize, seed: u64, format: KvFormat) -> Result<()> 
     // make each code a value takes on one side but not the other cost far more, so its bound is the format's own
     // error on the CPU (its logits against an f32 cache's, same prompt): a correct GPU cache differs from the CPU's
     // by less than the format differs from exact (measured on an H100 with the tensor-core kivi2 kernel, which reads
-    // keys in f16: 4.28e-1 against 7.81e-1, 15/16 greedy and 4/6 sampled tokens equal), where a key read in the
-    // wrong frame or channel would differ by more.
+    // keys in f16: 4.28e-1 against 7.81e-1, 15/16 greedy tokens equal), where a key read in the wrong frame or
+    // channel would differ by more. At that error a sampled draw (top-p 0.95 over the dummy model's flat
+    // distribution) agrees about half the time: 6, 4, 4 and 3 of 6 over four builds of the same kernels, which
+    // differed only in summation order, so kivi2 asks for 2.
     let (tol, min_agree, min_drawn) = match format {
         KvFormat::F32 | KvFormat::F16 => (2e-2, 15, 5),
         KvFormat::Int8 | KvFormat::Fp8 => (1e-1, 14, 4),
@@ -487,7 +489,7 @@ fn check(gpu: usize, threads: usize, seed: u64, format: KvFormat) -> Result<()> 
             println!(
                 "kivi2's own error on the CPU (logits after prefill against an f32 cache): {own:.2e}"
             );
-            (own, 13, 3)
+            (own, 13, 2)
         }
     };
     if worst.is_nan() || worst >= tol || agree < min_agree || drawn_agree < min_drawn {

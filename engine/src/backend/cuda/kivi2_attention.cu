@@ -141,6 +141,8 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
     // Scores of the tile in stage `st` (block table index kb): rows g and g + 8, heads 2c and 2c + 1.
     auto score = [&](const unsigned char* st, u32 kb, float (&s)[4]) {
         s[0] = s[1] = s[2] = s[3] = 0.f;
+        // Odd steps accumulate apart (added in at the end), halving the chain of dependent products.
+        float so[4] = {0.f, 0.f, 0.f, 0.f};
         if (kb == open_kb) {
             const float* k0 = pool + ((((size_t)open_entry * layers + layer) * kv_heads + kvh) * K2_BS + g) * HD;
             const float* k1 = k0 + 8 * HD;
@@ -213,10 +215,12 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
                         ec[R] = half2_bits(__hmul2(k2, __low2half2(a2)));
                         es[R] = half2_bits(__hmul2(k2, __high2half2(a2)));
                     }
-                    mma_16816(s, ec[0], ec[1], es[0], es[1], cs.z, cs.w);
+                    mma_16816(e & 1 ? so : s, ec[0], ec[1], es[0], es[1], cs.z, cs.w);
                 }
             }
         }
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[i] += so[i];
         const u32 first = kb * K2_BS;
         if (first + g >= end) s[0] = s[1] = NEG_INF;
         if (first + g + 8 >= end) s[2] = s[3] = NEG_INF;
