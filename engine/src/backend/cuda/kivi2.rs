@@ -14,6 +14,7 @@
 
 use super::kv::{codes_to_device, codes_to_host};
 use super::open_blocks::{Fill, OpenBlocks};
+use super::module::prefill_shared_bytes_k2;
 use super::{CudaBackend, CudaPlan, CudaTensor, cfg, lock};
 use crate::backend::BatchLayout;
 use crate::error::{EngineError, Result};
@@ -465,8 +466,64 @@ impl CudaBackend {
         })
     }
 
-    /// Attention of every row (decode or prefill) over a kivi2 cache: grid (row, KV head, split), as the
-    /// flash-decoding kernel splits its rows.
+    /// Attention of a step with prefill rows over a kivi2 cache: the tiled prefill kernel, grid (tile of up to 64
+    /// rows of one sequence, query head), its key and value tiles dequantized from the codes into f16.
+    pub(super) fn kivi2_prefill_attention(
+        &self,
+        q: &CudaTensor,
+        kv: &Kivi2Store,
+        layer: usize,
+        plan: &CudaPlan,
+        out: &mut CudaTensor,
+    ) {
+        let l = kv.layout;
+        let heads = q.cols / l.head_dim;
+        let Some(f) = self.k.prefill_attention_k2.get(&l.head_dim) else {
+            return self.fail(
+                "attention",
+                format!("no kivi2 prefill kernel for head_dim {} (64 or 128)", l.head_dim),
+            );
+        };
+        let Some(args) = self.kivi2_args(kv, layer, plan) else {
+            return;
+        };
+        let ob = self.bf16_target(out);
+        let (Some(qb), Some(o)) = (q.buf.as_ref(), out.buf.as_mut()) else {
+            return;
+        };
+        let group = (heads / l.kv_heads) as i32;
+        let scale = 1.0 / (l.head_dim as f32).sqrt();
+        let grid = LaunchConfig {
+            grid_dim: (plan.n_tiles as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: prefill_shared_bytes_k2(l.head_dim) as u32,
+        };
+        let mut a = self.stream.launch_builder(f);
+        a.arg(qb)
+            .arg(&kv.k)
+            .arg(&kv.v)
+            .arg(&kv.kp)
+            .arg(&kv.vp)
+            .arg(&args.pool)
+            .arg(&plan.k2rows);
+        a.arg(&kv.turn).arg(&plan.interleaved).arg(o).arg(&ob);
+        a.arg(&plan.tile_row0)
+            .arg(&plan.tile_rows)
+            .arg(&plan.row_ctx)
+            .arg(&plan.row_table)
+            .arg(&plan.tables);
+        a.arg(&args.kv_heads)
+            .arg(&group)
+            .arg(&args.layer_vec)
+            .arg(&args.layer)
+            .arg(&args.layers)
+            .arg(&scale);
+        self.launch("prefill_attention", || unsafe { a.launch(grid) }.map(drop));
+    }
+
+    /// Attention of decode rows over a kivi2 cache: grid (row, KV head, split), as the flash-decoding kernel
+    /// splits its rows. (It serves prefill rows too, reading each row's context once per row; steps with prefill
+    /// rows take the tiled kernel above.)
     pub(super) fn kivi2_attention(
         &self,
         q: &CudaTensor,

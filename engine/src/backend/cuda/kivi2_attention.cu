@@ -1,9 +1,9 @@
 // Attention over a kivi2 cache on tensor cores, in the flash-decoding style (appended after attention_common.cu and
-// kivi2.cu when compiled; decision 0018 and its addendum). Serves decode and prefill rows alike: grid (row, KV head,
-// split), four warps, each row reading its own context, as `attention_impl` in decode_attention.cu does, with the
-// same softmax step, warp merge and split merge (attention_common.cu). A tile is one cache block (16 keys), so each
-// warp streams whole block heads into its ring with cp.async: key codes, value codes, the keys' (min, scale) per
-// channel and the values' per token and group, all contiguous.
+// kivi2.cu when compiled; decision 0018 and its addendum). Serves decode rows (and the rows of steps too small for
+// prefill tiles): grid (row, KV head, split), four warps, each row reading its own context, as `attention_impl` in
+// decode_attention.cu does, with the same softmax step, warp merge and split merge (attention_common.cu). A tile is one
+// cache block (16 keys), so each warp streams whole block heads into its ring with cp.async: key codes, value codes,
+// the keys' (min, scale) per channel and the values' per token and group, all contiguous.
 //
 // Keys are quantized in the frame of their block's first token (each turned back by RoPE for its offset t in the
 // block), so a score turns each key forward again. For RoPE pair p with dims (a, b) and angle t * theta_p, the key
@@ -301,3 +301,106 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
     }
 K2_ATTENTION(64)
 K2_ATTENTION(128)
+
+// Steps with prefill rows over a kivi2 cache take the tiled prefill kernel (prefill_attention.cu) instead, whose K
+// and V tiles are staged in shared memory as f16: `k2_fetch_raw` and `k2_convert` (below) fill them from the codes.
+// Each key is dequantized in its block's frame and turned forward by its offset (or read from the rows' open block
+// entry, already in the cache's frame), so the kernel's products are the f16 cache's, and the codes are read once
+// per tile of up to 64 rows and query head, where the kernel above reads them once per row.
+struct k2tag {};  // the element type that names the kivi2 build of the prefill kernel
+template <typename T> constexpr bool IS_K2 = false;
+template <> constexpr bool IS_K2<k2tag> = true;
+template <> struct Group<k2tag> {
+    static constexpr bool AFFINE = false;  // keys are not Walsh-Hadamard turned
+};
+// Where a kivi2 layer lies and how its keys turn, for the prefill kernel (which otherwise takes one cache array).
+struct K2Src {
+    const unsigned char *kc, *vc;  // key and value codes
+    const __half *kp, *vp;         // their (min, scale) pairs
+    const float* pool;             // open blocks' exact keys
+    const float2* turn;            // (cos, sin) of t * inv_freq[p], per offset t and pair p
+    u32 open_kb, open_entry;       // the rows' open block (table index, or ~0) and its entry
+    int interleaved, layer, layers;
+    size_t layer_vec;
+};
+
+// A tile of BK keys (whole blocks) staged in two steps: `k2_fetch_raw` starts copying its block heads as they lie
+// (K2Tile's layout, one after another) into shared memory, so that the copies overlap the previous tile's products;
+// `k2_convert` then writes f16 rows from them. Blocks past `ctx` read as zeros.
+template <int HD> constexpr int k2_raw_bytes(int bk) { return bk / K2_BS * K2Tile<HD>::BYTES; }
+template <int HD, int BK>
+__device__ void k2_fetch_raw(const K2Src& k2, const u32* table, u32 k0, u32 ctx, int kv_heads, int kvh,
+                             unsigned char* raw) {
+    using TL = K2Tile<HD>;
+    constexpr int C16 = TL::CODES / 16, P16 = TL::KPARAMS / 16, UNITS = TL::BYTES / 16, TOTAL = BK / K2_BS * UNITS;
+#pragma unroll
+    for (int n = 0; n < (TOTAL + 127) / 128; n++) {
+        const int i = (int)threadIdx.x + 128 * n;
+        if (TOTAL % 128 != 0 && i >= TOTAL) break;
+        const int j = i / UNITS, u = i % UNITS;
+        const u32 kb = k0 / K2_BS + j;
+        const bool ok = kb * K2_BS < ctx;
+        const size_t bh = ok ? k2.layer_vec / K2_BS + (size_t)table[kb] * kv_heads + kvh : 0;
+        const unsigned char* src =
+            u < C16           ? k2.kc + bh * TL::CODES + u * 16
+            : u < 2 * C16     ? k2.vc + bh * TL::CODES + (u - C16) * 16
+            : u < 2 * C16 + P16 ? reinterpret_cast<const unsigned char*>(k2.kp) + bh * TL::KPARAMS + (u - 2 * C16) * 16
+                              : reinterpret_cast<const unsigned char*>(k2.vp) + bh * TL::VPARAMS +
+                                    (u - 2 * C16 - P16) * 16;
+        copy16(raw + j * TL::BYTES + u * 16, src, ok);
+    }
+    copy_commit();
+}
+// Keys k0 .. k0 + BK - 1 from the staged block heads into `ks` and their values into `vs`, f16 rows of LD halves:
+// each key dequantized in its block's frame and turned forward (or read from the open block's entry); keys at or
+// past `ctx` as zeros (a zero probability times anything unwritten must stay 0). Threads take (key, RoPE pair)
+// items for keys, (key, 8 dims) pieces for values.
+template <int HD, int LD, int BK>
+__device__ void k2_convert(const K2Src& k2, const unsigned char* raw, u32 k0, u32 ctx, int kv_heads, int kvh,
+                           __half* ks, __half* vs) {
+    using TL = K2Tile<HD>;
+    constexpr int HALF = HD / 2;
+#pragma unroll 4
+    for (int n = 0; n < BK * HALF / 128; n++) {
+        const int i = (int)threadIdx.x + 128 * n, kt = i / HALF, p = i % HALF;
+        const int a = k2.interleaved ? 2 * p : p, b = k2.interleaved ? 2 * p + 1 : p + HALF;
+        const u32 t = k0 + kt, off = t % K2_BS;
+        const unsigned char* blk = raw + (kt / K2_BS) * TL::BYTES;
+        float ka = 0.f, kb = 0.f;
+        if (t < ctx && t / K2_BS == k2.open_kb) {
+            const float* x =
+                k2.pool + ((((size_t)k2.open_entry * k2.layers + k2.layer) * kv_heads + kvh) * K2_BS + off) * HD;
+            ka = x[a];
+            kb = x[b];
+        } else if (t < ctx) {
+            const unsigned char* codes = blk + off * (HD / 4);
+            const __half2* par = reinterpret_cast<const __half2*>(blk + 2 * TL::CODES);
+            const float2 pa = __half22float2(par[a]), pb = __half22float2(par[b]);
+            const float xa = pa.x + pa.y * (float)((codes[a / 4] >> (2 * (a % 4))) & 3u);
+            const float xb = pb.x + pb.y * (float)((codes[b / 4] >> (2 * (b % 4))) & 3u);
+            const float2 cs = k2.turn[off * HALF + p];
+            ka = xa * cs.x - xb * cs.y;
+            kb = xa * cs.y + xb * cs.x;
+        }
+        ks[kt * LD + a] = __float2half_rn(ka);
+        ks[kt * LD + b] = __float2half_rn(kb);
+    }
+#pragma unroll 2
+    for (int n = 0; n < BK * HD / 8 / 128; n++) {
+        const int i = (int)threadIdx.x + 128 * n, kt = i / (HD / 8), j = i % (HD / 8);
+        const u32 t = k0 + kt, off = t % K2_BS;
+        const unsigned char* blk = raw + (kt / K2_BS) * TL::BYTES;
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (t < ctx) {
+            const u32 c8 = *reinterpret_cast<const unsigned short*>(blk + TL::CODES + off * (HD / 4) + 2 * j);
+            const float2 ms = __half22float2(
+                reinterpret_cast<const __half2*>(blk + 2 * TL::CODES + TL::KPARAMS)[off * (HD / 32) + j / 4]);
+            float f[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[e] = ms.x + ms.y * (float)((c8 >> (2 * e)) & 3u);
+            w = make_uint4(pack_half2(f[0], f[1]), pack_half2(f[2], f[3]), pack_half2(f[4], f[5]),
+                           pack_half2(f[6], f[7]));
+        }
+        *reinterpret_cast<uint4*>(vs + kt * LD + 8 * j) = w;
+    }
+}

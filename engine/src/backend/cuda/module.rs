@@ -18,15 +18,16 @@ const FORMATS: [(KvFormat, &str); 5] = [
     (KvFormat::Int4, "i4"),
 ];
 
-/// `kernels.cu`, then the attention kernels (their shared parts first: `attention_common.cu`).
+/// `kernels.cu`, then the other files in name order (`scripts/check-kernels.sh` compiles them alike): each uses only
+/// what comes before it.
 const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("attention_common.cu"),
     include_str!("decode_attention.cu"),
-    include_str!("prefill_attention.cu"),
-    include_str!("sample.cu"),
     include_str!("kivi2.cu"),
-    include_str!("kivi2_attention.cu")
+    include_str!("kivi2_attention.cu"),
+    include_str!("prefill_attention.cu"),
+    include_str!("sample.cu")
 );
 
 /// Every kernel of [`SOURCE`], loaded.
@@ -66,6 +67,8 @@ pub struct Kernels {
     pub rope_store_k2: CudaFunction,
     pub seal_k2: CudaFunction,
     pub attention_k2: HashMap<usize, CudaFunction>,
+    /// The tiled prefill kernel over a kivi2 cache (by head_dim), for steps with prefill rows.
+    pub prefill_attention_k2: HashMap<usize, CudaFunction>,
     pub attention_k2_per_sm: HashMap<usize, usize>,
 }
 
@@ -79,6 +82,13 @@ pub const PREFILL_TILE_ROWS: usize = 64;
 /// padded by 8 halves (`prefill_attention_impl`).
 pub fn prefill_shared_bytes(head_dim: usize) -> usize {
     2 * 2 * 64 * (head_dim + 8) * 2
+}
+
+/// The kivi2 build of the prefill kernel also stages the next tile's four block heads as they lie (`k2_raw_bytes`:
+/// key and value codes, 4 x head_dim bytes each, the keys' (min, scale) per channel, 4 x head_dim, and the values'
+/// per token and group, 2 x head_dim).
+pub fn prefill_shared_bytes_k2(head_dim: usize) -> usize {
+    prefill_shared_bytes(head_dim) + 64 / 16 * 14 * head_dim
 }
 
 /// Warps per decode attention block (`DA_WARPS` in the kernels).
@@ -201,6 +211,13 @@ impl Kernels {
                 })
                 .collect::<Result<_>>()?,
             attention_k2,
+            prefill_attention_k2: HEAD_DIMS
+                .iter()
+                .map(|&hd| {
+                    let func = f(&format!("prefill_attention_k2_h{hd}"))?;
+                    Ok((hd, with_shared(func, prefill_shared_bytes_k2(hd))?))
+                })
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -233,6 +250,16 @@ pub fn fuller_last_wave(blocks: usize, sms: usize, per_sm: &[usize]) -> usize {
     })
 }
 
+/// An attention kernel allowed `bytes` of dynamic shared memory.
+fn with_shared(func: CudaFunction, bytes: usize) -> Result<CudaFunction> {
+    func.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(dev("allowing an attention kernel its shared memory"))?;
+    Ok(func)
+}
+
 /// `{name}_{format}_h{head_dim}` for every cache format and head dim, each allowed the dynamic shared memory
 /// `shared` says it takes.
 fn per_format(
@@ -244,12 +271,7 @@ fn per_format(
     for (fmt, ty) in FORMATS {
         for hd in HEAD_DIMS {
             let func = f(&format!("{name}_{ty}_h{hd}"))?;
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared(fmt, hd) as i32,
-            )
-            .map_err(dev("allowing an attention kernel its shared memory"))?;
-            m.insert((fmt, hd), func);
+            m.insert((fmt, hd), with_shared(func, shared(fmt, hd))?);
         }
     }
     Ok(m)

@@ -315,7 +315,11 @@ impl Backend for CudaBackend {
         }
         self.resize(out, q.rows, q.cols);
         if let KvBufs::Kivi2(s) = &kv.bufs {
-            self.kivi2_attention(q, s, layer, plan, out);
+            if plan.n_tiles > 0 {
+                self.kivi2_prefill_attention(q, s, layer, plan, out);
+            } else {
+                self.kivi2_attention(q, s, layer, plan, out);
+            }
         } else if plan.n_tiles > 0 {
             self.prefill_attention(q, kv, layer, plan, out);
         } else {

@@ -1,15 +1,19 @@
 // Prefill attention in the flash-attention style on tensor cores, with every intermediate in registers (appended
-// after attention_common.cu and decode_attention.cu, whose mma and copy helpers and cache formats it uses).
+// after attention_common.cu, decode_attention.cu and the kivi2 files, whose mma and copy helpers, cache formats and
+// kivi2 tile staging it uses).
 //
 // Grid (tile, head): a tile is up to 64 consecutive query rows of one sequence (rows tile_row0[t] .. + tile_rows[t]);
-// each of the four warps owns 16 of them and holds their Q (scaled, f16) as mma A fragments for the whole kernel.
-// Keys and values come in 64-key tiles, staged in shared memory as f16, double-buffered: an f16 cache is copied as
-// it lies by cp.async, the next tile's copies in flight while this tile's products run; other formats go through
-// registers and are converted after the products (holding them across would not fit in the registers). Per tile a warp computes its 16 x 64 scores (mma m16n8k16, K fragments by ldmatrix), applies the
-// causal mask (row r sees row_ctx[r] keys) and an online softmax on the accumulators (a row's values live in the
-// four lanes of a quad), reuses the score accumulators directly as the A fragments of P (the m16n8 accumulator
-// layout of two adjacent key blocks is the m16k16 operand layout), and adds P V (V fragments by ldmatrix.trans).
-// Shared-memory rows are padded by 16 bytes so that the eight rows of every ldmatrix fall on different banks.
+// each of the four warps owns 16 of them and holds their Q (scaled, f16) as mma A fragments for the whole kernel. Keys
+// and values come in 64-key tiles, staged in shared memory as f16, double-buffered: an f16 cache is copied as it lies
+// by cp.async, the next tile's copies in flight while this tile's products run; other formats go through registers and
+// are converted after the products (holding them across would not fit in the registers); a kivi2 cache's block heads
+// are copied into shared memory as they lie while the products run, and dequantized into the tiles after them
+// (`k2_fetch_raw`, `k2_convert` in kivi2_attention.cu). Per tile a warp computes its 16 x 64 scores (mma m16n8k16, K
+// fragments by ldmatrix), applies the causal mask (row r sees row_ctx[r] keys) and an online softmax on the
+// accumulators (a row's values live in the four lanes of a quad), reuses the score accumulators directly as the A
+// fragments of P (the m16n8 accumulator layout of two adjacent key blocks is the m16k16 operand layout), and adds P V
+// (V fragments by ldmatrix.trans). Shared-memory rows are padded by 16 bytes so that the eight rows of every ldmatrix
+// fall on different banks.
 #define PF_BQ 64
 #define PF_BK 64
 
@@ -22,6 +26,7 @@ template <> struct Raw8<float> { float4 a, b; };
 template <> struct Raw8<i8> { uint2 v; float s; };
 template <> struct Raw8<f8> { uint2 v; float s; };
 template <> struct Raw8<u4x2> { u32 v; __half2 ms; };
+template <> struct Raw8<k2tag> {};  // (kivi2 tiles are staged by k2_fetch_raw and k2_convert)
 // Element `at` (a multiple of 8) of the store onward; `sc`: int8's scales or int4's (min, scale) pairs.
 __device__ __forceinline__ void fetch_raw(const __half* c, size_t at, const __half*, int, Raw8<__half>& r) {
     r.v = *reinterpret_cast<const uint4*>(c + at);
@@ -155,12 +160,13 @@ template <typename T, int HD>
 __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc, const __half* ksc, const __half* vsc,
                                        float* out, __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows,
                                        const u32* row_ctx, const u32* row_table, const u32* tables, int kv_heads,
-                                       int group, int block_size, size_t layer_off, float scale) {
+                                       int group, int block_size, size_t layer_off, float scale, const K2Src& k2) {
     constexpr int LD = HD + 8;             // staged row length, halves
     constexpr int CH = PF_BK * HD / 8 / 128;  // 16-byte pieces of K (and of V) per thread per tile
     constexpr bool ASYNC = sizeof(T) == 2;  // an f16 cache is copied as it lies
     extern __shared__ __align__(128) unsigned char smem[];
     __half* stage = reinterpret_cast<__half*>(smem);  // [2 buffers][K, V][PF_BK][LD]
+    unsigned char* raw = smem + 2 * 2 * PF_BK * LD * sizeof(__half);  // kivi2: the next tile's block heads
     // Later tiles of a sequence see more keys: they start first, and the short ones fill in behind them.
     const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, kvh = h / group, heads = kv_heads * group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -219,7 +225,12 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
     // are loaded, converted and stored here.
     auto fetch = [&](u32 k0, int buf) {
         __half* ks = stage + (size_t)buf * 2 * PF_BK * LD;
-        if constexpr (ASYNC) {
+        if constexpr (IS_K2<T>) {
+            // The tile's block heads were copied in by k2_fetch_raw (every thread's copies, hence the barrier).
+            asm volatile("cp.async.wait_all;\n" ::);
+            __syncthreads();
+            k2_convert<HD, LD, PF_BK>(k2, raw, k0, ctx_last, kv_heads, kvh, ks, ks + PF_BK * LD);
+        } else if constexpr (ASYNC) {
 #pragma unroll
             for (int j = 0; j < CH; j++) {
                 const int i = threadIdx.x + j * 128, at = (i / (HD / 8)) * LD + (i % (HD / 8)) * 8;
@@ -257,6 +268,7 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
         if constexpr (ASYNC) asm volatile("cp.async.wait_all;\n" ::);
     };
 
+    if constexpr (IS_K2<T>) k2_fetch_raw<HD, PF_BK>(k2, table, 0, ctx_last, kv_heads, kvh, raw);
     fetch(0, 0);
     land();
     __syncthreads();
@@ -264,6 +276,7 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
     for (u32 k0 = 0; k0 < ctx_last; k0 += PF_BK, buf ^= 1) {
         const bool more = k0 + PF_BK < ctx_last;
         if (ASYNC && more) fetch(k0 + PF_BK, buf ^ 1);
+        if (IS_K2<T> && more) k2_fetch_raw<HD, PF_BK>(k2, table, k0 + PF_BK, ctx_last, kv_heads, kvh, raw);
         const __half* ks = stage + (size_t)buf * 2 * PF_BK * LD;
         const __half* vs = ks + PF_BK * LD;
 
@@ -368,6 +381,23 @@ __device__ void prefill_attention_impl(const float* q, const T* kc, const T* vc,
         __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows, const u32* row_ctx, const u32* row_table, \
         const u32* tables, int kv_heads, int group, int block_size, size_t layer_off, float scale) {            \
         prefill_attention_impl<T, HD>(q, kc, vc, ksc, vsc, out, ob, tile_row0, tile_rows, row_ctx, row_table,   \
-                                      tables, kv_heads, group, block_size, layer_off, scale);                   \
+                                      tables, kv_heads, group, block_size, layer_off, scale, K2Src{});          \
     }
 FOR_EACH_FORMAT_AND_HEAD_DIM(PREFILL_ATTENTION)
+
+// The kivi2 build: the layer's codes, parameters, open blocks and turn table in place of one cache array; the open
+// block is the rows' own (a tile's rows are one sequence's).
+#define PREFILL_ATTENTION_K2(HD)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128) prefill_attention_k2_h##HD(                                \
+        const float* q, const unsigned char* kc, const unsigned char* vc, const __half* kp, const __half* vp,   \
+        const float* pool, const u32* k2rows, const float2* turn, int interleaved, float* out,                  \
+        __nv_bfloat16* ob, const u32* tile_row0, const u32* tile_rows, const u32* row_ctx, const u32* row_table, \
+        const u32* tables, int kv_heads, int group, size_t layer_vec, int layer, int layers, float scale) {     \
+        const u32 r0 = tile_row0[gridDim.x - 1 - blockIdx.x];                                                   \
+        const K2Src k2{kc, vc, kp, vp, pool, turn, k2rows[3 * r0 + 1], k2rows[3 * r0 + 2], interleaved, layer,  \
+                       layers, layer_vec};                                                                      \
+        prefill_attention_impl<k2tag, HD>(q, nullptr, nullptr, nullptr, nullptr, out, ob, tile_row0, tile_rows, \
+                                          row_ctx, row_table, tables, kv_heads, group, K2_BS, 0, scale, k2);    \
+    }
+PREFILL_ATTENTION_K2(64)
+PREFILL_ATTENTION_K2(128)
