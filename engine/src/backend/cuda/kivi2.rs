@@ -13,8 +13,8 @@
 //! holds one entry per block open at once: one per running sequence, plus the blocks a prefill chunk fills.
 
 use super::kv::{codes_to_device, codes_to_host};
-use super::open_blocks::{Fill, OpenBlocks};
 use super::module::prefill_shared_bytes_k2;
+use super::open_blocks::{Fill, OpenBlocks};
 use super::{CudaBackend, CudaPlan, CudaTensor, cfg, lock};
 use crate::backend::BatchLayout;
 use crate::error::{EngineError, Result};
@@ -481,7 +481,10 @@ impl CudaBackend {
         let Some(f) = self.k.prefill_attention_k2.get(&l.head_dim) else {
             return self.fail(
                 "attention",
-                format!("no kivi2 prefill kernel for head_dim {} (64 or 128)", l.head_dim),
+                format!(
+                    "no kivi2 prefill kernel for head_dim {} (64 or 128)",
+                    l.head_dim
+                ),
             );
         };
         let Some(args) = self.kivi2_args(kv, layer, plan) else {
