@@ -341,6 +341,30 @@ struct LayerArgs {
     layers: i32,
 }
 
+impl LayerArgs {
+    /// What both attention kernels take first: the query, the codes and their parameters, the pool, the rows'
+    /// open-block words, the turn table and the RoPE pairing.
+    fn push_sources<'a>(
+        &'a self,
+        a: &mut cudarc::driver::LaunchArgs<'a>,
+        q: &'a CudaSlice<f32>,
+        kv: &'a Kivi2Store,
+        plan: &'a CudaPlan,
+    ) {
+        a.arg(q).arg(&kv.k).arg(&kv.v).arg(&kv.kp).arg(&kv.vp);
+        a.arg(&self.pool)
+            .arg(&plan.k2rows)
+            .arg(&kv.turn)
+            .arg(&plan.interleaved);
+    }
+
+    /// What both take after the rows: where the layer lies, and the query heads per KV head.
+    fn push_layer<'a>(&'a self, a: &mut cudarc::driver::LaunchArgs<'a>, group: &'a i32) {
+        a.arg(&self.kv_heads).arg(group).arg(&self.layer_vec);
+        a.arg(&self.layer).arg(&self.layers);
+    }
+}
+
 impl CudaBackend {
     /// RoPE on Q and K and the cache write of one layer, then the seal of every block the step filled.
     #[allow(clippy::too_many_arguments)]
@@ -502,25 +526,11 @@ impl CudaBackend {
             shared_mem_bytes: prefill_shared_bytes_k2(l.head_dim) as u32,
         };
         let mut a = self.stream.launch_builder(f);
-        a.arg(qb)
-            .arg(&kv.k)
-            .arg(&kv.v)
-            .arg(&kv.kp)
-            .arg(&kv.vp)
-            .arg(&args.pool)
-            .arg(&plan.k2rows);
-        a.arg(&kv.turn).arg(&plan.interleaved).arg(o).arg(&ob);
-        a.arg(&plan.tile_row0)
-            .arg(&plan.tile_rows)
-            .arg(&plan.row_ctx)
-            .arg(&plan.row_table)
-            .arg(&plan.tables);
-        a.arg(&args.kv_heads)
-            .arg(&group)
-            .arg(&args.layer_vec)
-            .arg(&args.layer)
-            .arg(&args.layers)
-            .arg(&scale);
+        args.push_sources(&mut a, qb, kv, plan);
+        a.arg(o).arg(&ob).arg(&plan.tile_row0).arg(&plan.tile_rows);
+        a.arg(&plan.row_ctx).arg(&plan.row_table).arg(&plan.tables);
+        args.push_layer(&mut a, &group);
+        a.arg(&scale);
         self.launch("prefill_attention", || unsafe { a.launch(grid) }.map(drop));
     }
 
@@ -570,24 +580,10 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut a = self.stream.launch_builder(f);
-        a.arg(qb)
-            .arg(&kv.k)
-            .arg(&kv.v)
-            .arg(&kv.kp)
-            .arg(&kv.vp)
-            .arg(&args.pool)
-            .arg(&plan.k2rows);
-        a.arg(&kv.turn)
-            .arg(&plan.interleaved)
-            .arg(o)
-            .arg(pb)
-            .arg(ab);
+        args.push_sources(&mut a, qb, kv, plan);
+        a.arg(o).arg(pb).arg(ab);
         a.arg(&plan.row_ctx).arg(&plan.row_table).arg(&plan.tables);
-        a.arg(&args.kv_heads)
-            .arg(&group)
-            .arg(&args.layer_vec)
-            .arg(&args.layer)
-            .arg(&args.layers);
+        args.push_layer(&mut a, &group);
         a.arg(&scale).arg(&sp);
         self.launch("attention", || unsafe { a.launch(grid) }.map(drop));
     }
