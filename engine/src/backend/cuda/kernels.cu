@@ -166,15 +166,23 @@ extern "C" __global__ void silu_mul(float* g, const float* u, size_t n, __nv_bfl
     }
 }
 
+// The dims of RoPE pair i of a head vector: (2i, 2i + 1) when interleaved, else (i, i + half).
+struct PairDims {
+    int a, b;
+};
+__device__ __forceinline__ PairDims pair_dims(int i, int half, bool interleaved) {
+    return interleaved ? PairDims{2 * i, 2 * i + 1} : PairDims{i, i + half};
+}
+
 // Turns pair i of the head vector x in place by the angle position x inv_freq[i] (sincosf at full precision, as the
-// host computes it): dims (2i, 2i + 1) when interleaved, else (i, i + half). The pair's dims and new values come back.
+// host computes it). The pair's dims (`pair_dims`) and new values come back.
 struct RopePair {
     int a, b;
     float y0, y1;
 };
 __device__ __forceinline__ RopePair rope_pair(float* x, u32 position, const float* inv_freq, int i, int half,
                                               int interleaved) {
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const auto [a, b] = pair_dims(i, half, interleaved);
     float s, c;
     sincosf((float)position * inv_freq[i], &s, &c);
     const float x0 = x[a], x1 = x[b];

@@ -62,11 +62,18 @@ __device__ void k2_store_values(unsigned char* vc, __half* vp, size_t vec, int h
             (unsigned char)(codes[4 * j] | codes[4 * j + 1] << 2 | codes[4 * j + 2] << 4 | codes[4 * j + 3] << 6);
 }
 
+// Where slot `off` of KV head h's keys of `layer` lies in pool entry `entry` (in floats from the pool's start).
+__device__ __forceinline__ size_t k2_pool_key(u32 entry, int layer, int layers, int kv_heads, int h, u32 off, int hd) {
+    return ((((size_t)entry * layers + layer) * kv_heads + h) * K2_BS + off) * hd;
+}
+// A block head's index in the store (its K2_BS vectors start at index * K2_BS; `layer_vec`: the layer's first vector).
+__device__ __forceinline__ size_t k2_block_head(size_t layer_vec, u32 block, int kv_heads, int h) {
+    return layer_vec / K2_BS + (size_t)block * kv_heads + h;
+}
 // Where row r's key of KV head h goes: its slot in its block's open entry, for `layer`.
 __device__ __forceinline__ float* k2_open_key(float* pool, const u32* k2rows, int r, u32 off, int layer, int layers,
                                               int kv_heads, int h, int hd) {
-    const size_t entry = k2rows[3 * r];
-    return pool + (((entry * layers + layer) * kv_heads + h) * K2_BS + off) * hd;
+    return pool + k2_pool_key(k2rows[3 * r], layer, layers, kv_heads, h, off, hd);
 }
 
 // Grid (rows, kv_heads), head_dim / 2 threads: each row's K into its open entry, its V quantized into the store.
@@ -80,7 +87,7 @@ extern "C" __global__ void store_kv_k2(const float* k, const float* v, unsigned 
     float* dst = k2_open_key(pool, k2rows, r, off, layer, layers, kv_heads, h, head_dim);
     dst[i] = kr[i];
     dst[i + half] = kr[i + half];
-    const size_t vec = layer_vec + ((size_t)block * kv_heads + h) * K2_BS + off;
+    const size_t vec = k2_block_head(layer_vec, block, kv_heads, h) * K2_BS + off;
     k2_store_values(vc, vp, vec, head_dim, i, i + half, vr[i], vr[i + half]);
 }
 
@@ -100,7 +107,7 @@ extern "C" __global__ void rope_store_k2(float* q, float* k, const float* v, uns
     dst[a] = y0;
     dst[b] = y1;
     const float* vr = v + ((size_t)r * kv_heads + hh) * head_dim;
-    const size_t vec = layer_vec + ((size_t)block * kv_heads + hh) * K2_BS + off;
+    const size_t vec = k2_block_head(layer_vec, block, kv_heads, hh) * K2_BS + off;
     k2_store_values(vc, vp, vec, head_dim, a, b, vr[a], vr[b]);
 }
 
@@ -116,11 +123,11 @@ extern "C" __global__ void seal_k2(unsigned char* kc, __half* kp, const float* p
     const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x, hd = head_dim, half = hd / 2;
     const u32 slot = slots[r], block = slot / K2_BS, off = slot % K2_BS;
     if (off != K2_BS - 1) return;
-    const float* src = pool + (((size_t)k2rows[3 * r] * layers + layer) * kv_heads + h) * K2_BS * hd;
+    const float* src = pool + k2_pool_key(k2rows[3 * r], layer, layers, kv_heads, h, 0, hd);
     for (int t = 0; t < K2_BS; t++) keys[t * hd + d] = src[t * hd + d];
     __syncthreads();
     if (d < half) {
-        const int a = interleaved ? 2 * d : d, b = interleaved ? 2 * d + 1 : d + half;
+        const auto [a, b] = pair_dims(d, half, interleaved);
         for (int t = 1; t < K2_BS; t++) {
             const float2 cs = turn[t * half + d];
             const float c = cs.x, s = -cs.y;
@@ -139,7 +146,7 @@ extern "C" __global__ void seal_k2(unsigned char* kc, __half* kp, const float* p
     float mf, inv;
     k2_affine(lo, hi, mh, sh, mf, inv);
     for (int t = 0; t < K2_BS; t++) codes[t * hd + d] = (unsigned char)k2_code(keys[t * hd + d], mf, inv);
-    const size_t bh = layer_vec / K2_BS + (size_t)block * kv_heads + h;
+    const size_t bh = k2_block_head(layer_vec, block, kv_heads, h);
     kp[bh * 2 * hd + 2 * d] = mh;
     kp[bh * 2 * hd + 2 * d + 1] = sh;
     __syncthreads();

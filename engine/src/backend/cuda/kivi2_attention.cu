@@ -78,16 +78,17 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const int heads = kv_heads * group;
     unsigned char* ring = &sh.ring[warp][0][0];
-    // The lane's pair order: x / 4 flips the groups of four pairs (HD 128: by c; HD 64: by c / 2).
+    // The pair lane c supplies at step i of the key product: x / 4 flips the groups of four pairs (HD 128: by c;
+    // HD 64: by c / 2).
     auto flip = [](int cc) { return HD == 128 ? cc : cc >> 1; };
-    const int xq = flip(c);
+    auto pair_at = [&](int i, int cc) { return cc * CH + 4 * ((i >> 2) ^ flip(cc)) + (i & 3); };
 
     // Q'^T scaled (by log2(e) too: the softmax works in powers of two); zeros past the group.
     const float qscale = scale * 1.44269504088896341f;
     for (int i = threadIdx.x; i < CH * 32; i += blockDim.x) {
         const int k = i / 32, l = i % 32, gg = l >> 2, cc = l & 3;
-        const int p = cc * CH + (k ^ (4 * flip(cc)));
-        const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
+        const int p = pair_at(k, cc);
+        const auto [a, b] = pair_dims(p, HD / 2, INTERLEAVED);
         const float2 ta = turn[gg * (HD / 2) + p], tb = turn[(gg + 8) * (HD / 2) + p];
         float qa = 0.f, qbv = 0.f;
         if (gg < group) {
@@ -118,7 +119,7 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
     // the split read as zeros (never written, they could hold anything, and a zero probability times a NaN is NaN).
     auto issue = [&](int slot, u32 blk, u32 kb) {
         unsigned char* st = ring + slot * TL::BYTES;
-        const size_t bh = layer_vec / K2_BS + (size_t)blk * kv_heads + kvh;
+        const size_t bh = k2_block_head(layer_vec, blk, kv_heads, kvh);
         constexpr int C16 = TL::CODES / 16, U16 = 2 * C16 + TL::KPARAMS / 16;
 #pragma unroll
         for (int i = 0; i < (U16 + 31) / 32; i++) {
@@ -144,12 +145,11 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
         // Odd steps accumulate apart (added in at the end), halving the chain of dependent products.
         float so[4] = {0.f, 0.f, 0.f, 0.f};
         if (kb == open_kb) {
-            const float* k0 = pool + ((((size_t)open_entry * layers + layer) * kv_heads + kvh) * K2_BS + g) * HD;
+            const float* k0 = pool + k2_pool_key(open_entry, layer, layers, kv_heads, kvh, g, HD);
             const float* k1 = k0 + 8 * HD;
 #pragma unroll
             for (int i = 0; i < CH; i++) {
-                const int p = c * CH + 4 * ((i >> 2) ^ xq) + (i & 3);
-                const int a = INTERLEAVED ? 2 * p : p, b = INTERLEAVED ? 2 * p + 1 : p + HD / 2;
+                const auto [a, b] = pair_dims(pair_at(i, c), HD / 2, INTERLEAVED);
                 const uint4 st = sh.step[i][lane];
                 mma_16816(s, pack_half2(k0[a], k0[b]), pack_half2(k1[a], k1[b]), 0u, 0u, st.z, st.w);
             }
@@ -175,7 +175,8 @@ __device__ void k2_attention_impl(K2Smem<HD>& sh, const float* q, const unsigned
             }
 #pragma unroll
             for (int gi = 0; gi < CH / 4; gi++) {
-                const int kbase = 4 * (gi ^ xq), p0 = c * CH + kbase;
+                // The group's first pair, and its place among the lane's own pairs (whose code bytes w holds).
+                const int p0 = pair_at(4 * gi, c), kbase = p0 - c * CH;
                 u32 xr[2][2];  // per row: the code byte(s) of this group's four pairs, placed for k2_codes
 #pragma unroll
                 for (int R = 0; R < 2; R++) {
@@ -340,7 +341,7 @@ __device__ void k2_fetch_raw(const K2Src& k2, const u32* table, u32 k0, u32 ctx,
         const int j = i / UNITS, u = i % UNITS;
         const u32 kb = k0 / K2_BS + j;
         const bool ok = kb * K2_BS < ctx;
-        const size_t bh = ok ? k2.layer_vec / K2_BS + (size_t)table[kb] * kv_heads + kvh : 0;
+        const size_t bh = ok ? k2_block_head(k2.layer_vec, table[kb], kv_heads, kvh) : 0;
         const unsigned char* src =
             u < C16           ? k2.kc + bh * TL::CODES + u * 16
             : u < 2 * C16     ? k2.vc + bh * TL::CODES + (u - C16) * 16
@@ -363,13 +364,12 @@ __device__ void k2_convert(const K2Src& k2, const unsigned char* raw, u32 k0, u3
 #pragma unroll 4
     for (int n = 0; n < BK * HALF / 128; n++) {
         const int i = (int)threadIdx.x + 128 * n, kt = i / HALF, p = i % HALF;
-        const int a = k2.interleaved ? 2 * p : p, b = k2.interleaved ? 2 * p + 1 : p + HALF;
+        const auto [a, b] = pair_dims(p, HALF, k2.interleaved);
         const u32 t = k0 + kt, off = t % K2_BS;
         const unsigned char* blk = raw + (kt / K2_BS) * TL::BYTES;
         float ka = 0.f, kb = 0.f;
         if (t < ctx && t / K2_BS == k2.open_kb) {
-            const float* x =
-                k2.pool + ((((size_t)k2.open_entry * k2.layers + k2.layer) * kv_heads + kvh) * K2_BS + off) * HD;
+            const float* x = k2.pool + k2_pool_key(k2.open_entry, k2.layer, k2.layers, kv_heads, kvh, off, HD);
             ka = x[a];
             kb = x[b];
         } else if (t < ctx) {
