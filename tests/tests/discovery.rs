@@ -10,6 +10,8 @@ use tandem_tests::procs::{Etcd, Node};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 const TTL_S: &str = "4";
+/// Tokens per stream while etcd restarts: at least a few seconds of decoding, longer than the 1.5 s etcd stays away.
+const STREAM_TOKENS: usize = 384;
 
 fn worker(role: &str, etcd: &Etcd, extra: &[&str]) -> Node {
     let e = etcd.endpoint();
@@ -115,24 +117,34 @@ fn routers_follow_etcd_registrations_through_an_etcd_restart_a_crash_and_a_drain
         assert!(!eps.contains(&other.url), "{eps:?} took {}", other.url);
     }
 
-    // etcd dies and comes back while streams run through both routers: every request completes in full.
+    // etcd dies and comes back while streams run through both routers: every request completes in full. etcd is
+    // killed only once every stream has its first chunk, and the streams are long enough to outlast the kill on a
+    // fast machine (checked below: a stream that ended first would prove nothing).
+    let (started_tx, started) = std::sync::mpsc::channel();
     let streams: Vec<_> = (0..4)
         .map(|i| {
             let addr = if i % 2 == 0 { r1.addr() } else { r2.addr() }.to_string();
+            let started_tx = started_tx.clone();
             std::thread::spawn(move || {
-                let events = http::stream(
+                let mut events = http::stream(
                     &addr,
                     "/v1/completions",
                     &json!({"model": MODEL, "prompt": format!("Story number {i}: once upon a time"),
-                            "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true}),
+                            "max_tokens": STREAM_TOKENS, "temperature": 0, "ignore_eos": true, "stream": true}),
                 );
                 assert_eq!(events.status, 200);
-                let events = events.collect();
+                let first = events.next_data();
+                started_tx.send(()).unwrap();
+                let events: Vec<String> = first.into_iter().chain(events.collect()).collect();
                 (events, Instant::now())
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..streams.len() {
+        started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a stream sent no first chunk within 30 s");
+    }
     let killed = Instant::now();
     etcd.kill();
     std::thread::sleep(Duration::from_millis(1500));
