@@ -462,6 +462,50 @@ fn the_device_flag_falls_back_or_fails_clearly_without_a_gpu() {
 }
 
 #[test]
+fn the_nccl_transfer_bench_says_what_it_needs() {
+    // Bad flags are refused before any GPU is looked for.
+    let o = run(&["bench", "transfer", "--transport", "nccl", "--gpus", "1,1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("two different GPUs"), "{}", stderr(&o));
+    let o = run(&[
+        "bench",
+        "transfer",
+        "--transport",
+        "nccl",
+        "--prompt-tokens",
+        "100",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--prompt-tokens must be a positive multiple of 16"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "bench",
+        "transfer",
+        "--transport",
+        "nccl",
+        "--kv-format",
+        "kivi2",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("kivi2 cannot cross over NCCL"),
+        "{}",
+        stderr(&o)
+    );
+    if tandem_engine::backend::cuda::device_count() >= 2 {
+        return; // A two-GPU host runs the bench for real (bench/RESULTS.md).
+    }
+    let o = run(&["bench", "transfer", "--transport", "nccl"]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("needs two GPUs"), "{err}");
+}
+
+#[test]
 fn invalid_utf8_prompt_is_rejected() {
     use std::os::unix::ffi::OsStrExt;
     let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");

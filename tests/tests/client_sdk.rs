@@ -56,6 +56,7 @@ fn the_rust_client_streams_cancels_and_keeps_deadlines() {
         // A deadline far shorter than the work ends the call with a deadline error.
         let slow = GenerateRequest::prompt("Once upon a time")
             .max_tokens(1000)
+            .ignore_eos()
             .deadline(Duration::from_millis(300));
         let started = Instant::now();
         let r = match client.generate(slow).await {

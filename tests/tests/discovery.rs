@@ -21,8 +21,9 @@ fn worker(role: &str, etcd: &Etcd, extra: &[&str]) -> Node {
         role,
         "--listen",
         "127.0.0.1:0",
+        // Room for all four restart streams (384 tokens each) on one decode worker, wherever the routers put them.
         "--kv-cache-mib",
-        "48",
+        "128",
         "--etcd-endpoint",
         &e,
         "--lease-ttl-s",

@@ -21,6 +21,9 @@ struct Setup {
     /// Stops the router alone (the mock worker keeps serving).
     stop_router: tokio::sync::watch::Sender<bool>,
     router: tokio::task::JoinHandle<Result<(), tandem_router::RouterServeError>>,
+    /// These tests time token gaps, admission windows and breaker cooldowns in milliseconds: one at a time, so
+    /// that another test's traffic on the same two cores does not move them.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 fn start(timing: MockTiming) -> Setup {
@@ -38,6 +41,7 @@ fn start_full(
     extra_decode: Vec<String>,
     routing: tandem_router::Routing,
 ) -> Setup {
+    let serial = tandem_tests::serial();
     let (_, tok) = tandem_tests::open_model();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,6 +100,7 @@ fn start_full(
         _stop: stop,
         stop_router,
         router,
+        _serial: serial,
     }
 }
 
@@ -282,31 +287,34 @@ fn shutdown_drains_open_streams_then_stops() {
         ttft: Duration::from_millis(20),
         itl: Duration::from_millis(40),
     };
-    let s = start_with(
-        timing,
-        AdmissionConfig {
-            drain_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-    );
-    let grpc = s.grpc.clone();
-    let long = s.rt.spawn(async move { generate(&grpc, 25).await });
-    std::thread::sleep(Duration::from_millis(300));
-    let stopped_at = Instant::now();
-    s.stop_router.send(true).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
-    let r = http::post(&s.http, "/v1/completions", &body);
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("shutting down"), "{}", r.body);
-    let (ids, _, _) = s.rt.block_on(long).unwrap();
-    assert_eq!(ids.len(), 25, "the open stream finished during the drain");
-    s.rt.block_on(s.router).unwrap().unwrap();
-    assert!(
-        stopped_at.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        stopped_at.elapsed()
-    );
+    // Each scenario's setup (and its hold on the serial lock) ends with its block.
+    {
+        let s = start_with(
+            timing,
+            AdmissionConfig {
+                drain_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+        );
+        let grpc = s.grpc.clone();
+        let long = s.rt.spawn(async move { generate(&grpc, 25).await });
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped_at = Instant::now();
+        s.stop_router.send(true).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let body = serde_json::json!({"model": "mock", "prompt": "hi", "max_tokens": 2});
+        let r = http::post(&s.http, "/v1/completions", &body);
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("shutting down"), "{}", r.body);
+        let (ids, _, _) = s.rt.block_on(long).unwrap();
+        assert_eq!(ids.len(), 25, "the open stream finished during the drain");
+        s.rt.block_on(s.router).unwrap().unwrap();
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            stopped_at.elapsed()
+        );
+    }
 
     // A drain shorter than the stream cuts it, and the router still stops.
     let s = start_with(
@@ -407,8 +415,10 @@ fn a_failing_decode_worker_trips_its_breaker_and_gets_one_probe_per_cooldown() {
         );
         send();
     }
+    // `opened` is taken after the third refusal's round trip, a little after the cooldown started: the window
+    // checked closed ends well before the cooldown does, however slow that round trip was.
     let opened = Instant::now();
-    while opened.elapsed() < Duration::from_millis(800) {
+    while opened.elapsed() < Duration::from_millis(600) {
         send();
     }
     assert_eq!(

@@ -19,7 +19,8 @@ pub enum BenchCommand {
     Engine(EngineBenchArgs),
     /// Serving latency and throughput through the router, against a baseline in the same run.
     Serve(Box<super::bench_serve::ServeBenchArgs>),
-    /// KV transfer over loopback gRPC per codec, against the codecs' encode speed.
+    /// KV transfer over loopback gRPC per codec, against the codecs' encode speed; or, with `--transport nccl`,
+    /// between two GPUs over NCCL against a peer copy.
     Transfer(super::bench_transfer::TransferBenchArgs),
     /// Decode batch one KV memory budget holds per cache format (f32, f16, int8), and its throughput.
     KvCapacity(super::bench_kv_capacity::KvCapacityArgs),

@@ -2,7 +2,8 @@
 //! pushed by the real sender to the real receiver (which checks, decodes and hands each chunk to a sink that drops
 //! it). It reports the uncompressed (f32) megabytes per second moved and the bytes on the wire, and, beside them,
 //! how fast the sender encodes, so the two can be compared: a codec is never the bottleneck of a transfer when it
-//! encodes faster than the link carries the uncompressed cache.
+//! encodes faster than the link carries the uncompressed cache. `--transport nccl` measures the GPU-to-GPU path
+//! instead ([`super::bench_transfer_nccl`]).
 
 use super::serve::{bind, runtime, stopped};
 use anyhow::Result;
@@ -16,8 +17,21 @@ use tandem_kv_transfer::chunk::{self, BlockData, ChunkHeader, ChunkLayout, Encod
 use tandem_kv_transfer::{KvTransferService, Sender, SessionId, Sessions};
 use tandem_prefill_node::runtime::serve_grpc;
 
+/// Which KV transport `tandem bench transfer` measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Host chunks over a loopback gRPC stream, for every codec.
+    Grpc,
+    /// Staged GPU blocks over NCCL between two processes on two GPUs of one host.
+    Nccl,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct TransferBenchArgs {
+    /// The transport to measure: grpc (loopback, host chunks, every codec; the flags above `--shape`) or nccl (GPU
+    /// to GPU between two processes; needs two GPUs; the flags from `--shape` on).
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    pub transport: Transport,
     /// Uncompressed (f32) mebibytes of KV to move per codec.
     #[arg(long, default_value_t = 256)]
     pub mib: usize,
@@ -34,6 +48,8 @@ pub struct TransferBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub nccl: super::bench_transfer_nccl::NcclBenchArgs,
 }
 
 /// The default model's block shape (3 KV heads of 64 dims, 16-token blocks, 30 layers) and RoPE.
@@ -75,6 +91,9 @@ fn block(seed: usize, n: usize) -> BlockData {
 }
 
 pub fn run(a: TransferBenchArgs) -> Result<()> {
+    if a.transport == Transport::Nccl {
+        return super::bench_transfer_nccl::run(a.nccl, a.json);
+    }
     if a.mib == 0 || a.blocks_per_chunk == 0 || a.blocks_per_chunk > chunk::MAX_BLOCKS_PER_CHUNK {
         anyhow::bail!(
             "--mib must be positive and --blocks-per-chunk between 1 and {}",

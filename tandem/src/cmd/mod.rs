@@ -5,6 +5,7 @@ pub mod bench_gpu;
 pub mod bench_kv_capacity;
 pub mod bench_serve;
 pub mod bench_transfer;
+pub mod bench_transfer_nccl;
 pub mod eval;
 pub mod eval_kv;
 pub mod generate;

@@ -221,3 +221,51 @@ pub fn decode_attention_time(
         b.attention(&q, &kv, 0, &plan, &mut out, &mut [])
     })
 }
+
+/// Bytes per second of a copy of `bytes` from GPU `from` to GPU `to` (median of 10 after a warm-up; peer access
+/// enabled first where the two allow it, so the copy takes NVLink or PCIe peer-to-peer rather than the host): the
+/// ceiling a GPU-to-GPU KV transfer is judged against.
+pub fn peer_copy_rate(from: usize, to: usize, bytes: usize) -> Result<f64> {
+    use cudarc::driver::{CudaContext, sys};
+    let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("peer copy: {e}"));
+    let (src_ctx, dst_ctx) = (
+        CudaContext::new(from).map_err(dev)?,
+        CudaContext::new(to).map_err(dev)?,
+    );
+    dst_ctx.bind_to_thread().map_err(dev)?;
+    // SAFETY: both contexts are alive; the call only changes how `dst_ctx` reaches `src_ctx`'s memory.
+    let enabled = unsafe { sys::cuCtxEnablePeerAccess(src_ctx.cu_ctx(), 0) };
+    if !matches!(
+        enabled,
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+    ) {
+        tracing::warn!(
+            ?enabled,
+            from,
+            to,
+            "peer access not enabled; the peer copy may go through the host"
+        );
+    }
+    let (s_src, s_dst) = (src_ctx.default_stream(), dst_ctx.new_stream().map_err(dev)?);
+    let host: Vec<u8> = (0..bytes).map(|i| (i * 31 + i / 4093) as u8).collect();
+    let src = s_src.clone_htod(&host).map_err(dev)?;
+    s_src.synchronize().map_err(dev)?;
+    let mut dst = s_dst.alloc_zeros::<u8>(bytes).map_err(dev)?;
+    let mut times = Vec::new();
+    for i in 0..11 {
+        s_dst.synchronize().map_err(dev)?;
+        let t = Instant::now();
+        s_dst.memcpy_dtod(&src, &mut dst).map_err(dev)?;
+        s_dst.synchronize().map_err(dev)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let back = s_dst.clone_dtoh(&dst).map_err(dev)?;
+    if back != host {
+        return Err(EngineError::Device(format!(
+            "the peer copy from GPU {from} to GPU {to} did not arrive intact"
+        )));
+    }
+    Ok(bytes as f64 / median(times))
+}

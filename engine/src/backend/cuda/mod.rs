@@ -15,15 +15,22 @@ mod kivi2;
 mod kivi2_check;
 mod kv;
 mod module;
+mod nccl;
 mod open_blocks;
 mod ops;
 mod plan;
 mod selfcheck;
+mod staging;
+mod transfer_check;
 
-pub use ceilings::{AttentionShape, Ceilings, ceilings, decode_attention_time, gemv_read_rate};
+pub use ceilings::{
+    AttentionShape, Ceilings, ceilings, decode_attention_time, gemv_read_rate, peer_copy_rate,
+};
 pub use kv::CudaKvStore;
+pub use nccl::{LinkRank, NcclId, NcclLink, loopback_check, nccl_present};
 pub use plan::CudaPlan;
 pub use selfcheck::{KernelCheck, check_kernels};
+pub use staging::StagingShape;
 
 use crate::error::{EngineError, Result};
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
@@ -38,6 +45,14 @@ use std::sync::{Arc, Mutex};
 pub fn driver_present() -> bool {
     // SAFETY: only tries to open the driver library; nothing from it is called.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// GPUs this machine has (0 without a CUDA driver, or when the driver cannot count them).
+pub fn device_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
 /// cuBLAS's workspace, given to it up front so that it never allocates while a step is being recorded.

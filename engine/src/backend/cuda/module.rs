@@ -27,7 +27,8 @@ const SOURCE: &str = concat!(
     include_str!("kivi2.cu"),
     include_str!("kivi2_attention.cu"),
     include_str!("prefill_attention.cu"),
-    include_str!("sample.cu")
+    include_str!("sample.cu"),
+    include_str!("transfer.cu")
 );
 
 /// Every kernel of [`SOURCE`], loaded.
@@ -70,6 +71,8 @@ pub struct Kernels {
     /// The tiled prefill kernel over a kivi2 cache (by head_dim), for steps with prefill rows.
     pub prefill_attention_k2: HashMap<usize, CudaFunction>,
     pub attention_k2_per_sm: HashMap<usize, usize>,
+    /// Whole blocks of one store plane to or from a staging buffer (GPU-to-GPU transfer).
+    pub kv_blocks_copy: CudaFunction,
 }
 
 /// Head dimensions the attention kernels are compiled for.
@@ -197,6 +200,7 @@ impl Kernels {
             store_kv_k2: f("store_kv_k2")?,
             rope_store_k2: f("rope_store_k2")?,
             seal_k2: f("seal_k2")?,
+            kv_blocks_copy: f("kv_blocks_copy")?,
             attention_k2_per_sm: attention_k2
                 .iter()
                 .map(|(&hd, func)| {

@@ -271,6 +271,7 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
     rope_store(b, &mut rng, &mut push, KvFormat::Fp8);
     rope_store(b, &mut rng, &mut push, KvFormat::Kivi2);
     super::kivi2_check::checks(b, &mut rng, &mut push);
+    super::transfer_check::checks(b, &mut rng, &mut push);
     argmax(b, &mut rng, &mut push);
     sample(b, &mut rng, &mut push);
     out

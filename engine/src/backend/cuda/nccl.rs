@@ -1,0 +1,222 @@
+//! A two-rank NCCL communicator between this process's GPU and one peer process's GPU on the same host: the link
+//! the GPU-to-GPU KV transport sends staged blocks over (decision 0015). The sending side (rank 0) makes the unique
+//! id and must stay alive while the peer joins (the id names a bootstrap socket in the process that made it); the id
+//! travels to the peer out of band (over gRPC between nodes, on the peer's command line in the benchmark), and both
+//! sides join, each blocking until the other has. Sends and receives are enqueued on the backend's one stream, so
+//! they follow the staging copies that fill their buffers ([`super::staging`]) without events, and a copy enqueued
+//! after a receive reads what arrived.
+//!
+//! NCCL is loaded at run time like the other CUDA libraries (`libnccl.so`; [`nccl_present`] says whether it can be).
+//! It refuses two ranks on one GPU, so a link needs two GPUs; [`loopback_check`] exercises the library on one
+//! (a one-rank communicator sending to itself).
+
+use super::CudaBackend;
+use crate::error::{EngineError, Result};
+use cudarc::driver::CudaSlice;
+use cudarc::nccl::safe::{Comm, Id};
+
+/// Whether the NCCL library can be loaded on this machine.
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to open the library; nothing from it is called.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+fn nccl_error(what: &str) -> impl Fn(cudarc::nccl::result::NcclError) -> EngineError + '_ {
+    move |e| EngineError::Device(format!("NCCL {what}: {e:?}"))
+}
+
+/// An NCCL unique id: 128 opaque bytes, written as 256 hex digits where it crosses a process boundary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct NcclId([u8; 128]);
+
+impl NcclId {
+    /// A fresh id from NCCL (this process then hosts the bootstrap and must outlive the peer's join).
+    pub fn new() -> Result<Self> {
+        if !nccl_present() {
+            return Err(EngineError::BackendUnavailable(
+                "no NCCL library (libnccl.so) on this machine".into(),
+            ));
+        }
+        let id = Id::new().map_err(nccl_error("unique id"))?;
+        Ok(Self(id.internal().map(|c| c as u8)))
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Result<Self> {
+        let bad = || {
+            EngineError::invalid(format!(
+                "an NCCL id is 256 hex digits; got {} characters",
+                s.len()
+            ))
+        };
+        if s.len() != 256 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 128];
+        for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks(2)) {
+            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+            *o = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+        }
+        Ok(Self(out))
+    }
+
+    fn to_nccl(self) -> Id {
+        Id::uninit(self.0.map(|b| b as std::ffi::c_char))
+    }
+}
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclId({}..)", &self.to_hex()[..16])
+    }
+}
+
+/// Which end of a link this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRank {
+    /// Rank 0: makes the id, sends blocks.
+    Sender,
+    /// Rank 1: receives blocks.
+    Receiver,
+}
+
+impl LinkRank {
+    fn rank(self) -> usize {
+        match self {
+            LinkRank::Sender => 0,
+            LinkRank::Receiver => 1,
+        }
+    }
+
+    fn peer(self) -> i32 {
+        match self {
+            LinkRank::Sender => 1,
+            LinkRank::Receiver => 0,
+        }
+    }
+}
+
+/// One end of a two-rank link on the backend's stream.
+pub struct NcclLink {
+    comm: Comm,
+    peer: i32,
+}
+
+impl NcclLink {
+    /// Joins the link named by `id` as `rank`; blocks until the peer has joined too.
+    pub fn join(b: &CudaBackend, rank: LinkRank, id: NcclId) -> Result<Self> {
+        if !nccl_present() {
+            return Err(EngineError::BackendUnavailable(
+                "no NCCL library (libnccl.so) on this machine".into(),
+            ));
+        }
+        let comm = Comm::from_rank(b.stream.clone(), rank.rank(), 2, id.to_nccl())
+            .map_err(nccl_error("joining a link"))?;
+        Ok(Self {
+            comm,
+            peer: rank.peer(),
+        })
+    }
+
+    /// Enqueues sending the first `bytes` of `buf` to the peer.
+    pub fn send(&self, buf: &CudaSlice<u8>, bytes: usize) -> Result<()> {
+        let view = buf.slice(..bytes.min(buf.len()));
+        self.comm.send(&view, self.peer).map_err(nccl_error("send"))
+    }
+
+    /// Enqueues receiving `bytes` from the peer into the start of `buf`.
+    pub fn recv(&self, buf: &mut CudaSlice<u8>, bytes: usize) -> Result<()> {
+        let n = bytes.min(buf.len());
+        let mut view = buf.slice_mut(..n);
+        self.comm
+            .recv(&mut view, self.peer)
+            .map(drop)
+            .map_err(nccl_error("receive"))
+    }
+}
+
+/// The library on one GPU: a one-rank communicator sends `bytes` of a pattern to itself inside one group, and the
+/// pattern must come back whole. Returns the number of bytes that differ (0 when NCCL works).
+pub fn loopback_check(b: &CudaBackend, bytes: usize) -> Result<usize> {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use cudarc::nccl::{result as nr, sys};
+    let id = NcclId::new()?;
+    let pattern: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 251) as u8).collect();
+    let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("NCCL loopback: {e}"));
+    let src = b.stream.clone_htod(&pattern).map_err(dev)?;
+    let mut dst = b.stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
+    let unique = sys::ncclUniqueId {
+        internal: id.0.map(|c| c as std::ffi::c_char),
+    };
+    let mut comm = std::mem::MaybeUninit::uninit();
+    // SAFETY: `comm` is written by a successful init before it is read.
+    let comm = unsafe {
+        nr::comm_init_rank(comm.as_mut_ptr(), 1, unique, 0)
+            .map_err(nccl_error("a one-rank communicator"))?;
+        comm.assume_init()
+    };
+    let stream = b.stream.cu_stream() as sys::cudaStream_t;
+    let (s, _) = src.device_ptr(&b.stream);
+    let (d, _) = dst.device_ptr_mut(&b.stream);
+    // SAFETY: both buffers hold `bytes` bytes and live until the stream is synchronized below; the send and the
+    // receive are posted in one group, as NCCL requires for a rank talking to itself.
+    let sent = unsafe {
+        nr::group_start()
+            .and_then(|_| {
+                nr::send(
+                    s as _,
+                    bytes,
+                    sys::ncclDataType_t::ncclUint8,
+                    0,
+                    comm,
+                    stream,
+                )
+            })
+            .and_then(|_| {
+                nr::recv(
+                    d as _,
+                    bytes,
+                    sys::ncclDataType_t::ncclUint8,
+                    0,
+                    comm,
+                    stream,
+                )
+            })
+            .and_then(|_| nr::group_end())
+    };
+    let back = sent
+        .map_err(nccl_error("loopback"))
+        .and_then(|_| b.stream.clone_dtoh(&dst).map_err(dev));
+    // SAFETY: the stream was synchronized by the copy back (or the group failed); nothing uses `comm` after this.
+    let destroyed = unsafe { nr::comm_destroy(comm) };
+    let back = back?;
+    destroyed.map_err(nccl_error("destroying the loopback communicator"))?;
+    Ok(back.iter().zip(&pattern).filter(|(a, b)| a != b).count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cross_as_hex_and_bad_text_is_refused() {
+        let mut bytes = [0u8; 128];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i * 37 + 11) as u8;
+        }
+        let id = NcclId(bytes);
+        let hex = id.to_hex();
+        assert_eq!(hex.len(), 256);
+        assert_eq!(NcclId::from_hex(&hex).unwrap(), id);
+        assert!(NcclId::from_hex(&hex[..254]).is_err());
+        let mut bad = hex.clone();
+        bad.replace_range(10..11, "g");
+        assert!(NcclId::from_hex(&bad).is_err());
+        let mut wide = hex[..254].to_string();
+        wide.push('é');
+        assert!(NcclId::from_hex(&wide).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! Whole KV blocks gathered from the paged store into one contiguous device buffer, and scattered from one into
+//! other blocks: what a GPU-to-GPU transfer moves (decision 0015). Blocks cross in the cache's own format, codes and
+//! their scales or (min, scale) pairs as stored, so a receiver whose cache has the same format and shape writes them
+//! back bit for bit, and the bytes moved are the bytes the cache holds (an int4 cache moves 0.28 of f16's).
+//!
+//! A store is a few planes (K and V, then for int8/fp8 their per-vector scales, for int4 their (min, scale) pairs),
+//! each laid out `[layer][block][bytes of one block]`. The staging buffer holds, for each layer of the range in
+//! order, each plane's listed blocks one after another ([`StagingShape`] says where each plane starts). One kernel
+//! launch per plane copies every (block, layer) in 16-byte words. kivi2 stores are not staged: its open blocks' keys
+//! live in a pool of their own, and no transfer moves it yet.
+
+use super::kv::{CudaKvStore, KvBufs};
+use super::{CudaBackend, cfg};
+use crate::error::{EngineError, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use std::ops::Range;
+
+/// One plane of a store: its device address and the bytes of one block in it.
+struct Plane {
+    addr: u64,
+    block_bytes: usize,
+}
+
+/// Where a range of layers of some blocks sits in a staging buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingShape {
+    pub layers: usize,
+    pub blocks: usize,
+    /// Bytes of one block in each plane, in plane order.
+    plane_block_bytes: [usize; 4],
+    planes: usize,
+}
+
+impl StagingShape {
+    /// Bytes of one layer's worth of every plane.
+    pub fn layer_bytes(&self) -> usize {
+        self.blocks * self.plane_block_bytes[..self.planes].iter().sum::<usize>()
+    }
+
+    /// Bytes of the whole staging buffer.
+    pub fn bytes(&self) -> usize {
+        self.layers * self.layer_bytes()
+    }
+
+    /// Where plane `p` starts within a layer's part of the buffer, in bytes.
+    fn plane_offset(&self, p: usize) -> usize {
+        self.blocks * self.plane_block_bytes[..p].iter().sum::<usize>()
+    }
+}
+
+/// The copy kernel moves 16-byte words.
+const WORD: usize = 16;
+
+impl CudaKvStore {
+    fn planes(&self, b: &CudaBackend) -> Result<Vec<Plane>> {
+        let n = self.layout.block_elems();
+        let vecs = n / self.layout.head_dim;
+        let planes = match &self.bufs {
+            KvBufs::F32 { k, v } => vec![(raw(b, k), 4 * n), (raw(b, v), 4 * n)],
+            KvBufs::F16 { k, v } => vec![(raw(b, k), 2 * n), (raw(b, v), 2 * n)],
+            KvBufs::Bytes { k, v, ks, vs, .. } => vec![
+                (raw(b, k), n),
+                (raw(b, v), n),
+                (raw(b, ks), 2 * vecs),
+                (raw(b, vs), 2 * vecs),
+            ],
+            KvBufs::Int4 { k, v, kp, vp } => {
+                let pp = 2 * self.layout.head_dim.div_ceil(crate::kv::INT4_GROUP);
+                vec![
+                    (raw(b, k), n / 2),
+                    (raw(b, v), n / 2),
+                    (raw(b, kp), 2 * vecs * pp),
+                    (raw(b, vp), 2 * vecs * pp),
+                ]
+            }
+            KvBufs::Kivi2(_) => {
+                return Err(EngineError::invalid(
+                    "a kivi2 cache's blocks cannot be staged for a GPU-to-GPU transfer (its open blocks' keys \
+                     live in a pool of their own)",
+                ));
+            }
+        };
+        let planes: Vec<Plane> = planes
+            .into_iter()
+            .map(|(addr, block_bytes)| Plane { addr, block_bytes })
+            .collect();
+        if let Some(p) = planes.iter().find(|p| p.block_bytes % WORD != 0) {
+            return Err(EngineError::invalid(format!(
+                "staging KV blocks whose planes are not whole 16-byte words ({} bytes per block)",
+                p.block_bytes
+            )));
+        }
+        Ok(planes)
+    }
+
+    /// The staging buffer's shape for `layers` layers of `blocks` blocks of this store.
+    pub fn staging_shape(
+        &self,
+        b: &CudaBackend,
+        layers: usize,
+        blocks: usize,
+    ) -> Result<StagingShape> {
+        let planes = self.planes(b)?;
+        let mut plane_block_bytes = [0; 4];
+        for (s, p) in plane_block_bytes.iter_mut().zip(&planes) {
+            *s = p.block_bytes;
+        }
+        Ok(StagingShape {
+            layers,
+            blocks,
+            plane_block_bytes,
+            planes: planes.len(),
+        })
+    }
+}
+
+/// A slice's device address (the backend runs on one stream, without event tracking: nothing to record).
+fn raw<T>(b: &CudaBackend, s: &CudaSlice<T>) -> u64 {
+    s.device_ptr(&b.stream).0
+}
+
+/// Which way a staging copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Gather,
+    Scatter,
+}
+
+impl CudaBackend {
+    /// Copies `layers` of `blocks` from the store into `out`, laid out as [`CudaKvStore::staging_shape`] says.
+    /// Enqueued on the backend's stream.
+    pub fn gather_kv(
+        &self,
+        kv: &CudaKvStore,
+        layers: Range<usize>,
+        blocks: &[u32],
+        out: &mut CudaSlice<u8>,
+    ) -> Result<()> {
+        self.stage(kv, layers, blocks, out, Direction::Gather)
+    }
+
+    /// Copies a staging buffer laid out like [`Self::gather_kv`]'s into the blocks listed in `blocks`.
+    pub fn scatter_kv(
+        &self,
+        kv: &mut CudaKvStore,
+        layers: Range<usize>,
+        blocks: &[u32],
+        staged: &CudaSlice<u8>,
+    ) -> Result<()> {
+        self.stage(kv, layers, blocks, staged, Direction::Scatter)
+    }
+
+    fn stage(
+        &self,
+        kv: &CudaKvStore,
+        layers: Range<usize>,
+        blocks: &[u32],
+        staging: &CudaSlice<u8>,
+        dir: Direction,
+    ) -> Result<()> {
+        let shape = kv.staging_shape(self, layers.len(), blocks.len())?;
+        if layers.end > kv.layout.layers || layers.is_empty() || blocks.is_empty() {
+            return Err(EngineError::invalid(format!(
+                "staging layers {layers:?} of {} blocks; the cache has {} layers",
+                blocks.len(),
+                kv.layout.layers
+            )));
+        }
+        if let Some(&id) = blocks
+            .iter()
+            .find(|&&id| id as usize >= kv.layout.num_blocks)
+        {
+            return Err(EngineError::invalid(format!(
+                "staging block {id}; the cache has {} blocks",
+                kv.layout.num_blocks
+            )));
+        }
+        if staging.len() < shape.bytes() {
+            return Err(EngineError::invalid(format!(
+                "a staging buffer of {} bytes for {} bytes of blocks",
+                staging.len(),
+                shape.bytes()
+            )));
+        }
+        let ids = self
+            .stream
+            .clone_htod(blocks)
+            .map_err(|e| EngineError::Device(format!("staging KV blocks: {e}")))?;
+        let staged = raw(self, staging);
+        let layer0 = layers.start as u32;
+        let staged_layer_words = (shape.layer_bytes() / WORD) as u64;
+        let to_cache = i32::from(dir == Direction::Scatter);
+        for (p, plane) in kv.planes(self)?.iter().enumerate() {
+            let block_words = (plane.block_bytes / WORD) as u32;
+            let layer_words = (kv.layout.num_blocks * plane.block_bytes / WORD) as u64;
+            let offset_words = (shape.plane_offset(p) / WORD) as u64;
+            let mut l = self.stream.launch_builder(&self.k.kv_blocks_copy);
+            l.arg(&plane.addr)
+                .arg(&ids)
+                .arg(&layer0)
+                .arg(&block_words)
+                .arg(&layer_words)
+                .arg(&staged)
+                .arg(&offset_words)
+                .arg(&staged_layer_words)
+                .arg(&to_cache);
+            // SAFETY: the arguments match the kernel's signature in transfer.cu; every block id is below the
+            // store's block count, every layer below its layer count, and the staging buffer holds the whole shape
+            // (all checked above), so every word the kernel touches lies inside its buffer.
+            unsafe { l.launch(cfg((blocks.len() as u32, layers.len() as u32), 128)) }
+                .map_err(|e| EngineError::Device(format!("staging KV blocks: {e}")))?;
+        }
+        Ok(())
+    }
+}

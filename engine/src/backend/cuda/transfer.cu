@@ -1,0 +1,17 @@
+// ---- KV blocks to and from a contiguous staging buffer (staging.rs) ----
+// A GPU-to-GPU transfer moves whole blocks as the cache stores them. One plane of the store (K codes, V codes, or
+// their scales or (min, scale) pairs) is [layer][block][bytes_per_block]; the staging buffer holds, for each layer
+// of the range, each plane's listed blocks one after another. Copies go in 16-byte words (every plane's block is a
+// multiple of 16 bytes: staging.rs checks it), one thread block per (block, layer).
+extern "C" __global__ void kv_blocks_copy(uint4* __restrict__ plane, const unsigned* __restrict__ blocks,
+                                          unsigned layer0, unsigned block_words, unsigned long long layer_words,
+                                          uint4* __restrict__ staging, unsigned long long plane_offset_words,
+                                          unsigned long long staged_layer_words, int to_cache) {
+    const unsigned b = blockIdx.x, l = blockIdx.y;
+    uint4* cache = plane + (layer0 + l) * layer_words + (unsigned long long)blocks[b] * block_words;
+    uint4* staged = staging + l * staged_layer_words + plane_offset_words + (unsigned long long)b * block_words;
+    for (unsigned w = threadIdx.x; w < block_words; w += blockDim.x) {
+        if (to_cache) cache[w] = staged[w];
+        else staged[w] = cache[w];
+    }
+}

@@ -1,0 +1,105 @@
+//! Checks of what a GPU-to-GPU KV transfer runs on one GPU (part of `tandem bench gpu --check-only`): blocks
+//! gathered from one store into a staging buffer and scattered into other blocks of a second store read back
+//! exactly as the first store's blocks (every cache format that stages), layers and blocks outside the copied range
+//! stay untouched, and NCCL carries a buffer from a one-rank communicator to itself unchanged. The two-process link
+//! itself needs two GPUs (`tandem bench transfer --transport nccl`).
+
+use super::CudaBackend;
+use super::nccl::loopback_check;
+use super::selfcheck::{Push, random};
+use crate::backend::Backend;
+use crate::kv::codec::KeyRotation;
+use crate::kv::{KvFormat, KvLayout};
+use crate::model::config::{RopeConfig, RopeLayout};
+use crate::rng::Rng;
+
+pub(super) fn checks(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
+    for (format, hd) in [
+        (KvFormat::F32, 64),
+        (KvFormat::F16, 128),
+        (KvFormat::Int8, 64),
+        (KvFormat::Fp8, 128),
+        (KvFormat::Int4, 128),
+    ] {
+        stage_round_trip(b, rng, push, format, hd);
+    }
+    let name = "nccl loopback (1 MiB + 3 bytes)".to_string();
+    match loopback_check(b, (1 << 20) + 3) {
+        Ok(wrong) => push(name, vec![wrong as f32], vec![0.0], 0.0),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            push(name, vec![], vec![0.0], 0.0)
+        }
+    }
+}
+
+/// Layers 1..3 of blocks [4, 0, 2] of a filled store, gathered and scattered into blocks [1, 5, 3] of an empty one:
+/// each destination block must read back as its source block, bit for bit, and layer 0 and the other blocks must
+/// stay zero.
+fn stage_round_trip(
+    b: &CudaBackend,
+    rng: &mut Rng,
+    push: &mut Push<'_>,
+    format: KvFormat,
+    hd: usize,
+) {
+    let layout = KvLayout {
+        layers: 3,
+        kv_heads: 2,
+        head_dim: hd,
+        block_size: 16,
+        num_blocks: 6,
+        format,
+    };
+    let name = format!("kv staging round trip ({format:?}, head_dim {hd})");
+    let rope = RopeConfig {
+        theta: 10_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let keys = KeyRotation::new(&rope, hd, layout.block_size);
+    let (Ok(mut src), Ok(mut dst)) = (b.alloc_kv(&layout, &keys), b.alloc_kv(&layout, &keys))
+    else {
+        return push(name, vec![], vec![0.0], 0.0);
+    };
+    let n = layout.block_elems();
+    for l in 0..layout.layers {
+        for blk in 0..layout.num_blocks as u32 {
+            let (k, v) = (random(rng, n, 3.0), random(rng, n, 1.0));
+            b.write_kv_block(&mut src, l, blk, &k, &v);
+        }
+    }
+    let (from, to) = ([4u32, 0, 2], [1u32, 5, 3]);
+    let staged = (|| {
+        let shape = src.staging_shape(b, 2, from.len())?;
+        let mut buf = b
+            .stream
+            .alloc_zeros::<u8>(shape.bytes())
+            .map_err(|e| crate::error::EngineError::Device(e.to_string()))?;
+        b.gather_kv(&src, 1..3, &from, &mut buf)?;
+        b.scatter_kv(&mut dst, 1..3, &to, &buf)
+    })();
+    if let Err(e) = staged {
+        eprintln!("{name}: {e}");
+        return push(name, vec![], vec![0.0], 0.0);
+    }
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for l in 0..layout.layers {
+        for blk in 0..layout.num_blocks as u32 {
+            let (k, v) = b.read_kv_block(&dst, l, blk);
+            got.extend(k.into_iter().chain(v));
+            let source = (l >= 1)
+                .then(|| to.iter().position(|&t| t == blk))
+                .flatten()
+                .map(|i| from[i]);
+            match source {
+                Some(s) => {
+                    let (k, v) = b.read_kv_block(&src, l, s);
+                    want.extend(k.into_iter().chain(v).map(f64::from));
+                }
+                None => want.extend(std::iter::repeat_n(0.0, 2 * n)),
+            }
+        }
+    }
+    push(name, got, want, 0.0);
+}

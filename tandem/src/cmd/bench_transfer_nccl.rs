@@ -1,0 +1,392 @@
+//! `tandem bench transfer --transport nccl`: the GPU-to-GPU KV data path of decision 0015 alone, between two
+//! processes on two GPUs of one host. The sending process gathers each layer's blocks of one prompt from its paged
+//! cache into a staging buffer and sends it over a two-rank NCCL link; the receiving process receives each layer
+//! and scatters it into other blocks of its own cache, then acknowledges the prompt with a 16-byte message. A round
+//! is timed on the sender from the first gather to that acknowledgement, so it holds both staging copies and the
+//! link. The command runs both ends as child processes of itself, with NVLink multicast off (`NCCL_NVLS_ENABLE=0`,
+//! ../GPU.md), the sender first since the NCCL id must come from a process that outlives the peer's join; before
+//! them it measures a peer copy of the same bytes between the two GPUs, the ceiling the transfer is judged against
+//! (the GPU issue's target: 70% of it). The receiver then checks that its blocks read back as the sender's.
+
+use anyhow::{Context, Result, bail, ensure};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tandem_engine::backend::Backend;
+use tandem_engine::backend::cuda::{
+    CudaBackend, CudaKvStore, LinkRank, NcclId, NcclLink, peer_copy_rate,
+};
+use tandem_engine::kv::codec::KeyRotation;
+use tandem_engine::kv::{KvFormat, KvLayout};
+use tandem_engine::model::dummy::NamedShape;
+
+/// The bytes the receiver answers each round with.
+const ACK_BYTES: usize = 16;
+
+/// Which end of the link a child process is (set by the parent; not for direct use).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Sender,
+    Receiver,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NcclBenchArgs {
+    /// Model whose KV shape the prompt's cache has (nccl): llama-3.1-8b, qwen2.5-7b or smollm2-135m.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    pub shape: String,
+    /// Cache format at both ends (nccl): f32, f16, int8, fp8 or int4; blocks cross as the cache stores them.
+    #[arg(long, default_value = "f16", value_parser = super::parse_kv_format)]
+    pub kv_format: KvFormat,
+    /// Prompt tokens whose KV crosses each round (nccl); a multiple of the 16-token block.
+    #[arg(long, default_value_t = 2048)]
+    pub prompt_tokens: usize,
+    /// Timed rounds (nccl), after one untimed warm-up round.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: usize,
+    /// The sending and the receiving GPU (nccl).
+    #[arg(long, value_delimiter = ',', default_values_t = [0usize, 1])]
+    pub gpus: Vec<usize>,
+    /// Internal: this process is one end of the link.
+    #[arg(long, hide = true)]
+    pub nccl_role: Option<Role>,
+    /// Internal: the link's NCCL id (the receiver's).
+    #[arg(long, hide = true)]
+    pub nccl_id: Option<String>,
+}
+
+/// What one end reports on its last stdout line.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct EndReport {
+    /// Seconds per timed round (sender).
+    round_s: Vec<f64>,
+    /// Bytes staged and sent per round (sender).
+    bytes_per_round: usize,
+    /// Blocks checked and those that differ from the sender's (receiver).
+    checked_blocks: usize,
+    mismatched_blocks: usize,
+}
+
+struct Cache {
+    layout: KvLayout,
+    keys: KeyRotation,
+}
+
+fn cache(a: &NcclBenchArgs) -> Result<Cache> {
+    let shape: NamedShape = a.shape.parse()?;
+    let cfg = shape.config();
+    let block_size = 16;
+    ensure!(
+        a.prompt_tokens > 0 && a.prompt_tokens.is_multiple_of(block_size),
+        "--prompt-tokens must be a positive multiple of {block_size}, got {}",
+        a.prompt_tokens
+    );
+    ensure!(
+        a.kv_format != KvFormat::Kivi2,
+        "--kv-format kivi2 cannot cross over NCCL (its open blocks' keys live in a pool of their own)"
+    );
+    Ok(Cache {
+        layout: KvLayout {
+            layers: cfg.layers,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+            block_size,
+            num_blocks: a.prompt_tokens / block_size,
+            format: a.kv_format,
+        },
+        keys: KeyRotation::new(&cfg.rope, cfg.head_dim, block_size),
+    })
+}
+
+/// The layers whose blocks are filled with data and checked after the transfer (the rest cross as zeros, which
+/// moves the same bytes).
+fn checked_layers(layout: &KvLayout) -> [usize; 2] {
+    [0, layout.layers - 1]
+}
+
+/// Seeded K and V of one block: the same on both ends.
+fn pattern(layer: usize, block: u32, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut x = (((layer as u64 + 1) * 0x9e37_79b9_7f4a_7c15) ^ (u64::from(block) << 20)) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+    };
+    let k = (0..n).map(|_| next()).collect();
+    let v = (0..n).map(|_| next()).collect();
+    (k, v)
+}
+
+fn filled(b: &CudaBackend, c: &Cache) -> Result<CudaKvStore> {
+    let mut kv = b.alloc_kv(&c.layout, &c.keys)?;
+    for l in checked_layers(&c.layout) {
+        for blk in 0..c.layout.num_blocks as u32 {
+            let (k, v) = pattern(l, blk, c.layout.block_elems());
+            b.write_kv_block(&mut kv, l, blk, &k, &v);
+        }
+    }
+    b.check()?;
+    Ok(kv)
+}
+
+pub fn run(a: NcclBenchArgs, json: bool) -> Result<()> {
+    ensure!(
+        a.gpus.len() == 2 && a.gpus[0] != a.gpus[1],
+        "--gpus takes two different GPUs (sender,receiver), got {:?}",
+        a.gpus
+    );
+    ensure!(a.rounds > 0, "--rounds must be positive");
+    match a.nccl_role {
+        Some(Role::Sender) => send(&a),
+        Some(Role::Receiver) => receive(&a),
+        None => drive(&a, json),
+    }
+}
+
+/// The sending end: prints the link's id, joins, then times each round up to the receiver's acknowledgement.
+fn send(a: &NcclBenchArgs) -> Result<()> {
+    let c = cache(a)?;
+    let b = CudaBackend::new(a.gpus[0]).context("opening the sending GPU")?;
+    let kv = filled(&b, &c)?;
+    let id = NcclId::new()?;
+    println!("nccl-id {}", id.to_hex());
+    let link = NcclLink::join(&b, LinkRank::Sender, id)?;
+    let blocks: Vec<u32> = (0..c.layout.num_blocks as u32).collect();
+    let shape = kv.staging_shape(&b, 1, blocks.len())?;
+    let bytes = shape.bytes();
+    let s = b.stream();
+    let mut staging = s.alloc_zeros::<u8>(bytes)?;
+    let mut ack = s.alloc_zeros::<u8>(ACK_BYTES)?;
+    let mut round_s = Vec::new();
+    for round in 0..=a.rounds {
+        s.synchronize()?;
+        let t = Instant::now();
+        for l in 0..c.layout.layers {
+            b.gather_kv(&kv, l..l + 1, &blocks, &mut staging)?;
+            link.send(&staging, bytes)?;
+        }
+        link.recv(&mut ack, ACK_BYTES)?;
+        s.synchronize()?;
+        if round > 0 {
+            round_s.push(t.elapsed().as_secs_f64());
+        }
+    }
+    report(&EndReport {
+        round_s,
+        bytes_per_round: bytes * c.layout.layers,
+        checked_blocks: 0,
+        mismatched_blocks: 0,
+    })
+}
+
+/// The receiving end: joins, takes every round into reversed block ids, then compares the checked layers' blocks
+/// with the sender's pattern written into a local cache the same way.
+fn receive(a: &NcclBenchArgs) -> Result<()> {
+    let c = cache(a)?;
+    let id = NcclId::from_hex(
+        a.nccl_id
+            .as_deref()
+            .context("the receiver needs --nccl-id")?,
+    )?;
+    let b = CudaBackend::new(a.gpus[1]).context("opening the receiving GPU")?;
+    let mut kv = b.alloc_kv(&c.layout, &c.keys)?;
+    let link = NcclLink::join(&b, LinkRank::Receiver, id)?;
+    let dest: Vec<u32> = (0..c.layout.num_blocks as u32).rev().collect();
+    let bytes = kv.staging_shape(&b, 1, dest.len())?.bytes();
+    let s = b.stream();
+    let mut staging = s.alloc_zeros::<u8>(bytes)?;
+    let ack = s.alloc_zeros::<u8>(ACK_BYTES)?;
+    for _ in 0..=a.rounds {
+        for l in 0..c.layout.layers {
+            link.recv(&mut staging, bytes)?;
+            b.scatter_kv(&mut kv, l..l + 1, &dest, &staging)?;
+        }
+        link.send(&ack, ACK_BYTES)?;
+    }
+    s.synchronize()?;
+    let want = filled(&b, &c)?;
+    let (mut checked, mut mismatched) = (0, 0);
+    for l in checked_layers(&c.layout) {
+        for (src, &dst) in dest.iter().rev().enumerate() {
+            checked += 1;
+            if b.read_kv_block(&kv, l, dst) != b.read_kv_block(&want, l, src as u32) {
+                mismatched += 1;
+            }
+        }
+    }
+    b.check()?;
+    report(&EndReport {
+        round_s: Vec::new(),
+        bytes_per_round: bytes * c.layout.layers,
+        checked_blocks: checked,
+        mismatched_blocks: mismatched,
+    })
+}
+
+fn report(r: &EndReport) -> Result<()> {
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
+}
+
+/// Runs `bench transfer` again as one end of the link, stdout piped (stderr passes through).
+fn child(a: &NcclBenchArgs, role: Role, id: Option<&NcclId>) -> Result<std::process::Child> {
+    let gpus = format!("{},{}", a.gpus[0], a.gpus[1]);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "bench",
+        "transfer",
+        "--transport",
+        "nccl",
+        "--shape",
+        &a.shape,
+    ])
+    .args(["--kv-format", &a.kv_format.to_string(), "--gpus", &gpus])
+    .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
+    .args(["--rounds", &a.rounds.to_string()])
+    .args([
+        "--nccl-role",
+        if role == Role::Sender {
+            "sender"
+        } else {
+            "receiver"
+        },
+    ])
+    .env("NCCL_NVLS_ENABLE", "0")
+    .stdout(Stdio::piped());
+    if let Some(id) = id {
+        cmd.args(["--nccl-id", &id.to_hex()]);
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting the {role:?} process"))
+}
+
+/// Waits for both ends, stopping both as soon as one fails (the other would wait on the link for ever) or when
+/// `limit` passes.
+fn wait_both(ends: &mut [(Role, std::process::Child); 2], limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut done = [false; 2];
+    loop {
+        let mut failed = None;
+        for (d, (role, c)) in done.iter_mut().zip(ends.iter_mut()) {
+            if *d {
+                continue;
+            }
+            if let Some(status) = c.try_wait()? {
+                *d = true;
+                if !status.success() {
+                    failed = Some(format!("the {role:?} process failed ({status})"));
+                }
+            }
+        }
+        if failed.is_none() && done.iter().all(|&d| d) {
+            return Ok(());
+        }
+        if failed.is_none() && started.elapsed() > limit {
+            failed = Some(format!(
+                "the transfer did not finish within {} s",
+                limit.as_secs()
+            ));
+        }
+        if let Some(why) = failed {
+            for (_, c) in ends.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            bail!(why);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child's report: the last line it printed.
+fn report_of(lines: impl Iterator<Item = String>, role: Role) -> Result<EndReport> {
+    let last = lines
+        .last()
+        .with_context(|| format!("the {role:?} process printed no report"))?;
+    serde_json::from_str(&last).with_context(|| format!("the {role:?} process's report: {last}"))
+}
+
+fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
+    let c = cache(a)?;
+    let gpus = tandem_engine::backend::cuda::device_count();
+    if gpus < 2 || a.gpus.iter().any(|&g| g >= gpus) {
+        bail!(
+            "the NCCL transfer needs two GPUs of one host (--gpus {:?}); this machine has {gpus}",
+            a.gpus
+        );
+    }
+    let b = CudaBackend::new(a.gpus[0]).context("opening the sending GPU")?;
+    let kv = b.alloc_kv(&c.layout, &c.keys)?;
+    let bytes = kv
+        .staging_shape(&b, c.layout.layers, c.layout.num_blocks)?
+        .bytes();
+    drop((kv, b));
+    let peer = peer_copy_rate(a.gpus[0], a.gpus[1], bytes)?;
+    eprintln!(
+        "peer copy GPU {} -> GPU {}: {:.1} GB/s ({:.0} MiB)",
+        a.gpus[0],
+        a.gpus[1],
+        peer / 1e9,
+        bytes as f64 / (1 << 20) as f64
+    );
+    let mut sender = child(a, Role::Sender, None)?;
+    let mut sender_lines = BufReader::new(sender.stdout.take().context("sender stdout")?)
+        .lines()
+        .map_while(|l| l.ok());
+    let Some(id_line) = sender_lines.next() else {
+        let status = sender.wait()?;
+        bail!("the sender process ended ({status}) before it printed its NCCL id");
+    };
+    let id = NcclId::from_hex(id_line.strip_prefix("nccl-id ").unwrap_or(&id_line))?;
+    let mut receiver = child(a, Role::Receiver, Some(&id))?;
+    let receiver_lines = BufReader::new(receiver.stdout.take().context("receiver stdout")?)
+        .lines()
+        .map_while(|l| l.ok());
+    // Each end prints one line more (its report) and exits; the pipes never fill.
+    wait_both(
+        &mut [(Role::Sender, sender), (Role::Receiver, receiver)],
+        Duration::from_secs(600),
+    )?;
+    let sent = report_of(sender_lines, Role::Sender)?;
+    let got = report_of(receiver_lines, Role::Receiver)?;
+    let round = median(sent.round_s.clone());
+    let rate = sent.bytes_per_round as f64 / round;
+    let row = serde_json::json!({
+        "shape": a.shape, "kv_format": a.kv_format.to_string(), "prompt_tokens": a.prompt_tokens,
+        "bytes_per_round": sent.bytes_per_round, "round_ms_median": round * 1e3,
+        "nccl_gb_s": rate / 1e9, "peer_copy_gb_s": peer / 1e9, "ratio": rate / peer,
+        "checked_blocks": got.checked_blocks, "mismatched_blocks": got.mismatched_blocks,
+    });
+    if json {
+        println!("{row}");
+    } else {
+        println!(
+            "{} {} cache, {} tokens: {:.1} MiB per prompt in {:.3} ms (median of {}) = {:.1} GB/s over NCCL; \
+             peer copy {:.1} GB/s; ratio {:.2}; receiver blocks {} of {} equal to the sender's",
+            a.shape,
+            a.kv_format,
+            a.prompt_tokens,
+            sent.bytes_per_round as f64 / (1 << 20) as f64,
+            round * 1e3,
+            sent.round_s.len(),
+            rate / 1e9,
+            peer / 1e9,
+            rate / peer,
+            got.checked_blocks - got.mismatched_blocks,
+            got.checked_blocks
+        );
+    }
+    ensure!(
+        got.mismatched_blocks == 0,
+        "{} of {} blocks arrived different from the sender's",
+        got.mismatched_blocks,
+        got.checked_blocks
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
