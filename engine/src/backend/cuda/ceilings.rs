@@ -23,6 +23,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Seconds one run of `op` takes on stream `s`: the median of 10 after a warm-up, the stream drained before and
+/// after each.
+fn median_time(
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    mut op: impl FnMut() -> std::result::Result<(), cudarc::driver::DriverError>,
+) -> std::result::Result<f64, cudarc::driver::DriverError> {
+    let mut times = Vec::new();
+    for i in 0..11 {
+        s.synchronize()?;
+        let t = Instant::now();
+        op()?;
+        s.synchronize()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
 /// Measures both ceilings (median of 10 after a warm-up; random data, never zeros).
 pub fn ceilings(b: &CudaBackend) -> Result<Ceilings> {
     let dev =
@@ -34,17 +53,8 @@ pub fn ceilings(b: &CudaBackend) -> Result<Ceilings> {
         .collect();
     let src = s.clone_htod(&host).map_err(dev)?;
     let mut dst = s.alloc_zeros::<u16>(n).map_err(dev)?;
-    let mut times = Vec::new();
-    for i in 0..11 {
-        s.synchronize().map_err(dev)?;
-        let t = Instant::now();
-        s.memcpy_dtod(&src, &mut dst).map_err(dev)?;
-        s.synchronize().map_err(dev)?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    let copy_bytes_per_s = 2.0 * (n * 2) as f64 / median(times);
+    let copy_bytes_per_s =
+        2.0 * (n * 2) as f64 / median_time(s, || s.memcpy_dtod(&src, &mut dst)).map_err(dev)?;
     drop((src, dst));
 
     let d = 8192usize;
@@ -61,18 +71,13 @@ pub fn ceilings(b: &CudaBackend) -> Result<Ceilings> {
     };
     let xb = s.clone_htod(&host).map_err(dev)?;
     let mut out = s.alloc_zeros::<f32>(d * d).map_err(dev)?;
-    let mut times = Vec::new();
-    for i in 0..11 {
-        s.synchronize().map_err(dev)?;
-        let t = Instant::now();
+    let gemm_s = median_time(s, || {
         b.gemm(&w, &xb, d, &mut out);
-        s.synchronize().map_err(dev)?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
+        Ok(())
+    })
+    .map_err(dev)?;
     crate::backend::Backend::check(b)?;
-    let gemm_flops_per_s = 2.0 * (d * d * d) as f64 / median(times);
+    let gemm_flops_per_s = 2.0 * (d * d * d) as f64 / gemm_s;
     Ok(Ceilings {
         copy_bytes_per_s,
         gemm_flops_per_s,
@@ -251,21 +256,12 @@ pub fn peer_copy_rate(from: usize, to: usize, bytes: usize) -> Result<f64> {
     let src = s_src.clone_htod(&host).map_err(dev)?;
     s_src.synchronize().map_err(dev)?;
     let mut dst = s_dst.alloc_zeros::<u8>(bytes).map_err(dev)?;
-    let mut times = Vec::new();
-    for i in 0..11 {
-        s_dst.synchronize().map_err(dev)?;
-        let t = Instant::now();
-        s_dst.memcpy_dtod(&src, &mut dst).map_err(dev)?;
-        s_dst.synchronize().map_err(dev)?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
+    let secs = median_time(&s_dst, || s_dst.memcpy_dtod(&src, &mut dst)).map_err(dev)?;
     let back = s_dst.clone_dtoh(&dst).map_err(dev)?;
     if back != host {
         return Err(EngineError::Device(format!(
             "the peer copy from GPU {from} to GPU {to} did not arrive intact"
         )));
     }
-    Ok(bytes as f64 / median(times))
+    Ok(bytes as f64 / secs)
 }
