@@ -185,6 +185,24 @@ impl Cluster {
         })
     }
 
+    /// Waits until the router has heard from every worker (its `/ready` answers 200: each has answered a load
+    /// poll, healthy or refused); returns `/ready`'s worker list.
+    pub fn wait_ready(&self) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let r = crate::http::request(&self.http, "GET", "/ready", b"");
+            if r.status == 200 {
+                return r.json()["workers"].clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the router is not ready after 20 s: {}",
+                r.body
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits (up to `timeout`) until every worker holds no referenced block and runs nothing; returns the last
     /// reports of decode and prefill workers either way, for the caller to assert on.
     pub fn wait_idle(&self, timeout: Duration) -> (Vec<v1::LoadReport>, Vec<v1::LoadReport>) {

@@ -6,7 +6,7 @@
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use tandem_tests::tandem_bin;
+use tandem_tests::{serial, tandem_bin};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -274,6 +274,8 @@ fn codec_names(v: &Value) -> Vec<&str> {
 
 #[test]
 fn bench_reports_every_figure() {
+    // Timed figures: not beside another test's process on the same cores.
+    let _s = serial();
     let o = run(&[
         "bench",
         "engine",
@@ -573,6 +575,8 @@ fn quantized_caches_hold_a_larger_decode_batch_in_the_same_memory() {
 /// workers evenly busy, and beats round-robin on time to first token where prompts share prefixes.
 #[test]
 fn simulate_compares_policies_on_every_workload() {
+    // Its decision latency is timed: not beside another test's process on the same cores.
+    let _s = serial();
     let o = run(&[
         "simulate",
         "--requests",

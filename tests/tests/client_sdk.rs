@@ -78,16 +78,14 @@ fn the_rust_client_streams_cancels_and_keeps_deadlines() {
     assert_eq!((d[0].running_requests, used_blocks(&d[0])), (0, 0), "{d:?}");
     // Connection failures are retried, then reported.
     c.rt.block_on(async {
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        };
+        // Port 1 is privileged and nothing listens on it.
+        let dead = "http://127.0.0.1:1";
         let config = ClientConfig {
             connect_retries: 2,
             retry_backoff: Duration::from_millis(10),
             ..Default::default()
         };
-        let e = Client::connect_with(&dead, config).await.unwrap_err();
+        let e = Client::connect_with(dead, config).await.unwrap_err();
         assert!(
             matches!(&e, ClientError::Connect { message, .. } if message.contains("3 attempts")),
             "{e:?}"

@@ -409,11 +409,9 @@ fn a_prefill_worker_that_is_down_means_another_one_local_prefill_or_a_clear_erro
     let (_, tok) = open_model();
     let prompt = chat_prompt(&tok, &long_question());
     let want = reference_greedy(std::slice::from_ref(&prompt), 12).remove(0);
-    // An address nothing listens on: bound and closed by the OS's port allocation, never handed out again here.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // An address nothing listens on: port 1 is privileged and unused (a port bound and closed here could be handed
+    // to the cluster's next listener).
+    let dead = "http://127.0.0.1:1".to_string();
     let generate =
         |c: &Cluster, alternates: Vec<String>| -> Result<(String, v1::Timings), tonic::Status> {
             c.rt.block_on(async {

@@ -205,7 +205,8 @@ fn streams_survive(first_worker_args: &[&str], max: u32, disrupt: impl FnOnce(&m
 #[test]
 fn streams_on_a_killed_decode_process_complete_on_another_with_every_token_once() {
     let _s = serial();
-    streams_survive(&[], 40, |d1| d1.kill());
+    // Long enough that the first worker's streams are still running when the last stream elsewhere has started.
+    streams_survive(&[], 96, |d1| d1.kill());
 }
 
 #[test]

@@ -24,8 +24,9 @@ fn cached_blocks_after_shared_prompts(policy: PolicyKind) -> Vec<u32> {
         },
         ..Default::default()
     });
-    // Let the router load every worker's report and index snapshot.
-    std::thread::sleep(Duration::from_millis(1500));
+    c.wait_ready();
+    // Let the router's KV event subscriptions and index snapshots (taken after its first load poll) settle.
+    std::thread::sleep(Duration::from_millis(1000));
     let shared = TEXT.repeat(6);
     for i in 0..4 {
         let r = http::post(
@@ -70,7 +71,15 @@ fn workers_naming_blocks_differently_are_refused() {
         },
         ..Default::default()
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    let workers = c.wait_ready();
+    assert!(
+        workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["healthy"] == false),
+        "workers naming blocks differently were taken: {workers}"
+    );
     let r = http::post(
         &c.http,
         "/v1/completions",
