@@ -36,6 +36,12 @@ impl<'a, B: Backend> KvView<'a, B> {
         self.backend.read_kv_block(self.kv, layer, block.0)
     }
 
+    /// The backend and the store, for a caller that moves blocks on the device itself (a GPU-to-GPU transfer
+    /// stages them there rather than reading them to the host).
+    pub fn device(&self) -> (&B, &B::KvStore) {
+        (self.backend, self.kv)
+    }
+
     /// The physical id of `seq`'s logical block `index` (blocks of the running step are already allocated).
     pub fn seq_block(&self, seq: SeqId, index: usize) -> Option<BlockId> {
         self.seqs.get(&seq)?.blocks.get(index).copied()

@@ -7,6 +7,9 @@
 //! ../GPU.md), the sender first since the NCCL id must come from a process that outlives the peer's join; before
 //! them it measures a peer copy of the same bytes between the two GPUs, the ceiling the transfer is judged against
 //! (the GPU issue's target: 70% of it). The receiver then checks that its blocks read back as the sender's.
+//! `--with-prefill` adds the disaggregated request's other figure: a real prefill of the prompt on seeded dummy
+//! weights, alone and with each layer's blocks sent from the engine's layer observer as soon as they are stored, up
+//! to the receiver's acknowledgement (target: at most 10% above prefill alone).
 
 use anyhow::{Context, Result, bail, ensure};
 use std::io::{BufRead, BufReader};
@@ -14,11 +17,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
 use tandem_engine::backend::cuda::{
-    CudaBackend, CudaKvStore, LinkRank, NcclId, NcclLink, peer_copy_rate,
+    CudaBackend, CudaKvStore, DeviceBytes, LinkRank, NcclId, NcclLink, peer_copy_rate,
 };
 use tandem_engine::kv::codec::KeyRotation;
 use tandem_engine::kv::{KvFormat, KvLayout};
+use tandem_engine::model::ModelSource;
+use tandem_engine::model::dummy::DummyWeights;
 use tandem_engine::model::dummy::NamedShape;
+use tandem_engine::{Engine, EngineConfig, LogitsWanted, StepItem};
 
 /// The bytes the receiver answers each round with.
 const ACK_BYTES: usize = 16;
@@ -47,6 +53,11 @@ pub struct NcclBenchArgs {
     /// The sending and the receiving GPU (nccl).
     #[arg(long, value_delimiter = ',', default_values_t = [0usize, 1])]
     pub gpus: Vec<usize>,
+    /// Also time a real prefill of the prompt (nccl) on seeded dummy weights of `--shape`, alone and then with
+    /// each layer's blocks gathered and sent as soon as the layer has stored them: time to the receiver's last
+    /// scatter against prefill alone (the GPU issue's target: at most 10% above).
+    #[arg(long)]
+    pub with_prefill: bool,
     /// Internal: this process is one end of the link.
     #[arg(long, hide = true)]
     pub nccl_role: Option<Role>,
@@ -65,6 +76,12 @@ struct EndReport {
     /// Blocks checked and those that differ from the sender's (receiver).
     checked_blocks: usize,
     mismatched_blocks: usize,
+    /// Seconds per prefill alone, and per prefill whose layers cross to the receiver, up to its acknowledgement
+    /// (sender, with `--with-prefill`).
+    #[serde(default)]
+    prefill_alone_s: Vec<f64>,
+    #[serde(default)]
+    prefill_sent_s: Vec<f64>,
 }
 
 struct Cache {
@@ -172,12 +189,120 @@ fn send(a: &NcclBenchArgs) -> Result<()> {
             round_s.push(t.elapsed().as_secs_f64());
         }
     }
+    drop((kv, staging));
+    let (prefill_alone_s, prefill_sent_s) = if a.with_prefill {
+        prefill_rounds(a, b, &link, &mut ack, bytes)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     report(&EndReport {
         round_s,
         bytes_per_round: bytes * c.layout.layers,
         checked_blocks: 0,
         mismatched_blocks: 0,
+        prefill_alone_s,
+        prefill_sent_s,
     })
+}
+
+/// `--with-prefill` on the sender: the prompt prefilled by an engine on the same GPU, `rounds` times alone, then
+/// `rounds` times with a layer observer that gathers the layer's blocks of the prompt and sends them (on the
+/// compute stream, so the send of layer l runs before layer l + 1's kernels: an upper bound on what a separate
+/// transfer stream would cost). Each run has a fresh prompt (no prefix-cache hits) and one untimed warm-up.
+fn prefill_rounds(
+    a: &NcclBenchArgs,
+    b: CudaBackend,
+    link: &NcclLink,
+    ack: &mut DeviceBytes,
+    layer_bytes: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let shape: NamedShape = a.shape.parse()?;
+    let started = Instant::now();
+    let src = ModelSource::Dummy(DummyWeights::new(shape, 7));
+    let bs = 16;
+    let n_blocks = a.prompt_tokens / bs;
+    let config = EngineConfig {
+        block_size: bs,
+        num_blocks: n_blocks + 1,
+        kv_format: a.kv_format,
+        max_batch_tokens: a.prompt_tokens,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(b, &src, config, |_, _| {})?;
+    drop(src);
+    eprintln!(
+        "sender: dummy {} weights on the GPU in {:.1} s",
+        shape.name(),
+        started.elapsed().as_secs_f64()
+    );
+    let vocab = shape.config().vocab;
+    let mut prompts = (0..).map(|run: usize| -> Vec<u32> {
+        (0..a.prompt_tokens)
+            .map(|i| ((i * 7919 + run * 104_729) % vocab) as u32)
+            .collect()
+    });
+    let mut alone = Vec::new();
+    for round in 0..=a.rounds {
+        let prompt = prompts.next().unwrap_or_default();
+        let seq = engine.add_sequence(&prompt)?;
+        let t = Instant::now();
+        // The logits come back to the host: the step has finished when this returns.
+        engine.step(&[StepItem {
+            seq,
+            n_tokens: prompt.len(),
+            logits: LogitsWanted::Last,
+        }])?;
+        if round > 0 {
+            alone.push(t.elapsed().as_secs_f64());
+        }
+        engine.remove_sequence(seq)?;
+    }
+    let mut staging = engine.backend.stream().alloc_zeros::<u8>(layer_bytes)?;
+    let mut sent = Vec::new();
+    for round in 0..=a.rounds {
+        let prompt = prompts.next().unwrap_or_default();
+        let seq = engine.add_sequence(&prompt)?;
+        let t = Instant::now();
+        let mut failed = None;
+        engine.step_observed(
+            &[StepItem {
+                seq,
+                n_tokens: prompt.len(),
+                logits: LogitsWanted::Last,
+            }],
+            &mut |layer, view| {
+                if failed.is_some() {
+                    return;
+                }
+                let blocks: Vec<u32> = (0..n_blocks)
+                    .filter_map(|i| view.seq_block(seq, i).map(|b| b.0))
+                    .collect();
+                let (b, kv) = view.device();
+                let r = if blocks.len() == n_blocks {
+                    b.gather_kv(kv, layer..layer + 1, &blocks, &mut staging)
+                        .and_then(|_| link.send(&staging, layer_bytes))
+                } else {
+                    Err(tandem_engine::EngineError::InvalidRequest(format!(
+                        "the prompt holds {} blocks, {n_blocks} expected",
+                        blocks.len()
+                    )))
+                };
+                if let Err(e) = r {
+                    failed = Some(e);
+                }
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        link.recv(ack, ACK_BYTES)?;
+        engine.backend.stream().synchronize()?;
+        if round > 0 {
+            sent.push(t.elapsed().as_secs_f64());
+        }
+        engine.remove_sequence(seq)?;
+    }
+    Ok((alone, sent))
 }
 
 /// The receiving end: joins, takes every round into reversed block ids, then compares the checked layers' blocks
@@ -197,14 +322,17 @@ fn receive(a: &NcclBenchArgs) -> Result<()> {
     let s = b.stream();
     let mut staging = s.alloc_zeros::<u8>(bytes)?;
     let ack = s.alloc_zeros::<u8>(ACK_BYTES)?;
-    for _ in 0..=a.rounds {
-        for l in 0..c.layout.layers {
-            link.recv(&mut staging, bytes)?;
-            b.scatter_kv(&mut kv, l..l + 1, &dest, &staging)?;
+    let mut rounds = |kv: &mut CudaKvStore| -> Result<()> {
+        for _ in 0..=a.rounds {
+            for l in 0..c.layout.layers {
+                link.recv(&mut staging, bytes)?;
+                b.scatter_kv(kv, l..l + 1, &dest, &staging)?;
+            }
+            link.send(&ack, ACK_BYTES)?;
         }
-        link.send(&ack, ACK_BYTES)?;
-    }
-    s.synchronize()?;
+        Ok(s.synchronize()?)
+    };
+    rounds(&mut kv)?;
     let want = filled(&b, &c)?;
     let (mut checked, mut mismatched) = (0, 0);
     for l in checked_layers(&c.layout) {
@@ -215,12 +343,19 @@ fn receive(a: &NcclBenchArgs) -> Result<()> {
             }
         }
     }
+    drop(want);
+    if a.with_prefill {
+        // The prefill rounds' layers: taken like the others (their data is the model's; nothing to compare).
+        rounds(&mut kv)?;
+    }
     b.check()?;
     report(&EndReport {
         round_s: Vec::new(),
         bytes_per_round: bytes * c.layout.layers,
         checked_blocks: checked,
         mismatched_blocks: mismatched,
+        prefill_alone_s: Vec::new(),
+        prefill_sent_s: Vec::new(),
     })
 }
 
@@ -352,15 +487,36 @@ fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
     let got = report_of(receiver_lines, Role::Receiver)?;
     let round = median(sent.round_s.clone());
     let rate = sent.bytes_per_round as f64 / round;
-    let row = serde_json::json!({
+    let mut row = serde_json::json!({
         "shape": a.shape, "kv_format": a.kv_format.to_string(), "prompt_tokens": a.prompt_tokens,
         "bytes_per_round": sent.bytes_per_round, "round_ms_median": round * 1e3,
         "nccl_gb_s": rate / 1e9, "peer_copy_gb_s": peer / 1e9, "ratio": rate / peer,
         "checked_blocks": got.checked_blocks, "mismatched_blocks": got.mismatched_blocks,
     });
+    let ttft = (!sent.prefill_sent_s.is_empty()).then(|| {
+        let (alone, with) = (
+            median(sent.prefill_alone_s.clone()),
+            median(sent.prefill_sent_s.clone()),
+        );
+        row["prefill_alone_ms"] = (alone * 1e3).into();
+        row["prefill_sent_ms"] = (with * 1e3).into();
+        row["ttft_vs_prefill"] = (with / alone).into();
+        (alone, with)
+    });
     if json {
         println!("{row}");
     } else {
+        if let Some((alone, with)) = ttft {
+            println!(
+                "prefill of {} tokens: {:.2} ms alone, {:.2} ms with every layer sent and scattered on the other GPU \
+                 (median of {}): {:.3}x",
+                a.prompt_tokens,
+                alone * 1e3,
+                with * 1e3,
+                sent.prefill_sent_s.len(),
+                with / alone
+            );
+        }
         println!(
             "{} {} cache, {} tokens: {:.1} MiB per prompt in {:.3} ms (median of {}) = {:.1} GB/s over NCCL; \
              peer copy {:.1} GB/s; ratio {:.2}; receiver blocks {} of {} equal to the sender's",

@@ -27,7 +27,7 @@ pub use ceilings::{
     AttentionShape, Ceilings, ceilings, decode_attention_time, gemv_read_rate, peer_copy_rate,
 };
 pub use kv::CudaKvStore;
-pub use nccl::{LinkRank, NcclId, NcclLink, loopback_check, nccl_present};
+pub use nccl::{DeviceBytes, LinkRank, NcclId, NcclLink, loopback_check, nccl_present};
 pub use plan::CudaPlan;
 pub use selfcheck::{KernelCheck, check_kernels};
 pub use staging::StagingShape;

@@ -15,6 +15,9 @@ use crate::error::{EngineError, Result};
 use cudarc::driver::CudaSlice;
 use cudarc::nccl::safe::{Comm, Id};
 
+/// A device buffer of bytes (staging buffers, acknowledgements).
+pub type DeviceBytes = CudaSlice<u8>;
+
 /// Whether the NCCL library can be loaded on this machine.
 pub fn nccl_present() -> bool {
     // SAFETY: only tries to open the library; nothing from it is called.
