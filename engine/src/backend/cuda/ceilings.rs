@@ -205,7 +205,7 @@ pub fn decode_attention_time(
     for first in (0..shape.batch).step_by(chunk) {
         let seqs = first..(first + chunk).min(shape.batch);
         let contexts = vec![shape.context; seqs.len()];
-        let store = super::selfcheck::layout_of(&contexts, &tables[seqs], bs, usize::MAX);
+        let store = super::attention_check::layout_of(&contexts, &tables[seqs], bs, usize::MAX);
         let n = store.tokens.len();
         let k = b.tensor(n, width, &random(&mut rng, n * width, 1.0));
         let v = b.tensor(n, width, &random(&mut rng, n * width, 1.0));
@@ -213,7 +213,7 @@ pub fn decode_attention_time(
         b.store_kv(&mut kv, 0, &k, &v, &plan);
     }
     let contexts = vec![shape.context; shape.batch];
-    let query = super::selfcheck::layout_of(&contexts, &tables, bs, 1);
+    let query = super::attention_check::layout_of(&contexts, &tables, bs, 1);
     let heads = shape.kv_heads * shape.group;
     let q = b.tensor(
         shape.batch,

@@ -1,10 +1,11 @@
 //! Checks of the kivi2 store's own kernels against the host's rules (part of `tandem bench gpu --check-only`): a
 //! block sealed on the device holds the codes the host's `quantize_channels` makes in the block's frame, and a
 //! block written from the host and then decoded into is refilled from its codes before the new key joins it. The
-//! attention checks of every format (kivi2 included) are in [`super::selfcheck`].
+//! attention checks of every format (kivi2 included) are in [`super::attention_check`].
 
 use super::CudaBackend;
-use super::selfcheck::{Push, layout_of, random};
+use super::attention_check::layout_of;
+use super::selfcheck::{Push, random};
 use crate::backend::{Backend, BatchLayout, SeqSlice};
 use crate::kv::codec::KeyRotation;
 use crate::kv::quant::{

@@ -8,6 +8,7 @@
 //! The backend trait's operations cannot fail one by one; the first CUDA error is kept (as CUDA itself keeps a
 //! sticky error) and [`crate::backend::Backend::check`] reports it at the end of the forward pass.
 
+mod attention_check;
 mod ceilings;
 mod gemm;
 mod graphs;

@@ -2,10 +2,13 @@
 //! widths, contexts that end mid-block, shuffled block tables, rows past one prefill tile, grouped-query ratios
 //! 1 to 8). Inputs the device holds in reduced precision (bf16 weights, f16 or f32 cache) are rounded the same way
 //! before the reference sees them, so what remains is the kernel's own error. `tandem bench gpu` runs these first.
+//! The attention checks are in [`super::attention_check`], the kivi2 store's in [`super::kivi2_check`], the
+//! transfer staging's and NCCL's in [`super::transfer_check`]; [`check_kernels`] runs them all in one order, so a
+//! seed always gives the same inputs.
 
 use super::module::{GEMV_THREADS, fuller_last_wave};
 use super::{CudaBackend, CudaMatrix, CudaTensor};
-use crate::backend::{Backend, BatchLayout, SeqSlice};
+use crate::backend::{Backend, BatchLayout};
 use crate::kv::{KvFormat, KvLayout};
 use crate::model::config::{RopeConfig, RopeLayout};
 use crate::rng::Rng;
@@ -157,113 +160,7 @@ pub fn check_kernels(b: &CudaBackend, seed: u64) -> Vec<KernelCheck> {
     norms(b, &mut rng, &mut push);
     rope(b, &mut rng, &mut push);
     matmuls(b, &mut rng, &mut push);
-    use RopeLayout::{Halves, Interleaved};
-    for (group, hd, format, contexts, pairs) in [
-        (1, 64, KvFormat::F32, vec![1, 17, 300], Halves),
-        (3, 64, KvFormat::F16, vec![5, 64, 1000, 33], Halves),
-        (4, 128, KvFormat::F16, vec![1024, 7, 129], Halves),
-        (5, 128, KvFormat::F32, vec![250], Halves),
-        (8, 128, KvFormat::F16, vec![77, 4097], Halves),
-        (4, 128, KvFormat::Int8, vec![1024, 7, 129], Halves),
-        (3, 64, KvFormat::Int8, vec![300], Halves),
-        // Every context within one 64-key bucket: a single split, written by the block itself.
-        (7, 128, KvFormat::F16, vec![64, 3, 50], Halves),
-        (2, 64, KvFormat::Int8, vec![40, 64], Halves),
-        (4, 128, KvFormat::Int4, vec![1024, 7, 129], Halves),
-        (3, 64, KvFormat::Int4, vec![300, 64], Halves),
-        (4, 128, KvFormat::Fp8, vec![1024, 7, 129], Halves),
-        (3, 64, KvFormat::Fp8, vec![300, 64], Halves),
-        (4, 128, KvFormat::Kivi2, vec![1024, 7, 129], Halves),
-        (3, 64, KvFormat::Kivi2, vec![300, 64, 33], Interleaved),
-        (8, 128, KvFormat::Kivi2, vec![4097, 16], Interleaved),
-    ] {
-        attention(
-            b, &mut rng, &mut push, group, hd, format, &contexts, 1, pairs,
-        );
-    }
-    // Prefill: rows per sequence past the decode threshold, after a cached prefix, ending mid-tile.
-    attention(
-        b,
-        &mut rng,
-        &mut push,
-        4,
-        128,
-        KvFormat::F16,
-        &[130, 200, 9],
-        130,
-        Halves,
-    );
-    attention(
-        b,
-        &mut rng,
-        &mut push,
-        3,
-        64,
-        KvFormat::F32,
-        &[65, 100],
-        65,
-        Halves,
-    );
-    attention(
-        b,
-        &mut rng,
-        &mut push,
-        4,
-        128,
-        KvFormat::Int8,
-        &[130, 200, 9],
-        130,
-        Halves,
-    );
-    attention(
-        b,
-        &mut rng,
-        &mut push,
-        2,
-        64,
-        KvFormat::Int4,
-        &[70, 150],
-        70,
-        Halves,
-    );
-    attention(
-        b,
-        &mut rng,
-        &mut push,
-        4,
-        128,
-        KvFormat::Fp8,
-        &[130, 200, 9],
-        130,
-        Halves,
-    );
-    for (contexts, first, pairs) in [
-        (&[70, 150][..], 70, Halves),
-        (&[130, 200, 9][..], 130, Interleaved),
-    ] {
-        attention(
-            b,
-            &mut rng,
-            &mut push,
-            2,
-            64,
-            KvFormat::Kivi2,
-            contexts,
-            first,
-            pairs,
-        );
-        attention(
-            b,
-            &mut rng,
-            &mut push,
-            4,
-            128,
-            KvFormat::Kivi2,
-            contexts,
-            first,
-            pairs,
-        );
-    }
+    super::attention_check::checks(b, &mut rng, &mut push);
     swiglu(b, &mut rng, &mut push);
     rope_store(b, &mut rng, &mut push, KvFormat::F16);
     rope_store(b, &mut rng, &mut push, KvFormat::Int8);
@@ -502,151 +399,6 @@ fn matmuls(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     );
 }
 
-/// A step over the last `rows` (at most all) positions of each sequence of `contexts` keys, in `tables`' blocks.
-pub(super) fn layout_of(
-    contexts: &[usize],
-    tables: &[Vec<u32>],
-    bs: usize,
-    rows: usize,
-) -> BatchLayout {
-    let mut l = BatchLayout::default();
-    for (table, &c) in tables.iter().zip(contexts) {
-        let r = rows.min(c);
-        l.seqs.push(SeqSlice {
-            first_row: l.tokens.len(),
-            n_rows: r,
-            start_pos: c - r,
-            block_table: table.clone(),
-        });
-        for p in c - r..c {
-            l.tokens.push(0);
-            l.positions.push(p as u32);
-            l.slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
-        }
-    }
-    l
-}
-
-/// Attention of `q_rows` new rows per sequence (1: decode) over contexts `contexts` (including the new rows), with
-/// `group` query heads per KV head; K/V are stored through `store_kv` in shuffled blocks and read back for the
-/// reference, so the reference sees exactly what the cache holds.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    b: &CudaBackend,
-    rng: &mut Rng,
-    push: &mut Push<'_>,
-    group: usize,
-    hd: usize,
-    format: KvFormat,
-    contexts: &[usize],
-    q_rows: usize,
-    pairs: RopeLayout,
-) {
-    let (kvh, bs) = (2, 16);
-    let heads = kvh * group;
-    let blocks: usize = contexts.iter().map(|c| c.div_ceil(bs)).sum();
-    let layout = KvLayout {
-        layers: 2,
-        kv_heads: kvh,
-        head_dim: hd,
-        block_size: bs,
-        num_blocks: blocks + 3,
-        format,
-    };
-    let rope = RopeConfig {
-        theta: 10_000.0,
-        layout: pairs,
-        freq_factors: None,
-    };
-    let Ok(mut kv) = b.alloc_kv(&layout, &test_rotation(&layout, &rope)) else {
-        return push(
-            format!("attention alloc {format:?}"),
-            vec![],
-            vec![0.0],
-            0.0,
-        );
-    };
-    // Shuffled physical blocks.
-    let mut ids: Vec<u32> = (0..layout.num_blocks as u32).collect();
-    for i in (1..ids.len()).rev() {
-        ids.swap(i, rng.below(i + 1));
-    }
-    let mut next = ids.into_iter();
-    let tables: Vec<Vec<u32>> = contexts
-        .iter()
-        .map(|c| (0..c.div_ceil(bs)).map(|_| next.next().unwrap()).collect())
-        .collect();
-    let layer = 1;
-    // Store every context token's K/V (one sequence slice per context).
-    let store = layout_of(contexts, &tables, bs, usize::MAX);
-    let n = store.tokens.len();
-    let k = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.5));
-    let v = b.tensor(n, kvh * hd, &random(rng, n * kvh * hd, 1.0));
-    let plan = b.plan(&store, &rope, hd, Some(&mut kv));
-    b.store_kv(&mut kv, layer, &k, &v, &plan);
-    // The query rows: the last `q_rows` (at most the context) of each sequence.
-    let query = layout_of(contexts, &tables, bs, q_rows);
-    let rows = query.tokens.len();
-    let q = random(rng, rows * heads * hd, 1.0);
-    let plan = b.plan(&query, &rope, hd, Some(&mut kv));
-    let qt = b.tensor(rows, heads * hd, &q);
-    let mut o = b.activations(0, 0);
-    b.attention(&qt, &kv, layer, &plan, &mut o, &mut []);
-    let got = b.to_host(&o);
-    // The reference, from the cache as stored.
-    let mut cache: std::collections::HashMap<u32, (Vec<f32>, Vec<f32>)> = Default::default();
-    for t in &tables {
-        for &blk in t {
-            cache.insert(blk, b.read_kv_block(&kv, layer, blk));
-        }
-    }
-    let kv_at = |table: &[u32], p: usize, h: usize, which: usize| -> &[f32] {
-        let (kb, vb) = &cache[&table[p / bs]];
-        let src = if which == 0 { kb } else { vb };
-        &src[(h * bs + p % bs) * hd..][..hd]
-    };
-    let mut want = vec![0f64; rows * heads * hd];
-    let scale = 1.0 / (hd as f64).sqrt();
-    for seq in &query.seqs {
-        let table = &seq.block_table;
-        for i in 0..seq.n_rows {
-            let row = seq.first_row + i;
-            let ctx = seq.start_pos + i + 1;
-            for h in 0..heads {
-                let qh = &q[(row * heads + h) * hd..][..hd];
-                let scores: Vec<f64> = (0..ctx)
-                    .map(|p| {
-                        let kp = kv_at(table, p, h / group, 0);
-                        qh.iter()
-                            .zip(kp)
-                            .map(|(&a, &c)| a as f64 * c as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                let o = &mut want[(row * heads + h) * hd..][..hd];
-                for (p, w) in e.iter().enumerate() {
-                    for (od, &vd) in o.iter_mut().zip(kv_at(table, p, h / group, 1)) {
-                        *od += w / sum * vd as f64;
-                    }
-                }
-            }
-        }
-    }
-    // Both kernels multiply on tensor cores in f16 (Q, an f32 cache and the probabilities rounded to f16).
-    let kind = if q_rows > 1 { "prefill" } else { "decode" };
-    let tol = 2e-3;
-    push(
-        format!("{kind} attention g{group} hd{hd} {format:?} contexts {contexts:?}"),
-        got,
-        want,
-        tol,
-    );
-}
-
 fn swiglu(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     // Three rows take the fused GEMV; twelve take cuBLAS and the elementwise kernel.
     for (rows, k, n) in [(3, 1000, 300), (12, 512, 200)] {
@@ -802,6 +554,6 @@ fn argmax(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
 }
 
 /// The key rotation within a block of a store whose keys are turned by `rope` (the frame kivi2 quantizes them in).
-fn test_rotation(layout: &KvLayout, rope: &RopeConfig) -> crate::kv::codec::KeyRotation {
+pub(super) fn test_rotation(layout: &KvLayout, rope: &RopeConfig) -> crate::kv::codec::KeyRotation {
     crate::kv::codec::KeyRotation::new(rope, layout.head_dim, layout.block_size)
 }
