@@ -69,8 +69,9 @@ pub struct NcclBenchArgs {
 /// What one end reports on its last stdout line.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct EndReport {
-    /// Seconds per timed round (sender).
+    /// Seconds per timed round (sender): staging copies and link, then the link alone.
     round_s: Vec<f64>,
+    link_round_s: Vec<f64>,
     /// Bytes staged and sent per round (sender).
     bytes_per_round: usize,
     /// Blocks checked and those that differ from the sender's (receiver).
@@ -189,6 +190,20 @@ fn send(a: &NcclBenchArgs) -> Result<()> {
             round_s.push(t.elapsed().as_secs_f64());
         }
     }
+    // The link alone: the same messages without the staging copies.
+    let mut link_round_s = Vec::new();
+    for round in 0..=a.rounds {
+        s.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..c.layout.layers {
+            link.send(&staging, bytes)?;
+        }
+        link.recv(&mut ack, ACK_BYTES)?;
+        s.synchronize()?;
+        if round > 0 {
+            link_round_s.push(t.elapsed().as_secs_f64());
+        }
+    }
     drop((kv, staging));
     let (prefill_alone_s, prefill_sent_s) = if a.with_prefill {
         prefill_rounds(a, b, &link, &mut ack, bytes)?
@@ -197,6 +212,7 @@ fn send(a: &NcclBenchArgs) -> Result<()> {
     };
     report(&EndReport {
         round_s,
+        link_round_s,
         bytes_per_round: bytes * c.layout.layers,
         checked_blocks: 0,
         mismatched_blocks: 0,
@@ -322,21 +338,22 @@ fn receive(a: &NcclBenchArgs) -> Result<()> {
     let s = b.stream();
     let mut staging = s.alloc_zeros::<u8>(bytes)?;
     let ack = s.alloc_zeros::<u8>(ACK_BYTES)?;
-    let mut rounds = |kv: &mut CudaKvStore| -> Result<()> {
+    let rounds = |kv: &mut CudaKvStore, staging: &mut DeviceBytes| -> Result<()> {
         for _ in 0..=a.rounds {
             for l in 0..c.layout.layers {
-                link.recv(&mut staging, bytes)?;
-                b.scatter_kv(kv, l..l + 1, &dest, &staging)?;
+                link.recv(staging, bytes)?;
+                b.scatter_kv(kv, l..l + 1, &dest, staging)?;
             }
             link.send(&ack, ACK_BYTES)?;
         }
         Ok(s.synchronize()?)
     };
-    rounds(&mut kv)?;
+    rounds(&mut kv, &mut staging)?;
     let want = filled(&b, &c)?;
     let (mut checked, mut mismatched) = (0, 0);
     for l in checked_layers(&c.layout) {
-        for (src, &dst) in dest.iter().rev().enumerate() {
+        // Staged position i held the sender's block i and went to dest[i].
+        for (src, &dst) in dest.iter().enumerate() {
             checked += 1;
             if b.read_kv_block(&kv, l, dst) != b.read_kv_block(&want, l, src as u32) {
                 mismatched += 1;
@@ -344,13 +361,22 @@ fn receive(a: &NcclBenchArgs) -> Result<()> {
         }
     }
     drop(want);
+    // The link alone (the sender's second set of rounds): received, not scattered.
+    for _ in 0..=a.rounds {
+        for _ in 0..c.layout.layers {
+            link.recv(&mut staging, bytes)?;
+        }
+        link.send(&ack, ACK_BYTES)?;
+    }
+    s.synchronize()?;
     if a.with_prefill {
         // The prefill rounds' layers: taken like the others (their data is the model's; nothing to compare).
-        rounds(&mut kv)?;
+        rounds(&mut kv, &mut staging)?;
     }
     b.check()?;
     report(&EndReport {
         round_s: Vec::new(),
+        link_round_s: Vec::new(),
         bytes_per_round: bytes * c.layout.layers,
         checked_blocks: checked,
         mismatched_blocks: mismatched,
@@ -391,6 +417,9 @@ fn child(a: &NcclBenchArgs, role: Role, id: Option<&NcclId>) -> Result<std::proc
     .stdout(Stdio::piped());
     if let Some(id) = id {
         cmd.args(["--nccl-id", &id.to_hex()]);
+    }
+    if a.with_prefill {
+        cmd.arg("--with-prefill");
     }
     cmd.spawn()
         .with_context(|| format!("starting the {role:?} process"))
@@ -434,12 +463,23 @@ fn wait_both(ends: &mut [(Role, std::process::Child); 2], limit: Duration) -> Re
     }
 }
 
-/// A child's report: the last line it printed.
-fn report_of(lines: impl Iterator<Item = String>, role: Role) -> Result<EndReport> {
+/// Reads a child's stdout to its end on a thread of its own (so that the pipe never fills while the parent waits),
+/// keeping every line.
+fn drain(out: impl BufRead + Send + 'static) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || out.lines().map_while(|l| l.ok()).collect())
+}
+
+/// A child's report: the last line it printed that is a JSON object (NCCL's own logging may print to stdout too).
+fn report_of(lines: std::thread::JoinHandle<Vec<String>>, role: Role) -> Result<EndReport> {
+    let lines = lines
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the {role:?} process's output failed"))?;
     let last = lines
-        .last()
+        .iter()
+        .rev()
+        .find(|l| l.starts_with('{'))
         .with_context(|| format!("the {role:?} process printed no report"))?;
-    serde_json::from_str(&last).with_context(|| format!("the {role:?} process's report: {last}"))
+    serde_json::from_str(last).with_context(|| format!("the {role:?} process's report: {last}"))
 }
 
 fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
@@ -466,19 +506,25 @@ fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
         bytes as f64 / (1 << 20) as f64
     );
     let mut sender = child(a, Role::Sender, None)?;
-    let mut sender_lines = BufReader::new(sender.stdout.take().context("sender stdout")?)
-        .lines()
-        .map_while(|l| l.ok());
-    let Some(id_line) = sender_lines.next() else {
-        let status = sender.wait()?;
-        bail!("the sender process ended ({status}) before it printed its NCCL id");
-    };
-    let id = NcclId::from_hex(id_line.strip_prefix("nccl-id ").unwrap_or(&id_line))?;
-    let mut receiver = child(a, Role::Receiver, Some(&id))?;
-    let receiver_lines = BufReader::new(receiver.stdout.take().context("receiver stdout")?)
-        .lines()
-        .map_while(|l| l.ok());
-    // Each end prints one line more (its report) and exits; the pipes never fill.
+    let mut sender_out = BufReader::new(sender.stdout.take().context("sender stdout")?);
+    // The sender prints its id before it joins; anything NCCL prints before it is skipped.
+    let mut id = None;
+    let mut line = String::new();
+    while id.is_none() {
+        line.clear();
+        if sender_out.read_line(&mut line)? == 0 {
+            let status = sender.wait()?;
+            bail!("the sender process ended ({status}) before it printed its NCCL id");
+        }
+        if let Some(hex) = line.trim_end().strip_prefix("nccl-id ") {
+            id = Some(NcclId::from_hex(hex)?);
+        }
+    }
+    let sender_lines = drain(sender_out);
+    let mut receiver = child(a, Role::Receiver, id.as_ref())?;
+    let receiver_lines = drain(BufReader::new(
+        receiver.stdout.take().context("receiver stdout")?,
+    ));
     wait_both(
         &mut [(Role::Sender, sender), (Role::Receiver, receiver)],
         Duration::from_secs(600),
@@ -487,10 +533,12 @@ fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
     let got = report_of(receiver_lines, Role::Receiver)?;
     let round = median(sent.round_s.clone());
     let rate = sent.bytes_per_round as f64 / round;
+    let link_rate = sent.bytes_per_round as f64 / median(sent.link_round_s.clone());
     let mut row = serde_json::json!({
         "shape": a.shape, "kv_format": a.kv_format.to_string(), "prompt_tokens": a.prompt_tokens,
         "bytes_per_round": sent.bytes_per_round, "round_ms_median": round * 1e3,
         "nccl_gb_s": rate / 1e9, "peer_copy_gb_s": peer / 1e9, "ratio": rate / peer,
+        "link_only_gb_s": link_rate / 1e9, "link_only_ratio": link_rate / peer,
         "checked_blocks": got.checked_blocks, "mismatched_blocks": got.mismatched_blocks,
     });
     let ttft = (!sent.prefill_sent_s.is_empty()).then(|| {
@@ -518,8 +566,9 @@ fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
             );
         }
         println!(
-            "{} {} cache, {} tokens: {:.1} MiB per prompt in {:.3} ms (median of {}) = {:.1} GB/s over NCCL; \
-             peer copy {:.1} GB/s; ratio {:.2}; receiver blocks {} of {} equal to the sender's",
+            "{} {} cache, {} tokens: {:.1} MiB per prompt in {:.3} ms (median of {}) = {:.1} GB/s over NCCL \
+             with the staging copies ({:.1} GB/s the link alone); peer copy {:.1} GB/s; ratio {:.2} ({:.2} the link \
+             alone); receiver blocks {} of {} equal to the sender's",
             a.shape,
             a.kv_format,
             a.prompt_tokens,
@@ -527,8 +576,10 @@ fn drive(a: &NcclBenchArgs, json: bool) -> Result<()> {
             round * 1e3,
             sent.round_s.len(),
             rate / 1e9,
+            link_rate / 1e9,
             peer / 1e9,
             rate / peer,
+            link_rate / peer,
             got.checked_blocks - got.mismatched_blocks,
             got.checked_blocks
         );

@@ -232,6 +232,11 @@ pub fn decode_attention_time(
 /// ceiling a GPU-to-GPU KV transfer is judged against.
 pub fn peer_copy_rate(from: usize, to: usize, bytes: usize) -> Result<f64> {
     use cudarc::driver::{CudaContext, sys};
+    if from == to {
+        return Err(EngineError::invalid(format!(
+            "a peer copy needs two GPUs; got GPU {from} twice"
+        )));
+    }
     let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("peer copy: {e}"));
     let (src_ctx, dst_ctx) = (
         CudaContext::new(from).map_err(dev)?,

@@ -116,6 +116,11 @@ impl NcclLink {
                 "no NCCL library (libnccl.so) on this machine".into(),
             ));
         }
+        // NCCL takes the device from the calling thread's current context.
+        b.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| EngineError::Device(format!("NCCL joining a link: {e}")))?;
         let comm = Comm::from_rank(b.stream.clone(), rank.rank(), 2, id.to_nccl())
             .map_err(nccl_error("joining a link"))?;
         Ok(Self {
@@ -124,21 +129,34 @@ impl NcclLink {
         })
     }
 
-    /// Enqueues sending the first `bytes` of `buf` to the peer.
+    /// Enqueues sending the first `bytes` of `buf` to the peer, which must receive exactly as many.
     pub fn send(&self, buf: &CudaSlice<u8>, bytes: usize) -> Result<()> {
-        let view = buf.slice(..bytes.min(buf.len()));
+        fits(buf, bytes, "send")?;
+        let view = buf.slice(..bytes);
         self.comm.send(&view, self.peer).map_err(nccl_error("send"))
     }
 
-    /// Enqueues receiving `bytes` from the peer into the start of `buf`.
+    /// Enqueues receiving exactly `bytes` from the peer into the start of `buf`.
     pub fn recv(&self, buf: &mut CudaSlice<u8>, bytes: usize) -> Result<()> {
-        let n = bytes.min(buf.len());
-        let mut view = buf.slice_mut(..n);
+        fits(buf, bytes, "receive")?;
+        let mut view = buf.slice_mut(..bytes);
         self.comm
             .recv(&mut view, self.peer)
             .map(drop)
             .map_err(nccl_error("receive"))
     }
+}
+
+/// A message longer than its buffer is refused (clamping it would leave the two ends' sizes unequal, and NCCL
+/// would wait for ever on the difference).
+fn fits(buf: &CudaSlice<u8>, bytes: usize, what: &str) -> Result<()> {
+    if bytes > buf.len() {
+        return Err(EngineError::invalid(format!(
+            "an NCCL {what} of {bytes} bytes into a buffer of {}",
+            buf.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The library on one GPU: a one-rank communicator sends `bytes` of a pattern to itself inside one group, and the
@@ -147,6 +165,10 @@ pub fn loopback_check(b: &CudaBackend, bytes: usize) -> Result<usize> {
     use cudarc::driver::{DevicePtr, DevicePtrMut};
     use cudarc::nccl::{result as nr, sys};
     let id = NcclId::new()?;
+    b.stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| EngineError::Device(format!("NCCL loopback: {e}")))?;
     let pattern: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 251) as u8).collect();
     let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("NCCL loopback: {e}"));
     let src = b.stream.clone_htod(&pattern).map_err(dev)?;
@@ -165,38 +187,31 @@ pub fn loopback_check(b: &CudaBackend, bytes: usize) -> Result<usize> {
     let (s, _) = src.device_ptr(&b.stream);
     let (d, _) = dst.device_ptr_mut(&b.stream);
     // SAFETY: both buffers hold `bytes` bytes and live until the stream is synchronized below; the send and the
-    // receive are posted in one group, as NCCL requires for a rank talking to itself.
+    // receive are posted in one group, as NCCL requires for a rank talking to itself, and the group is closed
+    // whether or not both were posted.
     let sent = unsafe {
-        nr::group_start()
-            .and_then(|_| {
-                nr::send(
-                    s as _,
-                    bytes,
-                    sys::ncclDataType_t::ncclUint8,
-                    0,
-                    comm,
-                    stream,
-                )
-            })
-            .and_then(|_| {
-                nr::recv(
-                    d as _,
-                    bytes,
-                    sys::ncclDataType_t::ncclUint8,
-                    0,
-                    comm,
-                    stream,
-                )
-            })
-            .and_then(|_| nr::group_end())
+        let u8s = sys::ncclDataType_t::ncclUint8;
+        nr::group_start().and_then(|_| {
+            let posted = nr::send(s as _, bytes, u8s, 0, comm, stream)
+                .and_then(|_| nr::recv(d as _, bytes, u8s, 0, comm, stream));
+            let closed = nr::group_end();
+            posted.and(closed)
+        })
     };
     let back = sent
         .map_err(nccl_error("loopback"))
         .and_then(|_| b.stream.clone_dtoh(&dst).map_err(dev));
-    // SAFETY: the stream was synchronized by the copy back (or the group failed); nothing uses `comm` after this.
-    let destroyed = unsafe { nr::comm_destroy(comm) };
+    // SAFETY: after a successful copy back the stream is drained and destroy is safe; after a failure work may still
+    // be in flight, and only abort is. Nothing uses `comm` after this.
+    let ended = unsafe {
+        if back.is_ok() {
+            nr::comm_destroy(comm)
+        } else {
+            nr::comm_abort(comm)
+        }
+    };
     let back = back?;
-    destroyed.map_err(nccl_error("destroying the loopback communicator"))?;
+    ended.map_err(nccl_error("ending the loopback communicator"))?;
     Ok(back.iter().zip(&pattern).filter(|(a, b)| a != b).count())
 }
 
