@@ -271,15 +271,17 @@ fn run_job<B: Backend>(
                 }],
                 &mut |layer, view| {
                     if !range.is_empty() {
-                        let data = range
+                        let ids: Vec<_> = range
                             .clone()
                             .map(|i| {
-                                let id = view
-                                    .seq_block(seq, i)
-                                    .expect("blocks of this step are allocated");
-                                let (k, v) = view.read_block(layer, id);
-                                BlockData { k, v }
+                                view.seq_block(seq, i)
+                                    .expect("blocks of this step are allocated")
                             })
+                            .collect();
+                        let data = view
+                            .read_blocks(layer, &ids)
+                            .into_iter()
+                            .map(|(k, v)| BlockData { k, v })
                             .collect();
                         ship.send(layer, dest(&range), range.clone().map(fill).collect(), data);
                     }

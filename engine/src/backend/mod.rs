@@ -215,6 +215,19 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Copies one block's K and V of `layer` to the host (`[kv_heads][block_size][head_dim]` each), for transfer and tests.
     fn read_kv_block(&self, kv: &Self::KvStore, layer: usize, block: u32) -> (Vec<f32>, Vec<f32>);
+    /// [`Backend::read_kv_block`] for several blocks of `layer`, in `blocks` order. A device backend copies them
+    /// over at once.
+    fn read_kv_blocks(
+        &self,
+        kv: &Self::KvStore,
+        layer: usize,
+        blocks: &[u32],
+    ) -> Vec<(Vec<f32>, Vec<f32>)> {
+        blocks
+            .iter()
+            .map(|&b| self.read_kv_block(kv, layer, b))
+            .collect()
+    }
     /// Overwrites one block's K and V of `layer` (same shapes as [`Backend::read_kv_block`]); the caller checks
     /// `layer`, `block` and the lengths against the layout.
     fn write_kv_block(

@@ -36,6 +36,12 @@ impl<'a, B: Backend> KvView<'a, B> {
         self.backend.read_kv_block(self.kv, layer, block.0)
     }
 
+    /// Several blocks of `layer`, in `blocks` order (a device backend copies them over at once).
+    pub fn read_blocks(&self, layer: usize, blocks: &[BlockId]) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+        self.backend.read_kv_blocks(self.kv, layer, &ids)
+    }
+
     /// The backend and the store, for a caller that moves blocks on the device itself (a GPU-to-GPU transfer
     /// stages them there rather than reading them to the host).
     pub fn device(&self) -> (&B, &B::KvStore) {

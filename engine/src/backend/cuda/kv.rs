@@ -104,7 +104,7 @@ impl CudaKvStore {
     }
 
     /// Halves of one int4 vector's (min, scale) pairs. The kernels take head_dim 64 or 128, so whole groups.
-    fn int4_params(head_dim: usize) -> usize {
+    pub(super) fn int4_params(head_dim: usize) -> usize {
         2 * head_dim.div_ceil(crate::kv::INT4_GROUP)
     }
 
@@ -148,9 +148,7 @@ impl CudaKvStore {
                         what,
                         b.stream.memcpy_dtoh(&c.slice(range.clone()), &mut bits),
                     );
-                    bits.iter()
-                        .map(|&x| half::f16::from_bits(x).to_f32())
-                        .collect()
+                    decode_f16(&bits)
                 };
                 (read(k), read(v))
             }
@@ -165,11 +163,7 @@ impl CudaKvStore {
                         what,
                         b.stream.memcpy_dtoh(&sc.slice(vecs.clone()), &mut bits),
                     );
-                    let mut out = vec![0f32; range.len()];
-                    for ((o, qv), &s) in out.chunks_mut(hd).zip(q.chunks(hd)).zip(&bits) {
-                        code.dequantize(qv, half::f16::from_bits(s), o);
-                    }
-                    out
+                    decode_bytes(*code, &q, &bits, hd)
                 };
                 (read(k, ks), read(v, vs))
             }
@@ -177,23 +171,12 @@ impl CudaKvStore {
                 let hd = self.layout.head_dim;
                 let pp = Self::int4_params(hd);
                 let vecs = range.start / hd * pp..range.end / hd * pp;
-                let read = |c: &CudaSlice<u8>, pc: &CudaSlice<u16>| {
+                let read = |c: &CudaSlice<u8>, pc: &CudaSlice<u16>, keys: bool| {
                     let (q, params) =
                         codes_to_host(b, what, c, range.start / 2..range.end / 2, pc, vecs.clone());
-                    let mut out = vec![0f32; range.len()];
-                    for ((o, qv), pv) in out
-                        .chunks_mut(hd)
-                        .zip(q.chunks(hd / 2))
-                        .zip(params.chunks(pp))
-                    {
-                        crate::kv::quant::dequantize_int4(qv, pv, o);
-                    }
-                    out
+                    decode_int4(&q, &params, hd, keys)
                 };
-                // Keys are stored turned (`KvFormat::turns_keys`): turned back for whoever reads the block.
-                let mut keys = read(k, kp);
-                crate::kv::codec::spread::turn_all(&mut keys, hd);
-                (keys, read(v, vp))
+                (read(k, kp, true), read(v, vp, false))
             }
         }
     }
@@ -283,6 +266,40 @@ impl CudaKvStore {
             }
         }
     }
+}
+
+/// One block's K or V in f16 bits, as f32.
+pub(super) fn decode_f16(bits: &[u16]) -> Vec<f32> {
+    bits.iter()
+        .map(|&x| half::f16::from_bits(x).to_f32())
+        .collect()
+}
+
+/// One block's K or V as int8 or fp8 codes with one f16 scale (bits) per vector of `hd`, as f32.
+pub(super) fn decode_bytes(code: ByteCode, q: &[u8], scales: &[u16], hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; q.len()];
+    for ((o, qv), &s) in out.chunks_mut(hd).zip(q.chunks(hd)).zip(scales) {
+        code.dequantize(qv, half::f16::from_bits(s), o);
+    }
+    out
+}
+
+/// One block's K or V as int4 codes (two per byte) with an f16 (min, scale) per 32 dims of each vector of `hd`, as
+/// f32; keys are stored turned (`KvFormat::turns_keys`) and are turned back for whoever reads them.
+pub(super) fn decode_int4(q: &[u8], params: &[half::f16], hd: usize, keys: bool) -> Vec<f32> {
+    let pp = CudaKvStore::int4_params(hd);
+    let mut out = vec![0f32; q.len() * 2];
+    for ((o, qv), pv) in out
+        .chunks_mut(hd)
+        .zip(q.chunks(hd / 2))
+        .zip(params.chunks(pp))
+    {
+        crate::kv::quant::dequantize_int4(qv, pv, o);
+    }
+    if keys {
+        crate::kv::codec::spread::turn_all(&mut out, hd);
+    }
+    out
 }
 
 /// Codes `codes[cr]` and their f16 parameters `params[pr]` (kept as raw bits), copied to the host.

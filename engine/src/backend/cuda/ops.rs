@@ -434,6 +434,29 @@ impl Backend for CudaBackend {
         kv.read_block(self, layer, block)
     }
 
+    fn read_kv_blocks(
+        &self,
+        kv: &CudaKvStore,
+        layer: usize,
+        blocks: &[u32],
+    ) -> Vec<(Vec<f32>, Vec<f32>)> {
+        if matches!(kv.bufs, KvBufs::Kivi2(_)) || blocks.is_empty() {
+            return blocks
+                .iter()
+                .map(|&b| kv.read_block(self, layer, b))
+                .collect();
+        }
+        match kv.read_blocks(self, layer, blocks) {
+            Ok(read) => read,
+            Err(e) => {
+                // Like every operation here: the error is kept and reported by `check`, the data is zeros.
+                self.fail("reading KV blocks", e);
+                let n = kv.layout.block_elems();
+                vec![(vec![0.0; n], vec![0.0; n]); blocks.len()]
+            }
+        }
+    }
+
     fn write_kv_block(&self, kv: &mut CudaKvStore, layer: usize, block: u32, k: &[f32], v: &[f32]) {
         kv.write_block(self, layer, block, k, v)
     }

@@ -10,7 +10,7 @@
 //! not staged: its open blocks' keys live in a pool of their own, and no transfer moves it yet.
 
 use super::CudaBackend;
-use super::kv::{CudaKvStore, KvBufs};
+use super::kv::{CudaKvStore, KvBufs, decode_bytes, decode_f16, decode_int4};
 use crate::error::{EngineError, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use std::ops::Range;
@@ -227,4 +227,74 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+impl CudaKvStore {
+    /// K and V of `blocks` of `layer` on the host, as f32, in `blocks` order: gathered on the device into one
+    /// buffer and copied over at once (one copy per layer instead of two to four per block, which is what a
+    /// prefill worker shipping a long prompt over gRPC pays per layer), then decoded by the same rules as
+    /// [`CudaKvStore::read_block`]. Not for kivi2 (refused by the staging).
+    pub(super) fn read_blocks(
+        &self,
+        b: &CudaBackend,
+        layer: usize,
+        blocks: &[u32],
+    ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let shape = self.staging_shape(b, 1, blocks.len())?;
+        let dev = |e: cudarc::driver::DriverError| {
+            EngineError::Device(format!("reading {} KV blocks: {e}", blocks.len()))
+        };
+        let mut staged = b.stream.alloc_zeros::<u8>(shape.bytes()).map_err(dev)?;
+        b.gather_kv(self, layer..layer + 1, blocks, &mut staged)?;
+        let host = b.stream.clone_dtoh(&staged).map_err(dev)?;
+        // Block i of plane p.
+        let part = |p: usize, i: usize| {
+            let n = shape.plane_block_bytes[p];
+            &host[shape.plane_offset(p) + i * n..][..n]
+        };
+        let hd = self.layout.head_dim;
+        Ok((0..blocks.len())
+            .map(|i| {
+                let plane = |p: usize| part(p, i);
+                match &self.bufs {
+                    KvBufs::F32 { .. } => (le_f32(plane(0)), le_f32(plane(1))),
+                    KvBufs::F16 { .. } => {
+                        (decode_f16(&le_u16(plane(0))), decode_f16(&le_u16(plane(1))))
+                    }
+                    KvBufs::Bytes { code, .. } => (
+                        decode_bytes(*code, plane(0), &le_u16(plane(2)), hd),
+                        decode_bytes(*code, plane(1), &le_u16(plane(3)), hd),
+                    ),
+                    KvBufs::Int4 { .. } => {
+                        let params = |p| -> Vec<half::f16> {
+                            le_u16(plane(p))
+                                .into_iter()
+                                .map(half::f16::from_bits)
+                                .collect()
+                        };
+                        (
+                            decode_int4(plane(0), &params(2), hd, true),
+                            decode_int4(plane(1), &params(3), hd, false),
+                        )
+                    }
+                    // `staging_shape` refused it above.
+                    KvBufs::Kivi2(_) => unreachable!("kivi2 stores are not staged"),
+                }
+            })
+            .collect())
+    }
+}
+
+fn le_u16(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+fn le_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }

@@ -1,7 +1,8 @@
 //! Checks of what a GPU-to-GPU KV transfer runs on one GPU (part of `tandem bench gpu --check-only`): blocks
 //! gathered from one store into a staging buffer and scattered into other blocks of a second store read back
 //! exactly as the first store's blocks (every cache format that stages), layers and blocks outside the copied range
-//! stay untouched, and NCCL carries a buffer from a one-rank communicator to itself unchanged. The two-process link
+//! stay untouched, blocks read to the host at once through the staging (what a prefill worker ships over gRPC)
+//! equal the same blocks read one by one, and NCCL carries a buffer from a one-rank communicator to itself unchanged. The two-process link
 //! itself needs two GPUs (`tandem bench transfer --transport nccl`).
 
 use super::CudaBackend;
@@ -75,6 +76,21 @@ fn stage_round_trip(
         }
     }
     let (from, to) = ([4u32, 0, 2], [1u32, 5, 3]);
+    // Several blocks read over at once (through the staging) must read as each block alone.
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (k, v) in b.read_kv_blocks(&src, 1, &from) {
+        got.extend(k.into_iter().chain(v));
+    }
+    for &blk in &from {
+        let (k, v) = b.read_kv_block(&src, 1, blk);
+        want.extend(k.into_iter().chain(v).map(f64::from));
+    }
+    push(
+        format!("kv blocks read at once ({format:?}, head_dim {hd})"),
+        got,
+        want,
+        0.0,
+    );
     let staged = (|| {
         let shape = src.staging_shape(b, 2, from.len())?;
         let mut buf = b
