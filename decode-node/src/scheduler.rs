@@ -514,23 +514,29 @@ impl<B: Backend> Scheduler<B> {
             return;
         };
         let nb = chunk.blocks.len();
-        let mut result = Ok(());
+        // One write per layer (a device engine copies a layer's blocks over at once); the first failure ends the
+        // request and nothing after it is written.
         for (li, layer) in chunk.layers.clone().enumerate() {
-            for (bi, &block) in chunk.blocks.iter().enumerate() {
-                let d = &chunk.data[li * nb + bi];
-                result = self
-                    .engine
-                    .write_transferred_block(key, layer, block, &d.k, &d.v);
-                if result.is_err() {
-                    break;
-                }
+            let data: Vec<(&[f32], &[f32])> = chunk
+                .data
+                .iter()
+                .skip(li * nb)
+                .take(nb)
+                .map(|d| (&d.k[..], &d.v[..]))
+                .collect();
+            // A short chunk has fewer data than blocks: the engine refuses it.
+            if let Err(e) = self
+                .engine
+                .write_transferred_blocks(key, layer, &chunk.blocks, &data)
+            {
+                self.fail(key, e.into());
+                return;
+            }
+            for &block in &chunk.blocks {
                 if let Some(i) = dest.iter().position(|&b| b == block) {
                     received[layer * dest.len() + i] = true;
                 }
             }
-        }
-        if let Err(e) = result {
-            self.fail(key, e.into());
         }
     }
 

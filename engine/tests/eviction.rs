@@ -4,6 +4,7 @@
 mod common;
 
 use tandem_engine::backend::cpu::CpuBackend;
+use tandem_engine::kv::BlockId;
 use tandem_engine::kv::evict::{self, Eviction, SNAPKV_WINDOW};
 use tandem_engine::sampling::log_sum_exp;
 use tandem_engine::{Engine, EngineConfig, LogitsWanted, SeqId, StepItem};
@@ -39,8 +40,29 @@ fn move_evicted(
         .collect();
     let t = e.add_sequence_evicted(prompt, plan.kept).unwrap();
     for (l, blocks) in per_layer.iter().enumerate() {
-        for (&dest, b) in t.blocks.iter().zip(blocks) {
-            e.write_transferred_block(t.seq, l, dest, &b.k, &b.v)
+        let data: Vec<(&[f32], &[f32])> = blocks.iter().map(|b| (&b.k[..], &b.v[..])).collect();
+        // Refused before anything is written (the continuation below would show a stray write): a block that is
+        // not this sequence's destination, and fewer data than blocks.
+        let mut wrong = t.blocks.clone();
+        wrong[0] = BlockId(u32::MAX);
+        let e1 = e
+            .write_transferred_blocks(t.seq, l, &wrong, &data)
+            .unwrap_err();
+        assert!(
+            e1.to_string().contains("not a transfer destination"),
+            "{e1}"
+        );
+        let e2 = e
+            .write_transferred_blocks(t.seq, l, &t.blocks, &data[1..])
+            .unwrap_err();
+        assert!(e2.to_string().contains("blocks of data"), "{e2}");
+        // Odd layers block by block, even layers all at once: both must give the same sequence.
+        if l % 2 == 1 {
+            for (&dest, (k, v)) in t.blocks.iter().zip(&data) {
+                e.write_transferred_block(t.seq, l, dest, k, v).unwrap();
+            }
+        } else {
+            e.write_transferred_blocks(t.seq, l, &t.blocks, &data)
                 .unwrap();
         }
     }

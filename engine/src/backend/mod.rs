@@ -238,6 +238,19 @@ pub trait Backend: Send + Sync + 'static {
         k: &[f32],
         v: &[f32],
     );
+    /// [`Backend::write_kv_block`] for several blocks of `layer`, `data` (K, V) in `blocks` order; the caller
+    /// checks as for one block. A device backend copies them over at once.
+    fn write_kv_blocks(
+        &self,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        blocks: &[u32],
+        data: &[(&[f32], &[f32])],
+    ) {
+        for (&b, (k, v)) in blocks.iter().zip(data) {
+            self.write_kv_block(kv, layer, b, k, v);
+        }
+    }
     /// Tells the store that no sequence holds `blocks` any more, so it may drop what it keeps for them beside the
     /// cache (kivi2's keys of a block that had not filled). Blocks kept in the prefix cache are complete, so nothing
     /// a later prompt could reuse is lost.

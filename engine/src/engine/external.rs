@@ -165,6 +165,19 @@ impl<B: Backend> Engine<B> {
         k: &[f32],
         v: &[f32],
     ) -> Result<()> {
+        self.write_transferred_blocks(seq, layer, &[block], &[(k, v)])
+    }
+
+    /// Writes transferred blocks of `layer` into `seq`'s blocks `blocks` (each one of the blocks
+    /// [`Engine::add_sequence_for_transfer`] returned for it), `data` (K, V) in `blocks` order; all are checked
+    /// before any is written.
+    pub fn write_transferred_blocks(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        blocks: &[BlockId],
+        data: &[(&[f32], &[f32])],
+    ) -> Result<()> {
         let bs = self.layout.block_size;
         let s = self
             .seqs
@@ -176,7 +189,10 @@ impl<B: Backend> Engine<B> {
                 seq.0
             )));
         }
-        if !s.blocks[s.kv_len / bs..].contains(&block) {
+        if let Some(block) = blocks
+            .iter()
+            .find(|b| !s.blocks[s.kv_len / bs..].contains(b))
+        {
             return Err(EngineError::invalid(format!(
                 "block {} is not a transfer destination of sequence {}",
                 block.0, seq.0
@@ -188,16 +204,24 @@ impl<B: Backend> Engine<B> {
                 self.layout.layers
             )));
         }
+        if data.len() != blocks.len() {
+            return Err(EngineError::invalid(format!(
+                "{} blocks of data for {} destination blocks",
+                data.len(),
+                blocks.len()
+            )));
+        }
         let n = self.layout.block_elems();
-        if k.len() != n || v.len() != n {
+        if let Some((k, v)) = data.iter().find(|(k, v)| k.len() != n || v.len() != n) {
             return Err(EngineError::invalid(format!(
                 "block data has {} K and {} V elements; the layout needs {n}",
                 k.len(),
                 v.len()
             )));
         }
+        let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
         self.backend
-            .write_kv_block(&mut self.kv, layer, block.0, k, v);
+            .write_kv_blocks(&mut self.kv, layer, &ids, data);
         Ok(())
     }
 

@@ -203,13 +203,10 @@ impl CudaKvStore {
             }
             KvBufs::F16 { k: kc, v: vc } => {
                 for (c, x) in [(kc, k), (vc, v)] {
-                    let bits: Vec<u16> = x
-                        .iter()
-                        .map(|&f| half::f16::from_f32(f).to_bits())
-                        .collect();
                     b.ok(
                         what,
-                        b.stream.memcpy_htod(&bits, &mut c.slice_mut(range.clone())),
+                        b.stream
+                            .memcpy_htod(&encode_f16(x), &mut c.slice_mut(range.clone())),
                     );
                 }
             }
@@ -223,12 +220,7 @@ impl CudaKvStore {
                 let hd = self.layout.head_dim;
                 let vecs = range.start / hd..range.end / hd;
                 for ((c, sc), x) in [(kc, ks), (vc, vs)].into_iter().zip([k, v]) {
-                    let mut q = vec![0u8; x.len()];
-                    let bits: Vec<u16> = x
-                        .chunks(hd)
-                        .zip(q.chunks_mut(hd))
-                        .map(|(xv, qv)| code.quantize(xv, qv).to_bits())
-                        .collect();
+                    let (q, bits) = encode_bytes(*code, x, hd);
                     b.ok(
                         what,
                         b.stream.memcpy_htod(&q, &mut c.slice_mut(range.clone())),
@@ -248,24 +240,58 @@ impl CudaKvStore {
                 let hd = self.layout.head_dim;
                 let pp = Self::int4_params(hd);
                 let vecs = range.start / hd * pp..range.end / hd * pp;
-                // Keys are stored turned, as the store kernel writes them.
-                let mut turned = k.to_vec();
-                crate::kv::codec::spread::turn_all(&mut turned, hd);
-                for ((c, pc), x) in [(kc, kp), (vc, vp)].into_iter().zip([&turned[..], v]) {
-                    let mut q = vec![0u8; x.len() / 2];
-                    let mut params = vec![half::f16::ZERO; vecs.len()];
-                    for ((xv, qv), pv) in x
-                        .chunks(hd)
-                        .zip(q.chunks_mut(hd / 2))
-                        .zip(params.chunks_mut(pp))
-                    {
-                        crate::kv::quant::quantize_int4(xv, qv, pv);
-                    }
+                for ((c, pc), (x, keys)) in [(kc, kp), (vc, vp)]
+                    .into_iter()
+                    .zip([(k, true), (v, false)])
+                {
+                    let (q, params) = encode_int4(x, hd, keys);
                     codes_to_device(b, what, &q, c, range.start / 2, &params, pc, vecs.start);
                 }
             }
         }
     }
+}
+
+/// One block's K or V as f16 bits.
+pub(super) fn encode_f16(x: &[f32]) -> Vec<u16> {
+    x.iter()
+        .map(|&f| half::f16::from_f32(f).to_bits())
+        .collect()
+}
+
+/// One block's K or V as int8 or fp8 codes and one f16 scale (bits) per vector of `hd` (the host's rule).
+pub(super) fn encode_bytes(code: ByteCode, x: &[f32], hd: usize) -> (Vec<u8>, Vec<u16>) {
+    let mut q = vec![0u8; x.len()];
+    let bits = x
+        .chunks(hd)
+        .zip(q.chunks_mut(hd))
+        .map(|(xv, qv)| code.quantize(xv, qv).to_bits())
+        .collect();
+    (q, bits)
+}
+
+/// One block's K or V as int4 codes and (min, scale) pairs per vector of `hd`; keys are stored turned, as the store
+/// kernel writes them.
+pub(super) fn encode_int4(x: &[f32], hd: usize, keys: bool) -> (Vec<u8>, Vec<half::f16>) {
+    let pp = CudaKvStore::int4_params(hd);
+    let mut turned;
+    let x = if keys {
+        turned = x.to_vec();
+        crate::kv::codec::spread::turn_all(&mut turned, hd);
+        &turned[..]
+    } else {
+        x
+    };
+    let mut q = vec![0u8; x.len() / 2];
+    let mut params = vec![half::f16::ZERO; x.len() / hd * pp];
+    for ((xv, qv), pv) in x
+        .chunks(hd)
+        .zip(q.chunks_mut(hd / 2))
+        .zip(params.chunks_mut(pp))
+    {
+        crate::kv::quant::quantize_int4(xv, qv, pv);
+    }
+    (q, params)
 }
 
 /// One block's K or V in f16 bits, as f32.

@@ -461,6 +461,25 @@ impl Backend for CudaBackend {
         kv.write_block(self, layer, block, k, v)
     }
 
+    fn write_kv_blocks(
+        &self,
+        kv: &mut CudaKvStore,
+        layer: usize,
+        blocks: &[u32],
+        data: &[(&[f32], &[f32])],
+    ) {
+        if matches!(kv.bufs, KvBufs::Kivi2(_)) || blocks.is_empty() {
+            for (&b, (k, v)) in blocks.iter().zip(data) {
+                kv.write_block(self, layer, b, k, v);
+            }
+            return;
+        }
+        if let Err(e) = kv.write_blocks(self, layer, blocks, data) {
+            // Kept and reported by `check`, like every operation here.
+            self.fail("writing KV blocks", e);
+        }
+    }
+
     fn retire_kv_blocks(&self, kv: &mut CudaKvStore, blocks: &[u32]) {
         if let KvBufs::Kivi2(s) = &mut kv.bufs {
             s.retire(blocks);

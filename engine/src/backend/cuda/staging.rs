@@ -10,7 +10,10 @@
 //! not staged: its open blocks' keys live in a pool of their own, and no transfer moves it yet.
 
 use super::CudaBackend;
-use super::kv::{CudaKvStore, KvBufs, decode_bytes, decode_f16, decode_int4};
+use super::kv::{
+    CudaKvStore, KvBufs, decode_bytes, decode_f16, decode_int4, encode_bytes, encode_f16,
+    encode_int4,
+};
 use crate::error::{EngineError, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use std::ops::Range;
@@ -283,6 +286,73 @@ impl CudaKvStore {
             })
             .collect())
     }
+}
+
+impl CudaKvStore {
+    /// Writes K and V of `blocks` of `layer` from the host, `data` in `blocks` order: encoded on the host by the
+    /// same rules as [`CudaKvStore::write_block`] into one staging buffer, copied over at once and scattered on the
+    /// device (what a decode worker receiving a chunk over gRPC pays once per layer instead of per block). Not for
+    /// kivi2 (refused by the staging).
+    pub(super) fn write_blocks(
+        &mut self,
+        b: &CudaBackend,
+        layer: usize,
+        blocks: &[u32],
+        data: &[(&[f32], &[f32])],
+    ) -> Result<()> {
+        let shape = self.staging_shape(b, 1, blocks.len())?;
+        let n = self.layout.block_elems();
+        if data.len() != blocks.len() || data.iter().any(|(k, v)| k.len() != n || v.len() != n) {
+            return Err(EngineError::invalid(format!(
+                "writing {} KV blocks of {n} elements from {} blocks of data of other sizes",
+                blocks.len(),
+                data.len()
+            )));
+        }
+        let hd = self.layout.head_dim;
+        let mut host = vec![0u8; shape.bytes()];
+        for (i, (k, v)) in data.iter().enumerate() {
+            // The encoded planes of block i, in plane order.
+            let planes: Vec<Vec<u8>> = match &self.bufs {
+                KvBufs::F32 { .. } => vec![bytes_of_f32(k), bytes_of_f32(v)],
+                KvBufs::F16 { .. } => {
+                    vec![bytes_of_u16(&encode_f16(k)), bytes_of_u16(&encode_f16(v))]
+                }
+                KvBufs::Bytes { code, .. } => {
+                    let ((kq, ks), (vq, vs)) =
+                        (encode_bytes(*code, k, hd), encode_bytes(*code, v, hd));
+                    vec![kq, vq, bytes_of_u16(&ks), bytes_of_u16(&vs)]
+                }
+                KvBufs::Int4 { .. } => {
+                    let ((kq, kp), (vq, vp)) =
+                        (encode_int4(k, hd, true), encode_int4(v, hd, false));
+                    let bits = |p: &[half::f16]| -> Vec<u8> {
+                        bytes_of_u16(&p.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                    };
+                    vec![kq, vq, bits(&kp), bits(&vp)]
+                }
+                // `staging_shape` refused it above.
+                KvBufs::Kivi2(_) => unreachable!("kivi2 stores are not staged"),
+            };
+            for (p, plane) in planes.iter().enumerate() {
+                let len = shape.plane_block_bytes[p];
+                host[shape.plane_offset(p) + i * len..][..len].copy_from_slice(plane);
+            }
+        }
+        let staged = b
+            .stream
+            .clone_htod(&host)
+            .map_err(|e| EngineError::Device(format!("writing {} KV blocks: {e}", blocks.len())))?;
+        b.scatter_kv(self, layer..layer + 1, blocks, &staged)
+    }
+}
+
+fn bytes_of_u16(x: &[u16]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn bytes_of_f32(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn le_u16(bytes: &[u8]) -> Vec<u16> {

@@ -1,8 +1,8 @@
 //! Checks of what a GPU-to-GPU KV transfer runs on one GPU (part of `tandem bench gpu --check-only`): blocks
 //! gathered from one store into a staging buffer and scattered into other blocks of a second store read back
 //! exactly as the first store's blocks (every cache format that stages), layers and blocks outside the copied range
-//! stay untouched, blocks read to the host at once through the staging (what a prefill worker ships over gRPC)
-//! equal the same blocks read one by one, and NCCL carries a buffer from a one-rank communicator to itself unchanged. The two-process link
+//! stay untouched, blocks read to the host and written from it at once through the staging (what a prefill
+//! worker ships and a decode worker takes over gRPC) equal the same blocks read or written one by one, and NCCL carries a buffer from a one-rank communicator to itself unchanged. The two-process link
 //! itself needs two GPUs (`tandem bench transfer --transport nccl`).
 
 use super::CudaBackend;
@@ -91,6 +91,33 @@ fn stage_round_trip(
         want,
         0.0,
     );
+    // Several blocks written at once (through the staging) must hold what each block written alone holds.
+    if let (Ok(mut at_once), Ok(mut alone)) =
+        (b.alloc_kv(&layout, &keys), b.alloc_kv(&layout, &keys))
+    {
+        let data: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+            .map(|_| (random(rng, n, 3.0), random(rng, n, 1.0)))
+            .collect();
+        let refs: Vec<(&[f32], &[f32])> = data.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        b.write_kv_blocks(&mut at_once, 2, &to, &refs);
+        for (&blk, (k, v)) in to.iter().zip(&refs) {
+            b.write_kv_block(&mut alone, 2, blk, k, v);
+        }
+        let read = |kv| -> Vec<f32> {
+            to.iter()
+                .flat_map(|&blk| {
+                    let (k, v) = b.read_kv_block(kv, 2, blk);
+                    k.into_iter().chain(v)
+                })
+                .collect()
+        };
+        push(
+            format!("kv blocks written at once ({format:?}, head_dim {hd})"),
+            read(&at_once),
+            read(&alone).into_iter().map(f64::from).collect(),
+            0.0,
+        );
+    }
     let staged = (|| {
         let shape = src.staging_shape(b, 2, from.len())?;
         let mut buf = b
