@@ -56,6 +56,14 @@ fn move_evicted(
             .write_transferred_blocks(t.seq, l, &t.blocks, &data[1..])
             .unwrap_err();
         assert!(e2.to_string().contains("blocks of data"), "{e2}");
+        if t.blocks.len() > 1 {
+            let mut twice = t.blocks.clone();
+            twice[1] = twice[0];
+            let e3 = e
+                .write_transferred_blocks(t.seq, l, &twice, &data)
+                .unwrap_err();
+            assert!(e3.to_string().contains("named twice"), "{e3}");
+        }
         // Odd layers block by block, even layers all at once: both must give the same sequence.
         if l % 2 == 1 {
             for (&dest, (k, v)) in t.blocks.iter().zip(&data) {

@@ -198,6 +198,15 @@ impl<B: Backend> Engine<B> {
                 block.0, seq.0
             )));
         }
+        // A block named twice would be written twice at once on a device (which copy wins is not defined).
+        let mut sorted: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(EngineError::invalid(format!(
+                "block {} is named twice in one write",
+                w[0]
+            )));
+        }
         if layer >= self.layout.layers {
             return Err(EngineError::invalid(format!(
                 "layer {layer} out of range (model has {})",

@@ -440,7 +440,8 @@ impl Backend for CudaBackend {
         layer: usize,
         blocks: &[u32],
     ) -> Vec<(Vec<f32>, Vec<f32>)> {
-        if matches!(kv.bufs, KvBufs::Kivi2(_)) || blocks.is_empty() {
+        // kivi2, and blocks whose planes are not whole 16-byte words (small custom block sizes), go one by one.
+        if blocks.is_empty() || kv.staging_shape(self, 1, blocks.len()).is_err() {
             return blocks
                 .iter()
                 .map(|&b| kv.read_block(self, layer, b))
@@ -468,7 +469,8 @@ impl Backend for CudaBackend {
         blocks: &[u32],
         data: &[(&[f32], &[f32])],
     ) {
-        if matches!(kv.bufs, KvBufs::Kivi2(_)) || blocks.is_empty() {
+        // As for reads: what the staging cannot take goes one by one.
+        if blocks.is_empty() || kv.staging_shape(self, 1, blocks.len()).is_err() {
             for (&b, (k, v)) in blocks.iter().zip(data) {
                 kv.write_block(self, layer, b, k, v);
             }

@@ -103,10 +103,12 @@ fn stage_round_trip(
         for (&blk, (k, v)) in to.iter().zip(&refs) {
             b.write_kv_block(&mut alone, 2, blk, k, v);
         }
+        // Every block of every layer: a write that spilled past its blocks would show.
         let read = |kv| -> Vec<f32> {
-            to.iter()
-                .flat_map(|&blk| {
-                    let (k, v) = b.read_kv_block(kv, 2, blk);
+            (0..layout.layers)
+                .flat_map(|l| (0..layout.num_blocks as u32).map(move |blk| (l, blk)))
+                .flat_map(|(l, blk)| {
+                    let (k, v) = b.read_kv_block(kv, l, blk);
                     k.into_iter().chain(v)
                 })
                 .collect()
