@@ -63,6 +63,42 @@ pub struct GpuBenchArgs {
     pub check_only: bool,
 }
 
+/// The `run`-th benchmark prompt of `tokens` tokens: each run's differs from every other's from the first token
+/// on, so no run hits the prefix cache.
+pub fn bench_prompt(run: usize, tokens: usize, vocab: usize) -> Vec<u32> {
+    (0..tokens)
+        .map(|i| ((i * 7919 + run * 104_729) % vocab) as u32)
+        .collect()
+}
+
+/// Seconds per prefill of prompts `first_run..=first_run + runs` (the first untimed, a warm-up), each alone in one
+/// step up to its last token's logits.
+pub fn time_prefills<B: tandem_engine::backend::Backend>(
+    engine: &mut Engine<B>,
+    tokens: usize,
+    first_run: usize,
+    runs: usize,
+) -> Result<Vec<f64>> {
+    let vocab = engine.model.config.vocab;
+    let mut times = Vec::new();
+    for run in first_run..=first_run + runs {
+        let prompt = bench_prompt(run, tokens, vocab);
+        let seq = engine.add_sequence(&prompt)?;
+        let t = Instant::now();
+        // The logits come back to the host: the step has finished when this returns.
+        engine.step(&[StepItem {
+            seq,
+            n_tokens: prompt.len(),
+            logits: LogitsWanted::Last,
+        }])?;
+        if run > first_run {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        engine.remove_sequence(seq)?;
+    }
+    Ok(times)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -208,23 +244,7 @@ pub fn run(a: GpuBenchArgs, threads: usize) -> Result<()> {
 
     // Prefill: one fresh prompt per run.
     engine.backend.take_profile();
-    let mut times = Vec::new();
-    for run in 0..a.runs + 1 {
-        let prompt: Vec<u32> = (0..a.prefill_tokens)
-            .map(|i| ((i * 7919 + run * 104_729) % cfg.vocab) as u32)
-            .collect();
-        let seq = engine.add_sequence(&prompt)?;
-        let t = Instant::now();
-        engine.step(&[StepItem {
-            seq,
-            n_tokens: prompt.len(),
-            logits: LogitsWanted::Last,
-        }])?;
-        if run > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-        engine.remove_sequence(seq)?;
-    }
+    let times = time_prefills(&mut engine, a.prefill_tokens, 0, a.runs)?;
     print_profile(&engine.backend, (a.runs + 1) as f64);
     let prefill_s = median(times);
     let prefill_floor = 2.0 * params * a.prefill_tokens as f64 / c.gemm_flops_per_s;

@@ -11,6 +11,7 @@
 //! weights, alone and with each layer's blocks sent from the engine's layer observer as soon as they are stored, up
 //! to the receiver's acknowledgement (target: at most 10% above prefill alone).
 
+use super::bench_gpu::{bench_prompt, time_prefills};
 use anyhow::{Context, Result, bail, ensure};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -251,32 +252,13 @@ fn prefill_rounds(
         shape.name(),
         started.elapsed().as_secs_f64()
     );
-    let vocab = shape.config().vocab;
-    let mut prompts = (0..).map(|run: usize| -> Vec<u32> {
-        (0..a.prompt_tokens)
-            .map(|i| ((i * 7919 + run * 104_729) % vocab) as u32)
-            .collect()
-    });
-    let mut alone = Vec::new();
-    for round in 0..=a.rounds {
-        let prompt = prompts.next().unwrap_or_default();
-        let seq = engine.add_sequence(&prompt)?;
-        let t = Instant::now();
-        // The logits come back to the host: the step has finished when this returns.
-        engine.step(&[StepItem {
-            seq,
-            n_tokens: prompt.len(),
-            logits: LogitsWanted::Last,
-        }])?;
-        if round > 0 {
-            alone.push(t.elapsed().as_secs_f64());
-        }
-        engine.remove_sequence(seq)?;
-    }
+    let alone = time_prefills(&mut engine, a.prompt_tokens, 0, a.rounds)?;
     let mut staging = engine.backend.stream().alloc_zeros::<u8>(layer_bytes)?;
     let mut sent = Vec::new();
+    let vocab = shape.config().vocab;
     for round in 0..=a.rounds {
-        let prompt = prompts.next().unwrap_or_default();
+        // Prompts after the ones timed alone: none hits the prefix cache.
+        let prompt = bench_prompt(a.rounds + 1 + round, a.prompt_tokens, vocab);
         let seq = engine.add_sequence(&prompt)?;
         let t = Instant::now();
         let mut failed = None;
