@@ -199,7 +199,8 @@ impl<B: Backend> Engine<B> {
             )));
         }
         // A block named twice would be written twice at once on a device (which copy wins is not defined).
-        let mut sorted: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+        let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+        let mut sorted = ids.clone();
         sorted.sort_unstable();
         if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
             return Err(EngineError::invalid(format!(
@@ -228,7 +229,6 @@ impl<B: Backend> Engine<B> {
                 v.len()
             )));
         }
-        let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
         self.backend
             .write_kv_blocks(&mut self.kv, layer, &ids, data);
         Ok(())

@@ -177,34 +177,29 @@ fn send(a: &NcclBenchArgs) -> Result<()> {
     let s = b.stream();
     let mut staging = s.alloc_zeros::<u8>(bytes)?;
     let mut ack = s.alloc_zeros::<u8>(ACK_BYTES)?;
-    let mut round_s = Vec::new();
-    for round in 0..=a.rounds {
-        s.synchronize()?;
-        let t = Instant::now();
-        for l in 0..c.layout.layers {
-            b.gather_kv(&kv, l..l + 1, &blocks, &mut staging)?;
-            link.send(&staging, bytes)?;
+    // Each round: every layer (gathered first when `gather`) sent, then the receiver's acknowledgement awaited.
+    let mut timed_rounds = |gather: bool| -> Result<Vec<f64>> {
+        let mut times = Vec::new();
+        for round in 0..=a.rounds {
+            s.synchronize()?;
+            let t = Instant::now();
+            for l in 0..c.layout.layers {
+                if gather {
+                    b.gather_kv(&kv, l..l + 1, &blocks, &mut staging)?;
+                }
+                link.send(&staging, bytes)?;
+            }
+            link.recv(&mut ack, ACK_BYTES)?;
+            s.synchronize()?;
+            if round > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
-        link.recv(&mut ack, ACK_BYTES)?;
-        s.synchronize()?;
-        if round > 0 {
-            round_s.push(t.elapsed().as_secs_f64());
-        }
-    }
+        Ok(times)
+    };
+    let round_s = timed_rounds(true)?;
     // The link alone: the same messages without the staging copies.
-    let mut link_round_s = Vec::new();
-    for round in 0..=a.rounds {
-        s.synchronize()?;
-        let t = Instant::now();
-        for _ in 0..c.layout.layers {
-            link.send(&staging, bytes)?;
-        }
-        link.recv(&mut ack, ACK_BYTES)?;
-        s.synchronize()?;
-        if round > 0 {
-            link_round_s.push(t.elapsed().as_secs_f64());
-        }
-    }
+    let link_round_s = timed_rounds(false)?;
     drop((kv, staging));
     let (prefill_alone_s, prefill_sent_s) = if a.with_prefill {
         prefill_rounds(a, b, &link, &mut ack, bytes)?
@@ -320,17 +315,20 @@ fn receive(a: &NcclBenchArgs) -> Result<()> {
     let s = b.stream();
     let mut staging = s.alloc_zeros::<u8>(bytes)?;
     let ack = s.alloc_zeros::<u8>(ACK_BYTES)?;
-    let rounds = |kv: &mut CudaKvStore, staging: &mut DeviceBytes| -> Result<()> {
+    // The sender's rounds as they arrive: every layer received (and scattered when `scatter`), then acknowledged.
+    let rounds = |kv: &mut CudaKvStore, staging: &mut DeviceBytes, scatter: bool| -> Result<()> {
         for _ in 0..=a.rounds {
             for l in 0..c.layout.layers {
                 link.recv(staging, bytes)?;
-                b.scatter_kv(kv, l..l + 1, &dest, staging)?;
+                if scatter {
+                    b.scatter_kv(kv, l..l + 1, &dest, staging)?;
+                }
             }
             link.send(&ack, ACK_BYTES)?;
         }
         Ok(s.synchronize()?)
     };
-    rounds(&mut kv, &mut staging)?;
+    rounds(&mut kv, &mut staging, true)?;
     let want = filled(&b, &c)?;
     let (mut checked, mut mismatched) = (0, 0);
     for l in checked_layers(&c.layout) {
@@ -344,16 +342,10 @@ fn receive(a: &NcclBenchArgs) -> Result<()> {
     }
     drop(want);
     // The link alone (the sender's second set of rounds): received, not scattered.
-    for _ in 0..=a.rounds {
-        for _ in 0..c.layout.layers {
-            link.recv(&mut staging, bytes)?;
-        }
-        link.send(&ack, ACK_BYTES)?;
-    }
-    s.synchronize()?;
+    rounds(&mut kv, &mut staging, false)?;
     if a.with_prefill {
         // The prefill rounds' layers: taken like the others (their data is the model's; nothing to compare).
-        rounds(&mut kv, &mut staging)?;
+        rounds(&mut kv, &mut staging, true)?;
     }
     b.check()?;
     report(&EndReport {

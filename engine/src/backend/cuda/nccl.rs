@@ -24,6 +24,24 @@ pub fn nccl_present() -> bool {
     unsafe { cudarc::nccl::sys::is_culib_present() }
 }
 
+fn require_nccl() -> Result<()> {
+    if nccl_present() {
+        Ok(())
+    } else {
+        Err(EngineError::BackendUnavailable(
+            "no NCCL library (libnccl.so) on this machine".into(),
+        ))
+    }
+}
+
+/// Makes the backend's context current on this thread: NCCL takes its device from there.
+fn bind(b: &CudaBackend, what: &str) -> Result<()> {
+    b.stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| EngineError::Device(format!("NCCL {what}: {e}")))
+}
+
 fn nccl_error(what: &str) -> impl Fn(cudarc::nccl::result::NcclError) -> EngineError + '_ {
     move |e| EngineError::Device(format!("NCCL {what}: {e:?}"))
 }
@@ -35,11 +53,7 @@ pub struct NcclId([u8; 128]);
 impl NcclId {
     /// A fresh id from NCCL (this process then hosts the bootstrap and must outlive the peer's join).
     pub fn new() -> Result<Self> {
-        if !nccl_present() {
-            return Err(EngineError::BackendUnavailable(
-                "no NCCL library (libnccl.so) on this machine".into(),
-            ));
-        }
+        require_nccl()?;
         let id = Id::new().map_err(nccl_error("unique id"))?;
         Ok(Self(id.internal().map(|c| c as u8)))
     }
@@ -66,8 +80,8 @@ impl NcclId {
         Ok(Self(out))
     }
 
-    fn to_nccl(self) -> Id {
-        Id::uninit(self.0.map(|b| b as std::ffi::c_char))
+    fn internal(self) -> [std::ffi::c_char; 128] {
+        self.0.map(|b| b as std::ffi::c_char)
     }
 }
 
@@ -111,17 +125,9 @@ pub struct NcclLink {
 impl NcclLink {
     /// Joins the link named by `id` as `rank`; blocks until the peer has joined too.
     pub fn join(b: &CudaBackend, rank: LinkRank, id: NcclId) -> Result<Self> {
-        if !nccl_present() {
-            return Err(EngineError::BackendUnavailable(
-                "no NCCL library (libnccl.so) on this machine".into(),
-            ));
-        }
-        // NCCL takes the device from the calling thread's current context.
-        b.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| EngineError::Device(format!("NCCL joining a link: {e}")))?;
-        let comm = Comm::from_rank(b.stream.clone(), rank.rank(), 2, id.to_nccl())
+        require_nccl()?;
+        bind(b, "joining a link")?;
+        let comm = Comm::from_rank(b.stream.clone(), rank.rank(), 2, Id::uninit(id.internal()))
             .map_err(nccl_error("joining a link"))?;
         Ok(Self {
             comm,
@@ -165,16 +171,13 @@ pub fn loopback_check(b: &CudaBackend, bytes: usize) -> Result<usize> {
     use cudarc::driver::{DevicePtr, DevicePtrMut};
     use cudarc::nccl::{result as nr, sys};
     let id = NcclId::new()?;
-    b.stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| EngineError::Device(format!("NCCL loopback: {e}")))?;
+    bind(b, "loopback")?;
     let pattern: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 251) as u8).collect();
     let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("NCCL loopback: {e}"));
     let src = b.stream.clone_htod(&pattern).map_err(dev)?;
     let mut dst = b.stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
     let unique = sys::ncclUniqueId {
-        internal: id.0.map(|c| c as std::ffi::c_char),
+        internal: id.internal(),
     };
     let mut comm = std::mem::MaybeUninit::uninit();
     // SAFETY: `comm` is written by a successful init before it is read.

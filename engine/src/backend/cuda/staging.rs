@@ -35,6 +35,19 @@ pub struct StagingShape {
 }
 
 impl StagingShape {
+    fn of(planes: &[Plane], layers: usize, blocks: usize) -> Self {
+        let mut plane_block_bytes = [0; 4];
+        for (s, p) in plane_block_bytes.iter_mut().zip(planes) {
+            *s = p.block_bytes;
+        }
+        Self {
+            layers,
+            blocks,
+            plane_block_bytes,
+            planes: planes.len(),
+        }
+    }
+
     /// Bytes of one layer's worth of every plane.
     pub fn layer_bytes(&self) -> usize {
         self.blocks * self.plane_block_bytes[..self.planes].iter().sum::<usize>()
@@ -68,7 +81,7 @@ impl CudaKvStore {
                 (raw(b, vs), 2 * vecs),
             ],
             KvBufs::Int4 { k, v, kp, vp } => {
-                let pp = 2 * self.layout.head_dim.div_ceil(crate::kv::INT4_GROUP);
+                let pp = Self::int4_params(self.layout.head_dim);
                 vec![
                     (raw(b, k), n / 2),
                     (raw(b, v), n / 2),
@@ -103,17 +116,7 @@ impl CudaKvStore {
         layers: usize,
         blocks: usize,
     ) -> Result<StagingShape> {
-        let planes = self.planes(b)?;
-        let mut plane_block_bytes = [0; 4];
-        for (s, p) in plane_block_bytes.iter_mut().zip(&planes) {
-            *s = p.block_bytes;
-        }
-        Ok(StagingShape {
-            layers,
-            blocks,
-            plane_block_bytes,
-            planes: planes.len(),
-        })
+        Ok(StagingShape::of(&self.planes(b)?, layers, blocks))
     }
 }
 
@@ -176,7 +179,8 @@ impl CudaBackend {
         staging: &CudaSlice<u8>,
         dir: Direction,
     ) -> Result<()> {
-        let shape = kv.staging_shape(self, layers.len(), blocks.len())?;
+        let planes = kv.planes(self)?;
+        let shape = StagingShape::of(&planes, layers.len(), blocks.len());
         if layers.end > kv.layout.layers || layers.is_empty() || blocks.is_empty() {
             return Err(EngineError::invalid(format!(
                 "staging layers {layers:?} of {} blocks; the cache has {} layers",
@@ -208,7 +212,7 @@ impl CudaBackend {
         let layer0 = layers.start as u32;
         let staged_layer_words = (shape.layer_bytes() / WORD) as u64;
         let to_cache = i32::from(dir == Direction::Scatter);
-        for (p, plane) in kv.planes(self)?.iter().enumerate() {
+        for (p, plane) in planes.iter().enumerate() {
             let block_words = (plane.block_bytes / WORD) as u32;
             let layer_words = (kv.layout.num_blocks * plane.block_bytes / WORD) as u64;
             let offset_words = (shape.plane_offset(p) / WORD) as u64;
