@@ -18,6 +18,7 @@ use tandem_engine::Engine;
 use tandem_engine::backend::Backend;
 use tandem_engine::kv::codec::Codec;
 use tandem_engine::tokenizer::Tokenizer;
+use tandem_kv_transfer::link::LinkListener;
 use tandem_kv_transfer::{ChunkLayout, KvTransferService, Sessions};
 use tandem_prefill_node::runtime::{self, EventHub, ServeError};
 use tandem_proto::v1;
@@ -36,6 +37,9 @@ pub struct DecodeConfig {
     pub advertise_endpoint: Option<String>,
     /// KV codec for transfers of requests that name none.
     pub kv_codec: Codec,
+    /// Accept KV payloads from prefill workers on this host over a Unix socket link beside gRPC
+    /// (docs/kv-links.md).
+    pub kv_link: bool,
 }
 
 impl Default for DecodeConfig {
@@ -46,6 +50,7 @@ impl Default for DecodeConfig {
             transfer_timeout: Duration::from_secs(30),
             advertise_endpoint: None,
             kv_codec: Codec::None,
+            kv_link: true,
         }
     }
 }
@@ -69,6 +74,16 @@ where
         ChunkLayout::of(engine.kv_layout(), engine.key_rotation()),
         engine.kv_layout().layers,
     );
+    // Owned here, so the socket file goes when the worker stops.
+    let link = if config.kv_link {
+        LinkListener::bind_temp()
+            .map_err(|e| tracing::warn!("no kv link socket, KV over gRPC only: {e}"))
+            .ok()
+    } else {
+        None
+    };
+    let links = link.as_ref().map(LinkListener::links).unwrap_or_default();
+    let offer = link.as_ref().and_then(LinkListener::offer);
     let hub = EventHub::new();
     let (sched, thread) = scheduler::spawn(
         engine,
@@ -78,12 +93,19 @@ where
             local_prefill_threshold_tokens: config.local_prefill_threshold_tokens,
         },
     )?;
-    let service =
-        service::DecodeService::new(sched, tokenizer, sessions.clone(), hub, config, endpoint);
+    let service = service::DecodeService::new(
+        sched,
+        tokenizer,
+        sessions.clone(),
+        hub,
+        config,
+        endpoint,
+        offer,
+    );
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(v1::decode_worker_server::DecodeWorkerServer::new(service))
-        .add_service(KvTransferService::new(sessions).into_server());
+        .add_service(KvTransferService::new(sessions, links).into_server());
     let served = runtime::serve_grpc(
         listener,
         routes,
@@ -93,6 +115,7 @@ where
     .await;
     // Stop the scheduler (it finishes its current step) without blocking the async runtime.
     let _ = tokio::task::spawn_blocking(move || drop(thread)).await;
+    drop(link);
     served?;
     Ok(())
 }

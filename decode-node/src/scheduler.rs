@@ -64,8 +64,18 @@ pub struct RemotePrefill {
     pub prefill_cached_tokens: usize,
     pub prefill_time: Duration,
     pub kv_bytes: u64,
+    /// Of `kv_bytes`, those that came on a same-host link.
+    pub kv_link_bytes: u64,
     /// The K/V arrived exactly (codec `none`, no eviction); lossy K/V is never offered to the prefix cache.
     pub exact: bool,
+}
+
+/// What a request's remote prefill reported, kept for its summary.
+#[derive(Debug, Clone, Copy)]
+struct RemoteTotals {
+    prefill_time: Duration,
+    kv_bytes: u64,
+    kv_link_bytes: u64,
 }
 
 /// Totals sent with a request's last token.
@@ -77,6 +87,7 @@ pub struct Summary {
     pub time_to_first_token: Duration,
     pub remote_prefill_time: Duration,
     pub kv_bytes: u64,
+    pub kv_link_bytes: u64,
     pub prefilled_locally: bool,
 }
 
@@ -262,7 +273,7 @@ struct Active {
     reserved_blocks: usize,
     admitted_at: Instant,
     ttft: Duration,
-    remote: Option<(Duration, u64)>,
+    remote: Option<RemoteTotals>,
 }
 
 struct Waiting {
@@ -559,7 +570,11 @@ impl<B: Backend> Scheduler<B> {
             );
         }
         a.phase = Phase::Running;
-        a.remote = Some((p.prefill_time, p.kv_bytes));
+        a.remote = Some(RemoteTotals {
+            prefill_time: p.prefill_time,
+            kv_bytes: p.kv_bytes,
+            kv_link_bytes: p.kv_link_bytes,
+        });
         a.cached_tokens = a.cached_tokens.max(p.prefill_cached_tokens);
         if let Err(e) = self.engine.complete_transfer(key, p.exact) {
             return self.fail(key, e.into());
@@ -699,8 +714,9 @@ impl<B: Backend> Scheduler<B> {
             completion_tokens: a.generation.generated(),
             cached_prompt_tokens: a.cached_tokens,
             time_to_first_token: a.ttft,
-            remote_prefill_time: a.remote.map_or(Duration::ZERO, |r| r.0),
-            kv_bytes: a.remote.map_or(0, |r| r.1),
+            remote_prefill_time: a.remote.map_or(Duration::ZERO, |r| r.prefill_time),
+            kv_bytes: a.remote.map_or(0, |r| r.kv_bytes),
+            kv_link_bytes: a.remote.map_or(0, |r| r.kv_link_bytes),
             prefilled_locally: a.remote.is_none(),
         });
         let token = emitted.token.token;

@@ -44,6 +44,8 @@ struct Shared {
     config: DecodeConfig,
     /// Where prefill workers send this worker's KV.
     transfer_endpoint: String,
+    /// The same-host link prefill workers may send payloads on (`None`: gRPC only).
+    link_offer: Option<v1::KvLinkOffer>,
     channels: tandem_prefill_node::channels::ChannelCache,
 }
 
@@ -55,6 +57,7 @@ impl DecodeService {
         hub: EventHub,
         config: DecodeConfig,
         transfer_endpoint: String,
+        link_offer: Option<v1::KvLinkOffer>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -64,6 +67,7 @@ impl DecodeService {
                 hub,
                 config,
                 transfer_endpoint,
+                link_offer,
                 channels: Default::default(),
             }),
         }
@@ -155,6 +159,7 @@ impl Shared {
             deadline_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             sampling: Some(convert::sampling_to_wire(&job.sampling)),
             eviction: job.eviction.as_ref().map(convert::kv_eviction_to_wire),
+            link_offer: self.link_offer.clone(),
         };
         let mut client =
             v1::prefill_worker_client::PrefillWorkerClient::new(self.channel(endpoint)?);
@@ -190,6 +195,7 @@ impl Shared {
             prefill_cached_tokens: r.cached_tokens as usize,
             prefill_time: Duration::from_micros(r.prefill_us),
             kv_bytes: r.kv_bytes_sent,
+            kv_link_bytes: r.kv_bytes_on_link,
             exact,
         })
     }
@@ -232,6 +238,7 @@ impl Shared {
                 remote_prefill_us: s.remote_prefill_time.as_micros() as u64,
                 kv_bytes_transferred: s.kv_bytes,
                 prefilled_locally: s.prefilled_locally,
+                kv_bytes_on_link: s.kv_link_bytes,
             }),
         }
     }

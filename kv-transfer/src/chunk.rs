@@ -207,6 +207,7 @@ pub fn encode(
         codec: kv_codec_to_wire(enc.codec) as i32,
         layout: Some(layout.to_wire()),
         payload,
+        link: None,
         checksum: 0,
         block_fill: if full {
             Vec::new()

@@ -6,6 +6,8 @@
 //!   where its chunks go. A session is removed by its guard when the request it serves ends, so a stalled or
 //!   cancelled transfer leaves nothing behind.
 //! - [`server`]: the gRPC `KvTransfer.Push` service over the session table.
+//! - [`link`]: same-host links that carry chunk payloads beside the gRPC stream (a Unix socket between CPU
+//!   workers), in order, each read once its header arrived.
 //! - [`sender`]: the prefill side: a stream that pushes chunks as layers finish and waits for every ack before a
 //!   deadline, resending a chunk the receiver found corrupt.
 //!
@@ -15,9 +17,12 @@
 pub mod chunk;
 pub mod entropy;
 pub mod error;
+pub mod link;
 pub mod sender;
 pub mod server;
 pub mod session;
+#[cfg(test)]
+mod test_support;
 
 pub use chunk::{BlockData, ChunkLayout, DecodedChunk, FORMAT_VERSION};
 pub use error::TransferError;

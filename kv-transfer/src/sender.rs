@@ -5,10 +5,15 @@
 //! travels. The driver keeps every chunk until it is acknowledged, resends one the receiver found corrupt (up to
 //! [`MAX_RESENDS`] times), and fails the whole transfer on a refusal, a broken stream or the deadline.
 //! [`Sender::finish`] closes the stream and waits for the last ack. Dropping a `Sender` cancels its driver.
+//!
+//! With a same-host link ([`crate::link`]) the driver writes each chunk's payload to the link and sends the header
+//! alone; a resend always carries its payload inline, so a link that fails costs one resend per chunk in flight.
 
 use crate::error::TransferError;
+use crate::link::LinkSender;
 use crate::session::SessionId;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_proto::v1;
 use tokio::sync::mpsc;
@@ -25,6 +30,8 @@ pub struct TransferStats {
     pub chunks: u32,
     /// Payload bytes (resends not counted).
     pub payload_bytes: u64,
+    /// Of those, the bytes written to a same-host link.
+    pub link_bytes: u64,
     /// From opening the stream to the last ack.
     pub elapsed: Duration,
 }
@@ -36,10 +43,16 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Opens a push stream for `session` over `channel`; the whole transfer must end before `deadline`.
-    pub fn open(channel: Channel, session: SessionId, deadline: Instant) -> Self {
+    /// Opens a push stream for `session` over `channel`, with payloads on `link` where one is given; the whole
+    /// transfer must end before `deadline`.
+    pub fn open(
+        channel: Channel,
+        session: SessionId,
+        deadline: Instant,
+        link: Option<Arc<LinkSender>>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(channel, session, rx, deadline));
+        let driver = tokio::spawn(drive(channel, session, rx, deadline, link));
         Self {
             session,
             chunks: Some(tx),
@@ -94,6 +107,7 @@ async fn drive(
     session: SessionId,
     mut input: mpsc::UnboundedReceiver<v1::KvChunk>,
     deadline: Instant,
+    link: Option<Arc<LinkSender>>,
 ) -> Result<TransferStats, TransferError> {
     let started = Instant::now();
     let work = async {
@@ -120,8 +134,18 @@ async fn drive(
                     Some(c) => {
                         stats.chunks += 1;
                         stats.payload_bytes += c.payload.len() as u64;
-                        inflight.insert(c.chunk_index, (c.clone(), 0));
-                        out_tx.send(c).await.map_err(|_| TransferError::Transport("stream closed".into()))?;
+                        let mut wire = c.clone();
+                        if let Some(l) = &link {
+                            match l.send(std::mem::take(&mut wire.payload)) {
+                                Ok(r) => {
+                                    stats.link_bytes += r.bytes;
+                                    wire.link = Some(r);
+                                }
+                                Err(payload) => wire.payload = payload,
+                            }
+                        }
+                        inflight.insert(c.chunk_index, (c, 0));
+                        out_tx.send(wire).await.map_err(|_| TransferError::Transport("stream closed".into()))?;
                     }
                     None => input_done = true,
                 },
@@ -141,7 +165,7 @@ async fn drive(
                                 return Err(TransferError::Corrupt { session, index: a.chunk_index });
                             }
                             *resends += 1;
-                            tracing::warn!(%session, chunk = a.chunk_index, "resending a chunk the receiver found corrupt");
+                            tracing::warn!(%session, chunk = a.chunk_index, "resending a chunk inline: {}", a.error);
                             out_tx.send(c.clone()).await.map_err(|_| TransferError::Transport("stream closed".into()))?;
                         }
                         _ => return Err(TransferError::Refused(a.error)),

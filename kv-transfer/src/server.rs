@@ -1,9 +1,12 @@
 //! The receiving end: the gRPC `KvTransfer.Push` service. Each chunk of the inbound stream is checked and handed to
 //! its session ([`Sessions::deliver`]) and answered by one ack, in order: ACCEPTED, CORRUPT (resend it) or REFUSED
-//! (with the reason). A broken or cancelled stream just ends; the session's owner decides what that means.
+//! (with the reason). A chunk whose payload travels on a same-host link gets it from [`Links`] first; one whose
+//! payload cannot be had there is answered CORRUPT, so its sender resends it inline. A broken or cancelled stream
+//! just ends; the session's owner decides what that means.
 
 use crate::error::TransferError;
-use crate::session::Sessions;
+use crate::link::Links;
+use crate::session::{SessionId, Sessions};
 use tandem_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -11,11 +14,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct KvTransferService {
     sessions: Sessions,
+    links: Links,
 }
 
 impl KvTransferService {
-    pub fn new(sessions: Sessions) -> Self {
-        Self { sessions }
+    /// The service over `sessions`, taking linked payloads from `links` (empty where this worker offers none).
+    pub fn new(sessions: Sessions, links: Links) -> Self {
+        Self { sessions, links }
     }
     pub fn into_server(self) -> v1::kv_transfer_server::KvTransferServer<Self> {
         // Chunks are a few MiB at most (one layer's blocks of one prompt); allow up to 64 MiB.
@@ -27,7 +32,9 @@ impl KvTransferService {
 pub fn ack_for(c: &v1::KvChunk, result: Result<(), TransferError>) -> v1::KvAck {
     let (status, error) = match result {
         Ok(()) => (v1::KvAckStatus::Accepted, String::new()),
-        Err(e @ TransferError::Corrupt { .. }) => (v1::KvAckStatus::Corrupt, e.to_string()),
+        Err(e @ (TransferError::Corrupt { .. } | TransferError::LinkFailed { .. })) => {
+            (v1::KvAckStatus::Corrupt, e.to_string())
+        }
         Err(e) => (v1::KvAckStatus::Refused, e.to_string()),
     };
     v1::KvAck {
@@ -48,11 +55,24 @@ impl v1::kv_transfer_server::KvTransfer for KvTransferService {
     ) -> Result<Response<Self::PushStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let sessions = self.sessions.clone();
+        let (sessions, links) = (self.sessions.clone(), self.links.clone());
         // Owned by the response stream: it ends when the sender closes its side or stops reading acks.
         tokio::spawn(async move {
-            while let Ok(Some(c)) = inbound.message().await {
-                let result = sessions.deliver(&c);
+            while let Ok(Some(mut c)) = inbound.message().await {
+                let result = match c.link.take() {
+                    None => sessions.deliver(&c),
+                    Some(r) => match links.fetch(&r).await {
+                        Ok(payload) => {
+                            c.payload = payload;
+                            sessions.deliver(&c)
+                        }
+                        Err(reason) => Err(TransferError::LinkFailed {
+                            session: SessionId(c.session_id),
+                            index: c.chunk_index,
+                            reason,
+                        }),
+                    },
+                };
                 if let Err(e) = &result {
                     tracing::warn!(
                         session = c.session_id,

@@ -168,43 +168,9 @@ impl Drop for SessionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{BlockData, ChunkHeader, encode};
+    use crate::test_support::{chunk, layout};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
-    use tandem_engine::kv::KvFormat;
-
-    fn layout() -> ChunkLayout {
-        let rope = tandem_engine::model::RopeConfig {
-            theta: 10_000.0,
-            layout: tandem_engine::model::RopeLayout::Halves,
-            freq_factors: None,
-        };
-        ChunkLayout {
-            kv_heads: 1,
-            head_dim: 2,
-            block_size: 2,
-            dtype: KvFormat::F32,
-            keys: Arc::new(tandem_engine::kv::codec::KeyRotation::new(&rope, 2, 2)),
-        }
-    }
-
-    fn chunk(session: SessionId, blocks: &[u32], layer: usize) -> v1::KvChunk {
-        let h = ChunkHeader {
-            session,
-            index: 0,
-            layers: layer..layer + 1,
-            blocks: blocks.iter().copied().map(BlockId).collect(),
-            fills: vec![tandem_engine::kv::codec::Fill::middle(2); blocks.len()],
-        };
-        let data = vec![
-            BlockData {
-                k: vec![1.0; 4],
-                v: vec![2.0; 4]
-            };
-            blocks.len()
-        ];
-        encode(&h, &layout(), Default::default(), &data)
-    }
 
     #[test]
     fn delivers_only_to_open_sessions_and_their_blocks() {

@@ -28,6 +28,9 @@ pub struct PrefillConfig {
     /// Apply a lossless stage over each KV chunk (rANS over byte classes or LZ4, the smaller) where it makes the
     /// chunk smaller.
     pub kv_lossless: bool,
+    /// Send KV payloads to decode workers on this host over the Unix socket link they offer, beside gRPC
+    /// (docs/kv-links.md).
+    pub kv_link: bool,
 }
 
 impl Default for PrefillConfig {
@@ -35,6 +38,7 @@ impl Default for PrefillConfig {
         Self {
             default_deadline: Duration::from_secs(60),
             kv_lossless: false,
+            kv_link: true,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The gRPC `PrefillWorker` service: checks a request, opens the KV push stream to the decode worker, hands the job
-//! to the engine thread, and answers once the first token is sampled and every chunk was acknowledged.
+//! The gRPC `PrefillWorker` service: checks a request, opens the KV push stream to the decode worker (with the
+//! same-host link it offers, where this worker can reach it), hands the job to the engine thread, and answers once
+//! the first token is sampled and every chunk was acknowledged.
 
 use crate::PrefillConfig;
 use crate::error::PrefillError;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_engine::kv::BlockId;
 use tandem_kv_transfer::chunk::Encoding;
+use tandem_kv_transfer::link::LinkSenders;
 use tandem_kv_transfer::{Sender, SessionId};
 use tandem_proto::{convert, v1};
 use tonic::transport::Channel;
@@ -19,6 +21,7 @@ pub struct PrefillService {
     engine: Arc<EngineThread>,
     hub: EventHub,
     channels: crate::channels::ChannelCache,
+    links: LinkSenders,
     config: PrefillConfig,
 }
 
@@ -28,6 +31,7 @@ impl PrefillService {
             engine,
             hub,
             channels: Default::default(),
+            links: LinkSenders::new(config.kv_link),
             config,
         }
     }
@@ -59,7 +63,8 @@ impl PrefillService {
                 Duration::from_millis(r.deadline_ms as u64)
             };
         let session = SessionId(r.transfer_session_id);
-        let sender = Sender::open(self.channel(&r.dest_endpoint)?, session, deadline);
+        let link = self.links.for_offer(r.link_offer.as_ref());
+        let sender = Sender::open(self.channel(&r.dest_endpoint)?, session, deadline, link);
         let job = PrefillJob {
             prompt: r.prompt_token_ids,
             blocks_on_decode: r.blocks_on_decode as usize,
@@ -103,6 +108,7 @@ impl PrefillService {
             prefill_us: outcome.compute_time.as_micros() as u64,
             transfer_us: stats.elapsed.as_micros() as u64,
             kv_bytes_sent: stats.payload_bytes,
+            kv_bytes_on_link: stats.link_bytes,
             chunks_sent: stats.chunks,
         })
     }

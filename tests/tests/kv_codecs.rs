@@ -57,16 +57,18 @@ fn fixtures() -> Vec<Fixture> {
 
 /// A cluster whose decode worker always asks the prefill worker (no local prefill), with `codec` as its default;
 /// `lossless`: the prefill worker applies the lossless stage to its chunks.
-fn cluster(codec: Codec, lossless: bool) -> Cluster {
+fn cluster(codec: Codec, lossless: bool, link: bool) -> Cluster {
     Cluster::start(ClusterSpec {
         routing: always_disaggregate(),
         decode_config: DecodeConfig {
             local_prefill_threshold_tokens: 0,
             kv_codec: codec,
+            kv_link: link,
             ..Default::default()
         },
         prefill_config: PrefillConfig {
             kv_lossless: lossless,
+            kv_link: link,
             ..Default::default()
         },
         ..Default::default()
@@ -79,7 +81,21 @@ fn run(codec: Codec, prompts: &[Vec<u32>], n: u32) -> Vec<(Vec<u32>, u64)> {
 }
 
 fn run_with(codec: Codec, lossless: bool, prompts: &[Vec<u32>], n: u32) -> Vec<(Vec<u32>, u64)> {
-    let c = cluster(codec, lossless);
+    run_linked(codec, lossless, true, prompts, n)
+        .into_iter()
+        .map(|(ids, bytes, _)| (ids, bytes))
+        .collect()
+}
+
+/// Each prompt's tokens, KV bytes moved and, of those, bytes on the same-host link (`link` off: gRPC only).
+fn run_linked(
+    codec: Codec,
+    lossless: bool,
+    link: bool,
+    prompts: &[Vec<u32>],
+    n: u32,
+) -> Vec<(Vec<u32>, u64, u64)> {
+    let c = cluster(codec, lossless, link);
     let out = c.rt.block_on(async {
         let mut client =
             v1::generation_client::GenerationClient::new(Cluster::channel(&c.grpc).await);
@@ -108,7 +124,7 @@ fn run_with(codec: Codec, lossless: bool, prompts: &[Vec<u32>], n: u32) -> Vec<(
             }
             let t = timings.unwrap();
             assert!(!t.prefilled_locally, "{codec}: {t:?}");
-            out.push((ids, t.kv_bytes_transferred));
+            out.push((ids, t.kv_bytes_transferred, t.kv_bytes_on_link));
         }
         out
     });
@@ -199,6 +215,26 @@ fn fp8_and_int8_keep_greedy_output_and_int4_moves_a_quarter_of_the_bytes() {
 }
 
 #[test]
+fn a_same_host_link_carries_every_payload_and_changes_no_token() {
+    let _s = serial();
+    let prompts: Vec<Vec<u32>> = fixtures().into_iter().take(3).map(|f| f.prompt).collect();
+    for codec in [Codec::None, Codec::Int4] {
+        let linked = run_linked(codec, false, true, &prompts, 8);
+        let plain = run_linked(codec, false, false, &prompts, 8);
+        for (i, (l, p)) in linked.iter().zip(&plain).enumerate() {
+            assert_eq!(l.0, p.0, "{codec}: prompt {i}'s tokens");
+            assert_eq!(l.1, p.1, "{codec}: prompt {i}'s KV bytes");
+            assert!(l.1 > 0, "{codec}: prompt {i}");
+            assert_eq!(
+                l.2, l.1,
+                "{codec}: prompt {i}: every payload byte on the link"
+            );
+            assert_eq!(p.2, 0, "{codec}: prompt {i}: no link when it is off");
+        }
+    }
+}
+
+#[test]
 fn the_lossless_stage_moves_fewer_bytes_and_changes_no_token() {
     let _s = serial();
     let prompts: Vec<Vec<u32>> = fixtures().into_iter().map(|f| f.prompt).collect();
@@ -227,7 +263,7 @@ fn the_lossless_stage_moves_fewer_bytes_and_changes_no_token() {
 #[test]
 fn a_codec_the_decode_worker_cannot_read_is_refused_before_any_transfer() {
     let _s = serial();
-    let c = cluster(Codec::None, false);
+    let c = cluster(Codec::None, false, true);
     // The status a decode worker answers `req` with (a prompt for the first prefill worker added), which must be
     // a refusal.
     let refused = |req: v1::DecodeRequest| {

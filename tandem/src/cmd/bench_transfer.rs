@@ -14,6 +14,7 @@ use tandem_engine::kv::codec::{Codec, Fill, KeyRotation};
 use tandem_engine::kv::{BlockId, KvFormat};
 use tandem_engine::model::dummy::NamedShape;
 use tandem_kv_transfer::chunk::{self, BlockData, ChunkHeader, ChunkLayout, Encoding};
+use tandem_kv_transfer::link::{LinkListener, LinkSender};
 use tandem_kv_transfer::{KvTransferService, Sender, SessionId, Sessions};
 use tandem_prefill_node::runtime::serve_grpc;
 
@@ -22,14 +23,18 @@ use tandem_prefill_node::runtime::serve_grpc;
 pub enum Transport {
     /// Host chunks over a loopback gRPC stream, for every codec.
     Grpc,
+    /// The gRPC rate (the baseline) and, in the same run, the same chunks with their payloads on a same-host Unix
+    /// socket link beside the gRPC stream (docs/kv-links.md).
+    Unix,
     /// Staged GPU blocks over NCCL between two processes on two GPUs of one host.
     Nccl,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct TransferBenchArgs {
-    /// The transport to measure: grpc (loopback, host chunks, every codec; the flags above `--shape`) or nccl (GPU
-    /// to GPU between two processes; needs two GPUs; the flags from `--shape` on).
+    /// The transport to measure: grpc (loopback, host chunks, every codec; the flags above `--shape`), unix (the
+    /// same, then again with payloads on a Unix socket link, against gRPC) or nccl (GPU to GPU between two
+    /// processes; needs two GPUs; the flags from `--shape` on).
     #[arg(long, value_enum, default_value_t = Transport::Grpc)]
     pub transport: Transport,
     /// Uncompressed (f32) mebibytes of KV to move per codec.
@@ -52,6 +57,30 @@ pub struct TransferBenchArgs {
     pub nccl: super::bench_transfer_nccl::NcclBenchArgs,
 }
 
+/// Pushes `chunks` (already encoded) for `session` through a fresh sender, with payloads on `link` if given;
+/// returns the seconds until the last ack.
+async fn push_all(
+    channel: tonic::transport::Channel,
+    session: SessionId,
+    chunks: Vec<tandem_proto::v1::KvChunk>,
+    link: Option<Arc<LinkSender>>,
+) -> Result<f64> {
+    let started = Instant::now();
+    let sender = Sender::open(
+        channel,
+        session,
+        Instant::now() + Duration::from_secs(600),
+        link,
+    );
+    let pusher = sender.pusher();
+    for c in chunks {
+        pusher.push(c);
+    }
+    drop(pusher);
+    sender.finish().await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// The default model's block shape (3 KV heads of 64 dims, 16-token blocks, 30 layers) and RoPE.
 fn default_layout() -> ChunkLayout {
     let rope = NamedShape::SmolLM2_135M.config().rope;
@@ -69,6 +98,8 @@ const LAYERS: usize = 30;
 struct Row {
     codec: String,
     raw_mb_s: f64,
+    /// The same chunks with payloads on a Unix socket link (`--transport unix`).
+    link_mb_s: Option<f64>,
     wire_mb: f64,
     raw_mb: f64,
     encode_mb_s: f64,
@@ -76,7 +107,9 @@ struct Row {
 
 /// Deterministic KV-like values: mostly small, with a few large channels as real keys have.
 fn block(seed: usize, n: usize) -> BlockData {
-    let mut x = seed as u64 * 0x9e37_79b9_7f4a_7c15 + 1;
+    let mut x = (seed as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(1);
     let mut next = move |i: usize| {
         x ^= x << 13;
         x ^= x >> 7;
@@ -119,7 +152,16 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
         let url = format!("http://{}", listener.local_addr()?);
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let mut routes = tonic::service::RoutesBuilder::default();
-        routes.add_service(KvTransferService::new(sessions.clone()).into_server());
+        // The link's socket lives as long as this block (dropping the listener removes it).
+        let listener_link = match a.transport {
+            Transport::Unix => Some(LinkListener::bind_temp()?),
+            _ => None,
+        };
+        let links = listener_link
+            .as_ref()
+            .map(LinkListener::links)
+            .unwrap_or_default();
+        routes.add_service(KvTransferService::new(sessions.clone(), links).into_server());
         let server = tokio::spawn(serve_grpc(
             listener,
             routes,
@@ -129,6 +171,10 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
         let channel = tonic::transport::Endpoint::from_shared(url)?
             .connect()
             .await?;
+        let link = match &listener_link {
+            Some(l) => Some(LinkSender::connect(l.path())?),
+            None => None,
+        };
         let mut rows = Vec::new();
         for &codec in &a.codecs {
             let enc = Encoding {
@@ -160,28 +206,36 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
                 .collect();
             let encode_s = encode_started.elapsed().as_secs_f64();
             let wire: usize = encoded.iter().map(|c| c.payload.len()).sum();
-            let started = Instant::now();
-            let sender = Sender::open(
-                channel.clone(),
-                SessionId(guard.id().0),
-                Instant::now() + Duration::from_secs(600),
-            );
-            let pusher = sender.pusher();
-            for c in encoded {
-                pusher.push(c);
-            }
-            drop(pusher);
-            sender.finish().await?;
-            let secs = started.elapsed().as_secs_f64();
-            anyhow::ensure!(
-                received.load(Ordering::Relaxed) == chunks * blocks.len(),
-                "the receiver did not get every block"
-            );
             let raw_mb = (chunks * raw_per_chunk) as f64 / 1e6;
-            eprintln!("{codec}: {raw_mb:.0} MB in {secs:.2} s");
+            let timed = |link: Option<Arc<LinkSender>>| {
+                let (chunks_now, received, channel) =
+                    (encoded.clone(), received.clone(), channel.clone());
+                let session = SessionId(guard.id().0);
+                let want = chunks * blocks.len();
+                async move {
+                    received.store(0, Ordering::Relaxed);
+                    let secs = push_all(channel, session, chunks_now, link).await?;
+                    anyhow::ensure!(
+                        received.load(Ordering::Relaxed) == want,
+                        "the receiver did not get every block"
+                    );
+                    Ok::<_, anyhow::Error>(secs)
+                }
+            };
+            let secs = timed(None).await?;
+            eprintln!("{codec}: {raw_mb:.0} MB in {secs:.2} s over gRPC");
+            let link_mb_s = match &link {
+                Some(l) => {
+                    let secs = timed(Some(l.clone())).await?;
+                    eprintln!("{codec}: {raw_mb:.0} MB in {secs:.2} s on the Unix socket link");
+                    Some(raw_mb / secs)
+                }
+                None => None,
+            };
             rows.push(Row {
                 codec: codec.name().into(),
                 raw_mb_s: raw_mb / secs,
+                link_mb_s,
                 wire_mb: wire as f64 / 1e6,
                 raw_mb,
                 encode_mb_s: raw_mb / encode_s,
@@ -197,13 +251,26 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
             serde_json::json!({ "rows": rows, "lossless": a.lossless })
         );
     } else {
+        let linked = a.transport == Transport::Unix;
         println!(
-            "{:<7} {:>16} {:>10} {:>10} {:>16}",
-            "codec", "moved MB/s (f32)", "raw MB", "wire MB", "encode MB/s (f32)"
+            "{:<7} {:>16} {:>10} {:>10} {:>16}{}",
+            "codec",
+            "moved MB/s (f32)",
+            "raw MB",
+            "wire MB",
+            "encode MB/s (f32)",
+            if linked {
+                format!(" {:>18} {:>8}", "link MB/s (f32)", "vs gRPC")
+            } else {
+                String::new()
+            }
         );
         for r in &rows {
+            let link = r.link_mb_s.map_or(String::new(), |l| {
+                format!(" {:>18.0} {:>7.2}x", l, l / r.raw_mb_s)
+            });
             println!(
-                "{:<7} {:>16.0} {:>10.0} {:>10.1} {:>16.0}",
+                "{:<7} {:>16.0} {:>10.0} {:>10.1} {:>16.0}{link}",
                 r.codec, r.raw_mb_s, r.raw_mb, r.wire_mb, r.encode_mb_s
             );
         }

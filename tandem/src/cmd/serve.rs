@@ -33,6 +33,10 @@ pub struct PrefillArgs {
     /// LZ4, whichever is smaller), where that makes it smaller; costs CPU on both ends (see bench/RESULTS.md).
     #[arg(long)]
     pub kv_lossless: bool,
+    /// Send KV over gRPC only, never over the Unix socket link a decode worker on this host offers
+    /// (docs/kv-links.md).
+    #[arg(long)]
+    pub no_kv_link: bool,
     #[command(flatten)]
     pub worker: WorkerArgs,
 }
@@ -92,6 +96,10 @@ pub struct DecodeOptions {
     /// KV codec between prefill and decode worker for requests that name none: none, fp8, int8, int4 or kivi2.
     #[arg(long, default_value = "none", value_parser = super::parse_codec)]
     pub kv_codec: Codec,
+    /// Take KV over gRPC only: offer prefill workers on this host no Unix socket link to send payloads on
+    /// (docs/kv-links.md). In `tandem up`, prefill workers then send none either.
+    #[arg(long)]
+    pub no_kv_link: bool,
 }
 
 impl DecodeOptions {
@@ -102,6 +110,7 @@ impl DecodeOptions {
             transfer_timeout: Duration::from_millis(self.transfer_timeout_ms),
             advertise_endpoint: advertise,
             kv_codec: self.kv_codec,
+            kv_link: !self.no_kv_link,
         }
     }
 }
@@ -282,6 +291,7 @@ where
         let config = PrefillConfig {
             default_deadline: Duration::from_millis(a.default_deadline_ms),
             kv_lossless: a.kv_lossless,
+            kv_link: !a.no_kv_link,
         };
         let stop = shutdown_signal();
         let registration = a.worker.register.spawn(

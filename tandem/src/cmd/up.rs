@@ -94,6 +94,7 @@ impl LocalCluster {
             let engine = load(&a.model, threads)?.engine;
             let prefill_config = PrefillConfig {
                 kv_lossless: a.kv_lossless,
+                kv_link: !a.decode_options.no_kv_link,
                 ..PrefillConfig::default()
             };
             let l = bind(loopback, "a prefill worker").await?;

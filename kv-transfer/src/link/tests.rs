@@ -1,0 +1,246 @@
+use super::*;
+use std::time::{Duration, Instant};
+use tandem_proto::v1;
+
+fn payload(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+/// A listener at a fresh temporary path and a sender connected to it, with the link registered on the receiver.
+fn pair() -> (LinkListener, std::sync::Arc<LinkSender>) {
+    let l = LinkListener::bind_temp().unwrap();
+    let s = LinkSender::connect(l.path()).unwrap();
+    let started = Instant::now();
+    while l.links().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "link never registered"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (l, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_come_back_whole_whatever_order_their_headers_arrive_in() {
+    let (l, s) = pair();
+    let sent: Vec<Vec<u8>> = (0..6)
+        .map(|i| payload(i as u8, 1000 + 70_000 * i))
+        .collect();
+    let refs: Vec<v1::KvLinkRef> = sent.iter().map(|p| s.send(p.clone()).unwrap()).collect();
+    assert_eq!(
+        refs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4, 5]
+    );
+    // Headers in reverse order, all at once: each waits its turn and gets its own payload.
+    let links = l.links();
+    let fetches: Vec<_> = refs
+        .iter()
+        .rev()
+        .map(|r| {
+            let (links, r) = (links.clone(), *r);
+            tokio::spawn(async move { links.fetch(&r).await })
+        })
+        .collect();
+    for (f, want) in fetches.into_iter().zip(sent.iter().rev()) {
+        assert_eq!(&f.await.unwrap().unwrap(), want);
+    }
+    // A payload read once is gone.
+    let e = links.fetch(&refs[2]).await.unwrap_err();
+    assert!(e.contains("already read"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_whose_header_never_comes_is_skipped_after_the_wait() {
+    let (l, s) = pair();
+    let lost = s.send(payload(1, 5000)).unwrap();
+    let kept = s.send(payload(2, 3000)).unwrap();
+    let started = Instant::now();
+    let got = l.links().fetch(&kept).await.unwrap();
+    assert_eq!(got, payload(2, 3000));
+    let waited = started.elapsed();
+    assert!(
+        waited >= recv::HEADER_WAIT && waited < recv::HEADER_WAIT * 3,
+        "{waited:?}"
+    );
+    let e = l.links().fetch(&lost).await.unwrap_err();
+    assert!(e.contains("skipped"), "{e}");
+    // The link goes on.
+    let next = s.send(payload(3, 10)).unwrap();
+    assert_eq!(l.links().fetch(&next).await.unwrap(), payload(3, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_references_are_refused_without_reading() {
+    let (l, s) = pair();
+    let links = l.links();
+    let mut r = s.send(payload(4, 100)).unwrap();
+    let too_big = v1::KvLinkRef {
+        bytes: MAX_PAYLOAD + 1,
+        ..r
+    };
+    let e = links.fetch(&too_big).await.unwrap_err();
+    assert!(e.contains("limit"), "{e}");
+    let unknown = v1::KvLinkRef {
+        link_id: r.link_id ^ 1,
+        ..r
+    };
+    let e = links.fetch(&unknown).await.unwrap_err();
+    assert!(e.contains("not connected"), "{e}");
+    // A header whose length disagrees with the stream breaks the link rather than misreading it.
+    r.bytes = 99;
+    let e = links.fetch(&r).await.unwrap_err();
+    assert!(e.contains("out of step"), "{e}");
+    let started = Instant::now();
+    while !links.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[test]
+fn a_sender_whose_receiver_is_gone_gives_payloads_back() {
+    let (l, s) = pair();
+    drop(l);
+    // The first writes may still land in the socket buffer; within a few the writer sees the closed end.
+    let started = Instant::now();
+    loop {
+        match s.send(payload(5, 64 << 10)) {
+            Err(p) => {
+                assert_eq!(p, payload(5, 64 << 10));
+                break;
+            }
+            Ok(_) => {
+                assert!(started.elapsed() < Duration::from_secs(5), "never broke");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    assert!(s.is_broken());
+}
+
+#[test]
+fn senders_take_only_offers_from_this_host_and_reconnect_after_a_break() {
+    let Some(host) = host_id() else {
+        return; // Not Linux: no links at all, which `for_offer` below would also show.
+    };
+    let l = LinkListener::bind_temp().unwrap();
+    let offer = l.offer().unwrap();
+    assert_eq!(offer.host_id, host);
+    let senders = LinkSenders::new(true);
+    assert!(senders.for_offer(None).is_none());
+    let elsewhere = v1::KvLinkOffer {
+        host_id: format!("{host}-other"),
+        ..offer.clone()
+    };
+    assert!(senders.for_offer(Some(&elsewhere)).is_none());
+    assert!(LinkSenders::new(false).for_offer(Some(&offer)).is_none());
+    let a = senders.for_offer(Some(&offer)).unwrap();
+    let b = senders.for_offer(Some(&offer)).unwrap();
+    assert_eq!(a.id(), b.id(), "one link per socket");
+    // The receiver restarts at the same path: the old link breaks, and the next transfer connects anew.
+    let path = l.path().to_path_buf();
+    drop(l);
+    let l2 = LinkListener::bind(&path).unwrap();
+    while a.send(vec![0; 64 << 10]).is_ok() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = senders.for_offer(Some(&offer)).unwrap();
+    assert_ne!(c.id(), a.id());
+    drop(l2);
+    // A socket nobody listens on is declined (and not retried at once).
+    let gone = v1::KvLinkOffer {
+        unix_socket: path.join("missing.sock").to_string_lossy().into_owned(),
+        ..offer
+    };
+    assert!(senders.for_offer(Some(&gone)).is_none());
+}
+
+/// A receiver (session table, `Push` service, link socket) on loopback, as a decode worker has one.
+struct Receiver {
+    sessions: crate::Sessions,
+    link: Option<LinkListener>,
+    url: String,
+}
+
+async fn receiver() -> Receiver {
+    let sessions = crate::Sessions::new(crate::test_support::layout(), 2);
+    let link = LinkListener::bind_temp().unwrap();
+    let service = crate::KvTransferService::new(sessions.clone(), link.links());
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", tcp.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp)),
+    );
+    Receiver {
+        sessions,
+        link: Some(link),
+        url,
+    }
+}
+
+/// Pushes `n` chunks of one session (blocks 0 and 1, alternate layers) with payloads on `link`; returns the
+/// transfer's figures and the blocks the receiver's sink got.
+async fn push(
+    r: &Receiver,
+    link: Option<std::sync::Arc<LinkSender>>,
+    n: u32,
+) -> (crate::TransferStats, usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let got = std::sync::Arc::new(AtomicUsize::new(0));
+    let g = got.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let blocks = [tandem_engine::kv::BlockId(0), tandem_engine::kv::BlockId(1)];
+    let guard = r.sessions.open(
+        &blocks,
+        deadline,
+        Box::new(move |d| {
+            g.fetch_add(d.data.len(), Ordering::SeqCst);
+            Ok(())
+        }),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(r.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let sender = crate::Sender::open(channel, guard.id(), deadline, link);
+    let pusher = sender.pusher();
+    for i in 0..n {
+        pusher.push(crate::test_support::chunk_at(
+            guard.id(),
+            i,
+            &[0, 1],
+            i as usize % 2,
+        ));
+    }
+    drop(pusher);
+    let stats = sender.finish().await.unwrap();
+    (stats, got.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_cross_with_payloads_on_the_link_and_are_resent_inline_when_it_goes() {
+    let mut r = receiver().await;
+    let link = LinkSender::connect(r.link.as_ref().unwrap().path()).unwrap();
+    let (stats, got) = push(&r, Some(link.clone()), 6).await;
+    assert_eq!(got, 12);
+    assert_eq!(stats.chunks, 6);
+    assert!(stats.payload_bytes > 0);
+    assert_eq!(
+        stats.link_bytes, stats.payload_bytes,
+        "every payload on the link"
+    );
+    // The receiver's socket goes (a restart of its link side): chunks still arrive, inline.
+    drop(r.link.take());
+    let (stats, got) = push(&r, Some(link.clone()), 6).await;
+    assert_eq!(got, 12);
+    assert_eq!(stats.chunks, 6);
+    // Without a link at all, nothing goes on one.
+    let (stats, got) = push(&r, None, 3).await;
+    assert_eq!((got, stats.link_bytes), (6, 0));
+}
