@@ -102,6 +102,14 @@ impl Pusher {
     }
 }
 
+/// A chunk sent and not yet acknowledged, kept whole (payload inline) for a resend.
+struct InFlight {
+    chunk: v1::KvChunk,
+    resends: u32,
+    /// Its payload went on the link (and counts in `link_bytes` until it is resent inline).
+    linked: bool,
+}
+
 async fn drive(
     channel: Channel,
     session: SessionId,
@@ -122,7 +130,7 @@ async fn drive(
             .map_err(|s| TransferError::Transport(s.message().to_string()))?
             .into_inner();
         let mut stats = TransferStats::default();
-        let mut inflight: BTreeMap<u32, (v1::KvChunk, u32)> = BTreeMap::new();
+        let mut inflight: BTreeMap<u32, InFlight> = BTreeMap::new();
         let mut input_done = false;
         loop {
             if input_done && inflight.is_empty() {
@@ -144,7 +152,8 @@ async fn drive(
                                 Err(payload) => wire.payload = payload,
                             }
                         }
-                        inflight.insert(c.chunk_index, (c, 0));
+                        let linked = wire.link.is_some();
+                        inflight.insert(c.chunk_index, InFlight { chunk: c, resends: 0, linked });
                         out_tx.send(wire).await.map_err(|_| TransferError::Transport("stream closed".into()))?;
                     }
                     None => input_done = true,
@@ -160,13 +169,17 @@ async fn drive(
                             inflight.remove(&a.chunk_index);
                         }
                         Ok(v1::KvAckStatus::Corrupt) => {
-                            let Some((c, resends)) = inflight.get_mut(&a.chunk_index) else { continue };
-                            if *resends >= MAX_RESENDS {
+                            let Some(f) = inflight.get_mut(&a.chunk_index) else { continue };
+                            if f.resends >= MAX_RESENDS {
                                 return Err(TransferError::Corrupt { session, index: a.chunk_index });
                             }
-                            *resends += 1;
+                            f.resends += 1;
+                            if std::mem::take(&mut f.linked) {
+                                // It goes inline now: its bytes did not arrive by the link.
+                                stats.link_bytes -= f.chunk.payload.len() as u64;
+                            }
                             tracing::warn!(%session, chunk = a.chunk_index, "resending a chunk inline: {}", a.error);
-                            out_tx.send(c.clone()).await.map_err(|_| TransferError::Transport("stream closed".into()))?;
+                            out_tx.send(f.chunk.clone()).await.map_err(|_| TransferError::Transport("stream closed".into()))?;
                         }
                         _ => return Err(TransferError::Refused(a.error)),
                     }

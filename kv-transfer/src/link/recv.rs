@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 pub const HEADER_WAIT: Duration = Duration::from_secs(2);
 /// How long a payload whose header arrived may take to arrive itself (its sender wrote it before the header).
 const PAYLOAD_WAIT: Duration = Duration::from_secs(10);
+/// How long a header naming a link not (yet) registered waits for it.
+const REGISTER_WAIT: Duration = Duration::from_millis(200);
 /// How often an idle reader checks whether its sender went away.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
@@ -49,11 +51,7 @@ impl Links {
                 r.bytes
             ));
         }
-        let tx = self
-            .lock()
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| format!("link {id} is not connected"))?;
+        let tx = self.sender_of(id).await?;
         let (reply, rx) = oneshot::channel();
         let closed = || format!("link {id} closed");
         tx.send(Want {
@@ -63,6 +61,21 @@ impl Links {
         })
         .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
+    }
+
+    /// The queue of link `id`'s reader. A sender sends its first header right after connecting, which can be
+    /// before the reader has registered the link, so an unknown link is waited for briefly.
+    async fn sender_of(&self, id: LinkId) -> Result<mpsc::Sender<Want>, String> {
+        let started = Instant::now();
+        loop {
+            if let Some(tx) = self.lock().get(&id) {
+                return Ok(tx.clone());
+            }
+            if started.elapsed() >= REGISTER_WAIT {
+                return Err(format!("link {id} is not connected"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Links open now.

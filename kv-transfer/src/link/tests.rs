@@ -240,6 +240,7 @@ async fn chunks_cross_with_payloads_on_the_link_and_are_resent_inline_when_it_go
     let (stats, got) = push(&r, Some(link.clone()), 6).await;
     assert_eq!(got, 12);
     assert_eq!(stats.chunks, 6);
+    assert_eq!(stats.link_bytes, 0, "every payload arrived inline");
     // Without a link at all, nothing goes on one.
     let (stats, got) = push(&r, None, 3).await;
     assert_eq!((got, stats.link_bytes), (6, 0));
