@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_engine::Engine;
 use tandem_engine::backend::Backend;
+use tandem_engine::kv::KvFormat;
 use tandem_engine::kv::codec::Codec;
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_kv_transfer::link::LinkListener;
+use tandem_kv_transfer::link::{LinkListener, Links};
 use tandem_kv_transfer::{ChunkLayout, KvTransferService, Sessions};
 use tandem_prefill_node::runtime::{self, EventHub, ServeError};
 use tandem_proto::v1;
@@ -75,14 +76,21 @@ where
         engine.kv_layout().layers,
     );
     // Owned here, so the socket file goes when the worker stops.
+    let mut links = Links::default();
+    // Device links move the cache's own blocks; a kivi2 cache's cannot be staged.
+    if let Some(d) = engine
+        .device_links()
+        .filter(|_| config.kv_link && engine.kv_layout().format != KvFormat::Kivi2)
+    {
+        links = links.with_devices(d, engine.kv_layout().staging_id());
+    }
     let link = if config.kv_link {
-        LinkListener::bind_temp()
+        LinkListener::bind_temp(links.clone())
             .map_err(|e| tracing::warn!("no kv link socket, KV over gRPC only: {e}"))
             .ok()
     } else {
         None
     };
-    let links = link.as_ref().map(LinkListener::links).unwrap_or_default();
     let offer = link.as_ref().and_then(LinkListener::offer);
     let hub = EventHub::new();
     let (sched, thread) = scheduler::spawn(

@@ -21,7 +21,7 @@ use tandem_engine::kv::evict::Eviction;
 use tandem_engine::sampling::{Draw, Sampled, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::{Engine, LogitsWanted, SeqId, StepItem};
-use tandem_kv_transfer::DecodedChunk;
+use tandem_kv_transfer::{DecodedChunk, Delivered, StagedChunk};
 use tandem_prefill_node::runtime::EventHub;
 use tandem_proto::{convert, v1};
 use tokio::sync::{mpsc, oneshot};
@@ -110,7 +110,7 @@ enum Command {
     },
     WriteKv {
         key: SeqId,
-        chunk: DecodedChunk,
+        chunk: Delivered,
     },
     KvReady {
         key: SeqId,
@@ -182,7 +182,7 @@ impl SchedulerHandle {
         rx.await
             .map_err(|_| DecodeError::Unavailable("scheduler stopped".into()))?
     }
-    pub fn write_kv(&self, key: SeqId, chunk: DecodedChunk) -> Result<(), DecodeError> {
+    pub fn write_kv(&self, key: SeqId, chunk: Delivered) -> Result<(), DecodeError> {
         self.send(Command::WriteKv { key, chunk })
     }
     pub fn kv_ready(&self, key: SeqId, prefill: RemotePrefill) -> Result<(), DecodeError> {
@@ -517,11 +517,46 @@ impl<B: Backend> Scheduler<B> {
         ))
     }
 
-    fn write_kv(&mut self, key: SeqId, chunk: DecodedChunk) {
+    fn write_kv(&mut self, key: SeqId, chunk: Delivered) {
+        match chunk {
+            Delivered::Host(c) => self.write_host_kv(key, c),
+            Delivered::Device(c) => self.write_staged_kv(key, c),
+        }
+    }
+
+    /// A layer received over a device link, written as it is.
+    fn write_staged_kv(&mut self, key: SeqId, c: StagedChunk) {
+        let Some(Phase::AwaitingKv { .. }) = self.active.get(&key).map(|a| &a.phase) else {
+            return;
+        };
+        if let Err(e) = self
+            .engine
+            .write_staged_blocks(key, c.layer, &c.blocks, c.payload)
+        {
+            return self.fail(key, e.into());
+        }
+        self.mark_received(key, c.layer..c.layer + 1, &c.blocks);
+    }
+
+    /// Notes that `layers` of `blocks` arrived for `key`.
+    fn mark_received(&mut self, key: SeqId, layers: std::ops::Range<usize>, blocks: &[BlockId]) {
         let Some(a) = self.active.get_mut(&key) else {
             return;
         };
         let Phase::AwaitingKv { dest, received, .. } = &mut a.phase else {
+            return;
+        };
+        for layer in layers {
+            for block in blocks {
+                if let Some(i) = dest.iter().position(|b| b == block) {
+                    received[layer * dest.len() + i] = true;
+                }
+            }
+        }
+    }
+
+    fn write_host_kv(&mut self, key: SeqId, chunk: DecodedChunk) {
+        let Some(Phase::AwaitingKv { .. }) = self.active.get(&key).map(|a| &a.phase) else {
             return;
         };
         let nb = chunk.blocks.len();
@@ -543,11 +578,7 @@ impl<B: Backend> Scheduler<B> {
                 self.fail(key, e.into());
                 return;
             }
-            for &block in &chunk.blocks {
-                if let Some(i) = dest.iter().position(|&b| b == block) {
-                    received[layer * dest.len() + i] = true;
-                }
-            }
+            self.mark_received(key, layer..layer + 1, &chunk.blocks);
         }
     }
 

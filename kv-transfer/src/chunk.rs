@@ -151,6 +151,24 @@ pub struct Encoding {
     pub lossless: bool,
 }
 
+/// The header of a staged chunk, whose payload (one layer's blocks as the sender's cache stores them) was sent on
+/// a device link as `link` names it: no payload here and no checksum (docs/kv-links.md). `header.fills` are not
+/// sent (whole blocks move).
+pub fn staged(header: &ChunkHeader, layout: &ChunkLayout, link: v1::KvLinkRef) -> v1::KvChunk {
+    v1::KvChunk {
+        format_version: FORMAT_VERSION,
+        session_id: header.session.0,
+        chunk_index: header.index,
+        layer_start: header.layers.start as u32,
+        layer_end: header.layers.end as u32,
+        dest_block_ids: header.blocks.iter().map(|b| b.0).collect(),
+        layout: Some(layout.to_wire()),
+        link: Some(link),
+        staged: true,
+        ..Default::default()
+    }
+}
+
 /// Builds a chunk from `data` (ordered as [`DecodedChunk::data`]); `layout.dtype` is the element type `none` sends.
 pub fn encode(
     header: &ChunkHeader,
@@ -208,6 +226,7 @@ pub fn encode(
         layout: Some(layout.to_wire()),
         payload,
         link: None,
+        staged: false,
         checksum: 0,
         block_fill: if full {
             Vec::new()

@@ -28,4 +28,4 @@ pub use chunk::{BlockData, ChunkLayout, DecodedChunk, FORMAT_VERSION};
 pub use error::TransferError;
 pub use sender::{Sender, TransferStats};
 pub use server::KvTransferService;
-pub use session::{SessionGuard, SessionId, SessionSink, Sessions};
+pub use session::{Delivered, SessionGuard, SessionId, SessionSink, Sessions, StagedChunk};

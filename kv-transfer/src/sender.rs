@@ -8,6 +8,8 @@
 //!
 //! With a same-host link ([`crate::link`]) the driver writes each chunk's payload to the link and sends the header
 //! alone; a resend always carries its payload inline, so a link that fails costs one resend per chunk in flight.
+//! A staged chunk (its payload already sent on a device link by the engine thread) passes through as it is, and
+//! cannot be resent: its loss fails the transfer as a transport failure.
 
 use crate::error::TransferError;
 use crate::link::LinkSender;
@@ -143,7 +145,11 @@ async fn drive(
                         stats.chunks += 1;
                         stats.payload_bytes += c.payload.len() as u64;
                         let mut wire = c.clone();
-                        if let Some(l) = &link {
+                        if let Some(r) = &c.link {
+                            // Already sent on a device link by the engine thread (a staged chunk).
+                            stats.payload_bytes += r.bytes;
+                            stats.link_bytes += r.bytes;
+                        } else if let Some(l) = &link {
                             match l.send(std::mem::take(&mut wire.payload)) {
                                 Ok(r) => {
                                     stats.link_bytes += r.bytes;
@@ -172,6 +178,12 @@ async fn drive(
                             let Some(f) = inflight.get_mut(&a.chunk_index) else { continue };
                             if f.resends >= MAX_RESENDS {
                                 return Err(TransferError::Corrupt { session, index: a.chunk_index });
+                            }
+                            if f.chunk.staged {
+                                // Its payload is on the sender's device only, as the link took it: no resend.
+                                return Err(TransferError::Transport(format!(
+                                    "the device link lost chunk {}: {}", a.chunk_index, a.error
+                                )));
                             }
                             f.resends += 1;
                             if std::mem::take(&mut f.linked) {

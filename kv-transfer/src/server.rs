@@ -5,7 +5,7 @@
 //! just ends; the session's owner decides what that means.
 
 use crate::error::TransferError;
-use crate::link::Links;
+use crate::link::{Links, Payload};
 use crate::session::{SessionId, Sessions};
 use tandem_proto::v1;
 use tokio::sync::mpsc;
@@ -47,6 +47,22 @@ pub fn ack_for(c: &v1::KvChunk, result: Result<(), TransferError>) -> v1::KvAck 
 
 #[tonic::async_trait]
 impl v1::kv_transfer_server::KvTransfer for KvTransferService {
+    async fn open_device_link(
+        &self,
+        request: Request<v1::KvDeviceLinkRequest>,
+    ) -> Result<Response<v1::KvDeviceLinkReply>, Status> {
+        let r = request.into_inner();
+        if self.links.devices().is_none() {
+            return Err(Status::failed_precondition(
+                "this worker accepts no device links",
+            ));
+        }
+        self.links
+            .accept_device(&r)
+            .map(|()| Response::new(v1::KvDeviceLinkReply {}))
+            .map_err(Status::invalid_argument)
+    }
+
     type PushStream = ReceiverStream<Result<v1::KvAck, Status>>;
 
     async fn push(
@@ -60,13 +76,22 @@ impl v1::kv_transfer_server::KvTransfer for KvTransferService {
         tokio::spawn(async move {
             while let Ok(Some(mut c)) = inbound.message().await {
                 let result = match c.link.take() {
+                    None if c.staged => Err(TransferError::Refused(
+                        "a staged chunk without its link".into(),
+                    )),
                     None => sessions.deliver(&c),
-                    Some(r) => match links.fetch(&r).await {
-                        Ok(payload) => {
+                    Some(r) => match (links.fetch(&r).await, c.staged) {
+                        (Ok(Payload::Host(payload)), false) => {
                             c.payload = payload;
                             sessions.deliver(&c)
                         }
-                        Err(reason) => Err(TransferError::LinkFailed {
+                        (Ok(Payload::Device(payload)), true) => {
+                            sessions.deliver_staged(&c, payload)
+                        }
+                        (Ok(_), staged) => Err(TransferError::Refused(format!(
+                            "a chunk marked staged={staged} whose link carries the other kind of payload"
+                        ))),
+                        (Err(reason), _) => Err(TransferError::LinkFailed {
                             session: SessionId(c.session_id),
                             index: c.chunk_index,
                             reason,

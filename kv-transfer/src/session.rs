@@ -11,6 +11,7 @@ use crate::error::TransferError;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tandem_engine::backend::link::DevicePayload;
 use tandem_engine::kv::BlockId;
 use tandem_proto::v1;
 
@@ -25,7 +26,26 @@ impl std::fmt::Display for SessionId {
 }
 
 /// Where a session's verified chunks go; an `Err` refuses the chunk with that reason.
-pub type SessionSink = Box<dyn Fn(DecodedChunk) -> Result<(), String> + Send + Sync>;
+pub type SessionSink = Box<dyn Fn(Delivered) -> Result<(), String> + Send + Sync>;
+
+/// A verified chunk as its session's sink gets it.
+#[derive(Debug)]
+pub enum Delivered {
+    /// Decoded to f32 blocks on the host.
+    Host(DecodedChunk),
+    /// One layer's blocks as the sender's cache stores them, received over a device link into device memory.
+    Device(StagedChunk),
+}
+
+/// One layer of blocks received over a device link: written as they are into a cache of the same format.
+#[derive(Debug)]
+pub struct StagedChunk {
+    pub session: SessionId,
+    pub index: u32,
+    pub layer: usize,
+    pub blocks: Vec<BlockId>,
+    pub payload: DevicePayload,
+}
 
 struct Entry {
     allowed: HashSet<BlockId>,
@@ -113,7 +133,51 @@ impl Sessions {
         let d = chunk::decode(c, &self.layout)?;
         // The decoded chunk names the header's session and blocks (`chunk::decode` takes them as they are).
         let sink = self.sink_for(session, &c.dest_block_ids)?;
-        sink(d).map_err(TransferError::Refused)
+        sink(Delivered::Host(d)).map_err(TransferError::Refused)
+    }
+
+    /// Hands a chunk whose payload came over a device link to its session's sink, after the checks a staged chunk
+    /// allows (no checksum: the payload is in device memory): one layer within the receiver's, version, layout, and
+    /// the session's blocks. The payload's size is the engine's to check against its cache.
+    pub fn deliver_staged(
+        &self,
+        c: &v1::KvChunk,
+        payload: DevicePayload,
+    ) -> Result<(), TransferError> {
+        let refuse = |m: String| Err(TransferError::Refused(m));
+        let (start, end) = (c.layer_start as usize, c.layer_end as usize);
+        if end != start + 1 || end > self.layers {
+            return refuse(format!(
+                "a staged chunk holds one layer of the receiver's {}; this one {start}..{end}",
+                self.layers
+            ));
+        }
+        if c.format_version != chunk::FORMAT_VERSION {
+            return refuse(format!(
+                "format_version {} (this receiver reads {})",
+                c.format_version,
+                chunk::FORMAT_VERSION
+            ));
+        }
+        let l = c.layout.unwrap_or_default();
+        let want = &self.layout;
+        if (l.kv_heads, l.head_dim, l.block_size) != (want.kv_heads, want.head_dim, want.block_size)
+        {
+            return refuse(format!(
+                "layout kv_heads={} head_dim={} block_size={} differs from the receiver's {}/{}/{}",
+                l.kv_heads, l.head_dim, l.block_size, want.kv_heads, want.head_dim, want.block_size
+            ));
+        }
+        let session = SessionId(c.session_id);
+        let sink = self.sink_for(session, &c.dest_block_ids)?;
+        sink(Delivered::Device(StagedChunk {
+            session,
+            index: c.chunk_index,
+            layer: start,
+            blocks: c.dest_block_ids.iter().copied().map(BlockId).collect(),
+            payload,
+        }))
+        .map_err(TransferError::Refused)
     }
 
     /// The sink of `session` if it is open, within its deadline (else it closes) and may write every one of
@@ -181,6 +245,9 @@ mod tests {
             &[BlockId(4), BlockId(5)],
             Instant::now() + Duration::from_secs(60),
             Box::new(move |d| {
+                let Delivered::Host(d) = d else {
+                    return Err("a staged chunk".into());
+                };
                 g2.fetch_add(d.data.len(), Ordering::SeqCst);
                 Ok(())
             }),

@@ -5,6 +5,7 @@
 //! opens the transfer stream and waits. See DESIGN.md, steps 4-5 of the request flow.
 
 pub mod channels;
+pub mod device_links;
 pub mod error;
 pub mod runtime;
 pub mod service;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_engine::Engine;
 use tandem_engine::backend::Backend;
+use tandem_engine::kv::KvFormat;
 use tandem_proto::v1;
 use tokio::net::TcpListener;
 
@@ -28,8 +30,8 @@ pub struct PrefillConfig {
     /// Apply a lossless stage over each KV chunk (rANS over byte classes or LZ4, the smaller) where it makes the
     /// chunk smaller.
     pub kv_lossless: bool,
-    /// Send KV payloads to decode workers on this host over the Unix socket link they offer, beside gRPC
-    /// (docs/kv-links.md).
+    /// Send KV payloads to decode workers on this host over the links they offer, beside gRPC: a device link (NCCL)
+    /// to one on another GPU, else the Unix socket link (docs/kv-links.md).
     pub kv_link: bool,
 }
 
@@ -54,8 +56,13 @@ where
     Engine<B>: Send,
 {
     let hub = runtime::EventHub::new();
+    // Device links move the cache's own blocks; a kivi2 cache's cannot be staged.
+    let devices = engine
+        .device_links()
+        .filter(|_| config.kv_link && engine.kv_layout().format != KvFormat::Kivi2)
+        .map(|d| (d, engine.kv_layout().staging_id()));
     let thread = Arc::new(worker::EngineThread::spawn(engine, hub.clone())?);
-    let service = service::PrefillService::new(thread, hub, config);
+    let service = service::PrefillService::new(thread, hub, config, devices);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(v1::prefill_worker_server::PrefillWorkerServer::new(service));
     runtime::serve_grpc(listener, routes, &["tandem.v1.PrefillWorker"], shutdown).await?;

@@ -3,12 +3,15 @@
 //! the first token is sampled and every chunk was acknowledged.
 
 use crate::PrefillConfig;
+use crate::device_links::DeviceLinkTable;
 use crate::error::PrefillError;
 use crate::runtime::EventHub;
 use crate::worker::{EngineThread, PrefillJob};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem_engine::backend::link::DeviceLinks;
 use tandem_engine::kv::BlockId;
+use tandem_engine::kv::codec::Codec;
 use tandem_kv_transfer::chunk::Encoding;
 use tandem_kv_transfer::link::LinkSenders;
 use tandem_kv_transfer::{Sender, SessionId};
@@ -22,16 +25,24 @@ pub struct PrefillService {
     hub: EventHub,
     channels: crate::channels::ChannelCache,
     links: LinkSenders,
+    devices: DeviceLinkTable,
     config: PrefillConfig,
 }
 
 impl PrefillService {
-    pub fn new(engine: Arc<EngineThread>, hub: EventHub, config: PrefillConfig) -> Self {
+    /// `devices`: the engine's device links and its cache's staging id, where it has them.
+    pub fn new(
+        engine: Arc<EngineThread>,
+        hub: EventHub,
+        config: PrefillConfig,
+        devices: Option<(Arc<dyn DeviceLinks>, String)>,
+    ) -> Self {
         Self {
             engine,
             hub,
             channels: Default::default(),
             links: LinkSenders::new(config.kv_link),
+            devices: DeviceLinkTable::new(devices),
             config,
         }
     }
@@ -63,8 +74,18 @@ impl PrefillService {
                 Duration::from_millis(r.deadline_ms as u64)
             };
         let session = SessionId(r.transfer_session_id);
+        let channel = self.channel(&r.dest_endpoint)?;
+        // The device link moves the cache's own blocks: only for transfers that ask for no codec or eviction.
+        let device_link = if codec == Codec::None && eviction.is_none() {
+            let offer = r.link_offer.as_ref();
+            self.devices
+                .for_offer(offer, channel.clone(), &self.engine)
+                .await
+        } else {
+            None
+        };
         let link = self.links.for_offer(r.link_offer.as_ref());
-        let sender = Sender::open(self.channel(&r.dest_endpoint)?, session, deadline, link);
+        let sender = Sender::open(channel, session, deadline, link);
         let job = PrefillJob {
             prompt: r.prompt_token_ids,
             blocks_on_decode: r.blocks_on_decode as usize,
@@ -77,15 +98,31 @@ impl PrefillService {
             },
             pusher: sender.pusher(),
             eviction,
+            device_link,
         };
-        let outcome = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await
-        {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(tandem_kv_transfer::TransferError::DeadlineExceeded(session).into());
+        let done = match tokio::time::timeout_at(deadline.into(), self.engine.prefill(job)).await {
+            Ok(Ok(outcome)) => sender
+                .finish()
+                .await
+                .map(|stats| (outcome, stats))
+                .map_err(PrefillError::from),
+            Ok(Err(e)) => {
+                if device_link.is_some() {
+                    // Payloads already on the device link need their headers at the receiver, which reads them
+                    // in order: deliver what was pushed (best effort) rather than drop it.
+                    let _ = sender.finish().await;
+                }
+                Err(e)
             }
+            Err(_) => Err(tandem_kv_transfer::TransferError::DeadlineExceeded(session).into()),
         };
-        let stats = sender.finish().await?;
+        if let (Err(e), Some(id)) = (&done, device_link)
+            && link_suspect(e)
+        {
+            tracing::warn!(link = %id, "a transfer on the device link failed, dropping the link: {e}");
+            self.devices.broken(id, &self.engine).await;
+        }
+        let (outcome, stats) = done?;
         let first = &outcome.first;
         Ok(v1::PrefillResponse {
             first_token_id: first.token,
@@ -112,6 +149,19 @@ impl PrefillService {
             chunks_sent: stats.chunks,
         })
     }
+}
+
+/// Whether a failed transfer says its device link may be unusable (a transport failure, a missed deadline, an
+/// engine error on the link), rather than the request or its session being refused.
+fn link_suspect(e: &PrefillError) -> bool {
+    use tandem_kv_transfer::TransferError as T;
+    matches!(
+        e,
+        PrefillError::Unavailable(_)
+            | PrefillError::Transfer(
+                T::Transport(_) | T::DeadlineExceeded(_) | T::LinkFailed { .. }
+            )
+    )
 }
 
 #[tonic::async_trait]

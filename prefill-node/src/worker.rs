@@ -7,19 +7,25 @@
 //! chunk). Finally sample the first token and remove the sequence (its blocks stay in the prefix cache). A job with
 //! token eviction computes the whole prompt first, then sends only the kept tokens (see `run_evicting_job`). Prefill
 //! is compute-bound, so jobs are not batched together; a job whose caller went away stops after its current chunk.
+//!
+//! The thread also owns the device links the service joined (decision 0015): a job naming one sends each computed
+//! layer's blocks on it, staged on the device in the cache's own format, and pushes only their headers.
 
 use crate::error::PrefillError;
 use crate::runtime::EventHub;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tandem_engine::backend::Backend;
+use tandem_engine::backend::link::SenderLink;
 use tandem_engine::kv::codec::Fill;
 use tandem_engine::kv::evict::{self, Eviction};
 use tandem_engine::kv::{BlockId, HashSeed};
 use tandem_engine::sampling::{Sampled, Sampler, SamplingParams};
 use tandem_engine::{Engine, LogitsWanted, StepItem};
 use tandem_kv_transfer::chunk::{self, ChunkHeader, ChunkLayout, Encoding};
+use tandem_kv_transfer::link::LinkId;
 use tandem_kv_transfer::sender::Pusher;
 use tandem_kv_transfer::{BlockData, SessionId};
 use tandem_proto::{convert, v1};
@@ -40,6 +46,9 @@ pub struct PrefillJob {
     pub pusher: Pusher,
     /// Token eviction before sending: then `blocks_on_decode` is 0 and `dest_blocks` hold the kept tokens.
     pub eviction: Option<Eviction>,
+    /// A device link to the decode worker (added with [`EngineThread::add_link`]): the blocks each layer computes
+    /// go on it, staged, instead of through the pusher's codec.
+    pub device_link: Option<LinkId>,
 }
 
 /// What a finished job reports.
@@ -57,6 +66,8 @@ enum Command {
         Box<PrefillJob>,
         oneshot::Sender<Result<PrefillOutcome, PrefillError>>,
     ),
+    AddLink(LinkId, SenderLink),
+    DropLink(LinkId),
     KvSnapshot(oneshot::Sender<v1::KvSnapshotResponse>),
 }
 
@@ -129,6 +140,16 @@ impl EngineThread {
             .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))?
     }
 
+    /// Hands a joined device link to the engine thread, for jobs that name it.
+    pub fn add_link(&self, id: LinkId, link: SenderLink) -> Result<(), PrefillError> {
+        self.send(Command::AddLink(id, link))
+    }
+
+    /// Drops a device link (it failed): jobs that name it later send without it.
+    pub fn drop_link(&self, id: LinkId) {
+        let _ = self.send(Command::DropLink(id));
+    }
+
     /// The cache's hashes, answered by the engine thread between jobs (so after the one running now).
     pub async fn kv_snapshot(&self) -> Result<v1::KvSnapshotResponse, PrefillError> {
         let (reply, rx) = oneshot::channel();
@@ -177,14 +198,24 @@ fn engine_loop<B: Backend>(
     mut rx: mpsc::UnboundedReceiver<Command>,
     queue: Arc<Queue>,
 ) {
+    let mut links: HashMap<LinkId, DeviceSend> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
+            Command::AddLink(id, link) => {
+                links.insert(id, DeviceSend { link, next_seq: 0 });
+            }
+            Command::DropLink(id) => {
+                links.remove(&id);
+            }
             Command::Prefill(job, reply) => {
                 let tokens = job.prompt.len() as u64;
                 let result = if reply.is_closed() {
                     Err(PrefillError::Unavailable("caller went away".into()))
                 } else {
-                    run_job(&mut engine, &job, &|| reply.is_closed())
+                    let link = job
+                        .device_link
+                        .and_then(|id| Some(id).zip(links.get_mut(&id)));
+                    run_job(&mut engine, &job, link, &|| reply.is_closed())
                 };
                 if let Err(e) = &result {
                     tracing::warn!(session = %job.session, "prefill failed: {e}");
@@ -202,9 +233,16 @@ fn engine_loop<B: Backend>(
     }
 }
 
+/// A device link on the engine thread, and the number its next payload gets.
+struct DeviceSend {
+    link: SenderLink,
+    next_seq: u64,
+}
+
 fn run_job<B: Backend>(
     engine: &mut Engine<B>,
     job: &PrefillJob,
+    mut link: Option<(LinkId, &mut DeviceSend)>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<PrefillOutcome, PrefillError> {
     let started = Instant::now();
@@ -251,6 +289,8 @@ fn run_job<B: Backend>(
             }
         }
         let mut sent_upto = on_decode.max(cached_blocks);
+        // A failed send on the device link: later layers send nothing, and the job fails after the step.
+        let mut link_error = None;
         let max_chunk = engine.config().max_batch_tokens;
         loop {
             let (kv_len, len) = engine.seq_progress(seq)?;
@@ -270,7 +310,7 @@ fn run_job<B: Backend>(
                     },
                 }],
                 &mut |layer, view| {
-                    if !range.is_empty() {
+                    if !range.is_empty() && link_error.is_none() {
                         let ids: Vec<_> = range
                             .clone()
                             .map(|i| {
@@ -278,6 +318,16 @@ fn run_job<B: Backend>(
                                     .expect("blocks of this step are allocated")
                             })
                             .collect();
+                        if let Some((id, l)) = link.as_mut() {
+                            match view.send_blocks(&l.link, layer, &ids) {
+                                Ok(bytes) => {
+                                    ship.send_staged(layer, dest(&range), *id, l.next_seq, bytes);
+                                    l.next_seq += 1;
+                                }
+                                Err(e) => link_error = Some(e),
+                            }
+                            return;
+                        }
                         let data = view
                             .read_blocks(layer, &ids)
                             .into_iter()
@@ -287,6 +337,11 @@ fn run_job<B: Backend>(
                     }
                 },
             )?;
+            if let Some(e) = link_error.take() {
+                return Err(PrefillError::Unavailable(format!(
+                    "sending on the device link: {e}"
+                )));
+            }
             sent_upto = range.end;
             if last {
                 let first = sample_first(job, logits);
@@ -413,6 +468,33 @@ impl<'a> Shipper<'a> {
             layout,
             index: 0,
         }
+    }
+
+    /// The header of one layer's blocks into `dest`, staged and sent on device link `link` as payload `seq`.
+    fn send_staged(
+        &mut self,
+        layer: usize,
+        dest: &[BlockId],
+        link: LinkId,
+        seq: u64,
+        bytes: usize,
+    ) {
+        let header = ChunkHeader {
+            session: self.job.session,
+            index: self.index,
+            layers: layer..layer + 1,
+            blocks: dest.to_vec(),
+            fills: Vec::new(),
+        };
+        let at = v1::KvLinkRef {
+            link_id: link.0,
+            seq,
+            bytes: bytes as u64,
+        };
+        self.job
+            .pusher
+            .push(chunk::staged(&header, &self.layout, at));
+        self.index += 1;
     }
 
     /// One layer's blocks into destination `dest`, holding `fills` tokens each.

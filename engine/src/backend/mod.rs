@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod link;
 
 use crate::error::Result;
 use crate::kv::KvLayout;
@@ -250,6 +251,32 @@ pub trait Backend: Send + Sync + 'static {
         for (&b, (k, v)) in blocks.iter().zip(data) {
             self.write_kv_block(kv, layer, b, k, v);
         }
+    }
+    /// Device links to another process's device on this host (decision 0015); `None` where this backend has none.
+    fn device_links(&self) -> Option<std::sync::Arc<dyn link::DeviceLinks>> {
+        None
+    }
+    /// Sends `layer` of `blocks` over `link` in the cache's staging layout, after the operations enqueued so far;
+    /// returns the bytes sent (the receiver must receive exactly as many).
+    fn send_kv_blocks(
+        &self,
+        _kv: &Self::KvStore,
+        _link: &link::SenderLink,
+        _layer: usize,
+        _blocks: &[u32],
+    ) -> Result<usize> {
+        Err(link::unsupported())
+    }
+    /// Writes a received payload (`layer` of `blocks`, as [`Backend::send_kv_blocks`] sent them) into `blocks`; the
+    /// caller checks the blocks as for [`Backend::write_kv_blocks`]. Returns once the payload may be freed.
+    fn write_staged_blocks(
+        &self,
+        _kv: &mut Self::KvStore,
+        _layer: usize,
+        _blocks: &[u32],
+        _payload: link::DevicePayload,
+    ) -> Result<()> {
+        Err(link::unsupported())
     }
     /// Tells the store that no sequence holds `blocks` any more, so it may drop what it keeps for them beside the
     /// cache (kivi2's keys of a block that had not filled). Blocks kept in the prefix cache are complete, so nothing

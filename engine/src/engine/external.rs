@@ -48,6 +48,18 @@ impl<'a, B: Backend> KvView<'a, B> {
         (self.backend, self.kv)
     }
 
+    /// Sends `layer` of `blocks` over a device link (decision 0015), after the kernels that stored them; returns
+    /// the bytes sent.
+    pub fn send_blocks(
+        &self,
+        link: &crate::backend::link::SenderLink,
+        layer: usize,
+        blocks: &[BlockId],
+    ) -> Result<usize> {
+        let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+        self.backend.send_kv_blocks(self.kv, link, layer, &ids)
+    }
+
     /// The physical id of `seq`'s logical block `index` (blocks of the running step are already allocated).
     pub fn seq_block(&self, seq: SeqId, index: usize) -> Option<BlockId> {
         self.seqs.get(&seq)?.blocks.get(index).copied()
@@ -178,6 +190,54 @@ impl<B: Backend> Engine<B> {
         blocks: &[BlockId],
         data: &[(&[f32], &[f32])],
     ) -> Result<()> {
+        let ids = self.check_transfer_write(seq, layer, blocks)?;
+        if data.len() != blocks.len() {
+            return Err(EngineError::invalid(format!(
+                "{} blocks of data for {} destination blocks",
+                data.len(),
+                blocks.len()
+            )));
+        }
+        let n = self.layout.block_elems();
+        if let Some((k, v)) = data.iter().find(|(k, v)| k.len() != n || v.len() != n) {
+            return Err(EngineError::invalid(format!(
+                "block data has {} K and {} V elements; the layout needs {n}",
+                k.len(),
+                v.len()
+            )));
+        }
+        self.backend
+            .write_kv_blocks(&mut self.kv, layer, &ids, data);
+        Ok(())
+    }
+
+    /// Writes a payload received over a device link (decision 0015) into `seq`'s blocks `blocks` of `layer`,
+    /// checked as for [`Engine::write_transferred_blocks`].
+    pub fn write_staged_blocks(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        blocks: &[BlockId],
+        payload: crate::backend::link::DevicePayload,
+    ) -> Result<()> {
+        let ids = self.check_transfer_write(seq, layer, blocks)?;
+        self.backend
+            .write_staged_blocks(&mut self.kv, layer, &ids, payload)
+    }
+
+    /// Device links of this engine's backend (decision 0015), if it has any.
+    pub fn device_links(&self) -> Option<std::sync::Arc<dyn crate::backend::link::DeviceLinks>> {
+        self.backend.device_links()
+    }
+
+    /// Checks a write of transferred blocks: `seq` waits for K/V, every block is one of its destinations and named
+    /// once, `layer` exists. Returns the block ids.
+    fn check_transfer_write(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        blocks: &[BlockId],
+    ) -> Result<Vec<u32>> {
         let bs = self.layout.block_size;
         let s = self
             .seqs
@@ -214,24 +274,7 @@ impl<B: Backend> Engine<B> {
                 self.layout.layers
             )));
         }
-        if data.len() != blocks.len() {
-            return Err(EngineError::invalid(format!(
-                "{} blocks of data for {} destination blocks",
-                data.len(),
-                blocks.len()
-            )));
-        }
-        let n = self.layout.block_elems();
-        if let Some((k, v)) = data.iter().find(|(k, v)| k.len() != n || v.len() != n) {
-            return Err(EngineError::invalid(format!(
-                "block data has {} K and {} V elements; the layout needs {n}",
-                k.len(),
-                v.len()
-            )));
-        }
-        self.backend
-            .write_kv_blocks(&mut self.kv, layer, &ids, data);
-        Ok(())
+        Ok(ids)
     }
 
     /// Marks `seq`'s whole prompt as computed (its K/V was written) and, when that K/V is `exact` (what a forward

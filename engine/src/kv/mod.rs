@@ -142,6 +142,14 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// The format and shape of one layer's blocks as a device link moves them (`f16:30x3x64x16`: layers, KV
+    /// heads, head dim, block size); two caches with the same id can exchange staged blocks.
+    pub fn staging_id(&self) -> String {
+        format!(
+            "{}:{}x{}x{}x{}",
+            self.format, self.layers, self.kv_heads, self.head_dim, self.block_size
+        )
+    }
     /// Bytes one token occupies across all layers (K and V; kivi2's per-block key parameters shared out over the
     /// block's tokens, rounded down).
     pub fn bytes_per_token(&self) -> usize {

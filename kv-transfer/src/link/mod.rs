@@ -13,14 +13,31 @@
 //! with a CORRUPT ack, and the sender resends that chunk with its payload inline. A sender marks a link broken when
 //! a write fails and uses gRPC until it connects again.
 //!
-//! - [`send`]: [`LinkSenders`], the prefill side's links by the decode worker's offer, each with a writer thread.
-//! - [`recv`]: [`LinkListener`] (the decode side's socket) and [`Links`], which hands each chunk its payload.
+//! - [`send`]: [`LinkSenders`], the prefill side's Unix socket links by the decode worker's offer, each with a
+//!   writer thread. (A device link's sending end lives on the prefill engine thread: see the prefill node.)
+//! - [`recv`]: [`Links`], the decode side's open links, which hands each chunk its payload in order.
+//! - [`unix`]: the decode side's socket ([`LinkListener`]) and its links' reading ends.
+//! - [`device`]: the decode side's device links (NCCL), joined on an `OpenDeviceLink` call.
 
+pub mod device;
 pub mod recv;
 pub mod send;
+pub mod unix;
 
-pub use recv::{LinkListener, Links};
+pub use recv::Links;
 pub use send::{LinkSender, LinkSenders};
+pub use unix::LinkListener;
+
+use tandem_engine::backend::link::DevicePayload;
+
+/// A payload as its link delivered it.
+#[derive(Debug)]
+pub enum Payload {
+    /// Bytes on the host (a Unix socket link): the chunk's payload as it would have come inline.
+    Host(Vec<u8>),
+    /// The sender's cache blocks of one layer in device memory (a device link).
+    Device(DevicePayload),
+}
 
 use std::io::{Read, Write};
 

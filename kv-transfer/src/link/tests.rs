@@ -2,6 +2,14 @@ use super::*;
 use std::time::{Duration, Instant};
 use tandem_proto::v1;
 
+/// A payload of a Unix socket link, as bytes.
+async fn fetch(links: &Links, r: &v1::KvLinkRef) -> Result<Vec<u8>, String> {
+    match links.fetch(r).await? {
+        Payload::Host(p) => Ok(p),
+        Payload::Device(p) => Err(format!("a device payload on a Unix socket link: {p:?}")),
+    }
+}
+
 fn payload(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -10,7 +18,7 @@ fn payload(seed: u8, len: usize) -> Vec<u8> {
 
 /// A listener at a fresh temporary path and a sender connected to it, with the link registered on the receiver.
 fn pair() -> (LinkListener, std::sync::Arc<LinkSender>) {
-    let l = LinkListener::bind_temp().unwrap();
+    let l = LinkListener::bind_temp(Links::default()).unwrap();
     let s = LinkSender::connect(l.path()).unwrap();
     let started = Instant::now();
     while l.links().is_empty() {
@@ -41,14 +49,14 @@ async fn payloads_come_back_whole_whatever_order_their_headers_arrive_in() {
         .rev()
         .map(|r| {
             let (links, r) = (links.clone(), *r);
-            tokio::spawn(async move { links.fetch(&r).await })
+            tokio::spawn(async move { fetch(&links, &r).await })
         })
         .collect();
     for (f, want) in fetches.into_iter().zip(sent.iter().rev()) {
         assert_eq!(&f.await.unwrap().unwrap(), want);
     }
     // A payload read once is gone.
-    let e = links.fetch(&refs[2]).await.unwrap_err();
+    let e = fetch(&links, &refs[2]).await.unwrap_err();
     assert!(e.contains("already read"), "{e}");
 }
 
@@ -58,18 +66,18 @@ async fn a_payload_whose_header_never_comes_is_skipped_after_the_wait() {
     let lost = s.send(payload(1, 5000)).unwrap();
     let kept = s.send(payload(2, 3000)).unwrap();
     let started = Instant::now();
-    let got = l.links().fetch(&kept).await.unwrap();
+    let got = fetch(&l.links(), &kept).await.unwrap();
     assert_eq!(got, payload(2, 3000));
     let waited = started.elapsed();
     assert!(
         waited >= recv::HEADER_WAIT && waited < recv::HEADER_WAIT * 3,
         "{waited:?}"
     );
-    let e = l.links().fetch(&lost).await.unwrap_err();
+    let e = fetch(&l.links(), &lost).await.unwrap_err();
     assert!(e.contains("skipped"), "{e}");
     // The link goes on.
     let next = s.send(payload(3, 10)).unwrap();
-    assert_eq!(l.links().fetch(&next).await.unwrap(), payload(3, 10));
+    assert_eq!(fetch(&l.links(), &next).await.unwrap(), payload(3, 10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,17 +89,17 @@ async fn bad_references_are_refused_without_reading() {
         bytes: MAX_PAYLOAD + 1,
         ..r
     };
-    let e = links.fetch(&too_big).await.unwrap_err();
+    let e = fetch(&links, &too_big).await.unwrap_err();
     assert!(e.contains("limit"), "{e}");
     let unknown = v1::KvLinkRef {
         link_id: r.link_id ^ 1,
         ..r
     };
-    let e = links.fetch(&unknown).await.unwrap_err();
+    let e = fetch(&links, &unknown).await.unwrap_err();
     assert!(e.contains("not connected"), "{e}");
     // A header whose length disagrees with the stream breaks the link rather than misreading it.
     r.bytes = 99;
-    let e = links.fetch(&r).await.unwrap_err();
+    let e = fetch(&links, &r).await.unwrap_err();
     assert!(e.contains("out of step"), "{e}");
     let started = Instant::now();
     while !links.is_empty() {
@@ -126,7 +134,7 @@ fn senders_take_only_offers_from_this_host_and_reconnect_after_a_break() {
     let Some(host) = host_id() else {
         return; // Not Linux: no links at all, which `for_offer` below would also show.
     };
-    let l = LinkListener::bind_temp().unwrap();
+    let l = LinkListener::bind_temp(Links::default()).unwrap();
     let offer = l.offer().unwrap();
     assert_eq!(offer.host_id, host);
     let senders = LinkSenders::new(true);
@@ -143,7 +151,7 @@ fn senders_take_only_offers_from_this_host_and_reconnect_after_a_break() {
     // The receiver restarts at the same path: the old link breaks, and the next transfer connects anew.
     let path = l.path().to_path_buf();
     drop(l);
-    let l2 = LinkListener::bind(&path).unwrap();
+    let l2 = LinkListener::bind(&path, Links::default()).unwrap();
     while a.send(vec![0; 64 << 10]).is_ok() {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -167,7 +175,7 @@ struct Receiver {
 
 async fn receiver() -> Receiver {
     let sessions = crate::Sessions::new(crate::test_support::layout(), 2);
-    let link = LinkListener::bind_temp().unwrap();
+    let link = LinkListener::bind_temp(Links::default()).unwrap();
     let service = crate::KvTransferService::new(sessions.clone(), link.links());
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", tcp.local_addr().unwrap());
@@ -199,6 +207,9 @@ async fn push(
         &blocks,
         deadline,
         Box::new(move |d| {
+            let crate::Delivered::Host(d) = d else {
+                return Err("a staged chunk".into());
+            };
             g.fetch_add(d.data.len(), Ordering::SeqCst);
             Ok(())
         }),
@@ -244,4 +255,95 @@ async fn chunks_cross_with_payloads_on_the_link_and_are_resent_inline_when_it_go
     // Without a link at all, nothing goes on one.
     let (stats, got) = push(&r, None, 3).await;
     assert_eq!((got, stats.link_bytes), (6, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_chunk_whose_device_payload_is_lost_fails_its_transfer_without_a_resend() {
+    let r = receiver().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let guard = r.sessions.open(
+        &[tandem_engine::kv::BlockId(0)],
+        deadline,
+        Box::new(|_| Ok(())),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(r.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Sent (as the engine thread would have) on a device link this receiver never opened.
+    let header = crate::chunk::ChunkHeader {
+        session: guard.id(),
+        index: 0,
+        layers: 1..2,
+        blocks: vec![tandem_engine::kv::BlockId(0)],
+        fills: Vec::new(),
+    };
+    let at = v1::KvLinkRef {
+        link_id: 7,
+        seq: 0,
+        bytes: 4096,
+    };
+    let staged = crate::chunk::staged(&header, &crate::test_support::layout(), at);
+    assert!(staged.staged && staged.payload.is_empty());
+    let sender = crate::Sender::open(channel, guard.id(), deadline, None);
+    sender.pusher().push(staged);
+    let e = sender.finish().await.unwrap_err();
+    assert!(
+        matches!(&e, crate::TransferError::Transport(m) if m.contains("device link lost")),
+        "{e}"
+    );
+}
+
+#[test]
+fn staged_chunks_reach_their_session_after_the_header_checks() {
+    use tandem_engine::backend::link::DevicePayload;
+    let s = crate::Sessions::new(crate::test_support::layout(), 2);
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let guard = s.open(
+        &[tandem_engine::kv::BlockId(3)],
+        Instant::now() + Duration::from_secs(60),
+        Box::new(move |d| {
+            let crate::Delivered::Device(c) = d else {
+                return Err("a host chunk".into());
+            };
+            g.lock().unwrap().push((c.layer, c.blocks, c.payload.bytes));
+            Ok(())
+        }),
+    );
+    let payload = || DevicePayload {
+        buf: Box::new(0u8),
+        bytes: 64,
+    };
+    let chunk = |layers: std::ops::Range<usize>, block: u32| {
+        let header = crate::chunk::ChunkHeader {
+            session: guard.id(),
+            index: 0,
+            layers,
+            blocks: vec![tandem_engine::kv::BlockId(block)],
+            fills: Vec::new(),
+        };
+        let at = v1::KvLinkRef {
+            link_id: 1,
+            seq: 0,
+            bytes: 64,
+        };
+        crate::chunk::staged(&header, &crate::test_support::layout(), at)
+    };
+    s.deliver_staged(&chunk(1..2, 3), payload()).unwrap();
+    let e = s.deliver_staged(&chunk(0..2, 3), payload()).unwrap_err();
+    assert!(e.to_string().contains("one layer"), "{e}");
+    let e = s.deliver_staged(&chunk(2..3, 3), payload()).unwrap_err();
+    assert!(e.to_string().contains("one layer"), "{e}");
+    let e = s.deliver_staged(&chunk(0..1, 4), payload()).unwrap_err();
+    assert!(e.to_string().contains("block 4"), "{e}");
+    let mut wrong = chunk(0..1, 3);
+    wrong.layout.as_mut().unwrap().head_dim = 4;
+    let e = s.deliver_staged(&wrong, payload()).unwrap_err();
+    assert!(e.to_string().contains("layout"), "{e}");
+    assert_eq!(
+        *got.lock().unwrap(),
+        [(1, vec![tandem_engine::kv::BlockId(3)], 64)]
+    );
 }

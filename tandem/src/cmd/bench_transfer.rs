@@ -15,7 +15,7 @@ use tandem_engine::kv::{BlockId, KvFormat};
 use tandem_engine::model::dummy::NamedShape;
 use tandem_kv_transfer::chunk::{self, BlockData, ChunkHeader, ChunkLayout, Encoding};
 use tandem_kv_transfer::link::{LinkListener, LinkSender};
-use tandem_kv_transfer::{KvTransferService, Sender, SessionId, Sessions};
+use tandem_kv_transfer::{Delivered, KvTransferService, Sender, SessionId, Sessions};
 use tandem_prefill_node::runtime::serve_grpc;
 
 /// Which KV transport `tandem bench transfer` measures.
@@ -154,7 +154,7 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
         let mut routes = tonic::service::RoutesBuilder::default();
         // The link's socket lives as long as this block (dropping the listener removes it).
         let listener_link = match a.transport {
-            Transport::Unix => Some(LinkListener::bind_temp()?),
+            Transport::Unix => Some(LinkListener::bind_temp(Default::default())?),
             _ => None,
         };
         let links = listener_link
@@ -187,6 +187,9 @@ pub fn run(a: TransferBenchArgs) -> Result<()> {
                 &blocks,
                 Instant::now() + Duration::from_secs(600),
                 Box::new(move |d| {
+                    let Delivered::Host(d) = d else {
+                        return Err("a staged chunk on a host transfer".into());
+                    };
                     r2.fetch_add(d.data.len(), Ordering::Relaxed);
                     Ok(())
                 }),

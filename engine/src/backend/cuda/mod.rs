@@ -10,6 +10,7 @@
 
 mod attention_check;
 mod ceilings;
+mod device_link;
 mod gemm;
 mod graphs;
 mod kivi2;

@@ -34,9 +34,9 @@ fn require_nccl() -> Result<()> {
     }
 }
 
-/// Makes the backend's context current on this thread: NCCL takes its device from there.
-fn bind(b: &CudaBackend, what: &str) -> Result<()> {
-    b.stream
+/// Makes `stream`'s context current on this thread: NCCL takes its device from there.
+fn bind(stream: &cudarc::driver::CudaStream, what: &str) -> Result<()> {
+    stream
         .context()
         .bind_to_thread()
         .map_err(|e| EngineError::Device(format!("NCCL {what}: {e}")))
@@ -125,9 +125,18 @@ pub struct NcclLink {
 impl NcclLink {
     /// Joins the link named by `id` as `rank`; blocks until the peer has joined too.
     pub fn join(b: &CudaBackend, rank: LinkRank, id: NcclId) -> Result<Self> {
+        Self::join_on(&b.stream, rank, id)
+    }
+
+    /// [`NcclLink::join`] on `stream` (a receiver's own stream, say) instead of the backend's.
+    pub fn join_on(
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        rank: LinkRank,
+        id: NcclId,
+    ) -> Result<Self> {
         require_nccl()?;
-        bind(b, "joining a link")?;
-        let comm = Comm::from_rank(b.stream.clone(), rank.rank(), 2, Id::uninit(id.internal()))
+        bind(stream, "joining a link")?;
+        let comm = Comm::from_rank(stream.clone(), rank.rank(), 2, Id::uninit(id.internal()))
             .map_err(nccl_error("joining a link"))?;
         Ok(Self {
             comm,
@@ -171,7 +180,7 @@ pub fn loopback_check(b: &CudaBackend, bytes: usize) -> Result<usize> {
     use cudarc::driver::{DevicePtr, DevicePtrMut};
     use cudarc::nccl::{result as nr, sys};
     let id = NcclId::new()?;
-    bind(b, "loopback")?;
+    bind(&b.stream, "loopback")?;
     let pattern: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 251) as u8).collect();
     let dev = |e: cudarc::driver::DriverError| EngineError::Device(format!("NCCL loopback: {e}"));
     let src = b.stream.clone_htod(&pattern).map_err(dev)?;

@@ -482,6 +482,30 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn device_links(&self) -> Option<std::sync::Arc<dyn crate::backend::link::DeviceLinks>> {
+        super::device_link::CudaDeviceLinks::of(self)
+    }
+
+    fn send_kv_blocks(
+        &self,
+        kv: &CudaKvStore,
+        link: &crate::backend::link::SenderLink,
+        layer: usize,
+        blocks: &[u32],
+    ) -> Result<usize> {
+        super::device_link::send(self, kv, link, layer, blocks)
+    }
+
+    fn write_staged_blocks(
+        &self,
+        kv: &mut CudaKvStore,
+        layer: usize,
+        blocks: &[u32],
+        payload: crate::backend::link::DevicePayload,
+    ) -> Result<()> {
+        super::device_link::write_staged(self, kv, layer, blocks, payload)
+    }
+
     fn retire_kv_blocks(&self, kv: &mut CudaKvStore, blocks: &[u32]) {
         if let KvBufs::Kivi2(s) = &mut kv.bufs {
             s.retire(blocks);

@@ -2,7 +2,10 @@
 //! gathered from one store into a staging buffer and scattered into other blocks of a second store read back
 //! exactly as the first store's blocks (every cache format that stages), layers and blocks outside the copied range
 //! stay untouched, blocks read to the host and written from it at once through the staging (what a prefill
-//! worker ships and a decode worker takes over gRPC) equal the same blocks read or written one by one, and NCCL carries a buffer from a one-rank communicator to itself unchanged. The two-process link
+//! worker ships and a decode worker takes over gRPC) equal the same blocks read or written one by one, a payload
+//! handed over from another stream (as a device link's receiver hands it) is written exactly, and NCCL carries a
+//! buffer from a one-rank communicator to itself unchanged; the device links' own identity and ids are checked
+//! too. The two-process link
 //! itself needs two GPUs (`tandem bench transfer --transport nccl`).
 
 use super::CudaBackend;
@@ -24,12 +27,33 @@ pub(super) fn checks(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
     ] {
         stage_round_trip(b, rng, push, format, hd);
     }
+    for (format, hd) in [(KvFormat::F16, 128), (KvFormat::Int4, 64)] {
+        device_payload_write(b, rng, push, format, hd);
+    }
     let name = "nccl loopback (1 MiB + 3 bytes)".to_string();
     if !super::nccl::nccl_present() {
         // Said, not failed: a host without libnccl.so can still serve; only the GPU-to-GPU transport needs it.
         eprintln!("{name}: skipped, no NCCL library (libnccl.so) on this host");
         return;
     }
+    // What a worker offers and makes for its device links.
+    let links = b.device_links();
+    let id = links.as_ref().map(|l| l.new_id());
+    let ok = matches!(&id, Some(Ok(id)) if id.len() == 256)
+        && links.as_ref().is_some_and(|l| l.device().len() == 10);
+    if !ok {
+        let device = links.as_ref().map(|l| l.device());
+        eprintln!(
+            "device links: {device:?}, a fresh id {:?}",
+            id.map(|r| r.map(|s| s.len()))
+        );
+    }
+    push(
+        "device links: a PCI address and a 256-digit NCCL id".into(),
+        vec![f32::from(u8::from(!ok))],
+        vec![0.0],
+        0.0,
+    );
     match loopback_check(b, (1 << 20) + 3) {
         Ok(wrong) => push(name, vec![wrong as f32], vec![0.0], 0.0),
         Err(e) => {
@@ -37,6 +61,98 @@ pub(super) fn checks(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
             push(name, vec![], vec![0.0], 0.0)
         }
     }
+}
+
+/// What a decode worker does with a payload its device link received: layer 1 of blocks [4, 0, 2] of a filled store,
+/// staged into a buffer on another stream (as a link's receiver allocates it), written with
+/// `write_staged_blocks` into blocks [1, 5, 3] of an empty store; they must read back as the source blocks, bit for
+/// bit, every other block and layer zero, and a payload of the wrong size must be refused.
+fn device_payload_write(
+    b: &CudaBackend,
+    rng: &mut Rng,
+    push: &mut Push<'_>,
+    format: KvFormat,
+    hd: usize,
+) {
+    use crate::backend::link::DevicePayload;
+    let layout = KvLayout {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: hd,
+        block_size: 16,
+        num_blocks: 6,
+        format,
+    };
+    let name = format!("kv blocks written from a device payload ({format:?}, head_dim {hd})");
+    let rope = RopeConfig {
+        theta: 10_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    let keys = KeyRotation::new(&rope, hd, layout.block_size);
+    let fail = |push: &mut Push<'_>, e: &dyn std::fmt::Display| {
+        eprintln!("{name}: {e}");
+        push(name.clone(), vec![], vec![0.0], 0.0)
+    };
+    let (Ok(mut src), Ok(mut dst)) = (b.alloc_kv(&layout, &keys), b.alloc_kv(&layout, &keys))
+    else {
+        return fail(push, &"no memory for the stores");
+    };
+    let n = layout.block_elems();
+    for blk in 0..layout.num_blocks as u32 {
+        let (k, v) = (random(rng, n, 3.0), random(rng, n, 1.0));
+        b.write_kv_block(&mut src, 1, blk, &k, &v);
+    }
+    let (from, to) = ([4u32, 0, 2], [1u32, 5, 3]);
+    let payload = (|| {
+        let bytes = src.staging_shape(b, 1, from.len())?.bytes();
+        let dev = |e: cudarc::driver::DriverError| crate::error::EngineError::Device(e.to_string());
+        let mut buf = b.stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
+        b.gather_kv(&src, 1..2, &from, &mut buf)?;
+        b.stream.synchronize().map_err(dev)?;
+        // Handed over as a receiver hands it: moved into a payload, on a stream other than the backend's.
+        let other = b.ctx.new_stream().map_err(dev)?;
+        let mut moved = other.alloc_zeros::<u8>(bytes).map_err(dev)?;
+        other.memcpy_dtod(&buf, &mut moved).map_err(dev)?;
+        other.synchronize().map_err(dev)?;
+        Ok::<_, crate::error::EngineError>(DevicePayload {
+            buf: Box::new(moved),
+            bytes,
+        })
+    })();
+    let payload = match payload {
+        Ok(p) => p,
+        Err(e) => return fail(push, &e),
+    };
+    let short = DevicePayload {
+        buf: Box::new(()),
+        bytes: payload.bytes - 16,
+    };
+    if b.write_staged_blocks(&mut dst, 1, &to, short).is_ok() {
+        return fail(push, &"a payload of the wrong size was written");
+    }
+    if let Err(e) = b.write_staged_blocks(&mut dst, 1, &to, payload) {
+        return fail(push, &e);
+    }
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for l in 0..layout.layers {
+        for blk in 0..layout.num_blocks as u32 {
+            let (k, v) = b.read_kv_block(&dst, l, blk);
+            got.extend(k.into_iter().chain(v));
+            let source = (l == 1)
+                .then(|| to.iter().position(|&t| t == blk))
+                .flatten()
+                .map(|i| from[i]);
+            match source {
+                Some(s) => {
+                    let (k, v) = b.read_kv_block(&src, l, s);
+                    want.extend(k.into_iter().chain(v).map(f64::from));
+                }
+                None => want.extend(std::iter::repeat_n(0.0, 2 * n)),
+            }
+        }
+    }
+    push(name, got, want, 0.0);
 }
 
 /// Layers 1..3 of blocks [4, 0, 2] of a filled store, gathered and scattered into blocks [1, 5, 3] of an empty one:
