@@ -47,20 +47,47 @@ pub fn ack_for(c: &v1::KvChunk, result: Result<(), TransferError>) -> v1::KvAck 
 
 #[tonic::async_trait]
 impl v1::kv_transfer_server::KvTransfer for KvTransferService {
-    async fn open_device_link(
+    type DeviceLinkStream = ReceiverStream<Result<v1::KvDeviceLinkReply, Status>>;
+
+    async fn device_link(
         &self,
-        request: Request<v1::KvDeviceLinkRequest>,
-    ) -> Result<Response<v1::KvDeviceLinkReply>, Status> {
-        let r = request.into_inner();
+        request: Request<Streaming<v1::KvDeviceLinkMessage>>,
+    ) -> Result<Response<Self::DeviceLinkStream>, Status> {
+        use v1::kv_device_link_message::Kind;
+        let mut inbound = request.into_inner();
+        let Some(Kind::Open(open)) = inbound.message().await?.and_then(|m| m.kind) else {
+            return Err(Status::invalid_argument(
+                "a device link's first message must open it",
+            ));
+        };
         if self.links.devices().is_none() {
             return Err(Status::failed_precondition(
                 "this worker accepts no device links",
             ));
         }
-        self.links
-            .accept_device(&r)
-            .map(|()| Response::new(v1::KvDeviceLinkReply {}))
-            .map_err(Status::invalid_argument)
+        let link = self
+            .links
+            .accept_device(&open)
+            .map_err(Status::invalid_argument)?;
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.send(Ok(v1::KvDeviceLinkReply {})).await;
+        // Owned by the call: announcements go to the link's reader until the caller ends the call (or it breaks),
+        // which closes the link.
+        tokio::spawn(async move {
+            let _open = tx;
+            while let Ok(Some(m)) = inbound.message().await {
+                let announced = match m.kind {
+                    Some(Kind::Payload(r)) => link.announce(&r),
+                    _ => Err("a device link message that announces no payload".into()),
+                };
+                if let Err(e) = announced {
+                    tracing::warn!("kv device link closed: {e}");
+                    break;
+                }
+            }
+            drop(link);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type PushStream = ReceiverStream<Result<v1::KvAck, Status>>;

@@ -137,8 +137,8 @@ impl Sessions {
     }
 
     /// Hands a chunk whose payload came over a device link to its session's sink, after the checks a staged chunk
-    /// allows (no checksum: the payload is in device memory): one layer within the receiver's, version, layout, and
-    /// the session's blocks. The payload's size is the engine's to check against its cache.
+    /// allows (no checksum: the payload is in device memory): one layer within the receiver's, version, layout
+    /// (key rotation included), and the session's blocks. The payload's size is the engine's to check against its cache.
     pub fn deliver_staged(
         &self,
         c: &v1::KvChunk,
@@ -166,6 +166,13 @@ impl Sessions {
             return refuse(format!(
                 "layout kv_heads={} head_dim={} block_size={} differs from the receiver's {}/{}/{}",
                 l.kv_heads, l.head_dim, l.block_size, want.kv_heads, want.head_dim, want.block_size
+            ));
+        }
+        if l.key_rotation != want.key_rotation_id() {
+            return refuse(format!(
+                "key_rotation {:08x} differs from the receiver's {:08x} (another model's RoPE)",
+                l.key_rotation,
+                want.key_rotation_id()
             ));
         }
         let session = SessionId(c.session_id);

@@ -120,7 +120,7 @@ impl PrefillService {
             && link_suspect(e)
         {
             tracing::warn!(link = %id, "a transfer on the device link failed, dropping the link: {e}");
-            self.devices.broken(id, &self.engine).await;
+            self.devices.broken(id, &self.engine);
         }
         let (outcome, stats) = done?;
         let first = &outcome.first;

@@ -66,7 +66,7 @@ enum Command {
         Box<PrefillJob>,
         oneshot::Sender<Result<PrefillOutcome, PrefillError>>,
     ),
-    AddLink(LinkId, SenderLink),
+    AddLink(LinkId, SharedLink, Announcer),
     DropLink(LinkId),
     KvSnapshot(oneshot::Sender<v1::KvSnapshotResponse>),
 }
@@ -140,9 +140,15 @@ impl EngineThread {
             .map_err(|_| PrefillError::Unavailable("engine thread stopped".into()))?
     }
 
-    /// Hands a joined device link to the engine thread, for jobs that name it.
-    pub fn add_link(&self, id: LinkId, link: SenderLink) -> Result<(), PrefillError> {
-        self.send(Command::AddLink(id, link))
+    /// Hands a joined device link to the engine thread, for jobs that name it, with the half of its `DeviceLink`
+    /// call that announces each payload sent (dropping the link ends the call).
+    pub fn add_link(
+        &self,
+        id: LinkId,
+        link: SharedLink,
+        announce: Announcer,
+    ) -> Result<(), PrefillError> {
+        self.send(Command::AddLink(id, link, announce))
     }
 
     /// Drops a device link (it failed): jobs that name it later send without it.
@@ -201,8 +207,15 @@ fn engine_loop<B: Backend>(
     let mut links: HashMap<LinkId, DeviceSend> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
-            Command::AddLink(id, link) => {
-                links.insert(id, DeviceSend { link, next_seq: 0 });
+            Command::AddLink(id, link, announce) => {
+                links.insert(
+                    id,
+                    DeviceSend {
+                        link,
+                        announce,
+                        next_seq: 0,
+                    },
+                );
             }
             Command::DropLink(id) => {
                 links.remove(&id);
@@ -233,10 +246,50 @@ fn engine_loop<B: Backend>(
     }
 }
 
-/// A device link on the engine thread, and the number its next payload gets.
+/// The sending half of a device link's `DeviceLink` call.
+pub type Announcer = tokio::sync::mpsc::UnboundedSender<v1::KvDeviceLinkMessage>;
+
+/// A device link's sending end, shared between the engine thread (which sends on it) and the service (which takes
+/// it out and drops it, aborting its communicator, when a transfer on it fails: a send whose receiver is gone would
+/// otherwise hold the engine's stream for ever). Empty once dropped.
+pub type SharedLink = Arc<std::sync::Mutex<Option<SenderLink>>>;
+
+/// A device link on the engine thread, where its payloads are announced, and the number its next payload gets.
 struct DeviceSend {
-    link: SenderLink,
+    link: SharedLink,
+    announce: Announcer,
     next_seq: u64,
+}
+
+impl DeviceSend {
+    /// Sends `layer` of `blocks` and announces the payload; returns where it is.
+    fn send<B: Backend>(
+        &mut self,
+        id: LinkId,
+        view: &tandem_engine::engine::KvView<'_, B>,
+        layer: usize,
+        blocks: &[BlockId],
+    ) -> Result<v1::KvLinkRef, String> {
+        let bytes = {
+            let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+            let link = link.as_ref().ok_or("the device link was closed")?;
+            view.send_blocks(link, layer, blocks)
+                .map_err(|e| e.to_string())?
+        };
+        let at = v1::KvLinkRef {
+            link_id: id.0,
+            seq: self.next_seq,
+            bytes: bytes as u64,
+        };
+        self.next_seq += 1;
+        // Announced whatever becomes of the chunk: the receiver posts its receive on the announcement.
+        self.announce
+            .send(v1::KvDeviceLinkMessage {
+                kind: Some(v1::kv_device_link_message::Kind::Payload(at)),
+            })
+            .map_err(|_| "the device link's call ended".to_string())?;
+        Ok(at)
+    }
 }
 
 fn run_job<B: Backend>(
@@ -319,11 +372,8 @@ fn run_job<B: Backend>(
                             })
                             .collect();
                         if let Some((id, l)) = link.as_mut() {
-                            match view.send_blocks(&l.link, layer, &ids) {
-                                Ok(bytes) => {
-                                    ship.send_staged(layer, dest(&range), *id, l.next_seq, bytes);
-                                    l.next_seq += 1;
-                                }
+                            match l.send(*id, view, layer, &ids) {
+                                Ok(at) => ship.send_staged(layer, dest(&range), at),
                                 Err(e) => link_error = Some(e),
                             }
                             return;
@@ -470,26 +520,14 @@ impl<'a> Shipper<'a> {
         }
     }
 
-    /// The header of one layer's blocks into `dest`, staged and sent on device link `link` as payload `seq`.
-    fn send_staged(
-        &mut self,
-        layer: usize,
-        dest: &[BlockId],
-        link: LinkId,
-        seq: u64,
-        bytes: usize,
-    ) {
+    /// The header of one layer's blocks into `dest`, staged and sent on a device link where `at` says.
+    fn send_staged(&mut self, layer: usize, dest: &[BlockId], at: v1::KvLinkRef) {
         let header = ChunkHeader {
             session: self.job.session,
             index: self.index,
             layers: layer..layer + 1,
             blocks: dest.to_vec(),
             fills: Vec::new(),
-        };
-        let at = v1::KvLinkRef {
-            link_id: link.0,
-            seq,
-            bytes: bytes as u64,
         };
         self.job
             .pusher

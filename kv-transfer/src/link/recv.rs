@@ -5,7 +5,8 @@
 //! [`super::device`]), keeping requests that came early until their turn. A payload whose header never comes (its
 //! sender's gRPC stream broke after the payload was written) holds the line for [`HEADER_WAIT`] at most: then a
 //! Unix socket reader skips past it to the oldest payload asked for, and a late header finds its payload gone (its
-//! chunk is resent inline); a device link cannot skip (it does not know the lost payload's size), so it closes.
+//! chunk is resent inline). A device link's payloads are announced on the link's own call instead, and received in
+//! that order whatever becomes of their chunks ([`super::device`]).
 
 use super::{LinkId, MAX_PAYLOAD, Payload};
 use std::collections::{BTreeMap, HashMap};
@@ -23,7 +24,7 @@ const REGISTER_WAIT: Duration = Duration::from_millis(200);
 /// How often an idle reader checks whether its sender went away or its links were closed.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
-/// Where a link's payloads come from, in order.
+/// Where a Unix socket link's payloads come from, in order.
 pub(super) trait Source {
     /// Reads the next payload, which must be number `seq` of `bytes` bytes.
     fn read(&mut self, seq: u64, bytes: u64) -> Result<Payload, String>;
@@ -33,17 +34,25 @@ pub(super) trait Source {
     fn gone(&mut self) -> bool;
 }
 
+/// What a link's reader thread is sent.
+pub(super) enum Msg {
+    /// A chunk's request for its payload.
+    Want(Want),
+    /// A payload the sender sent (device links announce theirs, in order, on the link's own call).
+    Announce { seq: u64, bytes: u64 },
+}
+
 /// A chunk's request for its payload.
-struct Want {
-    seq: u64,
-    bytes: u64,
-    reply: oneshot::Sender<Result<Payload, String>>,
+pub(super) struct Want {
+    pub(super) seq: u64,
+    pub(super) bytes: u64,
+    pub(super) reply: oneshot::Sender<Result<Payload, String>>,
 }
 
 /// The links open on one decode worker, by id.
 #[derive(Clone, Default)]
 pub struct Links {
-    open: Arc<Mutex<HashMap<LinkId, mpsc::Sender<Want>>>>,
+    open: Arc<Mutex<HashMap<LinkId, mpsc::Sender<Msg>>>>,
     /// Set by [`Links::close`]: readers end.
     closed: Arc<AtomicBool>,
     /// This worker's device links and its cache's staging id, where it accepts them.
@@ -74,18 +83,18 @@ impl Links {
         let tx = self.sender_of(id).await?;
         let (reply, rx) = oneshot::channel();
         let closed = || format!("link {id} closed");
-        tx.send(Want {
+        tx.send(Msg::Want(Want {
             seq: r.seq,
             bytes: r.bytes,
             reply,
-        })
+        }))
         .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 
     /// The queue of link `id`'s reader. A sender sends its first header right after connecting, which can be
     /// before the reader has registered the link, so an unknown link is waited for briefly.
-    async fn sender_of(&self, id: LinkId) -> Result<mpsc::Sender<Want>, String> {
+    async fn sender_of(&self, id: LinkId) -> Result<mpsc::Sender<Msg>, String> {
         let started = Instant::now();
         loop {
             if let Some(tx) = self.lock().get(&id) {
@@ -113,34 +122,56 @@ impl Links {
         self.lock().clear();
     }
 
+    /// Registers link `id`: its reader's queue, and a sender for it besides the table's.
+    pub(super) fn register(
+        &self,
+        id: LinkId,
+    ) -> Result<(mpsc::Sender<Msg>, mpsc::Receiver<Msg>), String> {
+        let (tx, rx) = mpsc::channel();
+        let mut open = self.lock();
+        if open.contains_key(&id) {
+            return Err(format!("link {id} connected twice"));
+        }
+        open.insert(id, tx.clone());
+        Ok((tx, rx))
+    }
+
+    /// Removes link `id` from the table (its reader ends once no other sender is left).
+    pub(super) fn unregister(&self, id: LinkId) {
+        self.lock().remove(&id);
+    }
+
+    /// Whether [`Links::close`] was called.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     /// Registers link `id` and reads its payloads from `source` on this thread until the sender goes away, the
     /// link fails or the links are closed.
     pub(super) fn serve(&self, id: LinkId, source: Box<dyn Source>) -> Result<(), String> {
-        let (tx, rx) = mpsc::channel();
-        if self.lock().insert(id, tx).is_some() {
-            return Err(format!("link {id} connected twice"));
-        }
+        let (tx, rx) = self.register(id)?;
+        drop(tx);
         tracing::info!(link = %id, "kv link accepted");
         let result = Reader {
             id,
-            closed: self.closed.clone(),
+            links: self.clone(),
             source,
             next: 0,
             pending: BTreeMap::new(),
         }
         .run(&rx);
-        self.lock().remove(&id);
+        self.unregister(id);
         result
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LinkId, mpsc::Sender<Want>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LinkId, mpsc::Sender<Msg>>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 struct Reader {
     id: LinkId,
-    closed: Arc<AtomicBool>,
+    links: Links,
     source: Box<dyn Source>,
     /// The `seq` of the next payload on the link.
     next: u64,
@@ -149,7 +180,7 @@ struct Reader {
 }
 
 impl Reader {
-    fn run(mut self, rx: &mpsc::Receiver<Want>) -> Result<(), String> {
+    fn run(mut self, rx: &mpsc::Receiver<Msg>) -> Result<(), String> {
         let mut waiting_since: Option<Instant> = None;
         loop {
             if let Some(w) = self.pending.remove(&self.next) {
@@ -175,13 +206,15 @@ impl Reader {
                 }
             };
             match rx.recv_timeout(timeout) {
-                Ok(w) if w.seq < self.next => {
+                // A Unix socket link's frames say their own seq and length: nothing is announced.
+                Ok(Msg::Announce { .. }) => {}
+                Ok(Msg::Want(w)) if w.seq < self.next => {
                     let _ = w.reply.send(Err(format!(
                         "payload {} of link {} was skipped or already read",
                         w.seq, self.id
                     )));
                 }
-                Ok(w) => {
+                Ok(Msg::Want(w)) => {
                     if let Some(old) = self.pending.insert(w.seq, w) {
                         let _ = old.reply.send(Err(format!(
                             "payload {} of link {} asked for twice",
@@ -190,7 +223,7 @@ impl Reader {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if self.pending.is_empty() => {
-                    if self.closed.load(Ordering::Relaxed) || self.source.gone() {
+                    if self.links.is_closed() || self.source.gone() {
                         return Ok(());
                     }
                 }

@@ -342,8 +342,96 @@ fn staged_chunks_reach_their_session_after_the_header_checks() {
     wrong.layout.as_mut().unwrap().head_dim = 4;
     let e = s.deliver_staged(&wrong, payload()).unwrap_err();
     assert!(e.to_string().contains("layout"), "{e}");
+    let mut other_rope = chunk(0..1, 3);
+    other_rope.layout.as_mut().unwrap().key_rotation ^= 1;
+    let e = s.deliver_staged(&other_rope, payload()).unwrap_err();
+    assert!(e.to_string().contains("key_rotation"), "{e}");
     assert_eq!(
         *got.lock().unwrap(),
         [(1, vec![tandem_engine::kv::BlockId(3)], 64)]
     );
+}
+
+/// A device for the device link's bookkeeping alone: each receive gives a host box of its size.
+struct Bookkeeping;
+
+impl tandem_engine::backend::link::DeviceLinks for Bookkeeping {
+    fn device(&self) -> String {
+        "0000:17:00".into()
+    }
+    fn new_id(&self) -> tandem_engine::error::Result<String> {
+        Ok("id".into())
+    }
+    fn join_receiver(
+        &self,
+        _id: &str,
+    ) -> tandem_engine::error::Result<Box<dyn tandem_engine::backend::link::DeviceReceiver>> {
+        Ok(Box::new(Bookkeeping))
+    }
+    fn join_sender(
+        &self,
+        _id: &str,
+    ) -> tandem_engine::error::Result<tandem_engine::backend::link::SenderLink> {
+        Ok(tandem_engine::backend::link::SenderLink(Box::new(())))
+    }
+}
+
+impl tandem_engine::backend::link::DeviceReceiver for Bookkeeping {
+    fn recv(
+        &mut self,
+        bytes: usize,
+    ) -> tandem_engine::error::Result<tandem_engine::backend::link::DevicePayload> {
+        Ok(tandem_engine::backend::link::DevicePayload {
+            buf: Box::new(bytes),
+            bytes,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_payloads_are_received_as_announced_and_claimed_by_their_headers() {
+    let links = Links::default().with_devices(std::sync::Arc::new(Bookkeeping), "f16:1".into());
+    let open = |cache: &str| v1::KvDeviceLinkRequest {
+        link_id: 9,
+        nccl_id: "id".into(),
+        device_cache: cache.into(),
+    };
+    let e = links.accept_device(&open("f16:2")).err().unwrap();
+    assert!(e.contains("differs"), "{e}");
+    let link = links.accept_device(&open("f16:1")).unwrap();
+    let at = |seq, bytes| v1::KvLinkRef {
+        link_id: 9,
+        seq,
+        bytes,
+    };
+    let size = |p: Result<Payload, String>| match p {
+        Ok(Payload::Device(d)) => Ok(d.bytes),
+        Ok(Payload::Host(_)) => Err("a host payload".to_string()),
+        Err(e) => Err(e),
+    };
+    // A header ahead of its payload's announcement waits for it; one behind finds it kept.
+    let early = {
+        let links = links.clone();
+        tokio::spawn(async move { links.fetch(&at(1, 20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    link.announce(&at(0, 10)).unwrap();
+    link.announce(&at(1, 20)).unwrap();
+    assert_eq!(size(early.await.unwrap()), Ok(20));
+    assert_eq!(size(links.fetch(&at(0, 10)).await), Ok(10));
+    let e = size(links.fetch(&at(0, 10)).await).unwrap_err();
+    assert!(e.contains("claimed already"), "{e}");
+    // A header whose length disagrees with the announcement gets an error, not the payload.
+    link.announce(&at(2, 31)).unwrap();
+    let e = size(links.fetch(&at(2, 30)).await).unwrap_err();
+    assert!(e.contains("31 bytes"), "{e}");
+    // An announcement out of order ends the link: nothing after it is received.
+    link.announce(&at(5, 8)).unwrap();
+    let e = size(links.fetch(&at(3, 8)).await).unwrap_err();
+    assert!(
+        e.contains("closed") || e.contains("expected payload 3"),
+        "{e}"
+    );
+    drop(link);
+    assert!(links.is_empty());
 }

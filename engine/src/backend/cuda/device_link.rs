@@ -91,10 +91,27 @@ impl DeviceReceiver for CudaReceiver {
         self.stream
             .synchronize()
             .map_err(dev("receiving a link payload"))?;
-        Ok(DevicePayload {
-            buf: Box::new(buf),
-            bytes,
-        })
+        Ok(received(buf, bytes))
+    }
+}
+
+/// A received buffer. It may be dropped on any thread (a refused chunk's payload is dropped where it was refused),
+/// so it makes its context current before freeing.
+struct Received(std::mem::ManuallyDrop<CudaSlice<u8>>);
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        let _ = self.0.context().bind_to_thread();
+        // SAFETY: dropped once, here; nothing uses the slice afterwards.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.0) };
+    }
+}
+
+/// `buf`'s first `bytes` as a payload (what a receiver hands on).
+pub(super) fn received(buf: CudaSlice<u8>, bytes: usize) -> DevicePayload {
+    DevicePayload {
+        buf: Box::new(Received(std::mem::ManuallyDrop::new(buf))),
+        bytes,
     }
 }
 
@@ -140,9 +157,9 @@ pub(super) fn write_staged(
     }
     let buf = payload
         .buf
-        .downcast::<CudaSlice<u8>>()
+        .downcast::<Received>()
         .map_err(|_| EngineError::invalid("a link payload of another backend"))?;
-    b.scatter_kv(kv, layer..layer + 1, blocks, &buf)?;
+    b.scatter_kv(kv, layer..layer + 1, blocks, &buf.0)?;
     b.stream
         .synchronize()
         .map_err(dev("writing a link payload"))?;

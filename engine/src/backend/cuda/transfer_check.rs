@@ -115,10 +115,7 @@ fn device_payload_write(
         let mut moved = other.alloc_zeros::<u8>(bytes).map_err(dev)?;
         other.memcpy_dtod(&buf, &mut moved).map_err(dev)?;
         other.synchronize().map_err(dev)?;
-        Ok::<_, crate::error::EngineError>(DevicePayload {
-            buf: Box::new(moved),
-            bytes,
-        })
+        Ok::<_, crate::error::EngineError>(super::device_link::received(moved, bytes))
     })();
     let payload = match payload {
         Ok(p) => p,
