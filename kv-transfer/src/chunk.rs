@@ -156,6 +156,15 @@ pub struct Encoding {
 /// sent (whole blocks move).
 pub fn staged(header: &ChunkHeader, layout: &ChunkLayout, link: v1::KvLinkRef) -> v1::KvChunk {
     v1::KvChunk {
+        link: Some(link),
+        staged: true,
+        ..wire_header(header, layout)
+    }
+}
+
+/// The fields every chunk takes from its header and layout.
+fn wire_header(header: &ChunkHeader, layout: &ChunkLayout) -> v1::KvChunk {
+    v1::KvChunk {
         format_version: FORMAT_VERSION,
         session_id: header.session.0,
         chunk_index: header.index,
@@ -163,8 +172,6 @@ pub fn staged(header: &ChunkHeader, layout: &ChunkLayout, link: v1::KvLinkRef) -
         layer_end: header.layers.end as u32,
         dest_block_ids: header.blocks.iter().map(|b| b.0).collect(),
         layout: Some(layout.to_wire()),
-        link: Some(link),
-        staged: true,
         ..Default::default()
     }
 }
@@ -216,18 +223,8 @@ pub fn encode(
         .all(|f| f.tokens == layout.block_size as usize);
     let middle = header.fills.iter().all(|f| f.place == Place::Middle);
     let mut c = v1::KvChunk {
-        format_version: FORMAT_VERSION,
-        session_id: header.session.0,
-        chunk_index: header.index,
-        layer_start: header.layers.start as u32,
-        layer_end: header.layers.end as u32,
-        dest_block_ids: header.blocks.iter().map(|b| b.0).collect(),
         codec: kv_codec_to_wire(enc.codec) as i32,
-        layout: Some(layout.to_wire()),
         payload,
-        link: None,
-        staged: false,
-        checksum: 0,
         block_fill: if full {
             Vec::new()
         } else {
@@ -243,6 +240,7 @@ pub fn encode(
                 .map(|f| place_to_wire(f.place))
                 .collect()
         },
+        ..wire_header(header, layout)
     };
     c.checksum = checksum(&c);
     c

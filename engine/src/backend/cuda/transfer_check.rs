@@ -75,21 +75,8 @@ fn device_payload_write(
     hd: usize,
 ) {
     use crate::backend::link::DevicePayload;
-    let layout = KvLayout {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: hd,
-        block_size: 16,
-        num_blocks: 6,
-        format,
-    };
+    let (layout, keys) = small_store(2, format, hd);
     let name = format!("kv blocks written from a device payload ({format:?}, head_dim {hd})");
-    let rope = RopeConfig {
-        theta: 10_000.0,
-        layout: RopeLayout::Halves,
-        freq_factors: None,
-    };
-    let keys = KeyRotation::new(&rope, hd, layout.block_size);
     let fail = |push: &mut Push<'_>, e: &dyn std::fmt::Display| {
         eprintln!("{name}: {e}");
         push(name.clone(), vec![], vec![0.0], 0.0)
@@ -131,24 +118,7 @@ fn device_payload_write(
     if let Err(e) = b.write_staged_blocks(&mut dst, 1, &to, payload) {
         return fail(push, &e);
     }
-    let (mut got, mut want) = (Vec::new(), Vec::new());
-    for l in 0..layout.layers {
-        for blk in 0..layout.num_blocks as u32 {
-            let (k, v) = b.read_kv_block(&dst, l, blk);
-            got.extend(k.into_iter().chain(v));
-            let source = (l == 1)
-                .then(|| to.iter().position(|&t| t == blk))
-                .flatten()
-                .map(|i| from[i]);
-            match source {
-                Some(s) => {
-                    let (k, v) = b.read_kv_block(&src, l, s);
-                    want.extend(k.into_iter().chain(v).map(f64::from));
-                }
-                None => want.extend(std::iter::repeat_n(0.0, 2 * n)),
-            }
-        }
-    }
+    let (got, want) = copied(b, &src, &dst, &layout, 1..2, &from, &to);
     push(name, got, want, 0.0);
 }
 
@@ -162,21 +132,8 @@ fn stage_round_trip(
     format: KvFormat,
     hd: usize,
 ) {
-    let layout = KvLayout {
-        layers: 3,
-        kv_heads: 2,
-        head_dim: hd,
-        block_size: 16,
-        num_blocks: 6,
-        format,
-    };
+    let (layout, keys) = small_store(3, format, hd);
     let name = format!("kv staging round trip ({format:?}, head_dim {hd})");
-    let rope = RopeConfig {
-        theta: 10_000.0,
-        layout: RopeLayout::Halves,
-        freq_factors: None,
-    };
-    let keys = KeyRotation::new(&rope, hd, layout.block_size);
     let (Ok(mut src), Ok(mut dst)) = (b.alloc_kv(&layout, &keys), b.alloc_kv(&layout, &keys))
     else {
         return push(name, vec![], vec![0.0], 0.0);
@@ -246,23 +203,58 @@ fn stage_round_trip(
         eprintln!("{name}: {e}");
         return push(name, vec![], vec![0.0], 0.0);
     }
+    let (got, want) = copied(b, &src, &dst, &layout, 1..3, &from, &to);
+    push(name, got, want, 0.0);
+}
+
+/// A small store's layout (two KV heads, 16-token blocks, six blocks) and its key rotation.
+fn small_store(layers: usize, format: KvFormat, hd: usize) -> (KvLayout, KeyRotation) {
+    let layout = KvLayout {
+        layers,
+        kv_heads: 2,
+        head_dim: hd,
+        block_size: 16,
+        num_blocks: 6,
+        format,
+    };
+    let rope = RopeConfig {
+        theta: 10_000.0,
+        layout: RopeLayout::Halves,
+        freq_factors: None,
+    };
+    (layout, KeyRotation::new(&rope, hd, layout.block_size))
+}
+
+/// Every block of every layer of `dst`, and what it must hold after `layers` of blocks `from` of `src` were copied
+/// into blocks `to` of a zeroed `dst`: the source blocks there, zeros everywhere else.
+fn copied(
+    b: &CudaBackend,
+    src: &super::CudaKvStore,
+    dst: &super::CudaKvStore,
+    layout: &KvLayout,
+    layers: std::ops::Range<usize>,
+    from: &[u32],
+    to: &[u32],
+) -> (Vec<f32>, Vec<f64>) {
+    let n = layout.block_elems();
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for l in 0..layout.layers {
         for blk in 0..layout.num_blocks as u32 {
-            let (k, v) = b.read_kv_block(&dst, l, blk);
+            let (k, v) = b.read_kv_block(dst, l, blk);
             got.extend(k.into_iter().chain(v));
-            let source = (l >= 1)
+            let source = layers
+                .contains(&l)
                 .then(|| to.iter().position(|&t| t == blk))
                 .flatten()
                 .map(|i| from[i]);
             match source {
                 Some(s) => {
-                    let (k, v) = b.read_kv_block(&src, l, s);
+                    let (k, v) = b.read_kv_block(src, l, s);
                     want.extend(k.into_iter().chain(v).map(f64::from));
                 }
                 None => want.extend(std::iter::repeat_n(0.0, 2 * n)),
             }
         }
     }
-    push(name, got, want, 0.0);
+    (got, want)
 }
