@@ -17,7 +17,7 @@
 //!   writer thread. (A device link's sending end lives on the prefill engine thread: see the prefill node.)
 //! - [`recv`]: [`Links`], the decode side's open links, which hands each chunk its payload in order.
 //! - [`unix`]: the decode side's socket ([`LinkListener`]) and its links' reading ends.
-//! - [`device`]: the decode side's device links (NCCL), joined on an `OpenDeviceLink` call.
+//! - [`device`]: the decode side's device links (NCCL), joined on a `DeviceLink` call.
 
 pub mod device;
 pub mod recv;
