@@ -70,7 +70,7 @@ async fn a_payload_whose_header_never_comes_is_skipped_after_the_wait() {
     assert_eq!(got, payload(2, 3000));
     let waited = started.elapsed();
     assert!(
-        waited >= recv::HEADER_WAIT && waited < recv::HEADER_WAIT * 3,
+        waited >= unix::HEADER_WAIT && waited < unix::HEADER_WAIT * 3,
         "{waited:?}"
     );
     let e = fetch(&l.links(), &lost).await.unwrap_err();
