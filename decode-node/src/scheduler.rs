@@ -518,6 +518,10 @@ impl<B: Backend> Scheduler<B> {
     }
 
     fn write_kv(&mut self, key: SeqId, chunk: Delivered) {
+        // A request that no longer waits for K/V (done, failed, cancelled) takes none.
+        let Some(Phase::AwaitingKv { .. }) = self.active.get(&key).map(|a| &a.phase) else {
+            return;
+        };
         match chunk {
             Delivered::Host(c) => self.write_host_kv(key, c),
             Delivered::Device(c) => self.write_staged_kv(key, c),
@@ -526,9 +530,6 @@ impl<B: Backend> Scheduler<B> {
 
     /// A layer received over a device link, written as it is.
     fn write_staged_kv(&mut self, key: SeqId, c: StagedChunk) {
-        let Some(Phase::AwaitingKv { .. }) = self.active.get(&key).map(|a| &a.phase) else {
-            return;
-        };
         if let Err(e) = self
             .engine
             .write_staged_blocks(key, c.layer, &c.blocks, c.payload)
@@ -556,9 +557,6 @@ impl<B: Backend> Scheduler<B> {
     }
 
     fn write_host_kv(&mut self, key: SeqId, chunk: DecodedChunk) {
-        let Some(Phase::AwaitingKv { .. }) = self.active.get(&key).map(|a| &a.phase) else {
-            return;
-        };
         let nb = chunk.blocks.len();
         // One write per layer (a device engine copies a layer's blocks over at once); the first failure ends the
         // request and nothing after it is written.

@@ -106,14 +106,9 @@ impl PrefillService {
                 .await
                 .map(|stats| (outcome, stats))
                 .map_err(PrefillError::from),
-            Ok(Err(e)) => {
-                if device_link.is_some() {
-                    // Payloads already on the device link need their headers at the receiver, which reads them
-                    // in order: deliver what was pushed (best effort) rather than drop it.
-                    let _ = sender.finish().await;
-                }
-                Err(e)
-            }
+            // Payloads already on a device link need no header to be received (they are announced on the link's
+            // own call), so the sender is dropped with whatever it still holds.
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(tandem_kv_transfer::TransferError::DeadlineExceeded(session).into()),
         };
         if let (Err(e), Some(id)) = (&done, device_link)

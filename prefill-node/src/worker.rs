@@ -211,6 +211,7 @@ fn engine_loop<B: Backend>(
                 links.insert(
                     id,
                     DeviceSend {
+                        id,
                         link,
                         announce,
                         next_seq: 0,
@@ -225,9 +226,7 @@ fn engine_loop<B: Backend>(
                 let result = if reply.is_closed() {
                     Err(PrefillError::Unavailable("caller went away".into()))
                 } else {
-                    let link = job
-                        .device_link
-                        .and_then(|id| Some(id).zip(links.get_mut(&id)));
+                    let link = job.device_link.and_then(|id| links.get_mut(&id));
                     run_job(&mut engine, &job, link, &|| reply.is_closed())
                 };
                 if let Err(e) = &result {
@@ -256,6 +255,7 @@ pub type SharedLink = Arc<std::sync::Mutex<Option<SenderLink>>>;
 
 /// A device link on the engine thread, where its payloads are announced, and the number its next payload gets.
 struct DeviceSend {
+    id: LinkId,
     link: SharedLink,
     announce: Announcer,
     next_seq: u64,
@@ -265,7 +265,6 @@ impl DeviceSend {
     /// Sends `layer` of `blocks` and announces the payload; returns where it is.
     fn send<B: Backend>(
         &mut self,
-        id: LinkId,
         view: &tandem_engine::engine::KvView<'_, B>,
         layer: usize,
         blocks: &[BlockId],
@@ -277,7 +276,7 @@ impl DeviceSend {
                 .map_err(|e| e.to_string())?
         };
         let at = v1::KvLinkRef {
-            link_id: id.0,
+            link_id: self.id.0,
             seq: self.next_seq,
             bytes: bytes as u64,
         };
@@ -295,7 +294,7 @@ impl DeviceSend {
 fn run_job<B: Backend>(
     engine: &mut Engine<B>,
     job: &PrefillJob,
-    mut link: Option<(LinkId, &mut DeviceSend)>,
+    mut link: Option<&mut DeviceSend>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<PrefillOutcome, PrefillError> {
     let started = Instant::now();
@@ -371,8 +370,8 @@ fn run_job<B: Backend>(
                                     .expect("blocks of this step are allocated")
                             })
                             .collect();
-                        if let Some((id, l)) = link.as_mut() {
-                            match l.send(*id, view, layer, &ids) {
+                        if let Some(l) = link.as_mut() {
+                            match l.send(view, layer, &ids) {
                                 Ok(at) => ship.send_staged(layer, dest(&range), at),
                                 Err(e) => link_error = Some(e),
                             }
