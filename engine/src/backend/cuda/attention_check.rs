@@ -35,57 +35,25 @@ pub(super) fn checks(b: &CudaBackend, rng: &mut Rng, push: &mut Push<'_>) {
         attention(b, rng, push, group, hd, format, &contexts, 1, pairs);
     }
     // Prefill: rows per sequence past the decode threshold, after a cached prefix, ending mid-tile.
-    attention(
-        b,
-        rng,
-        push,
-        4,
-        128,
-        KvFormat::F16,
-        &[130, 200, 9],
-        130,
-        Halves,
-    );
-    attention(b, rng, push, 3, 64, KvFormat::F32, &[65, 100], 65, Halves);
-    attention(
-        b,
-        rng,
-        push,
-        4,
-        128,
-        KvFormat::Int8,
-        &[130, 200, 9],
-        130,
-        Halves,
-    );
-    attention(b, rng, push, 2, 64, KvFormat::Int4, &[70, 150], 70, Halves);
-    attention(
-        b,
-        rng,
-        push,
-        4,
-        128,
-        KvFormat::Fp8,
-        &[130, 200, 9],
-        130,
-        Halves,
-    );
-    for (contexts, first, pairs) in [
-        (&[70, 150][..], 70, Halves),
-        (&[130, 200, 9][..], 130, Interleaved),
-    ] {
-        attention(b, rng, push, 2, 64, KvFormat::Kivi2, contexts, first, pairs);
-        attention(
-            b,
-            rng,
-            push,
+    for (group, hd, format, contexts, first, pairs) in [
+        (4, 128, KvFormat::F16, &[130, 200, 9][..], 130, Halves),
+        (3, 64, KvFormat::F32, &[65, 100][..], 65, Halves),
+        (4, 128, KvFormat::Int8, &[130, 200, 9][..], 130, Halves),
+        (2, 64, KvFormat::Int4, &[70, 150][..], 70, Halves),
+        (4, 128, KvFormat::Fp8, &[130, 200, 9][..], 130, Halves),
+        (2, 64, KvFormat::Kivi2, &[70, 150][..], 70, Halves),
+        (4, 128, KvFormat::Kivi2, &[70, 150][..], 70, Halves),
+        (2, 64, KvFormat::Kivi2, &[130, 200, 9][..], 130, Interleaved),
+        (
             4,
             128,
             KvFormat::Kivi2,
-            contexts,
-            first,
-            pairs,
-        );
+            &[130, 200, 9][..],
+            130,
+            Interleaved,
+        ),
+    ] {
+        attention(b, rng, push, group, hd, format, contexts, first, pairs);
     }
 }
 

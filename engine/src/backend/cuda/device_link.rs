@@ -6,6 +6,7 @@
 //! payload only after its stream has finished the receive, and [`write_staged`] waits for its scatter before the
 //! payload (allocated on the receiver's stream) may be freed.
 
+use super::module::dev;
 use super::nccl::{LinkRank, NcclId, NcclLink, nccl_present};
 use super::{CudaBackend, CudaKvStore};
 use crate::backend::link::{DeviceLinks, DevicePayload, DeviceReceiver, SenderLink};
@@ -13,10 +14,6 @@ use crate::error::{EngineError, Result};
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use std::sync::Arc;
-
-fn dev(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> EngineError {
-    move |e| EngineError::Device(format!("{what}: {e}"))
-}
 
 /// What the nodes use to link this backend's device with another process's.
 pub struct CudaDeviceLinks {

@@ -123,7 +123,8 @@ pub fn decode_shared_bytes(format: KvFormat, head_dim: usize) -> usize {
     DECODE_WARPS * stages * bytes
 }
 
-fn dev(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
+/// A driver error as a device error saying what was being done.
+pub(super) fn dev(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
     move |e| EngineError::Device(format!("{what}: {e}"))
 }
 

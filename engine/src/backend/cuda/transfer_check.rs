@@ -9,6 +9,7 @@
 //! itself needs two GPUs (`tandem bench transfer --transport nccl`).
 
 use super::CudaBackend;
+use super::module::dev;
 use super::nccl::loopback_check;
 use super::selfcheck::{Push, random};
 use crate::backend::Backend;
@@ -91,17 +92,17 @@ fn device_payload_write(
         b.write_kv_block(&mut src, 1, blk, &k, &v);
     }
     let (from, to) = ([4u32, 0, 2], [1u32, 5, 3]);
+    const STAGING: &str = "staging a device payload";
     let payload = (|| {
         let bytes = src.staging_shape(b, 1, from.len())?.bytes();
-        let dev = |e: cudarc::driver::DriverError| crate::error::EngineError::Device(e.to_string());
-        let mut buf = b.stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
+        let mut buf = b.stream.alloc_zeros::<u8>(bytes).map_err(dev(STAGING))?;
         b.gather_kv(&src, 1..2, &from, &mut buf)?;
-        b.stream.synchronize().map_err(dev)?;
+        b.stream.synchronize().map_err(dev(STAGING))?;
         // Handed over as a receiver hands it: moved into a payload, on a stream other than the backend's.
-        let other = b.ctx.new_stream().map_err(dev)?;
-        let mut moved = other.alloc_zeros::<u8>(bytes).map_err(dev)?;
-        other.memcpy_dtod(&buf, &mut moved).map_err(dev)?;
-        other.synchronize().map_err(dev)?;
+        let other = b.ctx.new_stream().map_err(dev(STAGING))?;
+        let mut moved = other.alloc_zeros::<u8>(bytes).map_err(dev(STAGING))?;
+        other.memcpy_dtod(&buf, &mut moved).map_err(dev(STAGING))?;
+        other.synchronize().map_err(dev(STAGING))?;
         Ok::<_, crate::error::EngineError>(super::device_link::received(moved, bytes))
     })();
     let payload = match payload {
